@@ -1,0 +1,192 @@
+//! tandemd's HTTP/JSON API: the request and response types shared by the
+//! daemon and the CLI, and a small client that speaks HTTP/1.1 over a unix
+//! socket.
+//!
+//! Every route lives under `/v1`. Errors come back as a non-2xx status with
+//! an [`ErrorBody`].
+
+mod client;
+
+pub use client::{ApiError, Client};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of tandemd's API socket.
+pub const DEFAULT_SOCKET: &str = "/run/tandem/tandemd.sock";
+
+/// Lifecycle state of a VM as tandemd sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Defined, QEMU not running.
+    Defined,
+    /// QEMU is being started.
+    Starting,
+    Running,
+    Paused,
+    /// A graceful stop is under way.
+    Stopping,
+    /// QEMU exited cleanly (guest power-off or a requested stop).
+    Shutoff,
+    /// QEMU exited unexpectedly, or the accelerator failed.
+    Crashed,
+}
+
+impl VmState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmState::Defined => "defined",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Shutoff => "shutoff",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Whether a QEMU process is expected to exist in this state.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the last QEMU process of a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when QEMU exited by itself.
+    pub code: Option<i32>,
+    /// Signal number, when QEMU was killed.
+    pub signal: Option<i32>,
+    /// Unix time (seconds) the exit was recorded.
+    pub at: u64,
+    /// Why tandem thinks it ended, in words.
+    pub reason: String,
+    /// The last lines of the guest's serial console.
+    pub serial_tail: Vec<String>,
+    /// The last lines QEMU printed on stderr.
+    pub qemu_log_tail: Vec<String>,
+}
+
+impl ExitInfo {
+    pub fn describe_status(&self) -> String {
+        match (self.code, self.signal) {
+            (_, Some(sig)) => format!("killed by signal {sig}"),
+            (Some(code), None) => format!("exit code {code}"),
+            (None, None) => "exit status unknown".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    pub name: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Option<String>,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub state: VmState,
+    /// QEMU's own run state from `query-status` (e.g. `running`, `paused`,
+    /// `internal-error`), when QEMU is up and answering.
+    pub qmp_status: Option<String>,
+    pub accel: Option<String>,
+    pub pid: Option<u32>,
+    pub started_at: Option<u64>,
+    pub qmp_socket: String,
+    pub serial_log: String,
+    pub ram_file: String,
+    pub last_exit: Option<ExitInfo>,
+    /// The spec as stored, in TOML.
+    pub spec_toml: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateVmRequest {
+    /// The VM spec document (TOML).
+    pub spec_toml: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopRequest {
+    /// Overrides the spec's `shutdown_timeout_s`.
+    pub timeout_s: Option<u64>,
+    /// Skip the ACPI power-down and kill QEMU at once.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A slice of the serial console log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleChunk {
+    /// Offset of `data` in the log.
+    pub offset: u64,
+    /// Offset to ask for next.
+    pub next_offset: u64,
+    /// Log bytes, lossily decoded as UTF-8.
+    pub data: String,
+    /// Whether the VM's QEMU is still running (more output may come).
+    pub active: bool,
+}
+
+/// The accelerator decision for this host, with its evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccelProbe {
+    /// `kvm` or `tcg`: what `auto` resolves to on this host.
+    pub chosen: String,
+    /// Why, in words.
+    pub reason: String,
+    pub cpu_virt_flag: bool,
+    /// Loaded KVM modules (`kvm_intel`, `kvm_amd`, `kvm_pvm`, ...).
+    pub kvm_modules: Vec<String>,
+    pub dev_kvm: bool,
+    /// Outcome of the probe boot, if one ran.
+    pub probe_boot: Option<String>,
+    pub probe_timeout_ms: u64,
+    /// Unix time of the probe.
+    pub probed_at: u64,
+    /// What the cached result is keyed on (host kernel, QEMU version, CPU).
+    pub cache_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub tandem_version: String,
+    pub qemu_binary: String,
+    pub qemu_version: String,
+    pub state_dir: String,
+    pub accel: AccelProbe,
+    pub vms: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable kind: `not-found`, `invalid-spec`,
+    /// `conflict`, `bad-state`, `qemu`, `internal`.
+    pub kind: String,
+    pub message: String,
+    /// Per-field problems, for `invalid-spec`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldProblem>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
+}

@@ -1,0 +1,320 @@
+//! `tandem`: the command-line tool for tandemd.
+//!
+//! Human-readable output by default; `--json` prints the API's JSON for
+//! scripts. Exit status is non-zero on any error.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tandem_api::{ConsoleChunk, CreateVmRequest, HostInfo, StopRequest, VmInfo, VmSummary};
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about = "Fault-tolerant VMs beside QEMU: the tandem CLI")]
+struct Cli {
+    /// tandemd's API socket.
+    #[arg(long, global = true, env = "TANDEM_SOCKET", default_value = tandem_api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of human-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Manage VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// This host.
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Define a VM from a TOML spec file (`-` reads standard input).
+    Create {
+        spec: PathBuf,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Start a defined or stopped VM.
+    Start { name: String },
+    /// List VMs.
+    List,
+    /// Show a VM, including QEMU's live run state.
+    Info { name: String },
+    /// Pause a running VM (its vCPUs stop).
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Stop a VM: ACPI power-down, then quit/kill after the timeout.
+    Stop {
+        name: String,
+        /// Seconds to wait for the guest (default: the spec's shutdown_timeout_s).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Kill QEMU without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop if needed, and remove the VM and its files.
+    Destroy { name: String },
+    /// Print the serial console log.
+    Console {
+        name: String,
+        /// Keep following new output until the VM stops (or Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+        /// Follow until this text appears, then exit 0 (implies --follow).
+        #[arg(long)]
+        until: Option<String>,
+        /// Give up following after this many seconds (exit 1).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    /// QEMU version, accelerator decision and its evidence.
+    Info,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = tandem_api::Client::new(&cli.socket);
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Host(HostCmd::Info) => {
+            let h: HostInfo = client.get("/v1/host").await?;
+            if json {
+                return print_json(&h);
+            }
+            println!("host:          {}", h.hostname);
+            println!("tandem:        {}", h.tandem_version);
+            println!("qemu:          {} ({})", h.qemu_version, h.qemu_binary);
+            println!("state dir:     {}", h.state_dir);
+            println!("vms:           {}", h.vms);
+            println!("accelerator:   auto = {}", h.accel.chosen);
+            println!("  reason:      {}", h.accel.reason);
+            println!("  cpu vmx/svm: {}", yes_no(h.accel.cpu_virt_flag));
+            println!("  /dev/kvm:    {}", yes_no(h.accel.dev_kvm));
+            println!(
+                "  modules:     {}",
+                if h.accel.kvm_modules.is_empty() { "none".to_string() } else { h.accel.kvm_modules.join(", ") }
+            );
+            println!(
+                "  probe boot:  {} (bound {} ms)",
+                h.accel.probe_boot.as_deref().unwrap_or("not needed"),
+                h.accel.probe_timeout_ms
+            );
+        }
+        Cmd::Vm(VmCmd::Create { spec, start }) => {
+            let text = if spec.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?
+            };
+            let mut vm: VmInfo = client.post("/v1/vms", &CreateVmRequest { spec_toml: text }).await?;
+            if start {
+                vm = client.post(&format!("/v1/vms/{}/start", vm.name), &()).await?;
+            }
+            if json {
+                return print_json(&vm);
+            }
+            println!("VM {} {}", vm.name, if start { "created and started" } else { "created" });
+        }
+        Cmd::Vm(VmCmd::Start { name }) => {
+            let vm: VmInfo = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
+            if json {
+                return print_json(&vm);
+            }
+            println!(
+                "VM {} {} (pid {}, accelerator {})",
+                vm.name,
+                vm.state,
+                vm.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+                vm.accel.as_deref().unwrap_or("-")
+            );
+        }
+        Cmd::Vm(VmCmd::List) => {
+            let vms: Vec<VmSummary> = client.get("/v1/vms").await?;
+            if json {
+                return print_json(&vms);
+            }
+            println!("{:<24} {:<10} {:>5} {:>8} {:<6} {:>8}", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "PID");
+            for v in vms {
+                println!(
+                    "{:<24} {:<10} {:>5} {:>7}M {:<6} {:>8}",
+                    v.name,
+                    v.state.as_str(),
+                    v.vcpus,
+                    v.memory_mib,
+                    v.accel.as_deref().unwrap_or("-"),
+                    v.pid.map(|p| p.to_string()).unwrap_or("-".into())
+                );
+            }
+        }
+        Cmd::Vm(VmCmd::Info { name }) => {
+            let vm: VmInfo = client.get(&format!("/v1/vms/{name}")).await?;
+            if json {
+                return print_json(&vm);
+            }
+            print_info(&vm);
+        }
+        Cmd::Vm(VmCmd::Pause { name }) => {
+            let vm: VmInfo = client.post(&format!("/v1/vms/{name}/pause"), &()).await?;
+            if json {
+                return print_json(&vm);
+            }
+            println!("VM {} {}", vm.name, vm.state);
+        }
+        Cmd::Vm(VmCmd::Resume { name }) => {
+            let vm: VmInfo = client.post(&format!("/v1/vms/{name}/resume"), &()).await?;
+            if json {
+                return print_json(&vm);
+            }
+            println!("VM {} {}", vm.name, vm.state);
+        }
+        Cmd::Vm(VmCmd::Stop { name, timeout, force }) => {
+            if !json {
+                eprintln!(
+                    "stopping {name}: {}",
+                    if force { "killing QEMU".to_string() } else { format!("ACPI power-down (waiting up to {} for the guest)", timeout.map(|t| format!("{t} s")).unwrap_or("the spec's timeout".into())) }
+                );
+            }
+            let vm: VmInfo = client
+                .post(&format!("/v1/vms/{name}/stop"), &StopRequest { timeout_s: timeout, force })
+                .await?;
+            if json {
+                return print_json(&vm);
+            }
+            let how = vm.last_exit.as_ref().map(|e| e.reason.clone()).unwrap_or_default();
+            println!("VM {} {} ({how})", vm.name, vm.state);
+        }
+        Cmd::Vm(VmCmd::Destroy { name }) => {
+            let v: serde_json::Value = client.delete(&format!("/v1/vms/{name}")).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("VM {name} destroyed");
+        }
+        Cmd::Vm(VmCmd::Console { name, follow, until, timeout }) => {
+            follow_console(&client, &name, follow || until.is_some(), until.as_deref(), timeout.map(Duration::from_secs)).await?;
+        }
+    }
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn print_info(vm: &VmInfo) {
+    println!("name:        {}", vm.name);
+    println!("state:       {}", vm.state);
+    println!("qmp status:  {}", vm.qmp_status.as_deref().unwrap_or("-"));
+    println!("accelerator: {}", vm.accel.as_deref().unwrap_or("-"));
+    println!("pid:         {}", vm.pid.map(|p| p.to_string()).unwrap_or("-".into()));
+    println!("serial log:  {}", vm.serial_log);
+    println!("qmp socket:  {}", vm.qmp_socket);
+    println!("ram file:    {}", vm.ram_file);
+    if let Some(e) = &vm.last_exit {
+        println!("last exit:   {} ({})", e.reason, e.describe_status());
+        if !e.qemu_log_tail.is_empty() {
+            println!("  qemu log:");
+            for l in &e.qemu_log_tail {
+                println!("    {l}");
+            }
+        }
+        if !e.serial_tail.is_empty() {
+            println!("  console (last lines):");
+            for l in e.serial_tail.iter().rev().take(5).rev() {
+                println!("    {l}");
+            }
+        }
+    }
+}
+
+async fn follow_console(
+    client: &tandem_api::Client,
+    name: &str,
+    follow: bool,
+    until: Option<&str>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut offset = 0u64;
+    // Keep the tail of what was printed so `until` matches across chunks.
+    let mut window = String::new();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let chunk: ConsoleChunk = client.get(&format!("/v1/vms/{name}/console?offset={offset}")).await?;
+        if !chunk.data.is_empty() {
+            out.write_all(chunk.data.as_bytes())?;
+            out.flush()?;
+            if let Some(needle) = until {
+                window.push_str(&chunk.data);
+                if window.contains(needle) {
+                    return Ok(());
+                }
+                let keep = window.len().saturating_sub(needle.len().max(1) * 2 + 4096);
+                let cut = (keep..window.len()).find(|i| window.is_char_boundary(*i)).unwrap_or(0);
+                window.drain(..cut);
+            }
+        }
+        offset = chunk.next_offset;
+        if !follow {
+            return Ok(());
+        }
+        if !chunk.active && chunk.data.is_empty() {
+            if until.is_some() {
+                bail!("VM {name} is not running and `{}` did not appear", until.unwrap_or_default());
+            }
+            return Ok(());
+        }
+        if let Some(t) = timeout {
+            if started.elapsed() >= t {
+                if until.is_some() {
+                    bail!("`{}` did not appear on {name}'s console within {t:?}", until.unwrap_or_default());
+                }
+                return Ok(());
+            }
+        }
+        if chunk.data.is_empty() {
+            tokio::time::sleep(Duration::from_millis(if std::io::stdout().is_terminal() { 200 } else { 100 })).await;
+        }
+    }
+}

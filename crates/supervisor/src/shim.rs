@@ -1,0 +1,153 @@
+//! The per-VM shim: the parent of one QEMU process.
+//!
+//! tandemd does not parent QEMU directly. It starts a small shim (tandemd
+//! re-executed as `tandemd shim …`) in its own session, and the shim starts
+//! QEMU, records its pid, waits for it and writes its exit status to a file.
+//! So a VM survives a restart of tandemd, and its exit status is still known
+//! even when it ends while no tandemd is running. This is the conmon model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::util::{atomic_write_json, now_unix};
+
+pub const PID_FILE: &str = "qemu.pid";
+pub const EXIT_FILE: &str = "exit.json";
+pub const QEMU_LOG: &str = "qemu.log";
+
+/// What the shim records when QEMU ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub at: u64,
+}
+
+/// Runs in the shim process: start QEMU, record it, wait, record its end.
+/// Returns the shim's own exit code.
+pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
+    // SAFETY: setting a signal disposition to SIG_IGN installs no handler
+    // code; it only makes the shim immune to its session's hangup.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(QEMU_LOG))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tandem shim: cannot open QEMU log in {}: {e}", run_dir.display());
+            return 1;
+        }
+    };
+    let log2 = match log.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tandem shim: {e}");
+            return 1;
+        }
+    };
+    let mut cmd = Command::new(qemu);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let exit = ShimExit {
+                code: Some(127),
+                signal: None,
+                at: now_unix(),
+            };
+            let _ = std::fs::write(
+                run_dir.join(QEMU_LOG),
+                format!("tandem shim: cannot start {}: {e}\n", qemu.display()),
+            );
+            let _ = atomic_write_json(&run_dir.join(EXIT_FILE), &exit);
+            return 1;
+        }
+    };
+    if let Err(e) = crate::util::atomic_write(&run_dir.join(PID_FILE), child.id().to_string().as_bytes()) {
+        eprintln!("tandem shim: cannot record QEMU pid: {e}");
+    }
+    let status = child.wait();
+    let exit = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            ShimExit {
+                code: s.code(),
+                signal: s.signal(),
+                at: now_unix(),
+            }
+        }
+        Err(_) => ShimExit {
+            code: None,
+            signal: None,
+            at: now_unix(),
+        },
+    };
+    match atomic_write_json(&run_dir.join(EXIT_FILE), &exit) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tandem shim: cannot record QEMU exit: {e}");
+            1
+        }
+    }
+}
+
+/// How tandemd starts a shim.
+#[derive(Debug, Clone)]
+pub struct ShimLauncher {
+    /// The executable that understands `shim --run-dir D --qemu Q -- ARGS`.
+    pub program: PathBuf,
+}
+
+impl ShimLauncher {
+    pub fn spawn(&self, run_dir: &Path, qemu: &Path, args: &[String]) -> std::io::Result<tokio::process::Child> {
+        let shim_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("shim.log"))?;
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.arg("shim")
+            .arg("--run-dir")
+            .arg(run_dir)
+            .arg("--qemu")
+            .arg(qemu)
+            .arg("--")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(shim_log))
+            .kill_on_drop(false);
+        // Its own session: signals to tandemd's process group (Ctrl-C, a
+        // service manager stopping tandemd) never reach the VM.
+        // SAFETY: setsid() is async-signal-safe and touches no memory of the
+        // parent; it is the only call made between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+}
+
+pub fn read_pid(run_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(run_dir.join(PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+pub fn read_exit(run_dir: &Path) -> Option<ShimExit> {
+    std::fs::read_to_string(run_dir.join(EXIT_FILE))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+}

@@ -1,0 +1,138 @@
+//! The HTTP/JSON routes, mapping supervisor results to responses.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tandem_api::{CreateVmRequest, ErrorBody, FieldProblem, StopRequest, VmState};
+use tandem_supervisor::{Supervisor, SupervisorError};
+
+type Sup = Arc<Supervisor>;
+
+pub fn router(sup: Sup) -> Router {
+    Router::new()
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{name}", get(info).delete(destroy))
+        .route("/v1/vms/{name}/start", post(start))
+        .route("/v1/vms/{name}/pause", post(pause))
+        .route("/v1/vms/{name}/resume", post(resume))
+        .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/metrics", get(metrics))
+        .with_state(sup)
+}
+
+struct ApiError(SupervisorError);
+
+impl From<SupervisorError> for ApiError {
+    fn from(e: SupervisorError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let (status, kind) = match &e {
+            SupervisorError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            SupervisorError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+            SupervisorError::InvalidSpec(_) => (StatusCode::BAD_REQUEST, "invalid-spec"),
+            SupervisorError::BadState { .. } => (StatusCode::CONFLICT, "bad-state"),
+            SupervisorError::Start { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "qemu"),
+            SupervisorError::Qmp { .. } => (StatusCode::BAD_GATEWAY, "qemu"),
+            SupervisorError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let mut message = e.to_string();
+        if let SupervisorError::Start { qemu_log_tail, .. } = &e {
+            if !qemu_log_tail.is_empty() {
+                message.push_str("\nQEMU said:\n  ");
+                message.push_str(&qemu_log_tail.join("\n  "));
+            }
+        }
+        let fields = match &e {
+            SupervisorError::InvalidSpec(s) => s
+                .field_errors()
+                .iter()
+                .map(|f| FieldProblem {
+                    field: f.field.clone(),
+                    message: f.message.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        (status, Json(ErrorBody { kind: kind.into(), message, fields })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn host(State(s): State<Sup>) -> Json<tandem_api::HostInfo> {
+    Json(s.host_info().await)
+}
+
+async fn list(State(s): State<Sup>) -> Json<Vec<tandem_api::VmSummary>> {
+    Json(s.list().await)
+}
+
+async fn create(State(s): State<Sup>, Json(req): Json<CreateVmRequest>) -> Result<(StatusCode, Json<tandem_api::VmInfo>), ApiError> {
+    Ok((StatusCode::CREATED, Json(s.create(&req.spec_toml).await?)))
+}
+
+async fn info(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.info(&name).await?))
+}
+
+async fn start(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.start(&name).await?))
+}
+
+async fn pause(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.pause(&name).await?))
+}
+
+async fn resume(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.resume(&name).await?))
+}
+
+async fn stop(State(s): State<Sup>, Path(name): Path<String>, Json(req): Json<StopRequest>) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.stop(&name, req).await?))
+}
+
+async fn destroy(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    s.destroy(&name).await?;
+    Ok(Json(serde_json::json!({ "destroyed": name })))
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn console(State(s): State<Sup>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<tandem_api::ConsoleChunk> {
+    Ok(Json(s.console(&name, q.offset).await?))
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(s): State<Sup>) -> String {
+    let vms = s.list().await;
+    let mut out = String::from("# HELP tandem_vms VMs known to this tandemd, by state.\n# TYPE tandem_vms gauge\n");
+    for state in [
+        VmState::Defined,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopping,
+        VmState::Shutoff,
+        VmState::Crashed,
+    ] {
+        let n = vms.iter().filter(|v| v.state == state).count();
+        out.push_str(&format!("tandem_vms{{state=\"{state}\"}} {n}\n"));
+    }
+    out
+}
