@@ -22,13 +22,18 @@ fn auto_picks_a_working_accelerator_within_its_bound() {
         assert_eq!(accel["chosen"], "tcg", "{accel:#}");
     }
     // The decision is bounded by the probe (plus process start slack).
-    assert!(took < Duration::from_millis(bound_ms) + Duration::from_secs(10), "took {took:?}");
+    assert!(
+        took < Duration::from_millis(bound_ms) + Duration::from_secs(10),
+        "took {took:?}"
+    );
     // Cached: asking again does not probe again.
     let again = d.cli_json(&["host", "info"]);
     assert_eq!(again["accel"]["probed_at"], accel["probed_at"]);
 
     let spec = d.dir.path().join("auto.toml");
-    let text = d.guest_spec("auto", "").replace("accelerator = \"tcg\"", "accelerator = \"auto\"");
+    let text = d
+        .guest_spec("auto", "")
+        .replace("accelerator = \"tcg\"", "accelerator = \"auto\"");
     std::fs::write(&spec, text).unwrap();
     d.cli_ok(&["vm", "create", "--start", spec.to_str().unwrap()]);
     d.wait_console("auto", READY, Duration::from_secs(90));
@@ -55,7 +60,11 @@ fn probe_boot_is_not_fooled_by_pvm() {
     };
     let t = Instant::now();
     let r = probe_boot(&cfg);
-    assert!(t.elapsed() < bound + Duration::from_secs(5), "probe overran its bound: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < bound + Duration::from_secs(5),
+        "probe overran its bound: {:?}",
+        t.elapsed()
+    );
     if facts.kvm_modules.iter().any(|m| m == "kvm_pvm") {
         assert!(r.is_err(), "the probe boot claimed PVM KVM works: {r:?}");
         assert!(static_verdict(&facts).is_err());

@@ -17,24 +17,47 @@ fn invalid_specs_name_the_problem_and_change_nothing() {
     let d = Daemon::start();
     let good = d.guest_spec("v", "");
 
-    let e = rejected(&d, "unknown", &good.replace("memory_mib = 128", "memory_mib = 128\nmemroy = 5"));
+    let e = rejected(
+        &d,
+        "unknown",
+        &good.replace("memory_mib = 128", "memory_mib = 128\nmemroy = 5"),
+    );
     assert!(e.contains("unknown field `memroy`"), "{e}");
 
-    let e = rejected(&d, "nokernel", &good.replace("/vmlinux\"", "/no-such-vmlinux\""));
-    assert!(e.contains("boot.kernel") && e.contains("does not exist"), "{e}");
+    let e = rejected(
+        &d,
+        "nokernel",
+        &good.replace("/vmlinux\"", "/no-such-vmlinux\""),
+    );
+    assert!(
+        e.contains("boot.kernel") && e.contains("does not exist"),
+        "{e}"
+    );
 
-    let e = rejected(&d, "mem0", &good.replace("memory_mib = 128", "memory_mib = 0"));
+    let e = rejected(
+        &d,
+        "mem0",
+        &good.replace("memory_mib = 128", "memory_mib = 0"),
+    );
     assert!(e.contains("memory_mib"), "{e}");
 
-    let dup = format!("{good}\n[[nics]]\nname = \"eth1\"\nmac = \"52:54:00:99:00:02\"\nbackend = \"user\"\n");
+    let dup = format!(
+        "{good}\n[[nics]]\nname = \"eth1\"\nmac = \"52:54:00:99:00:02\"\nbackend = \"user\"\n"
+    );
     let e = rejected(&d, "dupmac", &dup);
-    assert!(e.contains("nics[1].mac") && e.contains("duplicate MAC"), "{e}");
+    assert!(
+        e.contains("nics[1].mac") && e.contains("duplicate MAC"),
+        "{e}"
+    );
 
     let e = rejected(&d, "garbage", "\u{0}\u{1}not toml at all [[[");
     assert!(e.contains("invalid VM spec"), "{e}");
 
     assert_eq!(d.cli_json(&["vm", "list"]), serde_json::json!([]));
-    assert!(d.qemu_processes().is_empty(), "an invalid spec left QEMU behind");
+    assert!(
+        d.qemu_processes().is_empty(),
+        "an invalid spec left QEMU behind"
+    );
 
     // The same name is free afterwards, and a duplicate name is refused.
     let path = d.dir.path().join("ok.toml");

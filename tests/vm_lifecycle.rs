@@ -35,11 +35,23 @@ fn boot_pause_resume_and_graceful_stop() {
 
     let resumed = d.cli_json(&["vm", "resume", "life"]);
     assert_eq!(resumed["state"], "running");
-    d.wait_console("life", &format!("tandem-guest: tick {}", last + 2), Duration::from_secs(30));
+    d.wait_console(
+        "life",
+        &format!("tandem-guest: tick {}", last + 2),
+        Duration::from_secs(30),
+    );
     let after = ticks(&d.console("life"));
     // The counter continues from where it stopped: nothing ran, nothing skipped.
-    let pos = after.iter().position(|t| *t == last).expect("last tick still in log");
-    assert_eq!(after[pos + 1], last + 1, "counter after resume: {:?}", &after[pos..]);
+    let pos = after
+        .iter()
+        .position(|t| *t == last)
+        .expect("last tick still in log");
+    assert_eq!(
+        after[pos + 1],
+        last + 1,
+        "counter after resume: {:?}",
+        &after[pos..]
+    );
 
     let stopped = d.cli_json(&["vm", "stop", "life"]);
     assert_eq!(stopped["state"], "shutoff", "{stopped:#}");
@@ -81,7 +93,11 @@ fn daemon_restart_reattaches_to_running_vm() {
 
     // Re-attached for real: the guest still runs and can be driven.
     let n = ticks(&d.console("keep")).last().copied().unwrap_or(0);
-    d.wait_console("keep", &format!("tandem-guest: tick {}", n + 2), Duration::from_secs(30));
+    d.wait_console(
+        "keep",
+        &format!("tandem-guest: tick {}", n + 2),
+        Duration::from_secs(30),
+    );
     assert_eq!(d.cli_json(&["vm", "pause", "keep"])["qmp_status"], "paused");
     // A graceful restart (SIGTERM) keeps the paused state too.
     d.restart(libc::SIGTERM);
@@ -102,13 +118,22 @@ fn qemu_killed_from_outside_is_crashed_with_status() {
     // SAFETY: kill(2) of the QEMU this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let info = d
-        .wait_info("victim", Duration::from_secs(20), |v| v["state"] == "crashed")
+        .wait_info("victim", Duration::from_secs(20), |v| {
+            v["state"] == "crashed"
+        })
         .expect("VM never showed crashed");
     let exit = &info["last_exit"];
     assert_eq!(exit["signal"], 9, "{exit:#}");
-    assert!(exit["reason"].as_str().unwrap().contains("signal 9"), "{exit:#}");
     assert!(
-        exit["serial_tail"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("tandem-guest")),
+        exit["reason"].as_str().unwrap().contains("signal 9"),
+        "{exit:#}"
+    );
+    assert!(
+        exit["serial_tail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("tandem-guest")),
         "{exit:#}"
     );
     // A crashed VM can be started again.
@@ -141,13 +166,24 @@ fn qemu_start_failure_is_reported_and_leaves_nothing() {
     let spec = d.create_guest("broken", "");
     // Replace the data disk with garbage: QEMU refuses to open it.
     let text = std::fs::read_to_string(&spec).unwrap();
-    let disk = text.lines().find_map(|l| l.strip_prefix("path = ")).unwrap().trim_matches('"').to_string();
+    let disk = text
+        .lines()
+        .find_map(|l| l.strip_prefix("path = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
     std::fs::write(&disk, b"this is not a qcow2 image").unwrap();
     let out = d.cli(&["vm", "start", "broken"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("failed to start") && err.contains("qcow2"), "{err}");
+    assert!(
+        err.contains("failed to start") && err.contains("qcow2"),
+        "{err}"
+    );
     assert!(d.qemu_processes().is_empty());
     let info = d.info("broken");
-    assert!(!info["state"].as_str().unwrap().starts_with("run"), "{info:#}");
+    assert!(
+        !info["state"].as_str().unwrap().starts_with("run"),
+        "{info:#}"
+    );
 }

@@ -22,7 +22,10 @@ pub const READY: &str = "TANDEM-GUEST-READY";
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
     let p = dir.join(name);
     assert!(
         p.is_file(),
@@ -84,7 +87,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("tandem-e2e-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-e2e-")
+            .tempdir()
+            .expect("tempdir");
         let n = DAEMON_SEQ.fetch_add(1, Ordering::Relaxed);
         let mut d = Daemon {
             socket: dir.path().join("tandemd.sock"),
@@ -198,7 +204,8 @@ impl Daemon {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.cli_ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("tandem {args:?} printed non-JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("tandem {args:?} printed non-JSON ({e}): {out}"))
     }
 
     /// Writes a spec for a small test guest and creates it. `extra` is TOML
@@ -266,7 +273,12 @@ backend = "user"
     }
 
     /// Polls `vm info` until `pred` holds or the timeout passes.
-    pub fn wait_info(&self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub fn wait_info(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.info(name);
@@ -338,7 +350,9 @@ pub fn processes_mentioning(needle: &str, exe: &str) -> Vec<u32> {
         let cmd = String::from_utf8_lossy(&cmd);
         let first = cmd.split('\0').next().unwrap_or("");
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
         if first.contains(exe) && cmd.contains(needle) && !zombie {
             out.push(pid);
         }

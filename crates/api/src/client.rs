@@ -79,7 +79,11 @@ impl Client {
         self.request(Method::GET, path, None::<&()>).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ApiError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
         self.request(Method::POST, path, Some(body)).await
     }
 
@@ -109,12 +113,13 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ApiError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ApiError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ApiError::Http(e.to_string()))?;
@@ -151,7 +156,12 @@ impl Client {
             })
         } else {
             let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {
-                kind: if status == StatusCode::NOT_FOUND { "not-found" } else { "http" }.to_string(),
+                kind: if status == StatusCode::NOT_FOUND {
+                    "not-found"
+                } else {
+                    "http"
+                }
+                .to_string(),
                 message: format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
                 fields: Vec::new(),
             });

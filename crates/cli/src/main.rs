@@ -13,7 +13,11 @@ use serde::Serialize;
 use tandem_api::{ConsoleChunk, CreateVmRequest, HostInfo, StopRequest, VmInfo, VmSummary};
 
 #[derive(Parser, Debug)]
-#[command(name = "tandem", version, about = "Fault-tolerant VMs beside QEMU: the tandem CLI")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Fault-tolerant VMs beside QEMU: the tandem CLI"
+)]
 struct Cli {
     /// tandemd's API socket.
     #[arg(long, global = true, env = "TANDEM_SOCKET", default_value = tandem_api::DEFAULT_SOCKET)]
@@ -89,7 +93,10 @@ enum HostCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -127,7 +134,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  /dev/kvm:    {}", yes_no(h.accel.dev_kvm));
             println!(
                 "  modules:     {}",
-                if h.accel.kvm_modules.is_empty() { "none".to_string() } else { h.accel.kvm_modules.join(", ") }
+                if h.accel.kvm_modules.is_empty() {
+                    "none".to_string()
+                } else {
+                    h.accel.kvm_modules.join(", ")
+                }
             );
             println!(
                 "  probe boot:  {} (bound {} ms)",
@@ -141,16 +152,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::io::stdin().read_to_string(&mut s)?;
                 s
             } else {
-                std::fs::read_to_string(&spec).with_context(|| format!("reading {}", spec.display()))?
+                std::fs::read_to_string(&spec)
+                    .with_context(|| format!("reading {}", spec.display()))?
             };
-            let mut vm: VmInfo = client.post("/v1/vms", &CreateVmRequest { spec_toml: text }).await?;
+            let mut vm: VmInfo = client
+                .post("/v1/vms", &CreateVmRequest { spec_toml: text })
+                .await?;
             if start {
-                vm = client.post(&format!("/v1/vms/{}/start", vm.name), &()).await?;
+                vm = client
+                    .post(&format!("/v1/vms/{}/start", vm.name), &())
+                    .await?;
             }
             if json {
                 return print_json(&vm);
             }
-            println!("VM {} {}", vm.name, if start { "created and started" } else { "created" });
+            println!(
+                "VM {} {}",
+                vm.name,
+                if start {
+                    "created and started"
+                } else {
+                    "created"
+                }
+            );
         }
         Cmd::Vm(VmCmd::Start { name }) => {
             let vm: VmInfo = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
@@ -170,7 +194,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 return print_json(&vms);
             }
-            println!("{:<24} {:<10} {:>5} {:>8} {:<6} {:>8}", "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "PID");
+            println!(
+                "{:<24} {:<10} {:>5} {:>8} {:<6} {:>8}",
+                "NAME", "STATE", "VCPUS", "MEMORY", "ACCEL", "PID"
+            );
             for v in vms {
                 println!(
                     "{:<24} {:<10} {:>5} {:>7}M {:<6} {:>8}",
@@ -204,20 +231,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("VM {} {}", vm.name, vm.state);
         }
-        Cmd::Vm(VmCmd::Stop { name, timeout, force }) => {
+        Cmd::Vm(VmCmd::Stop {
+            name,
+            timeout,
+            force,
+        }) => {
             if !json {
                 eprintln!(
                     "stopping {name}: {}",
-                    if force { "killing QEMU".to_string() } else { format!("ACPI power-down (waiting up to {} for the guest)", timeout.map(|t| format!("{t} s")).unwrap_or("the spec's timeout".into())) }
+                    if force {
+                        "killing QEMU".to_string()
+                    } else {
+                        format!(
+                            "ACPI power-down (waiting up to {} for the guest)",
+                            timeout
+                                .map(|t| format!("{t} s"))
+                                .unwrap_or("the spec's timeout".into())
+                        )
+                    }
                 );
             }
             let vm: VmInfo = client
-                .post(&format!("/v1/vms/{name}/stop"), &StopRequest { timeout_s: timeout, force })
+                .post(
+                    &format!("/v1/vms/{name}/stop"),
+                    &StopRequest {
+                        timeout_s: timeout,
+                        force,
+                    },
+                )
                 .await?;
             if json {
                 return print_json(&vm);
             }
-            let how = vm.last_exit.as_ref().map(|e| e.reason.clone()).unwrap_or_default();
+            let how = vm
+                .last_exit
+                .as_ref()
+                .map(|e| e.reason.clone())
+                .unwrap_or_default();
             println!("VM {} {} ({how})", vm.name, vm.state);
         }
         Cmd::Vm(VmCmd::Destroy { name }) => {
@@ -227,8 +277,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("VM {name} destroyed");
         }
-        Cmd::Vm(VmCmd::Console { name, follow, until, timeout }) => {
-            follow_console(&client, &name, follow || until.is_some(), until.as_deref(), timeout.map(Duration::from_secs)).await?;
+        Cmd::Vm(VmCmd::Console {
+            name,
+            follow,
+            until,
+            timeout,
+        }) => {
+            follow_console(
+                &client,
+                &name,
+                follow || until.is_some(),
+                until.as_deref(),
+                timeout.map(Duration::from_secs),
+            )
+            .await?;
         }
     }
     Ok(())
@@ -247,12 +309,20 @@ fn print_info(vm: &VmInfo) {
     println!("state:       {}", vm.state);
     println!("qmp status:  {}", vm.qmp_status.as_deref().unwrap_or("-"));
     println!("accelerator: {}", vm.accel.as_deref().unwrap_or("-"));
-    println!("pid:         {}", vm.pid.map(|p| p.to_string()).unwrap_or("-".into()));
+    println!(
+        "pid:         {}",
+        vm.pid.map(|p| p.to_string()).unwrap_or("-".into())
+    );
     println!("serial log:  {}", vm.serial_log);
     println!("qmp socket:  {}", vm.qmp_socket);
     println!("ram file:    {}", vm.ram_file);
     if let Some(e) = &vm.last_exit {
-        println!("last exit:   {} ({})", e.reason, e.describe_status());
+        let status = e.describe_status();
+        if e.reason.contains(&status) {
+            println!("last exit:   {}", e.reason);
+        } else {
+            println!("last exit:   {} ({status})", e.reason);
+        }
         if !e.qemu_log_tail.is_empty() {
             println!("  qemu log:");
             for l in &e.qemu_log_tail {
@@ -281,7 +351,9 @@ async fn follow_console(
     let mut window = String::new();
     let mut out = std::io::stdout().lock();
     loop {
-        let chunk: ConsoleChunk = client.get(&format!("/v1/vms/{name}/console?offset={offset}")).await?;
+        let chunk: ConsoleChunk = client
+            .get(&format!("/v1/vms/{name}/console?offset={offset}"))
+            .await?;
         if !chunk.data.is_empty() {
             out.write_all(chunk.data.as_bytes())?;
             out.flush()?;
@@ -291,7 +363,9 @@ async fn follow_console(
                     return Ok(());
                 }
                 let keep = window.len().saturating_sub(needle.len().max(1) * 2 + 4096);
-                let cut = (keep..window.len()).find(|i| window.is_char_boundary(*i)).unwrap_or(0);
+                let cut = (keep..window.len())
+                    .find(|i| window.is_char_boundary(*i))
+                    .unwrap_or(0);
                 window.drain(..cut);
             }
         }
@@ -301,20 +375,31 @@ async fn follow_console(
         }
         if !chunk.active && chunk.data.is_empty() {
             if until.is_some() {
-                bail!("VM {name} is not running and `{}` did not appear", until.unwrap_or_default());
+                bail!(
+                    "VM {name} is not running and `{}` did not appear",
+                    until.unwrap_or_default()
+                );
             }
             return Ok(());
         }
         if let Some(t) = timeout {
             if started.elapsed() >= t {
                 if until.is_some() {
-                    bail!("`{}` did not appear on {name}'s console within {t:?}", until.unwrap_or_default());
+                    bail!(
+                        "`{}` did not appear on {name}'s console within {t:?}",
+                        until.unwrap_or_default()
+                    );
                 }
                 return Ok(());
             }
         }
         if chunk.data.is_empty() {
-            tokio::time::sleep(Duration::from_millis(if std::io::stdout().is_terminal() { 200 } else { 100 })).await;
+            tokio::time::sleep(Duration::from_millis(if std::io::stdout().is_terminal() {
+                200
+            } else {
+                100
+            }))
+            .await;
         }
     }
 }

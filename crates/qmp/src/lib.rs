@@ -114,22 +114,31 @@ impl QmpClient {
 
     /// Like [`connect`](Self::connect), with `call_timeout` as the default
     /// bound of each later command.
-    pub async fn connect_with(path: &Path, timeout: Duration, call_timeout: Duration) -> Result<Self, QmpError> {
+    pub async fn connect_with(
+        path: &Path,
+        timeout: Duration,
+        call_timeout: Duration,
+    ) -> Result<Self, QmpError> {
         let fut = async {
             let stream = UnixStream::connect(path).await?;
             Self::handshake(stream, call_timeout).await
         };
-        tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| {
-            Err(QmpError::Timeout {
-                what: format!("QMP greeting on {}", path.display()),
-                after: timeout,
+        tokio::time::timeout(timeout, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(QmpError::Timeout {
+                    what: format!("QMP greeting on {}", path.display()),
+                    after: timeout,
+                })
             })
-        })
     }
 
     /// Retries [`connect`](Self::connect) until the socket accepts (QEMU
     /// creates it shortly after it starts), for at most `timeout` in all.
-    pub async fn connect_retry(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, QmpError> {
+    pub async fn connect_retry(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+    ) -> Result<Self, QmpError> {
         let path = path.as_ref();
         let deadline = Instant::now() + timeout;
         loop {
@@ -165,7 +174,12 @@ impl QmpClient {
             .get("QMP")
             .and_then(|q| q.get("version"))
             .cloned()
-            .ok_or_else(|| QmpError::Protocol(format!("expected a QMP greeting, got {}", truncate(&greeting))))?;
+            .ok_or_else(|| {
+                QmpError::Protocol(format!(
+                    "expected a QMP greeting, got {}",
+                    truncate(&greeting)
+                ))
+            })?;
 
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closed_tx, closed_rx) = watch::channel(false);
@@ -201,15 +215,30 @@ impl QmpClient {
     }
 
     /// Executes a typed command, waiting at most `timeout` for the reply.
-    pub async fn execute_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Ok, QmpError> {
-        let args = serde_json::to_value(&cmd).map_err(|e| QmpError::Protocol(format!("encoding {}: {e}", C::NAME)))?;
+    pub async fn execute_timeout<C: Command>(
+        &self,
+        cmd: C,
+        timeout: Duration,
+    ) -> Result<C::Ok, QmpError> {
+        let args = serde_json::to_value(&cmd)
+            .map_err(|e| QmpError::Protocol(format!("encoding {}: {e}", C::NAME)))?;
         let reply = self.execute_raw(C::NAME, args, timeout).await?;
-        serde_json::from_value(reply.clone())
-            .map_err(|e| QmpError::Protocol(format!("unexpected reply to {}: {e}: {}", C::NAME, truncate(&reply))))
+        serde_json::from_value(reply.clone()).map_err(|e| {
+            QmpError::Protocol(format!(
+                "unexpected reply to {}: {e}: {}",
+                C::NAME,
+                truncate(&reply)
+            ))
+        })
     }
 
     /// Executes any command by name; `args` must be a JSON object (or null).
-    pub async fn execute_raw(&self, name: &str, args: Value, timeout: Duration) -> Result<Value, QmpError> {
+    pub async fn execute_raw(
+        &self,
+        name: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Closed);
         }
@@ -243,7 +272,10 @@ impl QmpClient {
             Ok(r) => r,
             Err(_) => {
                 self.shared.pending().remove(&id);
-                Err(QmpError::Timeout { what, after: timeout })
+                Err(QmpError::Timeout {
+                    what,
+                    after: timeout,
+                })
             }
         }
         .inspect_err(|_| {
@@ -270,7 +302,10 @@ impl QmpClient {
 fn truncate(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 200 {
-        let cut = (0..=200).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=200)
+            .rev()
+            .find(|i| s.is_char_boundary(*i))
+            .unwrap_or(0);
         format!("{}…", &s[..cut])
     } else {
         s
@@ -282,13 +317,18 @@ async fn read_message(reader: &mut BufReader<OwnedReadHalf>) -> Result<Option<Va
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = (&mut *reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await?;
+        let n = (&mut *reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await?;
         if n == 0 {
             return Ok(None);
         }
         if buf.last() != Some(&b'\n') {
             if buf.len() > MAX_LINE {
-                return Err(QmpError::Protocol(format!("line longer than {MAX_LINE} bytes")));
+                return Err(QmpError::Protocol(format!(
+                    "line longer than {MAX_LINE} bytes"
+                )));
             }
             // EOF in the middle of a line: the peer closed mid-message.
             return Err(QmpError::Closed);
@@ -303,7 +343,10 @@ async fn read_message(reader: &mut BufReader<OwnedReadHalf>) -> Result<Option<Va
             ))
         })?;
         if !v.is_object() {
-            return Err(QmpError::Protocol(format!("not a JSON object: {}", truncate(&v))));
+            return Err(QmpError::Protocol(format!(
+                "not a JSON object: {}",
+                truncate(&v)
+            )));
         }
         return Ok(Some(v));
     }
@@ -334,7 +377,10 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
         };
         if let Some(name) = msg.get("event").and_then(Value::as_str) {
             let timestamp = msg.get("timestamp").and_then(|t| {
-                Some((t.get("seconds")?.as_u64()?, t.get("microseconds")?.as_u64()?))
+                Some((
+                    t.get("seconds")?.as_u64()?,
+                    t.get("microseconds")?.as_u64()?,
+                ))
             });
             let ev = QmpEvent {
                 name: name.to_string(),
@@ -358,11 +404,22 @@ async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
             Ok(ret.clone())
         } else if let Some(err) = msg.get("error") {
             Err(QmpError::Qemu {
-                class: err.get("class").and_then(Value::as_str).unwrap_or("unknown").to_string(),
-                desc: err.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+                class: err
+                    .get("class")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_string(),
+                desc: err
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
             })
         } else {
-            Err(QmpError::Protocol(format!("reply with neither return nor error: {}", truncate(&msg))))
+            Err(QmpError::Protocol(format!(
+                "reply with neither return nor error: {}",
+                truncate(&msg)
+            )))
         };
         let _ = tx.send(result);
     }

@@ -36,10 +36,17 @@ async fn read_cmd(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Value {
 }
 
 /// A peer that greets and accepts qmp_capabilities, then hands over.
-async fn negotiated(s: UnixStream) -> (BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf) {
+async fn negotiated(
+    s: UnixStream,
+) -> (
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+) {
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
-    w.write_all(format!("{GREETING}\n").as_bytes()).await.unwrap();
+    w.write_all(format!("{GREETING}\n").as_bytes())
+        .await
+        .unwrap();
     let cmd = read_cmd(&mut r).await;
     assert_eq!(cmd["execute"], "qmp_capabilities");
     w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", cmd["id"]).as_bytes())
@@ -52,11 +59,16 @@ async fn negotiated(s: UnixStream) -> (BufReader<tokio::net::unix::OwnedReadHalf
 async fn garbage_greeting_is_a_protocol_error() {
     let dir = tempfile::tempdir().unwrap();
     fake_peer(&sock(&dir), |mut s| async move {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
     let t = Instant::now();
-    let e = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.err().unwrap();
+    let e = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(e, QmpError::Protocol(_)), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
@@ -68,7 +80,10 @@ async fn json_that_is_not_a_greeting_is_a_protocol_error() {
         s.write_all(b"[1,2,3]\n").await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let e = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.err().unwrap();
+    let e = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(e, QmpError::Protocol(_)), "{e:?}");
 }
 
@@ -80,7 +95,10 @@ async fn silent_peer_times_out_within_the_bound() {
         tokio::time::sleep(Duration::from_secs(10)).await;
     });
     let t = Instant::now();
-    let e = QmpClient::connect(sock(&dir), Duration::from_millis(300)).await.err().unwrap();
+    let e = QmpClient::connect(sock(&dir), Duration::from_millis(300))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
@@ -94,14 +112,21 @@ async fn close_mid_reply_fails_the_caller_and_later_calls() {
         w.write_all(br#"{"return": {"running": tr"#).await.unwrap();
         // Dropping both halves closes the socket mid-line.
     });
-    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.unwrap();
+    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .unwrap();
     let t = Instant::now();
     let e = c.execute(qmp::query_status {}).await.err().unwrap();
     assert!(matches!(e, QmpError::Closed), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(2));
-    tokio::time::timeout(Duration::from_secs(1), c.closed()).await.expect("closed() resolves");
+    tokio::time::timeout(Duration::from_secs(1), c.closed())
+        .await
+        .expect("closed() resolves");
     assert!(c.is_closed());
-    assert!(matches!(c.execute(qmp::stop {}).await, Err(QmpError::Closed)));
+    assert!(matches!(
+        c.execute(qmp::stop {}).await,
+        Err(QmpError::Closed)
+    ));
 }
 
 #[tokio::test]
@@ -113,7 +138,9 @@ async fn garbage_after_negotiation_fails_pending_calls() {
         w.write_all(b"\xff\xfe not json at all\n").await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.unwrap();
+    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .unwrap();
     let e = c.execute(qmp::stop {}).await.err().unwrap();
     assert!(matches!(e, QmpError::Protocol(_)), "{e:?}");
 }
@@ -132,7 +159,9 @@ async fn concurrent_commands_get_their_own_replies_out_of_order() {
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.unwrap();
+    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .unwrap();
     let t = Duration::from_secs(3);
     let (ra, rb) = tokio::join!(
         c.execute_raw("query-name", json!({}), t),
@@ -154,9 +183,15 @@ async fn qemu_error_maps_to_its_class_and_events_are_delivered() {
         w.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.unwrap();
+    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .unwrap();
     let mut events = c.events();
-    let e = c.execute_raw("no-such", json!({}), Duration::from_secs(3)).await.err().unwrap();
+    let e = c
+        .execute_raw("no-such", json!({}), Duration::from_secs(3))
+        .await
+        .err()
+        .unwrap();
     match e {
         QmpError::Qemu { class, desc } => {
             assert_eq!(class, "CommandNotFound");
@@ -164,7 +199,10 @@ async fn qemu_error_maps_to_its_class_and_events_are_delivered() {
         }
         other => panic!("{other:?}"),
     }
-    let ev = tokio::time::timeout(Duration::from_secs(2), events.recv()).await.unwrap().unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.name, "STOP");
     assert_eq!(ev.timestamp, Some((5, 7)));
     assert!(matches!(ev.typed(), Some(qmp::Event::STOP { .. })));
@@ -183,20 +221,28 @@ async fn oversized_line_is_refused_not_buffered() {
             }
         }
     });
-    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3)).await.unwrap();
+    let c = QmpClient::connect(sock(&dir), Duration::from_secs(3))
+        .await
+        .unwrap();
     let e = c
         .execute_raw("query-status", json!({}), Duration::from_secs(20))
         .await
         .err()
         .unwrap();
-    assert!(matches!(e, QmpError::Protocol(_) | QmpError::Closed), "{e:?}");
+    assert!(
+        matches!(e, QmpError::Protocol(_) | QmpError::Closed),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
 async fn connect_retry_waits_for_the_socket_and_gives_up_in_time() {
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    let e = QmpClient::connect_retry(sock(&dir), Duration::from_millis(300)).await.err().unwrap();
+    let e = QmpClient::connect_retry(sock(&dir), Duration::from_millis(300))
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(2));
 
@@ -209,7 +255,9 @@ async fn connect_retry_waits_for_the_socket_and_gives_up_in_time() {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
     });
-    QmpClient::connect_retry(&path, Duration::from_secs(5)).await.unwrap();
+    QmpClient::connect_retry(&path, Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 struct KillOnDrop(Child);
@@ -225,7 +273,15 @@ async fn real_qemu_status_version_events_and_quit() {
     let dir = tempfile::tempdir().unwrap();
     let path = sock(&dir);
     let child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp"])
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+        ])
         .arg(format!("unix:{},server=on,wait=off", path.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -233,15 +289,27 @@ async fn real_qemu_status_version_events_and_quit() {
         .expect("qemu-system-x86_64 must be installed (run ci/setup-host.sh)");
     let mut qemu = KillOnDrop(child);
 
-    let c = QmpClient::connect_retry(&path, Duration::from_secs(20)).await.unwrap();
-    assert_eq!(c.version()["qemu"]["major"].as_u64().map(|m| m >= 7), Some(true));
+    let c = QmpClient::connect_retry(&path, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.version()["qemu"]["major"].as_u64().map(|m| m >= 7),
+        Some(true)
+    );
     let status = c.execute(qmp::query_status {}).await.unwrap();
     assert!(!status.running);
     let v = c.execute(qmp::query_version {}).await.unwrap();
     assert!(v.qemu.major >= 7);
     // A QEMU error comes back typed.
-    let e = c.execute_raw("no-such-command", json!({}), Duration::from_secs(5)).await.err().unwrap();
-    assert!(matches!(&e, QmpError::Qemu { class, .. } if class == "CommandNotFound"), "{e:?}");
+    let e = c
+        .execute_raw("no-such-command", json!({}), Duration::from_secs(5))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, QmpError::Qemu { class, .. } if class == "CommandNotFound"),
+        "{e:?}"
+    );
 
     let mut events = c.events();
     c.execute(qmp::quit {}).await.unwrap();
@@ -256,12 +324,20 @@ async fn real_qemu_status_version_events_and_quit() {
     })
     .await
     .unwrap_or(false);
-    tokio::time::timeout(Duration::from_secs(10), c.closed()).await.expect("closed after quit");
+    tokio::time::timeout(Duration::from_secs(10), c.closed())
+        .await
+        .expect("closed after quit");
     assert!(shutdown, "no SHUTDOWN event before the connection closed");
-    assert!(matches!(c.execute(qmp::query_status {}).await, Err(QmpError::Closed)));
+    assert!(matches!(
+        c.execute(qmp::query_status {}).await,
+        Err(QmpError::Closed)
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while qemu.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(qemu.0.try_wait().unwrap().is_some(), "QEMU still running after quit");
+    assert!(
+        qemu.0.try_wait().unwrap().is_some(),
+        "QEMU still running after quit"
+    );
 }

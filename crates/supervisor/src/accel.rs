@@ -50,7 +50,10 @@ pub fn static_verdict(f: &HostVirtFacts) -> Result<(), String> {
         return Err("no /dev/kvm".into());
     }
     if has("kvm_pvm") {
-        return Err("KVM is the PVM module (kvm_pvm), which cannot run normal guests at usable speed".into());
+        return Err(
+            "KVM is the PVM module (kvm_pvm), which cannot run normal guests at usable speed"
+                .into(),
+        );
     }
     if !f.cpu_virt_flag {
         return Err("the CPU has no vmx/svm flag".into());
@@ -89,7 +92,16 @@ pub fn probe_boot(cfg: &ProbeConfig) -> Result<Duration, String> {
     let _ = std::fs::remove_file(&serial);
     let start = Instant::now();
     let mut child = std::process::Command::new(&cfg.qemu_binary)
-        .args(["-accel", "kvm", "-cpu", "host", "-m", "128", "-nodefaults", "-no-user-config"])
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
         .args(["-display", "none", "-machine", "pc", "-bios"])
         .arg(&cfg.qboot_rom)
         .arg("-kernel")
@@ -110,10 +122,15 @@ pub fn probe_boot(cfg: &ProbeConfig) -> Result<Duration, String> {
             break Ok(start.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!("probe QEMU exited early ({status}) before userspace"));
+            break Err(format!(
+                "probe QEMU exited early ({status}) before userspace"
+            ));
         }
         if start.elapsed() >= cfg.timeout {
-            break Err(format!("probe boot did not reach userspace within {:?}", cfg.timeout));
+            break Err(format!(
+                "probe boot did not reach userspace within {:?}",
+                cfg.timeout
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -150,7 +167,8 @@ pub fn resolve_auto(cache_file: &Path, qemu_version: &str, cfg: &ProbeConfig) ->
     let key = cache_key(qemu_version);
     if let Ok(text) = std::fs::read_to_string(cache_file) {
         if let Ok(cached) = serde_json::from_str::<AccelProbe>(&text) {
-            if cached.cache_key == key && cached.probe_timeout_ms == cfg.timeout.as_millis() as u64 {
+            if cached.cache_key == key && cached.probe_timeout_ms == cfg.timeout.as_millis() as u64
+            {
                 return cached;
             }
         }
@@ -164,7 +182,11 @@ pub fn resolve_auto(cache_file: &Path, qemu_version: &str, cfg: &ProbeConfig) ->
                 format!("hardware KVM; probe boot reached userspace in {took:?}"),
                 Some(format!("reached userspace in {} ms", took.as_millis())),
             ),
-            Err(why) => (Accel::Tcg, format!("KVM probe boot failed: {why}"), Some(why)),
+            Err(why) => (
+                Accel::Tcg,
+                format!("KVM probe boot failed: {why}"),
+                Some(why),
+            ),
         },
     };
     let probe = AccelProbe {
@@ -179,7 +201,10 @@ pub fn resolve_auto(cache_file: &Path, qemu_version: &str, cfg: &ProbeConfig) ->
         cache_key: key,
     };
     if let Err(e) = atomic_write_json(cache_file, &probe) {
-        tracing::warn!("cannot cache accelerator probe at {}: {e}", cache_file.display());
+        tracing::warn!(
+            "cannot cache accelerator probe at {}: {e}",
+            cache_file.display()
+        );
     }
     probe
 }

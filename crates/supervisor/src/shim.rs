@@ -41,7 +41,10 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("tandem shim: cannot open QEMU log in {}: {e}", run_dir.display());
+            eprintln!(
+                "tandem shim: cannot open QEMU log in {}: {e}",
+                run_dir.display()
+            );
             return 1;
         }
     };
@@ -73,7 +76,9 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = crate::util::atomic_write(&run_dir.join(PID_FILE), child.id().to_string().as_bytes()) {
+    if let Err(e) =
+        crate::util::atomic_write(&run_dir.join(PID_FILE), child.id().to_string().as_bytes())
+    {
         eprintln!("tandem shim: cannot record QEMU pid: {e}");
     }
     let status = child.wait();
@@ -109,7 +114,12 @@ pub struct ShimLauncher {
 }
 
 impl ShimLauncher {
-    pub fn spawn(&self, run_dir: &Path, qemu: &Path, args: &[String]) -> std::io::Result<tokio::process::Child> {
+    pub fn spawn(
+        &self,
+        run_dir: &Path,
+        qemu: &Path,
+        args: &[String],
+    ) -> std::io::Result<tokio::process::Child> {
         let shim_log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -6,15 +6,21 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tandem_api::{AccelProbe, ConsoleChunk, ExitInfo, HostInfo, StopRequest, VmInfo, VmState, VmSummary};
+use tandem_api::{
+    AccelProbe, ConsoleChunk, ExitInfo, HostInfo, StopRequest, VmInfo, VmState, VmSummary,
+};
 use tandem_qmp::{qmp, QmpClient, QmpError};
-use tandem_vmspec::{build_argv, parse_and_validate, Accel, Accelerator, RuntimePaths, SpecError, VmSpec};
+use tandem_vmspec::{
+    build_argv, parse_and_validate, Accel, Accelerator, RuntimePaths, SpecError, VmSpec,
+};
 use tokio::sync::{watch, Mutex as AsyncMutex, RwLock};
 use tracing::{info, warn};
 
 use crate::accel::{resolve_auto, ProbeConfig};
 use crate::shim::{self, ShimExit, ShimLauncher};
-use crate::util::{atomic_write_json, now_unix, process_matches, read_from, send_signal, tail_lines};
+use crate::util::{
+    atomic_write_json, now_unix, process_matches, read_from, send_signal, tail_lines,
+};
 
 const RECORD_FILE: &str = "vm.json";
 const QMP_SOCKET: &str = "qmp.sock";
@@ -47,13 +53,24 @@ pub enum SupervisorError {
     #[error(transparent)]
     InvalidSpec(#[from] SpecError),
     #[error("VM `{name}` is {state}; cannot {op}")]
-    BadState { name: String, state: VmState, op: &'static str },
+    BadState {
+        name: String,
+        state: VmState,
+        op: &'static str,
+    },
     #[error("QEMU for `{name}` failed to start: {message}")]
-    Start { name: String, message: String, qemu_log_tail: Vec<String> },
+    Start {
+        name: String,
+        message: String,
+        qemu_log_tail: Vec<String>,
+    },
     #[error("QMP error on `{name}`: {source}")]
     Qmp { name: String, source: QmpError },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -156,7 +173,9 @@ fn qemu_version(bin: &Path) -> String {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 impl Supervisor {
@@ -164,8 +183,10 @@ impl Supervisor {
     /// the QEMU processes that are still running.
     pub async fn open(cfg: SupervisorConfig) -> Result<Arc<Self>, SupervisorError> {
         let vms_dir = cfg.state_dir.join("vms");
-        std::fs::create_dir_all(&vms_dir).map_err(io_err(format!("creating {}", vms_dir.display())))?;
-        std::fs::create_dir_all(&cfg.ram_dir).map_err(io_err(format!("creating {}", cfg.ram_dir.display())))?;
+        std::fs::create_dir_all(&vms_dir)
+            .map_err(io_err(format!("creating {}", vms_dir.display())))?;
+        std::fs::create_dir_all(&cfg.ram_dir)
+            .map_err(io_err(format!("creating {}", cfg.ram_dir.display())))?;
         let sup = Arc::new(Supervisor {
             qemu_version: qemu_version(&cfg.qemu_binary),
             instance_tag: format!("{:08x}", fnv1a(&cfg.state_dir.to_string_lossy()) as u32),
@@ -200,7 +221,10 @@ impl Supervisor {
         let name = rec.spec.name.clone();
         Arc::new(Vm {
             dir: self.cfg.state_dir.join("vms").join(&name),
-            ram_file: self.cfg.ram_dir.join(format!("tandem-{}-{}.ram", self.instance_tag, name)),
+            ram_file: self
+                .cfg
+                .ram_dir
+                .join(format!("tandem-{}-{}.ram", self.instance_tag, name)),
             name,
             ops: AsyncMutex::new(()),
             rec: StdMutex::new(rec),
@@ -222,7 +246,9 @@ impl Supervisor {
     async fn reattach(self: &Arc<Self>, vm: &Arc<Vm>) {
         let rec = vm.record();
         let marker = vm.qmp_socket().to_string_lossy().into_owned();
-        let alive = rec.qemu_pid.is_some_and(|pid| process_matches(pid, &marker));
+        let alive = rec
+            .qemu_pid
+            .is_some_and(|pid| process_matches(pid, &marker));
         if !alive {
             info!(vm = %vm.name, "QEMU ended while tandemd was away; recording its exit");
             self.record_exit(vm).await;
@@ -264,7 +290,8 @@ impl Supervisor {
             last_exit: None,
         };
         let vm = self.new_vm(rec);
-        std::fs::create_dir_all(&vm.dir).map_err(io_err(format!("creating {}", vm.dir.display())))?;
+        std::fs::create_dir_all(&vm.dir)
+            .map_err(io_err(format!("creating {}", vm.dir.display())))?;
         vm.update(|_| {});
         info!(vm = %vm.name, "defined");
         vms.insert(vm.name.clone(), vm.clone());
@@ -302,19 +329,20 @@ impl Supervisor {
             timeout: self.cfg.probe_timeout,
             work_dir: self.cfg.state_dir.join("host"),
         };
-        let probe = tokio::task::spawn_blocking(move || resolve_auto(&cache_file, &version, &probe_cfg))
-            .await
-            .unwrap_or_else(|e| AccelProbe {
-                chosen: "tcg".into(),
-                reason: format!("probe task failed: {e}"),
-                cpu_virt_flag: false,
-                kvm_modules: vec![],
-                dev_kvm: false,
-                probe_boot: None,
-                probe_timeout_ms: 0,
-                probed_at: now_unix(),
-                cache_key: String::new(),
-            });
+        let probe =
+            tokio::task::spawn_blocking(move || resolve_auto(&cache_file, &version, &probe_cfg))
+                .await
+                .unwrap_or_else(|e| AccelProbe {
+                    chosen: "tcg".into(),
+                    reason: format!("probe task failed: {e}"),
+                    cpu_virt_flag: false,
+                    kvm_modules: vec![],
+                    dev_kvm: false,
+                    probe_boot: None,
+                    probe_timeout_ms: 0,
+                    probed_at: now_unix(),
+                    cache_key: String::new(),
+                });
         info!(accel = %probe.chosen, reason = %probe.reason, "accelerator for auto");
         *cached = Some(probe.clone());
         probe
@@ -382,7 +410,8 @@ impl Supervisor {
                 if let Some(pid) = shim::read_pid(&vm.dir) {
                     send_signal(pid, libc::SIGKILL);
                 }
-                *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("failed to start: {message}"));
+                *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("failed to start: {message}"));
                 self.record_exit(&vm).await;
                 Err(SupervisorError::Start {
                     name: vm.name.clone(),
@@ -416,14 +445,19 @@ impl Supervisor {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("QMP did not answer within {:?}", self.cfg.start_timeout));
+                return Err(format!(
+                    "QMP did not answer within {:?}",
+                    self.cfg.start_timeout
+                ));
             }
             match QmpClient::connect(vm.qmp_socket(), left.min(Duration::from_secs(2))).await {
                 Ok(q) => break q,
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
-        qmp.execute(qmp::cont {}).await.map_err(|e| format!("cont: {e}"))?;
+        qmp.execute(qmp::cont {})
+            .await
+            .map_err(|e| format!("cont: {e}"))?;
         vm.update(|r| r.state = VmState::Running);
         Ok(qmp)
     }
@@ -462,10 +496,8 @@ impl Supervisor {
                                 vm.update(|r| r.state = VmState::Paused);
                             }
                         }
-                        "RESUME" => {
-                            if vm.state() == VmState::Paused {
-                                vm.update(|r| r.state = VmState::Running);
-                            }
+                        "RESUME" if vm.state() == VmState::Paused => {
+                            vm.update(|r| r.state = VmState::Running);
                         }
                         "SHUTDOWN" => {
                             let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
@@ -500,19 +532,33 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
-        let hint = vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let hint = vm
+            .exit_hint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let clean = exit.is_some_and(|e| e.code == Some(0) && e.signal.is_none());
-        let guest_shutdown = hint.as_deref().is_some_and(|h| h.starts_with("shutdown: guest"));
+        let guest_shutdown = hint
+            .as_deref()
+            .is_some_and(|h| h.starts_with("shutdown: guest"));
         let (state, reason) = if rec.stop_requested && exit.is_some() {
-            (VmState::Shutoff, hint.unwrap_or_else(|| "stopped on request".into()))
-        } else if clean && (guest_shutdown || hint.as_deref().is_some_and(|h| h.starts_with("shutdown:"))) {
+            (
+                VmState::Shutoff,
+                hint.unwrap_or_else(|| "stopped on request".into()),
+            )
+        } else if clean
+            && (guest_shutdown || hint.as_deref().is_some_and(|h| h.starts_with("shutdown:")))
+        {
             (VmState::Shutoff, hint.unwrap_or_default())
         } else {
             let why = match exit {
                 Some(e) => format!("QEMU exited unexpectedly ({})", describe(&e)),
                 None => "QEMU is gone and its exit status was not recorded".into(),
             };
-            (VmState::Crashed, hint.map(|h| format!("{why}; {h}")).unwrap_or(why))
+            (
+                VmState::Crashed,
+                hint.map(|h| format!("{why}; {h}")).unwrap_or(why),
+            )
         };
         let info = ExitInfo {
             code: exit.and_then(|e| e.code),
@@ -581,7 +627,8 @@ impl Supervisor {
             r.state = VmState::Stopping;
             r.stop_requested = true;
         });
-        let timeout = Duration::from_secs(req.timeout_s.unwrap_or(vm.record().spec.shutdown_timeout_s));
+        let timeout =
+            Duration::from_secs(req.timeout_s.unwrap_or(vm.record().spec.shutdown_timeout_s));
         if !req.force {
             if was == VmState::Paused {
                 // A paused guest cannot see the power button.
@@ -593,8 +640,9 @@ impl Supervisor {
                         return Ok(());
                     }
                     warn!(vm = %vm.name, ?timeout, "guest did not power off in time; quitting QEMU");
-                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(format!("guest did not power off within {timeout:?}; QEMU was stopped"));
+                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                        "guest did not power off within {timeout:?}; QEMU was stopped"
+                    ));
                 }
                 Err(e) => warn!(vm = %vm.name, "system_powerdown failed: {e}"),
             }
@@ -618,13 +666,21 @@ impl Supervisor {
         let vm = self.get(name).await?;
         let _op = vm.ops.lock().await;
         if vm.state().is_active() {
-            self.stop_locked(&vm, StopRequest { timeout_s: None, force: true }).await?;
+            self.stop_locked(
+                &vm,
+                StopRequest {
+                    timeout_s: None,
+                    force: true,
+                },
+            )
+            .await?;
         }
         if vm.state().is_active() {
             return Err(vm.bad_state("destroy"));
         }
         let _ = std::fs::remove_file(&vm.ram_file);
-        std::fs::remove_dir_all(&vm.dir).map_err(io_err(format!("removing {}", vm.dir.display())))?;
+        std::fs::remove_dir_all(&vm.dir)
+            .map_err(io_err(format!("removing {}", vm.dir.display())))?;
         self.vms.write().await.remove(name);
         info!(vm = %name, "destroyed");
         Ok(())
@@ -715,11 +771,20 @@ fn describe(e: &ShimExit) -> String {
 
 async fn query_status(qmp: &QmpClient) -> Result<String, QmpError> {
     let v = qmp
-        .execute_raw("query-status", serde_json::json!({}), Duration::from_secs(5))
+        .execute_raw(
+            "query-status",
+            serde_json::json!({}),
+            Duration::from_secs(5),
+        )
         .await?;
-    Ok(v.get("status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string())
+    Ok(v.get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("unknown")
+        .to_string())
 }
 
 async fn wait_exited(rx: &mut watch::Receiver<bool>, timeout: Duration) -> bool {
-    tokio::time::timeout(timeout, rx.wait_for(|e| *e)).await.is_ok_and(|r| r.is_ok())
+    tokio::time::timeout(timeout, rx.wait_for(|e| *e))
+        .await
+        .is_ok_and(|r| r.is_ok())
 }

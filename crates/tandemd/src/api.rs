@@ -65,7 +65,15 @@ impl IntoResponse for ApiError {
                 .collect(),
             _ => Vec::new(),
         };
-        (status, Json(ErrorBody { kind: kind.into(), message, fields })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                kind: kind.into(),
+                message,
+                fields,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -79,7 +87,10 @@ async fn list(State(s): State<Sup>) -> Json<Vec<tandem_api::VmSummary>> {
     Json(s.list().await)
 }
 
-async fn create(State(s): State<Sup>, Json(req): Json<CreateVmRequest>) -> Result<(StatusCode, Json<tandem_api::VmInfo>), ApiError> {
+async fn create(
+    State(s): State<Sup>,
+    Json(req): Json<CreateVmRequest>,
+) -> Result<(StatusCode, Json<tandem_api::VmInfo>), ApiError> {
     Ok((StatusCode::CREATED, Json(s.create(&req.spec_toml).await?)))
 }
 
@@ -99,7 +110,11 @@ async fn resume(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tan
     Ok(Json(s.resume(&name).await?))
 }
 
-async fn stop(State(s): State<Sup>, Path(name): Path<String>, Json(req): Json<StopRequest>) -> ApiResult<tandem_api::VmInfo> {
+async fn stop(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<StopRequest>,
+) -> ApiResult<tandem_api::VmInfo> {
     Ok(Json(s.stop(&name, req).await?))
 }
 
@@ -114,14 +129,20 @@ struct ConsoleQuery {
     offset: u64,
 }
 
-async fn console(State(s): State<Sup>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> ApiResult<tandem_api::ConsoleChunk> {
+async fn console(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> ApiResult<tandem_api::ConsoleChunk> {
     Ok(Json(s.console(&name, q.offset).await?))
 }
 
 /// Prometheus text exposition.
 async fn metrics(State(s): State<Sup>) -> String {
     let vms = s.list().await;
-    let mut out = String::from("# HELP tandem_vms VMs known to this tandemd, by state.\n# TYPE tandem_vms gauge\n");
+    let mut out = String::from(
+        "# HELP tandem_vms VMs known to this tandemd, by state.\n# TYPE tandem_vms gauge\n",
+    );
     for state in [
         VmState::Defined,
         VmState::Starting,

@@ -20,7 +20,11 @@ use tokio::net::UnixListener;
 use tracing::info;
 
 #[derive(Parser, Debug)]
-#[command(name = "tandemd", version, about = "tandem host daemon: runs and supervises QEMU VMs")]
+#[command(
+    name = "tandemd",
+    version,
+    about = "tandem host daemon: runs and supervises QEMU VMs"
+)]
 struct Args {
     #[command(subcommand)]
     mode: Option<Mode>,
@@ -44,7 +48,11 @@ struct Args {
     qboot_rom: PathBuf,
 
     /// Guest image directory (used by the KVM probe boot).
-    #[arg(long, env = "TANDEM_IMAGE_DIR", default_value = "/var/lib/tandem/images")]
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
     image_dir: PathBuf,
 
     /// Bound on the KVM probe boot that `accelerator = "auto"` runs once per host.
@@ -72,12 +80,18 @@ enum Mode {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Mode::Shim { run_dir, qemu, args }) = &args.mode {
+    if let Some(Mode::Shim {
+        run_dir,
+        qemu,
+        args,
+    }) = &args.mode
+    {
         std::process::exit(run_shim(run_dir, qemu, args));
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -138,7 +152,8 @@ async fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             bail!("another tandemd is already serving {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
@@ -148,7 +163,10 @@ async fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

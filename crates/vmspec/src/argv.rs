@@ -74,10 +74,16 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
 
     push(&[
         "-chardev",
-        &format!("socket,id=qmp,path={},server=on,wait=off", rt.qmp_socket.display()),
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            rt.qmp_socket.display()
+        ),
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
-    push(&["-chardev", &format!("file,id=serial0,path={}", rt.serial_log.display())]);
+    push(&[
+        "-chardev",
+        &format!("file,id=serial0,path={}", rt.serial_log.display()),
+    ]);
     push(&["-serial", "chardev:serial0"]);
 
     let firmware = match spec.boot.firmware {
@@ -124,7 +130,10 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
             NicBackend::User => {
                 let mut s = format!("user,id=net-{}", n.name);
                 for f in &n.host_forwards {
-                    s.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:{}", f.host_port, f.guest_port));
+                    s.push_str(&format!(
+                        ",hostfwd=tcp:127.0.0.1:{}-:{}",
+                        f.host_port, f.guest_port
+                    ));
                 }
                 s
             }
@@ -136,7 +145,10 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
         push(&["-netdev", &netdev]);
         push(&[
             "-device",
-            &format!("virtio-net-pci,netdev=net-{0},mac={1},id=nic-{0}", n.name, n.mac),
+            &format!(
+                "virtio-net-pci,netdev=net-{0},mac={1},id=nic-{0}",
+                n.name, n.mac
+            ),
         ]);
     }
     a
@@ -179,7 +191,10 @@ host_forwards = [{ host_port = 17070, guest_port = 7070 }]
     }
 
     fn value_after<'a>(a: &'a [String], flag: &str) -> Vec<&'a str> {
-        a.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        a.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
@@ -196,7 +211,8 @@ host_forwards = [{ host_port = 17070, guest_port = 7070 }]
     fn starts_paused_with_qmp_and_serial() {
         let a = argv(Accel::Tcg);
         assert!(a.contains(&"-S".to_string()));
-        assert!(value_after(&a, "-chardev").contains(&"socket,id=qmp,path=/run/t/qmp.sock,server=on,wait=off"));
+        assert!(value_after(&a, "-chardev")
+            .contains(&"socket,id=qmp,path=/run/t/qmp.sock,server=on,wait=off"));
         assert_eq!(value_after(&a, "-serial"), ["chardev:serial0"]);
     }
 
@@ -204,7 +220,10 @@ host_forwards = [{ host_port = 17070, guest_port = 7070 }]
     fn kernel_boot_uses_qboot() {
         let a = argv(Accel::Tcg);
         assert_eq!(value_after(&a, "-bios"), ["/usr/share/qemu/qboot.rom"]);
-        assert_eq!(value_after(&a, "-append"), ["console=ttyS0 tandem.ip=10.0.0.2/24"]);
+        assert_eq!(
+            value_after(&a, "-append"),
+            ["console=ttyS0 tandem.ip=10.0.0.2/24"]
+        );
     }
 
     #[test]

@@ -173,11 +173,13 @@ impl FromStr for MacAddr {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in out.iter_mut() {
-            let part = parts
-                .next()
-                .ok_or_else(|| format!("`{s}` is not a MAC address (want six hex bytes like 52:54:00:12:34:56)"))?;
+            let part = parts.next().ok_or_else(|| {
+                format!("`{s}` is not a MAC address (want six hex bytes like 52:54:00:12:34:56)")
+            })?;
             if part.len() != 2 {
-                return Err(format!("`{s}` is not a MAC address (each byte is two hex digits)"));
+                return Err(format!(
+                    "`{s}` is not a MAC address (each byte is two hex digits)"
+                ));
             }
             *byte = u8::from_str_radix(part, 16)
                 .map_err(|_| format!("`{s}` is not a MAC address (`{part}` is not hex)"))?;
@@ -250,7 +252,8 @@ pub fn parse_and_validate(
     toml_text: &str,
     file_exists: impl Fn(&Path) -> bool,
 ) -> Result<VmSpec, SpecError> {
-    let spec: VmSpec = toml::from_str(toml_text).map_err(|e| SpecError::Syntax(flatten_toml_error(&e)))?;
+    let spec: VmSpec =
+        toml::from_str(toml_text).map_err(|e| SpecError::Syntax(flatten_toml_error(&e)))?;
     spec.validate(file_exists)?;
     Ok(spec)
 }
@@ -261,7 +264,9 @@ fn flatten_toml_error(e: &toml::de::Error) -> String {
     e.to_string()
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -293,7 +298,10 @@ impl VmSpec {
             );
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            err("vcpus", format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus));
+            err(
+                "vcpus",
+                format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus),
+            );
         }
         if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > MAX_MEMORY_MIB {
             err(
@@ -309,13 +317,19 @@ impl VmSpec {
         {
             err(
                 "machine",
-                format!("`{}` is not a supported machine type (pc, q35, microvm, pc-*)", self.machine),
+                format!(
+                    "`{}` is not a supported machine type (pc, q35, microvm, pc-*)",
+                    self.machine
+                ),
             );
         }
         if self.shutdown_timeout_s == 0 || self.shutdown_timeout_s > MAX_SHUTDOWN_TIMEOUT_S {
             err(
                 "shutdown_timeout_s",
-                format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT_S}, got {}", self.shutdown_timeout_s),
+                format!(
+                    "must be between 1 and {MAX_SHUTDOWN_TIMEOUT_S}, got {}",
+                    self.shutdown_timeout_s
+                ),
             );
         }
 
@@ -334,7 +348,10 @@ impl VmSpec {
             }
             (None, Some(disk)) => {
                 if !self.disks.iter().any(|d| &d.name == disk) {
-                    err("boot.disk", format!("names disk `{disk}`, which is not in disks"));
+                    err(
+                        "boot.disk",
+                        format!("names disk `{disk}`, which is not in disks"),
+                    );
                 }
                 if self.boot.initrd.is_some() {
                     err("boot.initrd", "needs boot.kernel".into());
@@ -343,7 +360,10 @@ impl VmSpec {
                     err("boot.cmdline", "needs boot.kernel".into());
                 }
                 if self.boot.firmware == Firmware::Qboot {
-                    err("boot.firmware", "qboot cannot boot from a disk; use seabios".into());
+                    err(
+                        "boot.firmware",
+                        "qboot cannot boot from a disk; use seabios".into(),
+                    );
                 }
             }
         }
@@ -355,45 +375,78 @@ impl VmSpec {
         }
 
         if self.disks.len() > MAX_DISKS {
-            err("disks", format!("at most {MAX_DISKS} disks, got {}", self.disks.len()));
+            err(
+                "disks",
+                format!("at most {MAX_DISKS} disks, got {}", self.disks.len()),
+            );
         }
         let mut disk_names = HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_name(&d.name) {
-                err(&format!("disks[{i}].name"), format!("`{}` is not a valid disk name", d.name));
+                err(
+                    &format!("disks[{i}].name"),
+                    format!("`{}` is not a valid disk name", d.name),
+                );
             } else if !disk_names.insert(d.name.as_str()) {
-                err(&format!("disks[{i}].name"), format!("duplicate disk name `{}`", d.name));
+                err(
+                    &format!("disks[{i}].name"),
+                    format!("duplicate disk name `{}`", d.name),
+                );
             }
             check_path(&mut err, &format!("disks[{i}].path"), &d.path, &file_exists);
         }
 
         if self.nics.len() > MAX_NICS {
-            err("nics", format!("at most {MAX_NICS} NICs, got {}", self.nics.len()));
+            err(
+                "nics",
+                format!("at most {MAX_NICS} NICs, got {}", self.nics.len()),
+            );
         }
         let mut nic_names = HashSet::new();
         let mut macs = HashSet::new();
         let mut host_ports = HashSet::new();
         for (i, n) in self.nics.iter().enumerate() {
             if !valid_name(&n.name) {
-                err(&format!("nics[{i}].name"), format!("`{}` is not a valid NIC name", n.name));
+                err(
+                    &format!("nics[{i}].name"),
+                    format!("`{}` is not a valid NIC name", n.name),
+                );
             } else if !nic_names.insert(n.name.as_str()) {
-                err(&format!("nics[{i}].name"), format!("duplicate NIC name `{}`", n.name));
+                err(
+                    &format!("nics[{i}].name"),
+                    format!("duplicate NIC name `{}`", n.name),
+                );
             }
             if n.mac.is_multicast() {
-                err(&format!("nics[{i}].mac"), format!("{} is a multicast address", n.mac));
+                err(
+                    &format!("nics[{i}].mac"),
+                    format!("{} is a multicast address", n.mac),
+                );
             } else if n.mac.0 == [0; 6] {
-                err(&format!("nics[{i}].mac"), "00:00:00:00:00:00 is not a usable address".into());
+                err(
+                    &format!("nics[{i}].mac"),
+                    "00:00:00:00:00:00 is not a usable address".into(),
+                );
             }
             if !macs.insert(n.mac) {
-                err(&format!("nics[{i}].mac"), format!("duplicate MAC {}", n.mac));
+                err(
+                    &format!("nics[{i}].mac"),
+                    format!("duplicate MAC {}", n.mac),
+                );
             }
             for (j, f) in n.host_forwards.iter().enumerate() {
                 if n.backend != NicBackend::User {
-                    err(&format!("nics[{i}].host_forwards"), "only the user backend forwards ports".into());
+                    err(
+                        &format!("nics[{i}].host_forwards"),
+                        "only the user backend forwards ports".into(),
+                    );
                     break;
                 }
                 if f.host_port == 0 || f.guest_port == 0 {
-                    err(&format!("nics[{i}].host_forwards[{j}]"), "ports must be non-zero".into());
+                    err(
+                        &format!("nics[{i}].host_forwards[{j}]"),
+                        "ports must be non-zero".into(),
+                    );
                 }
                 if !host_ports.insert(f.host_port) {
                     err(
@@ -403,16 +456,27 @@ impl VmSpec {
                 }
             }
             match (n.backend, &n.tap) {
-                (NicBackend::Tap, None) => err(&format!("nics[{i}].tap"), "missing: the tap backend needs a tap device name".into()),
+                (NicBackend::Tap, None) => err(
+                    &format!("nics[{i}].tap"),
+                    "missing: the tap backend needs a tap device name".into(),
+                ),
                 (NicBackend::Tap, Some(tap)) => {
                     let ok = !tap.is_empty()
                         && tap.len() < 16
-                        && tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+                        && tap
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
                     if !ok {
-                        err(&format!("nics[{i}].tap"), format!("`{tap}` is not a valid interface name"));
+                        err(
+                            &format!("nics[{i}].tap"),
+                            format!("`{tap}` is not a valid interface name"),
+                        );
                     }
                 }
-                (NicBackend::User, Some(_)) => err(&format!("nics[{i}].tap"), "only the tap backend takes a tap device".into()),
+                (NicBackend::User, Some(_)) => err(
+                    &format!("nics[{i}].tap"),
+                    "only the tap backend takes a tap device".into(),
+                ),
                 (NicBackend::User, None) => {}
             }
         }
@@ -437,7 +501,10 @@ fn check_path(
     } else if s.contains(',') {
         // QEMU option syntax uses ',' as a separator; refusing it here is
         // simpler and safer than escaping it in every option.
-        err(field, format!("`{s}` contains ',', which QEMU options cannot carry"));
+        err(
+            field,
+            format!("`{s}` contains ',', which QEMU options cannot carry"),
+        );
     } else if !file_exists(path) {
         err(field, format!("`{s}` does not exist or is not a file"));
     }
@@ -507,7 +574,10 @@ tap = "tap-web1"
 
     #[test]
     fn unknown_nested_field_is_named() {
-        let text = GOOD.replace("path = \"/img/data.qcow2\"", "path = \"/img/data.qcow2\"\nsize = 3");
+        let text = GOOD.replace(
+            "path = \"/img/data.qcow2\"",
+            "path = \"/img/data.qcow2\"\nsize = 3",
+        );
         match parse_and_validate(&text, all_exist) {
             Err(SpecError::Syntax(m)) => assert!(m.contains("unknown field `size`"), "{m}"),
             other => panic!("{other:?}"),
@@ -534,13 +604,23 @@ tap = "tap-web1"
     fn absent_boot_source_is_named() {
         let text = GOOD.replace("kernel = \"/img/vmlinux\"\n", "");
         let e = errors_of(&text);
-        assert!(e.iter().any(|e| e.field == "boot.kernel" && e.message.starts_with("missing")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.field == "boot.kernel" && e.message.starts_with("missing")),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn duplicate_mac_is_named() {
         let e = errors_of(&GOOD.replace("52:54:00:00:00:02", "52:54:00:00:00:01"));
-        assert_eq!(e, vec![FieldError { field: "nics[1].mac".into(), message: "duplicate MAC 52:54:00:00:00:01".into() }]);
+        assert_eq!(
+            e,
+            vec![FieldError {
+                field: "nics[1].mac".into(),
+                message: "duplicate MAC 52:54:00:00:00:01".into()
+            }]
+        );
     }
 
     #[test]
@@ -619,5 +699,17 @@ tap = "tap-web1"
                 prop_assert_eq!(ok, (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    /// The example shipped in the repository stays valid.
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../../examples/guest.toml");
+        let spec = crate::parse_and_validate(text, |_| true).expect("examples/guest.toml is valid");
+        assert_eq!(spec.name, "guest");
+        assert_eq!(spec.nics[0].host_forwards[0].guest_port, 7070);
     }
 }
