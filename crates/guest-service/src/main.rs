@@ -1,1 +1,305 @@
-fn main() {}
+//! `tandem-guest`: PID 1 of tandem's test guest.
+//!
+//! It is what the tests and the failover drill talk to, so its behaviour is
+//! the contract they rely on:
+//! - prints `TANDEM-GUEST-READY` on the console once its TCP service listens;
+//! - prints `tandem-guest: tick N` every 200 ms, so a host can see whether
+//!   the guest ran (the pause test counts these);
+//! - serves the line protocol in [`proto`] on TCP port 7070, making every
+//!   `PUT` durable (fsync of `/data/records.log`) before it answers `OK <seq>`;
+//! - powers the machine off cleanly on the ACPI power button or SIGTERM.
+//!
+//! Settings come from the environment (set by the image's `/init`):
+//! `TANDEM_DATA_DIR` (default `/data`) and `TANDEM_PORT` (default 7070), so the
+//! same binary can be run on a host for a quick look.
+
+mod proto;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::Request;
+
+const READY_LINE: &str = "TANDEM-GUEST-READY";
+const TICK: Duration = Duration::from_millis(200);
+/// Linux input event codes (include/uapi/linux/input-event-codes.h).
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
+struct Store {
+    file: File,
+    len: u64,
+    records: Vec<String>,
+}
+
+impl Store {
+    fn open(dir: &Path) -> std::io::Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("records.log");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let rec = proto::recover(&bytes);
+        if rec.valid_len != bytes.len() {
+            say(&format!(
+                "discarding {} torn bytes at the end of {}",
+                bytes.len() - rec.valid_len,
+                path.display()
+            ));
+            file.set_len(rec.valid_len as u64)?;
+            file.sync_all()?;
+        }
+        Ok(Store {
+            file,
+            len: rec.valid_len as u64,
+            records: rec.records,
+        })
+    }
+
+    /// Appends and fsyncs one record; only then is its number handed out.
+    fn put(&mut self, text: &str) -> std::io::Result<u64> {
+        let seq = self.records.len() as u64 + 1;
+        let line = proto::encode_record(seq, text);
+        self.file.write_all_at(line.as_bytes(), self.len)?;
+        self.file.sync_data()?;
+        self.len += line.len() as u64;
+        self.records.push(text.to_string());
+        Ok(seq)
+    }
+}
+
+fn say(msg: &str) {
+    // One write per line keeps lines whole on the serial console.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("tandem-guest: {msg}\n").as_bytes());
+    let _ = out.flush();
+}
+
+fn main() {
+    let data_dir = PathBuf::from(std::env::var("TANDEM_DATA_DIR").unwrap_or_else(|_| "/data".into()));
+    let port: u16 = std::env::var("TANDEM_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(7070);
+
+    let signals = block_termination_signals();
+    if std::process::id() == 1 {
+        std::thread::spawn(reap_children);
+    }
+
+    let store = match Store::open(&data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            say(&format!("cannot open record log in {}: {e}", data_dir.display()));
+            power_off(1);
+        }
+    };
+    let recovered = store.records.len();
+    let store = Arc::new(Mutex::new(store));
+
+    let listener = match bind(port) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!("cannot listen on port {port}: {e}"));
+            power_off(1);
+        }
+    };
+
+    std::thread::spawn(move || wait_for_signal(signals));
+    watch_power_buttons();
+    println!("{READY_LINE} port={port} records={recovered}");
+    std::thread::spawn(ticker);
+
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let store = store.clone();
+                std::thread::spawn(move || serve(stream, &store));
+            }
+            Err(e) => say(&format!("accept failed: {e}")),
+        }
+    }
+}
+
+fn bind(port: u16) -> std::io::Result<TcpListener> {
+    // The address is configured by /init before we start, but give a slow
+    // link a moment rather than failing the boot.
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(("0.0.0.0", port)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last.expect("loop ran"))
+}
+
+fn ticker() {
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        say(&format!("tick {n}"));
+        std::thread::sleep(TICK);
+    }
+}
+
+fn serve(stream: TcpStream, store: &Mutex<Store>) {
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let mut out = std::io::BufWriter::new(write_half);
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(proto::MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let reply = if n > proto::MAX_LINE {
+            // The rest of an over-long line cannot be resynchronised safely.
+            let _ = writeln!(out, "ERR line longer than {} bytes", proto::MAX_LINE);
+            let _ = out.flush();
+            return;
+        } else {
+            match std::str::from_utf8(&line) {
+                Err(_) => "ERR request is not UTF-8".to_string(),
+                Ok(text) => handle(text, store),
+            }
+        };
+        if writeln!(out, "{reply}").and_then(|_| out.flush()).is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(line: &str, store: &Mutex<Store>) -> String {
+    let req = match proto::parse_request(line) {
+        Ok(r) => r,
+        Err(e) => return format!("ERR {e}"),
+    };
+    let mut store = match store.lock() {
+        Ok(s) => s,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    match req {
+        Request::Ping => "PONG".into(),
+        Request::Last => format!("LAST {}", store.records.len()),
+        Request::Get(seq) => match seq
+            .checked_sub(1)
+            .and_then(|i| store.records.get(i as usize))
+        {
+            Some(text) => format!("REC {seq} {text}"),
+            None => format!("NONE {seq}"),
+        },
+        Request::Put(text) => match store.put(&text) {
+            Ok(seq) => format!("OK {seq}"),
+            Err(e) => format!("ERR write failed: {e}"),
+        },
+    }
+}
+
+/// Each input device that can report KEY_POWER gets a reader thread; the
+/// ACPI button driver registers "Power Button" devices at boot.
+fn watch_power_buttons() {
+    let Ok(dir) = std::fs::read_dir("/dev/input") else {
+        say("no /dev/input: the power button will not work");
+        return;
+    };
+    let mut watched = Vec::new();
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if !path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("event"))
+        {
+            continue;
+        }
+        if let Ok(f) = File::open(&path) {
+            watched.push(path.display().to_string());
+            std::thread::spawn(move || read_input_events(f));
+        }
+    }
+    say(&format!("watching {} for the power button", watched.join(" ")));
+}
+
+fn read_input_events(mut dev: File) {
+    // struct input_event on x86_64: timeval (16) + type u16 + code u16 + value i32.
+    let mut ev = [0u8; 24];
+    while dev.read_exact(&mut ev).is_ok() {
+        let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+        let code = u16::from_ne_bytes([ev[18], ev[19]]);
+        let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        if kind == EV_KEY && code == KEY_POWER && value == 1 {
+            power_off(0);
+        }
+    }
+}
+
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
+    // pthread_sigmask only changes this thread's mask, inherited by threads
+    // spawned after it, so sigwait below is the only consumer.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: libc::sigset_t) {
+    let mut sig = 0;
+    // SAFETY: `set` is an initialised signal set and `sig` a valid out pointer.
+    if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+        power_off(0);
+    }
+}
+
+fn reap_children() {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid status pointer; -1 means any child.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+fn power_off(code: i32) -> ! {
+    say("powering off");
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if std::process::id() != 1 {
+        std::process::exit(code);
+    }
+    let target = c"/data";
+    // SAFETY: a valid NUL-terminated path; failure (busy, not mounted) is
+    // harmless because the filesystem was synced above.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    // SAFETY: as PID 1 we own the machine; RB_POWER_OFF does not return on
+    // success, and PID 1 must never exit (the kernel would panic).
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
