@@ -86,7 +86,8 @@ fn say(msg: &str) {
 }
 
 fn main() {
-    let data_dir = PathBuf::from(std::env::var("TANDEM_DATA_DIR").unwrap_or_else(|_| "/data".into()));
+    let data_dir =
+        PathBuf::from(std::env::var("TANDEM_DATA_DIR").unwrap_or_else(|_| "/data".into()));
     let port: u16 = std::env::var("TANDEM_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
@@ -100,7 +101,10 @@ fn main() {
     let store = match Store::open(&data_dir) {
         Ok(s) => s,
         Err(e) => {
-            say(&format!("cannot open record log in {}: {e}", data_dir.display()));
+            say(&format!(
+                "cannot open record log in {}: {e}",
+                data_dir.display()
+            ));
             power_off(1);
         }
     };
@@ -236,7 +240,10 @@ fn watch_power_buttons() {
             std::thread::spawn(move || read_input_events(f));
         }
     }
-    say(&format!("watching {} for the power button", watched.join(" ")));
+    say(&format!(
+        "watching {} for the power button",
+        watched.join(" ")
+    ));
 }
 
 fn read_input_events(mut dev: File) {

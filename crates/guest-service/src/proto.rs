@@ -117,15 +117,24 @@ mod tests {
     fn parses_every_verb() {
         assert_eq!(parse_request("PING\r\n"), Ok(Request::Ping));
         assert_eq!(parse_request("LAST"), Ok(Request::Last));
-        assert_eq!(parse_request("PUT a b c\n"), Ok(Request::Put("a b c".into())));
+        assert_eq!(
+            parse_request("PUT a b c\n"),
+            Ok(Request::Put("a b c".into()))
+        );
         assert_eq!(parse_request("GET 17"), Ok(Request::Get(17)));
     }
 
     #[test]
     fn rejects_bad_requests() {
         assert_eq!(parse_request(""), Err(ParseError::Empty));
-        assert!(matches!(parse_request("PUT"), Err(ParseError::BadArgument(_))));
-        assert!(matches!(parse_request("GET x"), Err(ParseError::BadArgument(_))));
+        assert!(matches!(
+            parse_request("PUT"),
+            Err(ParseError::BadArgument(_))
+        ));
+        assert!(matches!(
+            parse_request("GET x"),
+            Err(ParseError::BadArgument(_))
+        ));
         assert!(matches!(parse_request("DROP TABLE"), Err(ParseError::Unknown(v)) if v == "DROP"));
     }
 
