@@ -112,7 +112,10 @@ impl Frame {
     /// Encodes the frame. Panics only on a payload over [`MAX_PAYLOAD`],
     /// which this crate never builds (it is a local programming error).
     pub fn encode(&self) -> Vec<u8> {
-        assert!(self.payload.len() <= MAX_PAYLOAD, "frame payload over MAX_PAYLOAD");
+        assert!(
+            self.payload.len() <= MAX_PAYLOAD,
+            "frame payload over MAX_PAYLOAD"
+        );
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -214,7 +217,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
 
 /// Reads one frame from an async stream. `Ok(None)` is a clean EOF at a
 /// frame boundary; EOF inside a frame is an `UnexpectedEof` error.
-pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<Frame>> {
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<Frame>> {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -231,10 +236,15 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::
     let header = decode_header(&h).map_err(std::io::Error::other)?;
     let mut payload = vec![0u8; header.len];
     r.read_exact(&mut payload).await?;
-    finish_frame(header, payload).map(Some).map_err(std::io::Error::other)
+    finish_frame(header, payload)
+        .map(Some)
+        .map_err(std::io::Error::other)
 }
 
-pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> std::io::Result<()> {
+pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    f: &Frame,
+) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     w.write_all(&f.encode()).await
 }
@@ -396,9 +406,16 @@ mod tests {
 
     #[test]
     fn begin_end_roundtrip() {
-        let b = EpochBegin { ram_size: 1 << 28, page_count: 7, device_state_len: 600_000 };
+        let b = EpochBegin {
+            ram_size: 1 << 28,
+            page_count: 7,
+            device_state_len: 600_000,
+        };
         assert_eq!(EpochBegin::decode(&b.encode()), Ok(b));
-        let e = EpochEnd { frames: 4, digest: 0xdead_beef };
+        let e = EpochEnd {
+            frames: 4,
+            digest: 0xdead_beef,
+        };
         assert_eq!(EpochEnd::decode(&e.encode()), Ok(e));
         assert!(EpochBegin::decode(&[0; 23]).is_err());
     }
