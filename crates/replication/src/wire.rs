@@ -321,7 +321,7 @@ impl EpochEnd {
 /// Splits a `Pages` payload into (page index, page bytes) records.
 pub fn page_records(p: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, WireError> {
     const REC: usize = 8 + PAGE_SIZE;
-    if p.is_empty() || p.len() % REC != 0 {
+    if p.is_empty() || !p.len().is_multiple_of(REC) {
         return Err(WireError::Malformed {
             kind: FrameKind::Pages,
             why: format!("{} bytes is not a whole number of page records", p.len()),
