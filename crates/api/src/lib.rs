@@ -130,6 +130,13 @@ pub struct StopRequest {
     pub force: bool,
 }
 
+/// Body of `checkpoint` (the directory to create) and `restore` (the
+/// directory to start from). Paths are on the daemon's host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    pub dir: std::path::PathBuf,
+}
+
 /// A slice of the serial console log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConsoleChunk {

@@ -70,6 +70,11 @@ enum VmCmd {
     },
     /// Stop if needed, and remove the VM and its files.
     Destroy { name: String },
+    /// Write a consistent checkpoint (RAM, device state, disks) of a running
+    /// or paused VM into a new directory on the daemon's host.
+    Checkpoint { name: String, dir: PathBuf },
+    /// Start a stopped VM from a checkpoint directory instead of booting.
+    Restore { name: String, dir: PathBuf },
     /// Print the serial console log.
     Console {
         name: String,
@@ -187,6 +192,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vm.state,
                 vm.pid.map(|p| p.to_string()).unwrap_or("-".into()),
                 vm.accel.as_deref().unwrap_or("-")
+            );
+        }
+        Cmd::Vm(VmCmd::Checkpoint { name, dir }) => {
+            let dir = std::path::absolute(&dir)?;
+            let r: serde_json::Value = client
+                .post(
+                    &format!("/v1/vms/{name}/checkpoint"),
+                    &tandem_api::CheckpointRequest { dir },
+                )
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "checkpoint of {name} in {}: guest paused {:.1} ms, device state {} bytes, RAM {} bytes",
+                r["dir"].as_str().unwrap_or("?"),
+                r["pause_ms"].as_f64().unwrap_or(0.0),
+                r["device_state_bytes"],
+                r["ram_bytes"]
+            );
+        }
+        Cmd::Vm(VmCmd::Restore { name, dir }) => {
+            let dir = std::path::absolute(&dir)?;
+            let vm: VmInfo = client
+                .post(
+                    &format!("/v1/vms/{name}/restore"),
+                    &tandem_api::CheckpointRequest { dir },
+                )
+                .await?;
+            if json {
+                return print_json(&vm);
+            }
+            println!(
+                "VM {} {} from the checkpoint (pid {})",
+                vm.name,
+                vm.state,
+                vm.pid.map(|p| p.to_string()).unwrap_or("-".into())
             );
         }
         Cmd::Vm(VmCmd::List) => {

@@ -13,8 +13,12 @@
 //! default), so the replication engine and the switch can map it.
 
 pub mod accel;
+pub mod checkpoint;
 pub mod shim;
 pub mod util;
 mod vm;
 
-pub use vm::{Supervisor, SupervisorConfig, SupervisorError};
+pub use vm::{
+    CheckpointDisk, CheckpointManifest, CheckpointReport, Supervisor, SupervisorConfig,
+    SupervisorError, CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
+};

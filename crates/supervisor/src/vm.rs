@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -11,15 +12,16 @@ use tandem_api::{
 };
 use tandem_qmp::{qmp, QmpClient, QmpError};
 use tandem_vmspec::{
-    build_argv, parse_and_validate, Accel, Accelerator, RuntimePaths, SpecError, VmSpec,
+    build_argv, parse_and_validate, Accel, Accelerator, DiskFormat, RuntimePaths, SpecError, VmSpec,
 };
 use tokio::sync::{watch, Mutex as AsyncMutex, RwLock};
 use tracing::{info, warn};
 
 use crate::accel::{resolve_auto, ProbeConfig};
+use crate::checkpoint;
 use crate::shim::{self, ShimExit, ShimLauncher};
 use crate::util::{
-    atomic_write_json, now_unix, process_matches, read_from, send_signal, tail_lines,
+    atomic_write, atomic_write_json, now_unix, process_matches, read_from, send_signal, tail_lines,
 };
 
 const RECORD_FILE: &str = "vm.json";
@@ -64,6 +66,8 @@ pub enum SupervisorError {
         message: String,
         qemu_log_tail: Vec<String>,
     },
+    #[error("checkpoint of `{name}` failed: {message}")]
+    Checkpoint { name: String, message: String },
     #[error("QMP error on `{name}`: {source}")]
     Qmp { name: String, source: QmpError },
     #[error("{context}: {source}")]
@@ -110,6 +114,9 @@ struct Vm {
     live: StdMutex<Option<Live>>,
     /// Facts the monitor learns before QEMU exits, used to explain the exit.
     exit_hint: StdMutex<Option<String>>,
+    /// Set while a checkpoint has the guest stopped, so the monitor does not
+    /// mistake the checkpoint's STOP/RESUME for a user's pause.
+    checkpoint_pause: AtomicBool,
 }
 
 impl Vm {
@@ -230,6 +237,7 @@ impl Supervisor {
             rec: StdMutex::new(rec),
             live: StdMutex::new(None),
             exit_hint: StdMutex::new(None),
+            checkpoint_pause: AtomicBool::new(false),
         })
     }
 
@@ -349,10 +357,72 @@ impl Supervisor {
     }
 
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmInfo, SupervisorError> {
+        self.start_with(name, None).await
+    }
+
+    /// Starts a VM that is not running from a checkpoint directory written
+    /// by [`Supervisor::checkpoint_to`] (or by the replication backup): its
+    /// RAM, device state and disks. The disks are copied into the VM's
+    /// directory and *become* its disks: the spec on record points at them.
+    pub async fn restore_from(
+        self: &Arc<Self>,
+        name: &str,
+        dir: &Path,
+    ) -> Result<VmInfo, SupervisorError> {
+        let manifest: CheckpointManifest = std::fs::read(dir.join(CHECKPOINT_MANIFEST))
+            .map_err(io_err(format!(
+                "reading the checkpoint in {}",
+                dir.display()
+            )))
+            .and_then(|b| {
+                serde_json::from_slice(&b).map_err(|e| {
+                    io_err("parsing the checkpoint manifest")(std::io::Error::other(e))
+                })
+            })?;
+        let device_state = std::fs::read(dir.join(CHECKPOINT_DEVICE_STATE))
+            .map_err(io_err("reading the checkpoint's device state"))?;
+        let vm = self.get(name).await?;
+        if vm.state().is_active() {
+            return Err(vm.bad_state("restore"));
+        }
+        // Disks are copied, like RAM, so the checkpoint stays restorable.
+        let mut disks = Vec::new();
+        for d in &manifest.disks {
+            let to = vm.dir.join(format!("restored-{}", d.file));
+            std::fs::copy(dir.join(&d.file), &to).map_err(io_err(format!(
+                "copying disk {} from the checkpoint",
+                d.name
+            )))?;
+            disks.push((d.name.clone(), to, d.format));
+        }
+        let source = RestoreSource {
+            ram_file: dir.join(CHECKPOINT_RAM),
+            device_state,
+            disks,
+        };
+        self.start_with(name, Some(source)).await
+    }
+
+    async fn start_with(
+        self: &Arc<Self>,
+        name: &str,
+        restore: Option<RestoreSource>,
+    ) -> Result<VmInfo, SupervisorError> {
         let vm = self.get(name).await?;
         let _op = vm.ops.lock().await;
         if vm.state().is_active() {
             return Err(vm.bad_state("start"));
+        }
+        if let Some(src) = &restore {
+            // The checkpoint's disks replace the spec's from now on.
+            vm.update(|r| {
+                for (disk, path, format) in &src.disks {
+                    if let Some(d) = r.spec.disks.iter_mut().find(|d| &d.name == disk) {
+                        d.path = path.clone();
+                        d.format = *format;
+                    }
+                }
+            });
         }
         let spec = vm.record().spec;
         // Files may have gone since the VM was defined.
@@ -369,6 +439,9 @@ impl Supervisor {
             }
         }
         let _ = std::fs::remove_file(&vm.ram_file);
+        if let Some(src) = &restore {
+            place_ram_file(&src.ram_file, &vm.ram_file)?;
+        }
         *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = None;
 
         let rt = RuntimePaths {
@@ -378,6 +451,7 @@ impl Supervisor {
             ram_file: vm.ram_file.clone(),
             qboot_rom: self.cfg.qboot_rom.clone(),
             accel,
+            incoming: restore.is_some(),
         };
         let argv = build_argv(&spec, &rt);
         let mut shim_child = self
@@ -400,7 +474,10 @@ impl Supervisor {
         });
         info!(vm = %vm.name, accel = accel.as_str(), "starting QEMU");
 
-        match self.finish_start(&vm).await {
+        match self
+            .finish_start(&vm, restore.as_ref().map(|r| r.device_state.as_slice()))
+            .await
+        {
             Ok(qmp) => {
                 self.spawn_monitor(vm.clone(), qmp);
                 drop(_op);
@@ -423,7 +500,11 @@ impl Supervisor {
     }
 
     /// Waits for QEMU to come up, connects QMP and lets the guest run.
-    async fn finish_start(&self, vm: &Vm) -> Result<QmpClient, String> {
+    async fn finish_start(
+        &self,
+        vm: &Vm,
+        device_state: Option<&[u8]>,
+    ) -> Result<QmpClient, String> {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let pid = loop {
             if let Some(pid) = shim::read_pid(&vm.dir) {
@@ -455,6 +536,21 @@ impl Supervisor {
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
+        if let Some(state) = device_state {
+            let t = Instant::now();
+            checkpoint::prepare(&qmp)
+                .await
+                .map_err(|e| format!("preparing to load the checkpoint: {e}"))?;
+            checkpoint::load_device_state(
+                &qmp,
+                &vm.dir.join(CHECKPOINT_SOCKET),
+                state,
+                self.cfg.start_timeout,
+            )
+            .await
+            .map_err(|e| format!("loading the checkpoint's device state: {e}"))?;
+            info!(vm = %vm.name, ms = t.elapsed().as_millis() as u64, "device state loaded");
+        }
         qmp.execute(qmp::cont {})
             .await
             .map_err(|e| format!("cont: {e}"))?;
@@ -485,6 +581,7 @@ impl Supervisor {
                 _ = qmp.closed() => return,
                 ev = events.recv() => match ev {
                     Ok(ev) => match ev.name.as_str() {
+                        "STOP" | "RESUME" if vm.checkpoint_pause.load(Ordering::SeqCst) => {}
                         "STOP" => {
                             let status = query_status(&qmp).await.unwrap_or_default();
                             if status == "internal-error" {
@@ -581,6 +678,102 @@ impl Supervisor {
             r.stop_requested = false;
             r.last_exit = Some(info);
         });
+    }
+
+    /// Writes a consistent checkpoint of a running or paused VM into `dir`
+    /// (created; must not exist): RAM, device state, disks and a manifest.
+    /// The guest is stopped for the copy and resumed if it was running.
+    pub async fn checkpoint_to(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<CheckpointReport, SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        let was = vm.state();
+        let live = match (was, vm.live()) {
+            (VmState::Running | VmState::Paused, Some(live)) => live,
+            _ => return Err(vm.bad_state("checkpoint")),
+        };
+        std::fs::create_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let started = Instant::now();
+        vm.checkpoint_pause.store(true, Ordering::SeqCst);
+        let result = self.checkpoint_stopped(&vm, &live.qmp, dir).await;
+        if was == VmState::Running {
+            // Resume even when the checkpoint failed: it must not cost the guest.
+            let resumed = live.qmp.execute(qmp::cont {}).await;
+            vm.checkpoint_pause.store(false, Ordering::SeqCst);
+            resumed.map_err(vm.qmp_err())?;
+        } else {
+            vm.checkpoint_pause.store(false, Ordering::SeqCst);
+        }
+        let pause = started.elapsed();
+        let (device_state_bytes, ram_bytes) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
+        Ok(CheckpointReport {
+            dir: dir.to_path_buf(),
+            pause_ms: pause.as_secs_f64() * 1000.0,
+            device_state_bytes,
+            ram_bytes,
+        })
+    }
+
+    async fn checkpoint_stopped(
+        &self,
+        vm: &Vm,
+        qmp: &QmpClient,
+        dir: &Path,
+    ) -> Result<(u64, u64), SupervisorError> {
+        qmp.execute(qmp::stop {}).await.map_err(vm.qmp_err())?;
+        let ck = |e: checkpoint::CheckpointError| SupervisorError::Checkpoint {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        };
+        checkpoint::prepare(qmp).await.map_err(ck)?;
+        let state = checkpoint::save_device_state(
+            qmp,
+            &vm.dir.join(CHECKPOINT_SOCKET),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(ck)?;
+        // The migration has flushed and inactivated the disks, so their files
+        // are consistent with the device state until `cont`.
+        let spec = vm.record().spec;
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let ext = match d.format {
+                DiskFormat::Qcow2 => "qcow2",
+                DiskFormat::Raw => "raw",
+            };
+            let file = format!("disk-{}.{ext}", d.name);
+            std::fs::copy(&d.path, dir.join(&file))
+                .map_err(io_err(format!("copying disk {}", d.path.display())))?;
+            disks.push(CheckpointDisk {
+                name: d.name.clone(),
+                file,
+                format: d.format,
+            });
+        }
+        let ram_bytes = std::fs::copy(&vm.ram_file, dir.join(CHECKPOINT_RAM))
+            .map_err(io_err("copying guest RAM"))?;
+        atomic_write(&dir.join(CHECKPOINT_DEVICE_STATE), &state)
+            .map_err(io_err("writing the device state"))?;
+        let manifest = CheckpointManifest {
+            vm: vm.name.clone(),
+            taken_at: now_unix(),
+            ram_bytes,
+            device_state_bytes: state.len() as u64,
+            disks,
+        };
+        atomic_write_json(&dir.join(CHECKPOINT_MANIFEST), &manifest)
+            .map_err(io_err("writing the checkpoint manifest"))?;
+        Ok((state.len() as u64, ram_bytes))
     }
 
     pub async fn pause(&self, name: &str) -> Result<VmInfo, SupervisorError> {
@@ -787,4 +980,53 @@ async fn wait_exited(rx: &mut watch::Receiver<bool>, timeout: Duration) -> bool 
     tokio::time::timeout(timeout, rx.wait_for(|e| *e))
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+const CHECKPOINT_SOCKET: &str = "checkpoint.sock";
+pub const CHECKPOINT_MANIFEST: &str = "checkpoint.json";
+pub const CHECKPOINT_RAM: &str = "ram";
+pub const CHECKPOINT_DEVICE_STATE: &str = "device-state";
+
+/// `checkpoint.json`: what a checkpoint directory holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    pub vm: String,
+    pub taken_at: u64,
+    pub ram_bytes: u64,
+    pub device_state_bytes: u64,
+    pub disks: Vec<CheckpointDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointDisk {
+    pub name: String,
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    pub format: DiskFormat,
+}
+
+/// The result of [`Supervisor::checkpoint_to`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointReport {
+    pub dir: PathBuf,
+    /// How long the guest was stopped (includes copying RAM and disks).
+    pub pause_ms: f64,
+    pub device_state_bytes: u64,
+    pub ram_bytes: u64,
+}
+
+/// Where a restore takes the guest from.
+struct RestoreSource {
+    ram_file: PathBuf,
+    device_state: Vec<u8>,
+    disks: Vec<(String, PathBuf, DiskFormat)>,
+}
+
+/// Copies a checkpoint's RAM file into the VM's RAM path. A copy (not a
+/// rename) keeps the checkpoint restorable a second time.
+fn place_ram_file(from: &Path, to: &Path) -> Result<(), SupervisorError> {
+    let tmp = to.with_extension("ram.incoming");
+    std::fs::copy(from, &tmp).map_err(io_err(format!("copying RAM from {}", from.display())))?;
+    std::fs::rename(&tmp, to).map_err(io_err("placing the restored RAM file"))?;
+    Ok(())
 }

@@ -23,6 +23,8 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/checkpoint", post(checkpoint))
+        .route("/v1/vms/{name}/restore", post(restore))
         .route("/metrics", get(metrics))
         .with_state(sup)
 }
@@ -45,6 +47,7 @@ impl IntoResponse for ApiError {
             SupervisorError::BadState { .. } => (StatusCode::CONFLICT, "bad-state"),
             SupervisorError::Start { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "qemu"),
             SupervisorError::Qmp { .. } => (StatusCode::BAD_GATEWAY, "qemu"),
+            SupervisorError::Checkpoint { .. } => (StatusCode::BAD_GATEWAY, "checkpoint"),
             SupervisorError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let mut message = e.to_string();
@@ -121,6 +124,22 @@ async fn stop(
 async fn destroy(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
     s.destroy(&name).await?;
     Ok(Json(serde_json::json!({ "destroyed": name })))
+}
+
+async fn checkpoint(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::CheckpointRequest>,
+) -> ApiResult<tandem_supervisor::CheckpointReport> {
+    Ok(Json(s.checkpoint_to(&name, &req.dir).await?))
+}
+
+async fn restore(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::CheckpointRequest>,
+) -> ApiResult<tandem_api::VmInfo> {
+    Ok(Json(s.restore_from(&name, &req.dir).await?))
 }
 
 #[derive(Deserialize)]

@@ -35,6 +35,9 @@ pub struct RuntimePaths {
     pub ram_file: PathBuf,
     pub qboot_rom: PathBuf,
     pub accel: Accel,
+    /// Start with `-incoming defer`: the guest's devices will be loaded from
+    /// a checkpoint (its RAM is already in `ram_file`) instead of booting.
+    pub incoming: bool,
 }
 
 /// Node name of a disk's format layer; later work (mirroring) refers to it.
@@ -85,6 +88,9 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
         &format!("file,id=serial0,path={}", rt.serial_log.display()),
     ]);
     push(&["-serial", "chardev:serial0"]);
+    if rt.incoming {
+        push(&["-incoming", "defer"]);
+    }
 
     let firmware = match spec.boot.firmware {
         Firmware::Auto if spec.boot.kernel.is_some() => Firmware::Qboot,
@@ -167,7 +173,19 @@ mod tests {
             ram_file: "/dev/shm/tandem-vm1.ram".into(),
             qboot_rom: "/usr/share/qemu/qboot.rom".into(),
             accel,
+            incoming: false,
         }
+    }
+
+    #[test]
+    fn incoming_waits_for_a_checkpoint() {
+        let spec = parse_and_validate(SPEC, |_| true).unwrap();
+        let plain = build_argv(&spec, &rt(Accel::Tcg));
+        assert!(!plain.iter().any(|a| a == "-incoming"));
+        let mut r = rt(Accel::Tcg);
+        r.incoming = true;
+        let a = build_argv(&spec, &r);
+        assert_eq!(value_after(&a, "-incoming"), ["defer"]);
     }
 
     const SPEC: &str = r#"
