@@ -197,3 +197,59 @@ pub struct FieldProblem {
     pub field: String,
     pub message: String,
 }
+
+/// Body of `POST /v1/vms/{name}/protect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectRequest {
+    /// The backup's replication endpoint: `HOST:PORT` (TCP) or `unix:PATH`.
+    pub backup: String,
+    /// Epoch length in milliseconds (10–1000; default 50).
+    #[serde(default)]
+    pub epoch_ms: Option<u64>,
+}
+
+/// Replication role of this host for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FtRole {
+    Primary,
+    Backup,
+}
+
+/// Timings of a failover, as the backup measured them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// Last sign of life from the primary → takeover decision.
+    pub detection_ms: f64,
+    /// Takeover decision → guest running on this host.
+    pub restore_ms: f64,
+    pub total_ms: f64,
+    /// The committed epoch the guest resumed from.
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// `tandem ft status`: one protected VM as seen by one host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FtStatus {
+    pub vm: String,
+    pub role: Option<FtRole>,
+    /// connecting | syncing | protected | degraded | fenced | standby |
+    /// failed-over | stopped
+    pub state: String,
+    /// Why the state is what it is, when it is not `protected`/`standby`.
+    pub detail: String,
+    pub peer: String,
+    pub epoch_ms: u64,
+    pub tracker: String,
+    pub last_committed: u64,
+    pub last_sent: u64,
+    pub epochs_per_s: f64,
+    pub pause_p50_ms: f64,
+    pub pause_p99_ms: f64,
+    pub bytes_per_epoch: u64,
+    pub dirty_pages_last: u64,
+    /// Epochs sent but not yet committed.
+    pub lag_epochs: u64,
+    pub failover: Option<FailoverReport>,
+}

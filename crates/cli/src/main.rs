@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use tandem_api::{ConsoleChunk, CreateVmRequest, HostInfo, StopRequest, VmInfo, VmSummary};
+use tandem_api::{
+    ConsoleChunk, CreateVmRequest, FailoverReport, FtRole, FtStatus, HostInfo, ProtectRequest,
+    StopRequest, VmInfo, VmSummary,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +40,29 @@ enum Cmd {
     /// This host.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Protect a running VM: replicate it in epochs to a backup host.
+    Protect {
+        name: String,
+        /// The backup tandemd's replication endpoint (HOST:PORT or unix:PATH).
+        #[arg(long)]
+        backup: String,
+        /// Epoch length in milliseconds (10-1000).
+        #[arg(long, default_value_t = 50)]
+        epoch_ms: u64,
+    },
+    /// End protection of a VM (the backup is told; it will not take over).
+    Unprotect { name: String },
+    /// On the backup: run the VM here from its last committed epoch now.
+    Failover { name: String },
+    /// Fault tolerance.
+    #[command(subcommand)]
+    Ft(FtCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum FtCmd {
+    /// Replication state of protected VMs on this host (either role).
+    Status { name: Option<String> },
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,6 +220,62 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vm.accel.as_deref().unwrap_or("-")
             );
         }
+        Cmd::Protect {
+            name,
+            backup,
+            epoch_ms,
+        } => {
+            let st: FtStatus = client
+                .post(
+                    &format!("/v1/vms/{name}/protect"),
+                    &ProtectRequest {
+                        backup,
+                        epoch_ms: Some(epoch_ms),
+                    },
+                )
+                .await?;
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "protecting {name} to {} every {} ms ({}); see `tandem ft status {name}`",
+                st.peer, st.epoch_ms, st.state
+            );
+        }
+        Cmd::Unprotect { name } => {
+            let st: FtStatus = client
+                .post(&format!("/v1/vms/{name}/unprotect"), &())
+                .await?;
+            if json {
+                return print_json(&st);
+            }
+            println!(
+                "{name} is no longer protected (last committed epoch {})",
+                st.last_committed
+            );
+        }
+        Cmd::Failover { name } => {
+            let r: FailoverReport = client
+                .post(&format!("/v1/vms/{name}/failover"), &())
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "{name} runs here from epoch {} (restore {:.0} ms)",
+                r.epoch, r.restore_ms
+            );
+        }
+        Cmd::Ft(FtCmd::Status { name }) => {
+            let all: Vec<FtStatus> = match &name {
+                Some(n) => client.get(&format!("/v1/ft/{n}")).await?,
+                None => client.get("/v1/ft").await?,
+            };
+            if json {
+                return print_json(&all);
+            }
+            print_ft(&all);
+        }
         Cmd::Vm(VmCmd::Checkpoint { name, dir }) => {
             let dir = std::path::absolute(&dir)?;
             let r: serde_json::Value = client
@@ -343,6 +425,52 @@ fn yes_no(b: bool) -> &'static str {
         "yes"
     } else {
         "no"
+    }
+}
+
+fn print_ft(all: &[FtStatus]) {
+    if all.is_empty() {
+        println!("no protected VMs on this host");
+        return;
+    }
+    for s in all {
+        let role = match s.role {
+            Some(FtRole::Primary) => "primary",
+            Some(FtRole::Backup) => "backup",
+            None => "-",
+        };
+        println!("{} ({role}, peer {})", s.vm, s.peer);
+        println!(
+            "  state:           {}{}",
+            s.state,
+            if s.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", s.detail)
+            }
+        );
+        println!("  last committed:  epoch {}", s.last_committed);
+        if s.role == Some(FtRole::Primary) {
+            println!(
+                "  epoch:           {} ms, {:.1} epochs/s, lag {} epochs",
+                s.epoch_ms, s.epochs_per_s, s.lag_epochs
+            );
+            println!(
+                "  pause:           p50 {:.2} ms, p99 {:.2} ms",
+                s.pause_p50_ms, s.pause_p99_ms
+            );
+            println!(
+                "  last epoch:      {} bytes, {} dirty pages",
+                s.bytes_per_epoch, s.dirty_pages_last
+            );
+            println!("  tracker:         {}", s.tracker);
+        }
+        if let Some(f) = &s.failover {
+            println!(
+                "  failover:        from epoch {}: detection {:.0} ms + restore {:.0} ms = {:.0} ms ({})",
+                f.epoch, f.detection_ms, f.restore_ms, f.total_ms, f.reason
+            );
+        }
     }
 }
 

@@ -41,6 +41,10 @@ pub enum FrameKind {
     /// Backup → primary: discard what is in flight and resend from the
     /// epoch after the one named (the last committed).
     Resync = 8,
+    /// Disk writes of the epoch, as an encoded write log (see `tandem-nbd`).
+    DiskWrites = 9,
+    /// Primary → backup: protection is ending on purpose; do not take over.
+    Bye = 10,
 }
 
 impl FrameKind {
@@ -54,6 +58,8 @@ impl FrameKind {
             6 => FrameKind::Committed,
             7 => FrameKind::Heartbeat,
             8 => FrameKind::Resync,
+            9 => FrameKind::DiskWrites,
+            10 => FrameKind::Bye,
             _ => return None,
         })
     }
@@ -255,6 +261,18 @@ pub struct Hello {
     pub vm: String,
     pub ram_size: u64,
     pub page_size: u64,
+    /// The VM's spec, so the backup can define the VM it may have to run.
+    #[serde(default)]
+    pub spec_toml: String,
+    /// Replicated disks and their sizes in bytes.
+    #[serde(default)]
+    pub disks: Vec<HelloDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HelloDisk {
+    pub name: String,
+    pub size: u64,
 }
 
 /// Payload of an `EpochBegin` frame.

@@ -16,6 +16,14 @@ use crate::util::{atomic_write_json, now_unix};
 pub const PID_FILE: &str = "qemu.pid";
 pub const EXIT_FILE: &str = "exit.json";
 pub const QEMU_LOG: &str = "qemu.log";
+/// While a VM is protected, its replication engine keeps this file holding
+/// a deadline (unix milliseconds) it renews only while the backup answers.
+/// Past the deadline the shim freezes QEMU (SIGSTOP): fencing that holds
+/// even when tandemd itself is dead or stuck.
+pub const FENCE_LEASE_FILE: &str = "fence-lease";
+/// Written by the shim when it fenced QEMU.
+pub const FENCED_FILE: &str = "fenced.json";
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What the shim records when QEMU ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +89,7 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     {
         eprintln!("tandem shim: cannot record QEMU pid: {e}");
     }
-    let status = child.wait();
+    let status = wait_enforcing_lease(&mut child, run_dir);
     let exit = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
@@ -104,6 +112,52 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
             1
         }
     }
+}
+
+/// Waits for QEMU to end, freezing it if its fence lease expires.
+fn wait_enforcing_lease(
+    child: &mut std::process::Child,
+    run_dir: &Path,
+) -> std::io::Result<std::process::ExitStatus> {
+    let mut fenced = false;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if !fenced {
+            if let Some(deadline) = read_lease(run_dir) {
+                let now = now_unix_ms();
+                if now > deadline {
+                    // SAFETY: kill(2) on our own child, which has not been
+                    // reaped (try_wait above returned None).
+                    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+                    fenced = true;
+                    let _ = atomic_write_json(
+                        &run_dir.join(FENCED_FILE),
+                        &serde_json::json!({"at_ms": now, "lease_deadline_ms": deadline}),
+                    );
+                    eprintln!(
+                        "tandem shim: fence lease expired {} ms ago; QEMU frozen",
+                        now - deadline
+                    );
+                }
+            }
+        }
+        std::thread::sleep(LEASE_POLL);
+    }
+}
+
+pub fn read_lease(run_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(run_dir.join(FENCE_LEASE_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// How tandemd starts a shim.

@@ -429,7 +429,13 @@ impl Supervisor {
         spec.validate(|p| p.is_file())?;
         let accel = self.resolve_accel(spec.accelerator).await;
 
-        for f in [shim::PID_FILE, shim::EXIT_FILE, QMP_SOCKET] {
+        for f in [
+            shim::PID_FILE,
+            shim::EXIT_FILE,
+            shim::FENCE_LEASE_FILE,
+            shim::FENCED_FILE,
+            QMP_SOCKET,
+        ] {
             let _ = std::fs::remove_file(vm.dir.join(f));
         }
         for log in [SERIAL_LOG, shim::QEMU_LOG] {
@@ -776,6 +782,22 @@ impl Supervisor {
         Ok((state.len() as u64, ram_bytes))
     }
 
+    /// A handle for the replication engine on a running (or paused) VM.
+    pub async fn guest_port(&self, name: &str) -> Result<GuestPort, SupervisorError> {
+        let vm = self.get(name).await?;
+        let live = match (vm.state(), vm.live()) {
+            (VmState::Running | VmState::Paused, Some(live)) => live,
+            _ => return Err(vm.bad_state("protect")),
+        };
+        checkpoint::prepare(&live.qmp)
+            .await
+            .map_err(|e| SupervisorError::Checkpoint {
+                name: vm.name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(GuestPort { vm, qmp: live.qmp })
+    }
+
     pub async fn pause(&self, name: &str) -> Result<VmInfo, SupervisorError> {
         let vm = self.get(name).await?;
         let _op = vm.ops.lock().await;
@@ -1029,4 +1051,118 @@ fn place_ram_file(from: &Path, to: &Path) -> Result<(), SupervisorError> {
     std::fs::copy(from, &tmp).map_err(io_err(format!("copying RAM from {}", from.display())))?;
     std::fs::rename(&tmp, to).map_err(io_err("placing the restored RAM file"))?;
     Ok(())
+}
+
+/// What the replication engine needs from one running VM: its RAM file, and
+/// short windows in which the guest is stopped.
+#[derive(Clone)]
+pub struct GuestPort {
+    vm: Arc<Vm>,
+    qmp: QmpClient,
+}
+
+/// The guest inside [`GuestPort::with_stopped`].
+pub struct StoppedGuest<'a> {
+    port: &'a GuestPort,
+}
+
+impl StoppedGuest<'_> {
+    /// QEMU's device state (x-ignore-shared migration into tandem's socket).
+    pub async fn device_state(&self, timeout: Duration) -> Result<Vec<u8>, SupervisorError> {
+        checkpoint::save_device_state(
+            &self.port.qmp,
+            &self.port.vm.dir.join(CHECKPOINT_SOCKET),
+            timeout,
+        )
+        .await
+        .map_err(|e| SupervisorError::Checkpoint {
+            name: self.port.vm.name.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl GuestPort {
+    pub fn name(&self) -> &str {
+        &self.vm.name
+    }
+    pub fn ram_file(&self) -> &Path {
+        &self.vm.ram_file
+    }
+    pub fn ram_size(&self) -> u64 {
+        self.vm.record().spec.memory_mib << 20
+    }
+    /// The spec as the user wrote it, for defining the VM on the backup.
+    pub fn spec_toml(&self) -> String {
+        self.vm.record().spec_toml
+    }
+    pub fn spec(&self) -> VmSpec {
+        self.vm.record().spec
+    }
+    pub fn is_closed(&self) -> bool {
+        self.qmp.is_closed()
+    }
+
+    /// Runs `f` with the guest stopped, and resumes it afterwards if it was
+    /// running. Holds the VM's lifecycle lock throughout, so a user's pause
+    /// or stop waits for the window to end instead of racing it.
+    pub async fn with_stopped<R>(
+        &self,
+        f: impl AsyncFnOnce(&StoppedGuest<'_>) -> R,
+    ) -> Result<R, SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        let running = match self.vm.state() {
+            VmState::Running => true,
+            VmState::Paused => false,
+            _ => return Err(self.vm.bad_state("checkpoint")),
+        };
+        if running {
+            self.vm.checkpoint_pause.store(true, Ordering::SeqCst);
+            if let Err(e) = self.qmp.execute(qmp::stop {}).await {
+                self.vm.checkpoint_pause.store(false, Ordering::SeqCst);
+                return Err((self.vm.qmp_err())(e));
+            }
+        }
+        let r = f(&StoppedGuest { port: self }).await;
+        if running {
+            let resumed = self.qmp.execute(qmp::cont {}).await;
+            self.vm.checkpoint_pause.store(false, Ordering::SeqCst);
+            resumed.map_err(self.vm.qmp_err())?;
+        }
+        Ok(r)
+    }
+
+    /// Sets the fence lease: if not renewed, the shim freezes QEMU at
+    /// `deadline_ms` (unix ms) even if tandemd is gone.
+    pub fn renew_lease(&self, deadline_ms: u64) -> std::io::Result<()> {
+        atomic_write(
+            &self.vm.dir.join(shim::FENCE_LEASE_FILE),
+            deadline_ms.to_string().as_bytes(),
+        )
+    }
+
+    /// Ends the lease (protection ended on purpose).
+    pub fn clear_lease(&self) {
+        let _ = std::fs::remove_file(self.vm.dir.join(shim::FENCE_LEASE_FILE));
+    }
+
+    /// Whether the shim froze QEMU because the lease ran out.
+    pub fn shim_fenced(&self) -> bool {
+        self.vm.dir.join(shim::FENCED_FILE).exists()
+    }
+
+    /// Self-fencing: the primary lost its backup for longer than the fencing
+    /// timeout, so the guest must not run on (the backup may take over).
+    pub async fn fence(&self, why: &str) -> Result<(), SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        if self.vm.state() == VmState::Running {
+            self.qmp
+                .execute(qmp::stop {})
+                .await
+                .map_err(self.vm.qmp_err())?;
+            self.vm.update(|r| r.state = VmState::Paused);
+        }
+        warn!(vm = %self.vm.name, "fenced: {why}");
+        Ok(())
+    }
 }

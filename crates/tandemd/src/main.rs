@@ -7,6 +7,7 @@
 //! `tandemd shim …` is the per-VM shim mode (see `tandem_supervisor::shim`).
 
 mod api;
+mod ft;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +63,27 @@ struct Args {
     /// Bound on QEMU answering QMP after it is started.
     #[arg(long, default_value_t = 15_000)]
     start_timeout_ms: u64,
+
+    /// Accept replication streams (be a backup) on HOST:PORT or unix:PATH.
+    #[arg(long)]
+    repl_listen: Option<String>,
+
+    /// Heartbeat interval on replication links, both ways.
+    #[arg(long, default_value_t = 100)]
+    ft_heartbeat_ms: u64,
+
+    /// Primary: pause the guest after this long without word from the backup.
+    #[arg(long, default_value_t = 1500)]
+    ft_fence_timeout_ms: u64,
+
+    /// Backup: take over after this long without word from the primary.
+    /// Must exceed the primary's fencing timeout (by at least 2 heartbeats).
+    #[arg(long, default_value_t = 2500)]
+    ft_takeover_timeout_ms: u64,
+
+    /// Backup: never take over on its own; only `tandem failover` does.
+    #[arg(long)]
+    no_auto_failover: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,7 +142,37 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let sup = Supervisor::open(cfg).await.context("loading VM records")?;
     info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(), "tandemd ready");
 
-    let app = api::router(Arc::clone(&sup));
+    let listen = match &args.repl_listen {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|e: String| anyhow::anyhow!("--repl-listen: {e}"))?,
+        ),
+        None => None,
+    };
+    if args.ft_takeover_timeout_ms < args.ft_fence_timeout_ms + 2 * args.ft_heartbeat_ms {
+        bail!(
+            "--ft-takeover-timeout-ms ({}) must exceed --ft-fence-timeout-ms ({}) by two heartbeats ({} ms): \
+             otherwise a partition could leave the VM running on both hosts",
+            args.ft_takeover_timeout_ms,
+            args.ft_fence_timeout_ms,
+            2 * args.ft_heartbeat_ms
+        );
+    }
+    let ft = ft::Ft::start(
+        sup.clone(),
+        ft::FtSettings {
+            listen,
+            replica_root: args.state_dir.join("replicas"),
+            heartbeat: Duration::from_millis(args.ft_heartbeat_ms),
+            fence_timeout: Duration::from_millis(args.ft_fence_timeout_ms),
+            takeover_timeout: Duration::from_millis(args.ft_takeover_timeout_ms),
+            auto_failover: !args.no_auto_failover,
+        },
+    )
+    .await
+    .context("starting the replication service")?;
+
+    let app = api::router(Arc::clone(&sup)).merge(ft::router(ft));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -1,0 +1,431 @@
+//! The backup side: receives epochs, commits them atomically, watches the
+//! primary, and takes over when it is gone.
+//!
+//! One [`Backup`] serves every VM replicated to this host. Each VM has a
+//! replica directory `<root>/<vm>/` (RAM file, device state, disks, commit
+//! record). A connection from a primary is handled by [`Backup::serve`];
+//! epochs are assembled, checked, and applied only when whole and valid —
+//! anything else is answered with `RESYNC` and the connection is dropped,
+//! so the primary reconnects and resends from the last commit.
+//!
+//! Takeover: a watchdog per replica fires when nothing (epoch data or
+//! heartbeat) has arrived for the takeover timeout. The primary fences
+//! itself after a shorter timeout, so by then it has stopped its guest.
+//! A primary that ends protection on purpose says `BYE`, which disarms the
+//! watchdog.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_api::{FailoverReport, FtRole, FtStatus};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::assembler::EpochAssembler;
+use crate::link::BoxStream;
+use crate::replica::ReplicaStore;
+use crate::wire::{self, Frame, FrameKind, Hello, PAGE_SIZE};
+
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    pub root: PathBuf,
+    pub heartbeat: Duration,
+    /// Silence from the primary after which this host takes over. Must be
+    /// longer than the primary's fencing timeout (the margin is what keeps
+    /// split brain out).
+    pub takeover_timeout: Duration,
+    /// Take over automatically; when false, only `tandem failover` does.
+    pub auto_failover: bool,
+}
+
+impl BackupConfig {
+    pub fn new(root: PathBuf) -> Self {
+        BackupConfig {
+            root,
+            heartbeat: Duration::from_millis(100),
+            takeover_timeout: Duration::from_millis(2500),
+            auto_failover: true,
+        }
+    }
+}
+
+/// What the host does to run a VM from its replica. tandemd implements it
+/// with its supervisor.
+pub trait Activate: Send + Sync + 'static {
+    /// Starts `vm` from the consistent checkpoint in `dir`.
+    fn activate(
+        &self,
+        vm: String,
+        dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+}
+
+struct Replica {
+    status: FtStatus,
+    last_heard: Instant,
+    armed: bool,
+    /// Bumped per connection, so a stale handler cannot disarm a new one.
+    generation: u64,
+    active_conn: bool,
+}
+
+pub struct Backup {
+    cfg: BackupConfig,
+    activate: Arc<dyn Activate>,
+    replicas: Mutex<BTreeMap<String, Replica>>,
+}
+
+impl Backup {
+    pub fn new(cfg: BackupConfig, activate: Arc<dyn Activate>) -> Arc<Self> {
+        let b = Arc::new(Backup {
+            cfg,
+            activate,
+            replicas: Mutex::new(BTreeMap::new()),
+        });
+        let w = b.clone();
+        tokio::spawn(async move { w.watchdog().await });
+        b
+    }
+
+    fn replicas(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Replica>> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> Vec<FtStatus> {
+        self.replicas().values().map(|r| r.status.clone()).collect()
+    }
+
+    pub fn replica_dir(&self, vm: &str) -> PathBuf {
+        self.cfg.root.join(vm)
+    }
+
+    /// Handles one connection from a primary until it ends.
+    pub async fn serve(self: Arc<Self>, conn: BoxStream, peer: String) {
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let hello =
+            match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut rd)).await {
+                Ok(Ok(Some(f))) if f.kind == FrameKind::Hello => {
+                    match serde_json::from_slice::<Hello>(&f.payload) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            warn!(%peer, "malformed hello: {e}");
+                            return;
+                        }
+                    }
+                }
+                Ok(Ok(Some(f))) => {
+                    warn!(%peer, "expected hello, got {f:?}");
+                    return;
+                }
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    warn!(%peer, "reading hello: {e}");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, "no hello within 5 s");
+                    return;
+                }
+            };
+        if let Err(why) = valid_vm_name(&hello.vm) {
+            warn!(%peer, "refusing replica: {why}");
+            return;
+        }
+        if hello.page_size != PAGE_SIZE as u64 || hello.ram_size % PAGE_SIZE as u64 != 0 {
+            warn!(%peer, vm = %hello.vm, "refusing replica: unsupported page or RAM size");
+            return;
+        }
+        let vm = hello.vm.clone();
+        let dir = self.replica_dir(&vm);
+        let generation = {
+            let mut reps = self.replicas();
+            let r = reps.entry(vm.clone()).or_insert_with(|| Replica {
+                status: FtStatus {
+                    vm: vm.clone(),
+                    role: Some(FtRole::Backup),
+                    state: "syncing".into(),
+                    tracker: "-".into(),
+                    ..Default::default()
+                },
+                last_heard: Instant::now(),
+                armed: false,
+                generation: 0,
+                active_conn: false,
+            });
+            if r.status.state == "failed-over" || r.status.state == "taking-over" {
+                warn!(%peer, %vm, "refusing replica: this host already runs the VM");
+                return;
+            }
+            r.generation += 1;
+            r.active_conn = true;
+            r.last_heard = Instant::now();
+            r.status.peer = peer.clone();
+            r.status.detail.clear();
+            r.generation
+        };
+
+        let ram_size = hello.ram_size;
+        let opened = {
+            let dir = dir.clone();
+            let hello = hello.clone();
+            tokio::task::spawn_blocking(move || -> Result<ReplicaStore, String> {
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                write_hello(&dir, &hello).map_err(|e| e.to_string())?;
+                ReplicaStore::open(&dir, ram_size, &hello.disks).map_err(|e| e.to_string())
+            })
+            .await
+        };
+        let mut store = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(%vm, "cannot open replica: {e}");
+                self.end_conn(&vm, generation, false, format!("cannot open replica: {e}"));
+                return;
+            }
+            Err(e) => {
+                self.end_conn(&vm, generation, false, format!("replica task failed: {e}"));
+                return;
+            }
+        };
+        let base = store.committed_epoch().unwrap_or(0);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+        let hb = self.cfg.heartbeat;
+        let writer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(hb);
+            loop {
+                let f = tokio::select! {
+                    f = out_rx.recv() => match f { Some(f) => f, None => return },
+                    _ = tick.tick() => Frame::new(FrameKind::Heartbeat, 0, 0, vec![]),
+                };
+                if wr.write_all(&f.encode()).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
+        info!(%vm, %peer, base, "replica connected");
+
+        // An epoch carries at most every disk once over (a resync), plus
+        // the log's per-record overhead.
+        let disk_limit: u64 = hello
+            .disks
+            .iter()
+            .map(|d| d.size.saturating_mul(2))
+            .sum::<u64>()
+            + (1 << 20);
+        let mut asm = EpochAssembler::new(base + 1, ram_size).with_disk_limit(disk_limit);
+        let mut bye = false;
+        let reason = loop {
+            let f = match wire::read_frame(&mut rd).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break "primary closed the connection".to_string(),
+                Err(e) => break format!("replication link: {e}"),
+            };
+            self.heard(&vm, generation);
+            match f.kind {
+                FrameKind::Heartbeat => continue,
+                FrameKind::Bye => {
+                    bye = true;
+                    break "primary ended protection".into();
+                }
+                _ => {}
+            }
+            match asm.push(f) {
+                Ok(None) => {}
+                Ok(Some(done)) => {
+                    let epoch = done.epoch;
+                    let t = Instant::now();
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let r = store.apply(&done);
+                        (r, store)
+                    })
+                    .await;
+                    let Ok((res, back)) = joined else {
+                        break format!("applying epoch {epoch} failed unexpectedly");
+                    };
+                    store = back;
+                    match res {
+                        Ok(()) => {
+                            let _ = out_tx.send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
+                            let consistent = store.is_consistent();
+                            self.update(&vm, |r| {
+                                r.status.last_committed = epoch;
+                                if consistent {
+                                    r.armed = self.cfg.auto_failover;
+                                    r.status.state = "standby".into();
+                                }
+                                r.status.detail =
+                                    format!("last apply {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+                            });
+                        }
+                        Err(e) => {
+                            warn!(%vm, epoch, "cannot commit epoch: {e}");
+                            let _ = out_tx.send(Frame::new(
+                                FrameKind::Resync,
+                                store.committed_epoch().unwrap_or(0),
+                                0,
+                                vec![],
+                            ));
+                            break format!("cannot commit epoch {epoch}: {e}");
+                        }
+                    }
+                    asm = EpochAssembler::new(epoch + 1, ram_size).with_disk_limit(disk_limit);
+                }
+                Err(e) => {
+                    warn!(%vm, "rejected epoch data: {e}");
+                    let _ = out_tx.send(Frame::new(
+                        FrameKind::Resync,
+                        store.committed_epoch().unwrap_or(0),
+                        0,
+                        vec![],
+                    ));
+                    break format!("rejected epoch data: {e}");
+                }
+            }
+        };
+        drop(out_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        info!(%vm, "replica connection ended: {reason}");
+        self.end_conn(&vm, generation, bye, reason);
+    }
+
+    fn heard(&self, vm: &str, generation: u64) {
+        let mut reps = self.replicas();
+        if let Some(r) = reps.get_mut(vm) {
+            if r.generation == generation {
+                r.last_heard = Instant::now();
+            }
+        }
+    }
+
+    fn update(&self, vm: &str, f: impl FnOnce(&mut Replica)) {
+        if let Some(r) = self.replicas().get_mut(vm) {
+            f(r);
+        }
+    }
+
+    fn end_conn(&self, vm: &str, generation: u64, bye: bool, why: String) {
+        let mut reps = self.replicas();
+        if let Some(r) = reps.get_mut(vm) {
+            if r.generation != generation {
+                return;
+            }
+            r.active_conn = false;
+            if bye {
+                r.armed = false;
+                r.status.state = "stopped".into();
+            }
+            r.status.detail = why;
+        }
+    }
+
+    async fn watchdog(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let due: Vec<(String, Duration)> = self
+                .replicas()
+                .iter()
+                .filter(|(_, r)| r.armed && r.last_heard.elapsed() >= self.cfg.takeover_timeout)
+                .map(|(n, r)| (n.clone(), r.last_heard.elapsed()))
+                .collect();
+            for (vm, silent) in due {
+                let b = self.clone();
+                let reason = format!("no word from the primary for {silent:?}");
+                tokio::spawn(async move {
+                    let _ = b.failover(&vm, silent, &reason).await;
+                });
+            }
+        }
+    }
+
+    /// Runs the VM here from its last committed epoch. `silent_for` is how
+    /// long the primary had been silent when the decision was taken.
+    pub async fn failover(
+        self: &Arc<Self>,
+        vm: &str,
+        silent_for: Duration,
+        reason: &str,
+    ) -> Result<FailoverReport, String> {
+        let decided = Instant::now();
+        let epoch = {
+            let mut reps = self.replicas();
+            let r = reps
+                .get_mut(vm)
+                .ok_or_else(|| format!("no replica of `{vm}` on this host"))?;
+            if r.status.state == "taking-over" || r.status.state == "failed-over" {
+                return Err(format!("`{vm}` is already {}", r.status.state));
+            }
+            if r.status.state != "standby" {
+                return Err(format!(
+                    "the replica of `{vm}` has no consistent epoch yet ({})",
+                    r.status.state
+                ));
+            }
+            r.armed = false;
+            r.generation += 1; // any live connection is now stale
+            r.status.state = "taking-over".into();
+            r.status.detail = reason.to_string();
+            r.status.last_committed
+        };
+        warn!(%vm, epoch, "taking over: {reason}");
+        let dir = self.replica_dir(vm);
+        let result = self.activate.activate(vm.to_string(), dir).await;
+        let restore_ms = decided.elapsed().as_secs_f64() * 1e3;
+        let detection_ms = silent_for.as_secs_f64() * 1e3;
+        match result {
+            Ok(()) => {
+                let report = FailoverReport {
+                    detection_ms,
+                    restore_ms,
+                    total_ms: detection_ms + restore_ms,
+                    epoch,
+                    reason: reason.to_string(),
+                };
+                info!(%vm, epoch, detection_ms, restore_ms, "failed over");
+                self.update(vm, |r| {
+                    r.status.state = "failed-over".into();
+                    r.status.failover = Some(report.clone());
+                });
+                Ok(report)
+            }
+            Err(e) => {
+                warn!(%vm, "takeover failed: {e}");
+                self.update(vm, |r| {
+                    r.status.state = "standby".into();
+                    r.status.detail = format!("takeover failed: {e}");
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+/// VM names become directory names: keep them to a safe alphabet.
+fn valid_vm_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!("`{name}` is not a valid VM name"));
+    }
+    Ok(())
+}
+
+fn write_hello(dir: &Path, hello: &Hello) -> std::io::Result<()> {
+    let tmp = dir.join("hello.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(hello)?)?;
+    std::fs::rename(tmp, dir.join("hello.json"))
+}
+
+/// The primary's hello as the backup stored it (spec, disks).
+pub fn read_hello(dir: &Path) -> std::io::Result<Hello> {
+    let b = std::fs::read(dir.join("hello.json"))?;
+    serde_json::from_slice(&b).map_err(std::io::Error::other)
+}

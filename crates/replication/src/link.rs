@@ -1,0 +1,125 @@
+//! The replication link's transport: TCP between hosts, or a unix socket
+//! (same host: tests and single-machine drills without a network).
+
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Where a backup listens, or where a primary connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: endpoint needs a path".into());
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        let addr = s.strip_prefix("tcp:").unwrap_or(s);
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Endpoint::Tcp(addr.to_string()))
+            }
+            _ => Err(format!(
+                "`{s}` is not an endpoint: use HOST:PORT (TCP) or unix:PATH"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+pub type BoxStream = Pin<Box<dyn Stream>>;
+
+pub async fn connect(ep: &Endpoint) -> std::io::Result<BoxStream> {
+    Ok(match ep {
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect(a).await?;
+            // Commit acks are small and latency-critical.
+            s.set_nodelay(true)?;
+            Box::pin(s)
+        }
+        Endpoint::Unix(p) => Box::pin(UnixStream::connect(p).await?),
+    })
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub async fn bind(ep: &Endpoint) -> std::io::Result<Listener> {
+        Ok(match ep {
+            Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await?),
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Listener::Unix(UnixListener::bind(p)?, p.clone())
+            }
+        })
+    }
+
+    /// Accepts one connection and says who it is from.
+    pub async fn accept(&self) -> std::io::Result<(BoxStream, String)> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                (Box::pin(s), peer.to_string())
+            }
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                (Box::pin(s), format!("unix:{}", p.display()))
+            }
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            "10.0.0.2:7400".parse::<Endpoint>(),
+            Ok(Endpoint::Tcp("10.0.0.2:7400".into()))
+        );
+        assert_eq!(
+            "tcp:[::1]:7400".parse::<Endpoint>(),
+            Ok(Endpoint::Tcp("[::1]:7400".into()))
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse::<Endpoint>(),
+            Ok(Endpoint::Unix("/run/x.sock".into()))
+        );
+        for bad in ["", "unix:", "host", "host:port", ":80", "h:99999"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,640 @@
+//! The primary side: the epoch loop of one protected VM.
+//!
+//! Each epoch: stop the guest, collect dirty pages (copied while stopped),
+//! take the device state and the epoch's disk writes, resume the guest —
+//! the pause ends there — then ship the epoch. The backup answers
+//! `COMMITTED(N)` once epoch N is durable; those numbers are published, in
+//! order, on [`Primary::committed`] for whoever holds output until commit.
+//!
+//! Protecting a VM does not stop it for a full copy: the first epoch's RAM
+//! is copied while the guest runs (each page is hashed *as copied*, so any
+//! page that changes afterwards is caught by the next scan), and the first
+//! consistent epoch follows at once.
+//!
+//! Fencing: if the backup has not been heard from (ack or heartbeat) for the
+//! fencing timeout, the guest is paused and protection stops. The backup
+//! takes over only after a longer timeout, so the two never both run.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_api::{FtRole, FtStatus};
+use tandem_supervisor::GuestPort;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::link::{self, BoxStream, Endpoint};
+use crate::ram::RamMap;
+use crate::stats::PauseStats;
+use crate::tracker::{DirtyTracker, ScanTracker};
+use crate::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
+use crate::{assembler::EpochBuilder, DiskSource};
+
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub backup: Endpoint,
+    pub epoch: Duration,
+    pub heartbeat: Duration,
+    /// No word from the backup for this long: pause the guest (self-fence).
+    pub fence_timeout: Duration,
+    /// Epochs sent but not committed before the loop waits for the backup.
+    pub max_inflight: u64,
+    /// Bound on taking the device state.
+    pub device_state_timeout: Duration,
+}
+
+impl PrimaryConfig {
+    pub fn new(backup: Endpoint) -> Self {
+        PrimaryConfig {
+            backup,
+            epoch: Duration::from_millis(50),
+            heartbeat: Duration::from_millis(100),
+            fence_timeout: Duration::from_millis(1500),
+            max_inflight: 4,
+            device_state_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A running protection of one VM.
+pub struct Primary {
+    status: Arc<Mutex<FtStatus>>,
+    stop_tx: watch::Sender<bool>,
+    committed: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Primary {
+    pub fn spawn(port: GuestPort, cfg: PrimaryConfig, disks: Vec<Arc<dyn DiskSource>>) -> Self {
+        let status = Arc::new(Mutex::new(FtStatus {
+            vm: port.name().to_string(),
+            role: Some(FtRole::Primary),
+            state: "connecting".into(),
+            peer: cfg.backup.to_string(),
+            epoch_ms: cfg.epoch.as_millis() as u64,
+            tracker: "scan".into(),
+            ..Default::default()
+        }));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (committed_tx, committed) = watch::channel(0);
+        let engine = Engine {
+            port,
+            cfg,
+            disks,
+            status: status.clone(),
+            stop: stop_rx,
+            committed_tx,
+            pauses: PauseStats::new(1024),
+            epochs_started: None,
+        };
+        let task = tokio::spawn(engine.run());
+        Primary {
+            status,
+            stop_tx,
+            committed,
+            task,
+        }
+    }
+
+    pub fn status(&self) -> FtStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The last committed epoch, updated in order as the backup commits.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Ends protection: tells the backup (so it does not take over) and
+    /// waits for the loop to finish.
+    pub async fn stop(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Engine {
+    port: GuestPort,
+    cfg: PrimaryConfig,
+    disks: Vec<Arc<dyn DiskSource>>,
+    status: Arc<Mutex<FtStatus>>,
+    stop: watch::Receiver<bool>,
+    committed_tx: watch::Sender<u64>,
+    pauses: PauseStats,
+    epochs_started: Option<(Instant, u64)>,
+}
+
+/// How one connection ended.
+enum Ended {
+    Stopped,
+    Fenced,
+    Lost(String),
+    GuestGone,
+}
+
+/// Liveness of the backup as the primary sees it, shared between the
+/// reader, the fencing watchdog and the epoch loop.
+struct Contact {
+    /// Unix ms of the last ack or heartbeat from the backup.
+    last_ms: AtomicU64,
+    fenced: AtomicBool,
+}
+
+impl Contact {
+    fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::SeqCst);
+    }
+    fn silent_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Extra time the shim's lease allows beyond the engine's own fencing, so
+/// the clean path (QMP stop) normally wins and the shim's SIGSTOP is only
+/// the backstop for a dead or stuck tandemd.
+const LEASE_GRACE: Duration = Duration::from_millis(200);
+
+impl Engine {
+    fn set(&self, f: impl FnOnce(&mut FtStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn run(mut self) {
+        let ram = match RamMap::open(self.port.ram_file(), self.port.ram_size()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.set(|s| {
+                    s.state = "stopped".into();
+                    s.detail = format!("cannot map guest RAM: {e}");
+                });
+                return;
+            }
+        };
+        let pages = self.port.ram_size() / PAGE_SIZE as u64;
+        let mut tracker = ScanTracker::new(pages as usize, 0);
+        let contact = Arc::new(Contact {
+            last_ms: AtomicU64::new(now_ms()),
+            fenced: AtomicBool::new(false),
+        });
+        let watchdog = tokio::spawn(fence_watchdog(
+            self.port.clone(),
+            contact.clone(),
+            self.cfg.fence_timeout,
+            self.status.clone(),
+            self.stop.clone(),
+        ));
+        let _watchdog = AbortOnDrop(watchdog);
+        loop {
+            if *self.stop.borrow() {
+                break;
+            }
+            let ended = match link::connect(&self.cfg.backup).await {
+                Ok(conn) => self.session(conn, &ram, &mut tracker, &contact).await,
+                Err(e) => Ended::Lost(format!("cannot reach the backup {}: {e}", self.cfg.backup)),
+            };
+            match ended {
+                Ended::Stopped => break,
+                Ended::GuestGone => {
+                    self.port.clear_lease();
+                    self.set(|s| {
+                        s.state = "stopped".into();
+                        s.detail = "the guest's QEMU is gone".into();
+                    });
+                    return;
+                }
+                Ended::Fenced => return,
+                Ended::Lost(why) => {
+                    if contact.fenced.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    self.set(|s| {
+                        s.state = "degraded".into();
+                        s.detail = why.clone();
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.cfg.heartbeat) => {}
+                        _ = self.stop.changed() => {}
+                    }
+                }
+            }
+        }
+        self.port.clear_lease();
+        self.set(|s| {
+            s.state = "stopped".into();
+            s.detail = "protection ended".into();
+        });
+    }
+
+    async fn session(
+        &mut self,
+        conn: BoxStream,
+        ram: &RamMap,
+        tracker: &mut ScanTracker,
+        contact: &Arc<Contact>,
+    ) -> Ended {
+        let (rd, wr) = tokio::io::split(conn);
+        let mut wr = BufWriter::with_capacity(4 << 20, wr);
+        let hello = Hello {
+            vm: self.port.name().to_string(),
+            ram_size: self.port.ram_size(),
+            page_size: PAGE_SIZE as u64,
+            spec_toml: self.port.spec_toml(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| HelloDisk {
+                    name: d.name().to_string(),
+                    size: d.size(),
+                })
+                .collect(),
+        };
+        let payload = serde_json::to_vec(&hello).unwrap_or_default();
+        let write_bound = self.cfg.fence_timeout;
+        if let Err(e) = send(
+            &mut wr,
+            &Frame::new(FrameKind::Hello, 0, 0, payload),
+            write_bound,
+        )
+        .await
+        {
+            return Ended::Lost(format!("sending hello: {e}"));
+        }
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Result<Frame, String>>();
+        let reader = tokio::spawn(read_loop(
+            rd,
+            ack_tx,
+            contact.clone(),
+            self.committed_tx.clone(),
+        ));
+        let _reader_guard = AbortOnDrop(reader);
+        // The backup answers hello with the epoch it has committed (0: none).
+        let base = match tokio::time::timeout(self.cfg.fence_timeout, ack_rx.recv()).await {
+            Ok(Some(Ok(f))) if f.kind == FrameKind::Committed => f.epoch,
+            Ok(Some(Ok(f))) => return Ended::Lost(format!("backup answered hello with {f:?}")),
+            Ok(Some(Err(e))) => return Ended::Lost(e),
+            Ok(None) => return Ended::Lost("backup closed the connection".into()),
+            Err(_) => return Ended::Lost("backup did not answer hello".into()),
+        };
+        info!(vm = %self.port.name(), base, "connected to backup");
+        let mut epoch = base + 1;
+        // A new connection starts from a full copy: what the backup holds
+        // beyond its last commit is unknown.
+        tracker.mark_all_dirty();
+        for d in &self.disks {
+            d.resync_all();
+        }
+        self.set(|s| {
+            s.state = "syncing".into();
+            s.detail = "initial copy".into();
+            s.last_committed = base;
+        });
+
+        // Initial copy while the guest runs: pages are copied first and
+        // hashed as copied, so later changes show up in the next scan.
+        if let Err(e) = self.send_running_copy(&mut wr, ram, tracker, epoch).await {
+            return Ended::Lost(e);
+        }
+        epoch += 1;
+
+        let mut next_epoch = Instant::now();
+        let mut last_send = Instant::now();
+        loop {
+            if let Ok(msg) = ack_rx.try_recv() {
+                match msg {
+                    Ok(f) if f.kind == FrameKind::Resync => {
+                        return Ended::Lost(format!(
+                            "backup asked to resync from epoch {}",
+                            f.epoch
+                        ))
+                    }
+                    Ok(f) => return Ended::Lost(format!("unexpected {f:?} from backup")),
+                    Err(e) => return Ended::Lost(e),
+                }
+            }
+            if contact.fenced.load(Ordering::SeqCst) {
+                return Ended::Fenced;
+            }
+            if *self.stop.borrow() {
+                let _ = send(
+                    &mut wr,
+                    &Frame::new(FrameKind::Bye, 0, 0, vec![]),
+                    write_bound,
+                )
+                .await;
+                return Ended::Stopped;
+            }
+            if self.port.is_closed() {
+                return Ended::GuestGone;
+            }
+            let committed = *self.committed_tx.borrow();
+            let inflight = (epoch - 1).saturating_sub(committed);
+            self.set(|s| {
+                s.last_committed = committed;
+                s.lag_epochs = inflight;
+                if committed > base + 1 {
+                    s.state = "protected".into();
+                    s.detail.clear();
+                }
+            });
+            let now = Instant::now();
+            if now < next_epoch || inflight >= self.cfg.max_inflight {
+                if last_send.elapsed() >= self.cfg.heartbeat {
+                    let hb = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]);
+                    if let Err(e) = send(&mut wr, &hb, write_bound).await {
+                        return Ended::Lost(format!("heartbeat: {e}"));
+                    }
+                    last_send = Instant::now();
+                }
+                let wake = if inflight >= self.cfg.max_inflight {
+                    now + Duration::from_millis(2)
+                } else {
+                    next_epoch.min(now + self.cfg.heartbeat)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    _ = self.stop.changed() => {}
+                }
+                continue;
+            }
+            next_epoch = now + self.cfg.epoch;
+            match self.epoch(&mut wr, ram, tracker, epoch, write_bound).await {
+                Ok(()) => {}
+                Err(EpochError::Guest(e)) => {
+                    if self.port.is_closed() {
+                        return Ended::GuestGone;
+                    }
+                    if contact.fenced.load(Ordering::SeqCst) {
+                        return Ended::Fenced;
+                    }
+                    return Ended::Lost(format!("epoch {epoch}: {e}"));
+                }
+                Err(EpochError::Link(e)) => return Ended::Lost(format!("epoch {epoch}: {e}")),
+            }
+            last_send = Instant::now();
+            epoch += 1;
+        }
+    }
+
+    async fn send_running_copy<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        ram: &RamMap,
+        tracker: &mut ScanTracker,
+        epoch: u64,
+    ) -> Result<(), String> {
+        let t = Instant::now();
+        let snapshot = ram.snapshot();
+        let dirty = tracker.collect(&snapshot);
+        let pages = copy_pages(&snapshot, &dirty);
+        drop(snapshot);
+        let disk_writes: Vec<Vec<u8>> = self.disks.iter().map(|d| d.take_writes()).collect();
+        let frames = EpochBuilder::build(
+            self.port.ram_size(),
+            epoch,
+            &dirty,
+            &pages,
+            &[],
+            &disk_writes,
+        );
+        // A full copy may take a while to ship; it is bounded by its size,
+        // not by the fencing timeout (acks and heartbeats keep flowing).
+        let bound = Duration::from_secs(600);
+        let bytes = write_frames(wr, &frames, bound)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(
+            vm = %self.port.name(),
+            pages = dirty.len(),
+            bytes,
+            ms = t.elapsed().as_millis() as u64,
+            "initial copy sent"
+        );
+        Ok(())
+    }
+
+    async fn epoch<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        ram: &RamMap,
+        tracker: &mut ScanTracker,
+        epoch: u64,
+        write_bound: Duration,
+    ) -> Result<(), EpochError> {
+        let started = Instant::now();
+        let ds_timeout = self.cfg.device_state_timeout;
+        let disks = self.disks.clone();
+        let captured = self
+            .port
+            .with_stopped(async |g| {
+                let stopped_at = Instant::now();
+                let live = ram.live();
+                let dirty = tracker.collect(live);
+                let pages = copy_pages(live, &dirty);
+                let scanned_at = Instant::now();
+                let state = g.device_state(ds_timeout).await;
+                let writes: Vec<Vec<u8>> = disks.iter().map(|d| d.take_writes()).collect();
+                tracing::debug!(
+                    epoch,
+                    stop_us = (stopped_at - started).as_micros() as u64,
+                    scan_us = (scanned_at - stopped_at).as_micros() as u64,
+                    device_state_us = scanned_at.elapsed().as_micros() as u64,
+                    "epoch captured"
+                );
+                (dirty, pages, state, writes)
+            })
+            .await
+            .map_err(|e| EpochError::Guest(e.to_string()))?;
+        let pause = started.elapsed();
+        let (dirty, pages, state, writes) = captured;
+        let state = state.map_err(|e| EpochError::Guest(e.to_string()))?;
+        self.pauses.record(pause);
+        let frames =
+            EpochBuilder::build(self.port.ram_size(), epoch, &dirty, &pages, &state, &writes);
+        let bytes = write_frames(wr, &frames, write_bound)
+            .await
+            .map_err(|e| EpochError::Link(e.to_string()))?;
+        let (p50, p99) = self.pauses.p50_p99();
+        let rate = {
+            let (t0, n0) = *self.epochs_started.get_or_insert((Instant::now(), epoch));
+            let dt = t0.elapsed().as_secs_f64();
+            if dt > 0.5 {
+                (epoch - n0) as f64 / dt
+            } else {
+                0.0
+            }
+        };
+        self.set(|s| {
+            s.last_sent = epoch;
+            s.pause_p50_ms = p50;
+            s.pause_p99_ms = p99;
+            s.bytes_per_epoch = bytes;
+            s.dirty_pages_last = dirty.len() as u64;
+            s.epochs_per_s = rate;
+        });
+        Ok(())
+    }
+}
+
+/// Renews the shim's fence lease while the backup answers, and fences the
+/// guest (QMP stop) the moment it has been silent for the fencing timeout.
+/// Runs beside the epoch loop so a blocked send cannot delay fencing.
+async fn fence_watchdog(
+    port: GuestPort,
+    contact: Arc<Contact>,
+    timeout: Duration,
+    status: Arc<Mutex<FtStatus>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let mut lease_written = 0u64;
+    loop {
+        tick.tick().await;
+        if *stop.borrow() {
+            return;
+        }
+        let last = contact.last_ms.load(Ordering::SeqCst);
+        let deadline = last + (timeout + LEASE_GRACE).as_millis() as u64;
+        if deadline != lease_written {
+            if let Err(e) = port.renew_lease(deadline) {
+                warn!(vm = %port.name(), "cannot renew the fence lease: {e}");
+            }
+            lease_written = deadline;
+        }
+        let silent = contact.silent_for();
+        if silent >= timeout {
+            contact.fenced.store(true, Ordering::SeqCst);
+            let why = format!("no word from the backup for {silent:?}");
+            warn!(vm = %port.name(), "{why}; fencing");
+            let detail = match port.fence(&why).await {
+                Ok(()) => {
+                    // Paused cleanly: QEMU stays responsive to the operator
+                    // rather than frozen by the shim.
+                    port.clear_lease();
+                    why
+                }
+                Err(e) => format!("{why}; QMP stop failed ({e}), the shim's lease freezes QEMU"),
+            };
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            s.state = "fenced".into();
+            s.detail = detail;
+            return;
+        }
+    }
+}
+
+enum EpochError {
+    Guest(String),
+    Link(String),
+}
+
+fn copy_pages(ram: &[u8], dirty: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(dirty.len() * PAGE_SIZE);
+    for &p in dirty {
+        let off = p as usize * PAGE_SIZE;
+        out.extend_from_slice(&ram[off..off + PAGE_SIZE]);
+    }
+    out
+}
+
+async fn send<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    f: &Frame,
+    bound: Duration,
+) -> std::io::Result<()> {
+    write_frames(w, std::slice::from_ref(f), bound)
+        .await
+        .map(|_| ())
+}
+
+/// Writes frames, giving up after `bound`: a backup that stopped reading
+/// must not hold the epoch loop forever.
+async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &[Frame],
+    bound: Duration,
+) -> std::io::Result<u64> {
+    let io = async {
+        let mut bytes = 0u64;
+        for f in frames {
+            let enc = f.encode();
+            bytes += enc.len() as u64;
+            w.write_all(&enc).await?;
+        }
+        w.flush().await?;
+        Ok(bytes)
+    };
+    tokio::time::timeout(bound, io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "send timed out"))?
+}
+
+/// Reads the backup's frames: acks and heartbeats are handled here (so
+/// liveness is seen even while the loop is busy sending); the hello answer,
+/// resync requests and errors go to the loop.
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+    mut rd: R,
+    tx: mpsc::UnboundedSender<Result<Frame, String>>,
+    contact: Arc<Contact>,
+    committed: watch::Sender<u64>,
+) {
+    let mut first = true;
+    loop {
+        let msg = match wire::read_frame(&mut rd).await {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err("backup closed the connection".to_string()),
+            Err(e) => Err(format!("reading from backup: {e}")),
+        };
+        if let Ok(f) = &msg {
+            match f.kind {
+                FrameKind::Heartbeat => {
+                    contact.touch();
+                    continue;
+                }
+                FrameKind::Committed if !first => {
+                    contact.touch();
+                    committed.send_if_modified(|c| {
+                        let newer = f.epoch > *c;
+                        if newer {
+                            *c = f.epoch;
+                        }
+                        newer
+                    });
+                    continue;
+                }
+                FrameKind::Committed => {
+                    first = false;
+                    contact.touch();
+                    committed.send_replace(f.epoch);
+                }
+                _ => {}
+            }
+        }
+        let end = msg.is_err();
+        if tx.send(msg).is_err() || end {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,275 @@
+//! Fault tolerance in tandemd: the primary role (one replication engine per
+//! protected VM), the backup role (a listener for primaries and the
+//! replicas), and their API routes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tandem_api::{ErrorBody, FailoverReport, FtStatus, ProtectRequest};
+use tandem_replication::backup::{read_hello, Activate, Backup, BackupConfig};
+use tandem_replication::link::{Endpoint, Listener};
+use tandem_replication::primary::{Primary, PrimaryConfig};
+use tandem_supervisor::{
+    CheckpointDisk, CheckpointManifest, Supervisor, SupervisorError, CHECKPOINT_MANIFEST,
+};
+use tandem_vmspec::DiskFormat;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct FtSettings {
+    pub listen: Option<Endpoint>,
+    pub replica_root: PathBuf,
+    pub heartbeat: Duration,
+    pub fence_timeout: Duration,
+    pub takeover_timeout: Duration,
+    pub auto_failover: bool,
+}
+
+pub struct Ft {
+    sup: Arc<Supervisor>,
+    settings: FtSettings,
+    primaries: Mutex<BTreeMap<String, Primary>>,
+    backup: Arc<Backup>,
+}
+
+struct SupervisorActivate(Arc<Supervisor>);
+
+impl Activate for SupervisorActivate {
+    fn activate(
+        &self,
+        vm: String,
+        dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        let sup = self.0.clone();
+        Box::pin(async move { activate(&sup, &vm, &dir).await })
+    }
+}
+
+/// Defines the VM here (if needed) with its disks pointing at the replica,
+/// and starts it from the replica's committed checkpoint.
+async fn activate(sup: &Arc<Supervisor>, vm: &str, dir: &std::path::Path) -> Result<(), String> {
+    let hello = read_hello(dir).map_err(|e| format!("reading the replica's hello: {e}"))?;
+    let mut spec: tandem_vmspec::VmSpec =
+        toml::from_str(&hello.spec_toml).map_err(|e| format!("replica spec: {e}"))?;
+    let mut disks = Vec::new();
+    for d in spec.disks.iter_mut() {
+        let file = tandem_replication::replica::disk_file_name(&d.name);
+        d.path = dir.join(&file);
+        d.format = DiskFormat::Raw;
+        disks.push(CheckpointDisk {
+            name: d.name.clone(),
+            file,
+            format: DiskFormat::Raw,
+        });
+    }
+    let manifest = CheckpointManifest {
+        vm: vm.to_string(),
+        taken_at: 0,
+        ram_bytes: hello.ram_size,
+        device_state_bytes: 0,
+        disks,
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(CHECKPOINT_MANIFEST), bytes).map_err(|e| e.to_string())?;
+    match sup.info(vm).await {
+        Ok(info) if info.state.is_active() => {
+            return Err(format!("`{vm}` is already {} on this host", info.state))
+        }
+        Ok(_) => {}
+        Err(SupervisorError::NotFound(_)) => {
+            let toml = toml::to_string(&spec).map_err(|e| e.to_string())?;
+            sup.create(&toml).await.map_err(|e| e.to_string())?;
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    sup.restore_from(vm, dir).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+impl Ft {
+    pub async fn start(sup: Arc<Supervisor>, settings: FtSettings) -> anyhow::Result<Arc<Ft>> {
+        let mut bcfg = BackupConfig::new(settings.replica_root.clone());
+        bcfg.heartbeat = settings.heartbeat;
+        bcfg.takeover_timeout = settings.takeover_timeout;
+        bcfg.auto_failover = settings.auto_failover;
+        let backup = Backup::new(bcfg, Arc::new(SupervisorActivate(sup.clone())));
+        if let Some(ep) = &settings.listen {
+            let listener = Listener::bind(ep).await?;
+            info!(endpoint = %ep, "accepting replication streams");
+            let b = backup.clone();
+            tokio::spawn(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((conn, peer)) => {
+                            tokio::spawn(b.clone().serve(conn, peer));
+                        }
+                        Err(e) => {
+                            warn!("accepting a replication connection: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Arc::new(Ft {
+            sup,
+            settings,
+            primaries: Mutex::new(BTreeMap::new()),
+            backup,
+        }))
+    }
+
+    async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, FtError> {
+        let backup: Endpoint = req.backup.parse().map_err(FtError::Invalid)?;
+        let epoch_ms = req.epoch_ms.unwrap_or(50);
+        if !(10..=1000).contains(&epoch_ms) {
+            return Err(FtError::Invalid(format!(
+                "epoch_ms {epoch_ms} is outside 10..=1000"
+            )));
+        }
+        let mut primaries = self.primaries.lock().await;
+        if let Some(p) = primaries.get(vm) {
+            if !p.is_finished() {
+                return Err(FtError::Conflict(format!("`{vm}` is already protected")));
+            }
+        }
+        let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
+        let mut cfg = PrimaryConfig::new(backup);
+        cfg.epoch = Duration::from_millis(epoch_ms);
+        cfg.heartbeat = self.settings.heartbeat;
+        cfg.fence_timeout = self.settings.fence_timeout;
+        let p = Primary::spawn(port, cfg, Vec::new());
+        let st = p.status();
+        primaries.insert(vm.to_string(), p);
+        Ok(st)
+    }
+
+    async fn unprotect(&self, vm: &str) -> Result<FtStatus, FtError> {
+        let p =
+            self.primaries.lock().await.remove(vm).ok_or_else(|| {
+                FtError::NotFound(format!("`{vm}` is not protected from this host"))
+            })?;
+        let mut st = p.status();
+        p.stop().await;
+        st.state = "stopped".into();
+        st.detail = "protection ended".into();
+        Ok(st)
+    }
+
+    async fn status(&self) -> Vec<FtStatus> {
+        let mut out: Vec<FtStatus> = self
+            .primaries
+            .lock()
+            .await
+            .values()
+            .map(|p| p.status())
+            .collect();
+        out.extend(self.backup.status());
+        out
+    }
+}
+
+enum FtError {
+    Invalid(String),
+    Conflict(String),
+    NotFound(String),
+    Failed(String),
+    Sup(SupervisorError),
+}
+
+impl IntoResponse for FtError {
+    fn into_response(self) -> Response {
+        let (status, kind, message) = match self {
+            FtError::Invalid(m) => (StatusCode::BAD_REQUEST, "invalid", m),
+            FtError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            FtError::NotFound(m) => (StatusCode::NOT_FOUND, "not-found", m),
+            FtError::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "failover", m),
+            FtError::Sup(e) => {
+                let status = match &e {
+                    SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
+                    SupervisorError::BadState { .. } => StatusCode::CONFLICT,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, "supervisor", e.to_string())
+            }
+        };
+        (
+            status,
+            Json(ErrorBody {
+                kind: kind.into(),
+                message,
+                fields: Vec::new(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(ft: Arc<Ft>) -> Router {
+    Router::new()
+        .route("/v1/ft", get(list))
+        .route("/v1/ft/{name}", get(one))
+        .route("/v1/vms/{name}/protect", post(protect))
+        .route("/v1/vms/{name}/unprotect", post(unprotect))
+        .route("/v1/vms/{name}/failover", post(failover))
+        .with_state(ft)
+}
+
+async fn list(State(ft): State<Arc<Ft>>) -> Json<Vec<FtStatus>> {
+    Json(ft.status().await)
+}
+
+async fn one(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<FtStatus>>, FtError> {
+    let v: Vec<FtStatus> = ft
+        .status()
+        .await
+        .into_iter()
+        .filter(|s| s.vm == name)
+        .collect();
+    if v.is_empty() {
+        return Err(FtError::NotFound(format!(
+            "`{name}` is not protected on this host"
+        )));
+    }
+    Ok(Json(v))
+}
+
+async fn protect(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+    Json(req): Json<ProtectRequest>,
+) -> Result<Json<FtStatus>, FtError> {
+    Ok(Json(ft.protect(&name, req).await?))
+}
+
+async fn unprotect(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+) -> Result<Json<FtStatus>, FtError> {
+    Ok(Json(ft.unprotect(&name).await?))
+}
+
+/// Manual failover, run on the backup: the VM starts here from its last
+/// committed epoch. The operator is responsible for the primary being down
+/// (or fenced) — this is the planned or forced path.
+async fn failover(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+) -> Result<Json<FailoverReport>, FtError> {
+    ft.backup
+        .failover(&name, Duration::ZERO, "manual failover")
+        .await
+        .map(Json)
+        .map_err(FtError::Failed)
+}

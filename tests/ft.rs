@@ -1,0 +1,221 @@
+//! Replication between two tandemds on this machine (a unix-socket
+//! replication link; the network drill uses namespaces): protection,
+//! takeover after the primary's QEMU dies, and fencing in a partition.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem_tests::{serial_guard, ticks, Daemon, READY};
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn ft(d: &Daemon, vm: &str) -> Value {
+    let v = d.cli_json(&["ft", "status", vm]);
+    v.as_array()
+        .and_then(|a| a.first())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_ft(
+    d: &Daemon,
+    vm: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = d.cli(&["--json", "ft", "status", vm]);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if let Some(s) = v.as_array().and_then(|a| a.first()) {
+                if pred(s) {
+                    return s.clone();
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{what} not reached within {timeout:?}; status: {}\ntandemd log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                tandem_tests::tail(&d.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Pair {
+    a: Daemon,
+    b: Daemon,
+    endpoint: String,
+}
+
+fn pair() -> Pair {
+    let b_dir = tempfile::Builder::new()
+        .prefix("tandem-ft-link-")
+        .tempdir()
+        .expect("tempdir");
+    let endpoint = format!("unix:{}/repl.sock", b_dir.path().display());
+    // Keep the directory for the daemon's lifetime.
+    let b_path = b_dir.keep();
+    let _ = b_path;
+    let b = Daemon::start_with(&["--repl-listen", &endpoint]);
+    let a = Daemon::start();
+    Pair { a, b, endpoint }
+}
+
+fn boot_and_protect(p: &Pair, vm: &str) -> u64 {
+    // No data disk yet: disk replication is not wired into these tests.
+    let spec = p.a.guest_spec(vm, "");
+    let cut = spec.find("[[disks]]").expect("disk section");
+    let end = spec[cut..]
+        .find("[[nics]]")
+        .map(|e| cut + e)
+        .unwrap_or(spec.len());
+    let spec = format!("{}{}", &spec[..cut], &spec[end..]);
+    let path = p.a.dir.path().join(format!("{vm}.toml"));
+    std::fs::write(&path, spec).expect("write spec");
+    p.a.cli_ok(&["vm", "create", path.to_str().unwrap()]);
+    p.a.cli_ok(&["vm", "start", vm]);
+    p.a.wait_console(vm, READY, BOOT);
+    p.a.cli_ok(&["protect", vm, "--backup", &p.endpoint, "--epoch-ms", "50"]);
+    let st = wait_ft(&p.a, vm, "protection", Duration::from_secs(60), |s| {
+        s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= 5
+    });
+    assert!(st["pause_p50_ms"].as_f64().unwrap() > 0.0, "{st:#}");
+    wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
+        s["state"] == "standby"
+    });
+    *ticks(&p.a.console(vm)).last().expect("ticks")
+}
+
+#[test]
+fn backup_takes_over_when_the_primary_qemu_dies() {
+    let _g = serial_guard();
+    let p = pair();
+    let protected_at = boot_and_protect(&p, "ft1");
+    // Let it run protected for a while.
+    p.a.wait_console(
+        "ft1",
+        &format!("tandem-guest: tick {}", protected_at + 5),
+        Duration::from_secs(30),
+    );
+    let pid = p.a.info("ft1")["pid"].as_u64().expect("pid") as i32;
+    let at_kill = *ticks(&p.a.console("ft1")).last().unwrap();
+    // SAFETY: kill(2) of the QEMU this test's daemon started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+
+    let st = wait_ft(&p.b, "ft1", "takeover", Duration::from_secs(30), |s| {
+        s["state"] == "failed-over"
+    });
+    let report = &st["failover"];
+    assert!(report["epoch"].as_u64().unwrap() >= 5, "{st:#}");
+    assert!(report["restore_ms"].as_f64().unwrap() > 0.0, "{st:#}");
+    let info = p.b.info("ft1");
+    assert_eq!(info["state"], "running", "{info:#}");
+
+    // The guest resumed on B from a committed epoch: no fresh boot, and its
+    // counter continues from a point between protection and the kill.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(t) = ticks(&p.b.console("ft1")).first() {
+            break *t;
+        }
+        assert!(Instant::now() < deadline, "resumed guest never ticked");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !p.b.console("ft1").contains(READY),
+        "the backup rebooted the guest"
+    );
+    assert!(
+        first > protected_at && first <= at_kill + 1,
+        "resumed at tick {first}; protected at {protected_at}, killed at {at_kill}"
+    );
+    p.b.wait_console(
+        "ft1",
+        &format!("tandem-guest: tick {}", first + 3),
+        Duration::from_secs(30),
+    );
+    // The primary's side knows its guest is gone.
+    let a = wait_ft(
+        &p.a,
+        "ft1",
+        "primary stopped",
+        Duration::from_secs(10),
+        |s| s["state"] == "stopped",
+    );
+    assert_eq!(p.a.info("ft1")["state"], "crashed", "{a:#}");
+}
+
+#[test]
+fn partitioned_primary_fences_and_exactly_one_side_runs() {
+    let _g = serial_guard();
+    let p = pair();
+    boot_and_protect(&p, "ft2");
+    // Freeze the backup's daemon: the replication link goes silent both ways.
+    let b_pid = p.b.pid() as i32;
+    // SAFETY: kill(2) on the backup tandemd this test started.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    let fenced = wait_ft(&p.a, "ft2", "self-fence", Duration::from_secs(20), |s| {
+        s["state"] == "fenced"
+    });
+    assert_eq!(p.a.info("ft2")["qmp_status"], "paused", "{fenced:#}");
+    // SAFETY: as above.
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    wait_ft(&p.b, "ft2", "takeover", Duration::from_secs(30), |s| {
+        s["state"] == "failed-over"
+    });
+    assert_eq!(p.b.info("ft2")["state"], "running");
+    // The fenced primary stays paused: exactly one side runs the guest.
+    std::thread::sleep(Duration::from_secs(2));
+    let a = p.a.info("ft2");
+    assert_eq!(a["qmp_status"], "paused", "{a:#}");
+}
+
+#[test]
+fn unprotect_says_bye_and_the_backup_never_takes_over() {
+    let _g = serial_guard();
+    let p = pair();
+    boot_and_protect(&p, "ft3");
+    p.a.cli_ok(&["unprotect", "ft3"]);
+    wait_ft(
+        &p.b,
+        "ft3",
+        "backup stopped",
+        Duration::from_secs(10),
+        |s| s["state"] == "stopped",
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(ft(&p.b, "ft3")["state"], "stopped");
+    assert_eq!(p.a.info("ft3")["qmp_status"], "running");
+    let out = p.b.cli(&["vm", "info", "ft3"]);
+    assert!(
+        !out.status.success(),
+        "the backup defined the VM after a clean unprotect"
+    );
+}
+
+#[test]
+fn protect_refuses_bad_requests() {
+    let _g = serial_guard();
+    let d = Daemon::start();
+    d.create_guest("idle", "");
+    let out = d.cli(&["protect", "idle", "--backup", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an endpoint"));
+    let out = d.cli(&[
+        "protect",
+        "idle",
+        "--backup",
+        "unix:/nonexistent/x.sock",
+        "--epoch-ms",
+        "5",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("epoch_ms"));
+    let out = d.cli(&["protect", "idle", "--backup", "unix:/nonexistent/x.sock"]);
+    assert!(!out.status.success(), "protecting a VM that is not running");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot protect"));
+}
