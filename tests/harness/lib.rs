@@ -87,6 +87,12 @@ impl Daemon {
     }
 
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_in(None, extra_args)
+    }
+
+    /// Starts a daemon whose state directory is `state_dir` (e.g. a small
+    /// file system the test mounted) instead of one in its temp dir.
+    pub fn start_in(state_dir: Option<PathBuf>, extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tandem-e2e-")
             .tempdir()
@@ -94,7 +100,7 @@ impl Daemon {
         let n = DAEMON_SEQ.fetch_add(1, Ordering::Relaxed);
         let mut d = Daemon {
             socket: dir.path().join("tandemd.sock"),
-            state_dir: dir.path().join("state"),
+            state_dir: state_dir.unwrap_or_else(|| dir.path().join("state")),
             ram_dir: PathBuf::from(format!("/dev/shm/tandem-e2e-{}-{n}", std::process::id())),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),

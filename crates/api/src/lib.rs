@@ -244,6 +244,10 @@ pub struct FtStatus {
     pub tracker: String,
     pub last_committed: u64,
     pub last_sent: u64,
+    /// The epoch that will capture what the guest does from now on. Output
+    /// observed now belongs to this epoch or an earlier one, so holding it
+    /// until `last_committed >= open_epoch` is safe (all-hold gating).
+    pub open_epoch: u64,
     pub epochs_per_s: f64,
     pub pause_p50_ms: f64,
     pub pause_p99_ms: f64,

@@ -57,6 +57,40 @@ enum Cmd {
     /// Fault tolerance.
     #[command(subcommand)]
     Ft(FtCmd),
+    /// The failover drill on this machine: two hosts in network namespaces,
+    /// a protected guest under a durable client workload, a random kill,
+    /// and the invariants checked. Needs root. Exits non-zero on a violation.
+    Drill {
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// qemu | network | tandemd (default: one of each, in turn).
+        #[arg(long)]
+        kill: Option<String>,
+        /// Replays a drill's random choices (default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 50)]
+        epoch_ms: u64,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        /// Guest image directory.
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+        /// Scratch space for the drill's hosts.
+        #[arg(long, default_value = "/tmp")]
+        work_dir: PathBuf,
+        /// The tandemd binary (default: next to this one).
+        #[arg(long)]
+        tandemd: Option<PathBuf>,
+        /// TEST ONLY: release replies without waiting for commit. The drill
+        /// must then fail; this proves its checker can.
+        #[arg(long, hide = true)]
+        unsafe_no_gate: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,10 +168,80 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cli)) {
+    let result = if matches!(cli.cmd, Cmd::Drill { .. }) {
+        drill(cli)
+    } else {
+        rt.block_on(run(cli))
+    };
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `tandem drill` drives its own runtimes and processes; it runs outside
+/// the CLI's async runtime.
+fn drill(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    if let Cmd::Drill {
+        rounds,
+        kill,
+        seed,
+        epoch_ms,
+        memory_mib,
+        image_dir,
+        work_dir,
+        tandemd,
+        unsafe_no_gate,
+    } = cli.cmd
+    {
+        let kill = kill
+            .map(|k| k.parse::<tandem_drill::KillMode>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let seed = seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+        let tandemd = match tandemd {
+            Some(t) => t,
+            None => std::env::current_exe()?
+                .parent()
+                .map(|d| d.join("tandemd"))
+                .context("locating tandemd")?,
+        };
+        let opts = tandem_drill::DrillOptions {
+            rounds,
+            kill,
+            seed,
+            epoch_ms,
+            memory_mib,
+            gate: !unsafe_no_gate,
+            tandemd,
+            image_dir,
+            work_dir,
+        };
+        if unsafe_no_gate {
+            eprintln!("WARNING: --unsafe-no-gate: replies are released before commit; this drill is expected to FAIL");
+        }
+        eprintln!("drill: {rounds} round(s), seed {seed} (replay with --seed {seed})");
+        let reports = tandem_drill::run(&opts, |m| eprintln!("drill: {m}"))?;
+        let failed = reports.iter().filter(|r| !r.passed).count();
+        if json {
+            print_json(&reports)?;
+        } else {
+            print_drill(&reports, seed);
+        }
+        if failed > 0 {
+            bail!(
+                "{failed} of {} drill round(s) violated an invariant",
+                reports.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
@@ -266,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.epoch, r.restore_ms
             );
         }
+        Cmd::Drill { .. } => bail!("the drill runs outside the async runtime"),
         Cmd::Ft(FtCmd::Status { name }) => {
             let all: Vec<FtStatus> = match &name {
                 Some(n) => client.get(&format!("/v1/ft/{n}")).await?,
@@ -426,6 +531,53 @@ fn yes_no(b: bool) -> &'static str {
     } else {
         "no"
     }
+}
+
+fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
+    println!("\nfailover drill report (seed {seed})");
+    println!(
+        "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10}  verdict",
+        "round",
+        "kill",
+        "replies",
+        "discarded",
+        "epochs",
+        "pause p50",
+        "pause p99",
+        "detect ms",
+        "restore ms",
+        "served ms"
+    );
+    for r in reports {
+        println!(
+            "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9.2} {:>9.2} {:>10.0} {:>10.0} {:>10.0}  {}",
+            r.round,
+            r.kill
+                .map(|k| format!("{k:?}").to_lowercase())
+                .unwrap_or_default(),
+            r.replies_delivered,
+            r.replies_discarded,
+            r.epochs_committed,
+            r.pause_p50_ms,
+            r.pause_p99_ms,
+            r.detection_ms,
+            r.restore_ms,
+            r.client_served_ms,
+            if r.passed { "PASS" } else { "FAIL" }
+        );
+        for v in &r.violations {
+            println!("       violation: {v}");
+        }
+    }
+    let failed = reports.iter().filter(|r| !r.passed).count();
+    println!(
+        "verdict: {}",
+        if failed == 0 {
+            "PASS — every reply the client saw survived failover".to_string()
+        } else {
+            format!("FAIL — {failed} round(s) lost acknowledged output")
+        }
+    );
 }
 
 fn print_ft(all: &[FtStatus]) {

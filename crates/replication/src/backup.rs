@@ -267,7 +267,7 @@ impl Backup {
                                 FrameKind::Resync,
                                 store.committed_epoch().unwrap_or(0),
                                 0,
-                                vec![],
+                                format!("cannot commit epoch {epoch}: {e}").into_bytes(),
                             ));
                             break format!("cannot commit epoch {epoch}: {e}");
                         }
@@ -280,7 +280,7 @@ impl Backup {
                         FrameKind::Resync,
                         store.committed_epoch().unwrap_or(0),
                         0,
-                        vec![],
+                        format!("rejected epoch data: {e}").into_bytes(),
                     ));
                     break format!("rejected epoch data: {e}");
                 }

@@ -28,5 +28,12 @@ pub trait DiskSource: Send + Sync {
     fn take_writes(&self) -> Vec<u8>;
     /// Makes the next [`DiskSource::take_writes`] return the whole disk: a
     /// new connection cannot know what the backup holds beyond its commit.
+    /// Pending writes are dropped (the full copy supersedes them), which
+    /// also bounds memory while the backup is unreachable.
     fn resync_all(&self);
+    /// Whether the disk's initial copy is complete. Until every disk is,
+    /// epochs carry no device state and so are not resumable.
+    fn is_synced(&self) -> bool {
+        true
+    }
 }

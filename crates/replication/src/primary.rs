@@ -88,6 +88,8 @@ impl Primary {
             committed_tx,
             pauses: PauseStats::new(1024),
             epochs_started: None,
+            first_consistent: None,
+            last_error: None,
         };
         let task = tokio::spawn(engine.run());
         Primary {
@@ -131,6 +133,11 @@ struct Engine {
     committed_tx: watch::Sender<u64>,
     pauses: PauseStats,
     epochs_started: Option<(Instant, u64)>,
+    /// The first epoch of this connection that carries device state: once
+    /// it commits, the backup can resume the guest.
+    first_consistent: Option<u64>,
+    /// Why the previous connection failed, shown until protection is back.
+    last_error: Option<String>,
 }
 
 /// How one connection ended.
@@ -223,6 +230,11 @@ impl Engine {
                     if contact.fenced.load(Ordering::SeqCst) {
                         return;
                     }
+                    for d in &self.disks {
+                        d.resync_all();
+                    }
+                    warn!(vm = %self.port.name(), "protection degraded: {why}");
+                    self.last_error = Some(why.clone());
                     self.set(|s| {
                         s.state = "degraded".into();
                         s.detail = why.clone();
@@ -293,15 +305,29 @@ impl Engine {
         };
         info!(vm = %self.port.name(), base, "connected to backup");
         let mut epoch = base + 1;
+        self.first_consistent = None;
+        // The running copy is not consistent; the first consistent epoch
+        // is the one after it.
+        self.set(|s| s.open_epoch = s.open_epoch.max(epoch + 1));
         // A new connection starts from a full copy: what the backup holds
         // beyond its last commit is unknown.
         tracker.mark_all_dirty();
         for d in &self.disks {
             d.resync_all();
         }
+        let last_error = self.last_error.clone();
         self.set(|s| {
-            s.state = "syncing".into();
-            s.detail = "initial copy".into();
+            match last_error {
+                // Still failing: stay visibly degraded while retrying.
+                Some(e) => {
+                    s.state = "degraded".into();
+                    s.detail = format!("{e}; resending from epoch {base}");
+                }
+                None => {
+                    s.state = "syncing".into();
+                    s.detail = "initial copy".into();
+                }
+            }
             s.last_committed = base;
         });
 
@@ -318,10 +344,12 @@ impl Engine {
             if let Ok(msg) = ack_rx.try_recv() {
                 match msg {
                     Ok(f) if f.kind == FrameKind::Resync => {
+                        let why = String::from_utf8_lossy(&f.payload[..f.payload.len().min(512)])
+                            .into_owned();
                         return Ended::Lost(format!(
-                            "backup asked to resync from epoch {}",
+                            "backup resyncs from epoch {}: {why}",
                             f.epoch
-                        ))
+                        ));
                     }
                     Ok(f) => return Ended::Lost(format!("unexpected {f:?} from backup")),
                     Err(e) => return Ended::Lost(e),
@@ -344,12 +372,21 @@ impl Engine {
             }
             let committed = *self.committed_tx.borrow();
             let inflight = (epoch - 1).saturating_sub(committed);
+            let consistent = self.first_consistent.is_some_and(|e| committed >= e);
+            if consistent {
+                self.last_error = None;
+            }
+            let syncing_disks = self.disks.iter().filter(|d| !d.is_synced()).count();
             self.set(|s| {
                 s.last_committed = committed;
                 s.lag_epochs = inflight;
-                if committed > base + 1 {
+                if consistent {
                     s.state = "protected".into();
                     s.detail.clear();
+                } else if s.state == "degraded" {
+                    // Keep the failure visible until protection is back.
+                } else if syncing_disks > 0 {
+                    s.detail = format!("initial copy of {syncing_disks} disk(s)");
                 }
             });
             let now = Instant::now();
@@ -384,7 +421,11 @@ impl Engine {
                     }
                     return Ended::Lost(format!("epoch {epoch}: {e}"));
                 }
-                Err(EpochError::Link(e)) => return Ended::Lost(format!("epoch {epoch}: {e}")),
+                Err(EpochError::Link(e)) => {
+                    // The backup may have said why before it hung up.
+                    let why = backup_reason(&mut ack_rx).await;
+                    return Ended::Lost(why.unwrap_or_else(|| format!("epoch {epoch}: {e}")));
+                }
             }
             last_send = Instant::now();
             epoch += 1;
@@ -439,15 +480,24 @@ impl Engine {
         let started = Instant::now();
         let ds_timeout = self.cfg.device_state_timeout;
         let disks = self.disks.clone();
+        let status = self.status.clone();
         let captured = self
             .port
             .with_stopped(async |g| {
+                // From here on the guest's activity belongs to the next epoch.
+                status.lock().unwrap_or_else(|p| p.into_inner()).open_epoch = epoch + 1;
                 let stopped_at = Instant::now();
                 let live = ram.live();
                 let dirty = tracker.collect(live);
                 let pages = copy_pages(live, &dirty);
                 let scanned_at = Instant::now();
-                let state = g.device_state(ds_timeout).await;
+                // Until every disk's initial copy is done, an epoch is RAM
+                // only: resuming it would find an incomplete disk.
+                let state = if disks.iter().all(|d| d.is_synced()) {
+                    g.device_state(ds_timeout).await
+                } else {
+                    Ok(Vec::new())
+                };
                 let writes: Vec<Vec<u8>> = disks.iter().map(|d| d.take_writes()).collect();
                 tracing::debug!(
                     epoch,
@@ -463,6 +513,9 @@ impl Engine {
         let pause = started.elapsed();
         let (dirty, pages, state, writes) = captured;
         let state = state.map_err(|e| EpochError::Guest(e.to_string()))?;
+        if !state.is_empty() && self.first_consistent.is_none() {
+            self.first_consistent = Some(epoch);
+        }
         self.pauses.record(pause);
         let frames =
             EpochBuilder::build(self.port.ram_size(), epoch, &dirty, &pages, &state, &writes);
@@ -628,6 +681,22 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         let end = msg.is_err();
         if tx.send(msg).is_err() || end {
             return;
+        }
+    }
+}
+
+/// A `RESYNC` the backup sent before closing, if one arrives shortly.
+async fn backup_reason(rx: &mut mpsc::UnboundedReceiver<Result<Frame, String>>) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some(Ok(f))) if f.kind == FrameKind::Resync => {
+                let why =
+                    String::from_utf8_lossy(&f.payload[..f.payload.len().min(512)]).into_owned();
+                return Some(format!("backup resyncs from epoch {}: {why}", f.epoch));
+            }
+            Ok(Some(_)) => continue,
+            _ => return None,
         }
     }
 }

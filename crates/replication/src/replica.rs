@@ -256,8 +256,15 @@ impl ReplicaStore {
                 epoch: e.epoch,
                 why: err.to_string(),
             })?;
-            for (off, data) in writes {
-                file.write_all_at(data, off).map_err(io("writing", &path))?;
+            for w in writes {
+                match w {
+                    disklog::Record::Data(off, data) => {
+                        file.write_all_at(data, off).map_err(io("writing", &path))?
+                    }
+                    disklog::Record::Zero(off, len) => {
+                        write_zeroes(file, off, len).map_err(io("zeroing", &path))?
+                    }
+                }
             }
             file.sync_data().map_err(io("syncing", &path))?;
         }
@@ -344,6 +351,17 @@ fn open_sized(path: &Path, size: u64) -> Result<File, ReplicaError> {
         f.set_len(size).map_err(io("sizing", path))?;
     }
     Ok(f)
+}
+
+fn write_zeroes(file: &File, mut off: u64, mut len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], off)?;
+        off += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {

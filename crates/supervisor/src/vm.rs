@@ -560,6 +560,17 @@ impl Supervisor {
         qmp.execute(qmp::cont {})
             .await
             .map_err(|e| format!("cont: {e}"))?;
+        if device_state.is_some() {
+            // The guest now lives somewhere new: have QEMU announce its MACs
+            // (gratuitous ARP/RARP) so switches learn the new port at once.
+            let announce = serde_json::json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
+            if let Err(e) = qmp
+                .execute_raw("announce-self", announce, Duration::from_secs(5))
+                .await
+            {
+                warn!(vm = %vm.name, "announce-self failed: {e}");
+            }
+        }
         vm.update(|r| r.state = VmState::Running);
         Ok(qmp)
     }
@@ -595,12 +606,24 @@ impl Supervisor {
                                 *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
                                     Some("accelerator internal error (KVM emulation failure); QEMU was stopped".into());
                                 let _ = qmp.execute(qmp::quit {}).await;
-                            } else if vm.state() == VmState::Running {
+                            } else if vm.state() == VmState::Running
+                                && !vm.checkpoint_pause.load(Ordering::SeqCst)
+                                && !matches!(
+                                    status.as_str(),
+                                    "running" | "postmigrate" | "finish-migrate" | "inmigrate"
+                                )
+                            {
+                                // Events arrive late: a checkpoint's STOP can
+                                // be read after its window closed. Only what
+                                // QEMU says *now* marks the VM paused.
                                 vm.update(|r| r.state = VmState::Paused);
                             }
                         }
                         "RESUME" if vm.state() == VmState::Paused => {
-                            vm.update(|r| r.state = VmState::Running);
+                            let status = query_status(&qmp).await.unwrap_or_default();
+                            if status == "running" && !vm.checkpoint_pause.load(Ordering::SeqCst) {
+                                vm.update(|r| r.state = VmState::Running);
+                            }
                         }
                         "SHUTDOWN" => {
                             let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
@@ -920,6 +943,12 @@ impl Supervisor {
 
     pub async fn info(&self, name: &str) -> Result<VmInfo, SupervisorError> {
         let vm = self.get(name).await?;
+        // Waits out a replication epoch's stop window (a few ms), so QEMU's
+        // reported run state is the guest's, not the checkpoint's; but never
+        // long (a graceful stop holds the lock for seconds).
+        let _op = tokio::time::timeout(Duration::from_millis(250), vm.ops.lock())
+            .await
+            .ok();
         Ok(self.info_of(&vm).await)
     }
 
@@ -1111,11 +1140,13 @@ impl GuestPort {
         f: impl AsyncFnOnce(&StoppedGuest<'_>) -> R,
     ) -> Result<R, SupervisorError> {
         let _op = self.vm.ops.lock().await;
-        let running = match self.vm.state() {
-            VmState::Running => true,
-            VmState::Paused => false,
-            _ => return Err(self.vm.bad_state("checkpoint")),
-        };
+        if !matches!(self.vm.state(), VmState::Running | VmState::Paused) {
+            return Err(self.vm.bad_state("checkpoint"));
+        }
+        // QEMU, not our record, says whether the guest runs: a checkpoint
+        // must never capture a running guest.
+        let status = query_status(&self.qmp).await.map_err(self.vm.qmp_err())?;
+        let running = status == "running";
         if running {
             self.vm.checkpoint_pause.store(true, Ordering::SeqCst);
             if let Err(e) = self.qmp.execute(qmp::stop {}).await {
@@ -1130,6 +1161,22 @@ impl GuestPort {
             resumed.map_err(self.vm.qmp_err())?;
         }
         Ok(r)
+    }
+
+    /// Runs a QMP command on the VM's QEMU (for block jobs and the like).
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, SupervisorError> {
+        self.qmp
+            .execute_raw(command, args, Duration::from_secs(10))
+            .await
+            .map_err(self.vm.qmp_err())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.vm.dir
     }
 
     /// Sets the fence lease: if not renewed, the shim freezes QEMU at

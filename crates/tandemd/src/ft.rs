@@ -33,10 +33,16 @@ pub struct FtSettings {
     pub auto_failover: bool,
 }
 
+struct Protected {
+    primary: Primary,
+    port: tandem_supervisor::GuestPort,
+    disks: Vec<Arc<crate::ftdisk::MirroredDisk>>,
+}
+
 pub struct Ft {
     sup: Arc<Supervisor>,
     settings: FtSettings,
-    primaries: Mutex<BTreeMap<String, Primary>>,
+    primaries: Mutex<BTreeMap<String, Protected>>,
     backup: Arc<Backup>,
 }
 
@@ -137,18 +143,36 @@ impl Ft {
         }
         let mut primaries = self.primaries.lock().await;
         if let Some(p) = primaries.get(vm) {
-            if !p.is_finished() {
+            if !p.primary.is_finished() {
                 return Err(FtError::Conflict(format!("`{vm}` is already protected")));
             }
         }
+        if let Some(old) = primaries.remove(vm) {
+            crate::ftdisk::stop(&old.port, &old.disks).await;
+        }
         let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
+        let work = self.settings.replica_root.with_file_name("ft").join(vm);
+        let disks = crate::ftdisk::start(&port, &work)
+            .await
+            .map_err(FtError::Failed)?;
         let mut cfg = PrimaryConfig::new(backup);
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
-        let p = Primary::spawn(port, cfg, Vec::new());
+        let sources: Vec<Arc<dyn tandem_replication::DiskSource>> = disks
+            .iter()
+            .map(|d| d.clone() as Arc<dyn tandem_replication::DiskSource>)
+            .collect();
+        let p = Primary::spawn(port.clone(), cfg, sources);
         let st = p.status();
-        primaries.insert(vm.to_string(), p);
+        primaries.insert(
+            vm.to_string(),
+            Protected {
+                primary: p,
+                port,
+                disks,
+            },
+        );
         Ok(st)
     }
 
@@ -157,8 +181,9 @@ impl Ft {
             self.primaries.lock().await.remove(vm).ok_or_else(|| {
                 FtError::NotFound(format!("`{vm}` is not protected from this host"))
             })?;
-        let mut st = p.status();
-        p.stop().await;
+        let mut st = p.primary.status();
+        p.primary.stop().await;
+        crate::ftdisk::stop(&p.port, &p.disks).await;
         st.state = "stopped".into();
         st.detail = "protection ended".into();
         Ok(st)
@@ -170,7 +195,7 @@ impl Ft {
             .lock()
             .await
             .values()
-            .map(|p| p.status())
+            .map(|p| p.primary.status())
             .collect();
         out.extend(self.backup.status());
         out

@@ -8,6 +8,7 @@
 
 mod api;
 mod ft;
+mod ftdisk;
 
 use std::path::PathBuf;
 use std::sync::Arc;

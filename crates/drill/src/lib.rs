@@ -1,0 +1,638 @@
+//! `tandem drill`: the failover drill, on this one machine.
+//!
+//! Each round builds a two-host topology in network namespaces
+//! ([`topology`]), starts a tandemd per host, boots the guest service on
+//! host A, protects it to host B, and drives a client workload from a third
+//! namespace: every `PUT` is fsync'd by the guest before its numbered reply.
+//! Replies are held until the epoch that produced them is committed (the
+//! all-hold gate: output commit for the whole guest). Then host A is killed
+//! at a random moment — its QEMU, its network, or its tandemd — and the
+//! drill checks ([`checker`]) that B took over, that every reply the client
+//! received is known to the resumed VM, that every acknowledged record is on
+//! the replica disk, and that the client continues.
+
+pub mod checker;
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
+use tandem_api::{FtRole, FtStatus, VmInfo};
+
+use checker::{Delivered, Violation};
+use topology::{Topology, GUEST_IP, REPL_B, TAP};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KillMode {
+    Qemu,
+    Network,
+    Tandemd,
+}
+
+impl std::str::FromStr for KillMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(KillMode::Qemu),
+            "network" => Ok(KillMode::Network),
+            "tandemd" => Ok(KillMode::Tandemd),
+            _ => Err(format!("`{s}`: the kill modes are qemu, network, tandemd")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    pub rounds: u32,
+    /// `None`: cycle qemu, network, tandemd.
+    pub kill: Option<KillMode>,
+    pub seed: u64,
+    pub epoch_ms: u64,
+    pub memory_mib: u32,
+    /// Test-only: release replies at once instead of at commit. The drill
+    /// must then fail — that is how the checker is proven able to fail.
+    pub gate: bool,
+    pub tandemd: PathBuf,
+    pub image_dir: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub kill: Option<KillMode>,
+    pub kill_after_replies: usize,
+    pub replies_delivered: usize,
+    pub replies_discarded: usize,
+    pub epochs_committed: u64,
+    pub pause_p50_ms: f64,
+    pub pause_p99_ms: f64,
+    pub detection_ms: f64,
+    pub restore_ms: f64,
+    pub client_served_ms: f64,
+    pub continued_records: usize,
+    pub violations: Vec<String>,
+    pub passed: bool,
+}
+
+/// A small deterministic generator, so `--seed` replays a drill.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+pub fn run(opts: &DrillOptions, mut say: impl FnMut(&str)) -> anyhow::Result<Vec<RoundReport>> {
+    for f in ["vmlinux", "initrd.img", "data.qcow2"] {
+        if !opts.image_dir.join(f).is_file() {
+            bail!(
+                "guest image {} missing: run images/build.sh",
+                opts.image_dir.join(f).display()
+            );
+        }
+    }
+    if !opts.tandemd.is_file() {
+        bail!("tandemd not found at {}", opts.tandemd.display());
+    }
+    let mut rng = Rng(opts.seed);
+    let mut reports = Vec::new();
+    for round in 1..=opts.rounds {
+        let kill = opts.kill.unwrap_or(match (round - 1) % 3 {
+            0 => KillMode::Qemu,
+            1 => KillMode::Network,
+            _ => KillMode::Tandemd,
+        });
+        say(&format!("round {round}/{}: kill {kill:?}", opts.rounds));
+        let r = run_round(opts, round, kill, &mut rng, &mut say)
+            .with_context(|| format!("round {round}"))?;
+        say(&format!(
+            "round {round}: {} — {} replies, failover detection {:.0} ms + restore {:.0} ms, client served {:.0} ms after the kill",
+            if r.passed { "PASS" } else { "FAIL" },
+            r.replies_delivered,
+            r.detection_ms,
+            r.restore_ms,
+            r.client_served_ms
+        ));
+        for v in &r.violations {
+            say(&format!("  violation: {v}"));
+        }
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+struct Host {
+    socket: PathBuf,
+    state: PathBuf,
+    ram_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Host {
+    fn start(
+        name: &'static str,
+        ns: &str,
+        opts: &DrillOptions,
+        work: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Host> {
+        let socket = work.join(format!("{name}.sock"));
+        let state = work.join(name);
+        let ram_dir = PathBuf::from(format!(
+            "/dev/shm/{}-{name}",
+            work.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("tdrill")
+        ));
+        let log = work.join(format!("tandemd-{name}.log"));
+        let logf = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&opts.tandemd)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--ram-dir")
+            .arg(&ram_dir)
+            .arg("--image-dir")
+            .arg(&opts.image_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .context("starting tandemd")?;
+        let mut h = Host {
+            socket,
+            state,
+            ram_dir,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&h.socket).is_err() {
+            if let Some(Ok(Some(st))) = h.child.as_mut().map(|c| c.try_wait()) {
+                bail!("tandemd {name} exited ({st}): {}", tail(&h.log, 10));
+            }
+            if Instant::now() > deadline {
+                bail!("tandemd {name} did not start: {}", tail(&h.log, 10));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(h)
+    }
+
+    fn api(&self) -> tandem_api::Client {
+        tandem_api::Client::new(&self.socket)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let api = self.api();
+            let _ = block_on(api.delete::<serde_json::Value>("/v1/vms/drill"));
+            if let Some(c) = &self.child {
+                // SAFETY: kill(2) of the tandemd this drill started.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
+            if let Some(mut c) = self.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Whatever QEMU this host ran must not outlive the drill.
+        kill_processes_mentioning(&self.state.to_string_lossy());
+        let _ = std::fs::remove_dir_all(&self.ram_dir);
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(f)
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn kill_processes_mentioning(needle: &str) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(needle) && pid != std::process::id() as i32 {
+            // SAFETY: kill(2); the process runs on this drill's state.
+            unsafe {
+                libc::kill(pid, libc::SIGCONT);
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn ft_primary(h: &Host) -> anyhow::Result<FtStatus> {
+    let v: Vec<FtStatus> = block_on(h.api().get("/v1/ft/drill"))?;
+    v.into_iter()
+        .find(|s| s.role == Some(FtRole::Primary))
+        .ok_or_else(|| anyhow!("no primary status"))
+}
+
+fn ft_backup(h: &Host) -> anyhow::Result<FtStatus> {
+    let v: Vec<FtStatus> = block_on(h.api().get("/v1/ft/drill"))?;
+    v.into_iter()
+        .find(|s| s.role == Some(FtRole::Backup))
+        .ok_or_else(|| anyhow!("no backup status"))
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the client thread shares with the drill.
+#[derive(Default)]
+struct ClientShared {
+    delivered: Mutex<Vec<Delivered>>,
+    discarded: Mutex<usize>,
+    killed: AtomicBool,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+fn run_round(
+    opts: &DrillOptions,
+    round: u32,
+    kill: KillMode,
+    rng: &mut Rng,
+    say: &mut impl FnMut(&str),
+) -> anyhow::Result<RoundReport> {
+    let tag = format!("{}{}", std::process::id() % 100_000, round);
+    let work = opts.work_dir.join(format!("tdrill-{tag}"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let topo = Topology::create(&tag).context("building the namespaces")?;
+    let timeouts = [
+        "--ft-heartbeat-ms",
+        "100",
+        "--ft-fence-timeout-ms",
+        "1500",
+        "--ft-takeover-timeout-ms",
+        "2500",
+    ];
+    let repl = format!("{REPL_B}:7400");
+    let mut b_args = timeouts.to_vec();
+    b_args.extend(["--repl-listen", repl.as_str()]);
+    let b = Host::start("b", &topo.b, opts, &work, &b_args)?;
+    let mut a = Host::start("a", &topo.a, opts, &work, &timeouts)?;
+
+    let disk = work.join("drill-data.qcow2");
+    std::fs::copy(opts.image_dir.join("data.qcow2"), &disk)?;
+    let spec = format!(
+        r#"name = "drill"
+memory_mib = {mem}
+accelerator = "tcg"
+shutdown_timeout_s = 20
+[boot]
+kernel = "{k}"
+initrd = "{i}"
+cmdline = "console=ttyS0 loglevel=4 tandem.ip={GUEST_IP}/24"
+[[disks]]
+name = "data"
+path = "{d}"
+[[nics]]
+name = "eth0"
+mac = "52:54:00:77:00:10"
+backend = "tap"
+tap = "{TAP}"
+"#,
+        mem = opts.memory_mib,
+        k = opts.image_dir.join("vmlinux").display(),
+        i = opts.image_dir.join("initrd.img").display(),
+        d = disk.display(),
+    );
+    let api_a = a.api();
+    let _: VmInfo =
+        block_on(api_a.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))?;
+    let _: VmInfo = block_on(api_a.post("/v1/vms/drill/start", &()))?;
+    wait_for("guest ready on A", Duration::from_secs(120), || {
+        let c: tandem_api::ConsoleChunk =
+            block_on(api_a.get("/v1/vms/drill/console?offset=0")).ok()?;
+        c.data.contains("TANDEM-GUEST-READY").then_some(())
+    })?;
+    let _: FtStatus = block_on(api_a.post(
+        "/v1/vms/drill/protect",
+        &tandem_api::ProtectRequest {
+            backup: repl.clone(),
+            epoch_ms: Some(opts.epoch_ms),
+        },
+    ))?;
+    wait_for("protection", Duration::from_secs(120), || {
+        let s = ft_primary(&a).ok()?;
+        (s.state == "protected").then_some(())
+    })?;
+    wait_for("backup standby", Duration::from_secs(30), || {
+        (ft_backup(&b).ok()?.state == "standby").then_some(())
+    })?;
+    say(&format!("  protected; client workload from {}", topo.c));
+
+    let shared = Arc::new(ClientShared::default());
+    let client = {
+        let shared = shared.clone();
+        let sock = a.socket.clone();
+        let gate = opts.gate;
+        topology::spawn_in_ns(&topo.c, move || client_loop(&shared, &sock, gate, round))?
+    };
+    let kill_after = 5 + rng.below(15) as usize;
+    let delivered_before = wait_for("client replies", Duration::from_secs(120), || {
+        if let Some(e) = shared.error.lock().ok()?.clone() {
+            return Some(Err(e));
+        }
+        let n = shared.delivered.lock().ok()?.len();
+        (n >= kill_after).then_some(Ok(n))
+    })?
+    .map_err(|e| anyhow!("client: {e}"))?;
+    std::thread::sleep(Duration::from_millis(rng.below(300)));
+    let before = ft_primary(&a).unwrap_or_default();
+    let pid = block_on(api_a.get::<VmInfo>("/v1/vms/drill"))?
+        .pid
+        .ok_or_else(|| anyhow!("no QEMU pid on A"))?;
+
+    let t_kill = Instant::now();
+    match kill {
+        // SAFETY: kill(2) of host A's QEMU, started by this drill.
+        KillMode::Qemu => unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        },
+        KillMode::Network => topo.isolate_a()?,
+        KillMode::Tandemd => a.kill(),
+    }
+    shared.killed.store(true, Ordering::SeqCst);
+    say(&format!(
+        "  killed {kill:?} after {delivered_before} replies"
+    ));
+
+    let st = wait_for("takeover on B", Duration::from_secs(60), || {
+        let s = ft_backup(&b).ok()?;
+        (s.state == "failed-over").then_some(s)
+    })
+    .with_context(|| format!("B's log:\n{}", tail(&b.log, 15)))?;
+    let report = st.failover.clone().unwrap_or_default();
+
+    // The client reconnects to the guest, now on B.
+    let served = wait_for("client served by B", Duration::from_secs(60), || {
+        let r =
+            topology::spawn_in_ns(&topo.c, || exchange("PING", Duration::from_millis(500))).ok()?;
+        match r.join().ok()?.ok()? {
+            Ok(l) if l == "PONG" => Some(t_kill.elapsed()),
+            _ => None,
+        }
+    })?;
+    shared.stop.store(true, Ordering::SeqCst);
+    let _ = client.join();
+    let delivered = shared
+        .delivered
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    let discarded = shared.discarded.lock().map(|d| *d).unwrap_or(0);
+
+    // The resumed VM must know every delivered reply.
+    let (answers, last, continued) = {
+        let delivered = delivered.clone();
+        topology::spawn_in_ns(&topo.c, move || -> anyhow::Result<_> {
+            let mut answers = BTreeMap::new();
+            for d in &delivered {
+                answers.insert(
+                    d.seq,
+                    exchange(&format!("GET {}", d.seq), Duration::from_secs(5))?,
+                );
+            }
+            let last: u64 = exchange("LAST", Duration::from_secs(5))?
+                .strip_prefix("LAST ")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("bad LAST reply"))?;
+            // And the client continues against the new primary.
+            let mut continued = 0;
+            for n in 0..3 {
+                let r = exchange(
+                    &format!("PUT after-failover-{round}-{n}"),
+                    Duration::from_secs(5),
+                )?;
+                if r.starts_with("OK ") {
+                    continued += 1;
+                }
+            }
+            Ok((answers, last, continued))
+        })?
+        .join()
+        .map_err(|_| anyhow!("verification thread panicked"))???
+    };
+    let mut violations: Vec<Violation> = checker::check_vm(&delivered, &answers, last);
+
+    // Every acknowledged record must be on the replica disk as committed.
+    let replica_disk = b.state.join("replicas/drill/disk-data.raw");
+    match read_records(&replica_disk, &work) {
+        Ok(log) => violations.extend(checker::check_disk(&delivered, &log)),
+        Err(e) => bail!("reading the replica disk: {e:#}"),
+    }
+    let mut violations: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+    if continued < 3 {
+        violations.push(format!(
+            "the client could not continue: {continued}/3 writes after failover"
+        ));
+    }
+    drop(a);
+    drop(b);
+    drop(topo);
+    if violations.is_empty() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        // Keep the evidence: daemon logs, the replica, the VM records.
+        say(&format!("  evidence kept in {}", work.display()));
+    }
+    Ok(RoundReport {
+        round,
+        kill: Some(kill),
+        kill_after_replies: delivered_before,
+        replies_delivered: delivered.len(),
+        replies_discarded: discarded,
+        epochs_committed: before.last_committed,
+        pause_p50_ms: before.pause_p50_ms,
+        pause_p99_ms: before.pause_p99_ms,
+        detection_ms: report.detection_ms,
+        restore_ms: report.restore_ms,
+        client_served_ms: served.as_secs_f64() * 1e3,
+        continued_records: continued,
+        passed: violations.is_empty(),
+        violations,
+    })
+}
+
+/// One request/reply with the guest service, on a fresh connection.
+fn exchange(line: &str, timeout: Duration) -> anyhow::Result<String> {
+    let addr: SocketAddr = format!("{GUEST_IP}:7070").parse()?;
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    (&s).write_all(format!("{line}\n").as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut reply = String::new();
+    r.read_line(&mut reply)?;
+    Ok(reply.trim_end().to_string())
+}
+
+/// The client: numbered durable writes, each reply held until the epoch
+/// that produced it is committed (unless the gate is disabled).
+fn client_loop(shared: &ClientShared, a_socket: &Path, gate: bool, round: u32) {
+    let api = tandem_api::Client::new(a_socket);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            return;
+        }
+    };
+    let status = |rt: &tokio::runtime::Runtime| -> Option<FtStatus> {
+        let v: Vec<FtStatus> = rt.block_on(api.get("/v1/ft/drill")).ok()?;
+        v.into_iter().find(|s| s.role == Some(FtRole::Primary))
+    };
+    let mut n = 0u64;
+    let started = Instant::now();
+    while !shared.killed.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
+        if started.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        n += 1;
+        let text = format!("r{round}-{n}");
+        let reply = match exchange(&format!("PUT {text}"), Duration::from_secs(5)) {
+            Ok(r) => r,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Some(seq) = reply
+            .strip_prefix("OK ")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if gate {
+            // Output observed now belongs to the open epoch or an earlier one.
+            let Some(stamp) = status(&rt).map(|s| s.open_epoch) else {
+                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                continue;
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut released = false;
+            while Instant::now() < deadline {
+                match status(&rt) {
+                    Some(s) if s.last_committed >= stamp => {
+                        released = true;
+                        break;
+                    }
+                    Some(s) if s.state == "fenced" || s.state == "stopped" => break,
+                    None => break,
+                    _ => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            if !released {
+                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                continue;
+            }
+        }
+        shared
+            .delivered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Delivered { seq, text });
+    }
+}
+
+/// The record log on an ext4 disk image, read without mounting: a copy is
+/// made, its journal replayed (`e2fsck`), and the file read with `debugfs`.
+fn read_records(disk: &Path, work: &Path) -> anyhow::Result<String> {
+    let copy = work.join("replica-check.raw");
+    std::fs::copy(disk, &copy).with_context(|| format!("copying {}", disk.display()))?;
+    let fsck = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .output()
+        .context("running e2fsck")?;
+    // 0: clean, 1: errors corrected (journal replayed); more is a damaged fs.
+    if fsck.status.code().is_none_or(|c| c > 1) {
+        bail!(
+            "e2fsck found the replica filesystem damaged: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+    }
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /records.log"])
+        .arg(&copy)
+        .output()
+        .context("running debugfs")?;
+    let _ = std::fs::remove_file(&copy);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

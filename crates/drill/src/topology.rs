@@ -1,0 +1,146 @@
+//! The drill's two-host network, built from namespaces on this machine:
+//!
+//! ```text
+//!   ns A (host A)            ns C (client + fabric)          ns B (host B)
+//!   br0 ── tapvm (guest)     br0 (10.77.0.100) ── c-a ─┐     br0 ── tapvm
+//!    └── a-fab ──────────────────────────────── ─┘      │      └── b-fab
+//!   a-repl 10.88.0.1 ──────── replication link ──────── b-repl 10.88.0.2
+//! ```
+//!
+//! The guest is 10.77.0.10 on whichever host runs it; the fabric bridge in
+//! C learns its MAC's new port from QEMU's `announce-self` after failover.
+//! Every name carries a per-run tag, and [`Topology`] removes everything it
+//! made when dropped, on every exit path.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+pub const GUEST_IP: &str = "10.77.0.10";
+pub const CLIENT_IP: &str = "10.77.0.100";
+pub const REPL_A: &str = "10.88.0.1";
+pub const REPL_B: &str = "10.88.0.2";
+pub const TAP: &str = "tapvm";
+
+pub struct Topology {
+    pub a: String,
+    pub b: String,
+    pub c: String,
+    made: Vec<String>,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut a = vec!["netns", "exec", ns, "ip"];
+    a.extend_from_slice(args);
+    ip(&a)
+}
+
+impl Topology {
+    pub fn create(tag: &str) -> anyhow::Result<Topology> {
+        let mut t = Topology {
+            a: format!("tdrill-{tag}-a"),
+            b: format!("tdrill-{tag}-b"),
+            c: format!("tdrill-{tag}-c"),
+            made: Vec::new(),
+        };
+        for ns in [t.a.clone(), t.b.clone(), t.c.clone()] {
+            ip(&["netns", "add", &ns])?;
+            t.made.push(ns.clone());
+            in_ns(&ns, &["link", "set", "lo", "up"])?;
+            in_ns(&ns, &["link", "add", "br0", "type", "bridge"])?;
+            // Forward at once: the drill measures failover, not STP timers.
+            in_ns(
+                &ns,
+                &["link", "set", "br0", "type", "bridge", "forward_delay", "0"],
+            )?;
+            in_ns(&ns, &["link", "set", "br0", "up"])?;
+        }
+        let (a, b, c) = (t.a.clone(), t.b.clone(), t.c.clone());
+        // Host uplinks into the fabric.
+        for (host, inner, outer) in [(&a, "a-fab", "c-a"), (&b, "b-fab", "c-b")] {
+            in_ns(
+                host,
+                &[
+                    "link", "add", inner, "type", "veth", "peer", "name", outer, "netns", &c,
+                ],
+            )?;
+            in_ns(host, &["link", "set", inner, "master", "br0", "up"])?;
+            in_ns(&c, &["link", "set", outer, "master", "br0", "up"])?;
+            // The guest's tap, the same name on both hosts so the spec moves.
+            in_ns(host, &["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+            in_ns(host, &["link", "set", TAP, "master", "br0", "up"])?;
+        }
+        in_ns(
+            &c,
+            &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "br0"],
+        )?;
+        // The replication link.
+        in_ns(
+            &a,
+            &[
+                "link", "add", "a-repl", "type", "veth", "peer", "name", "b-repl", "netns", &b,
+            ],
+        )?;
+        in_ns(
+            &a,
+            &["addr", "add", &format!("{REPL_A}/30"), "dev", "a-repl"],
+        )?;
+        in_ns(
+            &b,
+            &["addr", "add", &format!("{REPL_B}/30"), "dev", "b-repl"],
+        )?;
+        in_ns(&a, &["link", "set", "a-repl", "up"])?;
+        in_ns(&b, &["link", "set", "b-repl", "up"])?;
+        Ok(t)
+    }
+
+    /// Cuts host A off every network: fabric and replication link.
+    pub fn isolate_a(&self) -> anyhow::Result<()> {
+        in_ns(&self.a, &["link", "set", "a-fab", "down"])?;
+        in_ns(&self.a, &["link", "set", "a-repl", "down"])
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.made.drain(..).rev() {
+            // Deleting a namespace removes its veths, bridges and taps.
+            let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
+        }
+    }
+}
+
+/// Runs `f` on a thread that has entered the network namespace `ns`, so
+/// every socket it opens lives there.
+pub fn spawn_in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
+    let path = format!("/var/run/netns/{ns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    Ok(std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace descriptor affects only the
+        // calling thread, which is this freshly spawned one.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns: {}", std::io::Error::last_os_error());
+        }
+        Ok(f())
+    }))
+}
