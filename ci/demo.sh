@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job until the failover drill lands: on this one machine,
+# A guided tour of the VM lifecycle: on this one machine,
 # install what is needed, build tandem and the guest image, start a private
 # tandemd, boot a guest through it and drive it with the `tandem` CLI.
 set -euo pipefail

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The README's main job: the failover drill on this one machine.
+# Installs what is needed (idempotently), builds tandem and the guest image,
+# then runs `tandem drill`: two hosts and a client in network namespaces, a
+# protected guest under a durable client workload, host A killed at random
+# (its QEMU, its network, its tandemd — one round each), and the invariants
+# checked. Extra arguments go to `tandem drill` (e.g. --rounds 6 --seed 42).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash ci/setup-host.sh
+bash images/build.sh
+echo "[drill] building tandem (release)"
+cargo build --release --locked -q -p tandemd -p tandem-cli
+exec target/release/tandem drill --rounds 3 "$@"
