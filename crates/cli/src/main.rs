@@ -57,6 +57,9 @@ enum Cmd {
     /// Fault tolerance.
     #[command(subcommand)]
     Ft(FtCmd),
+    /// Benchmarks (timing lives here, not in tests).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// The failover drill on this machine: two hosts in network namespaces,
     /// a protected guest under a durable client workload, a random kill,
     /// and the invariants checked. Needs root. Exits non-zero on a violation.
@@ -90,6 +93,30 @@ enum Cmd {
         /// must then fail; this proves its checker can.
         #[arg(long, hide = true)]
         unsafe_no_gate: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Failover time and epoch pause, side by side for several guest RAM
+    /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
+    Failover {
+        /// Drills per RAM size.
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        /// Guest RAM sizes to compare, in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "128,256")]
+        memory_mib: Vec<u32>,
+        #[arg(long, default_value_t = 50)]
+        epoch_ms: u64,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -168,7 +195,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = if matches!(cli.cmd, Cmd::Drill { .. }) {
+    let result = if matches!(cli.cmd, Cmd::Bench(_)) {
+        bench(cli)
+    } else if matches!(cli.cmd, Cmd::Drill { .. }) {
         drill(cli)
     } else {
         rt.block_on(run(cli))
@@ -241,6 +270,73 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench(cli: Cli) -> anyhow::Result<()> {
+    let Cmd::Bench(BenchCmd::Failover {
+        rounds,
+        memory_mib,
+        epoch_ms,
+        image_dir,
+        seed,
+    }) = cli.cmd
+    else {
+        bail!("unknown benchmark");
+    };
+    let tandemd = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("tandemd"))
+        .context("locating tandemd")?;
+    let mut rows = Vec::new();
+    for &mem in &memory_mib {
+        let opts = tandem_drill::DrillOptions {
+            rounds,
+            kill: Some(tandem_drill::KillMode::Qemu),
+            seed,
+            epoch_ms,
+            memory_mib: mem,
+            gate: true,
+            tandemd: tandemd.clone(),
+            image_dir: image_dir.clone(),
+            work_dir: PathBuf::from("/tmp"),
+        };
+        eprintln!("bench: {rounds} drills with a {mem} MiB guest");
+        let r = tandem_drill::run(&opts, |m| eprintln!("bench: {m}"))?;
+        rows.push((mem, r));
+    }
+    let pct = |mut v: Vec<f64>, p: f64| -> f64 {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return 0.0;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    };
+    println!("\nfailover benchmark: epoch {epoch_ms} ms, {rounds} drills per size (median / p99)");
+    println!(
+        "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19}",
+        "RAM MiB", "pause p50 ms", "pause p99 ms", "restore ms", "served ms", "all rounds pass"
+    );
+    for (mem, r) in &rows {
+        let col = |f: &dyn Fn(&tandem_drill::RoundReport) -> f64| {
+            let v: Vec<f64> = r.iter().map(f).collect();
+            format!("{:>8.1} / {:>8.1}", pct(v.clone(), 50.0), pct(v, 99.0))
+        };
+        println!(
+            "{:>8} {} {} {} {} {:>19}",
+            mem,
+            col(&|x| x.pause_p50_ms),
+            col(&|x| x.pause_p99_ms),
+            col(&|x| x.restore_ms),
+            col(&|x| x.client_served_ms),
+            r.iter().all(|x| x.passed)
+        );
+    }
+    println!(
+        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed}",
+        memory_mib.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")
+    );
     Ok(())
 }
 
@@ -370,7 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 r.epoch, r.restore_ms
             );
         }
-        Cmd::Drill { .. } => bail!("the drill runs outside the async runtime"),
+        Cmd::Drill { .. } | Cmd::Bench(_) => bail!("the drill runs outside the async runtime"),
         Cmd::Ft(FtCmd::Status { name }) => {
             let all: Vec<FtStatus> = match &name {
                 Some(n) => client.get(&format!("/v1/ft/{n}")).await?,
