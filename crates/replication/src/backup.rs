@@ -222,6 +222,18 @@ impl Backup {
             let f = match wire::read_frame(&mut rd).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break "primary closed the connection".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::Other => {
+                    // A frame failed its checks (checksum, magic, size): the
+                    // stream cannot be trusted past it. Ask for a resend.
+                    warn!(%vm, "corrupt frame: {e}");
+                    let _ = out_tx.send(Frame::new(
+                        FrameKind::Resync,
+                        store.committed_epoch().unwrap_or(0),
+                        0,
+                        format!("corrupt frame: {e}").into_bytes(),
+                    ));
+                    break format!("corrupt frame: {e}");
+                }
                 Err(e) => break format!("replication link: {e}"),
             };
             self.heard(&vm, generation);

@@ -1,0 +1,242 @@
+//! The backup's side of the protocol over a real socket, driven by a
+//! scripted primary: valid epochs commit; corrupt, truncated, duplicated
+//! and out-of-order ones are answered with RESYNC and never applied; the
+//! primary reconnects and protection resumes from the last commit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_replication::assembler::EpochBuilder;
+use tandem_replication::backup::{Activate, Backup, BackupConfig};
+use tandem_replication::link::{self, Endpoint, Listener};
+use tandem_replication::replica::{ReplicaStore, RAM_FILE};
+use tandem_replication::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
+use tokio::io::AsyncWriteExt;
+
+const RAM: u64 = 64 * PAGE_SIZE as u64;
+
+/// Takeover is disabled in these tests; reaching it is a failure.
+struct NeverActivate;
+impl Activate for NeverActivate {
+    fn activate(
+        &self,
+        vm: String,
+        _dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        Box::pin(async move { panic!("takeover of {vm} was not expected") })
+    }
+}
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    ep: Endpoint,
+    _backup: Arc<Backup>,
+}
+
+async fn rig() -> Rig {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("replicas");
+    let mut cfg = BackupConfig::new(root.clone());
+    cfg.auto_failover = false;
+    let backup = Backup::new(cfg, Arc::new(NeverActivate));
+    let ep = Endpoint::Unix(tmp.path().join("repl.sock"));
+    let listener = Listener::bind(&ep).await.unwrap();
+    let b = backup.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, peer)) = listener.accept().await {
+            tokio::spawn(b.clone().serve(conn, peer));
+        }
+    });
+    Rig {
+        _tmp: tmp,
+        root,
+        ep,
+        _backup: backup,
+    }
+}
+
+struct Conn {
+    s: link::BoxStream,
+}
+
+impl Conn {
+    async fn open(ep: &Endpoint) -> (Conn, u64) {
+        let mut s = link::connect(ep).await.unwrap();
+        let hello = Hello {
+            vm: "vm1".into(),
+            ram_size: RAM,
+            page_size: PAGE_SIZE as u64,
+            spec_toml: "name = \"vm1\"".into(),
+            disks: vec![HelloDisk {
+                name: "data".into(),
+                size: 1 << 20,
+            }],
+        };
+        let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(&hello).unwrap());
+        s.write_all(&f.encode()).await.unwrap();
+        let mut c = Conn { s };
+        let base = c
+            .next(FrameKind::Committed)
+            .await
+            .expect("hello answer")
+            .epoch;
+        (c, base)
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        // The backup may already have hung up; that is what some tests want.
+        let _ = self.s.write_all(bytes).await;
+        let _ = self.s.flush().await;
+    }
+
+    async fn send(&mut self, frames: &[Frame]) {
+        let mut all = Vec::new();
+        for f in frames {
+            all.extend(f.encode());
+        }
+        self.send_raw(&all).await;
+    }
+
+    /// The next frame of `kind`, skipping heartbeats; None on EOF/timeout.
+    async fn next(&mut self, kind: FrameKind) -> Option<Frame> {
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut self.s))
+                .await
+                .ok()?
+                .ok()??;
+            if f.kind == FrameKind::Heartbeat {
+                continue;
+            }
+            assert_eq!(f.kind, kind, "unexpected {f:?}");
+            return Some(f);
+        }
+    }
+}
+
+fn epoch(n: u64, fill: u8) -> Vec<Frame> {
+    let pages = [1u64, 7, 63];
+    let data = vec![fill; pages.len() * PAGE_SIZE];
+    let mut log = Vec::new();
+    tandem_replication::disklog::push(&mut log, 4096, &[fill; 512]);
+    EpochBuilder::build(
+        RAM,
+        n,
+        &pages,
+        &data,
+        format!("state-{n}").as_bytes(),
+        &[log],
+    )
+}
+
+fn ram_page(root: &std::path::Path, page: usize) -> u8 {
+    std::fs::read(root.join("vm1").join(RAM_FILE)).unwrap()[page * PAGE_SIZE]
+}
+
+fn committed(root: &std::path::Path) -> Option<u64> {
+    ReplicaStore::open(
+        &root.join("vm1"),
+        RAM,
+        &[HelloDisk {
+            name: "data".into(),
+            size: 1 << 20,
+        }],
+    )
+    .unwrap()
+    .committed_epoch()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_epochs_are_never_applied_and_protection_resumes() {
+    let r = rig().await;
+    let (mut c, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 0);
+    c.send(&epoch(1, 0x11)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+
+    // A flipped payload byte in the middle of epoch 2: the frame checksum
+    // fails, the backup resyncs from 1 and hangs up.
+    let mut bytes: Vec<u8> = epoch(2, 0x22).iter().flat_map(|f| f.encode()).collect();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    c.send_raw(&bytes).await;
+    let rs = c
+        .next(FrameKind::Resync)
+        .await
+        .expect("resync after corruption");
+    assert_eq!(rs.epoch, 1);
+    assert!(
+        c.next(FrameKind::Committed).await.is_none(),
+        "connection should close"
+    );
+    assert_eq!(
+        ram_page(&r.root, 7),
+        0x11,
+        "a corrupt epoch touched the replica"
+    );
+
+    // Reconnect: the handshake names epoch 1. A truncated epoch 2 (no end)
+    // followed by a hang-up leaves nothing applied either.
+    let (mut c, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 1);
+    let e2 = epoch(2, 0x22);
+    c.send(&e2[..e2.len() - 1]).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Duplicated epoch 1 is refused.
+    let (mut c, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 1);
+    c.send(&epoch(1, 0x33)).await;
+    assert_eq!(c.next(FrameKind::Resync).await.unwrap().epoch, 1);
+    assert_eq!(ram_page(&r.root, 7), 0x11);
+
+    // A frame of epoch 2 delivered out of order is refused.
+    let (mut c, _) = Conn::open(&r.ep).await;
+    let mut e2 = epoch(2, 0x22);
+    e2.swap(1, 2);
+    c.send(&e2).await;
+    assert!(c.next(FrameKind::Resync).await.is_some());
+
+    // And a valid epoch 2 on a fresh connection commits.
+    let (mut c, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 1);
+    c.send(&epoch(2, 0x22)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 2);
+    assert_eq!(ram_page(&r.root, 7), 0x22);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(committed(&r.root), Some(2));
+    let disk = std::fs::read(r.root.join("vm1/disk-data.raw")).unwrap();
+    assert_eq!(disk[4096], 0x22);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_hello_is_refused_without_touching_disk() {
+    let r = rig().await;
+    let mut s = link::connect(&r.ep).await.unwrap();
+    // Path traversal in the VM name must not create anything outside root.
+    let hello = serde_json::json!({"vm": "../../etc", "ram_size": RAM, "page_size": 4096});
+    let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(&hello).unwrap());
+    s.write_all(&f.encode()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut s))
+        .await
+        .unwrap();
+    assert!(
+        matches!(got, Ok(None) | Err(_)),
+        "expected a hang-up, got {got:?}"
+    );
+    assert!(!r.root.exists() || std::fs::read_dir(&r.root).unwrap().count() == 0);
+
+    // Garbage instead of a frame: hang-up, nothing created.
+    let mut s = link::connect(&r.ep).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n garbage garbage garbage")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut s))
+        .await
+        .unwrap();
+    assert!(matches!(got, Ok(None) | Err(_)));
+    assert!(!r.root.exists() || std::fs::read_dir(&r.root).unwrap().count() == 0);
+}
