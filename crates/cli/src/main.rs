@@ -661,6 +661,7 @@ fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
             r.client_served_ms,
             if r.passed { "PASS" } else { "FAIL" }
         );
+        println!("       guest memory after failover: {}", r.memory_check);
         for v in &r.violations {
             println!("       violation: {v}");
         }

@@ -30,6 +30,9 @@ use tandem_api::{FtRole, FtStatus, VmInfo};
 use checker::{Delivered, Violation};
 use topology::{Topology, GUEST_IP, REPL_B, TAP};
 
+/// Pages of guest memory the churn workload keeps rewriting (16 MiB).
+const CHURN_PAGES: usize = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KillMode {
@@ -80,6 +83,8 @@ pub struct RoundReport {
     pub restore_ms: f64,
     pub client_served_ms: f64,
     pub continued_records: usize,
+    /// The guest's own check of its churned memory after failover.
+    pub memory_check: String,
     pub violations: Vec<String>,
     pub passed: bool,
 }
@@ -393,6 +398,17 @@ tap = "{TAP}"
         (ft_backup(&b).ok()?.state == "standby").then_some(())
     })?;
     say(&format!("  protected; client workload from {}", topo.c));
+    // Memory churn in the guest: after failover it checks that every page
+    // it wrote came across whole (a missed dirty page shows up as stale).
+    let churn = topology::spawn_in_ns(&topo.c, || {
+        exchange(&format!("CHURN {CHURN_PAGES}"), Duration::from_secs(5))
+    })?
+    .join()
+    .map_err(|_| anyhow!("churn thread panicked"))??
+    .map_err(|e| anyhow!("starting the memory churn: {e}"))?;
+    if !churn.starts_with("CHURNING") {
+        bail!("guest refused the memory churn: {churn}");
+    }
 
     let shared = Arc::new(ClientShared::default());
     let client = {
@@ -456,9 +472,10 @@ tap = "{TAP}"
     let discarded = shared.discarded.lock().map(|d| *d).unwrap_or(0);
 
     // The resumed VM must know every delivered reply.
-    let (answers, last, continued) = {
+    let (answers, last, continued, memory) = {
         let delivered = delivered.clone();
         topology::spawn_in_ns(&topo.c, move || -> anyhow::Result<_> {
+            let memory = exchange("VERIFY", Duration::from_secs(30))?;
             let mut answers = BTreeMap::new();
             for d in &delivered {
                 answers.insert(
@@ -481,7 +498,7 @@ tap = "{TAP}"
                     continued += 1;
                 }
             }
-            Ok((answers, last, continued))
+            Ok((answers, last, continued, memory))
         })?
         .join()
         .map_err(|_| anyhow!("verification thread panicked"))???
@@ -495,6 +512,11 @@ tap = "{TAP}"
         Err(e) => bail!("reading the replica disk: {e:#}"),
     }
     let mut violations: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+    if !memory.starts_with("VERIFIED") {
+        violations.push(format!(
+            "the resumed guest's memory is inconsistent: {memory}"
+        ));
+    }
     if continued < 3 {
         violations.push(format!(
             "the client could not continue: {continued}/3 writes after failover"
@@ -522,6 +544,7 @@ tap = "{TAP}"
         restore_ms: report.restore_ms,
         client_served_ms: served.as_secs_f64() * 1e3,
         continued_records: continued,
+        memory_check: memory,
         passed: violations.is_empty(),
         violations,
     })

@@ -13,6 +13,7 @@
 //! `TANDEM_DATA_DIR` (default `/data`) and `TANDEM_PORT` (default 7070), so the
 //! same binary can be run on a host for a quick look.
 
+mod churn;
 mod proto;
 
 use std::fs::{File, OpenOptions};
@@ -192,26 +193,28 @@ fn serve(stream: TcpStream, store: &Mutex<Store>) {
     }
 }
 
+static CHURN: std::sync::OnceLock<churn::Churn> = std::sync::OnceLock::new();
+
 fn handle(line: &str, store: &Mutex<Store>) -> String {
     let req = match proto::parse_request(line) {
         Ok(r) => r,
         Err(e) => return format!("ERR {e}"),
     };
-    let mut store = match store.lock() {
-        Ok(s) => s,
-        Err(poisoned) => poisoned.into_inner(),
-    };
+    let churn = CHURN.get_or_init(churn::Churn::new);
+    let store = || store.lock().unwrap_or_else(|p| p.into_inner());
     match req {
         Request::Ping => "PONG".into(),
-        Request::Last => format!("LAST {}", store.records.len()),
+        Request::Churn(n) => churn.start(n),
+        Request::Verify => churn.verify(),
+        Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
-            .and_then(|i| store.records.get(i as usize))
+            .and_then(|i| store().records.get(i as usize).cloned())
         {
             Some(text) => format!("REC {seq} {text}"),
             None => format!("NONE {seq}"),
         },
-        Request::Put(text) => match store.put(&text) {
+        Request::Put(text) => match store().put(&text) {
             Ok(seq) => format!("OK {seq}"),
             Err(e) => format!("ERR write failed: {e}"),
         },

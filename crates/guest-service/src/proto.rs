@@ -9,6 +9,8 @@
 //! | `PUT <text>`   | `OK <seq>` once the record is fsync'd   |
 //! | `GET <seq>`    | `REC <seq> <text>` or `NONE <seq>`      |
 //! | `LAST`         | `LAST <seq>` (0 when empty)             |
+//! | `CHURN <n>`    | `CHURNING <n>`: rewrite n pages forever |
+//! | `VERIFY`       | `VERIFIED <n> <writes>` or `CORRUPT …`  |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
@@ -24,6 +26,10 @@ pub enum Request {
     Put(String),
     Get(u64),
     Last,
+    /// Start the memory churn over this many pages (see `churn`).
+    Churn(usize),
+    /// Stop the churn and check its memory.
+    Verify,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +58,14 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
     match verb {
         "" => Err(ParseError::Empty),
         "PING" => Ok(Request::Ping),
+        "VERIFY" => Ok(Request::Verify),
+        "CHURN" => rest
+            .and_then(|r| r.trim().parse::<usize>().ok())
+            .filter(|&n| (1..=65536).contains(&n))
+            .map(Request::Churn)
+            .ok_or(ParseError::BadArgument(
+                "CHURN needs a page count (1-65536)",
+            )),
         "LAST" => Ok(Request::Last),
         "PUT" => {
             let text = rest.unwrap_or("");
@@ -122,6 +136,9 @@ mod tests {
             Ok(Request::Put("a b c".into()))
         );
         assert_eq!(parse_request("GET 17"), Ok(Request::Get(17)));
+        assert_eq!(parse_request("CHURN 4096"), Ok(Request::Churn(4096)));
+        assert_eq!(parse_request("VERIFY"), Ok(Request::Verify));
+        assert!(parse_request("CHURN 0").is_err());
     }
 
     #[test]
