@@ -98,6 +98,29 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// Guest throughput protected vs unprotected (CPU-bound and
+    /// memory-dirtying work, timed from outside), per epoch length.
+    Throughput {
+        #[arg(long, value_delimiter = ',', default_value = "25,50,100")]
+        epoch_ms: Vec<u64>,
+        /// Iterations of CPU-bound work per measurement.
+        #[arg(long, default_value_t = 200_000_000)]
+        spin: u64,
+        /// 4 KiB pages written per memory-dirtying measurement.
+        #[arg(long, default_value_t = 200_000)]
+        dirty: u64,
+        /// Measurements per configuration (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+    },
     /// Failover time and epoch pause, side by side for several guest RAM
     /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
     Failover {
@@ -274,6 +297,62 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bench(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Bench(BenchCmd::Throughput {
+        epoch_ms,
+        spin,
+        dirty,
+        reps,
+        memory_mib,
+        image_dir,
+    }) = &cli.cmd
+    {
+        let tandemd = std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("tandemd"))
+            .context("locating tandemd")?;
+        let opts = tandem_drill::DrillOptions {
+            rounds: 1,
+            kill: None,
+            seed: 1,
+            epoch_ms: 50,
+            memory_mib: *memory_mib,
+            gate: true,
+            tandemd,
+            image_dir: image_dir.clone(),
+            work_dir: PathBuf::from("/tmp"),
+        };
+        let rows = tandem_drill::bench::throughput(&opts, epoch_ms, *spin, *dirty, *reps, |m| {
+            eprintln!("bench: {m}")
+        })?;
+        if cli.json {
+            return print_json(&rows);
+        }
+        println!("\nguest throughput, protected vs unprotected ({memory_mib} MiB guest, median of {reps})");
+        println!(
+            "{:>10} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>9}",
+            "epoch", "spin ms", "ratio", "dirty ms", "ratio", "pause p50", "pause p99", "epochs/s"
+        );
+        for r in &rows {
+            println!(
+                "{:>10} {:>10.0} {:>8.2} {:>10.0} {:>8.2} {:>10.2} {:>10.2} {:>9.1}",
+                r.epoch_ms
+                    .map(|e| format!("{e} ms"))
+                    .unwrap_or("off".into()),
+                r.spin_ms_median,
+                r.spin_ratio,
+                r.dirty_ms_median,
+                r.dirty_ratio,
+                r.pause_p50_ms,
+                r.pause_p99_ms,
+                r.epochs_per_s
+            );
+        }
+        println!(
+            "reproduce: tandem bench throughput --epoch-ms {} --spin {spin} --dirty {dirty} --reps {reps} --memory-mib {memory_mib}",
+            epoch_ms.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(",")
+        );
+        return Ok(());
+    }
     let Cmd::Bench(BenchCmd::Failover {
         rounds,
         memory_mib,
@@ -305,14 +384,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         let r = tandem_drill::run(&opts, |m| eprintln!("bench: {m}"))?;
         rows.push((mem, r));
     }
-    let pct = |mut v: Vec<f64>, p: f64| -> f64 {
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    };
+    let pct = |mut v: Vec<f64>, p: f64| tandem_drill::stats_ms(&mut v, p);
     println!("\nfailover benchmark: epoch {epoch_ms} ms, {rounds} drills per size (median / p99)");
     println!(
         "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19}",

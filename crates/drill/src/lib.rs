@@ -11,6 +11,7 @@
 //! received is known to the resumed VM, that every acknowledged record is on
 //! the replica disk, and that the client continues.
 
+pub mod bench;
 pub mod checker;
 pub mod topology;
 
@@ -246,6 +247,16 @@ impl Drop for Host {
     }
 }
 
+/// Nearest-rank percentile of `v` (sorted in place), in the unit of `v`.
+pub fn stats_ms(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -323,18 +334,23 @@ struct ClientShared {
     error: Mutex<Option<String>>,
 }
 
-fn run_round(
-    opts: &DrillOptions,
-    round: u32,
-    kill: KillMode,
-    rng: &mut Rng,
-    say: &mut impl FnMut(&str),
-) -> anyhow::Result<RoundReport> {
-    let tag = format!("{}{}", std::process::id() % 100_000, round);
+/// Two hosts and a client in namespaces, a tandemd per host, and the guest
+/// service booted (not yet protected) on host A.
+struct Site {
+    // Field order is drop order: daemons (and their QEMUs) go before the
+    // namespaces they live in.
+    a: Host,
+    b: Host,
+    topo: Topology,
+    work: PathBuf,
+    repl: String,
+}
+
+fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     let work = opts.work_dir.join(format!("tdrill-{tag}"));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let topo = Topology::create(&tag).context("building the namespaces")?;
+    let topo = Topology::create(tag).context("building the namespaces")?;
     let timeouts = [
         "--ft-heartbeat-ms",
         "100",
@@ -347,7 +363,7 @@ fn run_round(
     let mut b_args = timeouts.to_vec();
     b_args.extend(["--repl-listen", repl.as_str()]);
     let b = Host::start("b", &topo.b, opts, &work, &b_args)?;
-    let mut a = Host::start("a", &topo.a, opts, &work, &timeouts)?;
+    let a = Host::start("a", &topo.a, opts, &work, &timeouts)?;
 
     let disk = work.join("drill-data.qcow2");
     std::fs::copy(opts.image_dir.join("data.qcow2"), &disk)?;
@@ -383,20 +399,51 @@ tap = "{TAP}"
             block_on(api_a.get("/v1/vms/drill/console?offset=0")).ok()?;
         c.data.contains("TANDEM-GUEST-READY").then_some(())
     })?;
-    let _: FtStatus = block_on(api_a.post(
+    Ok(Site {
+        work,
+        topo,
+        a,
+        b,
+        repl,
+    })
+}
+
+/// Protects the guest on A to B and waits until B holds a resumable replica.
+fn protect(a: &Host, b: &Host, repl: &str, epoch_ms: u64) -> anyhow::Result<()> {
+    let _: FtStatus = block_on(a.api().post(
         "/v1/vms/drill/protect",
         &tandem_api::ProtectRequest {
-            backup: repl.clone(),
-            epoch_ms: Some(opts.epoch_ms),
+            backup: repl.to_string(),
+            epoch_ms: Some(epoch_ms),
         },
     ))?;
     wait_for("protection", Duration::from_secs(120), || {
-        let s = ft_primary(&a).ok()?;
+        let s = ft_primary(a).ok()?;
         (s.state == "protected").then_some(())
     })?;
     wait_for("backup standby", Duration::from_secs(30), || {
-        (ft_backup(&b).ok()?.state == "standby").then_some(())
+        (ft_backup(b).ok()?.state == "standby").then_some(())
     })?;
+    Ok(())
+}
+
+fn run_round(
+    opts: &DrillOptions,
+    round: u32,
+    kill: KillMode,
+    rng: &mut Rng,
+    say: &mut impl FnMut(&str),
+) -> anyhow::Result<RoundReport> {
+    let tag = format!("{}{}", std::process::id() % 100_000, round);
+    let Site {
+        work,
+        topo,
+        mut a,
+        b,
+        repl,
+    } = bring_up(opts, &tag)?;
+    let api_a = a.api();
+    protect(&a, &b, &repl, opts.epoch_ms)?;
     say(&format!("  protected; client workload from {}", topo.c));
     // Memory churn in the guest: after failover it checks that every page
     // it wrote came across whole (a missed dirty page shows up as stale).

@@ -206,6 +206,14 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         Request::Ping => "PONG".into(),
         Request::Churn(n) => churn.start(n),
         Request::Verify => churn.verify(),
+        Request::Spin(n) => {
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for i in 0..n {
+                x = std::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            }
+            format!("SPUN {n} {x:x}")
+        }
+        Request::Dirty(n) => dirty_pages(n),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
@@ -219,6 +227,22 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
             Err(e) => format!("ERR write failed: {e}"),
         },
     }
+}
+
+/// Writes `n` pages of a 32 MiB buffer, round robin: a memory-dirtying
+/// load for replication benchmarks.
+fn dirty_pages(n: u64) -> String {
+    static BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    const PAGES: u64 = 8192;
+    let mut buf = BUF.lock().unwrap_or_else(|p| p.into_inner());
+    if buf.is_empty() {
+        buf.resize(PAGES as usize * 4096, 0);
+    }
+    for i in 0..n {
+        let off = ((i % PAGES) * 4096) as usize;
+        buf[off..off + 4096].fill((i as u8).wrapping_add(1));
+    }
+    format!("DIRTIED {n}")
 }
 
 /// Each input device that can report KEY_POWER gets a reader thread; the

@@ -11,6 +11,8 @@
 //! | `LAST`         | `LAST <seq>` (0 when empty)             |
 //! | `CHURN <n>`    | `CHURNING <n>`: rewrite n pages forever |
 //! | `VERIFY`       | `VERIFIED <n> <writes>` or `CORRUPT …`  |
+//! | `SPIN <n>`     | `SPUN <n> <checksum>` (CPU-bound work)  |
+//! | `DIRTY <n>`    | `DIRTIED <n>` (writes n pages)          |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
@@ -30,6 +32,10 @@ pub enum Request {
     Churn(usize),
     /// Stop the churn and check its memory.
     Verify,
+    /// CPU-bound work: this many iterations of arithmetic.
+    Spin(u64),
+    /// Memory-dirtying work: write this many 4 KiB pages of a 32 MiB buffer.
+    Dirty(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +65,14 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
         "" => Err(ParseError::Empty),
         "PING" => Ok(Request::Ping),
         "VERIFY" => Ok(Request::Verify),
+        "SPIN" => rest
+            .and_then(|r| r.trim().parse::<u64>().ok())
+            .map(Request::Spin)
+            .ok_or(ParseError::BadArgument("SPIN needs an iteration count")),
+        "DIRTY" => rest
+            .and_then(|r| r.trim().parse::<u64>().ok())
+            .map(Request::Dirty)
+            .ok_or(ParseError::BadArgument("DIRTY needs a page count")),
         "CHURN" => rest
             .and_then(|r| r.trim().parse::<usize>().ok())
             .filter(|&n| (1..=65536).contains(&n))
