@@ -26,4 +26,7 @@ step "tests"
 # Guest-booting tests serialise themselves with a lock; pure tests run in parallel.
 cargo test --workspace --locked --no-fail-fast
 
+step "fuzz (bounded)"
+bash ci/fuzz.sh 30
+
 step "done"

@@ -78,6 +78,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub ram_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Network namespace tandemd runs in (its uplinks and taps live there).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -93,6 +95,15 @@ impl Daemon {
     /// Starts a daemon whose state directory is `state_dir` (e.g. a small
     /// file system the test mounted) instead of one in its temp dir.
     pub fn start_in(state_dir: Option<PathBuf>, extra_args: &[&str]) -> Self {
+        Self::start_full(state_dir, None, extra_args)
+    }
+
+    /// Starts a daemon inside network namespace `netns`.
+    pub fn start_in_netns(netns: &str, extra_args: &[&str]) -> Self {
+        Self::start_full(None, Some(netns.to_string()), extra_args)
+    }
+
+    fn start_full(state_dir: Option<PathBuf>, netns: Option<String>, extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tandem-e2e-")
             .tempdir()
@@ -104,6 +115,7 @@ impl Daemon {
             ram_dir: PathBuf::from(format!("/dev/shm/tandem-e2e-{}-{n}", std::process::id())),
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            netns,
             child: None,
         };
         d.spawn();
@@ -116,7 +128,17 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("tandemd.log"))
             .expect("daemon log");
-        let child = Command::new(bin("tandemd"))
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs tandemd in place: the child's pid is
+            // tandemd's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("tandemd"));
+                c
+            }
+            None => Command::new(bin("tandemd")),
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--socket")
@@ -386,6 +408,77 @@ pub fn ticks(console: &str) -> Vec<u64> {
         .filter_map(|l| l.trim().strip_prefix("tandem-guest: tick "))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
+}
+
+/// A network namespace this test created; deleted (with its interfaces)
+/// on drop, on success and on panic.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `tsw<pid><tag>` (unique per test process and tag) with
+    /// loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("tsw{}{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&format!("ip netns add {name}"));
+        let ns = Netns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace, requiring success.
+    pub fn run(&self, argv: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .expect("ip netns exec");
+        assert!(
+            out.status.success(),
+            "{argv:?} in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so its sockets
+    /// live there, and returns its result.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on a namespace fd we hold open; it only
+            // changes this (fresh) thread's network namespace.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs a shell command, requiring success.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A line-oriented TCP exchange with the guest service; bounded in time.

@@ -257,3 +257,10 @@ pub struct FtStatus {
     pub lag_epochs: u64,
     pub failover: Option<FailoverReport>,
 }
+
+/// Body of `POST /v1/switch/apply`, and part of `GET /v1/switch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwitchDocumentBody {
+    /// The whole switch configuration document, TOML.
+    pub document_toml: String,
+}

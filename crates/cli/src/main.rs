@@ -57,6 +57,9 @@ enum Cmd {
     /// Fault tolerance.
     #[command(subcommand)]
     Ft(FtCmd),
+    /// The host's virtual switch.
+    #[command(subcommand)]
+    Switch(SwitchCmd),
     /// Benchmarks (timing lives here, not in tests).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -141,6 +144,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SwitchCmd {
+    /// The switch's configuration document (TOML).
+    Show,
+    /// Replace the whole configuration with a document (`-`: standard
+    /// input). It is validated completely first; an invalid document, or a
+    /// port that cannot be created, changes nothing.
+    Apply { document: PathBuf },
+    /// Ports, their counters and drops by reason, uplink members, MAC table.
+    Stats,
 }
 
 #[derive(Subcommand, Debug)]
@@ -539,6 +554,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Drill { .. } | Cmd::Bench(_) => bail!("the drill runs outside the async runtime"),
+        Cmd::Switch(SwitchCmd::Show) => {
+            let d: tandem_api::SwitchDocumentBody = client.get("/v1/switch").await?;
+            if json {
+                return print_json(&d);
+            }
+            print!("{}", d.document_toml);
+        }
+        Cmd::Switch(SwitchCmd::Apply { document }) => {
+            let document_toml = if document.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&document)
+                    .with_context(|| format!("reading {}", document.display()))?
+            };
+            let r: tandem_switch::host::ApplyReport = client
+                .post(
+                    "/v1/switch/apply",
+                    &tandem_api::SwitchDocumentBody { document_toml },
+                )
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "applied: {} port(s) added, {} removed, {} unchanged",
+                r.added.len(),
+                r.removed.len(),
+                r.unchanged.len()
+            );
+            for n in &r.added {
+                println!("  + {n}");
+            }
+            for n in &r.removed {
+                println!("  - {n}");
+            }
+        }
+        Cmd::Switch(SwitchCmd::Stats) => {
+            let st: tandem_switch::host::SwitchStats = client.get("/v1/switch/stats").await?;
+            if json {
+                return print_json(&st);
+            }
+            print_switch_stats(&st);
+        }
         Cmd::Ft(FtCmd::Status { name }) => {
             let all: Vec<FtStatus> = match &name {
                 Some(n) => client.get(&format!("/v1/ft/{n}")).await?,
@@ -892,5 +950,72 @@ async fn follow_console(
             }))
             .await;
         }
+    }
+}
+
+fn print_switch_stats(st: &tandem_switch::host::SwitchStats) {
+    println!(
+        "{:<20} {:<14} {:<12} {:<4} {:>10} {:>12} {:>10} {:>12} {:>8}",
+        "PORT", "KIND", "GROUP", "UP", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "DROPS"
+    );
+    for p in &st.ports {
+        let d = &p.counters.drops;
+        let drops = d.malformed
+            + d.bad_descriptor
+            + d.queue_full
+            + d.vlan
+            + d.shaped
+            + d.security
+            + d.learn_limit
+            + d.gate
+            + d.no_buffer;
+        println!(
+            "{:<20} {:<14} {:<12} {:<4} {:>10} {:>12} {:>10} {:>12} {:>8}",
+            p.name,
+            p.kind,
+            p.port_group,
+            if p.up { "yes" } else { "no" },
+            p.counters.rx_frames,
+            p.counters.rx_bytes,
+            p.counters.tx_frames,
+            p.counters.tx_bytes,
+            drops
+        );
+        if drops > 0 {
+            let reasons = [
+                ("malformed", d.malformed),
+                ("bad-descriptor", d.bad_descriptor),
+                ("queue-full", d.queue_full),
+                ("vlan", d.vlan),
+                ("shaped", d.shaped),
+                ("security", d.security),
+                ("learn-limit", d.learn_limit),
+                ("gate", d.gate),
+                ("no-buffer", d.no_buffer),
+            ];
+            let line: Vec<String> = reasons
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect();
+            println!("{:<20} drops: {}", "", line.join(" "));
+        }
+    }
+    for (u, active) in &st.uplinks_active {
+        println!(
+            "uplink {u}: active member {}",
+            active.as_deref().unwrap_or("none (no member has carrier)")
+        );
+    }
+    println!("MAC table: {} entries", st.mac_table.len());
+    for e in &st.mac_table {
+        println!(
+            "  vlan {:<5} {} port {:<4} age {:>4}s{}",
+            e.vlan,
+            e.mac,
+            e.port,
+            e.age_s,
+            if e.pinned { " (VM)" } else { "" }
+        );
     }
 }

@@ -214,6 +214,8 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
             format!("SPUN {n} {x:x}")
         }
         Request::Dirty(n) => dirty_pages(n),
+        Request::Dial(addr, line) => dial(addr, &line),
+        Request::Blast(addr, ms) => blast(addr, ms),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
@@ -227,6 +229,49 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
             Err(e) => format!("ERR write failed: {e}"),
         },
     }
+}
+
+/// One request/reply exchange with another service, bounded by 2 s.
+fn dial(addr: std::net::SocketAddr, line: &str) -> String {
+    use std::io::BufRead;
+    let bound = std::time::Duration::from_secs(2);
+    let go = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, bound)?;
+        s.set_read_timeout(Some(bound))?;
+        s.set_write_timeout(Some(bound))?;
+        writeln!(s, "{line}")?;
+        let mut reply = String::new();
+        std::io::BufReader::new(s).read_line(&mut reply)?;
+        Ok(reply.trim_end().to_string())
+    };
+    match go() {
+        Ok(r) => format!("DIALED {r}"),
+        Err(e) => format!("DIALFAIL {e}"),
+    }
+}
+
+/// Sends zeros to `addr` over TCP for `ms` milliseconds.
+fn blast(addr: std::net::SocketAddr, ms: u64) -> String {
+    let t = std::time::Instant::now();
+    let until = std::time::Duration::from_millis(ms);
+    let mut s = match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+    {
+        Ok(s) => s,
+        Err(e) => return format!("DIALFAIL {e}"),
+    };
+    let _ = s.set_write_timeout(Some(std::time::Duration::from_millis(200)));
+    let buf = [0u8; 16384];
+    let mut sent: u64 = 0;
+    while t.elapsed() < until {
+        match s.write(&buf) {
+            Ok(n) => sent += n as u64,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => return format!("DIALFAIL after {sent} bytes: {e}"),
+        }
+    }
+    format!("BLASTED {sent} {}", t.elapsed().as_millis())
 }
 
 /// Writes `n` pages of a 32 MiB buffer, round robin: a memory-dirtying

@@ -13,6 +13,8 @@
 //! | `VERIFY`       | `VERIFIED <n> <writes>` or `CORRUPT …`  |
 //! | `SPIN <n>`     | `SPUN <n> <checksum>` (CPU-bound work)  |
 //! | `DIRTY <n>`    | `DIRTIED <n>` (writes n pages)          |
+//! | `DIAL <ip:port> <line>` | `DIALED <reply>` or `DIALFAIL <why>`: one request to another service (2 s bound) |
+//! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
@@ -36,6 +38,10 @@ pub enum Request {
     Spin(u64),
     /// Memory-dirtying work: write this many 4 KiB pages of a 32 MiB buffer.
     Dirty(u64),
+    /// Send one line to another service and return its reply line.
+    Dial(std::net::SocketAddr, String),
+    /// Send bulk data over TCP for this many milliseconds (≤ 60 s).
+    Blast(std::net::SocketAddr, u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +87,35 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
                 "CHURN needs a page count (1-65536)",
             )),
         "LAST" => Ok(Request::Last),
+        "DIAL" => {
+            let (addr, line) = rest
+                .and_then(|r| r.split_once(' '))
+                .ok_or(ParseError::BadArgument("DIAL needs an address and a line"))?;
+            let addr = addr
+                .parse()
+                .map_err(|_| ParseError::BadArgument("DIAL needs an IP:port address"))?;
+            if line.is_empty() {
+                return Err(ParseError::BadArgument("DIAL needs a line to send"));
+            }
+            Ok(Request::Dial(addr, line.to_string()))
+        }
+        "BLAST" => {
+            let (addr, ms) =
+                rest.and_then(|r| r.split_once(' '))
+                    .ok_or(ParseError::BadArgument(
+                        "BLAST needs an address and milliseconds",
+                    ))?;
+            let addr = addr
+                .parse()
+                .map_err(|_| ParseError::BadArgument("BLAST needs an IP:port address"))?;
+            let ms = ms
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&m| (1..=60_000).contains(&m))
+                .ok_or(ParseError::BadArgument("BLAST runs 1..=60000 ms"))?;
+            Ok(Request::Blast(addr, ms))
+        }
         "PUT" => {
             let text = rest.unwrap_or("");
             if text.is_empty() {
@@ -140,6 +175,27 @@ pub fn recover(log: &[u8]) -> Recovered {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn parses_network_verbs() {
+        let a: std::net::SocketAddr = "10.1.2.3:7070".parse().unwrap();
+        assert_eq!(
+            parse_request("DIAL 10.1.2.3:7070 PING"),
+            Ok(Request::Dial(a, "PING".into()))
+        );
+        assert_eq!(
+            parse_request("DIAL 10.1.2.3:7070 PUT two words"),
+            Ok(Request::Dial(a, "PUT two words".into()))
+        );
+        assert_eq!(
+            parse_request("BLAST 10.1.2.3:7070 500"),
+            Ok(Request::Blast(a, 500))
+        );
+        assert!(parse_request("DIAL nowhere PING").is_err());
+        assert!(parse_request("DIAL 10.1.2.3:7070").is_err());
+        assert!(parse_request("BLAST 10.1.2.3:7070 0").is_err());
+        assert!(parse_request("BLAST 10.1.2.3:7070 999999").is_err());
+    }
 
     #[test]
     fn parses_every_verb() {

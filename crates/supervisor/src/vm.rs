@@ -44,6 +44,23 @@ pub struct SupervisorConfig {
     pub probe_timeout: Duration,
     /// Bound on QEMU creating its QMP socket and answering after start.
     pub start_timeout: Duration,
+    /// Where switch NICs' vhost-user sockets live.
+    pub switch_dir: PathBuf,
+    /// The host's switch, which serves switch NICs; `None` on a host
+    /// without one (a VM with a switch NIC is then refused).
+    pub nic_ports: Option<Arc<dyn NicPorts>>,
+}
+
+/// The switch side of a VM's switch NICs (`backend = "switch"`). The
+/// supervisor attaches a VM's NICs when the VM is defined (or found on
+/// disk at start-up) and detaches them when it is destroyed; the port
+/// outlives QEMU restarts, so a rebooted or restored guest finds it.
+pub trait NicPorts: Send + Sync + std::fmt::Debug {
+    /// Creates (idempotently) the port serving `socket` for `nic` of `vm`.
+    /// The error says what is wrong (e.g. an unknown port group).
+    fn attach(&self, vm: &str, nic: &tandem_vmspec::NicSpec, socket: &Path) -> Result<(), String>;
+    /// Removes all of the VM's ports.
+    fn detach(&self, vm: &str);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +233,9 @@ impl Supervisor {
                 }
             };
             let vm = sup.new_vm(rec);
+            if let Err(e) = sup.attach_nics(&vm.record().spec) {
+                warn!(vm = %vm.name, "cannot attach its switch NICs: {}: {}", e.0, e.1);
+            }
             sup.vms.write().await.insert(vm.name.clone(), vm.clone());
             if vm.state().is_active() {
                 sup.reattach(&vm).await;
@@ -297,6 +317,12 @@ impl Supervisor {
             stop_requested: false,
             last_exit: None,
         };
+        self.attach_nics(&rec.spec).map_err(|e| {
+            SpecError::Invalid(vec![tandem_vmspec::FieldError {
+                field: e.0,
+                message: e.1,
+            }])
+        })?;
         let vm = self.new_vm(rec);
         std::fs::create_dir_all(&vm.dir)
             .map_err(io_err(format!("creating {}", vm.dir.display())))?;
@@ -305,6 +331,25 @@ impl Supervisor {
         vms.insert(vm.name.clone(), vm.clone());
         drop(vms);
         Ok(self.info_of(&vm).await)
+    }
+
+    /// Attaches the spec's switch NICs; the error is (field, message).
+    fn attach_nics(&self, spec: &tandem_vmspec::VmSpec) -> Result<(), (String, String)> {
+        for (i, n) in spec.nics.iter().enumerate() {
+            if n.backend != tandem_vmspec::NicBackend::Switch {
+                continue;
+            }
+            let field = format!("nics[{i}].port_group");
+            let Some(ports) = &self.cfg.nic_ports else {
+                return Err((field, "this host runs no switch".into()));
+            };
+            let sock = tandem_vmspec::switch_socket(&self.cfg.switch_dir, &spec.name, &n.name);
+            if let Err(e) = ports.attach(&spec.name, n, &sock) {
+                ports.detach(&spec.name);
+                return Err((field, e));
+            }
+        }
+        Ok(())
     }
 
     async fn resolve_accel(&self, wanted: Accelerator) -> Accel {
@@ -458,6 +503,7 @@ impl Supervisor {
             qboot_rom: self.cfg.qboot_rom.clone(),
             accel,
             incoming: restore.is_some(),
+            switch_dir: self.cfg.switch_dir.clone(),
         };
         let argv = build_argv(&spec, &rt);
         let mut shim_child = self
@@ -919,6 +965,9 @@ impl Supervisor {
         let _ = std::fs::remove_file(&vm.ram_file);
         std::fs::remove_dir_all(&vm.dir)
             .map_err(io_err(format!("removing {}", vm.dir.display())))?;
+        if let Some(ports) = &self.cfg.nic_ports {
+            ports.detach(name);
+        }
         self.vms.write().await.remove(name);
         info!(vm = %name, "destroyed");
         Ok(())

@@ -9,6 +9,7 @@
 mod api;
 mod ft;
 mod ftdisk;
+mod switch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tandem_supervisor::shim::{run_shim, ShimLauncher};
 use tandem_supervisor::{Supervisor, SupervisorConfig};
+use tandem_switch::host::SwitchHost;
 use tokio::net::UnixListener;
 use tracing::info;
 
@@ -64,6 +66,15 @@ struct Args {
     /// Bound on QEMU answering QMP after it is started.
     #[arg(long, default_value_t = 15_000)]
     start_timeout_ms: u64,
+
+    /// Where VM switch NICs' vhost-user sockets live (default: STATE_DIR/switch).
+    #[arg(long)]
+    switch_dir: Option<PathBuf>,
+
+    /// The switch configuration document (default: STATE_DIR/switch.toml);
+    /// `tandem switch apply` replaces it.
+    #[arg(long)]
+    switch_config: Option<PathBuf>,
 
     /// Accept replication streams (be a backup) on HOST:PORT or unix:PATH.
     #[arg(long)]
@@ -127,6 +138,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let qemu = resolve_binary(&args.qemu);
+    let switch_dir = args
+        .switch_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("switch"));
+    let switch_config = args
+        .switch_config
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("switch.toml"));
+    let switch = SwitchHost::start(&switch_config)
+        .with_context(|| format!("starting the switch with {}", switch_config.display()))?;
     let cfg = SupervisorConfig {
         state_dir: args.state_dir.clone(),
         ram_dir: args.ram_dir.clone(),
@@ -138,6 +159,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         image_dir: args.image_dir.clone(),
         probe_timeout: Duration::from_millis(args.accel_probe_timeout_ms),
         start_timeout: Duration::from_millis(args.start_timeout_ms),
+        switch_dir,
+        nic_ports: Some(Arc::new(switch::SwitchPorts(switch.clone()))),
     };
     let listener = bind_socket(&args.socket).await?;
     let sup = Supervisor::open(cfg).await.context("loading VM records")?;
@@ -173,12 +196,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     .await
     .context("starting the replication service")?;
 
-    let app = api::router(Arc::clone(&sup)).merge(ft::router(ft));
+    let app = api::router(Arc::clone(&sup))
+        .merge(ft::router(ft))
+        .merge(switch::router(switch.clone()));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;
     let _ = std::fs::remove_file(&args.socket);
+    tokio::task::block_in_place(|| switch.shutdown());
     info!("tandemd stopped; VMs keep running and will be re-attached by the next tandemd");
     Ok(())
 }

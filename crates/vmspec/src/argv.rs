@@ -38,6 +38,14 @@ pub struct RuntimePaths {
     /// Start with `-incoming defer`: the guest's devices will be loaded from
     /// a checkpoint (its RAM is already in `ram_file`) instead of booting.
     pub incoming: bool,
+    /// Where the switch serves its vhost-user sockets, for switch NICs.
+    pub switch_dir: PathBuf,
+}
+
+/// The vhost-user socket of a VM's switch NIC: the switch listens on it and
+/// QEMU connects.
+pub fn switch_socket(switch_dir: &std::path::Path, vm: &str, nic: &str) -> PathBuf {
+    switch_dir.join(format!("{vm}.{nic}.sock"))
 }
 
 /// Node name of a disk's format layer; later work (mirroring) refers to it.
@@ -147,6 +155,20 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
                 let tap = n.tap.as_deref().unwrap_or_default();
                 format!("tap,id=net-{},ifname={tap},script=no,downscript=no", n.name)
             }
+            NicBackend::Switch => {
+                let sock = switch_socket(&rt.switch_dir, &spec.name, &n.name);
+                // reconnect-ms: if the switch restarts (tandemd upgrade or
+                // crash), QEMU re-attaches the NIC by itself.
+                push(&[
+                    "-chardev",
+                    &format!(
+                        "socket,id=vu-{},path={},reconnect-ms=1000",
+                        n.name,
+                        sock.display()
+                    ),
+                ]);
+                format!("vhost-user,id=net-{0},chardev=vu-{0}", n.name)
+            }
         };
         push(&["-netdev", &netdev]);
         push(&[
@@ -174,6 +196,7 @@ mod tests {
             qboot_rom: "/usr/share/qemu/qboot.rom".into(),
             accel,
             incoming: false,
+            switch_dir: "/run/t/switch".into(),
         }
     }
 

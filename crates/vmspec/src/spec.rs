@@ -121,6 +121,9 @@ pub struct NicSpec {
     /// The host tap device, for `backend = "tap"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// The switch port group, for `backend = "switch"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_group: Option<String>,
     /// TCP forwards from loopback, for `backend = "user"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_forwards: Vec<HostForward>,
@@ -134,6 +137,8 @@ pub enum NicBackend {
     User,
     /// An existing tap device on the host.
     Tap,
+    /// A port of tandem's vhost-user switch, in `port_group`.
+    Switch,
 }
 
 /// A TCP forward from `127.0.0.1:host_port` to `guest_port` in the guest.
@@ -477,7 +482,26 @@ impl VmSpec {
                     &format!("nics[{i}].tap"),
                     "only the tap backend takes a tap device".into(),
                 ),
-                (NicBackend::User, None) => {}
+                (NicBackend::User, None) | (NicBackend::Switch, None) => {}
+                (NicBackend::Switch, Some(_)) => err(
+                    &format!("nics[{i}].tap"),
+                    "only the tap backend takes a tap device".into(),
+                ),
+            }
+            match (n.backend, &n.port_group) {
+                (NicBackend::Switch, None) => err(
+                    &format!("nics[{i}].port_group"),
+                    "missing: a switch NIC names its port group".into(),
+                ),
+                (NicBackend::Switch, Some(g)) if !valid_name(g) => err(
+                    &format!("nics[{i}].port_group"),
+                    format!("`{g}` is not a valid port group name"),
+                ),
+                (NicBackend::User | NicBackend::Tap, Some(_)) => err(
+                    &format!("nics[{i}].port_group"),
+                    "only a switch NIC has a port group".into(),
+                ),
+                _ => {}
             }
         }
 

@@ -1,0 +1,576 @@
+//! The switch's declarative configuration document and its validation.
+//!
+//! One TOML (or JSON) document describes the whole switch: table limits,
+//! port groups (the policy), uplinks and host ports. VM ports are not in
+//! it: they come and go with VMs and name a port group. A document is
+//! validated completely — every problem is reported with the path of the
+//! field that has it — before anything is changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::shaper::ShapingPolicy;
+
+pub const DEFAULT_TABLE_LIMIT: usize = 4096;
+pub const DEFAULT_AGING_S: u64 = 300;
+pub const DEFAULT_QUEUE_FRAMES: usize = 1024;
+/// The VLAN an access port group uses when it names none.
+pub const DEFAULT_VLAN: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchDocument {
+    #[serde(default)]
+    pub switch: SwitchSettings,
+    #[serde(default, rename = "port_group")]
+    pub port_groups: Vec<PortGroup>,
+    #[serde(default, rename = "uplink")]
+    pub uplinks: Vec<UplinkSpec>,
+    #[serde(default, rename = "host_port")]
+    pub host_ports: Vec<HostPortSpec>,
+}
+
+impl Default for SwitchDocument {
+    /// A switch with one port group, `default` (access VLAN 1), and no
+    /// uplinks: VMs on one host can reach each other, nothing else.
+    fn default() -> Self {
+        Self {
+            switch: SwitchSettings::default(),
+            port_groups: vec![PortGroup::named("default")],
+            uplinks: vec![],
+            host_ports: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwitchSettings {
+    /// Most MAC table entries (all VLANs together).
+    pub mac_table_limit: usize,
+    /// Seconds after which an address not seen again is forgotten.
+    pub mac_aging_s: u64,
+    /// Frames each port may have waiting to leave before it drops.
+    pub port_queue_frames: usize,
+}
+
+impl Default for SwitchSettings {
+    fn default() -> Self {
+        Self {
+            mac_table_limit: DEFAULT_TABLE_LIMIT,
+            mac_aging_s: DEFAULT_AGING_S,
+            port_queue_frames: DEFAULT_QUEUE_FRAMES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VlanMode {
+    /// Untagged frames on the port, in one VLAN (`vlan`).
+    #[default]
+    Access,
+    /// 802.1Q-tagged frames of the `allowed_vlans`; untagged frames belong
+    /// to `native_vlan` if one is set and are dropped otherwise.
+    Trunk,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortGroup {
+    pub name: String,
+    #[serde(default)]
+    pub vlan_mode: VlanMode,
+    /// Access VLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+    /// Trunk VLANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_vlans: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_vlan: Option<u16>,
+    /// Policing of what the port sends into the switch (a VM's transmit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping_in: Option<ShapingPolicy>,
+    /// Policing of what the switch delivers to the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping_out: Option<ShapingPolicy>,
+    /// May a VM send with a source MAC other than its NIC's?
+    #[serde(default)]
+    pub allow_mac_change: bool,
+    /// Does a port see every frame of its VLAN, not only its own?
+    #[serde(default)]
+    pub allow_promiscuous: bool,
+    /// Most addresses learned on one port (0: only the table's limit).
+    #[serde(default)]
+    pub learn_limit: usize,
+}
+
+impl PortGroup {
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            vlan_mode: VlanMode::Access,
+            vlan: None,
+            allowed_vlans: vec![],
+            native_vlan: None,
+            shaping_in: None,
+            shaping_out: None,
+            allow_mac_change: false,
+            allow_promiscuous: false,
+            learn_limit: 0,
+        }
+    }
+
+    /// Which VLAN an incoming frame belongs to, and whether the port group
+    /// accepts it at all (`None`: drop). `tag` is the frame's outer VID.
+    pub fn classify(&self, tag: Option<u16>) -> Option<u16> {
+        match (self.vlan_mode, tag) {
+            (VlanMode::Access, None) => Some(self.vlan.unwrap_or(DEFAULT_VLAN)),
+            (VlanMode::Access, Some(_)) => None,
+            (VlanMode::Trunk, Some(v)) => self.allowed_vlans.contains(&v).then_some(v),
+            (VlanMode::Trunk, None) => self.native_vlan,
+        }
+    }
+
+    /// How a frame of `vlan` leaves a port of this group: `None` (not a
+    /// member), `Some(false)` untagged, `Some(true)` tagged.
+    pub fn egress_tagging(&self, vlan: u16) -> Option<bool> {
+        match self.vlan_mode {
+            VlanMode::Access => (self.vlan.unwrap_or(DEFAULT_VLAN) == vlan).then_some(false),
+            VlanMode::Trunk => {
+                if self.native_vlan == Some(vlan) {
+                    Some(false)
+                } else {
+                    self.allowed_vlans.contains(&vlan).then_some(true)
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSpec {
+    pub name: String,
+    /// Host interfaces in failover order: the first one with carrier
+    /// carries the traffic.
+    pub interfaces: Vec<String>,
+    pub port_group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostPortSpec {
+    pub name: String,
+    /// The tap interface tandem creates for the host's stack.
+    pub tap: String,
+    pub port_group: String,
+}
+
+/// One problem in a document, located by its field path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct InvalidDocument(pub Vec<FieldProblem>);
+
+impl fmt::Display for InvalidDocument {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid switch document: ")?;
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A port that is not in the document but uses one of its port groups.
+#[derive(Debug, Clone)]
+pub struct PortGroupUser {
+    pub port_group: String,
+    /// e.g. `vm web1 nic 0`.
+    pub who: String,
+}
+
+impl SwitchDocument {
+    /// Parses TOML; syntax errors and unknown fields name the field.
+    pub fn from_toml(text: &str) -> Result<Self, InvalidDocument> {
+        toml::from_str(text).map_err(|e| {
+            InvalidDocument(vec![FieldProblem {
+                field: "document".into(),
+                message: e.message().to_string()
+                    + &e.span()
+                        .map(|s| {
+                            let line = text[..s.start.min(text.len())].lines().count().max(1);
+                            format!(" (line {line})")
+                        })
+                        .unwrap_or_default(),
+            }])
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn port_group(&self, name: &str) -> Option<&PortGroup> {
+        self.port_groups.iter().find(|g| g.name == name)
+    }
+
+    /// Checks everything; `users` are the VM ports currently attached, so
+    /// a document cannot remove a port group that is in use.
+    pub fn validate(&self, users: &[PortGroupUser]) -> Result<(), InvalidDocument> {
+        let mut p = Vec::new();
+        let mut bad = |field: String, message: String| p.push(FieldProblem { field, message });
+        let s = &self.switch;
+        if s.mac_table_limit == 0 || s.mac_table_limit > 1_000_000 {
+            bad(
+                "switch.mac_table_limit".into(),
+                format!("{} is out of range (1..=1000000)", s.mac_table_limit),
+            );
+        }
+        if s.mac_aging_s == 0 || s.mac_aging_s > 1_000_000 {
+            bad(
+                "switch.mac_aging_s".into(),
+                format!("{} is out of range (1..=1000000 seconds)", s.mac_aging_s),
+            );
+        }
+        if s.port_queue_frames < 16 || s.port_queue_frames > 65536 {
+            bad(
+                "switch.port_queue_frames".into(),
+                format!("{} is out of range (16..=65536)", s.port_queue_frames),
+            );
+        }
+        let vid_ok = |v: u16| (1..=4094).contains(&v);
+        let mut group_names = BTreeSet::new();
+        for (i, g) in self.port_groups.iter().enumerate() {
+            let at = |f: &str| format!("port_group[{i}].{f}");
+            if let Err(m) = check_name(&g.name, 32) {
+                bad(at("name"), m);
+            }
+            if !group_names.insert(g.name.as_str()) {
+                bad(at("name"), format!("duplicate port group `{}`", g.name));
+            }
+            match g.vlan_mode {
+                VlanMode::Access => {
+                    if let Some(v) = g.vlan {
+                        if !vid_ok(v) {
+                            bad(at("vlan"), format!("VLAN {v} is not usable (1..=4094)"));
+                        }
+                    }
+                    if !g.allowed_vlans.is_empty() {
+                        bad(
+                            at("allowed_vlans"),
+                            "only a trunk port group has allowed_vlans".into(),
+                        );
+                    }
+                    if g.native_vlan.is_some() {
+                        bad(
+                            at("native_vlan"),
+                            "only a trunk port group has a native VLAN".into(),
+                        );
+                    }
+                }
+                VlanMode::Trunk => {
+                    if g.vlan.is_some() {
+                        bad(
+                            at("vlan"),
+                            "a trunk port group uses allowed_vlans, not vlan".into(),
+                        );
+                    }
+                    if g.allowed_vlans.is_empty() && g.native_vlan.is_none() {
+                        bad(
+                            at("allowed_vlans"),
+                            "a trunk needs at least one VLAN".into(),
+                        );
+                    }
+                    let mut seen = BTreeSet::new();
+                    for (j, &v) in g.allowed_vlans.iter().enumerate() {
+                        if !vid_ok(v) {
+                            bad(
+                                format!("port_group[{i}].allowed_vlans[{j}]"),
+                                format!("VLAN {v} is not usable (1..=4094)"),
+                            );
+                        }
+                        if !seen.insert(v) {
+                            bad(
+                                format!("port_group[{i}].allowed_vlans[{j}]"),
+                                format!("VLAN {v} is listed twice"),
+                            );
+                        }
+                    }
+                    if let Some(v) = g.native_vlan {
+                        if !vid_ok(v) {
+                            bad(
+                                at("native_vlan"),
+                                format!("VLAN {v} is not usable (1..=4094)"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (f, sp) in [
+                ("shaping_in", &g.shaping_in),
+                ("shaping_out", &g.shaping_out),
+            ] {
+                if let Some(sp) = sp {
+                    if sp.average_kbps == 0 {
+                        bad(at(&format!("{f}.average_kbps")), "must be above 0".into());
+                    }
+                    if sp.peak_kbps < sp.average_kbps {
+                        bad(
+                            at(&format!("{f}.peak_kbps")),
+                            format!(
+                                "{} is below the average rate {}",
+                                sp.peak_kbps, sp.average_kbps
+                            ),
+                        );
+                    }
+                    if sp.burst_bytes < crate::port::MAX_FRAME as u64 {
+                        bad(
+                            at(&format!("{f}.burst_bytes")),
+                            format!(
+                                "{} cannot pass one full frame (at least {})",
+                                sp.burst_bytes,
+                                crate::port::MAX_FRAME
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let mut port_names: BTreeMap<&str, String> = BTreeMap::new();
+        let mut ifaces: BTreeMap<&str, String> = BTreeMap::new();
+        for (i, u) in self.uplinks.iter().enumerate() {
+            let at = |f: &str| format!("uplink[{i}].{f}");
+            if let Err(m) = check_name(&u.name, 32) {
+                bad(at("name"), m);
+            }
+            if let Some(prev) = port_names.insert(&u.name, at("name")) {
+                bad(
+                    at("name"),
+                    format!("duplicate port name `{}` (also {prev})", u.name),
+                );
+            }
+            if u.interfaces.is_empty() {
+                bad(
+                    at("interfaces"),
+                    "an uplink needs at least one interface".into(),
+                );
+            }
+            for (j, ifname) in u.interfaces.iter().enumerate() {
+                let f = format!("uplink[{i}].interfaces[{j}]");
+                if let Err(m) = check_ifname(ifname) {
+                    bad(f.clone(), m);
+                }
+                if let Some(prev) = ifaces.insert(ifname, f.clone()) {
+                    bad(f, format!("interface `{ifname}` is already used by {prev}"));
+                }
+            }
+            if !group_names.contains(u.port_group.as_str()) {
+                bad(
+                    at("port_group"),
+                    format!("unknown port group `{}`", u.port_group),
+                );
+            }
+        }
+        for (i, h) in self.host_ports.iter().enumerate() {
+            let at = |f: &str| format!("host_port[{i}].{f}");
+            if let Err(m) = check_name(&h.name, 32) {
+                bad(at("name"), m);
+            }
+            if let Some(prev) = port_names.insert(&h.name, at("name")) {
+                bad(
+                    at("name"),
+                    format!("duplicate port name `{}` (also {prev})", h.name),
+                );
+            }
+            if let Err(m) = check_ifname(&h.tap) {
+                bad(at("tap"), m);
+            }
+            if let Some(prev) = ifaces.insert(&h.tap, at("tap")) {
+                bad(
+                    at("tap"),
+                    format!("interface `{}` is already used by {prev}", h.tap),
+                );
+            }
+            if !group_names.contains(h.port_group.as_str()) {
+                bad(
+                    at("port_group"),
+                    format!("unknown port group `{}`", h.port_group),
+                );
+            }
+        }
+        for u in users {
+            if !group_names.contains(u.port_group.as_str()) {
+                bad(
+                    "port_group".into(),
+                    format!(
+                        "port group `{}` is in use by {} and cannot be removed",
+                        u.port_group, u.who
+                    ),
+                );
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidDocument(p))
+        }
+    }
+}
+
+fn check_name(name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() || name.len() > max {
+        return Err(format!("`{name}` must be 1..={max} characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "`{name}` may hold only letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// Linux interface names: 1..=15 bytes, no `/`, whitespace or `:`.
+fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("interface name `{name}` must be 1..=15 characters"));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[switch]
+mac_table_limit = 1000
+
+[[port_group]]
+name = "web"
+vlan = 10
+
+[[port_group]]
+name = "db"
+vlan = 20
+shaping_in = { average_kbps = 10000, peak_kbps = 20000, burst_bytes = 65536 }
+
+[[port_group]]
+name = "trunk"
+vlan_mode = "trunk"
+allowed_vlans = [10, 20]
+
+[[uplink]]
+name = "up0"
+interfaces = ["eth1", "eth2"]
+port_group = "trunk"
+
+[[host_port]]
+name = "mgmt"
+tap = "tdm-mgmt"
+port_group = "web"
+"#;
+
+    fn fields(e: InvalidDocument) -> Vec<String> {
+        e.0.into_iter().map(|p| p.field).collect()
+    }
+
+    #[test]
+    fn a_good_document_validates() {
+        let d = SwitchDocument::from_toml(GOOD).unwrap();
+        d.validate(&[]).unwrap();
+        assert_eq!(d.switch.mac_aging_s, DEFAULT_AGING_S, "defaults fill in");
+        let again = SwitchDocument::from_toml(&d.to_toml()).unwrap();
+        assert_eq!(again, d, "round-trips through TOML");
+        SwitchDocument::default().validate(&[]).unwrap();
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let text = GOOD
+            .replace("vlan = 20", "vlan = 4095")
+            .replace("port_group = \"trunk\"", "port_group = \"nope\"")
+            .replace("name = \"mgmt\"", "name = \"up0\"");
+        let e = SwitchDocument::from_toml(&text)
+            .unwrap()
+            .validate(&[])
+            .unwrap_err();
+        let f = fields(e.clone());
+        assert!(f.contains(&"port_group[1].vlan".to_string()), "{e}");
+        assert!(f.contains(&"uplink[0].port_group".to_string()), "{e}");
+        assert!(f.contains(&"host_port[0].name".to_string()), "{e}");
+        assert!(e.to_string().contains("4095"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_shapes_are_rejected() {
+        let e = SwitchDocument::from_toml("[switch]\nmac_tabel_limit = 3\n").unwrap_err();
+        assert!(e.to_string().contains("mac_tabel_limit"), "{e}");
+        let text = GOOD.replace("peak_kbps = 20000", "peak_kbps = 5");
+        let e = SwitchDocument::from_toml(&text)
+            .unwrap()
+            .validate(&[])
+            .unwrap_err();
+        assert_eq!(fields(e), vec!["port_group[1].shaping_in.peak_kbps"]);
+        let text = GOOD.replace("allowed_vlans = [10, 20]", "allowed_vlans = [10, 10]");
+        let e = SwitchDocument::from_toml(&text)
+            .unwrap()
+            .validate(&[])
+            .unwrap_err();
+        assert_eq!(fields(e), vec!["port_group[2].allowed_vlans[1]"]);
+    }
+
+    #[test]
+    fn a_port_group_in_use_cannot_go() {
+        let d = SwitchDocument::from_toml(GOOD).unwrap();
+        let users = [PortGroupUser {
+            port_group: "gone".into(),
+            who: "vm a nic 0".into(),
+        }];
+        let e = d.validate(&users).unwrap_err();
+        assert!(e.to_string().contains("vm a nic 0"), "{e}");
+    }
+
+    #[test]
+    fn vlan_membership() {
+        let d = SwitchDocument::from_toml(GOOD).unwrap();
+        let web = d.port_group("web").unwrap();
+        assert_eq!(web.classify(None), Some(10));
+        assert_eq!(web.classify(Some(10)), None, "access ports take no tags");
+        assert_eq!(web.egress_tagging(10), Some(false));
+        assert_eq!(web.egress_tagging(20), None);
+        let t = d.port_group("trunk").unwrap();
+        assert_eq!(t.classify(Some(20)), Some(20));
+        assert_eq!(t.classify(Some(30)), None);
+        assert_eq!(t.classify(None), None, "no native VLAN");
+        assert_eq!(t.egress_tagging(10), Some(true));
+    }
+}

@@ -1,0 +1,448 @@
+//! The switch as a host runs it: the forwarding core plus the I/O of every
+//! port, the configuration document kept on disk, and a housekeeping
+//! thread (MAC aging, VM port up/down). tandemd owns one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::config::{HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
+use crate::fdb::FdbEntry;
+use crate::hostport::{HostPortConfig, HostPortHandle};
+use crate::port::{Ingress, PortId};
+use crate::switch::{PortKind, PortStats, Switch, SwitchError};
+use crate::uplink::{UplinkConfig, UplinkHandle};
+use crate::vhost::{VmPortConfig, VmPortHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidDocument),
+    #[error("{what}: {why}")]
+    Port { what: String, why: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+}
+
+/// What `tandem switch stats` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwitchStats {
+    pub ports: Vec<PortStats>,
+    /// Uplink name → the member interface carrying its traffic.
+    pub uplinks_active: BTreeMap<String, Option<String>>,
+    pub mac_table: Vec<FdbEntry>,
+}
+
+/// What an apply changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+struct VmPort {
+    nic: String,
+    port_group: String,
+    mac: String,
+    socket: PathBuf,
+    id: PortId,
+    handle: VmPortHandle,
+    /// (connected, connections) as last seen by housekeeping.
+    seen: (bool, u64),
+}
+
+#[derive(Default)]
+struct Ports {
+    uplinks: BTreeMap<String, (UplinkSpec, PortId, UplinkHandle)>,
+    host_ports: BTreeMap<String, (HostPortSpec, PortId, HostPortHandle)>,
+    vms: BTreeMap<String, Vec<VmPort>>,
+}
+
+pub struct SwitchHost {
+    sw: Arc<Switch>,
+    ports: Arc<Mutex<Ports>>,
+    doc_path: PathBuf,
+    stop: Arc<AtomicBool>,
+    housekeeping: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SwitchHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchHost")
+            .field("doc_path", &self.doc_path)
+            .finish()
+    }
+}
+
+impl SwitchHost {
+    /// Starts the switch with the document saved at `doc_path` (the
+    /// default document if there is none yet).
+    pub fn start(doc_path: &Path) -> Result<Arc<Self>, HostError> {
+        let doc = match std::fs::read_to_string(doc_path) {
+            Ok(text) => SwitchDocument::from_toml(&text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SwitchDocument::default(),
+            Err(source) => {
+                return Err(HostError::Io {
+                    op: "reading",
+                    path: doc_path.into(),
+                    source,
+                })
+            }
+        };
+        let sw = Switch::new(SwitchDocument::default())?;
+        let host = Arc::new(Self {
+            sw,
+            ports: Arc::new(Mutex::new(Ports::default())),
+            doc_path: doc_path.into(),
+            stop: Arc::new(AtomicBool::new(false)),
+            housekeeping: Mutex::new(None),
+        });
+        host.apply(doc)?;
+        let (sw, ports, stop) = (host.sw.clone(), host.ports.clone(), host.stop.clone());
+        let t = std::thread::Builder::new()
+            .name("switch-housekeeping".into())
+            .spawn(move || housekeeping(sw, ports, stop))
+            .map_err(|source| HostError::Io {
+                op: "starting",
+                path: "switch housekeeping thread".into(),
+                source,
+            })?;
+        *host.housekeeping.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        Ok(host)
+    }
+
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.sw
+    }
+
+    pub fn document(&self) -> SwitchDocument {
+        (*self.sw.document()).clone()
+    }
+
+    /// Makes `doc` the switch's configuration, all or nothing: it is
+    /// validated completely first; then the policy of every port changes at
+    /// once, uplinks and host ports are created and removed to match, and
+    /// the document is saved. If a port cannot be created, everything is
+    /// put back as it was and the error names the port.
+    pub fn apply(&self, doc: SwitchDocument) -> Result<ApplyReport, HostError> {
+        doc.validate(&self.sw.port_group_users())?;
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = self.sw.document();
+        let mut report = ApplyReport::default();
+
+        let stale_uplinks: Vec<String> = ports
+            .uplinks
+            .iter()
+            .filter(|(n, (spec, _, _))| !doc.uplinks.iter().any(|u| &u.name == *n && u == spec))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stale_hosts: Vec<String> = ports
+            .host_ports
+            .iter()
+            .filter(|(n, (spec, _, _))| !doc.host_ports.iter().any(|h| &h.name == *n && h == spec))
+            .map(|(n, _)| n.clone())
+            .collect();
+        // Stale ports go first: a changed port is recreated under its name
+        // (and a tap under its interface name), which must be free.
+        let mut removed_uplinks = Vec::new();
+        for n in &stale_uplinks {
+            if let Some((spec, id, h)) = ports.uplinks.remove(n) {
+                h.shutdown();
+                self.sw.remove_port(id);
+                removed_uplinks.push(spec);
+                report.removed.push(n.clone());
+            }
+        }
+        let mut removed_hosts = Vec::new();
+        for n in &stale_hosts {
+            if let Some((spec, id, h)) = ports.host_ports.remove(n) {
+                h.shutdown();
+                self.sw.remove_port(id);
+                removed_hosts.push(spec);
+                report.removed.push(n.clone());
+            }
+        }
+        self.sw.set_document(doc.clone())?;
+
+        let result = self.create_ports(&mut ports, &doc.uplinks, &doc.host_ports, &mut report);
+        if let Err(e) = result {
+            warn!("switch apply failed, restoring the previous configuration: {e}");
+            for n in &report.added {
+                if let Some((_, id, h)) = ports.uplinks.remove(n) {
+                    h.shutdown();
+                    self.sw.remove_port(id);
+                }
+                if let Some((_, id, h)) = ports.host_ports.remove(n) {
+                    h.shutdown();
+                    self.sw.remove_port(id);
+                }
+            }
+            let _ = self.sw.set_document((*prev).clone());
+            let mut ignored = ApplyReport::default();
+            if let Err(e2) =
+                self.create_ports(&mut ports, &removed_uplinks, &removed_hosts, &mut ignored)
+            {
+                warn!("restoring the previous switch ports: {e2}");
+            }
+            return Err(e);
+        }
+        for u in &doc.uplinks {
+            if !report.added.contains(&u.name) {
+                report.unchanged.push(u.name.clone());
+            }
+        }
+        for h in &doc.host_ports {
+            if !report.added.contains(&h.name) {
+                report.unchanged.push(h.name.clone());
+            }
+        }
+        save(&self.doc_path, &doc)?;
+        info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            "switch configuration applied"
+        );
+        Ok(report)
+    }
+
+    fn create_ports(
+        &self,
+        ports: &mut Ports,
+        uplinks: &[UplinkSpec],
+        hosts: &[HostPortSpec],
+        report: &mut ApplyReport,
+    ) -> Result<(), HostError> {
+        let ingress: Arc<dyn Ingress> = self.sw.clone();
+        for u in uplinks {
+            if ports.uplinks.contains_key(&u.name) {
+                continue;
+            }
+            let (id, egress, counters) =
+                self.sw.add_port(&u.name, PortKind::Uplink, &u.port_group)?;
+            let cfg = UplinkConfig {
+                id,
+                name: u.name.clone(),
+                interfaces: u.interfaces.clone(),
+            };
+            match UplinkHandle::spawn(cfg, egress, counters, ingress.clone()) {
+                Ok(h) => {
+                    self.sw.port_up(id);
+                    ports.uplinks.insert(u.name.clone(), (u.clone(), id, h));
+                    report.added.push(u.name.clone());
+                }
+                Err(e) => {
+                    self.sw.remove_port(id);
+                    return Err(HostError::Port {
+                        what: format!("uplink `{}`", u.name),
+                        why: e.to_string(),
+                    });
+                }
+            }
+        }
+        for hp in hosts {
+            if ports.host_ports.contains_key(&hp.name) {
+                continue;
+            }
+            let (id, egress, counters) =
+                self.sw.add_port(&hp.name, PortKind::Host, &hp.port_group)?;
+            let cfg = HostPortConfig {
+                id,
+                name: hp.name.clone(),
+                tap: hp.tap.clone(),
+            };
+            match HostPortHandle::spawn(cfg, egress, counters, ingress.clone()) {
+                Ok(h) => {
+                    self.sw.port_up(id);
+                    ports
+                        .host_ports
+                        .insert(hp.name.clone(), (hp.clone(), id, h));
+                    report.added.push(hp.name.clone());
+                }
+                Err(e) => {
+                    self.sw.remove_port(id);
+                    return Err(HostError::Port {
+                        what: format!("host port `{}`", hp.name),
+                        why: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the vhost-user port for a VM NIC (idempotent: the same NIC
+    /// with the same settings is left as it is).
+    pub fn attach_vm(
+        &self,
+        vm: &str,
+        nic: &str,
+        mac: &str,
+        port_group: &str,
+        socket: &Path,
+    ) -> Result<(), HostError> {
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = ports.vms.get(vm) {
+            if let Some(p) = list.iter().find(|p| p.nic == nic) {
+                if p.port_group == port_group && p.mac == mac && p.socket == socket {
+                    return Ok(());
+                }
+                return Err(HostError::Port {
+                    what: format!("vm {vm} nic {nic}"),
+                    why: "already attached with other settings".into(),
+                });
+            }
+        }
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
+                op: "creating",
+                path: dir.into(),
+                source,
+            })?;
+        }
+        let kind = PortKind::Vm {
+            vm: vm.into(),
+            nic: ports.vms.get(vm).map_or(0, |l| l.len()),
+            mac: mac.into(),
+        };
+        let name = format!("{vm}.{nic}");
+        let (id, egress, counters) = self.sw.add_port(&name, kind, port_group)?;
+        let cfg = VmPortConfig {
+            id,
+            socket: socket.into(),
+            name: name.clone(),
+        };
+        let handle = match VmPortHandle::spawn(cfg, egress, counters, self.sw.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                self.sw.remove_port(id);
+                return Err(HostError::Port {
+                    what: format!("vm {vm} nic {nic}"),
+                    why: format!("serving {}: {e}", socket.display()),
+                });
+            }
+        };
+        info!(port = %name, %port_group, socket = %socket.display(), "VM port attached");
+        ports.vms.entry(vm.into()).or_default().push(VmPort {
+            nic: nic.into(),
+            port_group: port_group.into(),
+            mac: mac.into(),
+            socket: socket.into(),
+            id,
+            handle,
+            seen: (false, 0),
+        });
+        Ok(())
+    }
+
+    pub fn detach_vm(&self, vm: &str) {
+        let list = self
+            .ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .vms
+            .remove(vm);
+        for p in list.unwrap_or_default() {
+            p.handle.shutdown();
+            self.sw.remove_port(p.id);
+            info!(vm, nic = %p.nic, "VM port detached");
+        }
+    }
+
+    pub fn stats(&self) -> SwitchStats {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        SwitchStats {
+            ports: self.sw.stats(),
+            uplinks_active: ports
+                .uplinks
+                .iter()
+                .map(|(n, (_, _, h))| (n.clone(), h.active()))
+                .collect(),
+            mac_table: self.sw.fdb_entries(),
+        }
+    }
+
+    /// Stops every port (tandemd shutting down). VM ports' sockets go away;
+    /// QEMU keeps reconnecting until a switch serves them again.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self
+            .housekeeping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, (_, _, h)) in std::mem::take(&mut ports.uplinks) {
+            h.shutdown();
+        }
+        for (_, (_, _, h)) in std::mem::take(&mut ports.host_ports) {
+            h.shutdown();
+        }
+        for (_, list) in std::mem::take(&mut ports.vms) {
+            for p in list {
+                p.handle.shutdown();
+            }
+        }
+    }
+}
+
+fn save(path: &Path, doc: &SwitchDocument) -> Result<(), HostError> {
+    let io = |op: &'static str, p: &Path| {
+        let path = p.to_path_buf();
+        move |source| HostError::Io { op, path, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, doc.to_toml()).map_err(io("writing", &tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io("syncing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("replacing", path))
+}
+
+/// Ages the MAC table and follows VM ports' frontends coming and going:
+/// a (re)connected frontend is the VM announcing itself on this port.
+fn housekeeping(sw: Arc<Switch>, ports: Arc<Mutex<Ports>>, stop: Arc<AtomicBool>) {
+    let mut last_age = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        {
+            let mut ports = ports.lock().unwrap_or_else(|p| p.into_inner());
+            for list in ports.vms.values_mut() {
+                for p in list.iter_mut() {
+                    let now = (p.handle.is_connected(), p.handle.connections());
+                    if now == p.seen {
+                        continue;
+                    }
+                    if now.0 {
+                        sw.port_up(p.id);
+                    } else {
+                        sw.port_down(p.id);
+                    }
+                    p.seen = now;
+                }
+            }
+        }
+        if last_age.elapsed() >= Duration::from_secs(1) {
+            sw.age();
+            last_age = Instant::now();
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! A host port: the host's own network stack as a port of the switch,
+//! through a tap interface.
+//!
+//! The port creates a non-persistent tap (`IFF_TAP | IFF_NO_PI`) and sets
+//! it up; the tap vanishes when the port closes it. What the host stack
+//! sends on the tap reaches the switch; what the switch sends to the port
+//! is written to the tap and received by the host stack. Addresses on the
+//! tap are configured by whoever uses it, not here.
+//!
+//! The tap offers no receive offloads unless asked (`TUNSETOFFLOAD`, never
+//! done here), so frames read from it carry finished checksums and are at
+//! most MTU-sized; a VLAN tag the host stack offloaded to the tap is
+//! written in-band by the tun driver.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::netsys::{self, SendFn, TxState, Worker, BATCH, TX_RETRY};
+use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId};
+
+/// A read buffer large enough for anything a tap hands over (its MTU can
+/// be raised), so that oversize frames are seen whole and counted.
+const READ_BUF: usize = 65_536;
+/// Poll time-out when idle; only bounds how stale the loop can get.
+const IDLE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPortConfig {
+    pub id: PortId,
+    pub name: String,
+    /// The tap interface to create, at most 15 bytes.
+    pub tap: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostPortError {
+    #[error("host port `{port}`: `{tap}` is not a valid interface name: {why}")]
+    InvalidName {
+        port: String,
+        tap: String,
+        why: &'static str,
+    },
+    #[error(
+        "host port `{port}`: cannot create tap `{tap}`: an interface of that name already exists"
+    )]
+    Exists { port: String, tap: String },
+    #[error("host port `{port}`: cannot create tap `{tap}`: {what}: {source}")]
+    Create {
+        port: String,
+        tap: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("host port `{port}`: {what}: {source}")]
+    Setup {
+        port: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running host port. Dropping it stops it like
+/// [`HostPortHandle::shutdown`].
+pub struct HostPortHandle {
+    tap: String,
+    worker: Worker,
+}
+
+impl HostPortHandle {
+    /// Creates the tap, sets it up and starts the port's I/O thread. The
+    /// tap is created in the network namespace of the calling thread (see
+    /// [`netsys::in_netns`]).
+    pub fn spawn(
+        cfg: HostPortConfig,
+        egress: Arc<EgressQueue>,
+        counters: Arc<PortCounters>,
+        ingress: Arc<dyn Ingress>,
+    ) -> Result<HostPortHandle, HostPortError> {
+        let port = cfg.name.clone();
+        let tap = cfg.tap.clone();
+        if let Err(why) = netsys::check_ifname(&tap) {
+            return Err(HostPortError::InvalidName { port, tap, why });
+        }
+        let create = |what, source| HostPortError::Create {
+            port: port.clone(),
+            tap: tap.clone(),
+            what,
+            source,
+        };
+        let exists = || HostPortError::Exists {
+            port: port.clone(),
+            tap: tap.clone(),
+        };
+        let ctl = netsys::control_socket().map_err(|e| HostPortError::Setup {
+            port: port.clone(),
+            what: "control socket",
+            source: e,
+        })?;
+        // TUNSETIFF on an existing tap would attach to it; refuse early with
+        // a clear message, and IFF_TUN_EXCL closes the race.
+        if netsys::ifindex(&ctl, &tap)
+            .map_err(|e| create("looking up the name", e))?
+            .is_some()
+        {
+            return Err(exists());
+        }
+        let fd = open_tun().map_err(|e| create("opening /dev/net/tun", e))?;
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL;
+        let got = match netsys::tun_set_iff(&fd, &tap, flags) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(exists()),
+            Err(e) => return Err(create("TUNSETIFF", e)),
+        };
+        if got != tap {
+            return Err(create(
+                "TUNSETIFF",
+                io::Error::other(format!("the kernel named the device `{got}`")),
+            ));
+        }
+        netsys::set_up(&ctl, &tap).map_err(|e| create("setting it up", e))?;
+
+        let stop = Worker::stop_fd().map_err(|e| HostPortError::Setup {
+            port: port.clone(),
+            what: "stop eventfd",
+            source: e,
+        })?;
+        let core = HostPort {
+            id: cfg.id,
+            name: port.clone(),
+            tap: tap.clone(),
+            fd: Some(fd),
+            egress,
+            counters,
+            ingress,
+            stop: stop.clone(),
+            buf: vec![0; READ_BUF],
+            tx: TxState::new(),
+        };
+        let worker = Worker::spawn(port.clone(), format!("hostport-{port}"), stop, move || {
+            core.run()
+        })
+        .map_err(|e| HostPortError::Setup {
+            port: port.clone(),
+            what: "spawning the I/O thread",
+            source: e,
+        })?;
+        info!(port = %port, tap = %tap, "host port started");
+        Ok(HostPortHandle { tap, worker })
+    }
+
+    /// The tap interface's name.
+    pub fn tap(&self) -> &str {
+        &self.tap
+    }
+
+    /// Stops the I/O thread and closes the tap, which removes it; waits at
+    /// most [`netsys::STOP_TIMEOUT`].
+    pub fn shutdown(mut self) {
+        self.worker.stop();
+    }
+}
+
+fn open_tun() -> io::Result<OwnedFd> {
+    // SAFETY: open(2) of a constant NUL-terminated path; the result is
+    // checked.
+    let raw = netsys::cvt(unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `raw` was just returned by open(2) and is owned by nobody
+    // else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The host port's state, owned by its I/O thread.
+struct HostPort {
+    id: PortId,
+    name: String,
+    tap: String,
+    /// `None` once the tap is gone (deleted under us).
+    fd: Option<OwnedFd>,
+    egress: Arc<EgressQueue>,
+    counters: Arc<PortCounters>,
+    ingress: Arc<dyn Ingress>,
+    stop: Arc<EventFd>,
+    buf: Vec<u8>,
+    tx: TxState,
+}
+
+impl HostPort {
+    fn run(mut self) {
+        loop {
+            let tap_fd = self.fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+            let mut tap_events = libc::POLLIN;
+            if self.tx.wants_writable() {
+                tap_events |= libc::POLLOUT;
+            }
+            let mut fds = [
+                netsys::pollfd(self.stop.as_raw_fd(), libc::POLLIN),
+                netsys::pollfd(self.egress.notifier().as_raw_fd(), libc::POLLIN),
+                netsys::pollfd(tap_fd, tap_events),
+            ];
+            let timeout = self.tx.timeout(IDLE);
+            if let Err(e) = netsys::poll(&mut fds, timeout) {
+                warn!(port = %self.name, error = %e, "poll failed");
+                std::thread::sleep(TX_RETRY);
+                continue;
+            }
+            if fds[0].revents != 0 {
+                break;
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                netsys::drain_eventfd(self.egress.notifier());
+                self.tx.notified();
+            }
+            let rev = fds[2].revents;
+            if rev & libc::POLLIN != 0 {
+                self.receive();
+            }
+            if rev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+                && rev & libc::POLLIN == 0
+            {
+                // The tun driver reports an error on a descriptor whose
+                // device was deleted: stop using it rather than spin.
+                warn!(port = %self.name, tap = %self.tap, "tap is gone; dropping egress");
+                self.fd = None;
+            }
+            if self.tx.pending() {
+                let fd = self.fd.as_ref();
+                let mut write = fd.map(|fd| move |f: &[u8]| write_frame(fd, f));
+                // A tap has no link to re-evaluate: LinkDown is just a drop.
+                let _ = self.tx.transmit(
+                    &self.name,
+                    &self.egress,
+                    &self.counters,
+                    write.as_mut().map(|f| f as &mut SendFn),
+                );
+            }
+        }
+        debug!(port = %self.name, "I/O thread stopping");
+    }
+
+    fn receive(&mut self) {
+        let Some(fd) = self.fd.as_ref() else {
+            return;
+        };
+        for _ in 0..BATCH {
+            // SAFETY: `buf` is a live, exclusively borrowed buffer of the
+            // stated length.
+            let r =
+                unsafe { libc::read(fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
+            match netsys::cvt_size(r) {
+                Ok(n) if netsys::frame_size_ok(n) => {
+                    self.counters.received(n);
+                    self.ingress.ingress(self.id, &self.buf[..n]);
+                }
+                Ok(_) => self.counters.dropped(DropReason::Malformed),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(port = %self.name, tap = %self.tap, error = %e, "tap read failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes one frame to the tap.
+fn write_frame(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
+    // SAFETY: `frame` is a live buffer of the stated length, only read by
+    // write(2).
+    let r = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    netsys::cvt_size(r)?;
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The contract between the forwarding core and a port's I/O thread.
+//!
+//! Every port (VM, uplink, host) owns an [`EgressQueue`]: the core pushes
+//! frames that must leave through the port, the port's I/O thread pops them
+//! and writes them out (into guest RX buffers, an AF_PACKET socket, a tap).
+//! The queue is bounded so that a port whose consumer stalls (a guest that
+//! posts no RX buffers, a dead QEMU) only drops its own frames and never
+//! blocks the sender or the other ports.
+//!
+//! In the other direction a port hands every frame it receives to an
+//! [`Ingress`] (the switch), synchronously, in its own thread.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Index of a port inside one switch instance.
+pub type PortId = u32;
+
+/// Largest Ethernet frame a port accepts or emits, without FCS: 1500 bytes
+/// of payload, 14 of header and two 802.1Q tags. Anything larger is
+/// dropped as `oversize`.
+pub const MAX_FRAME: usize = 1522;
+/// Smallest frame that carries an Ethernet header.
+pub const MIN_FRAME: usize = 14;
+
+/// Why a frame was dropped; each reason has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header or longer than [`MAX_FRAME`].
+    Malformed,
+    /// A guest descriptor chain that was too long, looped, pointed outside
+    /// guest memory or had the wrong direction.
+    BadDescriptor,
+    /// The egress queue was full (the consumer is slow or stalled).
+    QueueFull,
+    /// Not allowed by the port group's VLAN policy.
+    Vlan,
+    /// Over the shaping policy.
+    Shaped,
+    /// Source MAC not the port's own, with MAC changes forbidden.
+    Security,
+    /// The MAC table limit for the port was reached for a new source.
+    LearnLimit,
+    /// The per-frame gate said drop.
+    Gate,
+    /// The guest posted no RX buffer in time, or the port is down.
+    NoBuffer,
+}
+
+/// Per-port counters. All relaxed atomics: they are statistics, read while
+/// the data path runs.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub drop_malformed: AtomicU64,
+    pub drop_bad_descriptor: AtomicU64,
+    pub drop_queue_full: AtomicU64,
+    pub drop_vlan: AtomicU64,
+    pub drop_shaped: AtomicU64,
+    pub drop_security: AtomicU64,
+    pub drop_learn_limit: AtomicU64,
+    pub drop_gate: AtomicU64,
+    pub drop_no_buffer: AtomicU64,
+}
+
+/// A point-in-time copy of [`PortCounters`]. `rx` is what the port received
+/// from its peer (the guest's transmissions for a VM port); `tx` is what it
+/// delivered to its peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CounterSnapshot {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub drops: DropSnapshot,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DropSnapshot {
+    pub malformed: u64,
+    pub bad_descriptor: u64,
+    pub queue_full: u64,
+    pub vlan: u64,
+    pub shaped: u64,
+    pub security: u64,
+    pub learn_limit: u64,
+    pub gate: u64,
+    pub no_buffer: u64,
+}
+
+impl PortCounters {
+    pub fn dropped(&self, why: DropReason) {
+        let c = match why {
+            DropReason::Malformed => &self.drop_malformed,
+            DropReason::BadDescriptor => &self.drop_bad_descriptor,
+            DropReason::QueueFull => &self.drop_queue_full,
+            DropReason::Vlan => &self.drop_vlan,
+            DropReason::Shaped => &self.drop_shaped,
+            DropReason::Security => &self.drop_security,
+            DropReason::LearnLimit => &self.drop_learn_limit,
+            DropReason::Gate => &self.drop_gate,
+            DropReason::NoBuffer => &self.drop_no_buffer,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn received(&self, bytes: usize) {
+        self.rx_frames.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn transmitted(&self, bytes: usize) {
+        self.tx_frames.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            rx_frames: g(&self.rx_frames),
+            rx_bytes: g(&self.rx_bytes),
+            tx_frames: g(&self.tx_frames),
+            tx_bytes: g(&self.tx_bytes),
+            drops: DropSnapshot {
+                malformed: g(&self.drop_malformed),
+                bad_descriptor: g(&self.drop_bad_descriptor),
+                queue_full: g(&self.drop_queue_full),
+                vlan: g(&self.drop_vlan),
+                shaped: g(&self.drop_shaped),
+                security: g(&self.drop_security),
+                learn_limit: g(&self.drop_learn_limit),
+                gate: g(&self.drop_gate),
+                no_buffer: g(&self.drop_no_buffer),
+            },
+        }
+    }
+}
+
+/// Receives every frame a port takes in from its peer. Implemented by the
+/// switch; called in the port's own I/O thread. The frame is a plain
+/// Ethernet frame (no virtio-net header, no FCS), tags included.
+pub trait Ingress: Send + Sync {
+    fn ingress(&self, port: PortId, frame: &[u8]);
+}
+
+/// Bounded queue of frames waiting to leave one port.
+pub struct EgressQueue {
+    frames: Mutex<Queued>,
+    max_frames: usize,
+    max_bytes: usize,
+    /// Written whenever a frame is queued; the port's I/O thread polls it.
+    notify: EventFd,
+}
+
+#[derive(Default)]
+struct Queued {
+    q: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl EgressQueue {
+    pub fn new(max_frames: usize, max_bytes: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            frames: Mutex::new(Queued::default()),
+            max_frames,
+            max_bytes,
+            notify: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Queues a frame; `false` if the queue is full (the caller counts the
+    /// drop against this port).
+    pub fn push(&self, frame: Vec<u8>) -> bool {
+        {
+            let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            if g.q.len() >= self.max_frames || g.bytes + frame.len() > self.max_bytes {
+                return false;
+            }
+            g.bytes += frame.len();
+            g.q.push_back(frame);
+        }
+        let _ = self.notify.write(1);
+        true
+    }
+
+    /// Takes the oldest frame.
+    pub fn pop(&self) -> Option<Vec<u8>> {
+        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let f = g.q.pop_front()?;
+        g.bytes -= f.len();
+        Some(f)
+    }
+
+    /// Puts a frame back at the head, after a pop whose frame could not be
+    /// delivered yet (no RX buffer available). Never fails: the frame was
+    /// already accounted for.
+    pub fn unpop(&self, frame: Vec<u8>) {
+        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        g.bytes += frame.len();
+        g.q.push_front(frame);
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .q
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything queued (the port went down); returns how many.
+    pub fn clear(&self) -> usize {
+        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let n = g.q.len();
+        g.q.clear();
+        g.bytes = 0;
+        n
+    }
+
+    /// The eventfd that becomes readable when frames are queued. Readers
+    /// must drain it (read) before popping, so no wake-up is lost.
+    pub fn notifier(&self) -> &EventFd {
+        &self.notify
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_by_frames_and_bytes() {
+        let q = EgressQueue::new(2, 3000).unwrap();
+        assert!(q.push(vec![0; 1000]));
+        assert!(q.push(vec![0; 1000]));
+        assert!(!q.push(vec![0; 10]), "frame limit");
+        let f = q.pop().unwrap();
+        assert!(!q.push(vec![0; 2001]), "byte limit");
+        q.unpop(f);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.clear(), 2);
+        assert!(q.is_empty());
+    }
+}

@@ -1,0 +1,727 @@
+//! The forwarding core: ports, policy, learning, flooding and the
+//! per-frame gate. No I/O of its own: ports hand frames in through
+//! [`Ingress`] and take frames out of their [`EgressQueue`].
+//!
+//! Frames travel the core untagged with their VLAN beside them; the
+//! 802.1Q tag is popped on the way in and pushed on the way out according
+//! to each port's group.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{InvalidDocument, PortGroup, PortGroupUser, SwitchDocument};
+use crate::fdb::{Fdb, FdbEntry, Learned};
+use crate::frame::{self, Mac};
+use crate::port::{
+    CounterSnapshot, DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME,
+};
+use crate::shaper::TokenBucket;
+
+/// Bytes a port's egress queue may hold (frames are bounded by the
+/// document's `port_queue_frames`).
+const QUEUE_BYTES: usize = 4 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum PortKind {
+    /// A VM NIC (vhost-user).
+    Vm {
+        vm: String,
+        nic: usize,
+        mac: String,
+    },
+    Uplink,
+    /// The host's own stack (tap).
+    Host,
+}
+
+/// What the gate decides for one frame a VM sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateVerdict {
+    /// Forward now.
+    Pass,
+    /// The gate keeps the frame and hands it back through
+    /// [`Switch::release`] later (output commit).
+    Hold,
+    Drop,
+}
+
+/// The per-frame hook on VM ports, where replication's output commit
+/// decides. Called in the port's I/O thread, after policy (VLAN, shaping,
+/// security) and before forwarding.
+pub trait FrameGate: Send + Sync {
+    fn check(&self, port: PortId, frame: &[u8]) -> GateVerdict;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    #[error("port group `{0}` does not exist")]
+    UnknownPortGroup(String),
+    #[error("port `{0}` already exists")]
+    DuplicatePort(String),
+    #[error("no port with id {0}")]
+    NoSuchPort(PortId),
+    #[error("creating the port's queue: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Invalid(#[from] InvalidDocument),
+}
+
+struct Port {
+    name: String,
+    kind: PortKind,
+    mac: Option<Mac>,
+    group_name: String,
+    /// Resolved from the document; `None` while the group is gone (the
+    /// port is being removed), which drops its traffic.
+    group: RwLock<Option<Arc<PortGroup>>>,
+    egress: Arc<EgressQueue>,
+    counters: Arc<PortCounters>,
+    shaper_in: Mutex<Option<TokenBucket>>,
+    shaper_out: Mutex<Option<TokenBucket>>,
+    up: AtomicBool,
+}
+
+impl Port {
+    fn group(&self) -> Option<Arc<PortGroup>> {
+        self.group.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn resolve(&self, doc: &SwitchDocument, now: Instant) {
+        let g = doc.port_group(&self.group_name).cloned().map(Arc::new);
+        let shaper = |p: Option<crate::shaper::ShapingPolicy>| p.map(|p| TokenBucket::new(p, now));
+        *self.shaper_in.lock().unwrap_or_else(|p| p.into_inner()) =
+            shaper(g.as_ref().and_then(|g| g.shaping_in));
+        *self.shaper_out.lock().unwrap_or_else(|p| p.into_inner()) =
+            shaper(g.as_ref().and_then(|g| g.shaping_out));
+        *self.group.write().unwrap_or_else(|p| p.into_inner()) = g;
+    }
+}
+
+/// A port as `tandem switch stats` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PortStats {
+    pub id: PortId,
+    pub name: String,
+    pub kind: String,
+    pub port_group: String,
+    pub up: bool,
+    pub queued: usize,
+    pub counters: CounterSnapshot,
+}
+
+pub struct Switch {
+    ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
+    doc: RwLock<Arc<SwitchDocument>>,
+    fdb: Mutex<Fdb>,
+    gates: RwLock<HashMap<PortId, Arc<dyn FrameGate>>>,
+    next_id: AtomicU32,
+}
+
+impl Switch {
+    pub fn new(doc: SwitchDocument) -> Result<Arc<Self>, InvalidDocument> {
+        doc.validate(&[])?;
+        let fdb = Fdb::new(
+            doc.switch.mac_table_limit,
+            Duration::from_secs(doc.switch.mac_aging_s),
+        );
+        Ok(Arc::new(Self {
+            ports: RwLock::new(BTreeMap::new()),
+            doc: RwLock::new(Arc::new(doc)),
+            fdb: Mutex::new(fdb),
+            gates: RwLock::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+        }))
+    }
+
+    pub fn document(&self) -> Arc<SwitchDocument> {
+        self.doc.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The VM ports' port groups, which a new document must keep.
+    pub fn port_group_users(&self) -> Vec<PortGroupUser> {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|p| match &p.kind {
+                PortKind::Vm { vm, nic, .. } => Some(PortGroupUser {
+                    port_group: p.group_name.clone(),
+                    who: format!("vm {vm} nic {nic}"),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Validates `doc` against the attached VM ports and makes it the
+    /// policy of every port at once. Returns the previous document.
+    /// Uplink and host ports are created and removed by the caller
+    /// (`SwitchHost`); ports whose group disappears drop their traffic.
+    pub fn set_document(
+        &self,
+        doc: SwitchDocument,
+    ) -> Result<Arc<SwitchDocument>, InvalidDocument> {
+        doc.validate(&self.port_group_users())?;
+        let doc = Arc::new(doc);
+        let now = Instant::now();
+        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let prev = std::mem::replace(
+            &mut *self.doc.write().unwrap_or_else(|p| p.into_inner()),
+            doc.clone(),
+        );
+        for p in ports.values() {
+            p.resolve(&doc, now);
+        }
+        self.fdb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_limits(
+                doc.switch.mac_table_limit,
+                Duration::from_secs(doc.switch.mac_aging_s),
+            );
+        Ok(prev)
+    }
+
+    /// Adds a port in `port_group`; it starts down (see [`Switch::port_up`]).
+    pub fn add_port(
+        &self,
+        name: &str,
+        kind: PortKind,
+        port_group: &str,
+    ) -> Result<(PortId, Arc<EgressQueue>, Arc<PortCounters>), SwitchError> {
+        let doc = self.document();
+        if doc.port_group(port_group).is_none() {
+            return Err(SwitchError::UnknownPortGroup(port_group.into()));
+        }
+        let mut ports = self.ports.write().unwrap_or_else(|p| p.into_inner());
+        if ports.values().any(|p| p.name == name) {
+            return Err(SwitchError::DuplicatePort(name.into()));
+        }
+        let mac = match &kind {
+            PortKind::Vm { mac, .. } => mac.parse::<Mac>().ok(),
+            _ => None,
+        };
+        let egress = Arc::new(EgressQueue::new(doc.switch.port_queue_frames, QUEUE_BYTES)?);
+        let counters = Arc::new(PortCounters::default());
+        let port = Arc::new(Port {
+            name: name.into(),
+            kind,
+            mac,
+            group_name: port_group.into(),
+            group: RwLock::new(None),
+            egress: egress.clone(),
+            counters: counters.clone(),
+            shaper_in: Mutex::new(None),
+            shaper_out: Mutex::new(None),
+            up: AtomicBool::new(false),
+        });
+        port.resolve(&doc, Instant::now());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        ports.insert(id, port);
+        Ok((id, egress, counters))
+    }
+
+    pub fn remove_port(&self, id: PortId) {
+        self.ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.gates
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.fdb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush_port(id);
+    }
+
+    pub fn port_id(&self, name: &str) -> Option<PortId> {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(id, _)| *id)
+    }
+
+    fn port(&self, id: PortId) -> Option<Arc<Port>> {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// The port's peer is attached (QEMU connected, uplink has carrier).
+    /// For a VM port this is the VM announcing itself: its MAC is bound to
+    /// this port at once (a VM that migrated or failed over is reachable
+    /// before it sends anything) and a RARP from its MAC is flooded so the
+    /// switches beyond the uplinks learn it too.
+    pub fn port_up(&self, id: PortId) {
+        let Some(p) = self.port(id) else { return };
+        p.up.store(true, Ordering::Relaxed);
+        let (Some(mac), Some(g)) = (p.mac, p.group()) else {
+            return;
+        };
+        let Some(vlan) = g.classify(None) else { return };
+        let moved_from =
+            self.fdb
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pin(vlan, mac, id, Instant::now());
+        if let Some(from) = moved_from {
+            tracing::info!(port = %p.name, %mac, from, "MAC moved to this port");
+        }
+        self.forward(id, &p, vlan, frame::rarp_announce(mac), Instant::now());
+    }
+
+    /// The peer went away: queued frames are dropped and what was learned
+    /// on the port is forgotten.
+    pub fn port_down(&self, id: PortId) {
+        let Some(p) = self.port(id) else { return };
+        p.up.store(false, Ordering::Relaxed);
+        let n = p.egress.clear();
+        for _ in 0..n {
+            p.counters.dropped(DropReason::NoBuffer);
+        }
+        self.fdb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush_port(id);
+    }
+
+    pub fn set_gate(&self, id: PortId, gate: Option<Arc<dyn FrameGate>>) {
+        let mut g = self.gates.write().unwrap_or_else(|p| p.into_inner());
+        match gate {
+            Some(gate) => g.insert(id, gate),
+            None => g.remove(&id),
+        };
+    }
+
+    /// Forwards a frame the gate held, as if the port had just sent it
+    /// (policy was applied when it was first received).
+    pub fn release(&self, id: PortId, frame: &[u8]) {
+        let Some(p) = self.port(id) else { return };
+        let Some(g) = p.group() else { return };
+        let Some(info) = frame::parse(frame) else {
+            return;
+        };
+        let Some(vlan) = g.classify(info.vid) else {
+            return;
+        };
+        self.forward(id, &p, vlan, untagged(frame, info.vid), Instant::now());
+    }
+
+    /// Forgets addresses not seen for the aging time.
+    pub fn age(&self) -> usize {
+        self.fdb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .age(Instant::now())
+    }
+
+    pub fn fdb_entries(&self) -> Vec<FdbEntry> {
+        self.fdb
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries(Instant::now())
+    }
+
+    pub fn stats(&self) -> Vec<PortStats> {
+        self.ports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(&id, p)| PortStats {
+                id,
+                name: p.name.clone(),
+                kind: match &p.kind {
+                    PortKind::Vm { vm, nic, .. } => format!("vm {vm} nic {nic}"),
+                    PortKind::Uplink => "uplink".into(),
+                    PortKind::Host => "host".into(),
+                },
+                port_group: p.group_name.clone(),
+                up: p.up.load(Ordering::Relaxed),
+                queued: p.egress.len(),
+                counters: p.counters.snapshot(),
+            })
+            .collect()
+    }
+
+    fn forward(&self, from: PortId, src_port: &Port, vlan: u16, inner: Vec<u8>, now: Instant) {
+        let Some(info) = frame::parse(&inner) else {
+            return;
+        };
+        let known = if info.dst.is_group() {
+            None
+        } else {
+            self.fdb
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .lookup(vlan, info.dst, now)
+        };
+        if known == Some(from) {
+            return; // no hairpin: the destination is behind the sender's port
+        }
+        let _ = src_port;
+        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let mut tagged: Option<Vec<u8>> = None;
+        for (&id, p) in ports.iter() {
+            if id == from {
+                continue;
+            }
+            let Some(g) = p.group() else { continue };
+            let Some(tag) = g.egress_tagging(vlan) else {
+                continue;
+            };
+            let wanted = match known {
+                Some(dst) => dst == id || g.allow_promiscuous,
+                None => {
+                    // Unknown unicast is not flooded to a VM port that
+                    // cannot own the address (its MAC is fixed and not the
+                    // destination), unless it asked to see everything.
+                    info.dst.is_group()
+                        || g.allow_promiscuous
+                        || g.allow_mac_change
+                        || p.mac.is_none()
+                        || p.mac == Some(info.dst)
+                }
+            };
+            if !wanted || !p.up.load(Ordering::Relaxed) {
+                continue;
+            }
+            let out = if tag {
+                tagged
+                    .get_or_insert_with(|| frame::push_tag(&inner, vlan))
+                    .clone()
+            } else {
+                inner.clone()
+            };
+            if let Some(b) = p
+                .shaper_out
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                if !b.admit(out.len(), now) {
+                    p.counters.dropped(DropReason::Shaped);
+                    continue;
+                }
+            }
+            if !p.egress.push(out) {
+                p.counters.dropped(DropReason::QueueFull);
+            }
+        }
+    }
+}
+
+/// The frame without its outer 802.1Q tag.
+fn untagged(frame: &[u8], vid: Option<u16>) -> Vec<u8> {
+    if vid.is_some() {
+        frame::pop_tag(frame)
+    } else {
+        frame.to_vec()
+    }
+}
+
+impl Ingress for Switch {
+    fn ingress(&self, id: PortId, frame: &[u8]) {
+        let Some(p) = self.port(id) else { return };
+        let now = Instant::now();
+        if frame.len() < MIN_FRAME || frame.len() > MAX_FRAME {
+            p.counters.dropped(DropReason::Malformed);
+            return;
+        }
+        let Some(info) = frame::parse(frame) else {
+            p.counters.dropped(DropReason::Malformed);
+            return;
+        };
+        let Some(g) = p.group() else {
+            p.counters.dropped(DropReason::Vlan);
+            return;
+        };
+        if let Some(b) = p
+            .shaper_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if !b.admit(frame.len(), now) {
+                p.counters.dropped(DropReason::Shaped);
+                return;
+            }
+        }
+        if let Some(mac) = p.mac {
+            if !g.allow_mac_change && info.src != mac {
+                p.counters.dropped(DropReason::Security);
+                return;
+            }
+        }
+        let Some(vlan) = g.classify(info.vid) else {
+            p.counters.dropped(DropReason::Vlan);
+            return;
+        };
+        if info.src.is_group() {
+            p.counters.dropped(DropReason::Malformed);
+            return;
+        }
+        let learned = self.fdb.lock().unwrap_or_else(|p| p.into_inner()).learn(
+            vlan,
+            info.src,
+            id,
+            g.learn_limit,
+            now,
+        );
+        match learned {
+            Learned::PortLimit => {
+                p.counters.dropped(DropReason::LearnLimit);
+                return;
+            }
+            Learned::Moved { from } => {
+                tracing::debug!(port = %p.name, mac = %info.src, from, "address moved");
+            }
+            _ => {}
+        }
+        let gate = self
+            .gates
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(gate) = gate {
+            match gate.check(id, frame) {
+                GateVerdict::Pass => {}
+                GateVerdict::Hold => return,
+                GateVerdict::Drop => {
+                    p.counters.dropped(DropReason::Gate);
+                    return;
+                }
+            }
+        }
+        self.forward(id, &p, vlan, untagged(frame, info.vid), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VlanMode;
+
+    fn doc() -> SwitchDocument {
+        let mut web = PortGroup::named("web");
+        web.vlan = Some(10);
+        let mut db = PortGroup::named("db");
+        db.vlan = Some(20);
+        let mut trunk = PortGroup::named("trunk");
+        trunk.vlan_mode = VlanMode::Trunk;
+        trunk.allowed_vlans = vec![10, 20];
+        let mut spy = PortGroup::named("spy");
+        spy.vlan = Some(10);
+        spy.allow_promiscuous = true;
+        SwitchDocument {
+            port_groups: vec![web, db, trunk, spy],
+            ..Default::default()
+        }
+    }
+
+    fn mac(n: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    fn eth(dst: Mac, src: Mac) -> Vec<u8> {
+        let mut f = dst.0.to_vec();
+        f.extend_from_slice(&src.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.resize(60, 0x5a);
+        f
+    }
+
+    struct Rig {
+        sw: Arc<Switch>,
+        q: HashMap<&'static str, (PortId, Arc<EgressQueue>, Arc<PortCounters>)>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let sw = Switch::new(doc()).unwrap();
+            let mut q = HashMap::new();
+            for (name, n, group) in [
+                ("vm1", 1, "web"),
+                ("vm2", 2, "web"),
+                ("vm3", 3, "web"),
+                ("vm4", 4, "db"),
+            ] {
+                let kind = PortKind::Vm {
+                    vm: name.into(),
+                    nic: 0,
+                    mac: mac(n).to_string(),
+                };
+                q.insert(name, sw.add_port(name, kind, group).unwrap());
+            }
+            q.insert("up", sw.add_port("up", PortKind::Uplink, "trunk").unwrap());
+            for (id, _, _) in q.values() {
+                sw.port_up(*id);
+            }
+            // Discard the announcements port_up flooded.
+            for (_, e, _) in q.values() {
+                e.clear();
+            }
+            Rig { sw, q }
+        }
+        fn send(&self, port: &str, f: &[u8]) {
+            self.sw.ingress(self.q[port].0, f);
+        }
+        fn take(&self, port: &str) -> Vec<Vec<u8>> {
+            std::iter::from_fn(|| self.q[port].1.pop()).collect()
+        }
+    }
+
+    #[test]
+    fn broadcast_floods_within_the_vlan_and_tags_on_trunks() {
+        let r = Rig::new();
+        let f = eth(Mac::BROADCAST, mac(1));
+        r.send("vm1", &f);
+        assert_eq!(
+            r.take("vm1"),
+            Vec::<Vec<u8>>::new(),
+            "never back to the sender"
+        );
+        assert_eq!(r.take("vm2"), vec![f.clone()]);
+        assert_eq!(r.take("vm3"), vec![f.clone()]);
+        assert!(r.take("vm4").is_empty(), "other VLAN");
+        let up = r.take("up");
+        assert_eq!(up.len(), 1);
+        assert_eq!(frame::parse(&up[0]).unwrap().vid, Some(10));
+        assert_eq!(frame::pop_tag(&up[0]), f);
+    }
+
+    #[test]
+    fn pinned_vm_macs_get_unicast_without_flooding() {
+        let r = Rig::new();
+        let f = eth(mac(2), mac(1));
+        r.send("vm1", &f);
+        assert_eq!(r.take("vm2"), vec![f]);
+        assert!(r.take("vm3").is_empty());
+        assert!(r.take("up").is_empty());
+    }
+
+    #[test]
+    fn tagged_frames_from_the_uplink_reach_their_vlan_untagged() {
+        let r = Rig::new();
+        let outside = Mac([2, 0, 0, 0, 0, 0x99]);
+        let f = eth(mac(4), outside);
+        r.send("up", &frame::push_tag(&f, 20));
+        assert_eq!(r.take("vm4"), vec![f.clone()]);
+        // The reply goes back to the learned port, tagged.
+        r.send("vm4", &eth(outside, mac(4)));
+        let back = r.take("up");
+        assert_eq!(back.len(), 1);
+        assert_eq!(frame::parse(&back[0]).unwrap().vid, Some(20));
+        // A VLAN the trunk does not carry is dropped and counted.
+        r.send("up", &frame::push_tag(&f, 30));
+        assert_eq!(r.q["up"].2.snapshot().drops.vlan, 1);
+        assert!(r.take("vm4").is_empty());
+    }
+
+    #[test]
+    fn access_ports_refuse_tags_and_spoofed_sources() {
+        let r = Rig::new();
+        r.send("vm1", &frame::push_tag(&eth(Mac::BROADCAST, mac(1)), 10));
+        r.send("vm1", &eth(Mac::BROADCAST, mac(77)));
+        r.send("vm1", &[0u8; 10]);
+        let d = r.q["vm1"].2.snapshot().drops;
+        assert_eq!((d.vlan, d.security, d.malformed), (1, 1, 1));
+        assert!(r.take("vm2").is_empty());
+    }
+
+    #[test]
+    fn promiscuous_ports_see_their_vlans_unicast() {
+        let r = Rig::new();
+        let (spy, q, _) =
+            r.sw.add_port(
+                "spy",
+                PortKind::Vm {
+                    vm: "spy".into(),
+                    nic: 0,
+                    mac: mac(9).to_string(),
+                },
+                "spy",
+            )
+            .unwrap();
+        r.sw.port_up(spy);
+        q.clear();
+        let f = eth(mac(2), mac(1));
+        r.send("vm1", &f);
+        assert_eq!(q.pop(), Some(f));
+    }
+
+    #[test]
+    fn gate_holds_and_releases() {
+        struct HoldAll(Mutex<Vec<Vec<u8>>>);
+        impl FrameGate for HoldAll {
+            fn check(&self, _: PortId, f: &[u8]) -> GateVerdict {
+                self.0.lock().unwrap().push(f.to_vec());
+                GateVerdict::Hold
+            }
+        }
+        let r = Rig::new();
+        let gate = Arc::new(HoldAll(Mutex::new(vec![])));
+        r.sw.set_gate(r.q["vm1"].0, Some(gate.clone()));
+        let f = eth(mac(2), mac(1));
+        r.send("vm1", &f);
+        assert!(r.take("vm2").is_empty(), "held");
+        let held = gate.0.lock().unwrap().pop().unwrap();
+        r.sw.release(r.q["vm1"].0, &held);
+        assert_eq!(r.take("vm2"), vec![f]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_only_for_its_port() {
+        let r = Rig::new();
+        let f = eth(Mac::BROADCAST, mac(1));
+        for _ in 0..2000 {
+            r.send("vm1", &f);
+        }
+        assert!(r.q["vm2"].2.snapshot().drops.queue_full > 0);
+        assert_eq!(r.take("vm3").len(), crate::config::DEFAULT_QUEUE_FRAMES);
+    }
+
+    #[test]
+    fn invalid_documents_change_nothing() {
+        let r = Rig::new();
+        let before = r.sw.document();
+        let mut bad = doc();
+        bad.port_groups.retain(|g| g.name != "db");
+        let e = r.sw.set_document(bad).unwrap_err();
+        assert!(e.to_string().contains("vm vm4 nic 0"), "{e}");
+        assert_eq!(r.sw.document(), before);
+    }
+
+    #[test]
+    fn shaping_in_polices_the_sender() {
+        let mut d = doc();
+        d.port_groups[0].shaping_in = Some(crate::shaper::ShapingPolicy {
+            average_kbps: 1000,
+            peak_kbps: 2000,
+            burst_bytes: 3000,
+        });
+        let r = Rig::new();
+        r.sw.set_document(d).unwrap();
+        let f = eth(Mac::BROADCAST, mac(1));
+        for _ in 0..100 {
+            r.send("vm1", &f);
+        }
+        let got = r.take("vm2").len();
+        assert!(
+            (1..=60).contains(&got),
+            "{got} frames passed a 3000-byte burst"
+        );
+        assert!(r.q["vm1"].2.snapshot().drops.shaped >= 40);
+    }
+}

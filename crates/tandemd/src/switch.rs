@@ -1,0 +1,91 @@
+//! The host's switch in tandemd: its routes and the supervisor's hook for
+//! VM switch NICs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tandem_api::{ErrorBody, FieldProblem, SwitchDocumentBody};
+use tandem_supervisor::NicPorts;
+use tandem_switch::config::SwitchDocument;
+use tandem_switch::host::{ApplyReport, HostError, SwitchHost, SwitchStats};
+
+/// Adapts the switch to the supervisor's [`NicPorts`].
+#[derive(Debug)]
+pub struct SwitchPorts(pub Arc<SwitchHost>);
+
+impl NicPorts for SwitchPorts {
+    fn attach(&self, vm: &str, nic: &tandem_vmspec::NicSpec, socket: &Path) -> Result<(), String> {
+        let group = nic.port_group.as_deref().unwrap_or_default();
+        self.0
+            .attach_vm(vm, &nic.name, &nic.mac.to_string(), group, socket)
+            .map_err(|e| e.to_string())
+    }
+
+    fn detach(&self, vm: &str) {
+        self.0.detach_vm(vm)
+    }
+}
+
+pub fn router(host: Arc<SwitchHost>) -> Router {
+    Router::new()
+        .route("/v1/switch", get(show))
+        .route("/v1/switch/apply", post(apply))
+        .route("/v1/switch/stats", get(stats))
+        .with_state(host)
+}
+
+async fn show(State(h): State<Arc<SwitchHost>>) -> Json<SwitchDocumentBody> {
+    Json(SwitchDocumentBody {
+        document_toml: h.document().to_toml(),
+    })
+}
+
+async fn stats(State(h): State<Arc<SwitchHost>>) -> Json<SwitchStats> {
+    Json(tokio::task::block_in_place(|| h.stats()))
+}
+
+async fn apply(
+    State(h): State<Arc<SwitchHost>>,
+    Json(body): Json<SwitchDocumentBody>,
+) -> Result<Json<ApplyReport>, Response> {
+    let doc = SwitchDocument::from_toml(&body.document_toml)
+        .map_err(|e| invalid(e.0.clone(), e.to_string()))?;
+    // Creating ports touches sockets and taps; keep it off the reactor.
+    let result = tokio::task::block_in_place(|| h.apply(doc));
+    match result {
+        Ok(r) => Ok(Json(r)),
+        Err(HostError::Invalid(e)) => Err(invalid(e.0.clone(), e.to_string())),
+        Err(e) => Err((
+            StatusCode::CONFLICT,
+            Json(ErrorBody {
+                kind: "switch".into(),
+                message: format!("{e}; the previous configuration is still in effect"),
+                fields: vec![],
+            }),
+        )
+            .into_response()),
+    }
+}
+
+fn invalid(problems: Vec<tandem_switch::config::FieldProblem>, message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(ErrorBody {
+            kind: "invalid-document".into(),
+            message,
+            fields: problems
+                .into_iter()
+                .map(|p| FieldProblem {
+                    field: p.field,
+                    message: p.message,
+                })
+                .collect(),
+        }),
+    )
+        .into_response()
+}
