@@ -485,20 +485,10 @@ fn vm_port_with_qemu_survives_a_killed_frontend() {
     assert_eq!(s.drops.malformed, 0, "{s:?}");
 
     // A guest reboot keeps the connection: QEMU stops the rings and the
-    // rebooted guest's driver starts them again.
+    // rebooted guest's driver starts them again (the hook runs when rings
+    // go from stopped to running).
     let hooks_before = hooks.load(Ordering::SeqCst);
     qemu.qmp("system_reset", serde_json::json!({}));
-    let boots = || {
-        std::fs::read_to_string(&qemu.serial)
-            .unwrap_or_default()
-            .matches("TANDEM-GUEST-READY")
-            .count()
-    };
-    assert!(
-        wait_until(BOOT_TIMEOUT, || boots() >= 2),
-        "guest did not reboot\n{}",
-        qemu.diag()
-    );
     assert!(
         wait_until(BOOT_TIMEOUT, || hooks.load(Ordering::SeqCst) > hooks_before),
         "rings did not restart after the reboot\n{}",
