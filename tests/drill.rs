@@ -47,15 +47,18 @@ fn drill_passes_with_every_kill_mode() {
     no_namespaces_left();
 }
 
-#[test]
-fn drill_fails_when_replies_are_released_before_commit() {
-    let _g = serial_guard();
-    let (ok, text) = drill(&["--rounds", "1", "--kill", "qemu", "--unsafe-no-gate"]);
-    assert!(
-        !ok,
-        "the drill passed with the commit gate disabled:\n{text}"
-    );
+/// With the gate off, replies leave before their epoch commits; with
+/// clamping broken, acknowledgements do. Either way the drill must notice.
+fn drill_must_fail(extra: &[&str], expect: &str) {
+    let mut args = vec!["--rounds", "1", "--kill", "qemu"];
+    args.extend_from_slice(extra);
+    let (ok, text) = drill(&args);
+    assert!(!ok, "the drill passed with {extra:?}:\n{text}");
     assert!(text.contains("violation"), "{text}");
+    assert!(
+        text.contains(expect),
+        "expected a violation about {expect:?}:\n{text}"
+    );
     // The drill keeps a failed round's evidence; this failure was expected.
     for line in text.lines() {
         if let Some(dir) = line.split("evidence kept in ").nth(1) {
@@ -63,4 +66,16 @@ fn drill_fails_when_replies_are_released_before_commit() {
         }
     }
     no_namespaces_left();
+}
+
+#[test]
+fn drill_fails_when_replies_are_released_before_commit() {
+    let _g = serial_guard();
+    drill_must_fail(&["--output", "off"], "client saw");
+}
+
+#[test]
+fn drill_fails_when_acknowledgements_are_not_clamped() {
+    let _g = serial_guard();
+    drill_must_fail(&["--unsafe-no-clamp"], "upload");
 }

@@ -206,6 +206,65 @@ pub struct ProtectRequest {
     /// Epoch length in milliseconds (10–1000; default 50).
     #[serde(default)]
     pub epoch_ms: Option<u64>,
+    /// Output commit for the VM's switch NICs: `classified` (default),
+    /// `all-hold` or `off`.
+    #[serde(default)]
+    pub output_mode: Option<String>,
+    /// The rule profile to start from (default `conservative`).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Rules in rule syntax, placed before the profile's (or used alone
+    /// when no profile is named).
+    #[serde(default)]
+    pub rules: Option<Vec<String>>,
+    /// Bounds on held output (defaults 8192 frames, 16 MiB).
+    #[serde(default)]
+    pub hold_max_frames: Option<usize>,
+    #[serde(default)]
+    pub hold_max_bytes: Option<usize>,
+    /// TEST ONLY: let pass TCP segments carry unclamped acknowledgements,
+    /// so a drill can prove its checker catches it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsafe_no_clamp: bool,
+}
+
+/// The output-commit rule table of a protected VM
+/// (`GET /v1/ft/{vm}/rules`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OutputRules {
+    pub vm: String,
+    pub mode: String,
+    /// The profile the table was last loaded from, if any.
+    pub profile: Option<String>,
+    /// First match wins; unmatched frames: forwarded and ARP pass, the
+    /// rest of the VM's own output is held. SYN/FIN/RST are always held.
+    pub rules: Vec<String>,
+}
+
+/// `POST /v1/ft/{vm}/rules`: one change to the table, validated before it
+/// is applied to the next frame.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum RulesChange {
+    /// Replace the table: with a profile's rules, with the given rules, or
+    /// with the given rules followed by the profile's (exceptions first:
+    /// the first match wins).
+    Set {
+        #[serde(default)]
+        profile: Option<String>,
+        #[serde(default)]
+        rules: Vec<String>,
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    /// Insert a rule at a 1-based position (default: the end).
+    Add {
+        rule: String,
+        #[serde(default)]
+        position: Option<usize>,
+    },
+    /// Delete the rule at a 1-based position.
+    Del { position: usize },
 }
 
 /// Replication role of this host for a VM.
@@ -256,6 +315,38 @@ pub struct FtStatus {
     /// Epochs sent but not yet committed.
     pub lag_epochs: u64,
     pub failover: Option<FailoverReport>,
+    /// Output commit on the primary (absent without switch NICs).
+    #[serde(default)]
+    pub output: Option<OutputCounters>,
+}
+
+/// The output-commit gate's counters for one protected VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OutputCounters {
+    pub mode: String,
+    pub profile: Option<String>,
+    pub rules: usize,
+    pub open_epoch: u64,
+    pub committed_epoch: u64,
+    pub passed_frames: u64,
+    pub passed_bytes: u64,
+    pub clamped_frames: u64,
+    pub held_frames: u64,
+    pub held_bytes: u64,
+    pub released_frames: u64,
+    pub released_bytes: u64,
+    pub discarded_frames: u64,
+    pub discarded_bytes: u64,
+    pub overflow_drops: u64,
+    pub queued_frames: u64,
+    pub queued_bytes: u64,
+    pub high_water_frames: u64,
+    pub high_water_bytes: u64,
+    pub tracked_flows: u64,
+    /// Histogram of hold time: bucket i counts holds under 64 µs << i.
+    pub hold_latency_us: Vec<u64>,
+    pub hold_p50_us: u64,
+    pub hold_p99_us: u64,
 }
 
 /// Body of `POST /v1/switch/apply`, and part of `GET /v1/switch`.

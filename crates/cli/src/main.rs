@@ -49,6 +49,17 @@ enum Cmd {
         /// Epoch length in milliseconds (10-1000).
         #[arg(long, default_value_t = 50)]
         epoch_ms: u64,
+        /// Output commit on the VM's switch NICs: classified | all-hold |
+        /// off (off: clients may see output a failover contradicts).
+        #[arg(long, default_value = "classified")]
+        output: String,
+        /// Rule profile: conservative | sip-rtp | bulk-tcp.
+        #[arg(long)]
+        profile: Option<String>,
+        /// A rule placed before the profile's (repeatable), e.g.
+        /// `--rule "pass udp dport 5004-5100"`.
+        #[arg(long = "rule")]
+        rules: Vec<String>,
     },
     /// End protection of a VM (the backup is told; it will not take over).
     Unprotect { name: String },
@@ -92,10 +103,19 @@ enum Cmd {
         /// The tandemd binary (default: next to this one).
         #[arg(long)]
         tandemd: Option<PathBuf>,
-        /// TEST ONLY: release replies without waiting for commit. The drill
-        /// must then fail; this proves its checker can.
+        /// Output commit in the primary's switch: classified | all-hold |
+        /// off. With `off` nothing is held and the drill must FAIL: that
+        /// proves its checker can.
+        #[arg(long, default_value = "classified")]
+        output: String,
+        /// Rule profile for `classified` (the drill puts its record
+        /// service, TCP 7070, first as `hold`).
+        #[arg(long, default_value = "bulk-tcp")]
+        profile: String,
+        /// TEST ONLY: pass TCP segments keep their real acknowledgements.
+        /// The drill must then FAIL.
         #[arg(long, hide = true)]
-        unsafe_no_gate: bool,
+        unsafe_no_clamp: bool,
     },
 }
 
@@ -162,6 +182,36 @@ enum SwitchCmd {
 enum FtCmd {
     /// Replication state of protected VMs on this host (either role).
     Status { name: Option<String> },
+    /// Output-commit rules of a protected VM (on its primary).
+    #[command(subcommand)]
+    Rules(RulesCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCmd {
+    /// The rule table, first match first.
+    Show { name: String },
+    /// Replace the table: `--profile P`, `--rule R` (repeatable; before the
+    /// profile's), and/or `--mode classified|all-hold|off`.
+    Set {
+        name: String,
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Insert a rule (default: at the end), e.g. `add vm1 "pass udp dport 5004"`.
+    Add {
+        name: String,
+        rule: String,
+        /// 1-based position.
+        #[arg(long)]
+        position: Option<usize>,
+    },
+    /// Delete the rule at a 1-based position.
+    Del { name: String, position: usize },
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,9 +309,17 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
         image_dir,
         work_dir,
         tandemd,
-        unsafe_no_gate,
+        output,
+        profile,
+        unsafe_no_clamp,
     } = cli.cmd
     {
+        output
+            .parse::<tandem_outcommit::GateMode>()
+            .map_err(|e| anyhow::anyhow!("--output: {e}"))?;
+        profile
+            .parse::<tandem_outcommit::Profile>()
+            .map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
         let kill = kill
             .map(|k| k.parse::<tandem_drill::KillMode>())
             .transpose()
@@ -285,13 +343,18 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             seed,
             epoch_ms,
             memory_mib,
-            gate: !unsafe_no_gate,
+            output: output.clone(),
+            profile,
+            unsafe_no_clamp,
             tandemd,
             image_dir,
             work_dir,
         };
-        if unsafe_no_gate {
-            eprintln!("WARNING: --unsafe-no-gate: replies are released before commit; this drill is expected to FAIL");
+        if output == "off" {
+            eprintln!("WARNING: --output off: replies are released before commit; this drill is expected to FAIL");
+        }
+        if unsafe_no_clamp {
+            eprintln!("WARNING: --unsafe-no-clamp: acknowledgements leave before commit; this drill is expected to FAIL");
         }
         eprintln!("drill: {rounds} round(s), seed {seed} (replay with --seed {seed})");
         let reports = tandem_drill::run(&opts, |m| eprintln!("drill: {m}"))?;
@@ -331,7 +394,9 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             seed: 1,
             epoch_ms: 50,
             memory_mib: *memory_mib,
-            gate: true,
+            output: "classified".into(),
+            profile: "bulk-tcp".into(),
+            unsafe_no_clamp: false,
             tandemd,
             image_dir: image_dir.clone(),
             work_dir: PathBuf::from("/tmp"),
@@ -390,7 +455,9 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             seed,
             epoch_ms,
             memory_mib: mem,
-            gate: true,
+            output: "classified".into(),
+            profile: "bulk-tcp".into(),
+            unsafe_no_clamp: false,
             tandemd: tandemd.clone(),
             image_dir: image_dir.clone(),
             work_dir: PathBuf::from("/tmp"),
@@ -511,13 +578,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             backup,
             epoch_ms,
+            output,
+            profile,
+            rules,
         } => {
+            if output == "off" {
+                eprintln!("WARNING: output commit OFF: clients can see output that a failover will contradict");
+            }
             let st: FtStatus = client
                 .post(
                     &format!("/v1/vms/{name}/protect"),
                     &ProtectRequest {
                         backup,
                         epoch_ms: Some(epoch_ms),
+                        output_mode: Some(output),
+                        profile,
+                        rules: (!rules.is_empty()).then_some(rules),
+                        hold_max_frames: None,
+                        hold_max_bytes: None,
+                        unsafe_no_clamp: false,
                     },
                 )
                 .await?;
@@ -596,6 +675,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&st);
             }
             print_switch_stats(&st);
+        }
+        Cmd::Ft(FtCmd::Rules(cmd)) => {
+            let (name, change) = match cmd {
+                RulesCmd::Show { name } => (name, None),
+                RulesCmd::Set {
+                    name,
+                    profile,
+                    rules,
+                    mode,
+                } => (
+                    name,
+                    Some(tandem_api::RulesChange::Set {
+                        profile,
+                        rules,
+                        mode,
+                    }),
+                ),
+                RulesCmd::Add {
+                    name,
+                    rule,
+                    position,
+                } => (name, Some(tandem_api::RulesChange::Add { rule, position })),
+                RulesCmd::Del { name, position } => {
+                    (name, Some(tandem_api::RulesChange::Del { position }))
+                }
+            };
+            let path = format!("/v1/ft/{name}/rules");
+            let table: tandem_api::OutputRules = match change {
+                None => client.get(&path).await?,
+                Some(c) => client.post(&path, &c).await?,
+            };
+            if json {
+                return print_json(&table);
+            }
+            println!(
+                "{}: mode {}, profile {}",
+                table.vm,
+                table.mode,
+                table.profile.as_deref().unwrap_or("(custom)")
+            );
+            for (i, r) in table.rules.iter().enumerate() {
+                println!("{:>4}  {r}", i + 1);
+            }
+            println!("      (then: forwarded and ARP pass; the VM's other output is held; SYN/FIN/RST always held)");
         }
         Cmd::Ft(FtCmd::Status { name }) => {
             let all: Vec<FtStatus> = match &name {
@@ -843,6 +966,29 @@ fn print_ft(all: &[FtStatus]) {
                 s.bytes_per_epoch, s.dirty_pages_last
             );
             println!("  tracker:         {}", s.tracker);
+            if let Some(o) = &s.output {
+                println!(
+                    "  output:          {} ({}, {} rules); passed {} ({} clamped), held {}, released {}, discarded {}, overflow drops {}",
+                    o.mode,
+                    o.profile.as_deref().unwrap_or("custom"),
+                    o.rules,
+                    o.passed_frames,
+                    o.clamped_frames,
+                    o.held_frames,
+                    o.released_frames,
+                    o.discarded_frames,
+                    o.overflow_drops
+                );
+                println!(
+                    "  held now:        {} frames, {} bytes (high water {} / {}); hold p50 {:.1} ms, p99 {:.1} ms",
+                    o.queued_frames,
+                    o.queued_bytes,
+                    o.high_water_frames,
+                    o.high_water_bytes,
+                    o.hold_p50_us as f64 / 1e3,
+                    o.hold_p99_us as f64 / 1e3
+                );
+            }
         }
         if let Some(f) = &s.failover {
             println!(

@@ -82,7 +82,7 @@ pub fn throughput(
     }];
     for &e in epochs {
         say(&format!("protecting with {e} ms epochs"));
-        protect(&site.a, &site.b, &site.repl, e)?;
+        protect(&site.a, &site.b, &site.repl, opts, e)?;
         let s = time_work(&ns, spin_line.clone(), "SPUN", reps)?;
         let d = time_work(&ns, dirty_line.clone(), "DIRTIED", reps)?;
         let st = ft_primary(&site.a)?;

@@ -16,7 +16,7 @@ pub mod checker;
 pub mod topology;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +29,7 @@ use serde::Serialize;
 use tandem_api::{FtRole, FtStatus, VmInfo};
 
 use checker::{Delivered, Violation};
-use topology::{Topology, GUEST_IP, REPL_B, TAP};
+use topology::{Topology, GUEST_IP, REPL_B, UPLINK_A, UPLINK_B};
 
 /// Pages of guest memory the churn workload keeps rewriting (16 MiB).
 const CHURN_PAGES: usize = 4096;
@@ -62,9 +62,16 @@ pub struct DrillOptions {
     pub seed: u64,
     pub epoch_ms: u64,
     pub memory_mib: u32,
-    /// Test-only: release replies at once instead of at commit. The drill
-    /// must then fail — that is how the checker is proven able to fail.
-    pub gate: bool,
+    /// Output commit in host A's switch: `classified`, `all-hold`, or
+    /// `off` (nothing held: the drill must then fail — that is how the
+    /// checker is proven able to fail).
+    pub output: String,
+    /// The rule profile in `classified` mode. The drill always puts the
+    /// request/reply service (TCP 7070, state-changing) first as `hold`.
+    pub profile: String,
+    /// Test-only: pass TCP segments keep their real acknowledgements. The
+    /// upload check must then fail.
+    pub unsafe_no_clamp: bool,
     pub tandemd: PathBuf,
     pub image_dir: PathBuf,
     pub work_dir: PathBuf,
@@ -157,6 +164,7 @@ impl Host {
     fn start(
         name: &'static str,
         ns: &str,
+        uplink: &str,
         opts: &DrillOptions,
         work: &Path,
         extra: &[&str],
@@ -171,6 +179,14 @@ impl Host {
         ));
         let log = work.join(format!("tandemd-{name}.log"));
         let logf = std::fs::File::create(&log)?;
+        // The host's switch: the guest's port group, with the fabric uplink.
+        let switch_config = work.join(format!("switch-{name}.toml"));
+        std::fs::write(
+            &switch_config,
+            format!(
+                "[[port_group]]\nname = \"vms\"\nvlan = 10\n\n[[uplink]]\nname = \"fabric\"\ninterfaces = [\"{uplink}\"]\nport_group = \"vms\"\n"
+            ),
+        )?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&opts.tandemd)
@@ -182,6 +198,8 @@ impl Host {
             .arg(&ram_dir)
             .arg("--image-dir")
             .arg(&opts.image_dir)
+            .arg("--switch-config")
+            .arg(&switch_config)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -362,8 +380,8 @@ fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     let repl = format!("{REPL_B}:7400");
     let mut b_args = timeouts.to_vec();
     b_args.extend(["--repl-listen", repl.as_str()]);
-    let b = Host::start("b", &topo.b, opts, &work, &b_args)?;
-    let a = Host::start("a", &topo.a, opts, &work, &timeouts)?;
+    let b = Host::start("b", &topo.b, UPLINK_B, opts, &work, &b_args)?;
+    let a = Host::start("a", &topo.a, UPLINK_A, opts, &work, &timeouts)?;
 
     let disk = work.join("drill-data.qcow2");
     std::fs::copy(opts.image_dir.join("data.qcow2"), &disk)?;
@@ -382,8 +400,8 @@ path = "{d}"
 [[nics]]
 name = "eth0"
 mac = "52:54:00:77:00:10"
-backend = "tap"
-tap = "{TAP}"
+backend = "switch"
+port_group = "vms"
 "#,
         mem = opts.memory_mib,
         k = opts.image_dir.join("vmlinux").display(),
@@ -409,12 +427,25 @@ tap = "{TAP}"
 }
 
 /// Protects the guest on A to B and waits until B holds a resumable replica.
-fn protect(a: &Host, b: &Host, repl: &str, epoch_ms: u64) -> anyhow::Result<()> {
+fn protect(
+    a: &Host,
+    b: &Host,
+    repl: &str,
+    opts: &DrillOptions,
+    epoch_ms: u64,
+) -> anyhow::Result<()> {
     let _: FtStatus = block_on(a.api().post(
         "/v1/vms/drill/protect",
         &tandem_api::ProtectRequest {
             backup: repl.to_string(),
             epoch_ms: Some(epoch_ms),
+            output_mode: Some(opts.output.clone()),
+            profile: Some(opts.profile.clone()),
+            // The record service's replies report durable writes: state.
+            rules: Some(vec!["hold tcp sport 7070".to_string()]),
+            hold_max_frames: None,
+            hold_max_bytes: None,
+            unsafe_no_clamp: opts.unsafe_no_clamp,
         },
     ))?;
     wait_for("protection", Duration::from_secs(120), || {
@@ -443,7 +474,7 @@ fn run_round(
         repl,
     } = bring_up(opts, &tag)?;
     let api_a = a.api();
-    protect(&a, &b, &repl, opts.epoch_ms)?;
+    protect(&a, &b, &repl, opts, opts.epoch_ms)?;
     say(&format!("  protected; client workload from {}", topo.c));
     // Memory churn in the guest: after failover it checks that every page
     // it wrote came across whole (a missed dirty page shows up as stale).
@@ -460,9 +491,12 @@ fn run_round(
     let shared = Arc::new(ClientShared::default());
     let client = {
         let shared = shared.clone();
-        let sock = a.socket.clone();
-        let gate = opts.gate;
-        topology::spawn_in_ns(&topo.c, move || client_loop(&shared, &sock, gate, round))?
+        topology::spawn_in_ns(&topo.c, move || client_loop(&shared, round))?
+    };
+    let upload = Arc::new(UploadShared::default());
+    let uploader = {
+        let upload = upload.clone();
+        topology::spawn_in_ns(&topo.c, move || upload_loop(&upload))?
     };
     let kill_after = 5 + rng.below(15) as usize;
     let delivered_before = wait_for("client replies", Duration::from_secs(120), || {
@@ -511,6 +545,29 @@ fn run_round(
     })?;
     shared.stop.store(true, Ordering::SeqCst);
     let _ = client.join();
+    // Every byte the client saw acknowledged must reach the resumed guest:
+    // the stream continues on B from the committed state, so the guest's
+    // count must pass what the client was told, with no gap.
+    let acked_at_check = upload.acked.load(Ordering::SeqCst);
+    let upload_check = topology::spawn_in_ns(&topo.c, move || -> anyhow::Result<(u64, u64)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = exchange("UPSTAT", Duration::from_secs(2))?;
+            let mut it = r.split_whitespace().skip(1).map(|n| n.parse::<u64>());
+            let (Some(Ok(got)), Some(Ok(bad))) = (it.next(), it.next()) else {
+                bail!("bad UPSTAT reply {r:?}");
+            };
+            if (got >= acked_at_check && bad == 0) || bad > 0 || Instant::now() > deadline {
+                return Ok((got, bad));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })?
+    .join()
+    .map_err(|_| anyhow!("upload check panicked"))??;
+    upload.stop.store(true, Ordering::SeqCst);
+    let _ = uploader.join();
+    let upload_error = upload.error.lock().map(|e| e.clone()).unwrap_or(None);
     let delivered = shared
         .delivered
         .lock()
@@ -564,6 +621,21 @@ fn run_round(
             "the resumed guest's memory is inconsistent: {memory}"
         ));
     }
+    match (upload_error, upload_check) {
+        (Some(e), _) => violations.push(format!("the upload stream could not start: {e}")),
+        (None, Ok((got, bad))) => {
+            if bad > 0 {
+                violations.push(format!(
+                    "the resumed guest saw a gap or corruption in the upload stream ({bad} mismatch)"
+                ));
+            } else if got < acked_at_check {
+                violations.push(format!(
+                    "the client saw {acked_at_check} upload bytes acknowledged; the resumed guest has only {got} and the stream does not recover"
+                ));
+            }
+        }
+        (None, Err(e)) => violations.push(format!("checking the upload stream: {e:#}")),
+    }
     if continued < 3 {
         violations.push(format!(
             "the client could not continue: {continued}/3 writes after failover"
@@ -610,24 +682,10 @@ fn exchange(line: &str, timeout: Duration) -> anyhow::Result<String> {
     Ok(reply.trim_end().to_string())
 }
 
-/// The client: numbered durable writes, each reply held until the epoch
-/// that produced it is committed (unless the gate is disabled).
-fn client_loop(shared: &ClientShared, a_socket: &Path, gate: bool, round: u32) {
-    let api = tandem_api::Client::new(a_socket);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-            return;
-        }
-    };
-    let status = |rt: &tokio::runtime::Runtime| -> Option<FtStatus> {
-        let v: Vec<FtStatus> = rt.block_on(api.get("/v1/ft/drill")).ok()?;
-        v.into_iter().find(|s| s.role == Some(FtRole::Primary))
-    };
+/// The client: numbered durable writes. Host A's switch holds each reply
+/// until the epoch that produced it is committed (output commit); what
+/// arrives here is what a real client would have been told.
+fn client_loop(shared: &ClientShared, round: u32) {
     let mut n = 0u64;
     let started = Instant::now();
     while !shared.killed.load(Ordering::SeqCst) && !shared.stop.load(Ordering::SeqCst) {
@@ -639,6 +697,7 @@ fn client_loop(shared: &ClientShared, a_socket: &Path, gate: bool, round: u32) {
         let reply = match exchange(&format!("PUT {text}"), Duration::from_secs(5)) {
             Ok(r) => r,
             Err(_) => {
+                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -649,36 +708,74 @@ fn client_loop(shared: &ClientShared, a_socket: &Path, gate: bool, round: u32) {
         else {
             continue;
         };
-        if gate {
-            // Output observed now belongs to the open epoch or an earlier one.
-            let Some(stamp) = status(&rt).map(|s| s.open_epoch) else {
-                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                continue;
-            };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut released = false;
-            while Instant::now() < deadline {
-                match status(&rt) {
-                    Some(s) if s.last_committed >= stamp => {
-                        released = true;
-                        break;
-                    }
-                    Some(s) if s.state == "fenced" || s.state == "stopped" => break,
-                    None => break,
-                    _ => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            if !released {
-                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                continue;
-            }
-        }
         shared
             .delivered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Delivered { seq, text });
     }
+}
+
+/// The upload client: streams the guest service's upload pattern to port
+/// 7071 and records how many bytes its own TCP stack has seen
+/// acknowledged (bytes written minus what is still queued unacknowledged).
+/// The guest answers with progress lines on the same connection: `pass`
+/// segments under `bulk-tcp`, carrying acknowledgements that output commit
+/// must clamp.
+fn upload_loop(shared: &UploadShared) {
+    use std::os::fd::AsRawFd;
+    let addr: SocketAddr = match format!("{GUEST_IP}:7071").parse() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            return;
+        }
+    };
+    let _ = s.set_nonblocking(true);
+    let mut written: u64 = 0;
+    let mut chunk = vec![0u8; 2048];
+    let mut sink = [0u8; 4096];
+    let started = Instant::now();
+    while !shared.stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(600) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = tandem_guest_pattern(written + i as u64);
+        }
+        match (&s).write(&chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        // Progress lines are only there to carry acknowledgements.
+        while let Ok(n) = (&s).read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int: the bytes this socket still
+        // holds unacknowledged.
+        if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0 {
+            let acked = written.saturating_sub(queued.max(0) as u64);
+            shared.acked.fetch_max(acked, Ordering::SeqCst);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The guest service's upload pattern (`proto::upload_byte` there).
+fn tandem_guest_pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+#[derive(Default)]
+struct UploadShared {
+    acked: std::sync::atomic::AtomicU64,
+    stop: AtomicBool,
+    error: Mutex<Option<String>>,
 }
 
 /// The record log on an ext4 disk image, read without mounting: a copy is

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!   ns A (host A)            ns C (client + fabric)          ns B (host B)
-//!   br0 ── tapvm (guest)     br0 (10.77.0.100) ── c-a ─┐     br0 ── tapvm
-//!    └── a-fab ──────────────────────────────── ─┘      │      └── b-fab
+//!   tandemd switch           br0 (10.77.0.100) ── c-a ─┐     tandemd switch
+//!    └── uplink a-fab ─────────────────────────────── ─┘ │     uplink b-fab
 //!   a-repl 10.88.0.1 ──────── replication link ──────── b-repl 10.88.0.2
 //! ```
 //!
@@ -20,7 +20,9 @@ pub const GUEST_IP: &str = "10.77.0.10";
 pub const CLIENT_IP: &str = "10.77.0.100";
 pub const REPL_A: &str = "10.88.0.1";
 pub const REPL_B: &str = "10.88.0.2";
-pub const TAP: &str = "tapvm";
+/// The switch uplink of each host, by host.
+pub const UPLINK_A: &str = "a-fab";
+pub const UPLINK_B: &str = "b-fab";
 
 pub struct Topology {
     pub a: String,
@@ -62,15 +64,16 @@ impl Topology {
             ip(&["netns", "add", &ns])?;
             t.made.push(ns.clone());
             in_ns(&ns, &["link", "set", "lo", "up"])?;
-            in_ns(&ns, &["link", "add", "br0", "type", "bridge"])?;
-            // Forward at once: the drill measures failover, not STP timers.
-            in_ns(
-                &ns,
-                &["link", "set", "br0", "type", "bridge", "forward_delay", "0"],
-            )?;
-            in_ns(&ns, &["link", "set", "br0", "up"])?;
         }
-        let (a, b, c) = (t.a.clone(), t.b.clone(), t.c.clone());
+        let c = t.c.clone();
+        in_ns(&c, &["link", "add", "br0", "type", "bridge"])?;
+        // Forward at once: the drill measures failover, not STP timers.
+        in_ns(
+            &c,
+            &["link", "set", "br0", "type", "bridge", "forward_delay", "0"],
+        )?;
+        in_ns(&c, &["link", "set", "br0", "up"])?;
+        let (a, b) = (t.a.clone(), t.b.clone());
         // Host uplinks into the fabric.
         for (host, inner, outer) in [(&a, "a-fab", "c-a"), (&b, "b-fab", "c-b")] {
             in_ns(
@@ -79,11 +82,9 @@ impl Topology {
                     "link", "add", inner, "type", "veth", "peer", "name", outer, "netns", &c,
                 ],
             )?;
-            in_ns(host, &["link", "set", inner, "master", "br0", "up"])?;
+            // The host's switch uplink: tandemd's switch owns it.
+            in_ns(host, &["link", "set", inner, "up"])?;
             in_ns(&c, &["link", "set", outer, "master", "br0", "up"])?;
-            // The guest's tap, the same name on both hosts so the spec moves.
-            in_ns(host, &["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-            in_ns(host, &["link", "set", TAP, "master", "br0", "up"])?;
         }
         in_ns(
             &c,
@@ -116,11 +117,44 @@ impl Topology {
     }
 }
 
+/// Kills every process still inside the drill's namespace `ns`. After a
+/// `tandemd` kill round, host A's QEMU outlives its daemon (a daemon exit
+/// never takes VMs down with it), and a process started by `ip netns exec`
+/// keeps a mount of the namespace file that makes `ip netns delete` fail
+/// with EBUSY. Only processes in a namespace this drill made are touched.
+fn kill_processes_in(ns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|&p| p > 1 && p != std::process::id() as i32)
+    {
+        // SAFETY: kill(2) of a process living in a namespace this drill
+        // created; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in self.made.drain(..).rev() {
-            // Deleting a namespace removes its veths, bridges and taps.
-            let _ = Command::new("ip").args(["netns", "delete", &ns]).output();
+            // Deleting a namespace removes its veths, bridges and taps. A
+            // dying process may hold the namespace file for a moment, so
+            // retry for a bounded time.
+            for _ in 0..50 {
+                kill_processes_in(&ns);
+                let gone = Command::new("ip")
+                    .args(["netns", "delete", &ns])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if gone || !std::path::Path::new("/var/run/netns").join(&ns).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
 }

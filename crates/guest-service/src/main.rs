@@ -21,6 +21,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,6 +121,15 @@ fn main() {
         }
     };
 
+    match bind(port.wrapping_add(1)) {
+        Ok(l) => {
+            std::thread::spawn(move || upload_listener(l));
+        }
+        Err(e) => say(&format!(
+            "cannot listen on upload port {}: {e}",
+            port.wrapping_add(1)
+        )),
+    }
     std::thread::spawn(move || wait_for_signal(signals));
     watch_power_buttons();
     println!("{READY_LINE} port={port} records={recovered}");
@@ -216,6 +226,12 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         Request::Dirty(n) => dirty_pages(n),
         Request::Dial(addr, line) => dial(addr, &line),
         Request::Blast(addr, ms) => blast(addr, ms),
+        Request::UpStat => format!(
+            "UPSTAT {} {}",
+            UPLOAD_BYTES.load(Ordering::SeqCst),
+            UPLOAD_BAD.load(Ordering::SeqCst)
+        ),
+        Request::Media(addr, count, every) => media(addr, count, every),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
@@ -248,6 +264,84 @@ fn dial(addr: std::net::SocketAddr, line: &str) -> String {
         Ok(r) => format!("DIALED {r}"),
         Err(e) => format!("DIALFAIL {e}"),
     }
+}
+
+/// Bytes received intact on the most recent upload connection, and
+/// mismatches seen on any.
+static UPLOAD_BYTES: AtomicU64 = AtomicU64::new(0);
+static UPLOAD_BAD: AtomicU64 = AtomicU64::new(0);
+
+/// The upload service (port + 1): a client streams the [`proto::upload_byte`]
+/// pattern; every byte is checked, and progress lines go back on the same
+/// connection, so the guest's outgoing segments carry acknowledgements of
+/// the client's data (what output commit must clamp).
+fn upload_listener(listener: TcpListener) {
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(move || upload(conn));
+    }
+}
+
+fn upload(stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(20)));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut input = stream;
+    UPLOAD_BYTES.store(0, Ordering::SeqCst);
+    let mut got: u64 = 0;
+    let mut reported = std::time::Instant::now();
+    let mut buf = vec![0u8; 16384];
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                for (i, b) in buf[..n].iter().enumerate() {
+                    if *b != proto::upload_byte(got + i as u64) {
+                        UPLOAD_BAD.fetch_add(1, Ordering::SeqCst);
+                        say(&format!("upload mismatch at byte {}", got + i as u64));
+                        return;
+                    }
+                }
+                got += n as u64;
+                UPLOAD_BYTES.store(got, Ordering::SeqCst);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+        if reported.elapsed() >= Duration::from_millis(10) {
+            reported = std::time::Instant::now();
+            if writeln!(out, "RCVD {got}").is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Sends `count` datagrams `MEDIA <seq> <count>` to `addr`, one every
+/// `every` ms.
+fn media(addr: std::net::SocketAddr, count: u32, every: u64) -> String {
+    let sock = match std::net::UdpSocket::bind(("0.0.0.0", 0)) {
+        Ok(s) => s,
+        Err(e) => return format!("MEDIAFAIL {e}"),
+    };
+    let start = std::time::Instant::now();
+    let mut sent = 0;
+    for seq in 0..count {
+        let due = start + Duration::from_millis(every * u64::from(seq));
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if sock
+            .send_to(format!("MEDIA {seq} {count}").as_bytes(), addr)
+            .is_ok()
+        {
+            sent += 1;
+        }
+    }
+    format!("MEDIAED {sent}")
 }
 
 /// Sends zeros to `addr` over TCP for `ms` milliseconds.

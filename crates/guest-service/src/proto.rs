@@ -42,6 +42,17 @@ pub enum Request {
     Dial(std::net::SocketAddr, String),
     /// Send bulk data over TCP for this many milliseconds (≤ 60 s).
     Blast(std::net::SocketAddr, u64),
+    /// How much of the most recent upload stream arrived intact.
+    UpStat,
+    /// Send this many numbered UDP datagrams, one every so many ms: a
+    /// media-like stream that output commit may let through at once.
+    Media(std::net::SocketAddr, u32, u64),
+}
+
+/// The upload stream's content: byte `i` of a connection is `i mod 251`,
+/// so a lost or repeated stretch shows up as a mismatch.
+pub fn upload_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +98,28 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
                 "CHURN needs a page count (1-65536)",
             )),
         "LAST" => Ok(Request::Last),
+        "UPSTAT" => Ok(Request::UpStat),
+        "MEDIA" => {
+            let mut it = rest.unwrap_or("").split_whitespace();
+            let bad = ParseError::BadArgument(
+                "MEDIA needs IP:port, a count (1-100000) and an interval in ms (1-1000)",
+            );
+            let addr = it.next().and_then(|a| a.parse().ok()).ok_or(bad.clone())?;
+            let count = it
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=100_000).contains(n))
+                .ok_or(bad.clone())?;
+            let every = it
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or(bad.clone())?;
+            if it.next().is_some() {
+                return Err(bad);
+            }
+            Ok(Request::Media(addr, count, every))
+        }
         "DIAL" => {
             let (addr, line) = rest
                 .and_then(|r| r.split_once(' '))

@@ -37,3 +37,22 @@ pub trait DiskSource: Send + Sync {
         true
     }
 }
+
+/// How a protection's epochs reach whoever holds the VM's output (the
+/// switch's output-commit gate). Calls are cheap and never block: they run
+/// inside the epoch loop and the backup-ack reader.
+pub trait EpochObserver: Send + Sync {
+    /// The guest is stopped for checkpoint `epoch - 1`; output it produces
+    /// after it resumes is covered only by checkpoint `epoch`.
+    fn epoch_opened(&self, epoch: u64);
+    /// A new session with the backup: it holds `base`; `first` is the first
+    /// checkpoint of this session that can cover output produced until now.
+    fn session_started(&self, base: u64, first: u64);
+    /// Checkpoint `epoch` is durable on the backup (called in order).
+    fn committed(&self, epoch: u64);
+    /// The guest will not continue past its last commit here (its QEMU is
+    /// gone, or it fenced itself): uncommitted output must be dropped.
+    fn abandoned(&self);
+    /// Protection ended on purpose; the guest runs on, unprotected.
+    fn ended(&self);
+}

@@ -30,9 +30,9 @@ use crate::ram::RamMap;
 use crate::stats::PauseStats;
 use crate::tracker::{DirtyTracker, ScanTracker};
 use crate::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
-use crate::{assembler::EpochBuilder, DiskSource};
+use crate::{assembler::EpochBuilder, DiskSource, EpochObserver};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PrimaryConfig {
     pub backup: Endpoint,
     pub epoch: Duration,
@@ -43,6 +43,21 @@ pub struct PrimaryConfig {
     pub max_inflight: u64,
     /// Bound on taking the device state.
     pub device_state_timeout: Duration,
+    /// Told about epochs as they open and commit (output commit).
+    pub observer: Option<Arc<dyn EpochObserver>>,
+}
+
+impl std::fmt::Debug for PrimaryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryConfig")
+            .field("backup", &self.backup)
+            .field("epoch", &self.epoch)
+            .field("heartbeat", &self.heartbeat)
+            .field("fence_timeout", &self.fence_timeout)
+            .field("max_inflight", &self.max_inflight)
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
 }
 
 impl PrimaryConfig {
@@ -54,6 +69,7 @@ impl PrimaryConfig {
             fence_timeout: Duration::from_millis(1500),
             max_inflight: 4,
             device_state_timeout: Duration::from_secs(5),
+            observer: None,
         }
     }
 }
@@ -218,6 +234,9 @@ impl Engine {
             match ended {
                 Ended::Stopped => break,
                 Ended::GuestGone => {
+                    if let Some(o) = &self.cfg.observer {
+                        o.abandoned();
+                    }
                     self.port.clear_lease();
                     self.set(|s| {
                         s.state = "stopped".into();
@@ -225,9 +244,17 @@ impl Engine {
                     });
                     return;
                 }
-                Ended::Fenced => return,
+                Ended::Fenced => {
+                    if let Some(o) = &self.cfg.observer {
+                        o.abandoned();
+                    }
+                    return;
+                }
                 Ended::Lost(why) => {
                     if contact.fenced.load(Ordering::SeqCst) {
+                        if let Some(o) = &self.cfg.observer {
+                            o.abandoned();
+                        }
                         return;
                     }
                     for d in &self.disks {
@@ -247,6 +274,9 @@ impl Engine {
             }
         }
         self.port.clear_lease();
+        if let Some(o) = &self.cfg.observer {
+            o.ended();
+        }
         self.set(|s| {
             s.state = "stopped".into();
             s.detail = "protection ended".into();
@@ -293,6 +323,7 @@ impl Engine {
             ack_tx,
             contact.clone(),
             self.committed_tx.clone(),
+            self.cfg.observer.clone(),
         ));
         let _reader_guard = AbortOnDrop(reader);
         // The backup answers hello with the epoch it has committed (0: none).
@@ -309,6 +340,9 @@ impl Engine {
         // The running copy is not consistent; the first consistent epoch
         // is the one after it.
         self.set(|s| s.open_epoch = s.open_epoch.max(epoch + 1));
+        if let Some(o) = &self.cfg.observer {
+            o.session_started(base, epoch + 1);
+        }
         // A new connection starts from a full copy: what the backup holds
         // beyond its last commit is unknown.
         tracker.mark_all_dirty();
@@ -481,11 +515,15 @@ impl Engine {
         let ds_timeout = self.cfg.device_state_timeout;
         let disks = self.disks.clone();
         let status = self.status.clone();
+        let observer = self.cfg.observer.clone();
         let captured = self
             .port
             .with_stopped(async |g| {
                 // From here on the guest's activity belongs to the next epoch.
                 status.lock().unwrap_or_else(|p| p.into_inner()).open_epoch = epoch + 1;
+                if let Some(o) = &observer {
+                    o.epoch_opened(epoch + 1);
+                }
                 let stopped_at = Instant::now();
                 let live = ram.live();
                 let dirty = tracker.collect(live);
@@ -645,6 +683,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     tx: mpsc::UnboundedSender<Result<Frame, String>>,
     contact: Arc<Contact>,
     committed: watch::Sender<u64>,
+    observer: Option<Arc<dyn EpochObserver>>,
 ) {
     let mut first = true;
     loop {
@@ -661,13 +700,18 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 }
                 FrameKind::Committed if !first => {
                     contact.touch();
-                    committed.send_if_modified(|c| {
+                    let newer = committed.send_if_modified(|c| {
                         let newer = f.epoch > *c;
                         if newer {
                             *c = f.epoch;
                         }
                         newer
                     });
+                    if newer {
+                        if let Some(o) = &observer {
+                            o.committed(f.epoch);
+                        }
+                    }
                     continue;
                 }
                 FrameKind::Committed => {

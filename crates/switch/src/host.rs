@@ -347,6 +347,20 @@ impl SwitchHost {
         Ok(())
     }
 
+    /// The switch ports of `vm`'s NICs, with their MAC addresses.
+    pub fn vm_ports(&self, vm: &str) -> Vec<(PortId, [u8; 6])> {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports
+            .vms
+            .get(vm)
+            .map(|list| {
+                list.iter()
+                    .filter_map(|p| Some((p.id, p.mac.parse::<crate::frame::Mac>().ok()?.0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn detach_vm(&self, vm: &str) {
         let list = self
             .ports

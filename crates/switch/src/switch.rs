@@ -40,10 +40,13 @@ pub enum PortKind {
 }
 
 /// What the gate decides for one frame a VM sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GateVerdict {
     /// Forward now.
     Pass,
+    /// Forward this rewritten frame now (e.g. a TCP acknowledgement
+    /// clamped by output commit).
+    PassRewritten(Vec<u8>),
     /// The gate keeps the frame and hands it back through
     /// [`Switch::release`] later (output commit).
     Hold,
@@ -497,6 +500,19 @@ impl Ingress for Switch {
         if let Some(gate) = gate {
             match gate.check(id, frame) {
                 GateVerdict::Pass => {}
+                GateVerdict::PassRewritten(f) => {
+                    let Some(info) = frame::parse(&f) else {
+                        p.counters.dropped(DropReason::Gate);
+                        return;
+                    };
+                    let f = if info.vid.is_some() {
+                        frame::pop_tag(&f)
+                    } else {
+                        f
+                    };
+                    self.forward(id, &p, vlan, f, now);
+                    return;
+                }
                 GateVerdict::Hold => return,
                 GateVerdict::Drop => {
                     p.counters.dropped(DropReason::Gate);

@@ -710,6 +710,11 @@ struct Conn {
     vrings: Mutex<Vec<Vring>>,
     /// Both rings were ready and enabled at the last check.
     running: AtomicBool,
+    /// Whether the rings have run on this connection, and when they last
+    /// stopped: a checkpoint stops and restarts them within milliseconds,
+    /// which is not a new guest to announce.
+    started_once: AtomicBool,
+    stopped_at: Mutex<Option<Instant>>,
     /// Per queue: the ring was found corrupt and is ignored until reset.
     broken: [AtomicBool; NUM_QUEUES],
     /// The library's copy of the port's exit notifier, taken by
@@ -733,6 +738,8 @@ impl Conn {
             features: AtomicU64::new(0),
             vrings: Mutex::new(Vec::new()),
             running: AtomicBool::new(false),
+            started_once: AtomicBool::new(false),
+            stopped_at: Mutex::new(None),
             broken: [AtomicBool::new(false), AtomicBool::new(false)],
             exit_notifier: Mutex::new(Some(exit_notifier)),
         })
@@ -748,8 +755,10 @@ impl Conn {
     }
 
     /// Follows the rings starting and stopping; runs the connect hook when
-    /// they start.
-    fn note_vrings(&self, vrings: &[Vring]) {
+    /// they start for the first time on this connection or after a real
+    /// pause (a guest reboot), not after a checkpoint's brief stop. Returns
+    /// true when the rings just started.
+    fn note_vrings(&self, vrings: &[Vring]) -> bool {
         {
             let mut cached = lock(&self.vrings);
             if cached.is_empty() && vrings.len() == NUM_QUEUES {
@@ -759,13 +768,24 @@ impl Conn {
         let running = self.rings_running();
         let was = self.running.swap(running, Ordering::AcqRel);
         if running && !was {
-            info!(port = %self.io.name, "guest rings started");
-            if let Some(hook) = &self.io.on_connect {
-                hook();
+            let first = !self.started_once.swap(true, Ordering::AcqRel);
+            let paused = lock(&self.stopped_at)
+                .take()
+                .map_or(Duration::MAX, |t| t.elapsed());
+            if first || paused >= ANNOUNCE_AFTER_PAUSE {
+                info!(port = %self.io.name, "guest rings started");
+                if let Some(hook) = &self.io.on_connect {
+                    hook();
+                }
+            } else {
+                debug!(port = %self.io.name, ?paused, "guest rings restarted");
             }
+            return true;
         } else if !running && was {
-            info!(port = %self.io.name, "guest rings stopped");
+            *lock(&self.stopped_at) = Some(Instant::now());
+            debug!(port = %self.io.name, "guest rings stopped");
         }
+        false
     }
 
     fn ring_broken(&self, queue: u16, e: &RingError) {
@@ -900,7 +920,8 @@ impl VhostUserBackend for NetBackend {
             b.store(false, Ordering::Release);
         }
         if self.0.running.swap(false, Ordering::AcqRel) {
-            info!(port = %self.0.io.name, queue_index, "guest rings stopped");
+            *lock(&self.0.stopped_at) = Some(Instant::now());
+            debug!(port = %self.0.io.name, queue_index, "guest rings stopped");
         }
         Ok(())
     }
@@ -919,7 +940,19 @@ impl VhostUserBackend for NetBackend {
             // Drain before popping so that no wake-up is lost.
             let _ = conn.io.egress.notifier().read();
         }
-        conn.note_vrings(vrings);
+        if conn.note_vrings(vrings) {
+            // A restarted ring may hold buffers the guest made available
+            // while it was stopped, with the kick already spent: with
+            // EVENT_IDX the guest will not kick again for them. Serve both
+            // queues now, as if kicked.
+            if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                conn.run_tx(v);
+            }
+            if let Some(v) = vrings.get(usize::from(RX_QUEUE)) {
+                conn.run_rx(v);
+            }
+            return Ok(());
+        }
         match device_event {
             RX_QUEUE | EGRESS_EVENT => match vrings.get(usize::from(RX_QUEUE)) {
                 Some(v) => conn.run_rx(v),
@@ -1044,11 +1077,16 @@ impl VmPortHandle {
         })
     }
 
-    /// A frontend is attached and both of its rings are running.
+    /// A frontend is attached and its rings run (or stopped only briefly,
+    /// as they do for every checkpoint).
     pub fn is_connected(&self) -> bool {
-        lock(&self.shared.current)
-            .as_ref()
-            .is_some_and(|c| c.rings_running())
+        lock(&self.shared.current).as_ref().is_some_and(|c| {
+            // A checkpoint stops the rings for a few milliseconds each
+            // epoch; the port stays up through that.
+            c.rings_running()
+                || (c.started_once.load(Ordering::Acquire)
+                    && lock(&c.stopped_at).is_some_and(|t| t.elapsed() < ANNOUNCE_AFTER_PAUSE))
+        })
     }
 
     /// How many frontends have attached so far.
@@ -1263,7 +1301,7 @@ fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
         error!(port = %io.name, error = %e, "vhost-user daemon did not start");
         return;
     }
-    let shims = match start_shims(&io.name, &frontend, &backend) {
+    let shims = match start_shims(&io.name, &frontend, &backend, conn.clone()) {
         Ok(s) => s,
         Err(e) => {
             error!(port = %io.name, error = %e, "cannot start the shim");
@@ -1314,6 +1352,33 @@ fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
 
 const VHOST_USER_SET_FEATURES: u32 = 2;
 const VHOST_USER_SET_VRING_ENABLE: u32 = 18;
+const VHOST_USER_SET_VRING_KICK: u32 = 12;
+/// Rings stopped at least this long before restarting mean a guest that
+/// rebooted (announce it); shorter is a checkpoint's stop and start.
+const ANNOUNCE_AFTER_PAUSE: Duration = Duration::from_millis(500);
+
+/// The daemon handles a ring's enable asynchronously and nothing else
+/// wakes its worker afterwards, so after a (re)start it would not look at
+/// buffers made available before: poke its egress event until the rings
+/// run (bounded: 30 pokes, 1 ms apart, on a short-lived thread).
+fn wake_on_start(conn: &Arc<Conn>) {
+    if conn.running.load(Ordering::Acquire) {
+        return;
+    }
+    let conn = conn.clone();
+    let _ = std::thread::Builder::new()
+        .name("vhost-wake".into())
+        .spawn(move || {
+            for _ in 0..30 {
+                let _ = conn.io.egress.notifier().write(1);
+                std::thread::sleep(Duration::from_millis(1));
+                if conn.running.load(Ordering::Acquire) {
+                    let _ = conn.io.egress.notifier().write(1);
+                    break;
+                }
+            }
+        });
+}
 const VHOST_USER_HDR_LEN: usize = 12;
 /// Generous bound on a message body (the `vhost` crate allows 4 KiB).
 const SHIM_MAX_BODY: usize = 64 * 1024;
@@ -1324,18 +1389,19 @@ fn start_shims(
     name: &str,
     frontend: &UnixStream,
     backend: &UnixStream,
+    conn: Arc<Conn>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let to_backend = {
         let (from, to) = (frontend.try_clone()?, backend.try_clone()?);
         std::thread::Builder::new()
             .name(format!("vhost-shim-{name}"))
-            .spawn(move || shim(from, to, true))?
+            .spawn(move || shim(from, to, true, Some(conn)))?
     };
     let to_frontend = {
         let (from, to) = (backend.try_clone()?, frontend.try_clone()?);
         match std::thread::Builder::new()
             .name(format!("vhost-shim-{name}"))
-            .spawn(move || shim(from, to, false))
+            .spawn(move || shim(from, to, false, None))
         {
             Ok(t) => t,
             Err(e) => {
@@ -1351,8 +1417,10 @@ fn start_shims(
 /// Forwards vhost-user messages (with their file descriptors) from `from`
 /// to `to` until either side closes, then closes both. `requests`: this is
 /// the frontend → daemon direction, where an early `SET_VRING_ENABLE` gets
-/// a `SET_FEATURES(PROTOCOL_FEATURES)` slipped in front of it.
-fn shim(from: UnixStream, to: UnixStream, requests: bool) {
+/// a `SET_FEATURES(PROTOCOL_FEATURES)` slipped in front of it. With `conn`,
+/// the worker is woken after a ring is enabled or given a kick descriptor
+/// until it sees the rings running (see [`wake_on_start`]).
+fn shim(from: UnixStream, to: UnixStream, requests: bool, conn: Option<Arc<Conn>>) {
     let mut features_acked = false;
     let mut msg = Vec::with_capacity(VHOST_USER_HDR_LEN + 256);
     let mut fds = Vec::new();
@@ -1408,6 +1476,11 @@ fn shim(from: UnixStream, to: UnixStream, requests: bool) {
         if let Err(e) = send_all(&to, &msg, &fds) {
             debug!(error = %e, "vhost-user shim: send failed");
             break;
+        }
+        if let Some(conn) = &conn {
+            if request == VHOST_USER_SET_VRING_ENABLE || request == VHOST_USER_SET_VRING_KICK {
+                wake_on_start(conn);
+            }
         }
     }
     let _ = to.shutdown(Shutdown::Both);
@@ -2458,7 +2531,7 @@ mod tests {
     fn shim_acks_protocol_features_before_an_early_vring_enable() {
         let (qemu, shim_in) = UnixStream::pair().unwrap();
         let (shim_out, daemon) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || shim(shim_in, shim_out, true));
+        let t = std::thread::spawn(move || shim(shim_in, shim_out, true, None));
         let kick = vu_msg(12, 1, &0u64.to_le_bytes());
         let enable = vu_msg(VHOST_USER_SET_VRING_ENABLE, 9, &[0, 0, 0, 0, 1, 0, 0, 0]);
         let features = vu_msg(
@@ -2501,7 +2574,7 @@ mod tests {
     fn shim_refuses_oversized_messages() {
         let (qemu, shim_in) = UnixStream::pair().unwrap();
         let (shim_out, daemon) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || shim(shim_in, shim_out, true));
+        let t = std::thread::spawn(move || shim(shim_in, shim_out, true, None));
         let mut hdr = vu_msg(5, 1, &[]);
         hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         send_all(&qemu, &hdr, &[]).unwrap();

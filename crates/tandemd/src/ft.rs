@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tandem_api::{ErrorBody, FailoverReport, FtStatus, ProtectRequest};
+use tandem_api::{ErrorBody, FailoverReport, FtStatus, OutputRules, ProtectRequest, RulesChange};
 use tandem_replication::backup::{read_hello, Activate, Backup, BackupConfig};
 use tandem_replication::link::{Endpoint, Listener};
 use tandem_replication::primary::{Primary, PrimaryConfig};
@@ -37,10 +37,13 @@ struct Protected {
     primary: Primary,
     port: tandem_supervisor::GuestPort,
     disks: Vec<Arc<crate::ftdisk::MirroredDisk>>,
+    /// Output commit on the VM's switch ports, when it has any here.
+    output: Option<Arc<crate::output::VmOutput>>,
 }
 
 pub struct Ft {
     sup: Arc<Supervisor>,
+    switch: Option<Arc<tandem_switch::host::SwitchHost>>,
     settings: FtSettings,
     primaries: Mutex<BTreeMap<String, Protected>>,
     backup: Arc<Backup>,
@@ -101,7 +104,11 @@ async fn activate(sup: &Arc<Supervisor>, vm: &str, dir: &std::path::Path) -> Res
 }
 
 impl Ft {
-    pub async fn start(sup: Arc<Supervisor>, settings: FtSettings) -> anyhow::Result<Arc<Ft>> {
+    pub async fn start(
+        sup: Arc<Supervisor>,
+        settings: FtSettings,
+        switch: Option<Arc<tandem_switch::host::SwitchHost>>,
+    ) -> anyhow::Result<Arc<Ft>> {
         let mut bcfg = BackupConfig::new(settings.replica_root.clone());
         bcfg.heartbeat = settings.heartbeat;
         bcfg.takeover_timeout = settings.takeover_timeout;
@@ -127,6 +134,7 @@ impl Ft {
         }
         Ok(Arc::new(Ft {
             sup,
+            switch,
             settings,
             primaries: Mutex::new(BTreeMap::new()),
             backup,
@@ -141,6 +149,7 @@ impl Ft {
                 "epoch_ms {epoch_ms} is outside 10..=1000"
             )));
         }
+        let plan = crate::output::OutputPlan::from_request(&req).map_err(FtError::Invalid)?;
         let mut primaries = self.primaries.lock().await;
         if let Some(p) = primaries.get(vm) {
             if !p.primary.is_finished() {
@@ -149,6 +158,9 @@ impl Ft {
         }
         if let Some(old) = primaries.remove(vm) {
             crate::ftdisk::stop(&old.port, &old.disks).await;
+            if let Some(o) = old.output {
+                o.uninstall();
+            }
         }
         let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
@@ -159,6 +171,13 @@ impl Ft {
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
+        let output = self
+            .switch
+            .as_ref()
+            .and_then(|sw| crate::output::VmOutput::install(vm, sw, plan));
+        cfg.observer = output
+            .clone()
+            .map(|o| o as Arc<dyn tandem_replication::EpochObserver>);
         let sources: Vec<Arc<dyn tandem_replication::DiskSource>> = disks
             .iter()
             .map(|d| d.clone() as Arc<dyn tandem_replication::DiskSource>)
@@ -171,6 +190,7 @@ impl Ft {
                 primary: p,
                 port,
                 disks,
+                output,
             },
         );
         Ok(st)
@@ -184,6 +204,9 @@ impl Ft {
         let mut st = p.primary.status();
         p.primary.stop().await;
         crate::ftdisk::stop(&p.port, &p.disks).await;
+        if let Some(o) = &p.output {
+            o.uninstall();
+        }
         st.state = "stopped".into();
         st.detail = "protection ended".into();
         Ok(st)
@@ -195,7 +218,11 @@ impl Ft {
             .lock()
             .await
             .values()
-            .map(|p| p.primary.status())
+            .map(|p| {
+                let mut st = p.primary.status();
+                st.output = p.output.as_ref().map(|o| o.counters());
+                st
+            })
             .collect();
         out.extend(self.backup.status());
         out
@@ -242,6 +269,7 @@ pub fn router(ft: Arc<Ft>) -> Router {
     Router::new()
         .route("/v1/ft", get(list))
         .route("/v1/ft/{name}", get(one))
+        .route("/v1/ft/{name}/rules", get(rules).post(change_rules))
         .route("/v1/vms/{name}/protect", post(protect))
         .route("/v1/vms/{name}/unprotect", post(unprotect))
         .route("/v1/vms/{name}/failover", post(failover))
@@ -268,6 +296,36 @@ async fn one(
         )));
     }
     Ok(Json(v))
+}
+
+impl Ft {
+    async fn output(&self, vm: &str) -> Result<Arc<crate::output::VmOutput>, FtError> {
+        let primaries = self.primaries.lock().await;
+        let p = primaries
+            .get(vm)
+            .ok_or_else(|| FtError::NotFound(format!("`{vm}` is not protected from this host")))?;
+        p.output.clone().ok_or_else(|| {
+            FtError::Conflict(format!(
+                "`{vm}` has no switch NIC on this host, so its output is not under output commit"
+            ))
+        })
+    }
+}
+
+async fn rules(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+) -> Result<Json<OutputRules>, FtError> {
+    Ok(Json(ft.output(&name).await?.rules()))
+}
+
+async fn change_rules(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+    Json(change): Json<RulesChange>,
+) -> Result<Json<OutputRules>, FtError> {
+    let out = ft.output(&name).await?;
+    out.change(change).map(Json).map_err(FtError::Invalid)
 }
 
 async fn protect(

@@ -9,6 +9,7 @@
 mod api;
 mod ft;
 mod ftdisk;
+mod output;
 mod switch;
 
 use std::path::PathBuf;
@@ -192,6 +193,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             takeover_timeout: Duration::from_millis(args.ft_takeover_timeout_ms),
             auto_failover: !args.no_auto_failover,
         },
+        Some(switch.clone()),
     )
     .await
     .context("starting the replication service")?;

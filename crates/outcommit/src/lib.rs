@@ -1,0 +1,19 @@
+//! Output commit for protected VMs.
+//!
+//! A protected VM's frames are classified as they leave it: `hold` frames
+//! change state the outside world may rely on and wait until the epoch that
+//! produced them is committed on the backup; `pass` frames leave at once.
+//! This crate owns the pure logic — frame parsing ([`packet`]), the rule
+//! table and shipped profiles ([`rules`]), TCP acknowledgement clamping
+//! ([`tcp`]) and the gate's queue and epoch bookkeeping ([`gate`]) — with no
+//! I/O, so all of it is tested without QEMU. The switch calls the gate on
+//! every frame a VM port sends; the replication engine feeds it epochs.
+
+pub mod gate;
+pub mod packet;
+pub mod rules;
+pub mod tcp;
+
+pub use gate::{Gate, GateConfig, GateCounters, GateDecision, GateMode, OverflowPolicy};
+pub use packet::{Origin, PacketMeta};
+pub use rules::{Class, Classifier, FrameHint, Profile, Rule, RuleError, RuleSet};
