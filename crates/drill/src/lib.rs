@@ -483,7 +483,13 @@ fn run_round(
     })?
     .join()
     .map_err(|_| anyhow!("churn thread panicked"))??
-    .map_err(|e| anyhow!("starting the memory churn: {e}"))?;
+    .map_err(|e| {
+        let stats: Result<serde_json::Value, _> = block_on(api_a.get("/v1/switch/stats"));
+        anyhow!(
+            "starting the memory churn: {e}\nhost A's switch: {}",
+            stats.map(|s| s.to_string()).unwrap_or_default()
+        )
+    })?;
     if !churn.starts_with("CHURNING") {
         bail!("guest refused the memory churn: {churn}");
     }
@@ -513,6 +519,16 @@ fn run_round(
         .pid
         .ok_or_else(|| anyhow!("no QEMU pid on A"))?;
 
+    // Host A's view just before the kill, kept for a failed round's report.
+    let diagnostics = format!(
+        "host A before the kill: switch {}\nft {}",
+        block_on(api_a.get::<serde_json::Value>("/v1/switch/stats"))
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        block_on(api_a.get::<serde_json::Value>("/v1/ft/drill"))
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    );
     let t_kill = Instant::now();
     match kill {
         // SAFETY: kill(2) of host A's QEMU, started by this drill.
@@ -523,6 +539,9 @@ fn run_round(
         KillMode::Tandemd => a.kill(),
     }
     shared.killed.store(true, Ordering::SeqCst);
+    // Replies from here on can only come from B: a request A took in but
+    // never answered is answered by the resumed guest after failover.
+    let delivered_at_kill = shared.delivered.lock().map(|d| d.len()).unwrap_or_default();
     say(&format!(
         "  killed {kill:?} after {delivered_before} replies"
     ));
@@ -610,10 +629,26 @@ fn run_round(
     let mut violations: Vec<Violation> = checker::check_vm(&delivered, &answers, last);
 
     // Every acknowledged record must be on the replica disk as committed.
+    // Records acknowledged before the kill must be in the replica exactly
+    // as committed; those B acknowledged after failover, on the disk the
+    // resumed guest runs on (a copy of the replica it has written since).
+    let (before_kill, after_kill) = delivered.split_at(delivered_at_kill.min(delivered.len()));
     let replica_disk = b.state.join("replicas/drill/disk-data.raw");
     match read_records(&replica_disk, &work) {
-        Ok(log) => violations.extend(checker::check_disk(&delivered, &log)),
+        Ok(log) => violations.extend(checker::check_disk(before_kill, &log)),
         Err(e) => bail!("reading the replica disk: {e:#}"),
+    }
+    if !after_kill.is_empty() {
+        let live = find_file(&b.state.join("vms"), "restored-disk-data.raw").ok_or_else(|| {
+            anyhow!(
+                "B's running copy of the disk is not under {}",
+                b.state.display()
+            )
+        })?;
+        match read_records(&live, &work) {
+            Ok(log) => violations.extend(checker::check_disk(after_kill, &log)),
+            Err(e) => bail!("reading B's running disk: {e:#}"),
+        }
     }
     let mut violations: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
     if !memory.starts_with("VERIFIED") {
@@ -648,6 +683,7 @@ fn run_round(
         let _ = std::fs::remove_dir_all(&work);
     } else {
         // Keep the evidence: daemon logs, the replica, the VM records.
+        let _ = std::fs::write(work.join("diagnostics.txt"), &diagnostics);
         say(&format!("  evidence kept in {}", work.display()));
     }
     Ok(RoundReport {
@@ -776,6 +812,23 @@ struct UploadShared {
     acked: std::sync::atomic::AtomicU64,
     stop: AtomicBool,
     error: Mutex<Option<String>>,
+}
+
+/// The first file called `name` under `dir` (bounded depth).
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == name) {
+                return Some(p);
+            }
+            if depth < 4 && p.is_dir() {
+                stack.push((p, depth + 1));
+            }
+        }
+    }
+    None
 }
 
 /// The record log on an ext4 disk image, read without mounting: a copy is

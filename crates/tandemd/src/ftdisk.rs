@@ -9,6 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+/// The mirror job's chunk size: the smallest QEMU allows, so that every
+/// guest write is mirrored before it completes. Costs one bit per 512
+/// bytes of disk (2 MiB of bitmap per 8 GiB).
+const MIRROR_GRANULARITY: u64 = 512;
 use tandem_nbd::{DiskWrite, Export, ServerHandle};
 use tandem_replication::{disklog, DiskSource};
 use tandem_supervisor::GuestPort;
@@ -139,6 +144,14 @@ pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk
                     "target": disk.target_node(),
                     "sync": "full",
                     "copy-mode": "write-blocking",
+                    // Write-blocking mode copies a guest write to the target
+                    // before completing it, but QEMU tracks the job in
+                    // granularity chunks (default: the target's cluster
+                    // size, 64 KiB for NBD), and parts of a write that do
+                    // not cover whole chunks may be left to the background
+                    // copy. Every virtio-blk write is 512-aligned, so with
+                    // 512-byte chunks nothing is.
+                    "granularity": MIRROR_GRANULARITY,
                 }),
             )
             .await
