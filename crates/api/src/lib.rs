@@ -331,6 +331,8 @@ pub struct OutputCounters {
     pub passed_frames: u64,
     pub passed_bytes: u64,
     pub clamped_frames: u64,
+    /// Bare ACKs sent at commit for clamped segments.
+    pub bare_acks: u64,
     pub held_frames: u64,
     pub held_bytes: u64,
     pub released_frames: u64,

@@ -121,6 +121,27 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// Output commit: request/response latency (a passed reply and a held
+    /// one) and guest→client bulk throughput with output commit off,
+    /// all-hold and classified, side by side, per epoch length.
+    Output {
+        #[arg(long, value_delimiter = ',', default_value = "25,50,100")]
+        epoch_ms: Vec<u64>,
+        /// Round trips per kind and configuration.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Length of each bulk transfer.
+        #[arg(long, default_value_t = 3000)]
+        bulk_ms: u64,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+    },
     /// Guest throughput protected vs unprotected (CPU-bound and
     /// memory-dirtying work, timed from outside), per epoch length.
     Throughput {
@@ -375,6 +396,66 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bench(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Bench(BenchCmd::Output {
+        epoch_ms,
+        requests,
+        bulk_ms,
+        memory_mib,
+        image_dir,
+    }) = &cli.cmd
+    {
+        let tandemd = std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("tandemd"))
+            .context("locating tandemd")?;
+        let opts = tandem_drill::DrillOptions {
+            rounds: 1,
+            kill: None,
+            seed: 1,
+            epoch_ms: 50,
+            memory_mib: *memory_mib,
+            output: "classified".into(),
+            profile: "bulk-tcp".into(),
+            unsafe_no_clamp: false,
+            tandemd,
+            image_dir: image_dir.clone(),
+            work_dir: PathBuf::from("/tmp"),
+        };
+        let rows = tandem_drill::bench::output(&opts, epoch_ms, *requests, *bulk_ms, |m| {
+            eprintln!("bench: {m}")
+        })?;
+        if cli.json {
+            return print_json(&rows);
+        }
+        println!("\noutput commit ({memory_mib} MiB guest; {requests} round trips per kind; bulk-tcp profile, PONG passed, PUT replies held)");
+        println!(
+            "{:>6} {:>11} {:>14} {:>14} {:>14} {:>14} {:>11}",
+            "epoch",
+            "mode",
+            "pass rr p50",
+            "pass rr p99",
+            "hold rr p50",
+            "hold rr p99",
+            "bulk Mbit/s"
+        );
+        for r in &rows {
+            println!(
+                "{:>6} {:>11} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.1}",
+                format!("{} ms", r.epoch_ms),
+                r.mode,
+                r.pass_rr_p50_ms,
+                r.pass_rr_p99_ms,
+                r.hold_rr_p50_ms,
+                r.hold_rr_p99_ms,
+                r.bulk_mbit_s
+            );
+        }
+        println!(
+            "reproduce: tandem bench output --epoch-ms {} --requests {requests} --bulk-ms {bulk_ms} --memory-mib {memory_mib}",
+            epoch_ms.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(",")
+        );
+        return Ok(());
+    }
     if let Cmd::Bench(BenchCmd::Throughput {
         epoch_ms,
         spin,

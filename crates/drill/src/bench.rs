@@ -105,3 +105,137 @@ pub fn throughput(
     drop(site);
     Ok(rows)
 }
+
+/// One line of `tandem bench output`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputRow {
+    pub epoch_ms: u64,
+    pub mode: String,
+    /// Request/response whose reply a rule passes (`PING` → `PONG`).
+    pub pass_rr_p50_ms: f64,
+    pub pass_rr_p99_ms: f64,
+    /// Request/response whose reply is state (`PUT` → `OK n`): held.
+    pub hold_rr_p50_ms: f64,
+    pub hold_rr_p99_ms: f64,
+    /// Guest → client TCP bulk transfer (`bulk-tcp`: passes, clamped).
+    pub bulk_mbit_s: f64,
+}
+
+/// Round trips of `line` on one persistent connection from `ns`, in ms.
+fn round_trips(ns: &str, line: &'static str, n: usize) -> anyhow::Result<Vec<f64>> {
+    topology::spawn_in_ns(ns, move || -> anyhow::Result<Vec<f64>> {
+        use std::io::{BufRead, BufReader, Write};
+        let addr: std::net::SocketAddr = format!("{}:7070", topology::GUEST_IP).parse()?;
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut w = s;
+        let mut out = Vec::with_capacity(n);
+        let mut reply = String::new();
+        for i in 0..n {
+            let t = Instant::now();
+            let text = line.replace("{i}", &i.to_string());
+            w.write_all(format!("{text}\n").as_bytes())?;
+            reply.clear();
+            r.read_line(&mut reply)?;
+            if reply.starts_with("ERR") || reply.is_empty() {
+                bail!("guest answered {reply:?} to {text:?}");
+            }
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(out)
+    })?
+    .join()
+    .map_err(|_| anyhow!("round-trip thread panicked"))??
+}
+
+/// Bytes per second the guest's `BLAST` delivers to a sink in `ns`.
+fn bulk_rate(ns: &str, ms: u64) -> anyhow::Result<f64> {
+    let sink = topology::spawn_in_ns(ns, move || -> anyhow::Result<u64> {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind((topology::CLIENT_IP, 7900))?;
+        l.set_nonblocking(false)?;
+        let (mut c, _) = l.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0u64;
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        Ok(n)
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let line = format!("BLAST {}:7900 {ms}", topology::CLIENT_IP);
+    let t = Instant::now();
+    let reply = topology::spawn_in_ns(ns, move || {
+        exchange(&line, Duration::from_millis(ms + 30_000))
+    })?
+    .join()
+    .map_err(|_| anyhow!("blast thread panicked"))??;
+    let got = sink.join().map_err(|_| anyhow!("sink panicked"))???;
+    if !reply?.starts_with("BLASTED") {
+        bail!("the guest's bulk send failed");
+    }
+    let secs = (ms as f64 / 1e3).max(t.elapsed().as_secs_f64().min(ms as f64 / 1e3));
+    Ok(got as f64 / secs)
+}
+
+/// `tandem bench output`: request/response latency and bulk throughput
+/// through a protected guest with output commit `off`, `all-hold` and
+/// `classified`, side by side, per epoch length.
+pub fn output(
+    opts: &DrillOptions,
+    epochs: &[u64],
+    requests: usize,
+    bulk_ms: u64,
+    mut say: impl FnMut(&str),
+) -> anyhow::Result<Vec<OutputRow>> {
+    let tag = format!("{}o", std::process::id() % 100_000);
+    let site = bring_up(opts, &tag)?;
+    let ns = site.topo.c.clone();
+    let rules = vec![
+        r#"pass tcp sport 7070 payload 0:"PONG""#.to_string(),
+        "hold tcp sport 7070".to_string(),
+    ];
+    let mut rows = Vec::new();
+    for &e in epochs {
+        say(&format!("protecting with {e} ms epochs"));
+        crate::protect_with(&site.a, &site.b, &site.repl, opts, e, rules.clone())?;
+        for mode in ["off", "all-hold", "classified"] {
+            let _: tandem_api::OutputRules = crate::block_on(site.a.api().post(
+                "/v1/ft/drill/rules",
+                &tandem_api::RulesChange::Set {
+                    profile: None,
+                    rules: Vec::new(),
+                    mode: Some(mode.to_string()),
+                },
+            ))?;
+            say(&format!(
+                "  {mode}: {requests} PING, {requests} PUT, {bulk_ms} ms bulk"
+            ));
+            let mut pass = round_trips(&ns, "PING", requests)?;
+            let mut hold = round_trips(&ns, "PUT bench-{i}", requests)?;
+            let bulk = bulk_rate(&ns, bulk_ms)?;
+            rows.push(OutputRow {
+                epoch_ms: e,
+                mode: mode.to_string(),
+                pass_rr_p50_ms: stats_ms(&mut pass, 50.0),
+                pass_rr_p99_ms: stats_ms(&mut pass, 99.0),
+                hold_rr_p50_ms: stats_ms(&mut hold, 50.0),
+                hold_rr_p99_ms: stats_ms(&mut hold, 99.0),
+                bulk_mbit_s: bulk * 8.0 / 1e6,
+            });
+        }
+        let _: tandem_api::FtStatus =
+            crate::block_on(site.a.api().post("/v1/vms/drill/unprotect", &()))?;
+        wait_for("backup released", Duration::from_secs(30), || {
+            (ft_backup(&site.b).ok()?.state == "stopped").then_some(())
+        })?;
+    }
+    drop(site);
+    Ok(rows)
+}

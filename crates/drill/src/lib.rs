@@ -434,6 +434,25 @@ fn protect(
     opts: &DrillOptions,
     epoch_ms: u64,
 ) -> anyhow::Result<()> {
+    // The record service's replies report durable writes: state.
+    protect_with(
+        a,
+        b,
+        repl,
+        opts,
+        epoch_ms,
+        vec!["hold tcp sport 7070".to_string()],
+    )
+}
+
+fn protect_with(
+    a: &Host,
+    b: &Host,
+    repl: &str,
+    opts: &DrillOptions,
+    epoch_ms: u64,
+    rules: Vec<String>,
+) -> anyhow::Result<()> {
     let _: FtStatus = block_on(a.api().post(
         "/v1/vms/drill/protect",
         &tandem_api::ProtectRequest {
@@ -441,8 +460,7 @@ fn protect(
             epoch_ms: Some(epoch_ms),
             output_mode: Some(opts.output.clone()),
             profile: Some(opts.profile.clone()),
-            // The record service's replies report durable writes: state.
-            rules: Some(vec!["hold tcp sport 7070".to_string()]),
+            rules: Some(rules),
             hold_max_frames: None,
             hold_max_bytes: None,
             unsafe_no_clamp: opts.unsafe_no_clamp,
@@ -511,6 +529,17 @@ fn run_round(
         }
         let n = shared.delivered.lock().ok()?.len();
         (n >= kill_after).then_some(Ok(n))
+    })
+    .map_err(|e| {
+        anyhow!(
+            "{e}\nhost A: switch {}\nft {}",
+            block_on(api_a.get::<serde_json::Value>("/v1/switch/stats"))
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            block_on(api_a.get::<serde_json::Value>("/v1/ft/drill"))
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        )
     })?
     .map_err(|e| anyhow!("client: {e}"))?;
     std::thread::sleep(Duration::from_millis(rng.below(300)));
@@ -521,11 +550,14 @@ fn run_round(
 
     // Host A's view just before the kill, kept for a failed round's report.
     let diagnostics = format!(
-        "host A before the kill: switch {}\nft {}",
+        "host A before the kill: switch {}\nft {}\nvm {}",
         block_on(api_a.get::<serde_json::Value>("/v1/switch/stats"))
             .map(|v| v.to_string())
             .unwrap_or_default(),
         block_on(api_a.get::<serde_json::Value>("/v1/ft/drill"))
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        block_on(api_a.get::<serde_json::Value>("/v1/vms/drill"))
             .map(|v| v.to_string())
             .unwrap_or_default()
     );

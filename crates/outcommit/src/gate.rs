@@ -126,6 +126,9 @@ pub struct GateCounters {
     pub passed_bytes: u64,
     /// Pass segments whose acknowledgement was clamped.
     pub clamped_frames: u64,
+    /// Bare ACKs queued to carry a clamped segment's real acknowledgement
+    /// at commit.
+    pub bare_acks: u64,
     pub held_frames: u64,
     pub held_bytes: u64,
     pub released_frames: u64,
@@ -203,6 +206,9 @@ struct FlowAcks {
     committed: Option<(u32, u16)>,
     /// (epoch stamp, highest ack in it, window with that ack), oldest first.
     pending: VecDeque<(u64, u32, u16)>,
+    /// The highest acknowledgement already waiting in the hold queue (in a
+    /// held segment or a bare ACK): the real ACK reaches the wire at commit.
+    queued_ack: Option<u32>,
     last_seen: Option<Instant>,
 }
 
@@ -381,7 +387,11 @@ impl Gate {
             }
         }
         if class == Class::Hold {
-            return self.hold(&cfg, port, epoch, now, frame);
+            let d = self.hold(&cfg, port, epoch, now, frame);
+            if let (GateDecision::Hold, Some(key), Some(t)) = (&d, flow, tcp) {
+                self.note_queued_ack(key, t.ack);
+            }
+            return d;
         }
         let (Some(key), Some(t)) = (flow, tcp) else {
             let mut g = self.lock();
@@ -413,12 +423,36 @@ impl Gate {
                 if !tcp::rewrite_ack(&mut out, &meta, ack, window) {
                     return self.hold(&cfg, port, epoch, now, frame);
                 }
+                // The real acknowledgement follows at commit, once.
+                let queued = self
+                    .lock()
+                    .flows
+                    .get(&key)
+                    .and_then(|f| f.queued_ack)
+                    .is_some_and(|q| tcp::seq_le(t.ack, q));
+                if !queued {
+                    if let Some(bare) = tcp::bare_ack(frame, &meta) {
+                        if self.hold(&cfg, port, epoch, now, &bare) == GateDecision::Hold {
+                            self.note_queued_ack(key, t.ack);
+                            self.lock().counters.bare_acks += 1;
+                        }
+                    }
+                }
                 let mut g = self.lock();
                 g.counters.passed_frames += 1;
                 g.counters.passed_bytes += frame.len() as u64;
                 g.counters.clamped_frames += 1;
                 GateDecision::PassRewritten(out)
             }
+        }
+    }
+
+    fn note_queued_ack(&self, key: FlowKey, ack: u32) {
+        if let Some(f) = self.lock().flows.get_mut(&key) {
+            f.queued_ack = Some(match f.queued_ack {
+                Some(q) => tcp::seq_max(q, ack),
+                None => ack,
+            });
         }
     }
 
@@ -667,6 +701,29 @@ mod tests {
             "260 committed with epoch 2"
         );
         assert_eq!(g.counters().clamped_frames, 1);
+    }
+
+    #[test]
+    fn a_clamped_acknowledgement_goes_out_bare_at_commit() {
+        let g = gate(GateMode::Classified, Profile::BulkTcp.rules());
+        g.check(0, &seg(100, TCP_ACK, b"first"));
+        g.epoch_opened(2);
+        assert_eq!(g.commit(1).len(), 1);
+        let f = seg(250, TCP_ACK | TCP_PSH, b"more");
+        assert!(matches!(g.check(0, &f), GateDecision::PassRewritten(_)));
+        // A second clamped segment with the same ack queues nothing new.
+        assert!(matches!(
+            g.check(0, &seg(250, TCP_ACK, b"again")),
+            GateDecision::PassRewritten(_)
+        ));
+        g.epoch_opened(3);
+        let out = g.commit(2);
+        assert_eq!(out.len(), 1, "one bare ACK for ack 250");
+        let m = packet::parse(&out[0].1).unwrap();
+        let t = m.l4.unwrap().tcp.unwrap();
+        assert_eq!((t.ack, m.payload_len), (250, 0));
+        assert!(tcp::tcp_checksum_valid(&out[0].1, &m));
+        assert_eq!(g.counters().bare_acks, 1);
     }
 
     #[test]

@@ -156,6 +156,56 @@ fn segment_sum(seg: &[u8], addrs: &IpAddrs, proto: u8) -> Option<u64> {
     Some(add_words(acc, seg))
 }
 
+/// The bare acknowledgement a segment carried: its headers (options
+/// included) with no payload, the sequence number advanced past the
+/// payload, PSH cleared, and lengths and checksums made whole. Output
+/// commit sends this at commit for a `pass` segment whose acknowledgement
+/// it had to clamp, so the peer hears the VM's real ACK once it is safe.
+/// None when `meta` does not describe a whole TCP segment of `frame`.
+pub fn bare_ack(frame: &[u8], meta: &PacketMeta) -> Option<Vec<u8>> {
+    let ip = meta.ip?;
+    let l4 = meta.l4?;
+    let t = l4.tcp?;
+    let end = meta.payload_offset;
+    if end > frame.len() || end < l4.offset + 20 || ip.later_fragment {
+        return None;
+    }
+    let mut out = frame.get(..end)?.to_vec();
+    let seq = t.seq.wrapping_add(meta.payload_len as u32);
+    out.get_mut(l4.offset + 4..l4.offset + 8)?
+        .copy_from_slice(&seq.to_be_bytes());
+    *out.get_mut(l4.offset + 13)? &= !crate::packet::TCP_PSH;
+    let l3 = meta.l3_offset;
+    match ip.addrs {
+        crate::packet::IpAddrs::V4 { .. } => {
+            let total = u16::try_from(end - l3).ok()?;
+            out.get_mut(l3 + 2..l3 + 4)?
+                .copy_from_slice(&total.to_be_bytes());
+            let ihl = usize::from(out.get(l3)? & 0x0f) * 4;
+            out.get_mut(l3 + 10..l3 + 12)?.copy_from_slice(&[0, 0]);
+            let mut sum: u32 = 0;
+            for c in out.get(l3..l3 + ihl)?.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            out.get_mut(l3 + 10..l3 + 12)?
+                .copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        }
+        crate::packet::IpAddrs::V6 { .. } => {
+            let payload = u16::try_from(end - (l3 + 40)).ok()?;
+            out.get_mut(l3 + 4..l3 + 6)?
+                .copy_from_slice(&payload.to_be_bytes());
+        }
+    }
+    let m = crate::packet::parse(&out)?;
+    if !fill_tcp_checksum(&mut out, &m) {
+        return None;
+    }
+    Some(out)
+}
+
 /// Whether the TCP checksum of the segment `meta` describes verifies over
 /// its pseudo-header (IPv4 or IPv6). Used by tests, fuzzing and debug
 /// assertions. A fragment's checksum covers the reassembled segment, so it
@@ -615,6 +665,37 @@ mod tests {
         fn seq_lt_matches_signed_difference(a in any::<u32>(), b in any::<u32>()) {
             let diff = b.wrapping_sub(a);
             prop_assert_eq!(seq_lt(a, b), diff != 0 && diff <= 0x8000_0000);
+        }
+    }
+}
+
+#[cfg(test)]
+mod bare_ack_tests {
+    use super::*;
+    use crate::packet::{parse, TCP_ACK, TCP_PSH};
+
+    #[test]
+    fn a_bare_ack_keeps_the_acknowledgement_and_drops_the_payload() {
+        for v6 in [false, true] {
+            let f = build_tcp_frame(
+                v6,
+                7071,
+                40000,
+                1000,
+                5555,
+                TCP_ACK | TCP_PSH,
+                300,
+                b"RCVD 42\n",
+            );
+            let m = parse(&f).unwrap();
+            let a = bare_ack(&f, &m).unwrap();
+            let am = parse(&a).unwrap();
+            let t = am.l4.unwrap().tcp.unwrap();
+            assert_eq!((t.ack, t.window, t.seq), (5555, 300, 1008));
+            assert_eq!(t.flags & TCP_PSH, 0);
+            assert_eq!(am.payload_len, 0);
+            assert!(tcp_checksum_valid(&a, &am), "v6={v6}");
+            assert_eq!(a.len(), m.payload_offset);
         }
     }
 }

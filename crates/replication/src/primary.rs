@@ -266,9 +266,14 @@ impl Engine {
                         s.state = "degraded".into();
                         s.detail = why.clone();
                     });
-                    tokio::select! {
-                        _ = tokio::time::sleep(self.cfg.heartbeat) => {}
-                        _ = self.stop.changed() => {}
+                    let owner_gone = tokio::select! {
+                        _ = tokio::time::sleep(self.cfg.heartbeat) => false,
+                        r = self.stop.changed() => r.is_err(),
+                    };
+                    if owner_gone {
+                        // The Primary handle was dropped (tandemd exiting):
+                        // nobody can stop this loop any more, so end it.
+                        break;
                     }
                 }
             }
@@ -437,9 +442,12 @@ impl Engine {
                 } else {
                     next_epoch.min(now + self.cfg.heartbeat)
                 };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake.into()) => {}
-                    _ = self.stop.changed() => {}
+                let owner_gone = tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => false,
+                    r = self.stop.changed() => r.is_err(),
+                };
+                if owner_gone {
+                    return Ended::Stopped;
                 }
                 continue;
             }

@@ -834,7 +834,15 @@ impl Conn {
         let mut state = vring.get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) || self.is_broken(RX_QUEUE) {
             drop(state);
-            self.io.drop_egress();
+            // Stopped for a checkpoint: the frames wait in the (bounded)
+            // egress queue and are delivered when the ring restarts. A
+            // ring that never ran, or is corrupt, takes nothing.
+            let briefly_stopped = !self.is_broken(RX_QUEUE)
+                && self.started_once.load(Ordering::Acquire)
+                && lock(&self.stopped_at).is_some_and(|t| t.elapsed() < ANNOUNCE_AFTER_PAUSE);
+            if !briefly_stopped {
+                self.io.drop_egress();
+            }
             return;
         }
         let mem = lock(&self.mem).memory();

@@ -248,6 +248,7 @@ impl VmOutput {
             passed_frames: c.passed_frames,
             passed_bytes: c.passed_bytes,
             clamped_frames: c.clamped_frames,
+            bare_acks: c.bare_acks,
             held_frames: c.held_frames,
             held_bytes: c.held_bytes,
             released_frames: c.released_frames,
