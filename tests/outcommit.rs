@@ -324,6 +324,49 @@ fn held_output_waits_for_commit_and_pass_output_does_not() {
     assert!(out["passed_frames"].as_u64().unwrap_or(0) > 0, "{st:#}");
     assert!(out["released_frames"].as_u64().unwrap_or(0) > 0, "{st:#}");
     assert!(out["hold_p50_us"].as_u64().unwrap_or(0) > 0, "{st:#}");
+
+    // 4. A full hold queue drops the newest held frame (the documented
+    // policy) and loses nothing acknowledged: re-protect with room for
+    // 4 frames, flood it with held media, and every PUT the client sees
+    // answered is still known to the guest.
+    a.cli_ok(&["unprotect", "oc"]);
+    a.cli_ok(&[
+        "protect",
+        "oc",
+        "--backup",
+        &endpoint,
+        "--epoch-ms",
+        "100",
+        "--profile",
+        "conservative",
+        "--hold-max-frames",
+        "4",
+    ]);
+    wait_protected(&a);
+    let flood = media(&x, 100, 1, || {});
+    let st = primary(&a);
+    let drops = st["output"]["overflow_drops"].as_u64().unwrap_or(0);
+    assert!(drops > 0, "a 4-frame queue took 100 datagrams: {st:#}");
+    assert!(
+        flood.len() < 100,
+        "every datagram arrived despite overflow drops"
+    );
+    for i in 0..5 {
+        let (addr, line) = (format!("{GUEST}:7070"), format!("PUT overflow-{i}"));
+        let reply = x
+            .within(move || {
+                request(&addr, &line, Duration::from_secs(20)).map_err(|e| e.to_string())
+            })
+            .unwrap_or_else(|e| panic!("PUT overflow-{i}: {e}"));
+        let seq = reply.strip_prefix("OK ").expect("OK n").to_string();
+        let (addr, line) = (format!("{GUEST}:7070"), format!("GET {seq}"));
+        let got = x
+            .within(move || {
+                request(&addr, &line, Duration::from_secs(20)).map_err(|e| e.to_string())
+            })
+            .expect("GET");
+        assert_eq!(got, format!("REC {seq} overflow-{i}"));
+    }
     a.cli_ok(&["unprotect", "oc"]);
     a.cli_ok(&["vm", "destroy", "oc"]);
 }

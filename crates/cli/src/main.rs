@@ -60,6 +60,13 @@ enum Cmd {
         /// `--rule "pass udp dport 5004-5100"`.
         #[arg(long = "rule")]
         rules: Vec<String>,
+        /// Bound on held output, in frames (default 8192). When full, a new
+        /// held frame is dropped (the guest's TCP retransmits).
+        #[arg(long)]
+        hold_max_frames: Option<usize>,
+        /// Bound on held output, in bytes (default 16 MiB).
+        #[arg(long)]
+        hold_max_bytes: Option<usize>,
     },
     /// End protection of a VM (the backup is told; it will not take over).
     Unprotect { name: String },
@@ -662,6 +669,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             profile,
             rules,
+            hold_max_frames,
+            hold_max_bytes,
         } => {
             if output == "off" {
                 eprintln!("WARNING: output commit OFF: clients can see output that a failover will contradict");
@@ -675,8 +684,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         output_mode: Some(output),
                         profile,
                         rules: (!rules.is_empty()).then_some(rules),
-                        hold_max_frames: None,
-                        hold_max_bytes: None,
+                        hold_max_frames,
+                        hold_max_bytes,
                         unsafe_no_clamp: false,
                     },
                 )
@@ -996,6 +1005,10 @@ fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
             if r.passed { "PASS" } else { "FAIL" }
         );
         println!("       guest memory after failover: {}", r.memory_check);
+        println!(
+            "       upload: client saw {} bytes acknowledged, resumed guest received {}",
+            r.upload_acked, r.upload_received
+        );
         for v in &r.violations {
             println!("       violation: {v}");
         }

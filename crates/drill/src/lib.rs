@@ -91,6 +91,10 @@ pub struct RoundReport {
     pub restore_ms: f64,
     pub client_served_ms: f64,
     pub continued_records: usize,
+    /// Upload bytes the client had seen acknowledged at the check, and the
+    /// bytes the resumed guest had received intact.
+    pub upload_acked: u64,
+    pub upload_received: u64,
     /// The guest's own check of its churned memory after failover.
     pub memory_check: String,
     pub violations: Vec<String>,
@@ -561,6 +565,15 @@ fn run_round(
             .map(|v| v.to_string())
             .unwrap_or_default()
     );
+    // The adversarial moment: right after the client has seen new upload
+    // bytes acknowledged. With clamping, acknowledgements only move when an
+    // epoch commits, so they are safe; an acknowledgement released early
+    // is then almost certainly for bytes no commit holds yet.
+    let seen = upload.acked.load(Ordering::SeqCst);
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while upload.acked.load(Ordering::SeqCst) == seen && Instant::now() < watch_until {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let t_kill = Instant::now();
     match kill {
         // SAFETY: kill(2) of host A's QEMU, started by this drill.
@@ -573,6 +586,7 @@ fn run_round(
     shared.killed.store(true, Ordering::SeqCst);
     // Replies from here on can only come from B: a request A took in but
     // never answered is answered by the resumed guest after failover.
+    let upload_acked_at_kill = upload.acked.load(Ordering::SeqCst);
     let delivered_at_kill = shared.delivered.lock().map(|d| d.len()).unwrap_or_default();
     say(&format!(
         "  killed {kill:?} after {delivered_before} replies"
@@ -688,9 +702,17 @@ fn run_round(
             "the resumed guest's memory is inconsistent: {memory}"
         ));
     }
+    let mut upload_received = 0;
     match (upload_error, upload_check) {
         (Some(e), _) => violations.push(format!("the upload stream could not start: {e}")),
         (None, Ok((got, bad))) => {
+            upload_received = got;
+            if upload_acked_at_kill == 0 {
+                violations.push(
+                    "the upload stream made no progress before the kill, so it proves nothing"
+                        .to_string(),
+                );
+            }
             if bad > 0 {
                 violations.push(format!(
                     "the resumed guest saw a gap or corruption in the upload stream ({bad} mismatch)"
@@ -731,6 +753,8 @@ fn run_round(
         restore_ms: report.restore_ms,
         client_served_ms: served.as_secs_f64() * 1e3,
         continued_records: continued,
+        upload_acked: acked_at_check,
+        upload_received: upload_received,
         memory_check: memory,
         passed: violations.is_empty(),
         violations,
@@ -830,7 +854,7 @@ fn upload_loop(shared: &UploadShared) {
             let acked = written.saturating_sub(queued.max(0) as u64);
             shared.acked.fetch_max(acked, Ordering::SeqCst);
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

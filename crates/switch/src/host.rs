@@ -441,6 +441,7 @@ fn housekeeping(sw: Arc<Switch>, ports: Arc<Mutex<Ports>>, stop: Arc<AtomicBool>
             let mut ports = ports.lock().unwrap_or_else(|p| p.into_inner());
             for list in ports.vms.values_mut() {
                 for p in list.iter_mut() {
+                    p.handle.poke();
                     let now = (p.handle.is_connected(), p.handle.connections());
                     if now == p.seen {
                         continue;

@@ -959,10 +959,30 @@ impl VhostUserBackend for NetBackend {
             if let Some(v) = vrings.get(usize::from(RX_QUEUE)) {
                 conn.run_rx(v);
             }
+            // An interrupt sent while the ring was being stopped may have
+            // gone to a call descriptor QEMU has since replaced; a guest
+            // waiting for TX completions would then wait forever. A spare
+            // interrupt costs the guest one look at its rings.
+            for v in vrings {
+                let _ = v.signal_used_queue();
+            }
             return Ok(());
         }
         match device_event {
-            RX_QUEUE | EGRESS_EVENT => match vrings.get(usize::from(RX_QUEUE)) {
+            EGRESS_EVENT => {
+                // Also a watchdog tick (see `VmPortHandle::poke`): serve TX
+                // too, in case a kick was lost around a ring restart.
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+                match vrings.get(usize::from(RX_QUEUE)) {
+                    Some(v) => conn.run_rx(v),
+                    None => {
+                        conn.io.drop_egress();
+                    }
+                }
+            }
+            RX_QUEUE => match vrings.get(usize::from(RX_QUEUE)) {
                 Some(v) => conn.run_rx(v),
                 None => {
                     conn.io.drop_egress();
@@ -1095,6 +1115,16 @@ impl VmPortHandle {
                 || (c.started_once.load(Ordering::Acquire)
                     && lock(&c.stopped_at).is_some_and(|t| t.elapsed() < ANNOUNCE_AFTER_PAUSE))
         })
+    }
+
+    /// Wakes the port's worker to serve both rings now. The switch's
+    /// housekeeping calls it periodically: a kick or interrupt lost around
+    /// a ring restart (every checkpoint restarts the rings) then costs a
+    /// short delay instead of a stalled guest.
+    pub fn poke(&self) {
+        if let Some(c) = lock(&self.shared.current).as_ref() {
+            let _ = c.io.egress.notifier().write(1);
+        }
     }
 
     /// How many frontends have attached so far.
@@ -1368,7 +1398,7 @@ const ANNOUNCE_AFTER_PAUSE: Duration = Duration::from_millis(500);
 /// The daemon handles a ring's enable asynchronously and nothing else
 /// wakes its worker afterwards, so after a (re)start it would not look at
 /// buffers made available before: poke its egress event until the rings
-/// run (bounded: 30 pokes, 1 ms apart, on a short-lived thread).
+/// run (bounded: 100 pokes, 2 ms apart, on a short-lived thread).
 fn wake_on_start(conn: &Arc<Conn>) {
     if conn.running.load(Ordering::Acquire) {
         return;
@@ -1377,9 +1407,9 @@ fn wake_on_start(conn: &Arc<Conn>) {
     let _ = std::thread::Builder::new()
         .name("vhost-wake".into())
         .spawn(move || {
-            for _ in 0..30 {
+            for _ in 0..100 {
                 let _ = conn.io.egress.notifier().write(1);
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(2));
                 if conn.running.load(Ordering::Acquire) {
                     let _ = conn.io.egress.notifier().write(1);
                     break;
