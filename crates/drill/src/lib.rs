@@ -754,7 +754,7 @@ fn run_round(
         client_served_ms: served.as_secs_f64() * 1e3,
         continued_records: continued,
         upload_acked: acked_at_check,
-        upload_received: upload_received,
+        upload_received,
         memory_check: memory,
         passed: violations.is_empty(),
         violations,
