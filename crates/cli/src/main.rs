@@ -128,6 +128,26 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// tandem's vhost-user switch against tap + Linux bridge: host↔guest
+    /// request/response latency and guest→guest TCP throughput, side by
+    /// side in one run (pairs alternate each round).
+    Switch {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Round trips per pair and round.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        #[arg(long, default_value_t = 3000)]
+        bulk_ms: u64,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u32,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+    },
     /// Output commit: request/response latency (a passed reply and a held
     /// one) and guest→client bulk throughput with output commit off,
     /// all-hold and classified, side by side, per epoch length.
@@ -403,6 +423,64 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bench(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Bench(BenchCmd::Switch {
+        rounds,
+        requests,
+        bulk_ms,
+        memory_mib,
+        image_dir,
+    }) = &cli.cmd
+    {
+        let tandemd = std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("tandemd"))
+            .context("locating tandemd")?;
+        let opts = tandem_drill::DrillOptions {
+            rounds: 1,
+            kill: None,
+            seed: 1,
+            epoch_ms: 50,
+            memory_mib: *memory_mib,
+            output: "classified".into(),
+            profile: "bulk-tcp".into(),
+            unsafe_no_clamp: false,
+            tandemd,
+            image_dir: image_dir.clone(),
+            work_dir: PathBuf::from("/tmp"),
+        };
+        let rows = tandem_drill::switchbench::switch_vs_bridge(
+            &opts,
+            *rounds,
+            *requests,
+            *bulk_ms,
+            |m| eprintln!("bench: {m}"),
+        )?;
+        if cli.json {
+            return print_json(&rows);
+        }
+        println!("\nswitch vs bridge ({memory_mib} MiB TCG guests; {rounds} rounds of {requests} round trips and a {bulk_ms} ms transfer per path)");
+        println!(
+            "{:<28} {:>12} {:>12} {:>16}",
+            "path", "rr p50", "rr p99", "bulk Mbit/s (med)"
+        );
+        for r in &rows {
+            println!(
+                "{:<28} {:>9.3} ms {:>9.3} ms {:>16.1}",
+                r.path, r.rr_p50_ms, r.rr_p99_ms, r.bulk_mbit_s_median
+            );
+        }
+        if let [sw, br] = rows.as_slice() {
+            println!(
+                "ratio switch/bridge: rr p50 {:.2}, bulk {:.2}",
+                sw.rr_p50_ms / br.rr_p50_ms,
+                sw.bulk_mbit_s_median / br.bulk_mbit_s_median
+            );
+        }
+        println!(
+            "reproduce: tandem bench switch --rounds {rounds} --requests {requests} --bulk-ms {bulk_ms} --memory-mib {memory_mib}"
+        );
+        return Ok(());
+    }
     if let Cmd::Bench(BenchCmd::Output {
         epoch_ms,
         requests,

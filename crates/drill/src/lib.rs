@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod checker;
+pub mod switchbench;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -156,7 +157,7 @@ pub fn run(opts: &DrillOptions, mut say: impl FnMut(&str)) -> anyhow::Result<Vec
     Ok(reports)
 }
 
-struct Host {
+pub(crate) struct Host {
     socket: PathBuf,
     state: PathBuf,
     ram_dir: PathBuf,
@@ -173,6 +174,21 @@ impl Host {
         work: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Host> {
+        // The host's switch: the guest's port group, with the fabric uplink.
+        let doc = format!(
+            "[[port_group]]\nname = \"vms\"\nvlan = 10\n\n[[uplink]]\nname = \"fabric\"\ninterfaces = [\"{uplink}\"]\nport_group = \"vms\"\n"
+        );
+        Self::start_with_switch(name, ns, &doc, opts, work, extra)
+    }
+
+    fn start_with_switch(
+        name: &'static str,
+        ns: &str,
+        switch_doc: &str,
+        opts: &DrillOptions,
+        work: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Host> {
         let socket = work.join(format!("{name}.sock"));
         let state = work.join(name);
         let ram_dir = PathBuf::from(format!(
@@ -183,14 +199,8 @@ impl Host {
         ));
         let log = work.join(format!("tandemd-{name}.log"));
         let logf = std::fs::File::create(&log)?;
-        // The host's switch: the guest's port group, with the fabric uplink.
         let switch_config = work.join(format!("switch-{name}.toml"));
-        std::fs::write(
-            &switch_config,
-            format!(
-                "[[port_group]]\nname = \"vms\"\nvlan = 10\n\n[[uplink]]\nname = \"fabric\"\ninterfaces = [\"{uplink}\"]\nport_group = \"vms\"\n"
-            ),
-        )?;
+        std::fs::write(&switch_config, switch_doc)?;
         let child = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&opts.tandemd)

@@ -31,7 +31,7 @@ pub struct Topology {
     made: Vec<String>,
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -46,7 +46,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<()> {
     let mut a = vec!["netns", "exec", ns, "ip"];
     a.extend_from_slice(args);
     ip(&a)
@@ -122,7 +122,7 @@ impl Topology {
 /// never takes VMs down with it), and a process started by `ip netns exec`
 /// keeps a mount of the namespace file that makes `ip netns delete` fail
 /// with EBUSY. Only processes in a namespace this drill made are touched.
-fn kill_processes_in(ns: &str) {
+pub(crate) fn kill_processes_in(ns: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
         return;
     };

@@ -7,6 +7,8 @@
 //!   the guest ran (the pause test counts these);
 //! - serves the line protocol in [`proto`] on TCP port 7070, making every
 //!   `PUT` durable (fsync of `/data/records.log`) before it answers `OK <seq>`;
+//! - checks an upload stream on port 7071 (a byte pattern, progress lines
+//!   back on the same connection) and discards whatever arrives on 7072;
 //! - powers the machine off cleanly on the ACPI power button or SIGTERM.
 //!
 //! Settings come from the environment (set by the image's `/init`):
@@ -128,6 +130,15 @@ fn main() {
         Err(e) => say(&format!(
             "cannot listen on upload port {}: {e}",
             port.wrapping_add(1)
+        )),
+    }
+    match bind(port.wrapping_add(2)) {
+        Ok(l) => {
+            std::thread::spawn(move || discard_listener(l));
+        }
+        Err(e) => say(&format!(
+            "cannot listen on discard port {}: {e}",
+            port.wrapping_add(2)
         )),
     }
     std::thread::spawn(move || wait_for_signal(signals));
@@ -317,6 +328,22 @@ fn upload(stream: TcpStream) {
                 return;
             }
         }
+    }
+}
+
+/// The discard service (port + 2): reads and throws away whatever a peer
+/// sends, as the far end of throughput measurements between guests.
+fn discard_listener(listener: TcpListener) {
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
     }
 }
 
