@@ -209,6 +209,10 @@ struct FlowAcks {
     /// The highest acknowledgement already waiting in the hold queue (in a
     /// held segment or a bare ACK): the real ACK reaches the wire at commit.
     queued_ack: Option<u32>,
+    /// The newest TCP timestamp (TSval) the peer has been sent on this
+    /// flow by a segment that passed: held segments released later carry
+    /// at least this, or the peer drops them as old (PAWS).
+    max_tsval: Option<u32>,
     last_seen: Option<Instant>,
 }
 
@@ -262,6 +266,8 @@ struct Held {
     epoch: u64,
     at: Instant,
     frame: Vec<u8>,
+    /// The VM's TCP connection the frame belongs to, if any.
+    flow: Option<FlowKey>,
 }
 
 #[derive(Default)]
@@ -400,6 +406,7 @@ impl Gate {
             return GateDecision::Pass;
         };
         if cfg.unsafe_skip_clamp {
+            self.note_passed(Some(key), frame, &meta);
             let mut g = self.lock();
             g.counters.passed_frames += 1;
             g.counters.passed_bytes += frame.len() as u64;
@@ -410,6 +417,7 @@ impl Gate {
             // Nothing acknowledged on this flow is committed yet.
             None => self.hold(&cfg, port, epoch, now, frame),
             Some((ack, _)) if tcp::seq_le(t.ack, ack) => {
+                self.note_passed(Some(key), frame, &meta);
                 let mut g = self.lock();
                 g.counters.passed_frames += 1;
                 g.counters.passed_bytes += frame.len() as u64;
@@ -438,12 +446,26 @@ impl Gate {
                         }
                     }
                 }
+                self.note_passed(Some(key), frame, &meta);
                 let mut g = self.lock();
                 g.counters.passed_frames += 1;
                 g.counters.passed_bytes += frame.len() as u64;
                 g.counters.clamped_frames += 1;
                 GateDecision::PassRewritten(out)
             }
+        }
+    }
+
+    /// A segment of `key` passed carrying `frame`'s timestamp.
+    fn note_passed(&self, key: Option<FlowKey>, frame: &[u8], meta: &PacketMeta) {
+        let (Some(key), Some((_, ts))) = (key, tcp::tsval(frame, meta)) else {
+            return;
+        };
+        if let Some(f) = self.lock().flows.get_mut(&key) {
+            f.max_tsval = Some(match f.max_tsval {
+                Some(m) => tcp::seq_max(m, ts),
+                None => ts,
+            });
         }
     }
 
@@ -464,6 +486,11 @@ impl Gate {
         now: Instant,
         frame: &[u8],
     ) -> GateDecision {
+        let flow = packet::parse(frame).and_then(|m| {
+            m.l4.and_then(|l| l.tcp)
+                .filter(|_| self.vm_macs.contains(&m.src_mac))
+                .and_then(|_| FlowKey::of(&m))
+        });
         let mut g = self.lock();
         if g.queue.len() >= cfg.max_frames || g.queued_bytes + frame.len() > cfg.max_bytes {
             match cfg.overflow {
@@ -478,6 +505,7 @@ impl Gate {
             epoch,
             at: now,
             frame: frame.to_vec(),
+            flow,
         });
         g.queued_bytes += frame.len();
         g.counters.held_frames += 1;
@@ -531,8 +559,19 @@ impl Gate {
         let now = Instant::now();
         let mut out = Vec::new();
         while g.queue.front().is_some_and(|h| h.epoch <= epoch) {
-            let Some(h) = g.queue.pop_front() else { break };
+            let Some(mut h) = g.queue.pop_front() else {
+                break;
+            };
             g.queued_bytes -= h.frame.len();
+            let newest = h
+                .flow
+                .and_then(|k| g.flows.get(&k))
+                .and_then(|f| f.max_tsval);
+            if let (Some(newest), Some(meta)) = (newest, packet::parse(&h.frame)) {
+                if tcp::tsval(&h.frame, &meta).is_some_and(|(_, ts)| tcp::seq_lt(ts, newest)) {
+                    tcp::set_tsval(&mut h.frame, &meta, newest);
+                }
+            }
             g.counters.released_frames += 1;
             g.counters.released_bytes += h.frame.len() as u64;
             let us = now.duration_since(h.at).as_micros() as u64;
@@ -701,6 +740,29 @@ mod tests {
             "260 committed with epoch 2"
         );
         assert_eq!(g.counters().clamped_frames, 1);
+    }
+
+    #[test]
+    fn a_held_segment_released_after_newer_ones_passed_carries_their_timestamp() {
+        let g = gate(GateMode::Classified, Profile::BulkTcp.rules());
+        let ts = |f: Vec<u8>, v: u32| tcp::with_timestamp_option(&f, v).unwrap();
+        // Something acknowledged on the flow is committed.
+        g.check(0, &ts(seg(100, TCP_ACK, b"a"), 10));
+        g.epoch_opened(2);
+        g.commit(1);
+        // A FIN (always held) at TSval 20, then data passes at TSval 30.
+        let fin = ts(seg(100, TCP_FIN | TCP_ACK, b""), 20);
+        assert_eq!(g.check(0, &fin), GateDecision::Hold);
+        assert_eq!(
+            g.check(0, &ts(seg(100, TCP_ACK, b"b"), 30)),
+            GateDecision::Pass
+        );
+        g.epoch_opened(3);
+        let out = g.commit(2);
+        assert_eq!(out.len(), 1);
+        let m = packet::parse(&out[0].1).unwrap();
+        assert_eq!(tcp::tsval(&out[0].1, &m).map(|t| t.1), Some(30));
+        assert!(tcp::tcp_checksum_valid(&out[0].1, &m));
     }
 
     #[test]

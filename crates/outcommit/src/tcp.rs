@@ -156,6 +156,78 @@ fn segment_sum(seg: &[u8], addrs: &IpAddrs, proto: u8) -> Option<u64> {
     Some(add_words(acc, seg))
 }
 
+/// The TCP timestamp option's TSval: its offset in the frame and value.
+/// None when the segment carries no well-formed timestamp option.
+pub fn tsval(frame: &[u8], meta: &PacketMeta) -> Option<(usize, u32)> {
+    let l4 = meta.l4?;
+    let t = l4.tcp?;
+    let start = l4.offset.checked_add(TCP_MIN_HEADER)?;
+    let end = l4.offset.checked_add(t.header_len)?;
+    let opts = frame.get(start..end)?;
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*opts.get(i + 1)?);
+                if len < 2 {
+                    return None;
+                }
+                if kind == 8 && len == 10 {
+                    let v = opts.get(i + 2..i + 6)?;
+                    return Some((start + i + 2, u32::from_be_bytes([v[0], v[1], v[2], v[3]])));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// Sets the segment's TSval and recomputes its TCP checksum. Output commit
+/// uses it on a held segment released after newer segments of the same
+/// connection passed: the peer would otherwise drop it as an old duplicate
+/// (PAWS, RFC 7323) and the acknowledgement it carries would be lost.
+pub fn set_tsval(frame: &mut [u8], meta: &PacketMeta, value: u32) -> bool {
+    let Some((at, _)) = tsval(frame, meta) else {
+        return false;
+    };
+    let Some(slot) = frame.get_mut(at..at + 4) else {
+        return false;
+    };
+    slot.copy_from_slice(&value.to_be_bytes());
+    fill_tcp_checksum(frame, meta)
+}
+
+/// For tests and fuzzing: `frame` (an IPv4 TCP segment from
+/// [`build_tcp_frame`]) with NOP, NOP, TS(tsval, 7) options inserted
+/// after its 20-byte TCP header, lengths and checksums made whole.
+pub fn with_timestamp_option(frame: &[u8], tsval: u32) -> Option<Vec<u8>> {
+    let m = crate::packet::parse(frame)?;
+    let l4 = m.l4?.offset;
+    let l3 = m.l3_offset;
+    let mut out = frame.get(..l4 + TCP_MIN_HEADER)?.to_vec();
+    out.extend_from_slice(&[1, 1, 8, 10]);
+    out.extend_from_slice(&tsval.to_be_bytes());
+    out.extend_from_slice(&7u32.to_be_bytes());
+    out.extend_from_slice(frame.get(m.payload_offset..m.payload_offset + m.payload_len)?);
+    out[l4 + 12] = 8 << 4;
+    let total = u16::try_from(out.len() - l3).ok()?;
+    out[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+    out[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = 0;
+    for c in out[l3..l3 + 20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    out[l3 + 10..l3 + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let m = crate::packet::parse(&out)?;
+    fill_tcp_checksum(&mut out, &m).then_some(out)
+}
+
 /// The bare acknowledgement a segment carried: its headers (options
 /// included) with no payload, the sequence number advanced past the
 /// payload, PSH cleared, and lengths and checksums made whole. Output
@@ -697,5 +769,32 @@ mod bare_ack_tests {
             assert!(tcp_checksum_valid(&a, &am), "v6={v6}");
             assert_eq!(a.len(), m.payload_offset);
         }
+    }
+}
+
+#[cfg(test)]
+mod timestamp_tests {
+    use super::*;
+    use crate::packet::{parse, TCP_ACK};
+
+    fn with_timestamps(tsval: u32) -> Vec<u8> {
+        with_timestamp_option(
+            &build_tcp_frame(false, 7070, 40000, 1, 2, TCP_ACK, 100, b""),
+            tsval,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_timestamp_is_found_and_rewritten_with_a_valid_checksum() {
+        let mut f = with_timestamps(1000);
+        let m = parse(&f).unwrap();
+        assert_eq!(tsval(&f, &m).map(|t| t.1), Some(1000));
+        assert!(set_tsval(&mut f, &m, 5000));
+        let m = parse(&f).unwrap();
+        assert_eq!(tsval(&f, &m).map(|t| t.1), Some(5000));
+        assert!(tcp_checksum_valid(&f, &m));
+        let plain = build_tcp_frame(false, 1, 2, 3, 4, TCP_ACK, 5, b"x");
+        assert_eq!(tsval(&plain, &parse(&plain).unwrap()), None);
     }
 }
