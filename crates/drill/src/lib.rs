@@ -624,6 +624,19 @@ fn run_round(
     // the stream continues on B from the committed state, so the guest's
     // count must pass what the client was told, with no gap.
     let acked_at_check = upload.acked.load(Ordering::SeqCst);
+    say(&format!(
+        "  upload: {} bytes written, {} acknowledged at the kill, {} now{}",
+        upload.written.load(Ordering::SeqCst),
+        upload_acked_at_kill,
+        acked_at_check,
+        upload
+            .ended
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    ));
     let upload_check = topology::spawn_in_ns(&topo.c, move || -> anyhow::Result<(u64, u64)> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -849,8 +862,13 @@ fn upload_loop(shared: &UploadShared) {
         match (&s).write(&chunk) {
             Ok(n) => written += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => break,
+            Err(e) => {
+                *shared.ended.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("write failed after {written} bytes: {e}"));
+                break;
+            }
         }
+        shared.written.store(written, Ordering::SeqCst);
         // Progress lines are only there to carry acknowledgements.
         while let Ok(n) = (&s).read(&mut sink) {
             if n == 0 {
@@ -876,6 +894,8 @@ fn tandem_guest_pattern(offset: u64) -> u8 {
 #[derive(Default)]
 struct UploadShared {
     acked: std::sync::atomic::AtomicU64,
+    written: std::sync::atomic::AtomicU64,
+    ended: Mutex<Option<String>>,
     stop: AtomicBool,
     error: Mutex<Option<String>>,
 }
