@@ -349,12 +349,10 @@ impl Gate {
         let epoch = self.open_epoch.load(Ordering::SeqCst);
         let now = Instant::now();
         let Some(meta) = packet::parse(frame) else {
-            return self.hold(&cfg, port, epoch, now, frame);
+            return self.hold(&cfg, port, epoch, now, frame, None);
         };
         if cfg.mode == GateMode::Off {
-            let mut g = self.lock();
-            g.counters.passed_frames += 1;
-            g.counters.passed_bytes += frame.len() as u64;
+            self.count_pass(frame.len(), false);
             return GateDecision::Pass;
         }
         let origin = self.origin(&meta);
@@ -393,43 +391,37 @@ impl Gate {
             }
         }
         if class == Class::Hold {
-            let d = self.hold(&cfg, port, epoch, now, frame);
+            let d = self.hold(&cfg, port, epoch, now, frame, flow);
             if let (GateDecision::Hold, Some(key), Some(t)) = (&d, flow, tcp) {
                 self.note_queued_ack(key, t.ack);
             }
             return d;
         }
         let (Some(key), Some(t)) = (flow, tcp) else {
-            let mut g = self.lock();
-            g.counters.passed_frames += 1;
-            g.counters.passed_bytes += frame.len() as u64;
+            self.count_pass(frame.len(), false);
             return GateDecision::Pass;
         };
         if cfg.unsafe_skip_clamp {
-            self.note_passed(Some(key), frame, &meta);
-            let mut g = self.lock();
-            g.counters.passed_frames += 1;
-            g.counters.passed_bytes += frame.len() as u64;
+            self.note_passed(key, frame, &meta);
+            self.count_pass(frame.len(), false);
             return GateDecision::Pass;
         }
         let committed = self.lock().flows.get(&key).and_then(|f| f.committed);
         match committed {
             // Nothing acknowledged on this flow is committed yet.
-            None => self.hold(&cfg, port, epoch, now, frame),
+            None => self.hold(&cfg, port, epoch, now, frame, flow),
             Some((ack, _)) if tcp::seq_le(t.ack, ack) => {
-                self.note_passed(Some(key), frame, &meta);
-                let mut g = self.lock();
-                g.counters.passed_frames += 1;
-                g.counters.passed_bytes += frame.len() as u64;
+                self.note_passed(key, frame, &meta);
+                self.count_pass(frame.len(), false);
                 GateDecision::Pass
             }
             // A bare ACK clamped back would say nothing new; its real value
             // goes out with the commit.
-            Some(_) if meta.payload_len == 0 => self.hold(&cfg, port, epoch, now, frame),
+            Some(_) if meta.payload_len == 0 => self.hold(&cfg, port, epoch, now, frame, flow),
             Some((ack, window)) => {
                 let mut out = frame.to_vec();
                 if !tcp::rewrite_ack(&mut out, &meta, ack, window) {
-                    return self.hold(&cfg, port, epoch, now, frame);
+                    return self.hold(&cfg, port, epoch, now, frame, flow);
                 }
                 // The real acknowledgement follows at commit, once.
                 let queued = self
@@ -440,25 +432,31 @@ impl Gate {
                     .is_some_and(|q| tcp::seq_le(t.ack, q));
                 if !queued {
                     if let Some(bare) = tcp::bare_ack(frame, &meta) {
-                        if self.hold(&cfg, port, epoch, now, &bare) == GateDecision::Hold {
+                        if self.hold(&cfg, port, epoch, now, &bare, flow) == GateDecision::Hold {
                             self.note_queued_ack(key, t.ack);
                             self.lock().counters.bare_acks += 1;
                         }
                     }
                 }
-                self.note_passed(Some(key), frame, &meta);
-                let mut g = self.lock();
-                g.counters.passed_frames += 1;
-                g.counters.passed_bytes += frame.len() as u64;
-                g.counters.clamped_frames += 1;
+                self.note_passed(key, frame, &meta);
+                self.count_pass(frame.len(), true);
                 GateDecision::PassRewritten(out)
             }
         }
     }
 
+    fn count_pass(&self, len: usize, clamped: bool) {
+        let mut g = self.lock();
+        g.counters.passed_frames += 1;
+        g.counters.passed_bytes += len as u64;
+        if clamped {
+            g.counters.clamped_frames += 1;
+        }
+    }
+
     /// A segment of `key` passed carrying `frame`'s timestamp.
-    fn note_passed(&self, key: Option<FlowKey>, frame: &[u8], meta: &PacketMeta) {
-        let (Some(key), Some((_, ts))) = (key, tcp::tsval(frame, meta)) else {
+    fn note_passed(&self, key: FlowKey, frame: &[u8], meta: &PacketMeta) {
+        let Some((_, ts)) = tcp::tsval(frame, meta) else {
             return;
         };
         if let Some(f) = self.lock().flows.get_mut(&key) {
@@ -485,12 +483,8 @@ impl Gate {
         epoch: u64,
         now: Instant,
         frame: &[u8],
+        flow: Option<FlowKey>,
     ) -> GateDecision {
-        let flow = packet::parse(frame).and_then(|m| {
-            m.l4.and_then(|l| l.tcp)
-                .filter(|_| self.vm_macs.contains(&m.src_mac))
-                .and_then(|_| FlowKey::of(&m))
-        });
         let mut g = self.lock();
         if g.queue.len() >= cfg.max_frames || g.queued_bytes + frame.len() > cfg.max_bytes {
             match cfg.overflow {
