@@ -127,15 +127,7 @@ fn early_replies(a: &Daemon, x: &Netns, n: usize) -> usize {
 fn media(x: &Netns, count: u32, every_ms: u64, during: impl FnOnce()) -> Vec<(u32, Instant)> {
     let bind = format!("{CLIENT}:6000");
     let (tx, rx) = std::sync::mpsc::channel();
-    let path = format!("/var/run/netns/{}", x.name);
-    let sink = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let fd = std::fs::File::open(&path).expect("netns");
-        // SAFETY: setns(2) on a namespace fd we hold; this thread only.
-        assert_eq!(
-            unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+    let sink = x.spawn(move || {
         let s = std::net::UdpSocket::bind(&bind).expect("bind");
         s.set_read_timeout(Some(Duration::from_secs(3))).ok();
         tx.send(()).ok();
@@ -155,19 +147,8 @@ fn media(x: &Netns, count: u32, every_ms: u64, during: impl FnOnce()) -> Vec<(u3
         format!("{GUEST}:7070"),
         format!("MEDIA {CLIENT}:6000 {count} {every_ms}"),
     );
-    let asker = {
-        let x_path = format!("/var/run/netns/{}", x.name);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let fd = std::fs::File::open(&x_path).expect("netns");
-            // SAFETY: as above.
-            assert_eq!(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
-            request(&addr, &line, Duration::from_secs(30)).map_err(|e| e.to_string())
-        })
-    };
+    let asker =
+        x.spawn(move || request(&addr, &line, Duration::from_secs(30)).map_err(|e| e.to_string()));
     during();
     let reply = asker.join().expect("asker");
     assert!(

@@ -136,15 +136,7 @@ fn blast_rate(ns: &Netns, sink_ip: &str, port: u16, guest: &str, ms: u64) -> f64
     let sink = {
         let bind = bind.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        let path = format!("/var/run/netns/{}", ns.name);
-        let t = std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns(2) on a namespace fd we hold; this thread only.
-            assert_eq!(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+        let t = ns.spawn(move || {
             let l = std::net::TcpListener::bind(&bind).expect("bind sink");
             tx.send(()).ok();
             let (mut c, _) = l.accept().expect("accept");

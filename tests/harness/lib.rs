@@ -447,6 +447,15 @@ impl Netns {
     /// Runs `f` on a thread that has entered the namespace, so its sockets
     /// live there, and returns its result.
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("thread in netns panicked")
+    }
+
+    /// Starts `f` on a thread that has entered the namespace; for work that
+    /// runs alongside the test (a sink, a listener).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let fd = std::fs::File::open(&path).expect("open netns");
@@ -457,8 +466,6 @@ impl Netns {
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("thread in netns panicked")
     }
 }
 

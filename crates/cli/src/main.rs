@@ -380,10 +380,7 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
         });
         let tandemd = match tandemd {
             Some(t) => t,
-            None => std::env::current_exe()?
-                .parent()
-                .map(|d| d.join("tandemd"))
-                .context("locating tandemd")?,
+            None => tandemd_beside_cli()?,
         };
         let opts = tandem_drill::DrillOptions {
             rounds,
@@ -422,6 +419,35 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tandemd installed next to this CLI.
+fn tandemd_beside_cli() -> anyhow::Result<PathBuf> {
+    std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("tandemd"))
+        .context("locating tandemd")
+}
+
+/// The drill site every benchmark builds on: one guest of `memory_mib`,
+/// 50 ms epochs, output commit as the drill runs it.
+fn bench_options(
+    memory_mib: u32,
+    image_dir: &std::path::Path,
+) -> anyhow::Result<tandem_drill::DrillOptions> {
+    Ok(tandem_drill::DrillOptions {
+        rounds: 1,
+        kill: None,
+        seed: 1,
+        epoch_ms: 50,
+        memory_mib,
+        output: "classified".into(),
+        profile: "bulk-tcp".into(),
+        unsafe_no_clamp: false,
+        tandemd: tandemd_beside_cli()?,
+        image_dir: image_dir.to_path_buf(),
+        work_dir: PathBuf::from("/tmp"),
+    })
+}
+
 fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::Bench(BenchCmd::Switch {
         rounds,
@@ -431,23 +457,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         image_dir,
     }) = &cli.cmd
     {
-        let tandemd = std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("tandemd"))
-            .context("locating tandemd")?;
-        let opts = tandem_drill::DrillOptions {
-            rounds: 1,
-            kill: None,
-            seed: 1,
-            epoch_ms: 50,
-            memory_mib: *memory_mib,
-            output: "classified".into(),
-            profile: "bulk-tcp".into(),
-            unsafe_no_clamp: false,
-            tandemd,
-            image_dir: image_dir.clone(),
-            work_dir: PathBuf::from("/tmp"),
-        };
+        let opts = bench_options(*memory_mib, image_dir)?;
         let rows = tandem_drill::switchbench::switch_vs_bridge(
             &opts,
             *rounds,
@@ -489,23 +499,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         image_dir,
     }) = &cli.cmd
     {
-        let tandemd = std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("tandemd"))
-            .context("locating tandemd")?;
-        let opts = tandem_drill::DrillOptions {
-            rounds: 1,
-            kill: None,
-            seed: 1,
-            epoch_ms: 50,
-            memory_mib: *memory_mib,
-            output: "classified".into(),
-            profile: "bulk-tcp".into(),
-            unsafe_no_clamp: false,
-            tandemd,
-            image_dir: image_dir.clone(),
-            work_dir: PathBuf::from("/tmp"),
-        };
+        let opts = bench_options(*memory_mib, image_dir)?;
         let rows = tandem_drill::bench::output(&opts, epoch_ms, *requests, *bulk_ms, |m| {
             eprintln!("bench: {m}")
         })?;
@@ -550,23 +544,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         image_dir,
     }) = &cli.cmd
     {
-        let tandemd = std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("tandemd"))
-            .context("locating tandemd")?;
-        let opts = tandem_drill::DrillOptions {
-            rounds: 1,
-            kill: None,
-            seed: 1,
-            epoch_ms: 50,
-            memory_mib: *memory_mib,
-            output: "classified".into(),
-            profile: "bulk-tcp".into(),
-            unsafe_no_clamp: false,
-            tandemd,
-            image_dir: image_dir.clone(),
-            work_dir: PathBuf::from("/tmp"),
-        };
+        let opts = bench_options(*memory_mib, image_dir)?;
         let rows = tandem_drill::bench::throughput(&opts, epoch_ms, *spin, *dirty, *reps, |m| {
             eprintln!("bench: {m}")
         })?;
@@ -609,10 +587,6 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     else {
         bail!("unknown benchmark");
     };
-    let tandemd = std::env::current_exe()?
-        .parent()
-        .map(|d| d.join("tandemd"))
-        .context("locating tandemd")?;
     let mut rows = Vec::new();
     for &mem in &memory_mib {
         let opts = tandem_drill::DrillOptions {
@@ -620,13 +594,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             kill: Some(tandem_drill::KillMode::Qemu),
             seed,
             epoch_ms,
-            memory_mib: mem,
-            output: "classified".into(),
-            profile: "bulk-tcp".into(),
-            unsafe_no_clamp: false,
-            tandemd: tandemd.clone(),
-            image_dir: image_dir.clone(),
-            work_dir: PathBuf::from("/tmp"),
+            ..bench_options(mem, &image_dir)?
         };
         eprintln!("bench: {rounds} drills with a {mem} MiB guest");
         let r = tandem_drill::run(&opts, |m| eprintln!("bench: {m}"))?;

@@ -121,11 +121,18 @@ pub struct OutputRow {
     pub bulk_mbit_s: f64,
 }
 
-/// Round trips of `line` on one persistent connection from `ns`, in ms.
-fn round_trips(ns: &str, line: &'static str, n: usize) -> anyhow::Result<Vec<f64>> {
+/// Round trips of `line` (`{i}` becomes the request's number) to the
+/// guest service at `guest` on one persistent connection from `ns`, in ms.
+pub(crate) fn round_trips(
+    ns: &str,
+    guest: &str,
+    line: &'static str,
+    n: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let addr = format!("{guest}:7070");
     topology::spawn_in_ns(ns, move || -> anyhow::Result<Vec<f64>> {
         use std::io::{BufRead, BufReader, Write};
-        let addr: std::net::SocketAddr = format!("{}:7070", topology::GUEST_IP).parse()?;
+        let addr: std::net::SocketAddr = addr.parse()?;
         let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -217,8 +224,8 @@ pub fn output(
             say(&format!(
                 "  {mode}: {requests} PING, {requests} PUT, {bulk_ms} ms bulk"
             ));
-            let mut pass = round_trips(&ns, "PING", requests)?;
-            let mut hold = round_trips(&ns, "PUT bench-{i}", requests)?;
+            let mut pass = round_trips(&ns, topology::GUEST_IP, "PING", requests)?;
+            let mut hold = round_trips(&ns, topology::GUEST_IP, "PUT bench-{i}", requests)?;
             let bulk = bulk_rate(&ns, bulk_ms)?;
             rows.push(OutputRow {
                 epoch_ms: e,

@@ -515,13 +515,7 @@ fn run_round(
     })?
     .join()
     .map_err(|_| anyhow!("churn thread panicked"))??
-    .map_err(|e| {
-        let stats: Result<serde_json::Value, _> = block_on(api_a.get("/v1/switch/stats"));
-        anyhow!(
-            "starting the memory churn: {e}\nhost A's switch: {}",
-            stats.map(|s| s.to_string()).unwrap_or_default()
-        )
-    })?;
+    .map_err(|e| anyhow!("starting the memory churn: {e}\n{}", host_state(&api_a)))?;
     if !churn.starts_with("CHURNING") {
         bail!("guest refused the memory churn: {churn}");
     }
@@ -544,17 +538,7 @@ fn run_round(
         let n = shared.delivered.lock().ok()?.len();
         (n >= kill_after).then_some(Ok(n))
     })
-    .map_err(|e| {
-        anyhow!(
-            "{e}\nhost A: switch {}\nft {}",
-            block_on(api_a.get::<serde_json::Value>("/v1/switch/stats"))
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            block_on(api_a.get::<serde_json::Value>("/v1/ft/drill"))
-                .map(|v| v.to_string())
-                .unwrap_or_default()
-        )
-    })?
+    .map_err(|e| anyhow!("{e}\n{}", host_state(&api_a)))?
     .map_err(|e| anyhow!("client: {e}"))?;
     std::thread::sleep(Duration::from_millis(rng.below(300)));
     let before = ft_primary(&a).unwrap_or_default();
@@ -563,18 +547,7 @@ fn run_round(
         .ok_or_else(|| anyhow!("no QEMU pid on A"))?;
 
     // Host A's view just before the kill, kept for a failed round's report.
-    let diagnostics = format!(
-        "host A before the kill: switch {}\nft {}\nvm {}",
-        block_on(api_a.get::<serde_json::Value>("/v1/switch/stats"))
-            .map(|v| v.to_string())
-            .unwrap_or_default(),
-        block_on(api_a.get::<serde_json::Value>("/v1/ft/drill"))
-            .map(|v| v.to_string())
-            .unwrap_or_default(),
-        block_on(api_a.get::<serde_json::Value>("/v1/vms/drill"))
-            .map(|v| v.to_string())
-            .unwrap_or_default()
-    );
+    let diagnostics = format!("host A before the kill:\n{}", host_state(&api_a));
     // The adversarial moment: right after the client has seen new upload
     // bytes acknowledged. With clamping, acknowledgements only move when an
     // epoch commits, so they are safe; an acknowledgement released early
@@ -784,9 +757,30 @@ fn run_round(
     })
 }
 
+/// A host's switch counters, protection status (with the output gate) and
+/// VM record, for a failed round's report.
+fn host_state(api: &tandem_api::Client) -> String {
+    ["/v1/switch/stats", "/v1/ft/drill", "/v1/vms/drill"]
+        .iter()
+        .map(|path| {
+            let v = block_on(api.get::<serde_json::Value>(path))
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| format!("unavailable: {e}"));
+            format!("{path}: {v}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One request/reply with the guest service, on a fresh connection.
 fn exchange(line: &str, timeout: Duration) -> anyhow::Result<String> {
-    let addr: SocketAddr = format!("{GUEST_IP}:7070").parse()?;
+    exchange_at(&format!("{GUEST_IP}:7070"), line, timeout)
+}
+
+/// One request/reply with the guest service at `addr`, on a fresh
+/// connection.
+fn exchange_at(addr: &str, line: &str, timeout: Duration) -> anyhow::Result<String> {
+    let addr: SocketAddr = addr.parse()?;
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;

@@ -11,13 +11,14 @@
 //! service). There is no vhost-net in this kernel, so the tap side is
 //! QEMU's userspace virtio-net: that is the comparison an operator here has.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
 
-use crate::topology::{in_ns, ip, kill_processes_in, spawn_in_ns};
-use crate::{block_on, stats_ms, wait_for, DrillOptions, Host};
+use crate::bench::round_trips;
+use crate::topology::{delete_netns, in_ns, ip, spawn_in_ns};
+use crate::{block_on, exchange_at, stats_ms, wait_for, DrillOptions, Host};
 
 const HOST_SW: &str = "10.66.1.1";
 const HOST_BR: &str = "10.66.0.1";
@@ -37,22 +38,7 @@ struct BenchNs(String);
 
 impl Drop for BenchNs {
     fn drop(&mut self) {
-        for _ in 0..50 {
-            kill_processes_in(&self.0);
-            let gone = std::process::Command::new("ip")
-                .args(["netns", "delete", &self.0])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if gone
-                || !std::path::Path::new("/var/run/netns")
-                    .join(&self.0)
-                    .exists()
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        delete_netns(&self.0);
     }
 }
 
@@ -111,46 +97,9 @@ fn destroy(host: &Host, name: &str) {
 
 /// One line to a guest's service from the namespace, with a bound.
 fn ask(ns: &str, addr: String, line: String, timeout: Duration) -> anyhow::Result<String> {
-    spawn_in_ns(ns, move || -> anyhow::Result<String> {
-        use std::io::{BufRead, BufReader, Write};
-        let a: std::net::SocketAddr = addr.parse()?;
-        let s = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(timeout))?;
-        (&s).write_all(format!("{line}\n").as_bytes())?;
-        let mut r = String::new();
-        BufReader::new(s).read_line(&mut r)?;
-        Ok(r.trim_end().to_string())
-    })?
-    .join()
-    .map_err(|_| anyhow!("request thread panicked"))??
-}
-
-fn round_trips(ns: &str, guest: &str, n: usize) -> anyhow::Result<Vec<f64>> {
-    let addr = format!("{guest}:7070");
-    spawn_in_ns(ns, move || -> anyhow::Result<Vec<f64>> {
-        use std::io::{BufRead, BufReader, Write};
-        let a: std::net::SocketAddr = addr.parse()?;
-        let s = std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut r = BufReader::new(s.try_clone()?);
-        let mut w = s;
-        let mut out = Vec::with_capacity(n);
-        let mut reply = String::new();
-        for _ in 0..n {
-            let t = Instant::now();
-            w.write_all(b"PING\n")?;
-            reply.clear();
-            r.read_line(&mut reply)?;
-            if reply.trim_end() != "PONG" {
-                bail!("guest answered {reply:?} to PING");
-            }
-            out.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok(out)
-    })?
-    .join()
-    .map_err(|_| anyhow!("round-trip thread panicked"))??
+    spawn_in_ns(ns, move || exchange_at(&addr, &line, timeout))?
+        .join()
+        .map_err(|_| anyhow!("request thread panicked"))??
 }
 
 /// Measures one pair of guests `a` → `b` reached from the namespace.
@@ -162,14 +111,14 @@ fn measure(
     bulk_ms: u64,
 ) -> anyhow::Result<(Vec<f64>, f64)> {
     // Warm-up: TCG's translation cache and ARP on every path.
-    let _ = round_trips(ns, a, 20)?;
+    let _ = round_trips(ns, a, "PING", 20)?;
     let _ = ask(
         ns,
         format!("{a}:7070"),
         format!("BLAST {b}:7072 300"),
         Duration::from_secs(20),
     )?;
-    let rtt = round_trips(ns, a, requests)?;
+    let rtt = round_trips(ns, a, "PING", requests)?;
     let reply = ask(
         ns,
         format!("{a}:7070"),

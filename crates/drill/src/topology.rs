@@ -122,7 +122,7 @@ impl Topology {
 /// never takes VMs down with it), and a process started by `ip netns exec`
 /// keeps a mount of the namespace file that makes `ip netns delete` fail
 /// with EBUSY. Only processes in a namespace this drill made are touched.
-pub(crate) fn kill_processes_in(ns: &str) {
+fn kill_processes_in(ns: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
         return;
     };
@@ -137,24 +137,29 @@ pub(crate) fn kill_processes_in(ns: &str) {
     }
 }
 
+/// Deletes a namespace this drill made, killing what still runs in it. A
+/// dying process may hold the namespace file for a moment, so deletion is
+/// retried for a bounded time.
+pub(crate) fn delete_netns(ns: &str) {
+    for _ in 0..50 {
+        kill_processes_in(ns);
+        let gone = Command::new("ip")
+            .args(["netns", "delete", ns])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if gone || !std::path::Path::new("/var/run/netns").join(ns).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
+        // Deleting a namespace removes its veths, bridges and taps.
         for ns in self.made.drain(..).rev() {
-            // Deleting a namespace removes its veths, bridges and taps. A
-            // dying process may hold the namespace file for a moment, so
-            // retry for a bounded time.
-            for _ in 0..50 {
-                kill_processes_in(&ns);
-                let gone = Command::new("ip")
-                    .args(["netns", "delete", &ns])
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false);
-                if gone || !std::path::Path::new("/var/run/netns").join(&ns).exists() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
+            delete_netns(&ns);
         }
     }
 }
