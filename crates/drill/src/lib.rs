@@ -553,7 +553,9 @@ fn run_round(
     // epoch commits, so they are safe; an acknowledgement released early
     // is then almost certainly for bytes no commit holds yet.
     let seen = upload.acked.load(Ordering::SeqCst);
-    let watch_until = Instant::now() + Duration::from_secs(3);
+    // The upload can stall for a while (a busy TCG guest); a kill during a
+    // stall would find everything acknowledged long since committed.
+    let watch_until = Instant::now() + Duration::from_secs(20);
     while upload.acked.load(Ordering::SeqCst) == seen && Instant::now() < watch_until {
         std::thread::sleep(Duration::from_millis(1));
     }
