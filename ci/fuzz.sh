@@ -11,7 +11,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 cd crates/switch/fuzz
-for t in ingress vhost_tx outcommit; do
+for t in ingress vhost_tx offload outcommit; do
   echo "[fuzz] $t for ${secs}s" >&2
   mkdir -p "corpus/$t"
   RUSTC_BOOTSTRAP=1 cargo fuzz run --release "$t" "corpus/$t" -- \

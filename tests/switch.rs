@@ -377,6 +377,42 @@ fn switch_end_to_end() {
             > 0
     );
 
+    // Offloads: g2's TCP segments reach g1 whole (both guests negotiated
+    // checksum and segmentation offload), so the frames the switch writes
+    // into g1 are far larger than any wire frame. g1 is policed on what it
+    // sends, so its own 64 KiB segments are cut to wire frames first and
+    // still get through.
+    let s3 = d.cli_json(&["switch", "stats"]);
+    let reply = ask(&x, "10.10.0.2:7070", "BLAST 10.10.0.1:7072 1500")
+        .unwrap_or_else(|e| panic!("BLAST g2 -> g1: {e}"));
+    assert!(reply.starts_with("BLASTED"), "g2 -> g1: {reply}");
+    let s4 = d.cli_json(&["switch", "stats"]);
+    let delta = |name: &str, field: &str| counter(&s4, name, field) - counter(&s3, name, field);
+    let (frames, bytes) = (delta("g1.eth0", "tx_frames"), delta("g1.eth0", "tx_bytes"));
+    assert!(frames > 0, "nothing reached g1");
+    eprintln!("g2 -> g1: {frames} frames, {bytes} bytes, {reply}");
+    assert!(
+        bytes / frames > 4000,
+        "g1 got {frames} frames averaging {} bytes: segmentation offload not used",
+        bytes / frames
+    );
+    let drops = &port(&s4, "g2.eth0")["counters"]["drops"];
+    assert_eq!(
+        drops["malformed"], 0,
+        "g2's offloaded frames refused: {drops}"
+    );
+    let reply = ask(&x, "10.10.0.1:7070", "BLAST 10.10.0.2:7072 1500")
+        .unwrap_or_else(|e| panic!("BLAST g1 -> g2: {e}"));
+    let sent: u64 = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        sent > 50_000,
+        "the policed guest got almost nothing to g2: {reply}"
+    );
+
     // A QEMU that crashes leaves the other ports served, and a restarted
     // guest gets its port back.
     let pid = d.info("g2")["pid"].as_u64().expect("g2 pid") as i32;

@@ -5,13 +5,28 @@ use std::sync::Arc;
 
 use crate::config::{PortGroup, SwitchDocument, VlanMode};
 use crate::frame;
+use crate::offload::{self, RxOffloads, TxOffloads, VnetHdr};
 use crate::port::{Ingress, MAX_FRAME};
 use crate::switch::{PortKind, Switch};
 
 /// Splits `data` into frames (a length byte pair, then the frame) and feeds
-/// each into a small switch from a port chosen by the first byte. Checks
-/// what comes out: every frame leaving an access port is untagged, every
-/// frame leaving the trunk carries an allowed tag, nothing is oversize.
+/// each into a small switch from a port chosen by the first byte; when its
+/// top bit is set the frame starts with a virtio-net header asking for
+/// offloads, validated as a VM port would. Checks what comes out: every
+/// frame leaving an access port is untagged, every frame leaving the trunk
+/// carries an allowed tag, nothing is oversize, and offload work reaches
+/// only the port that accepts it.
+const ALL_TX: TxOffloads = TxOffloads {
+    csum: true,
+    tso4: true,
+    tso6: true,
+};
+const OFFLOADS: RxOffloads = RxOffloads {
+    csum: true,
+    tso4: true,
+    tso6: true,
+};
+
 pub fn ingress_frames(data: &[u8]) {
     let mut a = PortGroup::named("a");
     a.vlan = Some(10);
@@ -56,22 +71,46 @@ pub fn ingress_frames(data: &[u8]) {
             return;
         };
         sw.port_up(p.0);
+        if i == 1 {
+            p.1.set_accepts(OFFLOADS);
+        }
         ports.push((p, group));
     }
     let mut rest = data;
     while rest.len() >= 3 {
-        let from = rest[0] as usize % ports.len();
+        let from = (rest[0] & 0x7f) as usize % ports.len();
+        let with_header = rest[0] & 0x80 != 0;
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         let f = &rest[3..3 + len];
         rest = &rest[3 + len..];
-        sw.ingress(ports[from].0 .0, f);
+        let port = ports[from].0 .0;
+        match with_header.then(|| VnetHdr::parse(f)).flatten() {
+            Some(h) => {
+                let f = &f[offload::VNET_HDR_FIELDS..];
+                if let Ok(off) = offload::from_tx(&h, f, ALL_TX) {
+                    sw.ingress_offloaded(port, f, off);
+                }
+            }
+            None => sw.ingress(port, f),
+        }
         if rest.first() == Some(&0xff) {
             sw.age();
         }
     }
     for ((_, q, _), group) in &ports {
         while let Some(out) = q.pop() {
-            assert!(out.len() <= MAX_FRAME + 4, "oversize frame left a port");
+            assert!(
+                q.accepts().accepts(&out.offload),
+                "offload work queued for a port that cannot take it"
+            );
+            let out = out.frame;
+            assert!(
+                out.len() <= offload::MAX_GSO_FRAME + 4,
+                "oversize frame left a port"
+            );
+            if !q.accepts().any() {
+                assert!(out.len() <= MAX_FRAME + 4, "oversize frame left a port");
+            }
             let info = frame::parse(&out).expect("a frame that left parses");
             match *group {
                 "t" => assert!(
@@ -86,6 +125,36 @@ pub fn ingress_frames(data: &[u8]) {
     let _: Arc<Switch> = sw;
 }
 
+/// A virtio-net header (10 bytes) and a frame, as a guest that negotiated
+/// every offload might transmit them. Whatever the header asks for is
+/// either refused or turns into frames that fit on a wire and carry
+/// exactly the packet's payload.
+pub fn offload_packet(data: &[u8]) {
+    let Some(h) = VnetHdr::parse(data) else {
+        return;
+    };
+    let f = &data[offload::VNET_HDR_FIELDS..];
+    let Ok(off) = offload::from_tx(&h, f, ALL_TX) else {
+        return;
+    };
+    let mut out = Vec::new();
+    offload::finish(f.to_vec(), &off, &mut out).expect("a validated packet finishes");
+    assert!(!out.is_empty() && out.len() <= offload::MAX_SEGMENTS);
+    match off.gso {
+        None => assert_eq!(out.len(), 1),
+        Some(_) => {
+            let hl = usize::from(offload::rx_header(f, &off).hdr_len);
+            assert!(hl > 0, "a segmentation packet has headers");
+            let payload: usize = out.iter().map(|s| s.len() - hl).sum();
+            assert_eq!(payload, f.len() - hl, "payload lost or invented");
+            for s in &out {
+                assert!(s.len() <= MAX_FRAME, "segment of {} bytes", s.len());
+                assert_eq!(s[..hl].len(), hl);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -95,6 +164,11 @@ mod tests {
         #[test]
         fn ingress_never_panics_or_leaks_vlans(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             super::ingress_frames(&data);
+        }
+
+        #[test]
+        fn offload_requests_are_refused_or_kept_whole(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            super::offload_packet(&data);
         }
     }
 

@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod host;
 pub mod hostport;
 pub mod netsys;
+pub mod offload;
 pub mod port;
 pub mod shaper;
 pub mod switch;

@@ -501,11 +501,13 @@ impl TxState {
     ) -> TxOutcome {
         self.waiting = None;
         for _ in 0..BATCH {
-            let Some(frame) = egress.pop() else {
+            let Some(packet) = egress.pop() else {
                 self.more = false;
                 return TxOutcome::Done;
             };
-            if !frame_size_ok(frame.len()) {
+            // This queue never said it accepts offloads, so the switch
+            // finished every packet before queueing it.
+            if !packet.offload.is_none() || !frame_size_ok(packet.frame.len()) {
                 counters.dropped(DropReason::Malformed);
                 continue;
             }
@@ -513,9 +515,9 @@ impl TxState {
                 counters.dropped(DropReason::NoBuffer);
                 continue;
             };
-            let err = match send(&frame) {
+            let err = match send(&packet.frame) {
                 Ok(()) => {
-                    counters.transmitted(frame.len());
+                    counters.transmitted(packet.frame.len());
                     self.last_error = None;
                     self.congested_tries = 0;
                     continue;
@@ -525,14 +527,14 @@ impl TxState {
             let failure = classify_tx_error(&err);
             match failure {
                 TxFailure::Blocked => {
-                    egress.unpop(frame);
+                    egress.unpop(packet);
                     self.waiting = Some(failure);
                     self.more = false;
                     return TxOutcome::Done;
                 }
                 TxFailure::Congested if self.congested_tries < TX_CONGESTED_TRIES => {
                     self.congested_tries += 1;
-                    egress.unpop(frame);
+                    egress.unpop(packet);
                     self.waiting = Some(failure);
                     self.more = false;
                     return TxOutcome::Done;

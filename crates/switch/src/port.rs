@@ -17,6 +17,8 @@ use std::sync::Mutex;
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::offload::{self, Offload, RxOffloads};
+
 /// Index of a port inside one switch instance.
 pub type PortId = u32;
 
@@ -148,6 +150,36 @@ impl PortCounters {
 /// Ethernet frame (no virtio-net header, no FCS), tags included.
 pub trait Ingress: Send + Sync {
     fn ingress(&self, port: PortId, frame: &[u8]);
+
+    /// A packet that still needs checksum or segmentation work (see
+    /// [`crate::offload`]); `off` was validated against `frame`. The
+    /// default finishes it in software and hands over the plain frames.
+    fn ingress_offloaded(&self, port: PortId, frame: &[u8], off: Offload) {
+        let mut plain = Vec::new();
+        if offload::finish(frame.to_vec(), &off, &mut plain).is_ok() {
+            for f in &plain {
+                self.ingress(port, f);
+            }
+        }
+    }
+}
+
+/// A frame on its way out of a port, with the offload work it still needs
+/// ([`Offload::NONE`] for a plain Ethernet frame). Only ports that accept
+/// offloads ([`EgressQueue::accepts`]) are given packets that need work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub frame: Vec<u8>,
+    pub offload: Offload,
+}
+
+impl Packet {
+    pub fn plain(frame: Vec<u8>) -> Packet {
+        Packet {
+            frame,
+            offload: Offload::NONE,
+        }
+    }
 }
 
 /// Bounded queue of frames waiting to leave one port.
@@ -157,11 +189,14 @@ pub struct EgressQueue {
     max_bytes: usize,
     /// Written whenever a frame is queued; the port's I/O thread polls it.
     notify: EventFd,
+    /// What the consumer takes with offload work left to do (a VM port
+    /// whose guest negotiated it); packed as csum | tso4 << 1 | tso6 << 2.
+    accepts: AtomicU64,
 }
 
 #[derive(Default)]
 struct Queued {
-    q: VecDeque<Vec<u8>>,
+    q: VecDeque<Packet>,
     bytes: usize,
 }
 
@@ -172,39 +207,63 @@ impl EgressQueue {
             max_frames,
             max_bytes,
             notify: EventFd::new(EFD_NONBLOCK)?,
+            accepts: AtomicU64::new(0),
         })
     }
 
-    /// Queues a frame; `false` if the queue is full (the caller counts the
-    /// drop against this port).
+    /// The consumer says which offloaded packets it takes from now on.
+    pub fn set_accepts(&self, rx: RxOffloads) {
+        let bits = u64::from(rx.csum) | u64::from(rx.tso4) << 1 | u64::from(rx.tso6) << 2;
+        self.accepts.store(bits, Ordering::Relaxed);
+    }
+
+    /// Which offloaded packets the consumer takes (none for uplinks and
+    /// host ports, and for a VM port before its guest negotiated them).
+    pub fn accepts(&self) -> RxOffloads {
+        let bits = self.accepts.load(Ordering::Relaxed);
+        RxOffloads {
+            csum: bits & 1 != 0,
+            tso4: bits & 2 != 0,
+            tso6: bits & 4 != 0,
+        }
+    }
+
+    /// Queues a plain frame; `false` if the queue is full (the caller
+    /// counts the drop against this port).
     pub fn push(&self, frame: Vec<u8>) -> bool {
+        self.push_packet(Packet::plain(frame))
+    }
+
+    /// Queues a packet; `false` if the queue is full.
+    pub fn push_packet(&self, packet: Packet) -> bool {
         {
             let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-            if g.q.len() >= self.max_frames || g.bytes + frame.len() > self.max_bytes {
+            let len = packet.frame.len();
+            if g.q.len() >= self.max_frames || g.bytes + len > self.max_bytes {
                 return false;
             }
-            g.bytes += frame.len();
-            g.q.push_back(frame);
+            g.bytes += len;
+            g.q.push_back(packet);
         }
         let _ = self.notify.write(1);
         true
     }
 
-    /// Takes the oldest frame.
-    pub fn pop(&self) -> Option<Vec<u8>> {
+    /// Takes the oldest packet.
+    pub fn pop(&self) -> Option<Packet> {
         let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
         let f = g.q.pop_front()?;
-        g.bytes -= f.len();
+        g.bytes -= f.frame.len();
         Some(f)
     }
 
-    /// Puts a frame back at the head, after a pop whose frame could not be
+    /// Puts a packet back at the head, after a pop whose frame could not be
     /// delivered yet (no RX buffer available). Never fails: the frame was
     /// already accounted for.
-    pub fn unpop(&self, frame: Vec<u8>) {
+    pub fn unpop(&self, packet: Packet) {
         let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-        g.bytes += frame.len();
-        g.q.push_front(frame);
+        g.bytes += packet.frame.len();
+        g.q.push_front(packet);
     }
 
     pub fn len(&self) -> usize {

@@ -16,8 +16,9 @@ use serde::Serialize;
 use crate::config::{InvalidDocument, PortGroup, PortGroupUser, SwitchDocument};
 use crate::fdb::{Fdb, FdbEntry, Learned};
 use crate::frame::{self, Mac};
+use crate::offload::{self, Offload};
 use crate::port::{
-    CounterSnapshot, DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME,
+    CounterSnapshot, DropReason, EgressQueue, Ingress, Packet, PortCounters, PortId, MIN_FRAME,
 };
 use crate::shaper::TokenBucket;
 
@@ -281,7 +282,13 @@ impl Switch {
         if let Some(from) = moved_from {
             tracing::info!(port = %p.name, %mac, from, "MAC moved to this port");
         }
-        self.forward(id, &p, vlan, frame::rarp_announce(mac), Instant::now());
+        self.forward(
+            id,
+            &p,
+            vlan,
+            Packet::plain(frame::rarp_announce(mac)),
+            Instant::now(),
+        );
     }
 
     /// The peer went away: queued frames are dropped and what was learned
@@ -318,7 +325,13 @@ impl Switch {
         let Some(vlan) = g.classify(info.vid) else {
             return;
         };
-        self.forward(id, &p, vlan, untagged(frame, info.vid), Instant::now());
+        self.forward(
+            id,
+            &p,
+            vlan,
+            Packet::plain(untagged(frame, info.vid)),
+            Instant::now(),
+        );
     }
 
     /// Forgets addresses not seen for the aging time.
@@ -357,8 +370,11 @@ impl Switch {
             .collect()
     }
 
-    fn forward(&self, from: PortId, src_port: &Port, vlan: u16, inner: Vec<u8>, now: Instant) {
-        let Some(info) = frame::parse(&inner) else {
+    /// Sends `inner` (untagged, classified into `vlan`) to every port that
+    /// should see it. A packet with offload work left goes whole to the
+    /// ports that accept it and as finished plain frames to the others.
+    fn forward(&self, from: PortId, src_port: &Port, vlan: u16, inner: Packet, now: Instant) {
+        let Some(info) = frame::parse(&inner.frame) else {
             return;
         };
         let known = if info.dst.is_group() {
@@ -372,9 +388,10 @@ impl Switch {
         if known == Some(from) {
             return; // no hairpin: the destination is behind the sender's port
         }
-        let _ = src_port;
         let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        // Computed once, for the first port that needs it.
         let mut tagged: Option<Vec<u8>> = None;
+        let mut finished: Option<Vec<Vec<u8>>> = None;
         for (&id, p) in ports.iter() {
             if id == from {
                 continue;
@@ -399,29 +416,75 @@ impl Switch {
             if !wanted || !p.up.load(Ordering::Relaxed) {
                 continue;
             }
-            let out = if tag {
-                tagged
-                    .get_or_insert_with(|| frame::push_tag(&inner, vlan))
-                    .clone()
-            } else {
-                inner.clone()
-            };
-            if let Some(b) = p
-                .shaper_out
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_mut()
+            if inner.offload.is_none()
+                || (p.egress.accepts().accepts(&inner.offload) && !p.shaped_out())
             {
-                if !b.admit(out.len(), now) {
-                    p.counters.dropped(DropReason::Shaped);
-                    continue;
-                }
+                let out = if tag {
+                    tagged
+                        .get_or_insert_with(|| frame::push_tag(&inner.frame, vlan))
+                        .clone()
+                } else {
+                    inner.frame.clone()
+                };
+                p.send(
+                    Packet {
+                        frame: out,
+                        offload: inner.offload,
+                    },
+                    now,
+                );
+                continue;
             }
-            if !p.egress.push(out) {
-                p.counters.dropped(DropReason::QueueFull);
+            let plain = finished.get_or_insert_with(|| {
+                let mut out = Vec::new();
+                if offload::finish(inner.frame.clone(), &inner.offload, &mut out).is_err() {
+                    src_port.counters.dropped(DropReason::Malformed);
+                    out.clear();
+                }
+                out
+            });
+            for f in plain.iter() {
+                let out = if tag {
+                    frame::push_tag(f, vlan)
+                } else {
+                    f.clone()
+                };
+                p.send(Packet::plain(out), now);
             }
         }
     }
+}
+
+impl Port {
+    fn shaped_in(&self) -> bool {
+        lock(&self.shaper_in).is_some()
+    }
+
+    fn shaped_out(&self) -> bool {
+        lock(&self.shaper_out).is_some()
+    }
+
+    /// Shapes and queues one packet leaving this port.
+    fn send(&self, packet: Packet, now: Instant) {
+        if let Some(b) = self
+            .shaper_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if !b.admit(packet.frame.len(), now) {
+                self.counters.dropped(DropReason::Shaped);
+                return;
+            }
+        }
+        if !self.egress.push_packet(packet) {
+            self.counters.dropped(DropReason::QueueFull);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The frame without its outer 802.1Q tag.
@@ -435,9 +498,28 @@ fn untagged(frame: &[u8], vid: Option<u16>) -> Vec<u8> {
 
 impl Ingress for Switch {
     fn ingress(&self, id: PortId, frame: &[u8]) {
+        self.ingress_offloaded(id, frame, Offload::NONE);
+    }
+
+    fn ingress_offloaded(&self, id: PortId, frame: &[u8], off: Offload) {
         let Some(p) = self.port(id) else { return };
+        if !off.is_none() && (p.shaped_in() || self.gate(id).is_some()) {
+            // Policing counts wire frames (a 64 KiB segment could never fit
+            // a small bucket), and the gate reads and rewrites finished TCP
+            // segments (its ACK clamp adjusts checksums incrementally): both
+            // see what would have gone on the wire.
+            let mut plain = Vec::new();
+            if offload::finish(frame.to_vec(), &off, &mut plain).is_err() {
+                p.counters.dropped(DropReason::Malformed);
+                return;
+            }
+            for f in &plain {
+                self.ingress_offloaded(id, f, Offload::NONE);
+            }
+            return;
+        }
         let now = Instant::now();
-        if frame.len() < MIN_FRAME || frame.len() > MAX_FRAME {
+        if frame.len() < MIN_FRAME || frame.len() > off.max_frame() {
             p.counters.dropped(DropReason::Malformed);
             return;
         }
@@ -491,36 +573,57 @@ impl Ingress for Switch {
             }
             _ => {}
         }
-        let gate = self
-            .gates
+        if let Some(gate) = self.gate(id) {
+            self.gated(id, &p, vlan, gate.as_ref(), frame, now);
+            return;
+        }
+        let inner = Packet {
+            frame: untagged(frame, info.vid),
+            offload: off,
+        };
+        self.forward(id, &p, vlan, inner, now);
+    }
+}
+
+impl Switch {
+    fn gate(&self, id: PortId) -> Option<Arc<dyn FrameGate>> {
+        self.gates
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned();
-        if let Some(gate) = gate {
-            match gate.check(id, frame) {
-                GateVerdict::Pass => {}
-                GateVerdict::PassRewritten(f) => {
-                    let Some(info) = frame::parse(&f) else {
-                        p.counters.dropped(DropReason::Gate);
-                        return;
-                    };
-                    let f = if info.vid.is_some() {
-                        frame::pop_tag(&f)
-                    } else {
-                        f
-                    };
-                    self.forward(id, &p, vlan, f, now);
-                    return;
-                }
-                GateVerdict::Hold => return,
-                GateVerdict::Drop => {
-                    p.counters.dropped(DropReason::Gate);
-                    return;
-                }
+            .cloned()
+    }
+
+    /// Asks the gate about one plain frame from a VM port and forwards it
+    /// if it may go now.
+    fn gated(
+        &self,
+        id: PortId,
+        p: &Port,
+        vlan: u16,
+        gate: &dyn FrameGate,
+        frame: &[u8],
+        now: Instant,
+    ) {
+        let out = match gate.check(id, frame) {
+            GateVerdict::Pass => frame.to_vec(),
+            GateVerdict::PassRewritten(f) => f,
+            GateVerdict::Hold => return,
+            GateVerdict::Drop => {
+                p.counters.dropped(DropReason::Gate);
+                return;
             }
-        }
-        self.forward(id, &p, vlan, untagged(frame, info.vid), now);
+        };
+        let Some(info) = frame::parse(&out) else {
+            p.counters.dropped(DropReason::Gate);
+            return;
+        };
+        let out = if info.vid.is_some() {
+            frame::pop_tag(&out)
+        } else {
+            out
+        };
+        self.forward(id, p, vlan, Packet::plain(out), now);
     }
 }
 
@@ -594,8 +697,52 @@ mod tests {
             self.sw.ingress(self.q[port].0, f);
         }
         fn take(&self, port: &str) -> Vec<Vec<u8>> {
-            std::iter::from_fn(|| self.q[port].1.pop()).collect()
+            std::iter::from_fn(|| self.q[port].1.pop().map(|p| p.frame)).collect()
         }
+    }
+
+    #[test]
+    fn offloaded_packets_go_whole_only_where_accepted() {
+        use crate::offload::{self, RxOffloads, TxOffloads, VnetHdr};
+        let r = Rig::new();
+        r.q["vm2"].1.set_accepts(RxOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+        });
+        let mut f = offload::tso_packet(false, false, &[7; 4000], 0x18);
+        f[..6].copy_from_slice(&Mac::BROADCAST.0);
+        f[6..12].copy_from_slice(&mac(1).0);
+        let h = VnetHdr {
+            flags: offload::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: offload::VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let all = TxOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+        };
+        let off = offload::from_tx(&h, &f, all).unwrap();
+        r.sw.ingress_offloaded(r.q["vm1"].0, &f, off);
+
+        let whole: Vec<_> = std::iter::from_fn(|| r.q["vm2"].1.pop()).collect();
+        assert_eq!(whole.len(), 1, "one packet for the guest that takes TSO");
+        assert_eq!((&whole[0].frame, whole[0].offload), (&f, off));
+        let segs = r.take("vm3");
+        assert_eq!(segs.len(), 3, "segmented for the guest that does not");
+        assert!(segs.iter().all(|s| s.len() <= crate::port::MAX_FRAME));
+        let up = r.take("up");
+        assert_eq!(up.len(), 3, "segmented for the wire");
+        for (u, s) in up.iter().zip(&segs) {
+            assert_eq!(frame::parse(u).unwrap().vid, Some(10));
+            assert_eq!(&frame::pop_tag(u), s);
+        }
+        let c = r.q["vm1"].2.snapshot();
+        assert_eq!(c.drops, Default::default());
     }
 
     #[test]
@@ -674,7 +821,7 @@ mod tests {
         q.clear();
         let f = eth(mac(2), mac(1));
         r.send("vm1", &f);
-        assert_eq!(q.pop(), Some(f));
+        assert_eq!(q.pop().map(|p| p.frame), Some(f));
     }
 
     #[test]

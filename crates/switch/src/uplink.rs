@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::netsys::{self, LinkQuery, SendFn, TxOutcome, TxState, Worker, BATCH, TX_RETRY};
+use crate::offload::complete_checksum;
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME};
 
 /// How often the members' link state is re-read.
@@ -728,49 +729,10 @@ pub(crate) fn rebuild(scratch: &mut [u8], info: &RxInfo) -> Option<Range<usize>>
     }
 }
 
-/// The Internet checksum's one's-complement sum of `data`, not yet folded
-/// or inverted.
-fn ones_complement_sum(data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(2);
-    let mut sum: u64 = chunks
-        .by_ref()
-        .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    if let [last] = chunks.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Finishes a checksum left for the hardware (`CHECKSUM_PARTIAL`): the
-/// field at `start + offset` holds the pseudo-header sum; the one's
-/// complement of the sum of everything from `start` to the end goes there.
-/// `false` if the offsets fall outside the frame.
-pub(crate) fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> bool {
-    let Some(field) = start.checked_add(offset) else {
-        return false;
-    };
-    if start > frame.len() || field.saturating_add(2) > frame.len() {
-        return false;
-    }
-    let c = !fold(ones_complement_sum(&frame[start..]));
-    // As the kernel does: a computed zero is sent as 0xffff (the same value
-    // in one's complement), since zero means "no checksum" for UDP.
-    let c = if c == 0 { 0xffff } else { c };
-    frame[field..field + 2].copy_from_slice(&c.to_be_bytes());
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::offload::{fold, ones_complement_sum};
     use proptest::prelude::*;
 
     fn scratch_with(frame: &[u8]) -> Vec<u8> {

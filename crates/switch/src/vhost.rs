@@ -76,7 +76,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
 };
@@ -91,7 +95,10 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME};
+use crate::offload::{self, Offload, RxOffloads, TxOffloads, VnetHdr, VNET_HDR_FIELDS};
+use crate::port::{
+    DropReason, EgressQueue, Ingress, Packet, PortCounters, PortId, MAX_FRAME, MIN_FRAME,
+};
 
 /// Queue index of the receive queue (device → guest).
 pub const RX_QUEUE: u16 = 0;
@@ -119,11 +126,18 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How long [`VmPortHandle::shutdown`] waits for the port's thread.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
-/// Virtio (and vhost-user transport) features the backend offers. No
-/// checksum or segmentation offloads: every frame is a plain Ethernet frame
-/// of at most [`MAX_FRAME`] bytes.
+/// Virtio (and vhost-user transport) features the backend offers,
+/// checksum and TCP segmentation offload in both directions included (see
+/// [`crate::offload`]): a guest may send 64 KiB TCP segments with the
+/// checksum unfinished, and takes them whole from a guest that did.
 pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE)
@@ -156,10 +170,34 @@ pub fn net_hdr_len(features: u64) -> usize {
     }
 }
 
-/// The header put in front of a received frame: no checksum or GSO work
-/// for the guest, and `num_buffers` when the header has that field.
-pub fn rx_header(hdr_len: usize, num_buffers: u16) -> ([u8; NET_HDR_LEN], usize) {
+/// Offloads a guest's transmit headers may use, from its features.
+pub fn tx_offloads(features: u64) -> TxOffloads {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    let csum = has(VIRTIO_NET_F_CSUM);
+    TxOffloads {
+        csum,
+        // Segmentation without checksum offload is not valid virtio.
+        tso4: csum && has(VIRTIO_NET_F_HOST_TSO4),
+        tso6: csum && has(VIRTIO_NET_F_HOST_TSO6),
+    }
+}
+
+/// Offloaded packets a guest takes on receive, from its features.
+pub fn rx_offloads(features: u64) -> RxOffloads {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    let csum = has(VIRTIO_NET_F_GUEST_CSUM);
+    RxOffloads {
+        csum,
+        tso4: csum && has(VIRTIO_NET_F_GUEST_TSO4),
+        tso6: csum && has(VIRTIO_NET_F_GUEST_TSO6),
+    }
+}
+
+/// The header put in front of a received frame: the offload fields of
+/// `vnet`, and `num_buffers` when the header has that field.
+pub fn rx_header(hdr_len: usize, vnet: &VnetHdr, num_buffers: u16) -> ([u8; NET_HDR_LEN], usize) {
     let mut h = [0u8; NET_HDR_LEN];
+    h[..VNET_HDR_FIELDS].copy_from_slice(&vnet.to_bytes());
     let len = if hdr_len >= NET_HDR_LEN {
         h[10..12].copy_from_slice(&num_buffers.to_le_bytes());
         NET_HDR_LEN
@@ -169,15 +207,26 @@ pub fn rx_header(hdr_len: usize, num_buffers: u16) -> ([u8; NET_HDR_LEN], usize)
     (h, len)
 }
 
-/// Strips the virtio-net header from what a guest transmitted and checks
-/// the Ethernet frame's size. The header's contents are ignored: no offload
-/// is negotiated, so there is nothing in it the device must act on.
-pub fn strip_tx_header(buf: &[u8], hdr_len: usize) -> Result<&[u8], DropReason> {
+/// Strips the virtio-net header from what a guest transmitted, checks the
+/// Ethernet frame's size and, when offloads were negotiated, validates what
+/// the header asks for against the frame. Without offloads the header's
+/// contents are ignored: there is nothing in it the device must act on.
+pub fn strip_tx_header(
+    buf: &[u8],
+    hdr_len: usize,
+    allowed: TxOffloads,
+) -> Result<(&[u8], Offload), DropReason> {
     let frame = buf.get(hdr_len..).ok_or(DropReason::Malformed)?;
-    if frame.len() < MIN_FRAME || frame.len() > MAX_FRAME {
+    let off = if allowed == TxOffloads::default() {
+        Offload::NONE
+    } else {
+        let hdr = VnetHdr::parse(buf).ok_or(DropReason::Malformed)?;
+        offload::from_tx(&hdr, frame, allowed).map_err(|_| DropReason::Malformed)?
+    };
+    if frame.len() < MIN_FRAME || frame.len() > off.max_frame() {
         return Err(DropReason::Malformed);
     }
-    Ok(frame)
+    Ok((frame, off))
 }
 
 /// Validation of one descriptor chain, fed descriptor by descriptor in the
@@ -199,11 +248,12 @@ pub struct ChainCheck {
 }
 
 impl ChainCheck {
-    /// Rules for a TX chain carrying a header of `hdr_len` bytes.
-    pub fn tx(hdr_len: usize) -> Self {
+    /// Rules for a TX chain carrying a header of `hdr_len` bytes and a
+    /// frame of at most `max_frame`.
+    pub fn tx(hdr_len: usize, max_frame: usize) -> Self {
         Self {
             device_writes: false,
-            max_bytes: Some(hdr_len + MAX_FRAME),
+            max_bytes: Some(hdr_len + max_frame),
             descs: 0,
             bytes: 0,
             open: true,
@@ -287,6 +337,10 @@ pub struct NetPath<'a> {
     /// 12 ([`NET_HDR_LEN`]) or 10 ([`LEGACY_NET_HDR_LEN`]).
     pub hdr_len: usize,
     pub mrg_rxbuf: bool,
+    /// What the guest's transmit headers may ask for.
+    pub tx_offloads: TxOffloads,
+    /// What the guest takes on receive.
+    pub rx_offloads: RxOffloads,
     pub counters: &'a PortCounters,
 }
 
@@ -296,6 +350,8 @@ impl NetPath<'_> {
             port,
             hdr_len: net_hdr_len(features),
             mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            tx_offloads: tx_offloads(features),
+            rx_offloads: rx_offloads(features),
             counters,
         }
     }
@@ -390,14 +446,15 @@ fn read_tx_chain<M: GuestMemory>(
     mem: &M,
     chain: DescriptorChain<&M>,
     hdr_len: usize,
+    max_frame: usize,
     buf: &mut Vec<u8>,
 ) -> Result<(), DropReason> {
     buf.clear();
-    let mut check = ChainCheck::tx(hdr_len);
+    let mut check = ChainCheck::tx(hdr_len, max_frame);
     for desc in chain {
         check.step(desc.is_write_only(), desc.len(), desc.has_next())?;
         let start = buf.len();
-        // `step` bounded the total by hdr_len + MAX_FRAME.
+        // `step` bounded the total by hdr_len + max_frame.
         buf.resize(start + desc.len() as usize, 0);
         mem.read_slice(&mut buf[start..], desc.addr())
             .map_err(|_| DropReason::BadDescriptor)?;
@@ -418,18 +475,27 @@ pub fn process_tx<M: GuestMemory>(
     }
     let mut run = QueueRun::default();
     let old_used = q.next_used();
+    let max_frame = if path.tx_offloads.tso4 || path.tx_offloads.tso6 {
+        offload::MAX_GSO_FRAME
+    } else {
+        MAX_FRAME
+    };
     let mut buf = Vec::with_capacity(path.hdr_len + MAX_FRAME);
     let mut used = Vec::with_capacity(USED_BATCH);
     loop {
         q.disable_notification(mem).map_err(RingError::Queue)?;
         while let Some(chain) = next_chain(mem, q)? {
             let head = chain.head_index();
-            match read_tx_chain(mem, chain, path.hdr_len, &mut buf)
-                .and_then(|()| strip_tx_header(&buf, path.hdr_len))
+            match read_tx_chain(mem, chain, path.hdr_len, max_frame, &mut buf)
+                .and_then(|()| strip_tx_header(&buf, path.hdr_len, path.tx_offloads))
             {
-                Ok(frame) => {
+                Ok((frame, off)) => {
                     path.counters.received(frame.len());
-                    ingress.ingress(path.port, frame);
+                    if off.is_none() {
+                        ingress.ingress(path.port, frame);
+                    } else {
+                        ingress.ingress_offloaded(path.port, frame, off);
+                    }
                 }
                 Err(why) => path.counters.dropped(why),
             }
@@ -504,6 +570,7 @@ fn place_frame<M: GuestMemory>(
     q: &mut Queue,
     path: &NetPath<'_>,
     frame: &[u8],
+    vnet: &VnetHdr,
     data: &mut Vec<u8>,
     used: &mut Vec<(u16, u32)>,
 ) -> Result<Placement, RingError> {
@@ -556,7 +623,7 @@ fn place_frame<M: GuestMemory>(
         used.extend(held.iter().map(|b| (b.head, 0)));
         return Ok(Placement::Dropped(DropReason::NoBuffer));
     };
-    let (hdr, hdr_len) = rx_header(path.hdr_len, num_buffers);
+    let (hdr, hdr_len) = rx_header(path.hdr_len, vnet, num_buffers);
     data.clear();
     data.extend_from_slice(&hdr[..hdr_len]);
     data.extend_from_slice(frame);
@@ -588,7 +655,7 @@ fn place_frame<M: GuestMemory>(
         return Ok(Placement::Dropped(DropReason::BadDescriptor));
     }
     for (b, len) in held.iter().zip(lens) {
-        // `len` is at most hdr_len + MAX_FRAME.
+        // `len` is at most hdr_len + MAX_GSO_FRAME.
         used.push((b.head, len as u32));
     }
     Ok(Placement::Delivered)
@@ -631,17 +698,31 @@ pub fn process_rx<M: GuestMemory>(
     let mut used = Vec::with_capacity(USED_BATCH);
     let mut data = Vec::with_capacity(path.hdr_len + MAX_FRAME);
     let mut retries = 0;
-    while let Some(frame) = egress.pop() {
-        if frame.len() < MIN_FRAME || frame.len() > MAX_FRAME {
+    while let Some(packet) = egress.pop() {
+        let frame = &packet.frame;
+        if frame.len() < MIN_FRAME || frame.len() > packet.offload.max_frame() {
             path.counters.dropped(DropReason::Malformed);
             continue;
         }
+        if !path.rx_offloads.accepts(&packet.offload) {
+            // Queued before the guest (re)negotiated without offloads:
+            // finish it here and deliver the plain frames in its place.
+            let mut plain = Vec::new();
+            if offload::finish(packet.frame, &packet.offload, &mut plain).is_err() {
+                path.counters.dropped(DropReason::Malformed);
+            }
+            for f in plain.into_iter().rev() {
+                egress.unpop(Packet::plain(f));
+            }
+            continue;
+        }
+        let vnet = offload::rx_header(frame, &packet.offload);
         let before = used.len();
-        match place_frame(mem, q, path, &frame, &mut data, &mut used)? {
+        match place_frame(mem, q, path, frame, &vnet, &mut data, &mut used)? {
             Placement::Delivered => path.counters.transmitted(frame.len()),
             Placement::Dropped(why) => path.counters.dropped(why),
             Placement::NoBuffers { exhausted_at } => {
-                egress.unpop(frame);
+                egress.unpop(packet);
                 run.chains += used.len() - before;
                 publish_used(mem, q, &mut used)?;
                 if retries < RX_RETRIES && arm_rx_kick(mem, q, exhausted_at)? {
@@ -732,6 +813,8 @@ impl fmt::Debug for Conn {
 impl Conn {
     fn new(io: Arc<PortIo>, mem: Mem) -> io::Result<Self> {
         let exit_notifier = io.exit_notifier.try_clone()?;
+        // Nothing is negotiated yet on this connection.
+        io.egress.set_accepts(RxOffloads::default());
         Ok(Self {
             io,
             mem: Mutex::new(mem),
@@ -887,6 +970,7 @@ impl VhostUserBackend for NetBackend {
     fn acked_features(&self, features: u64) {
         debug!(port = %self.0.io.name, features = format_args!("{features:#x}"), "features acked");
         self.0.features.store(features, Ordering::Release);
+        self.0.io.egress.set_accepts(rx_offloads(features));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -895,6 +979,7 @@ impl VhostUserBackend for NetBackend {
 
     fn reset_device(&self) {
         self.0.running.store(false, Ordering::Release);
+        self.0.io.egress.set_accepts(RxOffloads::default());
         for b in &self.0.broken {
             b.store(false, Ordering::Release);
         }
@@ -1732,7 +1817,7 @@ impl FuzzInput<'_> {
 
 /// Builds a ring from fuzz input: size, descriptor table, offered heads,
 /// buffer contents. Returns the ring and the header length to use.
-fn fuzz_ring(input: &mut FuzzInput<'_>) -> Option<(SimRing, usize, bool)> {
+fn fuzz_ring(input: &mut FuzzInput<'_>) -> Option<(SimRing, usize, bool, u64)> {
     let mode = input.u8();
     let size = 1u16 << (mode % 9);
     let mut ring = SimRing::new(size)?;
@@ -1743,6 +1828,11 @@ fn fuzz_ring(input: &mut FuzzInput<'_>) -> Option<(SimRing, usize, bool)> {
         NET_HDR_LEN
     };
     let mrg = mode & 0x40 != 0;
+    let features = if mode & 0x80 != 0 {
+        OFFERED_FEATURES
+    } else {
+        0
+    };
     for i in 0..size {
         let kind = input.u8();
         // Mostly addresses that land in (or just past) guest memory, so
@@ -1783,7 +1873,7 @@ fn fuzz_ring(input: &mut FuzzInput<'_>) -> Option<(SimRing, usize, bool)> {
         .len()
         .min((SimRing::MEM_SIZE - SimRing::BUF) as usize);
     ring.write(SimRing::BUF, &input.0[..fill]);
-    Some((ring, hdr_len, mrg))
+    Some((ring, hdr_len, mrg, features))
 }
 
 struct CheckingIngress;
@@ -1796,13 +1886,26 @@ impl Ingress for CheckingIngress {
             frame.len()
         );
     }
+
+    fn ingress_offloaded(&self, _port: PortId, frame: &[u8], off: Offload) {
+        assert!(
+            !off.is_none() && frame.len() <= off.max_frame(),
+            "offloaded packet of {} bytes",
+            frame.len()
+        );
+        let mut plain = Vec::new();
+        offload::finish(frame.to_vec(), &off, &mut plain).expect("validated offload finishes");
+        for f in plain {
+            self.ingress(0, &f);
+        }
+    }
 }
 
 /// Fuzz entry point for the TX path: builds guest memory and a virtqueue
 /// from arbitrary bytes and runs [`process_tx`] on it. Must never panic.
 pub fn fuzz_tx_chain(data: &[u8]) {
     let mut input = FuzzInput(data);
-    let Some((mut ring, hdr_len, mrg)) = fuzz_ring(&mut input) else {
+    let Some((mut ring, hdr_len, mrg, features)) = fuzz_ring(&mut input) else {
         return;
     };
     let counters = PortCounters::default();
@@ -1810,6 +1913,8 @@ pub fn fuzz_tx_chain(data: &[u8]) {
         port: 0,
         hdr_len,
         mrg_rxbuf: mrg,
+        tx_offloads: tx_offloads(features),
+        rx_offloads: rx_offloads(features),
         counters: &counters,
     };
     let size = ring.size();
@@ -1826,7 +1931,7 @@ pub fn fuzz_tx_chain(data: &[u8]) {
 /// waiting to be written into the hostile ring. Must never panic.
 pub fn fuzz_rx_chain(data: &[u8]) {
     let mut input = FuzzInput(data);
-    let Some((mut ring, hdr_len, mrg)) = fuzz_ring(&mut input) else {
+    let Some((mut ring, hdr_len, mrg, features)) = fuzz_ring(&mut input) else {
         return;
     };
     let Ok(egress) = EgressQueue::new(8, 8 * MAX_FRAME) else {
@@ -1836,11 +1941,25 @@ pub fn fuzz_rx_chain(data: &[u8]) {
         let len = 10 + (usize::from(i) * 517) % (MAX_FRAME + 4);
         egress.push(vec![i; len]);
     }
+    // A packet with a checksum left to finish: delivered whole to a guest
+    // that takes offloads, finished first for one that does not.
+    egress.push_packet(Packet {
+        frame: vec![0x45; 200],
+        offload: Offload {
+            csum: Some(offload::PartialCsum {
+                start: 20,
+                offset: 16,
+            }),
+            gso: None,
+        },
+    });
     let counters = PortCounters::default();
     let path = NetPath {
         port: 0,
         hdr_len,
         mrg_rxbuf: mrg,
+        tx_offloads: tx_offloads(features),
+        rx_offloads: rx_offloads(features),
         counters: &counters,
     };
     let size = ring.size();
@@ -1892,6 +2011,8 @@ mod tests {
             port: 7,
             hdr_len,
             mrg_rxbuf: mrg,
+            tx_offloads: TxOffloads::default(),
+            rx_offloads: RxOffloads::default(),
             counters,
         }
     }
@@ -1910,11 +2031,35 @@ mod tests {
         for bit in [32, 15, 29, 28, 21, 30, 26] {
             assert_ne!(f & (1 << bit), 0, "bit {bit}");
         }
-        // No offloads: CSUM, GUEST_CSUM, GSO, GUEST_TSO4/6, GUEST_UFO,
-        // HOST_TSO4/6, HOST_UFO; no MQ, no CTRL_VQ (QEMU's own).
-        for bit in [0, 1, 6, 7, 8, 10, 11, 12, 14, 17, 22] {
+        // Checksum and TCP segmentation offload both ways.
+        for bit in [0, 1, 7, 8, 11, 12] {
+            assert_ne!(f & (1 << bit), 0, "bit {bit}");
+        }
+        // Not: legacy GSO, GUEST_ECN, GUEST_UFO, HOST_ECN, HOST_UFO, MQ,
+        // CTRL_VQ (QEMU's own).
+        for bit in [6, 9, 10, 13, 14, 17, 22] {
             assert_eq!(f & (1 << bit), 0, "bit {bit}");
         }
+        assert_eq!(
+            tx_offloads(f),
+            TxOffloads {
+                csum: true,
+                tso4: true,
+                tso6: true
+            }
+        );
+        assert_eq!(
+            rx_offloads(f),
+            RxOffloads {
+                csum: true,
+                tso4: true,
+                tso6: true
+            }
+        );
+        // Segmentation is meaningless without checksum offload.
+        let no_csum = f & !(1 << VIRTIO_NET_F_CSUM) & !(1 << VIRTIO_NET_F_GUEST_CSUM);
+        assert_eq!(tx_offloads(no_csum), TxOffloads::default());
+        assert_eq!(rx_offloads(no_csum), RxOffloads::default());
         let p = offered_protocol_features();
         assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
         assert!(!p.contains(VhostUserProtocolFeatures::RARP));
@@ -1925,22 +2070,67 @@ mod tests {
         assert_eq!(net_hdr_len(1 << VIRTIO_F_VERSION_1), NET_HDR_LEN);
         assert_eq!(net_hdr_len(1 << VIRTIO_NET_F_MRG_RXBUF), NET_HDR_LEN);
         assert_eq!(net_hdr_len(0), LEGACY_NET_HDR_LEN);
-        let (h, n) = rx_header(NET_HDR_LEN, 3);
+        let plain = VnetHdr::default();
+        let (h, n) = rx_header(NET_HDR_LEN, &plain, 3);
         assert_eq!(n, 12);
         assert_eq!(h, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0]);
-        let (h, n) = rx_header(LEGACY_NET_HDR_LEN, 3);
+        let (h, n) = rx_header(LEGACY_NET_HDR_LEN, &plain, 3);
         assert_eq!(n, 10);
         assert!(h[..n].iter().all(|&b| b == 0));
+        let gso = VnetHdr {
+            flags: 1,
+            gso_type: 4,
+            hdr_len: 74,
+            gso_size: 1428,
+            csum_start: 54,
+            csum_offset: 16,
+        };
+        let (h, _) = rx_header(NET_HDR_LEN, &gso, 2);
+        assert_eq!(VnetHdr::parse(&h), Some(gso));
+        assert_eq!(&h[10..], &[2, 0]);
+        let none = TxOffloads::default();
         let buf = frame(12 + 60, 1);
-        assert_eq!(strip_tx_header(&buf, 12), Ok(&buf[12..]));
         assert_eq!(
-            strip_tx_header(&buf[..12 + 13], 12),
+            strip_tx_header(&buf, 12, none),
+            Ok((&buf[12..], Offload::NONE))
+        );
+        assert_eq!(
+            strip_tx_header(&buf[..12 + 13], 12, none),
             Err(DropReason::Malformed)
         );
-        assert_eq!(strip_tx_header(&buf[..5], 12), Err(DropReason::Malformed));
+        assert_eq!(
+            strip_tx_header(&buf[..5], 12, none),
+            Err(DropReason::Malformed)
+        );
         let big = vec![0u8; 12 + MAX_FRAME + 1];
-        assert_eq!(strip_tx_header(&big, 12), Err(DropReason::Malformed));
-        assert!(strip_tx_header(&big[..12 + MAX_FRAME], 12).is_ok());
+        assert_eq!(strip_tx_header(&big, 12, none), Err(DropReason::Malformed));
+        assert!(strip_tx_header(&big[..12 + MAX_FRAME], 12, none).is_ok());
+        // With offloads negotiated the header is read: a checksum request
+        // pointing outside the frame is refused.
+        let all = tx_offloads(OFFERED_FEATURES);
+        assert_eq!(
+            strip_tx_header(&buf, 12, all),
+            Err(DropReason::Malformed),
+            "garbage in the header"
+        );
+        let mut buf = buf;
+        buf[..12].fill(0);
+        assert!(strip_tx_header(&buf, 12, all).is_ok(), "a plain header");
+        let mut bad = buf.clone();
+        bad[..10].copy_from_slice(
+            &VnetHdr {
+                flags: 1,
+                csum_start: 70,
+                csum_offset: 16,
+                ..VnetHdr::default()
+            }
+            .to_bytes(),
+        );
+        assert_eq!(strip_tx_header(&bad, 12, all), Err(DropReason::Malformed));
+        assert_eq!(
+            strip_tx_header(&bad, 12, none).map(|r| r.1),
+            Ok(Offload::NONE)
+        );
     }
 
     #[test]
@@ -2363,7 +2553,7 @@ mod tests {
         .unwrap();
         assert!(run.starved && !run.signal);
         assert_eq!(egress.len(), 2);
-        assert_eq!(egress.pop().unwrap(), frame(100, 1), "order kept");
+        assert_eq!(egress.pop().unwrap().frame, frame(100, 1), "order kept");
         assert_eq!(counters.snapshot().drops, Default::default());
     }
 
@@ -2485,14 +2675,14 @@ mod tests {
 
     #[test]
     fn chain_check_rules() {
-        let mut c = ChainCheck::tx(12);
+        let mut c = ChainCheck::tx(12, MAX_FRAME);
         assert_eq!(c.finish(), Err(DropReason::BadDescriptor), "empty chain");
         c.step(false, 12, true).unwrap();
         assert_eq!(c.finish(), Err(DropReason::BadDescriptor), "truncated");
         c.step(false, 60, false).unwrap();
         assert_eq!(c.finish(), Ok(72));
         assert_eq!(
-            ChainCheck::tx(12).step(true, 1, false),
+            ChainCheck::tx(12, MAX_FRAME).step(true, 1, false),
             Err(DropReason::BadDescriptor)
         );
         assert_eq!(
@@ -2500,7 +2690,7 @@ mod tests {
             Err(DropReason::BadDescriptor)
         );
         assert_eq!(
-            ChainCheck::tx(12).step(false, (12 + MAX_FRAME + 1) as u32, false),
+            ChainCheck::tx(12, MAX_FRAME).step(false, (12 + MAX_FRAME + 1) as u32, false),
             Err(DropReason::Malformed)
         );
         assert_eq!(ChainCheck::rx().step(true, u32::MAX, false), Ok(()));
@@ -2625,11 +2815,12 @@ mod tests {
         #[test]
         fn strip_tx_header_matches_rules(buf in proptest::collection::vec(any::<u8>(), 0..1600), legacy in any::<bool>()) {
             let hdr = if legacy { LEGACY_NET_HDR_LEN } else { NET_HDR_LEN };
-            let res = strip_tx_header(&buf, hdr);
+            let res = strip_tx_header(&buf, hdr, TxOffloads::default());
             let ok = buf.len() >= hdr + MIN_FRAME && buf.len() <= hdr + MAX_FRAME;
             prop_assert_eq!(res.is_ok(), ok);
-            if let Ok(f) = res {
+            if let Ok((f, off)) = res {
                 prop_assert_eq!(f, &buf[hdr..]);
+                prop_assert!(off.is_none());
             } else {
                 prop_assert_eq!(res, Err(DropReason::Malformed));
             }
@@ -2640,7 +2831,7 @@ mod tests {
             rx in any::<bool>(),
             descs in proptest::collection::vec((any::<bool>(), 0u32..1000, any::<bool>()), 0..80),
         ) {
-            let mut c = if rx { ChainCheck::rx() } else { ChainCheck::tx(12) };
+            let mut c = if rx { ChainCheck::rx() } else { ChainCheck::tx(12, MAX_FRAME) };
             let mut result = Ok(());
             for &(w, len, next) in &descs {
                 result = c.step(w, len, next);
