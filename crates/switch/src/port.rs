@@ -162,6 +162,11 @@ pub trait Ingress: Send + Sync {
             }
         }
     }
+
+    /// An uplink's traffic now leaves through another member (or through
+    /// one again after none was up): the network beyond has learned the
+    /// VMs' addresses behind the old one.
+    fn uplink_active_changed(&self, _port: PortId) {}
 }
 
 /// A frame on its way out of a port, with the offload work it still needs

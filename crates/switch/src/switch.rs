@@ -501,6 +501,11 @@ impl Ingress for Switch {
         self.ingress_offloaded(id, frame, Offload::NONE);
     }
 
+    fn uplink_active_changed(&self, port: PortId) {
+        let n = self.announce_on(port);
+        tracing::info!(port, vms = n, "uplink member changed; VMs announced on it");
+    }
+
     fn ingress_offloaded(&self, id: PortId, frame: &[u8], off: Offload) {
         let Some(p) = self.port(id) else { return };
         if !off.is_none() && (p.shaped_in() || self.gate(id).is_some()) {
@@ -586,6 +591,40 @@ impl Ingress for Switch {
 }
 
 impl Switch {
+    /// Announces every VM on the uplink alone: one RARP per up VM port, in
+    /// its VLAN (tagged as the uplink's group says), as QEMU's announce-self
+    /// does after a migration. Physical switches then move the VMs'
+    /// addresses to the member that now carries them, instead of sending
+    /// their traffic into the dead one until their tables age.
+    fn announce_on(&self, uplink: PortId) -> usize {
+        let Some(up) = self.port(uplink) else {
+            return 0;
+        };
+        let Some(ug) = up.group() else { return 0 };
+        let now = Instant::now();
+        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let mut sent = 0;
+        for (&id, p) in ports.iter() {
+            if id == uplink || !p.up.load(Ordering::Relaxed) {
+                continue;
+            }
+            let (Some(mac), Some(g)) = (p.mac, p.group()) else {
+                continue;
+            };
+            let Some(vlan) = g.classify(None) else {
+                continue;
+            };
+            let Some(tag) = ug.egress_tagging(vlan) else {
+                continue;
+            };
+            let f = frame::rarp_announce(mac);
+            let out = if tag { frame::push_tag(&f, vlan) } else { f };
+            up.send(Packet::plain(out), now);
+            sent += 1;
+        }
+        sent
+    }
+
     fn gate(&self, id: PortId) -> Option<Arc<dyn FrameGate>> {
         self.gates
             .read()
@@ -743,6 +782,29 @@ mod tests {
         }
         let c = r.q["vm1"].2.snapshot();
         assert_eq!(c.drops, Default::default());
+    }
+
+    #[test]
+    fn uplink_member_change_announces_every_vm_on_the_uplink_only() {
+        let r = Rig::new();
+        r.sw.port_down(r.q["vm3"].0);
+        r.sw.uplink_active_changed(r.q["up"].0);
+        let mut seen: Vec<(u16, Mac)> = r
+            .take("up")
+            .iter()
+            .map(|f| {
+                let i = frame::parse(f).unwrap();
+                assert_eq!(i.ethertype, frame::ETHERTYPE_RARP);
+                assert_eq!(i.dst, Mac::BROADCAST);
+                (i.vid.unwrap(), i.src)
+            })
+            .collect();
+        seen.sort();
+        // vm3 is down; vm1/vm2 are in VLAN 10, vm4 in VLAN 20.
+        assert_eq!(seen, vec![(10, mac(1)), (10, mac(2)), (20, mac(4))]);
+        for vm in ["vm1", "vm2", "vm3", "vm4"] {
+            assert!(r.take(vm).is_empty(), "{vm} got an announcement");
+        }
     }
 
     #[test]

@@ -443,6 +443,9 @@ impl Uplink {
                     warn!(uplink = %self.name, from = ?old, "uplink has no member with link up; dropping egress")
                 }
             }
+            if new.is_some() {
+                self.ingress.uplink_active_changed(self.id);
+            }
             *self.shared_active.lock().unwrap_or_else(|p| p.into_inner()) = new;
             // Frames waiting for a member go out now, or are dropped.
             self.tx.notified();

@@ -84,12 +84,20 @@ fn veth(a: &Netns, a_end: &str, b: &Netns, b_end: &str) {
 struct Recorder {
     frames: Mutex<Vec<(PortId, Vec<u8>)>>,
     cv: Condvar,
+    /// Times the uplink said its active member changed.
+    member_changes: std::sync::atomic::AtomicUsize,
 }
 
 impl Ingress for Recorder {
     fn ingress(&self, port: PortId, frame: &[u8]) {
         self.frames.lock().unwrap().push((port, frame.to_vec()));
         self.cv.notify_all();
+    }
+
+    fn uplink_active_changed(&self, port: PortId) {
+        assert_eq!(port, PORT);
+        self.member_changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -523,9 +531,18 @@ fn failover_follows_carrier() {
     );
 
     // Carrier lost on u0 → u1 within 2 s, and egress leaves through p1.
+    // The switch is told, so it can announce the VMs on the new member.
+    let changes = || {
+        rig.rec
+            .member_changes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = changes();
+    assert!(before >= 1, "the first active member was announced too");
     b.ip(&["link", "set", "p0", "down"]);
     let took = wait_active(&up, Some("u1"), Duration::from_secs(2));
     eprintln!("failover to u1 took {took:?}");
+    wait_until(WAIT, "member change reported", || changes() == before + 1);
     let g = frame(22, &[], 70);
     assert!(rig.egress.push(g.clone()));
     assert_eq!(w1.recv_until(WAIT, |x| is_marker(x, 22)), Some(g));
@@ -603,7 +620,12 @@ fn thread_ticks(comm: &str) -> Option<u64> {
     let mut found = None;
     for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let dir = t.path();
-        if std::fs::read_to_string(dir.join("comm")).ok()?.trim() != comm {
+        // Threads of other tests come and go while this runs: one that
+        // vanished between read_dir and here is simply not ours.
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if name.trim() != comm {
             continue;
         }
         let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
