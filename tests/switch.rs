@@ -143,13 +143,15 @@ fn blast_rate(ns: &Netns, sink_ip: &str, port: u16, guest: &str, ms: u64) -> f64
             c.set_read_timeout(Some(Duration::from_secs(5))).ok();
             let mut buf = vec![0u8; 65536];
             let mut n = 0u64;
+            let mut first: Option<Instant> = None;
             while let Ok(k) = c.read(&mut buf) {
                 if k == 0 {
                     break;
                 }
+                first.get_or_insert_with(Instant::now);
                 n += k as u64;
             }
-            n
+            (n, first.map_or(Duration::ZERO, |t| t.elapsed()))
         });
         rx.recv_timeout(Duration::from_secs(5)).expect("sink ready");
         t
@@ -162,8 +164,10 @@ fn blast_rate(ns: &Netns, sink_ip: &str, port: u16, guest: &str, ms: u64) -> f64
     // may need a while for its last bytes.
     let reply = reply.unwrap_or_else(|e| panic!("BLAST from {guest}: {e}"));
     assert!(reply.starts_with("BLASTED"), "{guest}: {reply}");
-    let got = sink.join().expect("sink");
-    got as f64 / (ms as f64 / 1000.0)
+    // Timed where the bytes arrive: the guest's clock, which times its
+    // BLAST, runs unevenly under TCG.
+    let (got, took) = sink.join().expect("sink");
+    got as f64 / took.as_secs_f64().max(ms as f64 / 1000.0)
 }
 
 #[test]
@@ -357,24 +361,28 @@ fn switch_end_to_end() {
     let shaped = blast_rate(&x, "10.10.0.100", 7101, "10.10.0.1", 3000) * 8.0 / 1e6;
     let free = blast_rate(&x, "10.10.0.100", 7102, "10.10.0.2", 3000) * 8.0 / 1e6;
     eprintln!("shaped guest {shaped:.1} Mbit/s, unshaped guest {free:.1} Mbit/s");
+    // The policy allows 10 Mbit/s plus the 256 KiB burst (and one frame)
+    // over the 3 s the guest is asked to send for; the guest's own clock
+    // may run a little long under TCG.
     assert!(
-        shaped <= 11.0,
+        shaped <= 12.0,
         "the 10 Mbit/s policy let {shaped:.1} Mbit/s through"
     );
+    // Shaped by back-pressure on its TX ring, the guest's TCP runs close
+    // to the policy instead of collapsing under drops.
     assert!(
-        shaped > 0.5,
-        "the shaped guest got nothing through ({shaped:.2} Mbit/s)"
+        shaped > 5.0,
+        "the shaped guest got only {shaped:.2} Mbit/s through a 10 Mbit/s policy"
     );
     assert!(
         free > 3.0 * shaped,
         "unshaped {free:.1} Mbit/s is not much faster than shaped {shaped:.1}"
     );
     let s2 = d.cli_json(&["switch", "stats"]);
-    assert!(
-        port(&s2, "g1.eth0")["counters"]["drops"]["shaped"]
-            .as_u64()
-            .unwrap_or(0)
-            > 0
+    assert_eq!(
+        port(&s2, "g1.eth0")["counters"]["drops"]["shaped"],
+        0,
+        "a guest is shaped (made to wait), not policed"
     );
 
     // Offloads: g2's TCP segments reach g1 whole (both guests negotiated

@@ -163,6 +163,19 @@ pub trait Ingress: Send + Sync {
         }
     }
 
+    /// Shaping for a sender that can wait (a guest's TX ring): may the
+    /// port's next frame of `bytes` go now? If not, how long until it may.
+    /// A frame allowed here is charged; [`Ingress::ingress`] does not police
+    /// it again.
+    fn reserve_tx(
+        &self,
+        _port: PortId,
+        _bytes: usize,
+        _now: std::time::Instant,
+    ) -> Result<(), std::time::Duration> {
+        Ok(())
+    }
+
     /// An uplink's traffic now leaves through another member (or through
     /// one again after none was up): the network beyond has learned the
     /// VMs' addresses behind the old one.

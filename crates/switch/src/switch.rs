@@ -456,8 +456,8 @@ impl Switch {
 }
 
 impl Port {
-    fn shaped_in(&self) -> bool {
-        lock(&self.shaper_in).is_some()
+    fn is_vm(&self) -> bool {
+        matches!(self.kind, PortKind::Vm { .. })
     }
 
     fn shaped_out(&self) -> bool {
@@ -501,6 +501,17 @@ impl Ingress for Switch {
         self.ingress_offloaded(id, frame, Offload::NONE);
     }
 
+    fn reserve_tx(&self, port: PortId, bytes: usize, now: Instant) -> Result<(), Duration> {
+        let Some(p) = self.port(port) else {
+            return Ok(());
+        };
+        let result = match lock(&p.shaper_in).as_mut() {
+            Some(b) => b.reserve(bytes, now),
+            None => Ok(()),
+        };
+        result
+    }
+
     fn uplink_active_changed(&self, port: PortId) {
         let n = self.announce_on(port);
         tracing::info!(port, vms = n, "uplink member changed; VMs announced on it");
@@ -508,11 +519,10 @@ impl Ingress for Switch {
 
     fn ingress_offloaded(&self, id: PortId, frame: &[u8], off: Offload) {
         let Some(p) = self.port(id) else { return };
-        if !off.is_none() && (p.shaped_in() || self.gate(id).is_some()) {
-            // Policing counts wire frames (a 64 KiB segment could never fit
-            // a small bucket), and the gate reads and rewrites finished TCP
-            // segments (its ACK clamp adjusts checksums incrementally): both
-            // see what would have gone on the wire.
+        if !off.is_none() && self.gate(id).is_some() {
+            // The gate reads and rewrites finished TCP segments (its ACK
+            // clamp adjusts checksums incrementally): it sees what would
+            // have gone on the wire.
             let mut plain = Vec::new();
             if offload::finish(frame.to_vec(), &off, &mut plain).is_err() {
                 p.counters.dropped(DropReason::Malformed);
@@ -536,15 +546,14 @@ impl Ingress for Switch {
             p.counters.dropped(DropReason::Vlan);
             return;
         };
-        if let Some(b) = p
-            .shaper_in
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            if !b.admit(frame.len(), now) {
-                p.counters.dropped(DropReason::Shaped);
-                return;
+        // A VM port's guest was shaped before its frame was taken from
+        // the ring (`reserve_tx`); other senders can only be policed.
+        if !p.is_vm() {
+            if let Some(b) = lock(&p.shaper_in).as_mut() {
+                if !b.admit(frame.len(), now) {
+                    p.counters.dropped(DropReason::Shaped);
+                    return;
+                }
             }
         }
         if let Some(mac) = p.mac {
@@ -929,24 +938,53 @@ mod tests {
     }
 
     #[test]
-    fn shaping_in_polices_the_sender() {
+    fn shaping_in_makes_a_guest_wait_and_polices_an_uplink() {
         let mut d = doc();
-        d.port_groups[0].shaping_in = Some(crate::shaper::ShapingPolicy {
+        let policy = crate::shaper::ShapingPolicy {
             average_kbps: 1000,
             peak_kbps: 2000,
             burst_bytes: 3000,
-        });
+        };
+        d.port_groups[0].shaping_in = Some(policy);
+        d.port_groups[2].shaping_in = Some(policy);
         let r = Rig::new();
         r.sw.set_document(d).unwrap();
+        // A guest is asked to wait, not dropped: 60-byte frames until the
+        // buckets are in debt, then a wait of about one frame's worth.
+        let (vm1, t0) = (r.q["vm1"].0, Instant::now());
+        let mut allowed = 0;
+        let wait = loop {
+            match r.sw.reserve_tx(vm1, 60, t0) {
+                Ok(()) => allowed += 1,
+                Err(w) => break w,
+            }
+            assert!(allowed < 1000);
+        };
+        assert!((10..=60).contains(&allowed), "{allowed} frames in a burst");
+        assert!(wait <= Duration::from_millis(1), "{wait:?}");
+        assert_eq!(r.sw.reserve_tx(vm1, 60, t0 + wait), Ok(()));
+        assert_eq!(
+            r.sw.reserve_tx(r.q["vm4"].0, 60, t0),
+            Ok(()),
+            "unshaped group"
+        );
+        // What a guest sends was shaped already: not policed again.
         let f = eth(Mac::BROADCAST, mac(1));
         for _ in 0..100 {
             r.send("vm1", &f);
         }
+        assert_eq!(r.take("vm2").len(), 100);
+        // An uplink cannot be made to wait: it is policed.
+        let mut g = frame::push_tag(&eth(Mac::BROADCAST, mac(9)), 10);
+        g.resize(1000, 0);
+        for _ in 0..100 {
+            r.send("up", &g);
+        }
         let got = r.take("vm2").len();
         assert!(
-            (1..=60).contains(&got),
+            (1..=5).contains(&got),
             "{got} frames passed a 3000-byte burst"
         );
-        assert!(r.q["vm1"].2.snapshot().drops.shaped >= 40);
+        assert!(r.q["up"].2.snapshot().drops.shaped >= 90);
     }
 }

@@ -94,6 +94,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::offload::{self, Offload, RxOffloads, TxOffloads, VnetHdr, VNET_HDR_FIELDS};
 use crate::port::{
@@ -108,6 +109,8 @@ const NUM_QUEUES: usize = 2;
 /// Epoll event id of the egress notifier: ids up to and including
 /// `NUM_QUEUES` belong to the vrings and the library's exit event.
 const EGRESS_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Epoll event id of the shaping timer: TX may go on.
+const THROTTLE_EVENT: u16 = NUM_QUEUES as u16 + 2;
 /// Largest ring size the frontend may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Longest descriptor chain accepted (indirect tables included). Linux
@@ -329,6 +332,9 @@ pub struct QueueRun {
     pub signal: bool,
     /// RX only: frames wait and the guest has no buffer for them.
     pub starved: bool,
+    /// TX only: the port's shaping policy holds the next frame back for
+    /// this long; it stays in the guest's ring until then.
+    pub throttled: Option<Duration>,
 }
 
 /// Per-port parameters of the data path, fixed for one processing run.
@@ -482,7 +488,7 @@ pub fn process_tx<M: GuestMemory>(
     };
     let mut buf = Vec::with_capacity(path.hdr_len + MAX_FRAME);
     let mut used = Vec::with_capacity(USED_BATCH);
-    loop {
+    'ring: loop {
         q.disable_notification(mem).map_err(RingError::Queue)?;
         while let Some(chain) = next_chain(mem, q)? {
             let head = chain.head_index();
@@ -490,6 +496,14 @@ pub fn process_tx<M: GuestMemory>(
                 .and_then(|()| strip_tx_header(&buf, path.hdr_len, path.tx_offloads))
             {
                 Ok((frame, off)) => {
+                    if let Err(wait) = ingress.reserve_tx(path.port, frame.len(), Instant::now()) {
+                        // Shaping: put the chain back and leave the guest's
+                        // notifications off; the port's timer serves the
+                        // ring again when the policy allows.
+                        q.set_next_avail(q.next_avail().wrapping_sub(1));
+                        run.throttled = Some(wait);
+                        break 'ring;
+                    }
                     path.counters.received(frame.len());
                     if off.is_none() {
                         ingress.ingress(path.port, frame);
@@ -513,6 +527,7 @@ pub fn process_tx<M: GuestMemory>(
             break;
         }
     }
+    publish_used(mem, q, &mut used)?;
     run.signal = should_signal(mem, q, old_used, q.next_used())?;
     Ok(run)
 }
@@ -765,9 +780,19 @@ struct PortIo {
     /// once that worker has exited.
     exit_consumer: EventConsumer,
     exit_notifier: EventNotifier,
+    /// Fires when a TX ring held back by shaping may be served again
+    /// (non-blocking, so a read after a re-arm cannot block the worker).
+    throttle: Mutex<TimerFd>,
 }
 
 impl PortIo {
+    fn arm_throttle(&self, wait: Duration) {
+        if let Err(e) = lock(&self.throttle).reset(wait, None) {
+            // Without the timer the watchdog poke still serves the ring.
+            warn!(port = %self.name, error = %e, "cannot arm the shaping timer");
+        }
+    }
+
     /// Drops everything queued for the guest (the port is down).
     fn drop_egress(&self) -> usize {
         let n = self.egress.clear();
@@ -900,6 +925,9 @@ impl Conn {
         let path = NetPath::for_features(self.io.id, features, &self.io.counters);
         match process_tx(&*mem, state.get_queue_mut(), &path, &*self.io.ingress) {
             Ok(run) => {
+                if let Some(wait) = run.throttled {
+                    self.io.arm_throttle(wait);
+                }
                 if run.signal {
                     if let Err(e) = state.signal_used_queue() {
                         debug!(port = %self.io.name, error = %e, "cannot signal TX queue");
@@ -1078,6 +1106,13 @@ impl VhostUserBackend for NetBackend {
                     conn.run_tx(v);
                 }
             }
+            THROTTLE_EVENT => {
+                // Non-blocking: nothing to read if it was re-armed since.
+                let _ = lock(&conn.io.throttle).wait();
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+            }
             other => debug!(port = %conn.io.name, event = other, "unexpected event"),
         }
         Ok(())
@@ -1159,6 +1194,12 @@ impl VmPortHandle {
         })?;
         let (exit_consumer, exit_notifier) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let throttle = TimerFd::new()?;
+        // SAFETY: fcntl(2) on a descriptor `throttle` owns; only the
+        // status flags change.
+        if unsafe { libc::fcntl(throttle.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let io = Arc::new(PortIo {
             id: cfg.id,
             name: cfg.name.clone(),
@@ -1168,6 +1209,7 @@ impl VmPortHandle {
             on_connect,
             exit_consumer,
             exit_notifier,
+            throttle: Mutex::new(throttle),
         });
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -1407,6 +1449,11 @@ fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
             u64::from(EGRESS_EVENT),
         ) {
             error!(port = %io.name, error = %e, "cannot watch the egress queue");
+            return;
+        }
+        let timer = lock(&io.throttle).as_raw_fd();
+        if let Err(e) = worker.register_listener(timer, EventSet::IN, u64::from(THROTTLE_EVENT)) {
+            error!(port = %io.name, error = %e, "cannot watch the shaping timer");
             return;
         }
     }
@@ -2158,6 +2205,60 @@ mod tests {
         assert_eq!(s.drops, Default::default());
     }
 
+    /// Lets `budget` frames through, then asks the port to wait.
+    struct Shaped {
+        rec: Recorder,
+        budget: Mutex<usize>,
+    }
+
+    impl Ingress for Shaped {
+        fn ingress(&self, port: PortId, frame: &[u8]) {
+            self.rec.ingress(port, frame);
+        }
+
+        fn reserve_tx(&self, _: PortId, _: usize, _: Instant) -> Result<(), Duration> {
+            let mut b = lock(&self.budget);
+            if *b == 0 {
+                return Err(Duration::from_millis(3));
+            }
+            *b -= 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn shaped_tx_leaves_frames_in_the_ring_until_allowed() {
+        let mut ring = SimRing::new(16).unwrap();
+        let frames: Vec<Vec<u8>> = (0..5).map(|i| frame(60, i)).collect();
+        for (i, f) in frames.iter().enumerate() {
+            let addr = SimRing::BUF + 0x1000 * i as u64;
+            let len = put_tx(&ring, addr, f);
+            ring.set_desc(i as u16, addr, len, 0, 0);
+            ring.offer(i as u16);
+        }
+        let counters = PortCounters::default();
+        let shaped = Shaped {
+            rec: Recorder::default(),
+            budget: Mutex::new(2),
+        };
+        let p = path(&counters, 12, false);
+        let run = process_tx(&ring.mem, &mut ring.queue, &p, &shaped).unwrap();
+        assert_eq!(run.throttled, Some(Duration::from_millis(3)));
+        assert_eq!(run.chains, 2);
+        assert_eq!(ring.used(), vec![(0, 0), (1, 0)]);
+        assert_eq!(shaped.rec.frames(), frames[..2].to_vec());
+        // Nothing dropped, and nothing more taken while throttled.
+        let run = process_tx(&ring.mem, &mut ring.queue, &p, &shaped).unwrap();
+        assert_eq!((run.chains, run.throttled.is_some()), (0, true));
+        assert_eq!(counters.snapshot().drops, Default::default());
+        // Allowed again: the rest, in order.
+        *lock(&shaped.budget) = 10;
+        let run = process_tx(&ring.mem, &mut ring.queue, &p, &shaped).unwrap();
+        assert_eq!((run.chains, run.throttled), (3, None));
+        assert_eq!(shaped.rec.frames(), frames);
+        assert_eq!(ring.used().len(), 5);
+    }
+
     #[test]
     fn tx_header_and_frame_split_over_descriptors() {
         let mut ring = SimRing::new(16).unwrap();
@@ -2718,6 +2819,7 @@ mod tests {
             on_connect: None,
             exit_consumer,
             exit_notifier,
+            throttle: Mutex::new(TimerFd::new().unwrap()),
         });
         for _ in 0..3 {
             let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
