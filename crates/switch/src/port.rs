@@ -253,8 +253,15 @@ impl EgressQueue {
     }
 
     /// Queues a packet; `false` if the queue is full.
+    ///
+    /// The consumer is woken only when the queue goes from empty to not
+    /// empty: it drains the notifier before popping and pops until the
+    /// queue is empty (or until its peer cannot take more, when it waits
+    /// for the peer instead), so a frame added to a non-empty queue is
+    /// always seen. One eventfd write per burst instead of per frame is
+    /// what keeps a busy port from waking its consumer for every frame.
     pub fn push_packet(&self, packet: Packet) -> bool {
-        {
+        let was_empty = {
             let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
             let len = packet.frame.len();
             if g.q.len() >= self.max_frames || g.bytes + len > self.max_bytes {
@@ -262,8 +269,11 @@ impl EgressQueue {
             }
             g.bytes += len;
             g.q.push_back(packet);
+            g.q.len() == 1
+        };
+        if was_empty {
+            let _ = self.notify.write(1);
         }
-        let _ = self.notify.write(1);
         true
     }
 

@@ -87,6 +87,10 @@ struct Port {
     counters: Arc<PortCounters>,
     shaper_in: Mutex<Option<TokenBucket>>,
     shaper_out: Mutex<Option<TokenBucket>>,
+    /// Whether the shapers above are set: the per-frame paths read these
+    /// instead of taking the locks when no policy is configured.
+    has_shaper_in: AtomicBool,
+    has_shaper_out: AtomicBool,
     up: AtomicBool,
 }
 
@@ -98,10 +102,16 @@ impl Port {
     fn resolve(&self, doc: &SwitchDocument, now: Instant) {
         let g = doc.port_group(&self.group_name).cloned().map(Arc::new);
         let shaper = |p: Option<crate::shaper::ShapingPolicy>| p.map(|p| TokenBucket::new(p, now));
-        *self.shaper_in.lock().unwrap_or_else(|p| p.into_inner()) =
-            shaper(g.as_ref().and_then(|g| g.shaping_in));
-        *self.shaper_out.lock().unwrap_or_else(|p| p.into_inner()) =
-            shaper(g.as_ref().and_then(|g| g.shaping_out));
+        let (policy_in, policy_out) = (
+            g.as_ref().and_then(|g| g.shaping_in),
+            g.as_ref().and_then(|g| g.shaping_out),
+        );
+        *lock(&self.shaper_in) = shaper(policy_in);
+        *lock(&self.shaper_out) = shaper(policy_out);
+        self.has_shaper_in
+            .store(policy_in.is_some(), Ordering::Release);
+        self.has_shaper_out
+            .store(policy_out.is_some(), Ordering::Release);
         *self.group.write().unwrap_or_else(|p| p.into_inner()) = g;
     }
 }
@@ -222,6 +232,8 @@ impl Switch {
             counters: counters.clone(),
             shaper_in: Mutex::new(None),
             shaper_out: Mutex::new(None),
+            has_shaper_in: AtomicBool::new(false),
+            has_shaper_out: AtomicBool::new(false),
             up: AtomicBool::new(false),
         });
         port.resolve(&doc, Instant::now());
@@ -389,9 +401,7 @@ impl Switch {
             return; // no hairpin: the destination is behind the sender's port
         }
         let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
-        // Computed once, for the first port that needs it.
-        let mut tagged: Option<Vec<u8>> = None;
-        let mut finished: Option<Vec<Vec<u8>>> = None;
+        let mut targets: Vec<(&Port, bool)> = Vec::new();
         for (&id, p) in ports.iter() {
             if id == from {
                 continue;
@@ -413,23 +423,34 @@ impl Switch {
                         || p.mac == Some(info.dst)
                 }
             };
-            if !wanted || !p.up.load(Ordering::Relaxed) {
-                continue;
+            if wanted && p.up.load(Ordering::Relaxed) {
+                targets.push((p.as_ref(), tag));
             }
-            if inner.offload.is_none()
-                || (p.egress.accepts().accepts(&inner.offload) && !p.shaped_out())
-            {
+        }
+        // Computed once, for the first port that needs it.
+        let mut tagged: Option<Vec<u8>> = None;
+        let mut finished: Option<Vec<Vec<u8>>> = None;
+        let mut inner = Some(inner);
+        let count = targets.len();
+        for (i, (p, tag)) in targets.into_iter().enumerate() {
+            let Some(packet) = inner.as_ref() else { break };
+            let offload = packet.offload;
+            if offload.is_none() || (p.egress.accepts().accepts(&offload) && !p.shaped_out()) {
                 let out = if tag {
                     tagged
-                        .get_or_insert_with(|| frame::push_tag(&inner.frame, vlan))
+                        .get_or_insert_with(|| frame::push_tag(&packet.frame, vlan))
                         .clone()
+                } else if i + 1 == count {
+                    // The last (usually the only) destination takes the
+                    // frame itself instead of a copy.
+                    inner.take().map(|p| p.frame).unwrap_or_default()
                 } else {
-                    inner.frame.clone()
+                    packet.frame.clone()
                 };
                 p.send(
                     Packet {
                         frame: out,
-                        offload: inner.offload,
+                        offload,
                     },
                     now,
                 );
@@ -437,7 +458,7 @@ impl Switch {
             }
             let plain = finished.get_or_insert_with(|| {
                 let mut out = Vec::new();
-                if offload::finish(inner.frame.clone(), &inner.offload, &mut out).is_err() {
+                if offload::finish(packet.frame.clone(), &offload, &mut out).is_err() {
                     src_port.counters.dropped(DropReason::Malformed);
                     out.clear();
                 }
@@ -461,20 +482,17 @@ impl Port {
     }
 
     fn shaped_out(&self) -> bool {
-        lock(&self.shaper_out).is_some()
+        self.has_shaper_out.load(Ordering::Acquire)
     }
 
     /// Shapes and queues one packet leaving this port.
     fn send(&self, packet: Packet, now: Instant) {
-        if let Some(b) = self
-            .shaper_out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            if !b.admit(packet.frame.len(), now) {
-                self.counters.dropped(DropReason::Shaped);
-                return;
+        if self.shaped_out() {
+            if let Some(b) = lock(&self.shaper_out).as_mut() {
+                if !b.admit(packet.frame.len(), now) {
+                    self.counters.dropped(DropReason::Shaped);
+                    return;
+                }
             }
         }
         if !self.egress.push_packet(packet) {
@@ -505,6 +523,9 @@ impl Ingress for Switch {
         let Some(p) = self.port(port) else {
             return Ok(());
         };
+        if !p.has_shaper_in.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let result = match lock(&p.shaper_in).as_mut() {
             Some(b) => b.reserve(bytes, now),
             None => Ok(()),

@@ -395,16 +395,24 @@ fn publish_used<M: GuestMemory>(
     let size = q.size();
     let base = GuestAddress(q.used_ring());
     let mut idx = Wrapping(q.next_used());
-    for &(head, len) in used.iter() {
-        let slot = u64::from(idx.0 % size);
+    // Entries go out in runs of consecutive slots (one write each; a run
+    // ends where the ring wraps).
+    let mut run: Vec<u8> = Vec::with_capacity(used.len() * 8);
+    let mut rest = &used[..];
+    while !rest.is_empty() {
+        let slot = idx.0 % size;
+        let n = rest.len().min(usize::from(size - slot));
+        run.clear();
+        for &(head, len) in &rest[..n] {
+            run.extend_from_slice(&u32::from(head).to_le_bytes());
+            run.extend_from_slice(&len.to_le_bytes());
+        }
         let addr = base
-            .checked_add(4 + slot * 8)
+            .checked_add(4 + u64::from(slot) * 8)
             .ok_or(RingError::Queue(virtio_queue::Error::AddressOverflow))?;
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&elem, addr).map_err(RingError::Memory)?;
-        idx += Wrapping(1);
+        mem.write_slice(&run, addr).map_err(RingError::Memory)?;
+        idx += Wrapping(n as u16);
+        rest = &rest[n..];
     }
     let idx_addr = base
         .checked_add(2)
@@ -586,7 +594,6 @@ fn place_frame<M: GuestMemory>(
     path: &NetPath<'_>,
     frame: &[u8],
     vnet: &VnetHdr,
-    data: &mut Vec<u8>,
     used: &mut Vec<(u16, u32)>,
 ) -> Result<Placement, RingError> {
     let needed = path.hdr_len + frame.len();
@@ -639,9 +646,10 @@ fn place_frame<M: GuestMemory>(
         return Ok(Placement::Dropped(DropReason::NoBuffer));
     };
     let (hdr, hdr_len) = rx_header(path.hdr_len, vnet, num_buffers);
-    data.clear();
-    data.extend_from_slice(&hdr[..hdr_len]);
-    data.extend_from_slice(frame);
+    // Header and frame go straight into the guest's buffers, as one byte
+    // stream split over the segments (no staging copy).
+    let stream = [&hdr[..hdr_len], frame];
+    let total = hdr_len + frame.len();
 
     let mut off = 0usize;
     let mut lens = Vec::with_capacity(held.len());
@@ -649,11 +657,11 @@ fn place_frame<M: GuestMemory>(
     for b in &held {
         let mut written = 0usize;
         for &(addr, len) in &b.segs {
-            if off >= data.len() {
+            if off >= total {
                 break;
             }
-            let n = len.min(data.len() - off);
-            if mem.write_slice(&data[off..off + n], addr).is_err() {
+            let n = len.min(total - off);
+            if write_stream(mem, addr, &stream, off, n).is_err() {
                 failed = true;
                 break;
             }
@@ -674,6 +682,34 @@ fn place_frame<M: GuestMemory>(
         used.push((b.head, len as u32));
     }
     Ok(Placement::Delivered)
+}
+
+/// Writes bytes `off..off + n` of the concatenation of `parts` at `addr`.
+fn write_stream<M: GuestMemory>(
+    mem: &M,
+    addr: GuestAddress,
+    parts: &[&[u8]],
+    mut off: usize,
+    mut n: usize,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut at = addr;
+    for part in parts {
+        if n == 0 {
+            break;
+        }
+        if off >= part.len() {
+            off -= part.len();
+            continue;
+        }
+        let k = n.min(part.len() - off);
+        mem.write_slice(&part[off..off + k], at)?;
+        at = at
+            .checked_add(k as u64)
+            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(at))?;
+        n -= k;
+        off = 0;
+    }
+    Ok(())
 }
 
 /// Tells the guest to kick the RX queue when it adds a buffer past
@@ -711,7 +747,6 @@ pub fn process_rx<M: GuestMemory>(
     let mut run = QueueRun::default();
     let old_used = q.next_used();
     let mut used = Vec::with_capacity(USED_BATCH);
-    let mut data = Vec::with_capacity(path.hdr_len + MAX_FRAME);
     let mut retries = 0;
     while let Some(packet) = egress.pop() {
         let frame = &packet.frame;
@@ -733,7 +768,7 @@ pub fn process_rx<M: GuestMemory>(
         }
         let vnet = offload::rx_header(frame, &packet.offload);
         let before = used.len();
-        match place_frame(mem, q, path, frame, &vnet, &mut data, &mut used)? {
+        match place_frame(mem, q, path, frame, &vnet, &mut used)? {
             Placement::Delivered => path.counters.transmitted(frame.len()),
             Placement::Dropped(why) => path.counters.dropped(why),
             Placement::NoBuffers { exhausted_at } => {

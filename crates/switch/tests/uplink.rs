@@ -628,7 +628,9 @@ fn thread_ticks(comm: &str) -> Option<u64> {
         if name.trim() != comm {
             continue;
         }
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
         // Fields after the parenthesised name: state is field 3, utime 14,
         // stime 15.
         let rest = &stat[stat.rfind(')')? + 2..];
