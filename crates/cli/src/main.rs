@@ -128,6 +128,30 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// The switch alone between two VM ports: DPDK testpmd (virtio-user)
+    /// sends on one port and receives on the other; Mpps and Gbit/s the
+    /// switch delivers per frame size, median and p99 of per-second rates.
+    /// Needs root; qemu-scripts/dpdk.sh provides testpmd and hugepages.
+    SwitchPps {
+        /// Seconds measured per size (1..=10), after a 1 s warm-up.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Ethernet frame sizes in bytes, without FCS.
+        #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+        sizes: Vec<usize>,
+        /// `SWITCH_CPU,TESTPMD_CPU`, or `none`.
+        #[arg(long, default_value = "0,1")]
+        pin: String,
+        /// `loop`: one testpmd forwarding B's arrivals back into A (a
+        /// closed loop, one polling thread); `split`: testpmd txonly on A
+        /// and rxonly on B as two processes sharing the generator CPU.
+        #[arg(long, default_value = "loop")]
+        generator: String,
+        /// The hugepage/testpmd helper (default: qemu-scripts/dpdk.sh here
+        /// or in the source tree).
+        #[arg(long)]
+        dpdk_script: Option<PathBuf>,
+    },
     /// tandem's vhost-user switch against tap + Linux bridge: host↔guest
     /// request/response latency and guest→guest TCP throughput, side by
     /// side in one run (pairs alternate each round).
@@ -211,6 +235,57 @@ enum BenchCmd {
         image_dir: PathBuf,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// tandemd's failure-detection settings for both hosts (its
+        /// defaults: 100 / 1500 / 2500). Detection is the takeover timeout,
+        /// which must exceed the fence timeout by two heartbeats.
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+        #[arg(long, default_value_t = 1500)]
+        fence_timeout_ms: u64,
+        #[arg(long, default_value_t = 2500)]
+        takeover_timeout_ms: u64,
+    },
+    /// Epoch pause, tandem (scan tracker) against QEMU's own COLO
+    /// checkpointing on the same guest, one after the other per cell:
+    /// p50/p99 from the primary QEMU's STOP/RESUME events, and checkpoints
+    /// per second. Needs root and qemu-scripts/colo-qemu.sh (COLO is broken
+    /// in QEMU 10.0; it unpacks Debian's 7.2 privately).
+    Pause {
+        /// Guest RAM sizes, in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+        memory_mib: Vec<u32>,
+        /// tandem's epoch and COLO's x-checkpoint-delay.
+        #[arg(long, default_value_t = 50)]
+        epoch_ms: u64,
+        /// Guest memory dirtied per second, MiB/s (0: idle): one `DIRTY`
+        /// request per epoch rewriting that much of the guest's buffer.
+        #[arg(long, value_delimiter = ',', default_value = "0,16,64")]
+        dirty: Vec<u64>,
+        /// Seconds measured per system and cell.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Chooses which system runs first in each cell.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The QEMU for the COLO peer.
+        #[arg(
+            long,
+            default_value = "/var/cache/tandem/qemu-7.2/root/usr/bin/qemu-system-x86_64"
+        )]
+        colo_qemu: PathBuf,
+        /// LD_PRELOAD for the COLO QEMUs (qemu-scripts/colo-bql-shim.c),
+        /// or `none`.
+        #[arg(long, default_value = "/var/cache/tandem/qemu-7.2/colo-bql-shim.so")]
+        colo_shim: String,
+        /// The QEMU tandemd runs the guest on.
+        #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+        qemu: PathBuf,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
     },
 }
 
@@ -394,6 +469,7 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             tandemd,
             image_dir,
             work_dir,
+            timeouts: Default::default(),
         };
         if output == "off" {
             eprintln!("WARNING: --output off: replies are released before commit; this drill is expected to FAIL");
@@ -445,10 +521,114 @@ fn bench_options(
         tandemd: tandemd_beside_cli()?,
         image_dir: image_dir.to_path_buf(),
         work_dir: PathBuf::from("/tmp"),
+        timeouts: Default::default(),
     })
 }
 
 fn bench(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::Bench(BenchCmd::SwitchPps {
+        seconds,
+        sizes,
+        pin,
+        generator,
+        dpdk_script,
+    }) = &cli.cmd
+    {
+        let generator = generator
+            .parse::<tandem_drill::ppsbench::Generator>()
+            .map_err(|e| anyhow::anyhow!("--generator: {e}"))?;
+        let pin_cpus = match pin.as_str() {
+            "none" => None,
+            p => {
+                let (s, g) = p
+                    .split_once(',')
+                    .and_then(|(s, g)| Some((s.trim().parse().ok()?, g.trim().parse().ok()?)))
+                    .context("--pin: SWITCH_CPU,TESTPMD_CPU (e.g. 0,1) or none")?;
+                Some((s, g))
+            }
+        };
+        let script = dpdk_script.clone().unwrap_or_else(|| {
+            let here = PathBuf::from("qemu-scripts/dpdk.sh");
+            if here.is_file() {
+                here
+            } else {
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../qemu-scripts/dpdk.sh"
+                ))
+            }
+        });
+        let opts = tandem_drill::ppsbench::PpsOptions {
+            seconds: *seconds,
+            sizes: sizes.clone(),
+            pin: pin_cpus,
+            generator,
+            dpdk_script: script,
+            work_dir: PathBuf::from("/tmp"),
+        };
+        let rows = tandem_drill::ppsbench::switch_pps(&opts, |m| eprintln!("bench: {m}"))?;
+        if cli.json {
+            return print_json(&rows);
+        }
+        let pinned = match pin_cpus {
+            Some((s, g)) => format!("switch (all its threads) on CPU {s}, both testpmd on CPU {g}"),
+            None => "nothing pinned".into(),
+        };
+        println!(
+            "\nswitch forwarding, port A -> port B, testpmd virtio-user ({} generator); {pinned}; {seconds} x 1 s per size",
+            generator.name()
+        );
+        println!(
+            "{:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10} {:>10} {:>12} {:>8}",
+            "frame",
+            "Mpps med",
+            "Mpps p99",
+            "Mpps min",
+            "Gbit/s med",
+            "Gbit/s p99",
+            "sw CPU",
+            "Mpps/core",
+            "Gbit/s/core",
+            "others/steal",
+            "dropped"
+        );
+        for r in &rows {
+            let others = match (r.others_on_switch_cpu, r.steal_on_switch_cpu) {
+                (Some(o), Some(s)) => format!("{:.0}%/{:.0}%", o * 100.0, s * 100.0),
+                _ => "-".to_string(),
+            };
+            println!(
+                "{:>5} B {:>9.3} {:>9.3} {:>9.3} {:>10.2} {:>10.2} {:>7.0}% {:>10.3} {:>11.2} {:>12} {:>8}",
+                r.frame_bytes,
+                r.mpps_median,
+                r.mpps_p99,
+                r.mpps_min,
+                r.gbit_s_median,
+                r.gbit_s_p99,
+                r.switch_cpu_share_median * 100.0,
+                r.mpps_per_core_median,
+                r.gbit_s_per_core_median,
+                others,
+                r.dropped
+            );
+        }
+        println!("(med/p99/min of 1 s samples; sw CPU: share of one core the switch used; per core: per CPU-second it used; others/steal: the switch's CPU used by other processes / stolen by the hypervisor)");
+        for r in &rows {
+            if let Some(t) = r.testpmd_rx_total {
+                println!(
+                    "{} B: testpmd received {t} frames, the switch delivered {}; testpmd dropped {} on TX",
+                    r.frame_bytes, r.switch_tx_total, r.testpmd_tx_dropped
+                );
+            }
+        }
+        let sizes: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+        println!(
+            "reproduce: tandem bench switch-pps --seconds {seconds} --sizes {} --pin {pin} --generator {}",
+            sizes.join(","),
+            generator.name()
+        );
+        return Ok(());
+    }
     if let Cmd::Bench(BenchCmd::Switch {
         rounds,
         requests,
@@ -577,12 +757,118 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if let Cmd::Bench(BenchCmd::Pause {
+        memory_mib,
+        epoch_ms,
+        dirty,
+        seconds,
+        seed,
+        colo_qemu,
+        colo_shim,
+        qemu,
+        image_dir,
+    }) = &cli.cmd
+    {
+        let opts = tandem_drill::colobench::PauseOptions {
+            memory_mib: memory_mib.clone(),
+            epoch_ms: *epoch_ms,
+            dirty_mib_s: dirty.clone(),
+            seconds: *seconds,
+            seed: *seed,
+            tandemd: tandemd_beside_cli()?,
+            qemu: qemu.clone(),
+            colo_qemu: colo_qemu.clone(),
+            colo_shim: (colo_shim != "none").then(|| PathBuf::from(colo_shim)),
+            image_dir: image_dir.clone(),
+            work_dir: PathBuf::from("/tmp"),
+        };
+        let r = tandem_drill::colobench::pause_vs_colo(&opts, |m| eprintln!("bench: {m}"))?;
+        if cli.json {
+            return print_json(&r);
+        }
+        println!(
+            "\nepoch pause, tandem (scan) vs QEMU COLO, epoch = x-checkpoint-delay = {epoch_ms} ms, {seconds} s per system and cell"
+        );
+        println!("tandem: {}", r.tandem_qemu);
+        println!(
+            "COLO:   {}{}",
+            r.colo_qemu,
+            r.colo_shim
+                .as_ref()
+                .map(|s| format!(" + LD_PRELOAD {}", s.display()))
+                .unwrap_or_default()
+        );
+        println!(
+            "{:>5} {:>6} | {:>27} {:>8} {:>8} | {:>27} {:>8} {:>8} | {:>16}",
+            "RAM",
+            "dirty",
+            "tandem pause p50 / p99 ms",
+            "ckpt/s",
+            "dirtied",
+            "COLO pause p50 / p99 ms",
+            "ckpt/s",
+            "dirtied",
+            "tandem/COLO p50, p99"
+        );
+        for row in &r.rows {
+            println!(
+                "{:>5} {:>6} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>8.2}, {:>6.2}",
+                row.memory_mib,
+                row.dirty_mib_s,
+                row.tandem.pause_p50_ms,
+                row.tandem.pause_p99_ms,
+                row.tandem.checkpoints_per_s,
+                row.tandem.dirtied_mib_s,
+                row.colo.pause_p50_ms,
+                row.colo.pause_p99_ms,
+                row.colo.checkpoints_per_s,
+                row.colo.dirtied_mib_s,
+                row.ratio_p50,
+                row.ratio_p99
+            );
+        }
+        println!("(RAM in MiB; dirty: offered MiB/s; dirtied: MiB/s the guest got done; pause from the primary QEMU's STOP/RESUME events)");
+        for row in &r.rows {
+            for (name, side) in [("tandem", &row.tandem), ("COLO", &row.colo)] {
+                if let Some(e) = &side.error {
+                    println!(
+                        "{name} FAILED at {} MiB / {} MiB/s (its numbers above are zero): {e}",
+                        row.memory_mib, row.dirty_mib_s
+                    );
+                }
+            }
+            for (n, why) in row.colo.failed_attempts.iter().enumerate() {
+                println!(
+                    "COLO {} MiB / {} MiB/s, failed attempt {}: {why}",
+                    row.memory_mib,
+                    row.dirty_mib_s,
+                    n + 1
+                );
+            }
+        }
+        let join = |v: &[u64]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mem: Vec<u64> = memory_mib.iter().map(|&m| m as u64).collect();
+        println!(
+            "reproduce: tandem bench pause --memory-mib {} --epoch-ms {epoch_ms} --dirty {} --seconds {seconds} --seed {seed}",
+            join(&mem),
+            join(dirty)
+        );
+        return Ok(());
+    }
     let Cmd::Bench(BenchCmd::Failover {
         rounds,
         memory_mib,
         epoch_ms,
         image_dir,
         seed,
+        heartbeat_ms,
+        fence_timeout_ms,
+        takeover_timeout_ms,
     }) = cli.cmd
     else {
         bail!("unknown benchmark");
@@ -594,6 +880,11 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             kill: Some(tandem_drill::KillMode::Qemu),
             seed,
             epoch_ms,
+            timeouts: tandem_drill::FtTimeouts {
+                heartbeat_ms,
+                fence_timeout_ms,
+                takeover_timeout_ms,
+            },
             ..bench_options(mem, &image_dir)?
         };
         eprintln!("bench: {rounds} drills with a {mem} MiB guest");
@@ -601,7 +892,9 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         rows.push((mem, r));
     }
     let pct = |mut v: Vec<f64>, p: f64| tandem_drill::stats_ms(&mut v, p);
-    println!("\nfailover benchmark: epoch {epoch_ms} ms, {rounds} drills per size (median / p99)");
+    println!(
+        "\nfailover benchmark: epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
+    );
     println!(
         "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19}",
         "RAM MiB", "pause p50 ms", "pause p99 ms", "restore ms", "served ms", "all rounds pass"
@@ -622,7 +915,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         );
     }
     println!(
-        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed}",
+        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed} --heartbeat-ms {heartbeat_ms} --fence-timeout-ms {fence_timeout_ms} --takeover-timeout-ms {takeover_timeout_ms}",
         memory_mib.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")
     );
     Ok(())

@@ -13,6 +13,8 @@
 
 pub mod bench;
 pub mod checker;
+pub mod colobench;
+pub mod ppsbench;
 pub mod switchbench;
 pub mod topology;
 
@@ -76,6 +78,28 @@ pub struct DrillOptions {
     pub tandemd: PathBuf,
     pub image_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// Failure detection and fencing settings given to both tandemds.
+    pub timeouts: FtTimeouts,
+}
+
+/// tandemd's `--ft-heartbeat-ms`, `--ft-fence-timeout-ms` and
+/// `--ft-takeover-timeout-ms`, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FtTimeouts {
+    pub heartbeat_ms: u64,
+    pub fence_timeout_ms: u64,
+    pub takeover_timeout_ms: u64,
+}
+
+impl Default for FtTimeouts {
+    /// tandemd's own defaults.
+    fn default() -> Self {
+        FtTimeouts {
+            heartbeat_ms: 100,
+            fence_timeout_ms: 1500,
+            takeover_timeout_ms: 2500,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -383,13 +407,19 @@ fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let topo = Topology::create(tag).context("building the namespaces")?;
+    let t = opts.timeouts;
+    let (hb, fence, takeover) = (
+        t.heartbeat_ms.to_string(),
+        t.fence_timeout_ms.to_string(),
+        t.takeover_timeout_ms.to_string(),
+    );
     let timeouts = [
         "--ft-heartbeat-ms",
-        "100",
+        hb.as_str(),
         "--ft-fence-timeout-ms",
-        "1500",
+        fence.as_str(),
         "--ft-takeover-timeout-ms",
-        "2500",
+        takeover.as_str(),
     ];
     let repl = format!("{REPL_B}:7400");
     let mut b_args = timeouts.to_vec();
