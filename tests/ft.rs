@@ -344,3 +344,64 @@ fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
     drop(p);
     drop(fs);
 }
+
+/// A backup that accepts the connection and then says nothing: before the
+/// backup has been sent a consistent epoch it cannot take over, so the
+/// primary must not fence (pause) its guest; protection is degraded and
+/// the guest runs on. (It used to be paused after the fencing timeout.)
+#[test]
+fn a_backup_that_never_answers_does_not_pause_the_guest() {
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let _g = serial_guard();
+    let link = tempfile::Builder::new()
+        .prefix("tandem-ft-mute-")
+        .tempdir()
+        .unwrap();
+    let sock = link.path().join("repl.sock");
+    let listener = UnixListener::bind(&sock).expect("bind the mute backup");
+    listener.set_nonblocking(true).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let mute = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            // Holds every connection open without a byte of answer; bounded
+            // by the test's own end and by a hard limit.
+            let mut held = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                if let Ok((c, _)) = listener.accept() {
+                    held.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            held.len()
+        })
+    };
+    let a = Daemon::start();
+    a.create_guest("mute", "");
+    a.cli_ok(&["vm", "start", "mute"]);
+    a.wait_console("mute", READY, BOOT);
+    a.cli_ok(&[
+        "protect",
+        "mute",
+        "--backup",
+        &format!("unix:{}", sock.display()),
+    ]);
+    // Well past the fencing timeout (1.5 s by default).
+    std::thread::sleep(Duration::from_secs(5));
+    let st = ft(&a, "mute");
+    assert_ne!(st["state"], "fenced", "{st:#}");
+    assert_eq!(a.info("mute")["qmp_status"], "running", "{st:#}");
+    let n = *ticks(&a.console("mute")).last().unwrap();
+    a.wait_console(
+        "mute",
+        &format!("tandem-guest: tick {}", n + 2),
+        Duration::from_secs(30),
+    );
+    a.cli_ok(&["unprotect", "mute"]);
+    done.store(true, Ordering::SeqCst);
+    assert!(mute.join().unwrap() >= 1, "the primary never connected");
+}

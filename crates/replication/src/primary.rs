@@ -170,6 +170,14 @@ struct Contact {
     /// Unix ms of the last ack or heartbeat from the backup.
     last_ms: AtomicU64,
     fenced: AtomicBool,
+    /// The backup may hold a consistent replica, so it may take over: set
+    /// before the first epoch with device state is sent (the backup can
+    /// only arm itself with an epoch the primary sent), or when a session
+    /// finds epochs committed by an earlier one. Until then losing the
+    /// backup cannot cause a split brain, and pausing the guest would only
+    /// take it down: an initial copy that stalls, or a backup that never
+    /// answers, leaves protection degraded and the guest running.
+    armed: AtomicBool,
 }
 
 impl Contact {
@@ -214,6 +222,7 @@ impl Engine {
         let contact = Arc::new(Contact {
             last_ms: AtomicU64::new(now_ms()),
             fenced: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
         });
         let watchdog = tokio::spawn(fence_watchdog(
             self.port.clone(),
@@ -340,6 +349,11 @@ impl Engine {
             Err(_) => return Ended::Lost("backup did not answer hello".into()),
         };
         info!(vm = %self.port.name(), base, "connected to backup");
+        if base > 0 {
+            // An earlier session's commits: they may be consistent, and the
+            // backup may be armed on them.
+            contact.armed.store(true, Ordering::SeqCst);
+        }
         let mut epoch = base + 1;
         self.first_consistent = None;
         // The running copy is not consistent; the first consistent epoch
@@ -452,7 +466,10 @@ impl Engine {
                 continue;
             }
             next_epoch = now + self.cfg.epoch;
-            match self.epoch(&mut wr, ram, tracker, epoch, write_bound).await {
+            match self
+                .epoch(&mut wr, ram, tracker, epoch, write_bound, contact)
+                .await
+            {
                 Ok(()) => {}
                 Err(EpochError::Guest(e)) => {
                     if self.port.is_closed() {
@@ -518,6 +535,7 @@ impl Engine {
         tracker: &mut ScanTracker,
         epoch: u64,
         write_bound: Duration,
+        contact: &Contact,
     ) -> Result<(), EpochError> {
         let started = Instant::now();
         let ds_timeout = self.cfg.device_state_timeout;
@@ -561,6 +579,9 @@ impl Engine {
         let state = state.map_err(|e| EpochError::Guest(e.to_string()))?;
         if !state.is_empty() && self.first_consistent.is_none() {
             self.first_consistent = Some(epoch);
+        }
+        if !state.is_empty() && !contact.armed.swap(true, Ordering::SeqCst) {
+            info!(vm = %self.port.name(), epoch, "first consistent epoch: fencing armed");
         }
         self.pauses.record(pause);
         let frames =
@@ -606,6 +627,10 @@ async fn fence_watchdog(
         tick.tick().await;
         if *stop.borrow() {
             return;
+        }
+        if !contact.armed.load(Ordering::SeqCst) {
+            // Nothing the backup holds can run: no lease, no fencing.
+            continue;
         }
         let last = contact.last_ms.load(Ordering::SeqCst);
         let deadline = last + (timeout + LEASE_GRACE).as_millis() as u64;
