@@ -134,6 +134,13 @@ pub struct Switch {
     fdb: Mutex<Fdb>,
     gates: RwLock<HashMap<PortId, Arc<dyn FrameGate>>>,
     next_id: AtomicU32,
+    /// Some port group has `shaping_in`: without one, a guest's transmit
+    /// needs no per-frame port lookup.
+    any_shaper_in: AtomicBool,
+}
+
+fn has_shaping_in(doc: &SwitchDocument) -> bool {
+    doc.port_groups.iter().any(|g| g.shaping_in.is_some())
 }
 
 impl Switch {
@@ -145,6 +152,7 @@ impl Switch {
         );
         Ok(Arc::new(Self {
             ports: RwLock::new(BTreeMap::new()),
+            any_shaper_in: AtomicBool::new(has_shaping_in(&doc)),
             doc: RwLock::new(Arc::new(doc)),
             fdb: Mutex::new(fdb),
             gates: RwLock::new(HashMap::new()),
@@ -191,6 +199,8 @@ impl Switch {
         for p in ports.values() {
             p.resolve(&doc, now);
         }
+        self.any_shaper_in
+            .store(has_shaping_in(&doc), Ordering::Release);
         self.fdb
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -520,6 +530,9 @@ impl Ingress for Switch {
     }
 
     fn reserve_tx(&self, port: PortId, bytes: usize, now: Instant) -> Result<(), Duration> {
+        if !self.any_shaper_in.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let Some(p) = self.port(port) else {
             return Ok(());
         };
