@@ -359,7 +359,22 @@ fn switch_end_to_end() {
 
     // Shaping: g1 is policed to 10 Mbit/s, g2 is not.
     let shaped = blast_rate(&x, "10.10.0.100", 7101, "10.10.0.1", 3000) * 8.0 / 1e6;
+    let u0 = d.cli_json(&["switch", "stats"]);
     let free = blast_rate(&x, "10.10.0.100", 7102, "10.10.0.2", 3000) * 8.0 / 1e6;
+    // g2's TSO segments leave through the uplink whole: the kernel behind
+    // the packet socket segments them (or the veth carries them as GSO).
+    let u1 = d.cli_json(&["switch", "stats"]);
+    let up = |f: &str| counter(&u1, "up", f) - counter(&u0, "up", f);
+    let (up_frames, up_bytes) = (up("tx_frames"), up("tx_bytes"));
+    assert!(
+        up_frames > 0 && up_bytes / up_frames > 4000,
+        "uplink sent {up_frames} frames, {up_bytes} bytes: segmentation not left to the kernel"
+    );
+    assert_eq!(
+        port(&u1, "up")["counters"]["drops"]["malformed"],
+        0,
+        "the uplink refused offloaded frames"
+    );
     eprintln!("shaped guest {shaped:.1} Mbit/s, unshaped guest {free:.1} Mbit/s");
     // The policy allows 10 Mbit/s plus the 256 KiB burst (and one frame)
     // over the 3 s the guest is asked to send for; the guest's own clock

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::netsys::{self, SendFn, TxState, Worker, BATCH, TX_RETRY};
+use crate::offload::Offload;
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId};
 
 /// A read buffer large enough for anything a tap hands over (its MTU can
@@ -236,7 +237,8 @@ impl HostPort {
             }
             if self.tx.pending() {
                 let fd = self.fd.as_ref();
-                let mut write = fd.map(|fd| move |f: &[u8]| write_frame(fd, f));
+                // The tap has no vnet header: its queue accepts no offloads.
+                let mut write = fd.map(|fd| move |f: &[u8], _: &Offload| write_frame(fd, f));
                 // A tap has no link to re-evaluate: LinkDown is just a drop.
                 let _ = self.tx.transmit(
                     &self.name,

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::offload::Offload;
 use crate::port::{DropReason, EgressQueue, PortCounters, MAX_FRAME, MIN_FRAME};
 
 /// `IFNAMSIZ` minus the terminating NUL.
@@ -427,7 +428,10 @@ pub(crate) const TX_CONGESTED_TRIES: u32 = 5;
 pub(crate) const BATCH: usize = 64;
 
 /// Sends one frame out of a port.
-pub(crate) type SendFn<'a> = dyn FnMut(&[u8]) -> io::Result<()> + 'a;
+/// Sends one frame, with the offload work the receiving end (a packet
+/// socket with `PACKET_VNET_HDR`) is asked to do; only ports whose queue
+/// accepts offloads are given any.
+pub(crate) type SendFn<'a> = dyn FnMut(&[u8], &Offload) -> io::Result<()> + 'a;
 
 /// Why [`TxState::transmit`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,9 +509,12 @@ impl TxState {
                 self.more = false;
                 return TxOutcome::Done;
             };
-            // This queue never said it accepts offloads, so the switch
-            // finished every packet before queueing it.
-            if !packet.offload.is_none() || !frame_size_ok(packet.frame.len()) {
+            // The switch gives a queue only offload work it accepts; a
+            // frame's size limit depends on that work.
+            let len = packet.frame.len();
+            if !egress.accepts().accepts(&packet.offload)
+                || !(MIN_FRAME..=packet.offload.max_frame()).contains(&len)
+            {
                 counters.dropped(DropReason::Malformed);
                 continue;
             }
@@ -515,7 +522,7 @@ impl TxState {
                 counters.dropped(DropReason::NoBuffer);
                 continue;
             };
-            let err = match send(&packet.frame) {
+            let err = match send(&packet.frame, &packet.offload) {
                 Ok(()) => {
                     counters.transmitted(packet.frame.len());
                     self.last_error = None;
@@ -718,7 +725,7 @@ mod tests {
         q.push(vec![3; 1600]);
         q.push(vec![4; 60]);
         let mut sent = Vec::new();
-        let mut send = |f: &[u8]| {
+        let mut send = |f: &[u8], _: &Offload| {
             if f[0] == 4 {
                 return Err(errno(libc::EMSGSIZE));
             }
@@ -734,14 +741,14 @@ mod tests {
         // A full send buffer: the frame goes back, wait for POLLOUT.
         q.push(vec![5; 60]);
         tx.notified();
-        let mut full = |_: &[u8]| Err(errno(libc::EAGAIN));
+        let mut full = |_: &[u8], _: &Offload| Err(errno(libc::EAGAIN));
         tx.transmit("t", &q, &c, Some(&mut full));
         assert_eq!(q.len(), 1);
         assert!(tx.wants_writable() && tx.pending());
         assert_eq!(tx.timeout(Duration::from_secs(1)), TX_RETRY);
 
         // ENOBUFS: retried a bounded number of times, then dropped.
-        let mut congested = |_: &[u8]| Err(errno(libc::ENOBUFS));
+        let mut congested = |_: &[u8], _: &Offload| Err(errno(libc::ENOBUFS));
         for _ in 0..TX_CONGESTED_TRIES {
             tx.transmit("t", &q, &c, Some(&mut congested));
             assert_eq!(q.len(), 1);
@@ -754,7 +761,7 @@ mod tests {
         // Link down: dropped, reported, the rest waits for the next round.
         q.push(vec![6; 60]);
         q.push(vec![7; 60]);
-        let mut down = |_: &[u8]| Err(errno(libc::ENETDOWN));
+        let mut down = |_: &[u8], _: &Offload| Err(errno(libc::ENETDOWN));
         assert_eq!(
             tx.transmit("t", &q, &c, Some(&mut down)),
             TxOutcome::LinkDown
@@ -770,7 +777,7 @@ mod tests {
         for _ in 0..BATCH + 3 {
             q.push(vec![8; 60]);
         }
-        let mut ok = |_: &[u8]| Ok(());
+        let mut ok = |_: &[u8], _: &Offload| Ok(());
         tx.transmit("t", &q, &c, Some(&mut ok));
         assert_eq!(q.len(), 3);
         assert_eq!(tx.timeout(Duration::from_secs(1)), Duration::ZERO);

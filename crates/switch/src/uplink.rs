@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::netsys::{self, LinkQuery, SendFn, TxOutcome, TxState, Worker, BATCH, TX_RETRY};
-use crate::offload::complete_checksum;
+use crate::offload::{self, complete_checksum, Offload, RxOffloads};
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME};
 
 /// How often the members' link state is re-read.
@@ -144,6 +144,14 @@ impl UplinkHandle {
             source,
         };
         let ctl = netsys::control_socket().map_err(|e| setup("control socket", e))?;
+        // The packet sockets take a vnet header: the kernel finishes
+        // checksums and segments TSO packets, so a guest's 64 KiB segments
+        // leave as they are.
+        egress.set_accepts(RxOffloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+        });
         let links = LinkQuery::new().map_err(|e| setup("rtnetlink socket", e))?;
 
         let mut members = Vec::with_capacity(cfg.interfaces.len());
@@ -365,7 +373,7 @@ impl Uplink {
     /// none), at most [`netsys::BATCH`] per call.
     fn transmit(&mut self) {
         let sock = self.active.and_then(|a| self.members[a].sock.as_ref());
-        let mut send = sock.map(|s| move |f: &[u8]| s.send(f));
+        let mut send = sock.map(|s| move |f: &[u8], off: &Offload| s.send(f, off));
         let outcome = self.tx.transmit(
             &self.name,
             &self.egress,
@@ -614,9 +622,13 @@ impl PacketSocket {
         }))
     }
 
-    /// Sends one frame (with an empty vnet header: no offloads asked for).
-    fn send(&self, frame: &[u8]) -> io::Result<()> {
-        let hdr = [0u8; VNET_HDR_LEN];
+    /// Sends one frame. Its vnet header asks the kernel for what is left
+    /// to do: complete a checksum, or segment a 64 KiB TCP packet from a
+    /// TSO guest (the kernel segments in software where the device cannot,
+    /// and a veth passes it on whole). `struct virtio_net_hdr` here is in
+    /// host byte order, little-endian on the hosts tandem runs on.
+    fn send(&self, frame: &[u8], off: &Offload) -> io::Result<()> {
+        let hdr: [u8; VNET_HDR_LEN] = offload::rx_header(frame, off).to_bytes();
         let iov = [
             libc::iovec {
                 iov_base: hdr.as_ptr() as *mut libc::c_void,
