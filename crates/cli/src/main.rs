@@ -1539,15 +1539,7 @@ fn print_switch_stats(st: &tandem_switch::host::SwitchStats) {
     );
     for p in &st.ports {
         let d = &p.counters.drops;
-        let drops = d.malformed
-            + d.bad_descriptor
-            + d.queue_full
-            + d.vlan
-            + d.shaped
-            + d.security
-            + d.learn_limit
-            + d.gate
-            + d.no_buffer;
+        let drops = d.total();
         println!(
             "{:<20} {:<14} {:<12} {:<4} {:>10} {:>12} {:>10} {:>12} {:>8}",
             p.name,

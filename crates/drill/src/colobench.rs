@@ -504,20 +504,8 @@ fn run_tandem(
         },
     };
     let repl = format!("unix:{}", dir.join("repl.sock").display());
-    let t = opts.timeouts;
-    let (hb, fence, takeover) = (
-        t.heartbeat_ms.to_string(),
-        t.fence_timeout_ms.to_string(),
-        t.takeover_timeout_ms.to_string(),
-    );
-    let timeouts = [
-        "--ft-heartbeat-ms",
-        hb.as_str(),
-        "--ft-fence-timeout-ms",
-        fence.as_str(),
-        "--ft-takeover-timeout-ms",
-        takeover.as_str(),
-    ];
+    let owned = opts.timeouts.tandemd_args();
+    let timeouts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let mut b_args = timeouts.to_vec();
     b_args.extend(["--repl-listen", repl.as_str()]);
     let wrapper_s = wrapper.to_string_lossy().into_owned();

@@ -91,6 +91,20 @@ pub struct FtTimeouts {
     pub takeover_timeout_ms: u64,
 }
 
+impl FtTimeouts {
+    /// The flags that give a tandemd these settings.
+    pub fn tandemd_args(&self) -> Vec<String> {
+        [
+            ("--ft-heartbeat-ms", self.heartbeat_ms),
+            ("--ft-fence-timeout-ms", self.fence_timeout_ms),
+            ("--ft-takeover-timeout-ms", self.takeover_timeout_ms),
+        ]
+        .into_iter()
+        .flat_map(|(flag, ms)| [flag.to_string(), ms.to_string()])
+        .collect()
+    }
+}
+
 impl Default for FtTimeouts {
     /// tandemd's own defaults.
     fn default() -> Self {
@@ -407,20 +421,8 @@ fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let topo = Topology::create(tag).context("building the namespaces")?;
-    let t = opts.timeouts;
-    let (hb, fence, takeover) = (
-        t.heartbeat_ms.to_string(),
-        t.fence_timeout_ms.to_string(),
-        t.takeover_timeout_ms.to_string(),
-    );
-    let timeouts = [
-        "--ft-heartbeat-ms",
-        hb.as_str(),
-        "--ft-fence-timeout-ms",
-        fence.as_str(),
-        "--ft-takeover-timeout-ms",
-        takeover.as_str(),
-    ];
+    let owned = opts.timeouts.tandemd_args();
+    let timeouts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let repl = format!("{REPL_B}:7400");
     let mut b_args = timeouts.to_vec();
     b_args.extend(["--repl-listen", repl.as_str()]);

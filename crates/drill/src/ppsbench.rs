@@ -467,16 +467,7 @@ fn cpu_ticks(cpu: usize) -> Option<(u64, u64)> {
 }
 
 fn drops(c: &CounterSnapshot) -> u64 {
-    let d = &c.drops;
-    d.malformed
-        + d.bad_descriptor
-        + d.queue_full
-        + d.vlan
-        + d.shaped
-        + d.security
-        + d.learn_limit
-        + d.gate
-        + d.no_buffer
+    c.drops.total()
 }
 
 /// A total from the statistics testpmd prints when it stops: the number

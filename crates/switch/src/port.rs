@@ -97,6 +97,21 @@ pub struct DropSnapshot {
     pub no_buffer: u64,
 }
 
+impl DropSnapshot {
+    /// Drops for every reason together.
+    pub fn total(&self) -> u64 {
+        self.malformed
+            + self.bad_descriptor
+            + self.queue_full
+            + self.vlan
+            + self.shaped
+            + self.security
+            + self.learn_limit
+            + self.gate
+            + self.no_buffer
+    }
+}
+
 impl PortCounters {
     pub fn dropped(&self, why: DropReason) {
         let c = match why {

@@ -46,7 +46,9 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::netsys::{self, LinkQuery, SendFn, TxOutcome, TxState, Worker, BATCH, TX_RETRY};
-use crate::offload::{self, complete_checksum, Offload, RxOffloads};
+use crate::offload::{
+    self, complete_checksum, Offload, RxOffloads, VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+};
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId, MAX_FRAME, MIN_FRAME};
 
 /// How often the members' link state is re-read.
@@ -57,7 +59,6 @@ const TPID_8021Q: u16 = 0x8100;
 /// `struct virtio_net_hdr` without `num_buffers`, the default size for
 /// `PACKET_VNET_HDR`.
 const VNET_HDR_LEN: usize = 10;
-const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 /// Socket receive buffer asked for (the kernel caps it at `rmem_max`).
 const RCVBUF: c_int = 4 << 20;
 
@@ -609,7 +610,9 @@ impl PacketSocket {
             }
         }
 
-        let vnet_hdr = VnetHdr::parse(vnet);
+        // `struct virtio_net_hdr` in host byte order: little-endian here,
+        // as `offload::VnetHdr` reads it.
+        let vnet_hdr = VnetHdr::parse(&vnet[..]).unwrap_or_default();
         Ok(Some(RecvMeta {
             outgoing: addr.sll_pkttype == libc::PACKET_OUTGOING,
             info: RxInfo {
@@ -617,7 +620,8 @@ impl PacketSocket {
                 // if it did not fit.
                 len: n.saturating_sub(VNET_HDR_LEN),
                 tag: aux.and_then(|a| stripped_tag(a.tp_status, a.tp_vlan_tci, a.tp_vlan_tpid)),
-                csum: vnet_hdr.partial_checksum(),
+                csum: (vnet_hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0)
+                    .then_some((vnet_hdr.csum_start, vnet_hdr.csum_offset)),
             },
         }))
     }
@@ -648,30 +652,6 @@ impl PacketSocket {
         let r = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
         netsys::cvt_size(r)?;
         Ok(())
-    }
-}
-
-/// The fields of `struct virtio_net_hdr` the receive path uses. Legacy
-/// virtio, so native byte order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct VnetHdr {
-    flags: u8,
-    csum_start: u16,
-    csum_offset: u16,
-}
-
-impl VnetHdr {
-    fn parse(b: &[u8; VNET_HDR_LEN]) -> VnetHdr {
-        VnetHdr {
-            flags: b[0],
-            csum_start: u16::from_ne_bytes([b[6], b[7]]),
-            csum_offset: u16::from_ne_bytes([b[8], b[9]]),
-        }
-    }
-
-    fn partial_checksum(&self) -> Option<(u16, u16)> {
-        (self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0)
-            .then_some((self.csum_start, self.csum_offset))
     }
 }
 
