@@ -80,11 +80,46 @@ fn boot_and_protect(p: &Pair, vm: &str) -> u64 {
     p.a.cli_ok(&["vm", "create", path.to_str().unwrap()]);
     p.a.cli_ok(&["vm", "start", vm]);
     p.a.wait_console(vm, READY, BOOT);
+    let soft_dirty = tandem_dirty::soft_dirty_support();
+    if let Err(why) = &soft_dirty {
+        // Demanding what this kernel cannot do is refused up front, with
+        // the reason, and nothing is left half set up.
+        let out = p.a.cli(&[
+            "protect",
+            vm,
+            "--backup",
+            &p.endpoint,
+            "--tracker",
+            "soft-dirty",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "soft-dirty protect succeeded ({why})"
+        );
+        assert!(
+            err.contains("soft-dirty tracking is not available")
+                && err.contains("CONFIG_MEM_SOFT_DIRTY"),
+            "unclear refusal: {err}"
+        );
+        let out =
+            p.a.cli(&["protect", vm, "--backup", &p.endpoint, "--tracker", "bogus"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("expected auto, scan or soft-dirty"));
+    }
     p.a.cli_ok(&["protect", vm, "--backup", &p.endpoint, "--epoch-ms", "50"]);
     let st = wait_ft(&p.a, vm, "protection", Duration::from_secs(60), |s| {
         s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= 5
     });
     assert!(st["pause_p50_ms"].as_f64().unwrap() > 0.0, "{st:#}");
+    // `auto` takes soft-dirty bits where the kernel has them, else scans.
+    let tracker = st["tracker"].as_str().unwrap_or_default();
+    match soft_dirty {
+        Ok(()) => assert_eq!(tracker, "soft-dirty (auto)", "{st:#}"),
+        Err(_) => assert!(
+            tracker.starts_with("scan (auto: soft-dirty unavailable"),
+            "{st:#}"
+        ),
+    }
     wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
         s["state"] == "standby"
     });

@@ -222,6 +222,10 @@ pub struct ProtectRequest {
     pub hold_max_frames: Option<usize>,
     #[serde(default)]
     pub hold_max_bytes: Option<usize>,
+    /// Dirty-page tracker: `auto` (default of tandemd's `--ft-tracker`),
+    /// `scan` or `soft-dirty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracker: Option<String>,
     /// TEST ONLY: let pass TCP segments carry unclamped acknowledgements,
     /// so a drill can prove its checker catches it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

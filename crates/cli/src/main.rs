@@ -67,6 +67,10 @@ enum Cmd {
         /// Bound on held output, in bytes (default 16 MiB).
         #[arg(long)]
         hold_max_bytes: Option<usize>,
+        /// Dirty-page tracker: auto (tandemd's --ft-tracker), scan or
+        /// soft-dirty.
+        #[arg(long)]
+        tracker: Option<String>,
     },
     /// End protection of a VM (the backup is told; it will not take over).
     Unprotect { name: String },
@@ -1010,6 +1014,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rules,
             hold_max_frames,
             hold_max_bytes,
+            tracker,
         } => {
             if output == "off" {
                 eprintln!("WARNING: output commit OFF: clients can see output that a failover will contradict");
@@ -1025,6 +1030,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         rules: (!rules.is_empty()).then_some(rules),
                         hold_max_frames,
                         hold_max_bytes,
+                        tracker,
                         unsafe_no_clamp: false,
                     },
                 )

@@ -509,6 +509,7 @@ fn protect_with(
             rules: Some(rules),
             hold_max_frames: None,
             hold_max_bytes: None,
+            tracker: None,
             unsafe_no_clamp: opts.unsafe_no_clamp,
         },
     ))?;

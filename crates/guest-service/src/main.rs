@@ -17,6 +17,7 @@
 
 mod churn;
 mod proto;
+mod softdirty_check;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -90,6 +91,10 @@ fn say(msg: &str) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "dirty-writer" {
+        softdirty_check::writer(&args[2]);
+    }
     let data_dir =
         PathBuf::from(std::env::var("TANDEM_DATA_DIR").unwrap_or_else(|_| "/data".into()));
     let port: u16 = std::env::var("TANDEM_PORT")
@@ -235,6 +240,7 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
             format!("SPUN {n} {x:x}")
         }
         Request::Dirty(n) => dirty_pages(n),
+        Request::SoftDirty(n) => softdirty_check::run(n),
         Request::Dial(addr, line) => dial(addr, &line),
         Request::Blast(addr, ms) => blast(addr, ms),
         Request::UpStat => format!(

@@ -13,6 +13,7 @@
 //! | `VERIFY`       | `VERIFIED <n> <writes>` or `CORRUPT …`  |
 //! | `SPIN <n>`     | `SPUN <n> <checksum>` (CPU-bound work)  |
 //! | `DIRTY <n>`    | `DIRTIED <n>` (writes n pages)          |
+//! | `SOFTDIRTY <n>` | `SOFTDIRTY ok …`, `… unsupported <why>` or `… fail <why>`: n epochs of the soft-dirty tracker check |
 //! | `DIAL <ip:port> <line>` | `DIALED <reply>` or `DIALFAIL <why>`: one request to another service (2 s bound) |
 //! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
 //! | anything else  | `ERR <reason>`                          |
@@ -38,6 +39,8 @@ pub enum Request {
     Spin(u64),
     /// Memory-dirtying work: write this many 4 KiB pages of a 32 MiB buffer.
     Dirty(u64),
+    /// Check the soft-dirty tracker against this kernel for n epochs.
+    SoftDirty(u32),
     /// Send one line to another service and return its reply line.
     Dial(std::net::SocketAddr, String),
     /// Send bulk data over TCP for this many milliseconds (≤ 60 s).
@@ -90,6 +93,13 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
             .and_then(|r| r.trim().parse::<u64>().ok())
             .map(Request::Dirty)
             .ok_or(ParseError::BadArgument("DIRTY needs a page count")),
+        "SOFTDIRTY" => rest
+            .and_then(|r| r.trim().parse::<u32>().ok())
+            .filter(|&n| (1..=1000).contains(&n))
+            .map(Request::SoftDirty)
+            .ok_or(ParseError::BadArgument(
+                "SOFTDIRTY needs an epoch count (1-1000)",
+            )),
         "CHURN" => rest
             .and_then(|r| r.trim().parse::<usize>().ok())
             .filter(|&n| (1..=65536).contains(&n))
@@ -242,6 +252,9 @@ mod tests {
         assert_eq!(parse_request("CHURN 4096"), Ok(Request::Churn(4096)));
         assert_eq!(parse_request("VERIFY"), Ok(Request::Verify));
         assert!(parse_request("CHURN 0").is_err());
+        assert_eq!(parse_request("SOFTDIRTY 30"), Ok(Request::SoftDirty(30)));
+        assert!(parse_request("SOFTDIRTY 0").is_err());
+        assert!(parse_request("SOFTDIRTY").is_err());
     }
 
     #[test]

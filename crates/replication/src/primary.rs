@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::link::{self, BoxStream, Endpoint};
 use crate::ram::RamMap;
 use crate::stats::PauseStats;
-use crate::tracker::{DirtyTracker, ScanTracker};
+use crate::tracker::{self, DirtyTracker, RamView, ScanTracker, TrackerChoice, TrackerContext};
 use crate::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
 use crate::{assembler::EpochBuilder, DiskSource, EpochObserver};
 
@@ -45,6 +45,11 @@ pub struct PrimaryConfig {
     pub device_state_timeout: Duration,
     /// Told about epochs as they open and commit (output commit).
     pub observer: Option<Arc<dyn EpochObserver>>,
+    /// Dirty-page tracker.
+    pub tracker: TrackerChoice,
+    /// Something besides QEMU writes guest RAM without reporting it (a
+    /// vhost-user switch port): rules out page-table tracking.
+    pub external_writers: bool,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -56,6 +61,8 @@ impl std::fmt::Debug for PrimaryConfig {
             .field("fence_timeout", &self.fence_timeout)
             .field("max_inflight", &self.max_inflight)
             .field("observer", &self.observer.is_some())
+            .field("tracker", &self.tracker)
+            .field("external_writers", &self.external_writers)
             .finish()
     }
 }
@@ -70,6 +77,8 @@ impl PrimaryConfig {
             max_inflight: 4,
             device_state_timeout: Duration::from_secs(5),
             observer: None,
+            tracker: TrackerChoice::Auto,
+            external_writers: false,
         }
     }
 }
@@ -90,7 +99,7 @@ impl Primary {
             state: "connecting".into(),
             peer: cfg.backup.to_string(),
             epoch_ms: cfg.epoch.as_millis() as u64,
-            tracker: "scan".into(),
+            tracker: cfg.tracker.to_string(),
             ..Default::default()
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -217,8 +226,27 @@ impl Engine {
                 return;
             }
         };
-        let pages = self.port.ram_size() / PAGE_SIZE as u64;
-        let mut tracker = ScanTracker::new(pages as usize, 0);
+        let pages = (self.port.ram_size() / PAGE_SIZE as u64) as usize;
+        let ctx = TrackerContext {
+            qemu_pid: self.port.qemu_pid(),
+            ram_file: ram.file(),
+            pages,
+            external_writers: self.cfg.external_writers,
+        };
+        let mut tracker = match tracker::choose(self.cfg.tracker, &ctx) {
+            Ok((t, note)) => {
+                info!(vm = %self.port.name(), tracker = %note, "dirty-page tracker");
+                self.set(|s| s.tracker = note);
+                t
+            }
+            Err(e) => {
+                self.set(|s| {
+                    s.state = "stopped".into();
+                    s.detail = e;
+                });
+                return;
+            }
+        };
         let contact = Arc::new(Contact {
             last_ms: AtomicU64::new(now_ms()),
             fenced: AtomicBool::new(false),
@@ -301,7 +329,7 @@ impl Engine {
         &mut self,
         conn: BoxStream,
         ram: &RamMap,
-        tracker: &mut ScanTracker,
+        tracker: &mut Box<dyn DirtyTracker>,
         contact: &Arc<Contact>,
     ) -> Ended {
         let (rd, wr) = tokio::io::split(conn);
@@ -495,12 +523,28 @@ impl Engine {
         &mut self,
         wr: &mut W,
         ram: &RamMap,
-        tracker: &mut ScanTracker,
+        tracker: &mut Box<dyn DirtyTracker>,
         epoch: u64,
     ) -> Result<(), String> {
         let t = Instant::now();
-        let snapshot = ram.snapshot();
-        let dirty = tracker.collect(&snapshot);
+        let (snapshot, dirty) = if tracker.tracks_moments() {
+            // Every write after this collect is caught by the next one; the
+            // copy, taken after it, holds every write before.
+            let data = ram.data_pages();
+            let dirty = tracker
+                .collect(RamView {
+                    bytes: ram.live(),
+                    data: data.as_ref(),
+                })
+                .map_err(|e| e.to_string())?;
+            (ram.snapshot(), dirty)
+        } else {
+            let snapshot = ram.snapshot();
+            let dirty = tracker
+                .collect(RamView::dense(&snapshot))
+                .map_err(|e| e.to_string())?;
+            (snapshot, dirty)
+        };
         let pages = copy_pages(&snapshot, &dirty);
         drop(snapshot);
         let disk_writes: Vec<Vec<u8>> = self.disks.iter().map(|d| d.take_writes()).collect();
@@ -532,7 +576,7 @@ impl Engine {
         &mut self,
         wr: &mut W,
         ram: &RamMap,
-        tracker: &mut ScanTracker,
+        tracker: &mut Box<dyn DirtyTracker>,
         epoch: u64,
         write_bound: Duration,
         contact: &Contact,
@@ -542,6 +586,7 @@ impl Engine {
         let disks = self.disks.clone();
         let status = self.status.clone();
         let observer = self.cfg.observer.clone();
+        let name = self.port.name().to_string();
         let captured = self
             .port
             .with_stopped(async |g| {
@@ -552,7 +597,25 @@ impl Engine {
                 }
                 let stopped_at = Instant::now();
                 let live = ram.live();
-                let dirty = tracker.collect(live);
+                let data = ram.data_pages();
+                let view = RamView {
+                    bytes: live,
+                    data: data.as_ref(),
+                };
+                let dirty = match tracker.collect(view) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // The tracker can no longer vouch for anything:
+                        // copy all of RAM in this pause and scan from now on.
+                        warn!(vm = %name, "dirty tracking failed, falling back to scan: {e}");
+                        let mut scan = ScanTracker::new(live.len() / PAGE_SIZE, 0);
+                        let d = scan.scan(view);
+                        *tracker = Box::new(scan);
+                        status.lock().unwrap_or_else(|p| p.into_inner()).tracker =
+                            format!("scan (soft-dirty failed: {e})");
+                        d
+                    }
+                };
                 let pages = copy_pages(live, &dirty);
                 let scanned_at = Instant::now();
                 // Until every disk's initial copy is done, an epoch is RAM

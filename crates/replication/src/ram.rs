@@ -12,6 +12,7 @@ use memmap2::{Mmap, MmapOptions};
 /// epoch's stop window) or accepting torn pages ([`RamMap::snapshot`] for
 /// the initial copy, whose pages are re-checked by the next scan).
 pub struct RamMap {
+    file: File,
     map: Mmap,
 }
 
@@ -30,7 +31,7 @@ impl RamMap {
         // never rely on two reads agreeing, and the file is never truncated
         // while the VM exists (its RAM would vanish from under QEMU too).
         let map = unsafe { MmapOptions::new().len(size as usize).map(&file)? };
-        Ok(RamMap { map })
+        Ok(RamMap { file, map })
     }
 
     pub fn len(&self) -> usize {
@@ -44,6 +45,24 @@ impl RamMap {
     /// The live bytes. Stable only while the guest is stopped.
     pub fn live(&self) -> &[u8] {
         &self.map
+    }
+
+    /// The file QEMU's RAM lives in.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Pages that may hold data (the rest are holes and read as zero);
+    /// `None` when the file cannot say, and every page must be read.
+    /// Stable only while the guest is stopped.
+    pub fn data_pages(&self) -> Option<tandem_dirty::PageSet> {
+        match tandem_dirty::data_pages(&self.file, &self.map) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!("cannot find the RAM file's holes: {e}");
+                None
+            }
+        }
     }
 
     /// A private copy of all of RAM, taken while the guest may be running.

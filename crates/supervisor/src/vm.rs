@@ -1170,6 +1170,10 @@ impl GuestPort {
     pub fn ram_size(&self) -> u64 {
         self.vm.record().spec.memory_mib << 20
     }
+    /// QEMU's pid, while it runs.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.vm.record().qemu_pid
+    }
     /// The spec as the user wrote it, for defining the VM on the backup.
     pub fn spec_toml(&self) -> String {
         self.vm.record().spec_toml

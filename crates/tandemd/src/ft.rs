@@ -16,6 +16,7 @@ use tandem_api::{ErrorBody, FailoverReport, FtStatus, OutputRules, ProtectReques
 use tandem_replication::backup::{read_hello, Activate, Backup, BackupConfig};
 use tandem_replication::link::{Endpoint, Listener};
 use tandem_replication::primary::{Primary, PrimaryConfig};
+use tandem_replication::tracker::TrackerChoice;
 use tandem_supervisor::{
     CheckpointDisk, CheckpointManifest, Supervisor, SupervisorError, CHECKPOINT_MANIFEST,
 };
@@ -31,6 +32,8 @@ pub struct FtSettings {
     pub fence_timeout: Duration,
     pub takeover_timeout: Duration,
     pub auto_failover: bool,
+    /// Default dirty-page tracker for protections that do not name one.
+    pub tracker: tandem_replication::tracker::TrackerChoice,
 }
 
 struct Protected {
@@ -163,6 +166,29 @@ impl Ft {
             }
         }
         let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
+        let tracker = match &req.tracker {
+            Some(t) => t.parse().map_err(FtError::Invalid)?,
+            None => self.settings.tracker,
+        };
+        let external_writers = port
+            .spec()
+            .nics
+            .iter()
+            .any(|n| n.backend == tandem_vmspec::NicBackend::Switch);
+        if tracker == TrackerChoice::SoftDirty {
+            // Refuse now, with the reason, rather than leave a protection
+            // that stops as soon as it starts.
+            if external_writers {
+                return Err(FtError::Invalid(format!(
+                    "soft-dirty tracking cannot protect `{vm}`: its switch NIC writes guest RAM outside QEMU's page tables; use --tracker scan or auto"
+                )));
+            }
+            tandem_replication::tracker::soft_dirty_support().map_err(|why| {
+                FtError::Invalid(format!(
+                    "soft-dirty tracking is not available on this host: {why}"
+                ))
+            })?;
+        }
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
         let disks = crate::ftdisk::start(&port, &work)
             .await
@@ -171,6 +197,8 @@ impl Ft {
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
+        cfg.tracker = tracker;
+        cfg.external_writers = external_writers;
         let output = self
             .switch
             .as_ref()

@@ -97,6 +97,12 @@ struct Args {
     /// Backup: never take over on its own; only `tandem failover` does.
     #[arg(long)]
     no_auto_failover: bool,
+
+    /// Primary: dirty-page tracker when `protect` names none: `auto`
+    /// (soft-dirty where the kernel has it and the VM has no switch NIC,
+    /// else scan), `scan` or `soft-dirty`.
+    #[arg(long, default_value = "auto")]
+    ft_tracker: tandem_replication::tracker::TrackerChoice,
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +198,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             fence_timeout: Duration::from_millis(args.ft_fence_timeout_ms),
             takeover_timeout: Duration::from_millis(args.ft_takeover_timeout_ms),
             auto_failover: !args.no_auto_failover,
+            tracker: args.ft_tracker,
         },
         Some(switch.clone()),
     )

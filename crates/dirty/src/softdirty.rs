@@ -1,0 +1,506 @@
+//! The soft-dirty tracker: the kernel's per-PTE soft-dirty bit for QEMU's
+//! mapping of the RAM file (`CONFIG_MEM_SOFT_DIRTY`).
+//!
+//! Per epoch, with the guest stopped: read `/proc/PID/maps` for the areas
+//! that map the RAM file, read their `/proc/PID/pagemap` entries, decide,
+//! then write `4` to `/proc/PID/clear_refs` so the next write to any page
+//! faults and sets the bit again.
+//!
+//! The bit lives in the page table entry, and an entry can be torn down
+//! and rebuilt between two collects (QEMU punching a discarded page out of
+//! the file, THP collapse, swap), which loses the bit. So ([`Decider`]):
+//!
+//! - a page QEMU has no entry for is decided by content: a hole in the file
+//!   reads as zero; a page with data is hashed and compared with its hash
+//!   from the last time it was decided by content (a page reported through
+//!   its bit invalidates that hash, so a stale hash never vouches for it);
+//! - a page whose entry now points at another page frame than at the last
+//!   collect is dirty, bit or no bit: its entry was rebuilt over new memory;
+//! - a punch (QEMU discarding pages: balloon, virtio-mem) can be faulted
+//!   straight back in by a read, over a fresh zero page that may well reuse
+//!   the old frame (seen in the guest check). A punch changes the file's
+//!   ctime, and mapped writes do not; when the ctime moved, every mapped page
+//!   without its bit that reads as all zeroes is reported unless the replica
+//!   already holds zeroes there (a zero test stops at the first non-zero
+//!   byte, so this costs about a cache line per page, only in such epochs).
+//!
+//! What remains unseen is an entry dropped and rebuilt over the *same*
+//! frame after a write within one epoch. That needs the page to survive
+//! unmapped: in the swap cache (so the tracker refuses to run while swap is
+//! configured) or an explicit `MADV_DONTNEED` of shared guest RAM without a
+//! punch (QEMU always punches shared RAM it discards). Frame numbers need
+//! `CAP_SYS_ADMIN`; without it the tracker refuses to run.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::procfs::{mappings_of, pagemap_entries};
+use crate::{zero_page_hash, DirtyTracker, PageSet, RamView, TrackError, PAGE_SIZE};
+
+/// Whether this kernel keeps soft-dirty bits: a page this process just
+/// wrote must show bit 55 in its own pagemap. `Err` says why not.
+pub fn soft_dirty_support() -> Result<(), String> {
+    // SAFETY: a fresh private anonymous page, unmapped below; no other code
+    // sees it.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the page is ours, writable and PAGE_SIZE long.
+    unsafe { std::ptr::write_volatile(page as *mut u8, 1) };
+    let entry = File::open("/proc/self/pagemap").and_then(|f| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, (page as u64 / PAGE_SIZE as u64) * 8)?;
+        Ok(u64::from_ne_bytes(b))
+    });
+    // SAFETY: unmapping the page mapped above.
+    unsafe { libc::munmap(page, PAGE_SIZE) };
+    let entry = entry.map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    if !std::path::Path::new("/proc/self/clear_refs").exists() {
+        return Err("no /proc/self/clear_refs".into());
+    }
+    if entry & (1 << 55) == 0 {
+        return Err(
+            "a written page shows no soft-dirty bit (kernel built without CONFIG_MEM_SOFT_DIRTY)"
+                .into(),
+        );
+    }
+    if entry & ((1 << 55) - 1) == 0 {
+        return Err("pagemap hides page frame numbers (needs CAP_SYS_ADMIN)".into());
+    }
+    swap_free()
+}
+
+/// A page in the swap cache can lose its entry and get it back over the
+/// same frame, losing the soft-dirty bit unseen; refuse while swap exists.
+fn swap_free() -> Result<(), String> {
+    // SAFETY: sysinfo writes into the zeroed struct we own.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        return Err(format!("sysinfo: {}", std::io::Error::last_os_error()));
+    }
+    if si.totalswap != 0 {
+        return Err("swap is configured (a swapped page can lose its soft-dirty bit)".into());
+    }
+    Ok(())
+}
+
+/// What the page tables of the process say about each page of the file.
+#[derive(Clone, Debug)]
+pub struct PteBits {
+    /// The process has a page table entry for the page.
+    pub present: PageSet,
+    /// The entry's soft-dirty bit is set.
+    pub soft_dirty: PageSet,
+    /// The page frame each present entry points at (0: no entry).
+    pub pfn: Vec<u64>,
+}
+
+/// The pure half of the tracker: given the page table bits and the RAM,
+/// which pages changed. Kept apart from `/proc` so it can be tested on any
+/// kernel.
+pub struct Decider {
+    hashes: Vec<u64>,
+    /// Pages whose `hashes` entry matches the content last reported.
+    hash_valid: PageSet,
+    /// Frame of each page's entry at the last collect (0: none).
+    last_pfn: Vec<u64>,
+    /// Pages whose content, as last reported, is all zeroes.
+    zero: PageSet,
+    all_dirty: bool,
+    external: BTreeSet<u64>,
+}
+
+impl Decider {
+    pub fn new(pages: usize) -> Self {
+        Decider {
+            hashes: vec![0; pages],
+            hash_valid: PageSet::new(pages),
+            last_pfn: vec![0; pages],
+            zero: PageSet::new(pages),
+            all_dirty: true,
+            external: BTreeSet::new(),
+        }
+    }
+
+    pub fn mark_all_dirty(&mut self) {
+        self.all_dirty = true;
+    }
+
+    pub fn note_external_writes(&mut self, pages: &mut dyn Iterator<Item = u64>) {
+        self.external.extend(pages);
+    }
+
+    /// Dirty pages, ascending. Returns also how many were decided by
+    /// content (hashed), for the tracker's statistics.
+    ///
+    /// `punched`: the file may have had pages punched out since the last
+    /// collect (its ctime moved).
+    pub fn decide(&mut self, ram: RamView<'_>, bits: &PteBits, punched: bool) -> (Vec<u64>, usize) {
+        let pages = self.hashes.len().min(ram.bytes.len() / PAGE_SIZE);
+        let all = std::mem::take(&mut self.all_dirty);
+        let external = std::mem::take(&mut self.external);
+        let mut dirty = Vec::new();
+        let mut hashed = 0;
+        for p in 0..pages {
+            let by_content = !bits.present.contains(p);
+            let pfn = if by_content {
+                0
+            } else {
+                bits.pfn.get(p).copied().unwrap_or(0)
+            };
+            let last_pfn = std::mem::replace(&mut self.last_pfn[p], pfn);
+            let content_hash = |p: usize| {
+                if ram.may_hold_data(p) {
+                    xxh3_64(&ram.bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE])
+                } else {
+                    zero_page_hash()
+                }
+            };
+            let changed = if by_content {
+                hashed += 1;
+                let h = content_hash(p);
+                let same = self.hash_valid.contains(p) && self.hashes[p] == h;
+                self.hashes[p] = h;
+                self.hash_valid.insert(p);
+                !same
+            } else if bits.soft_dirty.contains(p) {
+                true
+            } else if punched && !self.zero.contains(p) && is_zero(ram, p) {
+                // Possibly punched and faulted back in by a read.
+                true
+            } else if last_pfn == 0 && self.hash_valid.contains(p) {
+                // Newly mapped without a write (a read fault): its content
+                // was known when it was last decided by content.
+                hashed += 1;
+                content_hash(p) != self.hashes[p]
+            } else {
+                // An entry over a different frame than last time was
+                // rebuilt over new memory; its bit says nothing.
+                last_pfn != pfn
+            };
+            if !by_content {
+                // Decided by the bit from now on; the stored hash no longer
+                // says anything about the page's content.
+                self.hash_valid.remove(p);
+            }
+            if all || changed || external.contains(&(p as u64)) {
+                dirty.push(p as u64);
+                if is_zero(ram, p) {
+                    self.zero.insert(p);
+                } else {
+                    self.zero.remove(p);
+                }
+            }
+        }
+        (dirty, hashed)
+    }
+}
+
+fn is_zero(ram: RamView<'_>, p: usize) -> bool {
+    !ram.may_hold_data(p)
+        || ram.bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+            .iter()
+            .all(|&b| b == 0)
+}
+
+/// Soft-dirty tracking of one QEMU process's mapping of the RAM file.
+pub struct SoftDirtyTracker {
+    pid: u32,
+    dev: (u32, u32),
+    inode: u64,
+    pages: usize,
+    pagemap: File,
+    clear_refs: File,
+    decider: Decider,
+    /// The RAM file's ctime at the last collect.
+    ctime: (i64, i64),
+    ram_file: File,
+    /// Pages decided by content in the last collect.
+    pub last_hashed: usize,
+}
+
+impl SoftDirtyTracker {
+    /// Tracks `pid`'s shared mapping of `ram_file` (`pages` pages). Fails
+    /// if the kernel has no soft-dirty bits or the process maps no part of
+    /// the file.
+    pub fn new(pid: u32, ram_file: &File, pages: usize) -> Result<Self, TrackError> {
+        soft_dirty_support().map_err(TrackError::Unsupported)?;
+        let meta = ram_file.metadata().map_err(TrackError::io("RAM file"))?;
+        let dev = meta.dev();
+        let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(TrackError::io(format!("/proc/{pid}/pagemap")))?;
+        let clear_refs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/clear_refs"))
+            .map_err(TrackError::io(format!("/proc/{pid}/clear_refs")))?;
+        let t = SoftDirtyTracker {
+            pid,
+            dev: (libc::major(dev), libc::minor(dev)),
+            inode: meta.ino(),
+            pages,
+            pagemap,
+            clear_refs,
+            decider: Decider::new(pages),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            ram_file: ram_file.try_clone().map_err(TrackError::io("RAM file"))?,
+            last_hashed: 0,
+        };
+        t.read_bits()?;
+        Ok(t)
+    }
+
+    /// The page table bits of the process for every page of the file.
+    pub fn read_bits(&self) -> Result<PteBits, TrackError> {
+        let pid = self.pid;
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map_err(TrackError::io(format!("/proc/{pid}/maps")))?;
+        let areas = mappings_of(&maps, self.dev.0, self.dev.1, self.inode);
+        if areas.is_empty() {
+            return Err(TrackError::NotMapped {
+                pid,
+                dev: format!("{:x}:{:x}", self.dev.0, self.dev.1),
+                inode: self.inode,
+            });
+        }
+        swap_free().map_err(TrackError::Unsupported)?;
+        let mut bits = PteBits {
+            present: PageSet::new(self.pages),
+            soft_dirty: PageSet::new(self.pages),
+            pfn: vec![0; self.pages],
+        };
+        let mut buf = Vec::new();
+        for a in areas {
+            let first = (a.offset / PAGE_SIZE as u64) as usize;
+            if first >= self.pages {
+                continue;
+            }
+            let n = (((a.end - a.start) / PAGE_SIZE as u64) as usize).min(self.pages - first);
+            buf.resize(n * 8, 0);
+            self.pagemap
+                .read_exact_at(&mut buf, (a.start / PAGE_SIZE as u64) * 8)
+                .map_err(TrackError::io(format!("/proc/{pid}/pagemap")))?;
+            for (i, e) in pagemap_entries(&buf).enumerate() {
+                if e.present() {
+                    bits.present.insert(first + i);
+                    bits.pfn[first + i] = e.pfn();
+                    if e.soft_dirty() {
+                        bits.soft_dirty.insert(first + i);
+                    }
+                }
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Clears the soft-dirty bits of every page of the process.
+    fn clear(&mut self) -> Result<(), TrackError> {
+        self.clear_refs
+            .write_all(b"4")
+            .map_err(TrackError::io(format!("/proc/{}/clear_refs", self.pid)))
+    }
+}
+
+impl DirtyTracker for SoftDirtyTracker {
+    fn name(&self) -> &'static str {
+        "soft-dirty"
+    }
+
+    fn collect(&mut self, ram: RamView<'_>) -> Result<Vec<u64>, TrackError> {
+        let meta = self
+            .ram_file
+            .metadata()
+            .map_err(TrackError::io("RAM file"))?;
+        let ctime = (meta.ctime(), meta.ctime_nsec());
+        let punched = std::mem::replace(&mut self.ctime, ctime) != ctime;
+        let bits = self.read_bits()?;
+        let (dirty, hashed) = self.decider.decide(ram, &bits, punched);
+        self.last_hashed = hashed;
+        self.clear()?;
+        Ok(dirty)
+    }
+
+    fn mark_all_dirty(&mut self) {
+        self.decider.mark_all_dirty();
+    }
+
+    fn note_external_writes(&mut self, pages: &mut dyn Iterator<Item = u64>) {
+        self.decider.note_external_writes(pages);
+    }
+
+    fn tracks_moments(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What can happen to a page between two collects.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Write through the tracked mapping: entry present, bit set.
+        Write(usize, u8),
+        /// Write, then the page moves to a new frame and loses its entry
+        /// (THP collapse, migration gone wrong): no bit.
+        WriteAndMove(usize, u8),
+        /// Touch without writing: entry present (re-created if it was
+        /// gone, over the page's current frame), no bit.
+        Read(usize),
+        /// Punch the page out of the file: reads zero, no entry; a later
+        /// fault may get the same frame back.
+        Punch(usize),
+        /// Written by someone else (the switch), reported explicitly.
+        External(usize, u8),
+    }
+
+    const PAGES: usize = 24;
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..PAGES, 1u8..).prop_map(|(p, v)| Op::Write(p, v)),
+            (0..PAGES, 1u8..).prop_map(|(p, v)| Op::WriteAndMove(p, v)),
+            (0..PAGES).prop_map(Op::Read),
+            (0..PAGES).prop_map(Op::Punch),
+            (0..PAGES, 1u8..).prop_map(|(p, v)| Op::External(p, v)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// The replica, updated with only the pages reported dirty, equals
+        /// the RAM after every epoch, whatever the page tables went through.
+        #[test]
+        fn the_replica_never_misses_a_change(epochs in proptest::collection::vec(proptest::collection::vec(op(), 0..12), 1..8)) {
+            let mut ram = vec![0u8; PAGES * PAGE_SIZE];
+            let mut data = PageSet::new(PAGES);
+            let mut present = PageSet::new(PAGES);
+            let mut replica = vec![0xAAu8; PAGES * PAGE_SIZE];
+            let mut d = Decider::new(PAGES);
+            let mut frame: Vec<u64> = (1..=PAGES as u64).collect();
+            let mut next_frame = PAGES as u64 + 1;
+            // Bits survive across epochs only until a collect clears them.
+            for ops in std::iter::once(Vec::new()).chain(epochs) {
+                let mut sd = PageSet::new(PAGES);
+                let mut external = Vec::new();
+                let mut punched = false;
+                for op in ops {
+                    match op {
+                        Op::Write(p, v) => { ram[p * PAGE_SIZE + v as usize] = v; data.insert(p); present.insert(p); sd.insert(p); }
+                        Op::WriteAndMove(p, v) => {
+                            ram[p * PAGE_SIZE + v as usize] = v; data.insert(p); present.remove(p); sd.remove(p);
+                            frame[p] = next_frame; next_frame += 1;
+                        }
+                        Op::Read(p) => { data.insert(p); present.insert(p); }
+                        Op::Punch(p) => {
+                            // The fresh page may reuse the old frame.
+                            ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(0); data.remove(p); present.remove(p); sd.remove(p);
+                            punched = true;
+                        }
+                        Op::External(p, v) => { ram[p * PAGE_SIZE + 7] = v; data.insert(p); external.push(p as u64); }
+                    }
+                }
+                d.note_external_writes(&mut external.into_iter());
+                let pfn = (0..PAGES).map(|p| if present.contains(p) { frame[p] } else { 0 }).collect();
+                let bits = PteBits { present: present.clone(), soft_dirty: sd, pfn };
+                let (dirty, _) = d.decide(RamView { bytes: &ram, data: Some(&data) }, &bits, punched);
+                for p in dirty {
+                    let r = p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE;
+                    replica[r.clone()].copy_from_slice(&ram[r]);
+                }
+                prop_assert!(replica == ram);
+            }
+        }
+    }
+
+    #[test]
+    fn a_punch_faulted_back_over_the_same_frame_is_reported() {
+        let mut ram = vec![0u8; 4 * PAGE_SIZE];
+        ram[PAGE_SIZE + 9] = 5;
+        let mut d = Decider::new(4);
+        let bits = PteBits {
+            present: PageSet::full(4),
+            soft_dirty: PageSet::new(4),
+            pfn: vec![1, 2, 3, 4],
+        };
+        d.decide(RamView::dense(&ram), &bits, false);
+        // Page 1 is punched and read back in: zero, same frame, no bit.
+        ram[PAGE_SIZE + 9] = 0;
+        assert!(
+            d.decide(RamView::dense(&ram), &bits.clone(), false)
+                .0
+                .is_empty(),
+            "unseen without the ctime"
+        );
+        ram[PAGE_SIZE + 9] = 5;
+        let mut d = Decider::new(4);
+        d.decide(RamView::dense(&ram), &bits, false);
+        ram[PAGE_SIZE + 9] = 0;
+        // Pages 0, 2 and 3 were zero all along: the replica has that.
+        assert_eq!(d.decide(RamView::dense(&ram), &bits, true).0, [1]);
+    }
+
+    #[test]
+    fn clean_present_pages_are_not_read() {
+        let ram = vec![1u8; 8 * PAGE_SIZE];
+        let mut d = Decider::new(8);
+        let bits = PteBits {
+            present: PageSet::full(8),
+            soft_dirty: PageSet::new(8),
+            pfn: (1..=8).collect(),
+        };
+        assert_eq!(
+            d.decide(RamView::dense(&ram), &bits, false).0.len(),
+            8,
+            "first collect reports all"
+        );
+        let (dirty, hashed) = d.decide(RamView::dense(&ram), &bits, false);
+        assert!(dirty.is_empty());
+        assert_eq!(hashed, 0);
+    }
+
+    #[test]
+    fn the_probe_agrees_with_the_kernel_config() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let config = std::process::Command::new("zcat")
+            .arg("/proc/config.gz")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .or_else(|| std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok());
+        let Some(config) = config else {
+            eprintln!("no kernel config to compare with; skipped");
+            return;
+        };
+        let probe = soft_dirty_support();
+        if config.contains("# CONFIG_MEM_SOFT_DIRTY is not set")
+            || !config.contains("CONFIG_MEM_SOFT_DIRTY")
+        {
+            let why = probe.expect_err("soft-dirty reported on a kernel built without it");
+            assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
+        } else if swap_free().is_ok() && {
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() }
+        } == 0
+        {
+            probe.expect("kernel has soft-dirty, we are root and swap is off");
+        }
+    }
+}
