@@ -147,6 +147,15 @@ fn backup_takes_over_when_the_primary_qemu_dies() {
     });
     let report = &st["failover"];
     assert!(report["epoch"].as_u64().unwrap() >= 5, "{st:#}");
+    // The primary saw its QEMU crash and said so: the backup took over on
+    // that report, not after its takeover timeout of silence.
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reports its QEMU crashed"),
+        "{st:#}"
+    );
     assert!(report["restore_ms"].as_f64().unwrap() > 0.0, "{st:#}");
     let info = p.b.info("ft1");
     assert_eq!(info["state"], "running", "{info:#}");
@@ -230,6 +239,33 @@ fn unprotect_says_bye_and_the_backup_never_takes_over() {
     assert!(
         !out.status.success(),
         "the backup defined the VM after a clean unprotect"
+    );
+}
+
+#[test]
+fn a_guest_that_shuts_down_is_not_resurrected_on_the_backup() {
+    let _g = serial_guard();
+    let p = pair();
+    boot_and_protect(&p, "ft4");
+    // A graceful stop: ACPI power button, the guest powers off, QEMU exits
+    // cleanly. Nothing failed, so nothing may take over.
+    p.a.cli_ok(&["vm", "stop", "ft4"]);
+    wait_ft(
+        &p.b,
+        "ft4",
+        "backup told of the shutdown",
+        Duration::from_secs(30),
+        |s| s["state"] == "stopped",
+    );
+    assert_eq!(p.a.info("ft4")["state"], "shutoff");
+    // Well past the takeover timeout (2.5 s).
+    std::thread::sleep(Duration::from_secs(4));
+    let b = ft(&p.b, "ft4");
+    assert_eq!(b["state"], "stopped", "{b:#}");
+    let out = p.b.cli(&["vm", "info", "ft4"]);
+    assert!(
+        !out.status.success(),
+        "the backup started a VM its guest had shut down"
     );
 }
 

@@ -218,6 +218,9 @@ impl Backup {
             + (1 << 20);
         let mut asm = EpochAssembler::new(base + 1, ram_size).with_disk_limit(disk_limit);
         let mut bye = false;
+        // Set when the primary reports its QEMU crashed: how long it took
+        // the primary to tell us.
+        let mut guest_lost: Option<Duration> = None;
         let reason = loop {
             let f = match wire::read_frame(&mut rd).await {
                 Ok(Some(f)) => f,
@@ -242,6 +245,13 @@ impl Backup {
                 FrameKind::Bye => {
                     bye = true;
                     break "primary ended protection".into();
+                }
+                FrameKind::GuestLost => {
+                    let mut ms = [0u8; 8];
+                    let n = f.payload.len().min(8);
+                    ms[..n].copy_from_slice(&f.payload[..n]);
+                    guest_lost = Some(Duration::from_millis(u64::from_le_bytes(ms).min(60_000)));
+                    break "the primary reports its QEMU crashed".into();
                 }
                 _ => {}
             }
@@ -301,7 +311,22 @@ impl Backup {
         drop(out_tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         info!(%vm, "replica connection ended: {reason}");
-        self.end_conn(&vm, generation, bye, reason);
+        self.end_conn(&vm, generation, bye, reason.clone());
+        if let Some(noticed) = guest_lost {
+            // Nothing runs the guest on the primary any more (it checked the
+            // process is gone), so there is nothing to wait for. Everything
+            // sent before the report is applied already: frames are handled
+            // in order.
+            let armed = self
+                .replicas()
+                .get(&vm)
+                .is_some_and(|r| r.armed && r.generation == generation);
+            if armed {
+                let _ = self.failover(&vm, noticed, &reason).await;
+            } else {
+                warn!(%vm, "the primary's QEMU crashed, but this replica is not armed (no consistent epoch yet, or auto-failover is off)");
+            }
+        }
     }
 
     fn heard(&self, vm: &str, generation: u64) {

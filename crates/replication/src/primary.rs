@@ -449,7 +449,7 @@ impl Engine {
                 return Ended::Stopped;
             }
             if self.port.is_closed() {
-                return Ended::GuestGone;
+                return self.guest_gone(&mut wr, write_bound).await;
             }
             let committed = *self.committed_tx.borrow();
             let inflight = (epoch - 1).saturating_sub(committed);
@@ -501,7 +501,7 @@ impl Engine {
                 Ok(()) => {}
                 Err(EpochError::Guest(e)) => {
                     if self.port.is_closed() {
-                        return Ended::GuestGone;
+                        return self.guest_gone(&mut wr, write_bound).await;
                     }
                     if contact.fenced.load(Ordering::SeqCst) {
                         return Ended::Fenced;
@@ -517,6 +517,52 @@ impl Engine {
             last_send = Instant::now();
             epoch += 1;
         }
+    }
+
+    /// The guest's QMP connection closed. Once the supervisor has recorded
+    /// how QEMU ended (bounded wait), tell the backup: after a crash nothing
+    /// runs the guest here, so it may take over at once instead of waiting
+    /// out its takeover timeout; after a shutdown (the guest powered off, or
+    /// a stop was asked for) it must not take over at all. Unrecorded: say
+    /// nothing, and the backup decides by silence as for any failure.
+    async fn guest_gone<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        bound: Duration,
+    ) -> Ended {
+        let noticed = Instant::now();
+        let deadline = noticed + Duration::from_secs(2);
+        let crashed = loop {
+            if let Some(c) = self.port.ended_in_crash() {
+                break Some(c);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let vm = self.port.name();
+        match crashed {
+            Some(true) => {
+                let ms = noticed.elapsed().as_millis() as u64;
+                let lost = Frame::new(FrameKind::GuestLost, 0, 0, ms.to_le_bytes().to_vec());
+                match send(wr, &lost, bound).await {
+                    Ok(()) => warn!(%vm, "QEMU crashed: the backup is told to take over now"),
+                    Err(e) => {
+                        warn!(%vm, "QEMU crashed; telling the backup failed ({e}): it takes over by silence")
+                    }
+                }
+            }
+            Some(false) => {
+                let _ = send(wr, &Frame::new(FrameKind::Bye, 0, 0, vec![]), bound).await;
+                info!(%vm, "the guest shut down: the backup is told not to take over");
+            }
+            None => warn!(
+                %vm,
+                "QEMU's monitor closed but its exit is not recorded; the backup decides by silence"
+            ),
+        }
+        Ended::GuestGone
     }
 
     async fn send_running_copy<W: tokio::io::AsyncWrite + Unpin>(

@@ -45,6 +45,11 @@ pub enum FrameKind {
     DiskWrites = 9,
     /// Primary → backup: protection is ending on purpose; do not take over.
     Bye = 10,
+    /// Primary → backup: the VM's QEMU crashed on the primary (it exited
+    /// unexpectedly and nothing runs the guest there); take over now
+    /// instead of waiting out the takeover timeout. Payload: u64 ms from
+    /// the primary noticing the loss to sending this.
+    GuestLost = 11,
 }
 
 impl FrameKind {
@@ -60,6 +65,7 @@ impl FrameKind {
             8 => FrameKind::Resync,
             9 => FrameKind::DiskWrites,
             10 => FrameKind::Bye,
+            11 => FrameKind::GuestLost,
             _ => return None,
         })
     }
@@ -357,7 +363,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn kinds() -> impl Strategy<Value = FrameKind> {
-        (1u16..=8).prop_map(|k| FrameKind::from_u16(k).unwrap())
+        (1u16..=11).prop_map(|k| FrameKind::from_u16(k).unwrap())
     }
 
     proptest! {

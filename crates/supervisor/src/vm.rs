@@ -1170,6 +1170,24 @@ impl GuestPort {
     pub fn ram_size(&self) -> u64 {
         self.vm.record().spec.memory_mib << 20
     }
+    /// How the VM's QEMU ended, once the supervisor has recorded it:
+    /// `Some(true)` for a crash (it exited unexpectedly), `Some(false)` for
+    /// a shutdown (guest power-off or a requested stop), `None` while it
+    /// runs or its exit is not yet recorded.
+    pub fn ended_in_crash(&self) -> Option<bool> {
+        let rec = self.vm.record();
+        match rec.state {
+            VmState::Crashed => Some(true),
+            // A host signal (an admin's kill, the host shutting down) ends
+            // QEMU cleanly, but nobody asked the VM to stop.
+            VmState::Shutoff => Some(
+                rec.last_exit
+                    .as_ref()
+                    .is_some_and(|e| e.reason.contains("host-signal")),
+            ),
+            _ => None,
+        }
+    }
     /// QEMU's pid, while it runs.
     pub fn qemu_pid(&self) -> Option<u32> {
         self.vm.record().qemu_pid
