@@ -21,12 +21,14 @@
 //! [`softdirty`] splits the `/proc` reading from the decision for that
 //! reason.
 
+mod pagelog;
 mod pageset;
 pub mod procfs;
 mod residency;
 mod scan;
 pub mod softdirty;
 
+pub use pagelog::{PageLog, Poisoned};
 pub use pageset::PageSet;
 pub use residency::data_pages;
 pub use scan::ScanTracker;

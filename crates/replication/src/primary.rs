@@ -50,6 +50,9 @@ pub struct PrimaryConfig {
     /// Something besides QEMU writes guest RAM without reporting it (a
     /// vhost-user switch port): rules out page-table tracking.
     pub external_writers: bool,
+    /// Where the switch records its writes into guest RAM, drained into
+    /// the tracker at every checkpoint.
+    pub external_log: Option<Arc<tandem_dirty::PageLog>>,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for PrimaryConfig {
             .field("observer", &self.observer.is_some())
             .field("tracker", &self.tracker)
             .field("external_writers", &self.external_writers)
+            .field("external_log", &self.external_log.is_some())
             .finish()
     }
 }
@@ -79,6 +83,7 @@ impl PrimaryConfig {
             observer: None,
             tracker: TrackerChoice::Auto,
             external_writers: false,
+            external_log: None,
         }
     }
 }
@@ -573,6 +578,10 @@ impl Engine {
         epoch: u64,
     ) -> Result<(), String> {
         let t = Instant::now();
+        if let Some(log) = &self.cfg.external_log {
+            // Everything is copied now; marks from before are moot.
+            let _ = log.drain();
+        }
         let (snapshot, dirty) = if tracker.tracks_moments() {
             // Every write after this collect is caught by the next one; the
             // copy, taken after it, holds every write before.
@@ -633,6 +642,7 @@ impl Engine {
         let status = self.status.clone();
         let observer = self.cfg.observer.clone();
         let name = self.port.name().to_string();
+        let external_log = self.cfg.external_log.clone();
         let captured = self
             .port
             .with_stopped(async |g| {
@@ -643,6 +653,15 @@ impl Engine {
                 }
                 let stopped_at = Instant::now();
                 let live = ram.live();
+                if let Some(log) = &external_log {
+                    match log.drain() {
+                        Ok(pages) => tracker.note_external_writes(&mut pages.into_iter()),
+                        Err(_) => {
+                            warn!(vm = %name, "a switch write could not be placed in the RAM file: copying all of RAM");
+                            tracker.mark_all_dirty();
+                        }
+                    }
+                }
                 let data = ram.data_pages();
                 let view = RamView {
                     bytes: live,

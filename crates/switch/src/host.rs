@@ -347,6 +347,18 @@ impl SwitchHost {
         Ok(())
     }
 
+    /// Records every write `vm`'s ports make into its RAM (as pages of the
+    /// RAM file) in `log`, or stops recording (`None`). Returns how many
+    /// ports now record. Ports attached later do not inherit the log.
+    pub fn set_vm_write_log(&self, vm: &str, log: Option<Arc<tandem_dirty::PageLog>>) -> usize {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let list = ports.vms.get(vm).map(Vec::as_slice).unwrap_or_default();
+        for p in list {
+            p.handle.set_write_log(log.clone());
+        }
+        list.len()
+    }
+
     /// The switch ports of `vm`'s NICs, with their MAC addresses.
     pub fn vm_ports(&self, vm: &str) -> Vec<(PortId, [u8; 6])> {
         let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());

@@ -100,6 +100,7 @@ use crate::offload::{self, Offload, RxOffloads, TxOffloads, VnetHdr, VNET_HDR_FI
 use crate::port::{
     DropReason, EgressQueue, Ingress, Packet, PortCounters, PortId, MAX_FRAME, MIN_FRAME,
 };
+use tandem_dirty::PageLog;
 
 /// Queue index of the receive queue (device → guest).
 pub const RX_QUEUE: u16 = 0;
@@ -348,10 +349,19 @@ pub struct NetPath<'a> {
     /// What the guest takes on receive.
     pub rx_offloads: RxOffloads,
     pub counters: &'a PortCounters,
+    /// Where writes into guest RAM are recorded, as pages of the RAM file,
+    /// before they are made (replication's soft-dirty tracker cannot see
+    /// writes through this process's mapping).
+    pub writes: Option<&'a PageLog>,
 }
 
-impl NetPath<'_> {
-    fn for_features(port: PortId, features: u64, counters: &PortCounters) -> NetPath<'_> {
+impl<'a> NetPath<'a> {
+    fn for_features(
+        port: PortId,
+        features: u64,
+        counters: &'a PortCounters,
+        writes: Option<&'a PageLog>,
+    ) -> NetPath<'a> {
         NetPath {
             port,
             hdr_len: net_hdr_len(features),
@@ -359,6 +369,62 @@ impl NetPath<'_> {
             tx_offloads: tx_offloads(features),
             rx_offloads: rx_offloads(features),
             counters,
+            writes,
+        }
+    }
+
+    /// Records a coming write of `len` bytes at `addr`.
+    fn will_write<M: GuestMemory>(&self, mem: &M, addr: GuestAddress, len: usize) {
+        if let Some(log) = self.writes {
+            log_write(mem, log, addr, len);
+        }
+    }
+
+    /// Records that the used ring of `q` may be written (entries, index,
+    /// the avail-event field).
+    fn will_write_used<M: GuestMemory>(&self, mem: &M, q: &Queue) {
+        if self.writes.is_some() {
+            let len = 4 + 8 * usize::from(q.size()) + 2;
+            self.will_write(mem, GuestAddress(q.used_ring()), len);
+        }
+    }
+}
+
+/// Places a write of guest memory in the RAM file behind it: the memory
+/// regions QEMU hands over map that file at an offset. A write that lands
+/// outside every region, or in one without a file, poisons the log.
+fn log_write<M: GuestMemory>(mem: &M, log: &PageLog, addr: GuestAddress, len: usize) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    // Behind an IOMMU there is no plain physical layout to place it in.
+    let Some(phys) = mem.physical_memory() else {
+        log.poison();
+        return;
+    };
+    let mut at = addr;
+    let mut left = len as u64;
+    // Each round covers at least one byte or stops; a write spans few
+    // regions.
+    while left > 0 {
+        let Some(region) = phys.find_region(at) else {
+            log.poison();
+            return;
+        };
+        let Some(file) = region.file_offset() else {
+            log.poison();
+            return;
+        };
+        let within = at.0 - region.start_addr().0;
+        let n = left.min(region.len() - within);
+        log.mark_bytes(file.start() + within, n);
+        left -= n;
+        match at.checked_add(n) {
+            Some(next) => at = next,
+            None => {
+                if left > 0 {
+                    log.poison();
+                }
+                return;
+            }
         }
     }
 }
@@ -495,6 +561,7 @@ pub fn process_tx<M: GuestMemory>(
     if !q.is_valid(mem) {
         return Err(RingError::Layout);
     }
+    path.will_write_used(mem, q);
     let mut run = QueueRun::default();
     let old_used = q.next_used();
     let max_frame = if path.tx_offloads.tso4 || path.tx_offloads.tso6 {
@@ -671,6 +738,7 @@ fn place_frame<M: GuestMemory>(
                 break;
             }
             let n = len.min(total - off);
+            path.will_write(mem, addr, n);
             if write_stream(mem, addr, &stream, off, n).is_err() {
                 failed = true;
                 break;
@@ -754,6 +822,7 @@ pub fn process_rx<M: GuestMemory>(
     if !q.is_valid(mem) {
         return Err(RingError::Layout);
     }
+    path.will_write_used(mem, q);
     let mut run = QueueRun::default();
     let old_used = q.next_used();
     let mut used = Vec::with_capacity(USED_BATCH);
@@ -828,6 +897,8 @@ struct PortIo {
     /// Fires when a TX ring held back by shaping may be served again
     /// (non-blocking, so a read after a re-arm cannot block the worker).
     throttle: Mutex<TimerFd>,
+    /// Set while replication needs this port's writes into guest RAM.
+    write_log: Mutex<Option<Arc<PageLog>>>,
 }
 
 impl PortIo {
@@ -967,7 +1038,8 @@ impl Conn {
         }
         let mem = lock(&self.mem).memory();
         let features = self.features.load(Ordering::Acquire);
-        let path = NetPath::for_features(self.io.id, features, &self.io.counters);
+        let log = lock(&self.io.write_log).clone();
+        let path = NetPath::for_features(self.io.id, features, &self.io.counters, log.as_deref());
         match process_tx(&*mem, state.get_queue_mut(), &path, &*self.io.ingress) {
             Ok(run) => {
                 if let Some(wait) = run.throttled {
@@ -1003,7 +1075,8 @@ impl Conn {
         }
         let mem = lock(&self.mem).memory();
         let features = self.features.load(Ordering::Acquire);
-        let path = NetPath::for_features(self.io.id, features, &self.io.counters);
+        let log = lock(&self.io.write_log).clone();
+        let path = NetPath::for_features(self.io.id, features, &self.io.counters, log.as_deref());
         match process_rx(&*mem, state.get_queue_mut(), &path, &self.io.egress) {
             Ok(run) => {
                 if run.signal {
@@ -1187,6 +1260,7 @@ struct Shared {
 
 /// A running VM port. Dropping it stops it like [`VmPortHandle::shutdown`].
 pub struct VmPortHandle {
+    io: Arc<PortIo>,
     shared: Arc<Shared>,
     socket: PathBuf,
     name: String,
@@ -1255,6 +1329,7 @@ impl VmPortHandle {
             exit_consumer,
             exit_notifier,
             throttle: Mutex::new(throttle),
+            write_log: Mutex::new(None),
         });
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -1264,12 +1339,14 @@ impl VmPortHandle {
         });
         let thread = {
             let shared = shared.clone();
+            let io = io.clone();
             std::thread::Builder::new()
                 .name(format!("vhost-{}", cfg.name))
                 .spawn(move || serve(io, shared, socket))?
         };
         info!(port = %cfg.name, socket = %cfg.socket.display(), "vhost-user port listening");
         Ok(VmPortHandle {
+            io,
             shared,
             socket: cfg.socket,
             name: cfg.name,
@@ -1297,6 +1374,13 @@ impl VmPortHandle {
         if let Some(c) = lock(&self.shared.current).as_ref() {
             let _ = c.io.egress.notifier().write(1);
         }
+    }
+
+    /// Records every write this port makes into guest RAM in `log` (as
+    /// pages of the RAM file), or stops recording. Takes effect at the next
+    /// ring service; replication installs it before its first checkpoint.
+    pub fn set_write_log(&self, log: Option<Arc<PageLog>>) {
+        *lock(&self.io.write_log) = log;
     }
 
     /// How many frontends have attached so far.
@@ -2008,6 +2092,7 @@ pub fn fuzz_tx_chain(data: &[u8]) {
         tx_offloads: tx_offloads(features),
         rx_offloads: rx_offloads(features),
         counters: &counters,
+        writes: None,
     };
     let size = ring.size();
     let res = process_tx(&ring.mem, &mut ring.queue, &path, &CheckingIngress);
@@ -2053,6 +2138,7 @@ pub fn fuzz_rx_chain(data: &[u8]) {
         tx_offloads: tx_offloads(features),
         rx_offloads: rx_offloads(features),
         counters: &counters,
+        writes: None,
     };
     let size = ring.size();
     let res = process_rx(&ring.mem, &mut ring.queue, &path, &egress);
@@ -2106,6 +2192,7 @@ mod tests {
             tx_offloads: TxOffloads::default(),
             rx_offloads: RxOffloads::default(),
             counters,
+            writes: None,
         }
     }
 
@@ -2604,6 +2691,49 @@ mod tests {
     }
 
     #[test]
+    fn rx_records_the_ram_file_pages_it_writes() {
+        // The RAM file maps guest memory from file offset 1 MiB, as QEMU's
+        // above-4G region does.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(0x10_0000 + SimRing::MEM_SIZE).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            SimRing::MEM_SIZE as usize,
+            Some(vm_memory::FileOffset::new(file, 0x10_0000)),
+        )])
+        .unwrap();
+        let mut ring = SimRing::new(16).unwrap();
+        ring.mem = mem;
+        ring.set_desc(0, 0x3000, 2048, WRITE, 0);
+        ring.set_desc(1, 0x5800, 2048, WRITE, 0);
+        ring.offer(0);
+        ring.offer(1);
+        let egress = egress_with(&[frame(100, 1), frame(1500, 2)]);
+        let counters = PortCounters::default();
+        let log = PageLog::new(512);
+        let mut p = path(&counters, 12, false);
+        p.writes = Some(&log);
+        process_rx(&ring.mem, &mut ring.queue, &p, &egress).unwrap();
+        assert_eq!(ring.used(), vec![(0, 112), (1, 1512)]);
+        // The used ring (page 2 of guest memory) and both buffers (pages 3
+        // and 5), each 256 pages further into the file.
+        assert_eq!(log.drain().unwrap(), [258, 259, 261]);
+    }
+
+    #[test]
+    fn a_write_into_memory_without_a_file_poisons_the_log() {
+        let mut ring = rx_ring(&[2048], 16);
+        ring.offer(0);
+        let egress = egress_with(&[frame(100, 4)]);
+        let counters = PortCounters::default();
+        let log = PageLog::new(512);
+        let mut p = path(&counters, 12, false);
+        p.writes = Some(&log);
+        process_rx(&ring.mem, &mut ring.queue, &p, &egress).unwrap();
+        assert!(log.drain().is_err());
+    }
+
+    #[test]
     fn rx_legacy_header() {
         let mut ring = rx_ring(&[2048], 16);
         ring.offer(0);
@@ -2865,6 +2995,7 @@ mod tests {
             exit_consumer,
             exit_notifier,
             throttle: Mutex::new(TimerFd::new().unwrap()),
+            write_log: Mutex::new(None),
         });
         for _ in 0..3 {
             let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

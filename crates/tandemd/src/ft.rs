@@ -164,31 +164,40 @@ impl Ft {
             if let Some(o) = old.output {
                 o.uninstall();
             }
+            if let Some(sw) = &self.switch {
+                sw.set_vm_write_log(vm, None);
+            }
         }
         let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
         let tracker = match &req.tracker {
             Some(t) => t.parse().map_err(FtError::Invalid)?,
             None => self.settings.tracker,
         };
-        let external_writers = port
+        let switch_nics = port
             .spec()
             .nics
             .iter()
             .any(|n| n.backend == tandem_vmspec::NicBackend::Switch);
+        let soft_dirty = tandem_replication::tracker::soft_dirty_support();
         if tracker == TrackerChoice::SoftDirty {
             // Refuse now, with the reason, rather than leave a protection
             // that stops as soon as it starts.
-            if external_writers {
-                return Err(FtError::Invalid(format!(
-                    "soft-dirty tracking cannot protect `{vm}`: its switch NIC writes guest RAM outside QEMU's page tables; use --tracker scan or auto"
-                )));
-            }
-            tandem_replication::tracker::soft_dirty_support().map_err(|why| {
+            soft_dirty.clone().map_err(|why| {
                 FtError::Invalid(format!(
                     "soft-dirty tracking is not available on this host: {why}"
                 ))
             })?;
         }
+        // The switch writes guest RAM through tandemd's own mapping, which
+        // soft-dirty bits cannot see: where soft-dirty may be used, the
+        // VM's switch ports record their writes for the tracker. (A scan
+        // sees every write; then the ports are spared the bookkeeping.)
+        let write_log = (switch_nics
+            && self.switch.is_some()
+            && tracker != TrackerChoice::Scan
+            && soft_dirty.is_ok())
+        .then(|| Arc::new(tandem_dirty::PageLog::new(port.ram_size() / 4096)));
+        let external_writers = switch_nics && write_log.is_none();
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
         let disks = crate::ftdisk::start(&port, &work)
             .await
@@ -199,6 +208,10 @@ impl Ft {
         cfg.fence_timeout = self.settings.fence_timeout;
         cfg.tracker = tracker;
         cfg.external_writers = external_writers;
+        if let (Some(log), Some(sw)) = (&write_log, &self.switch) {
+            sw.set_vm_write_log(vm, Some(log.clone()));
+        }
+        cfg.external_log = write_log;
         let output = self
             .switch
             .as_ref()
@@ -234,6 +247,9 @@ impl Ft {
         crate::ftdisk::stop(&p.port, &p.disks).await;
         if let Some(o) = &p.output {
             o.uninstall();
+        }
+        if let Some(sw) = &self.switch {
+            sw.set_vm_write_log(vm, None);
         }
         st.state = "stopped".into();
         st.detail = "protection ended".into();
