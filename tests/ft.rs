@@ -53,6 +53,11 @@ struct Pair {
 }
 
 fn pair() -> Pair {
+    pair_with(&[])
+}
+
+/// A pair whose backup tandemd gets `backup_args` as well.
+fn pair_with(backup_args: &[&str]) -> Pair {
     let b_dir = tempfile::Builder::new()
         .prefix("tandem-ft-link-")
         .tempdir()
@@ -61,7 +66,9 @@ fn pair() -> Pair {
     // Keep the directory for the daemon's lifetime.
     let b_path = b_dir.keep();
     let _ = b_path;
-    let b = Daemon::start_with(&["--repl-listen", &endpoint]);
+    let mut args = vec!["--repl-listen", endpoint.as_str()];
+    args.extend_from_slice(backup_args);
+    let b = Daemon::start_with(&args);
     let a = Daemon::start();
     Pair { a, b, endpoint }
 }
@@ -209,14 +216,84 @@ fn partitioned_primary_fences_and_exactly_one_side_runs() {
     assert_eq!(p.a.info("ft2")["qmp_status"], "paused", "{fenced:#}");
     // SAFETY: as above.
     unsafe { libc::kill(b_pid, libc::SIGCONT) };
-    wait_ft(&p.b, "ft2", "takeover", Duration::from_secs(30), |s| {
-        s["state"] == "failed-over"
-    });
-    assert_eq!(p.b.info("ft2")["state"], "running");
-    // The fenced primary stays paused: exactly one side runs the guest.
-    std::thread::sleep(Duration::from_secs(2));
+    // The thawed backup finds the primary silent past its takeover timeout,
+    // and the fenced primary is reconnecting: whichever gets the backup's
+    // lock first wins. Either the backup takes over and refuses the
+    // primary, or it takes the primary's connection and never takes over.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = ft(&p.b, "ft2");
+        let a = ft(&p.a, "ft2");
+        if b["state"] == "failed-over" || a["state"] == "protected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither side settled: primary {a:#}, backup {b:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Exactly one side runs the guest, and it stays that way.
+    std::thread::sleep(Duration::from_secs(3));
     let a = p.a.info("ft2");
-    assert_eq!(a["qmp_status"], "paused", "{a:#}");
+    let a_runs = a["qmp_status"] == "running";
+    let b_info = p.b.cli(&["--json", "vm", "info", "ft2"]);
+    let b_runs = b_info.status.success()
+        && serde_json::from_slice::<Value>(&b_info.stdout).unwrap_or(Value::Null)["state"]
+            == "running";
+    assert!(
+        a_runs != b_runs,
+        "primary runs: {a_runs}, backup runs: {b_runs}; primary {a:#}, backup ft {:#}",
+        ft(&p.b, "ft2")
+    );
+    if b_runs {
+        assert_eq!(a["qmp_status"], "paused", "{a:#}");
+        assert_eq!(ft(&p.b, "ft2")["state"], "failed-over");
+    }
+}
+
+#[test]
+fn a_fenced_primary_resumes_when_the_backup_answers_before_taking_over() {
+    let _g = serial_guard();
+    // This backup never takes over on its own, so the outcome is certain.
+    let p = pair_with(&["--no-auto-failover"]);
+    boot_and_protect(&p, "ft5");
+    let b_pid = p.b.pid() as i32;
+    // SAFETY: kill(2) on the backup tandemd this test started.
+    unsafe { libc::kill(b_pid, libc::SIGSTOP) };
+    wait_ft(&p.a, "ft5", "self-fence", Duration::from_secs(20), |s| {
+        s["state"] == "fenced"
+    });
+    assert_eq!(p.a.info("ft5")["qmp_status"], "paused");
+    let fenced_at = *ticks(&p.a.console("ft5")).last().expect("ticks");
+    // SAFETY: as above.
+    unsafe { libc::kill(b_pid, libc::SIGCONT) };
+    // The backup takes the fenced primary's new connection: the fence is
+    // lifted, the guest runs on, and protection comes back.
+    wait_ft(
+        &p.a,
+        "ft5",
+        "protection again",
+        Duration::from_secs(60),
+        |s| s["state"] == "protected",
+    );
+    assert_eq!(p.a.info("ft5")["qmp_status"], "running");
+    p.a.wait_console(
+        "ft5",
+        &format!("tandem-guest: tick {}", fenced_at + 3),
+        Duration::from_secs(30),
+    );
+    wait_ft(
+        &p.b,
+        "ft5",
+        "backup standby",
+        Duration::from_secs(30),
+        |s| s["state"] == "standby",
+    );
+    assert!(
+        !p.b.cli(&["vm", "info", "ft5"]).status.success(),
+        "the backup started the guest"
+    );
 }
 
 #[test]

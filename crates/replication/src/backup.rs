@@ -372,8 +372,9 @@ impl Backup {
             for (vm, silent) in due {
                 let b = self.clone();
                 let reason = format!("no word from the primary for {silent:?}");
+                let quiet = self.cfg.takeover_timeout;
                 tokio::spawn(async move {
-                    let _ = b.failover(&vm, silent, &reason).await;
+                    let _ = b.take_over(&vm, silent, &reason, Some(quiet)).await;
                 });
             }
         }
@@ -387,12 +388,33 @@ impl Backup {
         silent_for: Duration,
         reason: &str,
     ) -> Result<FailoverReport, String> {
+        self.take_over(vm, silent_for, reason, None).await
+    }
+
+    /// [`Backup::failover`], and with `still_silent`, only if the primary
+    /// is still armed-for and silent that long when the decision is taken.
+    /// The check and the decision happen under the lock that accepting a
+    /// primary's connection takes (which restarts the silence clock, and is
+    /// what lets a fenced primary resume): a primary that got in first is
+    /// never taken over from, and one that comes later is refused.
+    async fn take_over(
+        self: &Arc<Self>,
+        vm: &str,
+        silent_for: Duration,
+        reason: &str,
+        still_silent: Option<Duration>,
+    ) -> Result<FailoverReport, String> {
         let decided = Instant::now();
         let epoch = {
             let mut reps = self.replicas();
             let r = reps
                 .get_mut(vm)
                 .ok_or_else(|| format!("no replica of `{vm}` on this host"))?;
+            if let Some(quiet) = still_silent {
+                if !r.armed || r.last_heard.elapsed() < quiet {
+                    return Err(format!("the primary of `{vm}` was heard again"));
+                }
+            }
             if r.status.state == "taking-over" || r.status.state == "failed-over" {
                 return Err(format!("`{vm}` is already {}", r.status.state));
             }

@@ -183,7 +183,13 @@ enum Ended {
 struct Contact {
     /// Unix ms of the last ack or heartbeat from the backup.
     last_ms: AtomicU64,
+    /// The guest is fenced (paused for lack of word from the backup).
     fenced: AtomicBool,
+    /// The fence cannot be undone here: QMP stop failed and the shim's
+    /// lease freezes QEMU instead.
+    fence_final: AtomicBool,
+    /// The fence paused a running guest, so a granted resume continues it.
+    fence_paused: AtomicBool,
     /// The backup may hold a consistent replica, so it may take over: set
     /// before the first epoch with device state is sent (the backup can
     /// only arm itself with an epoch the primary sent), or when a session
@@ -255,6 +261,8 @@ impl Engine {
         let contact = Arc::new(Contact {
             last_ms: AtomicU64::new(now_ms()),
             fenced: AtomicBool::new(false),
+            fence_final: AtomicBool::new(false),
+            fence_paused: AtomicBool::new(false),
             armed: AtomicBool::new(false),
         });
         let watchdog = tokio::spawn(fence_watchdog(
@@ -287,18 +295,16 @@ impl Engine {
                     return;
                 }
                 Ended::Fenced => {
-                    if let Some(o) = &self.cfg.observer {
-                        o.abandoned();
-                    }
-                    return;
-                }
-                Ended::Lost(why) => {
-                    if contact.fenced.load(Ordering::SeqCst) {
-                        if let Some(o) = &self.cfg.observer {
-                            o.abandoned();
-                        }
+                    if !self.after_fence(&contact).await {
                         return;
                     }
+                }
+                Ended::Lost(_) if contact.fenced.load(Ordering::SeqCst) => {
+                    if !self.after_fence(&contact).await {
+                        return;
+                    }
+                }
+                Ended::Lost(why) => {
                     for d in &self.disks {
                         d.resync_all();
                     }
@@ -328,6 +334,30 @@ impl Engine {
             s.state = "stopped".into();
             s.detail = "protection ended".into();
         });
+    }
+
+    /// The guest is fenced and the session over: held output is dropped
+    /// (its epochs will never commit from here) and every disk must be
+    /// resent. A fence that paused the guest cleanly is not the end: the
+    /// loop keeps reconnecting, and a backup that accepts the connection
+    /// (it has not taken over, and restarts its silence clock under the
+    /// lock its takeover takes) grants the resume (see `session`). Returns
+    /// whether to keep trying.
+    async fn after_fence(&mut self, contact: &Contact) -> bool {
+        if let Some(o) = &self.cfg.observer {
+            o.abandoned();
+        }
+        if contact.fence_final.load(Ordering::SeqCst) {
+            return false;
+        }
+        for d in &self.disks {
+            d.resync_all();
+        }
+        let owner_gone = tokio::select! {
+            _ = tokio::time::sleep(self.cfg.heartbeat) => false,
+            r = self.stop.changed() => r.is_err(),
+        };
+        !owner_gone && !*self.stop.borrow()
     }
 
     async fn session(
@@ -382,6 +412,20 @@ impl Engine {
             Err(_) => return Ended::Lost("backup did not answer hello".into()),
         };
         info!(vm = %self.port.name(), base, "connected to backup");
+        if contact.fenced.load(Ordering::SeqCst) {
+            // The backup took this connection, so it had not taken over,
+            // and it has restarted its silence clock: it cannot take over
+            // before we are silent for its takeover timeout again, and our
+            // own fencing (restarted now) comes first. Resume.
+            if contact.fence_paused.load(Ordering::SeqCst) {
+                if let Err(e) = self.port.unfence().await {
+                    return Ended::Lost(format!("resuming after the fence: {e}"));
+                }
+            }
+            contact.touch();
+            contact.fenced.store(false, Ordering::SeqCst);
+            warn!(vm = %self.port.name(), base, "the backup answered again: fence lifted");
+        }
         if base > 0 {
             // An earlier session's commits: they may be consistent, and the
             // backup may be armed on them.
@@ -761,6 +805,11 @@ async fn fence_watchdog(
         if *stop.borrow() {
             return;
         }
+        if contact.fenced.load(Ordering::SeqCst) {
+            // Until the engine lifts the fence (or for good).
+            lease_written = 0;
+            continue;
+        }
         if !contact.armed.load(Ordering::SeqCst) {
             // Nothing the backup holds can run: no lease, no fencing.
             continue;
@@ -779,18 +828,22 @@ async fn fence_watchdog(
             let why = format!("no word from the backup for {silent:?}");
             warn!(vm = %port.name(), "{why}; fencing");
             let detail = match port.fence(&why).await {
-                Ok(()) => {
+                Ok(paused) => {
                     // Paused cleanly: QEMU stays responsive to the operator
-                    // rather than frozen by the shim.
+                    // rather than frozen by the shim, and the fence can be
+                    // lifted if the backup answers before taking over.
                     port.clear_lease();
-                    why
+                    contact.fence_paused.store(paused, Ordering::SeqCst);
+                    format!("{why}; resumes if the backup answers before it takes over")
                 }
-                Err(e) => format!("{why}; QMP stop failed ({e}), the shim's lease freezes QEMU"),
+                Err(e) => {
+                    contact.fence_final.store(true, Ordering::SeqCst);
+                    format!("{why}; QMP stop failed ({e}), the shim's lease freezes QEMU")
+                }
             };
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             s.state = "fenced".into();
             s.detail = detail;
-            return;
         }
     }
 }

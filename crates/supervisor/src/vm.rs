@@ -1271,16 +1271,34 @@ impl GuestPort {
 
     /// Self-fencing: the primary lost its backup for longer than the fencing
     /// timeout, so the guest must not run on (the backup may take over).
-    pub async fn fence(&self, why: &str) -> Result<(), SupervisorError> {
+    /// Returns whether the fence paused the guest (`false`: it was paused
+    /// already, and [`GuestPort::unfence`] must leave it so).
+    pub async fn fence(&self, why: &str) -> Result<bool, SupervisorError> {
         let _op = self.vm.ops.lock().await;
+        let mut paused = false;
         if self.vm.state() == VmState::Running {
             self.qmp
                 .execute(qmp::stop {})
                 .await
                 .map_err(self.vm.qmp_err())?;
             self.vm.update(|r| r.state = VmState::Paused);
+            paused = true;
         }
         warn!(vm = %self.vm.name, "fenced: {why}");
+        Ok(paused)
+    }
+
+    /// Resumes a guest its fence paused, once the backup has granted it.
+    pub async fn unfence(&self) -> Result<(), SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        if self.vm.state() == VmState::Paused {
+            self.qmp
+                .execute(qmp::cont {})
+                .await
+                .map_err(self.vm.qmp_err())?;
+            self.vm.update(|r| r.state = VmState::Running);
+        }
+        info!(vm = %self.vm.name, "unfenced: the backup granted a resume");
         Ok(())
     }
 }
