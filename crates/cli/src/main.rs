@@ -248,6 +248,10 @@ enum BenchCmd {
         fence_timeout_ms: u64,
         #[arg(long, default_value_t = 2500)]
         takeover_timeout_ms: u64,
+        /// What each drill kills on host A: qemu (a crash A's tandemd
+        /// reports), network or tandemd (decided by silence).
+        #[arg(long, default_value = "qemu")]
+        kill: String,
     },
     /// Epoch pause, tandem (scan tracker) against QEMU's own COLO
     /// checkpointing on the same guest, one after the other per cell:
@@ -873,15 +877,19 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         heartbeat_ms,
         fence_timeout_ms,
         takeover_timeout_ms,
+        kill,
     }) = cli.cmd
     else {
         bail!("unknown benchmark");
     };
+    let kill_mode = kill
+        .parse::<tandem_drill::KillMode>()
+        .map_err(|e| anyhow::anyhow!("--kill: {e}"))?;
     let mut rows = Vec::new();
     for &mem in &memory_mib {
         let opts = tandem_drill::DrillOptions {
             rounds,
-            kill: Some(tandem_drill::KillMode::Qemu),
+            kill: Some(kill_mode),
             seed,
             epoch_ms,
             timeouts: tandem_drill::FtTimeouts {
@@ -897,7 +905,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     }
     let pct = |mut v: Vec<f64>, p: f64| tandem_drill::stats_ms(&mut v, p);
     println!(
-        "\nfailover benchmark: epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
+        "\nfailover benchmark: kill {kill}, epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
     );
     println!(
         "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19}",
@@ -919,7 +927,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         );
     }
     println!(
-        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed} --heartbeat-ms {heartbeat_ms} --fence-timeout-ms {fence_timeout_ms} --takeover-timeout-ms {takeover_timeout_ms}",
+        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed} --heartbeat-ms {heartbeat_ms} --fence-timeout-ms {fence_timeout_ms} --takeover-timeout-ms {takeover_timeout_ms} --kill {kill}",
         memory_mib.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")
     );
     Ok(())

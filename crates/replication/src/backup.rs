@@ -67,9 +67,17 @@ struct Replica {
     status: FtStatus,
     last_heard: Instant,
     armed: bool,
-    /// Bumped per connection, so a stale handler cannot disarm a new one.
+    /// Bumped per connection, so a stale handler cannot disarm a new one,
+    /// and by a takeover, after which no connection may touch the replica.
     generation: u64,
     active_conn: bool,
+    /// An epoch is being applied: the connection is not read meanwhile,
+    /// so the primary's silence is not counted (its heartbeats wait in the
+    /// socket; the backup's own keep flowing to it).
+    applying: bool,
+    /// Held while an epoch is applied and by a takeover before it starts
+    /// the VM, so the two never touch the replica at once.
+    store_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub struct Backup {
@@ -154,6 +162,8 @@ impl Backup {
                 armed: false,
                 generation: 0,
                 active_conn: false,
+                applying: false,
+                store_lock: Arc::new(tokio::sync::Mutex::new(())),
             });
             if r.status.state == "failed-over" || r.status.state == "taking-over" {
                 warn!(%peer, %vm, "refusing replica: this host already runs the VM");
@@ -260,11 +270,23 @@ impl Backup {
                 Ok(Some(done)) => {
                     let epoch = done.epoch;
                     let t = Instant::now();
+                    // Only the current connection of a replica that has not
+                    // been taken over may write it; the lock keeps a
+                    // takeover from starting the VM mid-apply.
+                    let Some(store_lock) = self.begin_apply(&vm, generation) else {
+                        break format!("superseded before applying epoch {epoch}");
+                    };
+                    let _applying = store_lock.lock().await;
+                    if !self.is_current(&vm, generation) {
+                        self.end_apply(&vm, generation);
+                        break format!("superseded before applying epoch {epoch}");
+                    }
                     let joined = tokio::task::spawn_blocking(move || {
                         let r = store.apply(&done);
                         (r, store)
                     })
                     .await;
+                    self.end_apply(&vm, generation);
                     let Ok((res, back)) = joined else {
                         break format!("applying epoch {epoch} failed unexpectedly");
                     };
@@ -274,7 +296,11 @@ impl Backup {
                             let _ = out_tx.send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
                             let consistent = store.is_consistent();
                             self.update(&vm, |r| {
-                                r.status.last_committed = epoch;
+                                // True on disk whatever happened meanwhile.
+                                r.status.last_committed = r.status.last_committed.max(epoch);
+                                if r.generation != generation {
+                                    return;
+                                }
                                 if consistent {
                                     r.armed = self.cfg.auto_failover;
                                     r.status.state = "standby".into();
@@ -338,6 +364,35 @@ impl Backup {
         }
     }
 
+    /// Marks an apply as started on `vm`'s replica, if `generation` is
+    /// still its connection; returns the replica's store lock.
+    fn begin_apply(&self, vm: &str, generation: u64) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut reps = self.replicas();
+        let r = reps.get_mut(vm)?;
+        if r.generation != generation {
+            return None;
+        }
+        r.applying = true;
+        Some(r.store_lock.clone())
+    }
+
+    /// An apply ended: the primary's silence counts again from now.
+    fn end_apply(&self, vm: &str, generation: u64) {
+        let mut reps = self.replicas();
+        if let Some(r) = reps.get_mut(vm) {
+            if r.generation == generation {
+                r.applying = false;
+                r.last_heard = Instant::now();
+            }
+        }
+    }
+
+    fn is_current(&self, vm: &str, generation: u64) -> bool {
+        self.replicas()
+            .get(vm)
+            .is_some_and(|r| r.generation == generation)
+    }
+
     fn update(&self, vm: &str, f: impl FnOnce(&mut Replica)) {
         if let Some(r) = self.replicas().get_mut(vm) {
             f(r);
@@ -366,7 +421,9 @@ impl Backup {
             let due: Vec<(String, Duration)> = self
                 .replicas()
                 .iter()
-                .filter(|(_, r)| r.armed && r.last_heard.elapsed() >= self.cfg.takeover_timeout)
+                .filter(|(_, r)| {
+                    r.armed && !r.applying && r.last_heard.elapsed() >= self.cfg.takeover_timeout
+                })
                 .map(|(n, r)| (n.clone(), r.last_heard.elapsed()))
                 .collect();
             for (vm, silent) in due {
@@ -405,13 +462,13 @@ impl Backup {
         still_silent: Option<Duration>,
     ) -> Result<FailoverReport, String> {
         let decided = Instant::now();
-        let epoch = {
+        let store_lock = {
             let mut reps = self.replicas();
             let r = reps
                 .get_mut(vm)
                 .ok_or_else(|| format!("no replica of `{vm}` on this host"))?;
             if let Some(quiet) = still_silent {
-                if !r.armed || r.last_heard.elapsed() < quiet {
+                if !r.armed || r.applying || r.last_heard.elapsed() < quiet {
                     return Err(format!("the primary of `{vm}` was heard again"));
                 }
             }
@@ -428,8 +485,16 @@ impl Backup {
             r.generation += 1; // any live connection is now stale
             r.status.state = "taking-over".into();
             r.status.detail = reason.to_string();
-            r.status.last_committed
+            r.store_lock.clone()
         };
+        // An apply already under way finishes first (no new one starts: the
+        // connection is stale now); then the replica is the VM's alone.
+        let _replica = store_lock.lock_owned().await;
+        let epoch = self
+            .replicas()
+            .get(vm)
+            .map(|r| r.status.last_committed)
+            .unwrap_or(0);
         warn!(%vm, epoch, "taking over: {reason}");
         let dir = self.replica_dir(vm);
         let result = self.activate.activate(vm.to_string(), dir).await;
