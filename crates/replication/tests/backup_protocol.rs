@@ -28,19 +28,35 @@ impl Activate for NeverActivate {
     }
 }
 
+/// A takeover that succeeds without starting anything.
+struct NoopActivate;
+impl Activate for NoopActivate {
+    fn activate(
+        &self,
+        _vm: String,
+        _dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 struct Rig {
     _tmp: tempfile::TempDir,
     root: PathBuf,
     ep: Endpoint,
-    _backup: Arc<Backup>,
+    backup: Arc<Backup>,
 }
 
 async fn rig() -> Rig {
+    rig_with(Arc::new(NeverActivate)).await
+}
+
+async fn rig_with(activate: Arc<dyn Activate>) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("replicas");
     let mut cfg = BackupConfig::new(root.clone());
     cfg.auto_failover = false;
-    let backup = Backup::new(cfg, Arc::new(NeverActivate));
+    let backup = Backup::new(cfg, activate);
     let ep = Endpoint::Unix(tmp.path().join("repl.sock"));
     let listener = Listener::bind(&ep).await.unwrap();
     let b = backup.clone();
@@ -53,7 +69,7 @@ async fn rig() -> Rig {
         _tmp: tmp,
         root,
         ep,
-        _backup: backup,
+        backup,
     }
 }
 
@@ -145,6 +161,52 @@ fn committed(root: &std::path::Path) -> Option<u64> {
     )
     .unwrap()
     .committed_epoch()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_takeover_the_old_connection_never_writes_the_replica() {
+    let r = rig_with(Arc::new(NoopActivate)).await;
+    let (mut c, _) = Conn::open(&r.ep).await;
+    c.send(&epoch(1, 0x11)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+
+    // Taken over while the primary's connection is still open (a primary
+    // that was slow, not dead).
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 1);
+
+    // Whatever that connection still delivers never reaches the replica,
+    // which is the running VM's now, and never re-arms the backup.
+    c.send(&epoch(2, 0x22)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ram_page(&r.root, 7),
+        0x11,
+        "a superseded connection wrote RAM"
+    );
+    assert_eq!(committed(&r.root), Some(1));
+    let st = r.backup.status();
+    assert_eq!(st[0].state, "failed-over", "{st:?}");
+
+    // And a new connection from the old primary is refused.
+    let mut s = link::connect(&r.ep).await.unwrap();
+    let hello = Hello {
+        vm: "vm1".into(),
+        ram_size: RAM,
+        page_size: PAGE_SIZE as u64,
+        spec_toml: String::new(),
+        disks: vec![],
+    };
+    let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(&hello).unwrap());
+    s.write_all(&f.encode()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut s))
+        .await
+        .expect("the backup hangs up");
+    assert!(matches!(answer, Ok(None) | Err(_)), "{answer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
