@@ -120,6 +120,7 @@ impl Primary {
             epochs_started: None,
             first_consistent: None,
             last_error: None,
+            fenced_retries: 0,
         };
         let task = tokio::spawn(engine.run());
         Primary {
@@ -168,6 +169,8 @@ struct Engine {
     first_consistent: Option<u64>,
     /// Why the previous connection failed, shown until protection is back.
     last_error: Option<String>,
+    /// Reconnection attempts since the guest was fenced (backs off).
+    fenced_retries: u32,
 }
 
 /// How one connection ended.
@@ -353,8 +356,12 @@ impl Engine {
         for d in &self.disks {
             d.resync_all();
         }
+        // A backup that took over refuses every attempt: back off (up to
+        // 32 heartbeats) rather than knock every heartbeat forever.
+        let wait = self.cfg.heartbeat * (1u32 << self.fenced_retries.min(5));
+        self.fenced_retries = self.fenced_retries.saturating_add(1);
         let owner_gone = tokio::select! {
-            _ = tokio::time::sleep(self.cfg.heartbeat) => false,
+            _ = tokio::time::sleep(wait) => false,
             r = self.stop.changed() => r.is_err(),
         };
         !owner_gone && !*self.stop.borrow()
@@ -417,12 +424,23 @@ impl Engine {
             // and it has restarted its silence clock: it cannot take over
             // before we are silent for its takeover timeout again, and our
             // own fencing (restarted now) comes first. Resume.
+            // The shim's lease goes back first: a tandemd that dies right
+            // after the resume must not leave the guest running unfenced.
+            contact.touch();
+            let deadline = now_ms() + (self.cfg.fence_timeout + LEASE_GRACE).as_millis() as u64;
+            if let Err(e) = self.port.renew_lease(deadline) {
+                return Ended::Lost(format!("renewing the fence lease before resuming: {e}"));
+            }
             if contact.fence_paused.load(Ordering::SeqCst) {
                 if let Err(e) = self.port.unfence().await {
+                    // Still fenced, and paused: the shim must not freeze
+                    // QEMU for good when that lease runs out.
+                    self.port.clear_lease();
                     return Ended::Lost(format!("resuming after the fence: {e}"));
                 }
             }
             contact.touch();
+            self.fenced_retries = 0;
             contact.fenced.store(false, Ordering::SeqCst);
             warn!(vm = %self.port.name(), base, "the backup answered again: fence lifted");
         }
