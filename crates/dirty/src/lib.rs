@@ -56,6 +56,24 @@ impl<'a> RamView<'a> {
     fn may_hold_data(&self, page: usize) -> bool {
         self.data.is_none_or(|d| d.contains(page))
     }
+
+    fn page(&self, page: usize) -> &[u8] {
+        &self.bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
+    }
+
+    /// The page's content hash; a hole is not read.
+    fn page_hash(&self, page: usize) -> u64 {
+        if self.may_hold_data(page) {
+            xxhash_rust::xxh3::xxh3_64(self.page(page))
+        } else {
+            zero_page_hash()
+        }
+    }
+
+    /// Whether the page reads as zeroes; a hole is not read.
+    fn is_zero_page(&self, page: usize) -> bool {
+        !self.may_hold_data(page) || self.page(page).iter().all(|&b| b == 0)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

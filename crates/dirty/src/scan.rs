@@ -1,8 +1,6 @@
 use std::collections::BTreeSet;
 
-use xxhash_rust::xxh3::xxh3_64;
-
-use crate::{zero_page_hash, DirtyTracker, RamView, TrackError, PAGE_SIZE};
+use crate::{DirtyTracker, RamView, TrackError, PAGE_SIZE};
 
 /// Hash-compare tracker. Memory cost: 8 bytes per 4 KiB page (0.2%).
 ///
@@ -82,15 +80,10 @@ impl ScanTracker {
 /// Checks pages `first..first + hashes.len()` of `ram` against `hashes`,
 /// updating them, and returns the pages that changed (all, when `all`).
 fn scan_chunk(ram: RamView<'_>, hashes: &mut [u64], first: usize, all: bool) -> Vec<u64> {
-    let zero = zero_page_hash();
     let mut dirty = Vec::new();
     for (i, h) in hashes.iter_mut().enumerate() {
         let page = first + i;
-        let new = if ram.may_hold_data(page) {
-            xxh3_64(&ram.bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE])
-        } else {
-            zero
-        };
+        let new = ram.page_hash(page);
         if all || new != *h {
             *h = new;
             dirty.push(page as u64);

@@ -36,10 +36,8 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use crate::procfs::{mappings_of, pagemap_entries};
-use crate::{zero_page_hash, DirtyTracker, PageSet, RamView, TrackError, PAGE_SIZE};
+use crate::{DirtyTracker, PageSet, RamView, TrackError, PAGE_SIZE};
 
 /// Whether this kernel keeps soft-dirty bits: a page this process just
 /// wrote must show bit 55 in its own pagemap. `Err` says why not.
@@ -164,30 +162,23 @@ impl Decider {
                 bits.pfn.get(p).copied().unwrap_or(0)
             };
             let last_pfn = std::mem::replace(&mut self.last_pfn[p], pfn);
-            let content_hash = |p: usize| {
-                if ram.may_hold_data(p) {
-                    xxh3_64(&ram.bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE])
-                } else {
-                    zero_page_hash()
-                }
-            };
             let changed = if by_content {
                 hashed += 1;
-                let h = content_hash(p);
+                let h = ram.page_hash(p);
                 let same = self.hash_valid.contains(p) && self.hashes[p] == h;
                 self.hashes[p] = h;
                 self.hash_valid.insert(p);
                 !same
             } else if bits.soft_dirty.contains(p) {
                 true
-            } else if punched && !self.zero.contains(p) && is_zero(ram, p) {
+            } else if punched && !self.zero.contains(p) && ram.is_zero_page(p) {
                 // Possibly punched and faulted back in by a read.
                 true
             } else if last_pfn == 0 && self.hash_valid.contains(p) {
                 // Newly mapped without a write (a read fault): its content
                 // was known when it was last decided by content.
                 hashed += 1;
-                content_hash(p) != self.hashes[p]
+                ram.page_hash(p) != self.hashes[p]
             } else {
                 // An entry over a different frame than last time was
                 // rebuilt over new memory; its bit says nothing.
@@ -200,7 +191,7 @@ impl Decider {
             }
             if all || changed || external.contains(&(p as u64)) {
                 dirty.push(p as u64);
-                if is_zero(ram, p) {
+                if ram.is_zero_page(p) {
                     self.zero.insert(p);
                 } else {
                     self.zero.remove(p);
@@ -209,13 +200,6 @@ impl Decider {
         }
         (dirty, hashed)
     }
-}
-
-fn is_zero(ram: RamView<'_>, p: usize) -> bool {
-    !ram.may_hold_data(p)
-        || ram.bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-            .iter()
-            .all(|&b| b == 0)
 }
 
 /// Soft-dirty tracking of one QEMU process's mapping of the RAM file.

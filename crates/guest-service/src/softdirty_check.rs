@@ -119,6 +119,21 @@ fn writer_loop(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A writer command naming `pages`.
+fn command(op: &str, pages: &[usize]) -> String {
+    let args: Vec<String> = pages.iter().map(|p| p.to_string()).collect();
+    format!("{op} {}", args.join(" "))
+}
+
+/// A writer command naming `pages`, each with a random non-zero value.
+fn with_values(op: &str, pages: &[usize], rng: &mut Rng) -> String {
+    let args: Vec<String> = pages
+        .iter()
+        .map(|&p| format!("{p} {}", 1 + rng.next() % 250))
+        .collect();
+    format!("{op} {}", args.join(" "))
+}
+
 pub fn run(epochs: u32) -> String {
     if let Err(why) = tandem_dirty::soft_dirty_support() {
         return format!("SOFTDIRTY unsupported {why}");
@@ -196,32 +211,18 @@ fn drive(
             // last epoch.
             let mut w: Vec<usize> = (0..rng.next() % 40).map(|_| rng.page()).collect();
             w.append(&mut read_before);
-            let pv: Vec<String> = w
-                .iter()
-                .map(|&p| format!("{p} {}", 1 + rng.next() % 250))
-                .collect();
-            cmd(format!("W {}", pv.join(" ")))?;
+            cmd(with_values("W", &w, &mut rng))?;
             touched.extend(w.iter().copied());
             note(&w, "W");
             writes += w.len();
             // Reads that fault pages in without writing them.
             let r: Vec<usize> = (0..rng.next() % 20).map(|_| rng.page()).collect();
-            cmd(format!(
-                "R {}",
-                r.iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ))?;
+            cmd(command("R", &r))?;
             note(&r, "R");
             read_before = r;
             // Write, then lose the entry (and with it the bit).
             let z: Vec<usize> = (0..rng.next() % 6).map(|_| rng.page()).collect();
-            let zv: Vec<String> = z
-                .iter()
-                .map(|&p| format!("{p} {}", 1 + rng.next() % 250))
-                .collect();
-            cmd(format!("Z {}", zv.join(" ")))?;
+            cmd(with_values("Z", &z, &mut rng))?;
             touched.extend(z.iter().copied());
             note(&z, "Z");
             // Holes punched by someone else (QEMU discarding a page); some
@@ -245,14 +246,7 @@ fn drive(
             note(&punched, "P");
             punched.retain(|_| rng.next().is_multiple_of(2));
             note(&punched, "R");
-            cmd(format!(
-                "R {}",
-                punched
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ))?;
+            cmd(command("R", &punched))?;
             // Writes through this process's mapping, reported explicitly.
             let e: Vec<usize> = (0..rng.next() % 5).map(|_| rng.page()).collect();
             for &p in &e {

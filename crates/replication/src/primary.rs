@@ -224,6 +224,11 @@ fn now_ms() -> u64 {
 /// the backstop for a dead or stuck tandemd.
 const LEASE_GRACE: Duration = Duration::from_millis(200);
 
+/// The shim's lease deadline (unix ms) after contact at `last_ms`.
+fn lease_deadline(last_ms: u64, fence_timeout: Duration) -> u64 {
+    last_ms + (fence_timeout + LEASE_GRACE).as_millis() as u64
+}
+
 impl Engine {
     fn set(&self, f: impl FnOnce(&mut FtStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
@@ -427,7 +432,7 @@ impl Engine {
             // The shim's lease goes back first: a tandemd that dies right
             // after the resume must not leave the guest running unfenced.
             contact.touch();
-            let deadline = now_ms() + (self.cfg.fence_timeout + LEASE_GRACE).as_millis() as u64;
+            let deadline = lease_deadline(now_ms(), self.cfg.fence_timeout);
             if let Err(e) = self.port.renew_lease(deadline) {
                 return Ended::Lost(format!("renewing the fence lease before resuming: {e}"));
             }
@@ -833,7 +838,7 @@ async fn fence_watchdog(
             continue;
         }
         let last = contact.last_ms.load(Ordering::SeqCst);
-        let deadline = last + (timeout + LEASE_GRACE).as_millis() as u64;
+        let deadline = lease_deadline(last, timeout);
         if deadline != lease_written {
             if let Err(e) = port.renew_lease(deadline) {
                 warn!(vm = %port.name(), "cannot renew the fence lease: {e}");

@@ -196,7 +196,11 @@ impl Ft {
             && self.switch.is_some()
             && tracker != TrackerChoice::Scan
             && soft_dirty.is_ok())
-        .then(|| Arc::new(tandem_dirty::PageLog::new(port.ram_size() / 4096)));
+        .then(|| {
+            Arc::new(tandem_dirty::PageLog::new(
+                port.ram_size() / tandem_dirty::PAGE_SIZE as u64,
+            ))
+        });
         let external_writers = switch_nics && write_log.is_none();
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
         let disks = crate::ftdisk::start(&port, &work)
