@@ -724,6 +724,12 @@ impl Engine {
                     o.epoch_opened(epoch + 1);
                 }
                 let stopped_at = Instant::now();
+                // Until every disk's initial copy is done, an epoch is RAM
+                // only: resuming it would find an incomplete disk.
+                let device_state = disks
+                    .iter()
+                    .all(|d| d.is_synced())
+                    .then(|| g.spawn_device_state(ds_timeout));
                 let live = ram.live();
                 if let Some(log) = &external_log {
                     match log.drain() {
@@ -734,19 +740,26 @@ impl Engine {
                         }
                     }
                 }
-                let data = ram.data_pages();
-                let view = RamView {
-                    bytes: live,
-                    data: data.as_ref(),
+                let collect = || {
+                    let data = ram.data_pages();
+                    let view = RamView {
+                        bytes: live,
+                        data: data.as_ref(),
+                    };
+                    tracker.collect(view).map_err(|e| (e, data))
                 };
-                let dirty = match tracker.collect(view) {
+                let collected = off_the_runtime(collect);
+                let dirty = match collected {
                     Ok(d) => d,
-                    Err(e) => {
+                    Err((e, data)) => {
                         // The tracker can no longer vouch for anything:
                         // copy all of RAM in this pause and scan from now on.
                         warn!(vm = %name, "dirty tracking failed, falling back to scan: {e}");
                         let mut scan = ScanTracker::new(live.len() / PAGE_SIZE, 0);
-                        let d = scan.scan(view);
+                        let d = scan.scan(RamView {
+                            bytes: live,
+                            data: data.as_ref(),
+                        });
                         *tracker = Box::new(scan);
                         status.lock().unwrap_or_else(|p| p.into_inner()).tracker =
                             format!("scan (soft-dirty failed: {e})");
@@ -755,19 +768,16 @@ impl Engine {
                 };
                 let pages = copy_pages(live, &dirty);
                 let scanned_at = Instant::now();
-                // Until every disk's initial copy is done, an epoch is RAM
-                // only: resuming it would find an incomplete disk.
-                let state = if disks.iter().all(|d| d.is_synced()) {
-                    g.device_state(ds_timeout).await
-                } else {
-                    Ok(Vec::new())
+                let state = match device_state {
+                    Some(job) => job.finish().await,
+                    None => Ok(Vec::new()),
                 };
                 let writes: Vec<Vec<u8>> = disks.iter().map(|d| d.take_writes()).collect();
                 tracing::debug!(
                     epoch,
                     stop_us = (stopped_at - started).as_micros() as u64,
                     scan_us = (scanned_at - stopped_at).as_micros() as u64,
-                    device_state_us = scanned_at.elapsed().as_micros() as u64,
+                    device_state_wait_us = scanned_at.elapsed().as_micros() as u64,
                     "epoch captured"
                 );
                 (dirty, pages, state, writes)
@@ -808,6 +818,18 @@ impl Engine {
             s.epochs_per_s = rate;
         });
         Ok(())
+    }
+}
+
+/// Runs CPU-bound work (a RAM scan) from async code without starving the
+/// runtime: on a multi-threaded runtime the worker's other tasks, among
+/// them the device-state save started just before (which a fresh spawn
+/// leaves in this worker's unstealable LIFO slot), move to another thread
+/// meanwhile. Elsewhere (a current-thread runtime in a test) it just runs.
+fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
