@@ -220,6 +220,27 @@ enum BenchCmd {
         )]
         image_dir: PathBuf,
     },
+    /// One dirty-page collect with `scan` vs `soft-dirty`, side by side on
+    /// the same memory, inside the guest (its kernel has soft-dirty bits;
+    /// this host's may not). Median and p99 per size and write rate.
+    Tracker {
+        /// Memory tracked, MiB (each at most half the guest's RAM).
+        #[arg(long, value_delimiter = ',', default_value = "32,64")]
+        mib: Vec<u64>,
+        /// Pages written per epoch.
+        #[arg(long, value_delimiter = ',', default_value = "0,256,2048")]
+        pages: Vec<u64>,
+        #[arg(long, default_value_t = 30)]
+        epochs: u32,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        #[arg(
+            long,
+            env = "TANDEM_IMAGE_DIR",
+            default_value = "/var/lib/tandem/images"
+        )]
+        image_dir: PathBuf,
+    },
     /// Failover time and epoch pause, side by side for several guest RAM
     /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
     Failover {
@@ -762,6 +783,74 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         println!(
             "reproduce: tandem bench throughput --epoch-ms {} --spin {spin} --dirty {dirty} --reps {reps} --memory-mib {memory_mib}",
             epoch_ms.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(",")
+        );
+        return Ok(());
+    }
+    if let Cmd::Bench(BenchCmd::Tracker {
+        mib,
+        pages,
+        epochs,
+        memory_mib,
+        image_dir,
+    }) = &cli.cmd
+    {
+        let opts = bench_options(*memory_mib, image_dir)?;
+        let rows =
+            tandem_drill::bench::tracker(&opts, mib, pages, *epochs, |m| eprintln!("bench: {m}"))?;
+        if cli.json {
+            return print_json(&rows);
+        }
+        println!(
+            "\none dirty-page collect inside the guest (TCG, {memory_mib} MiB guest), {epochs} epochs per line, in µs"
+        );
+        println!(
+            "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} | {:>8} {:>8} {:>8}",
+            "MiB",
+            "written",
+            "scan p50",
+            "scan p99",
+            "soft p50",
+            "soft p99",
+            "x p50",
+            "x p99",
+            "scan rep",
+            "soft rep",
+            "read",
+            "decide",
+            "clear"
+        );
+        for r in &rows {
+            println!(
+                "{:>6} {:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.1} {:>8.1} {:>9} {:>9} | {:>8.0} {:>8.0} {:>8.0}",
+                r.mib,
+                r.per_epoch,
+                r.scan_p50_us,
+                r.scan_p99_us,
+                r.soft_p50_us,
+                r.soft_p99_us,
+                r.scan_p50_us / r.soft_p50_us.max(1.0),
+                r.scan_p99_us / r.soft_p99_us.max(1.0),
+                r.scan_reported,
+                r.soft_reported,
+                r.soft_read_p50_us,
+                r.soft_decide_p50_us,
+                r.soft_clear_p50_us
+            );
+        }
+        println!(
+            "(x = scan / soft-dirty; rep = pages reported per epoch; read/decide/clear = the soft-dirty collect's parts, p50 µs; punches seen by {})",
+            rows.first().map(|r| r.punches.as_str()).unwrap_or("?")
+        );
+        let join = |v: &[u64]| {
+            v.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "reproduce: tandem bench tracker --mib {} --pages {} --epochs {epochs} --memory-mib {memory_mib}",
+            join(mib),
+            join(pages)
         );
         return Ok(());
     }

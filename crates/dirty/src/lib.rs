@@ -32,7 +32,7 @@ pub use pagelog::{PageLog, Poisoned};
 pub use pageset::PageSet;
 pub use residency::data_pages;
 pub use scan::ScanTracker;
-pub use softdirty::{soft_dirty_support, SoftDirtyTracker};
+pub use softdirty::{soft_dirty_support, CollectTiming, SoftDirtyTracker};
 
 /// Guest pages are tracked at 4 KiB, whatever backs them.
 pub const PAGE_SIZE: usize = 4096;
@@ -72,8 +72,18 @@ impl<'a> RamView<'a> {
 
     /// Whether the page reads as zeroes; a hole is not read.
     fn is_zero_page(&self, page: usize) -> bool {
-        !self.may_hold_data(page) || self.page(page).iter().all(|&b| b == 0)
+        !self.may_hold_data(page) || is_zeroed(self.page(page))
     }
+}
+
+/// Whether every byte is zero. OR-folds 256-byte blocks (which the
+/// compiler turns into vector ORs) and stops at the first non-zero block:
+/// a byte-at-a-time early-exit loop does not vectorise, and costs ~100×
+/// more where it matters most, under TCG.
+pub fn is_zeroed(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(256)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,4 +131,21 @@ pub trait DirtyTracker: Send {
 pub(crate) fn zero_page_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *HASH.get_or_init(|| xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn is_zeroed_agrees_with_a_byte_loop(len in 0usize..9000, at in any::<usize>(), v in any::<u8>()) {
+            let mut bytes = vec![0u8; len];
+            if len > 0 {
+                bytes[at % len] = v;
+            }
+            prop_assert_eq!(is_zeroed(&bytes), bytes.iter().all(|&b| b == 0));
+        }
+    }
 }

@@ -18,11 +18,16 @@
 //!   collect is dirty, bit or no bit: its entry was rebuilt over new memory;
 //! - a punch (QEMU discarding pages: balloon, virtio-mem) can be faulted
 //!   straight back in by a read, over a fresh zero page that may well reuse
-//!   the old frame (seen in the guest check). A punch changes the file's
-//!   ctime, and mapped writes do not; when the ctime moved, every mapped page
-//!   without its bit that reads as all zeroes is reported unless the replica
-//!   already holds zeroes there (a zero test stops at the first non-zero
-//!   byte, so this costs about a cache line per page, only in such epochs).
+//!   the old frame (seen in the guest check). So in an epoch that may have
+//!   seen a punch, every mapped page without its bit that reads as all
+//!   zeroes is reported unless the replica already holds zeroes there (a
+//!   zero test stops at the first non-zero 256-byte block). That is a pass
+//!   over all mapped RAM, so which epochs count matters ([`PunchWatch`]):
+//!   an inotify `IN_MODIFY` watch on the file reports `fallocate` punches,
+//!   `MADV_REMOVE` and truncation, and not mapped writes. Only a file with
+//!   no path (a memfd, whose events the kernel suppresses) falls back to
+//!   the file's ctime, which every write fault on a shared mapping also
+//!   moves: there, nearly every epoch pays the pass.
 //!
 //! What remains unseen is an entry dropped and rebuilt over the *same*
 //! frame after a write within one epoch. That needs the page to survive
@@ -34,6 +39,8 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use crate::procfs::{mappings_of, pagemap_entries};
@@ -147,7 +154,7 @@ impl Decider {
     /// content (hashed), for the tracker's statistics.
     ///
     /// `punched`: the file may have had pages punched out since the last
-    /// collect (its ctime moved).
+    /// collect ([`PunchWatch`]).
     pub fn decide(&mut self, ram: RamView<'_>, bits: &PteBits, punched: bool) -> (Vec<u64>, usize) {
         let pages = self.hashes.len().min(ram.bytes.len() / PAGE_SIZE);
         let all = std::mem::take(&mut self.all_dirty);
@@ -211,11 +218,141 @@ pub struct SoftDirtyTracker {
     pagemap: File,
     clear_refs: File,
     decider: Decider,
-    /// The RAM file's ctime at the last collect.
-    ctime: (i64, i64),
+    punches: PunchWatch,
     ram_file: File,
     /// Pages decided by content in the last collect.
     pub last_hashed: usize,
+    /// Where the last collect's time went.
+    pub last_timing: CollectTiming,
+}
+
+/// The parts of one soft-dirty collect.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CollectTiming {
+    /// `/proc/PID/maps` and the pagemap entries of the RAM file.
+    pub read_bits: std::time::Duration,
+    /// The pure decision ([`Decider::decide`]).
+    pub decide: std::time::Duration,
+    /// `clear_refs`: clearing the bits (and write-protecting every entry).
+    pub clear: std::time::Duration,
+}
+
+/// How the tracker learns that pages may have been punched out of the RAM
+/// file since the last collect.
+pub enum PunchWatch {
+    /// An inotify `IN_MODIFY` watch on the file's path: `fallocate` (punch,
+    /// `MADV_REMOVE`), `truncate` and `write` report; mapped writes do not.
+    Inotify(OwnedFd),
+    /// The file's ctime at the last collect. Also moved by every write
+    /// fault on a shared mapping of the file, so it over-reports.
+    Ctime((i64, i64)),
+}
+
+impl PunchWatch {
+    /// An inotify watch where the file has a path that still names it,
+    /// the ctime otherwise.
+    pub fn new(file: &File) -> PunchWatch {
+        match inotify_watch(file) {
+            Some(fd) => PunchWatch::Inotify(fd),
+            None => PunchWatch::Ctime(ctime_of(file).unwrap_or((0, 0))),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PunchWatch::Inotify(_) => "inotify",
+            PunchWatch::Ctime(_) => "ctime",
+        }
+    }
+
+    /// Whether the file may have lost pages since the last call.
+    fn since_last(&mut self, file: &File) -> Result<bool, TrackError> {
+        match self {
+            PunchWatch::Ctime(last) => {
+                let now = ctime_of(file)?;
+                Ok(std::mem::replace(last, now) != now)
+            }
+            PunchWatch::Inotify(fd) => {
+                let (any, watch_gone) = drain_inotify(fd)?;
+                if watch_gone {
+                    // The filesystem was unmounted under the watch: no
+                    // more events will come; from now on, the ctime.
+                    *self = PunchWatch::Ctime(ctime_of(file)?);
+                    return Ok(true);
+                }
+                Ok(any)
+            }
+        }
+    }
+}
+
+fn ctime_of(file: &File) -> Result<(i64, i64), TrackError> {
+    let meta = file.metadata().map_err(TrackError::io("RAM file"))?;
+    Ok((meta.ctime(), meta.ctime_nsec()))
+}
+
+/// Watches the file through the path `/proc/self/fd` gives for it, if that
+/// path names the same inode (not a memfd, not unlinked).
+fn inotify_watch(file: &File) -> Option<OwnedFd> {
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let meta = file.metadata().ok()?;
+    let named = std::fs::metadata(&path).ok()?;
+    if !path.is_absolute() || named.dev() != meta.dev() || named.ino() != meta.ino() {
+        return None;
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: plain syscall; the returned descriptor is owned below.
+    let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a valid inotify descriptor and a NUL-terminated path.
+    let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), cpath.as_ptr(), libc::IN_MODIFY) };
+    (wd >= 0).then_some(fd)
+}
+
+/// Reads every queued event: whether there were any, and whether the
+/// watch is gone (`IN_IGNORED`) or events were lost (`IN_Q_OVERFLOW`,
+/// reported as "any").
+fn drain_inotify(fd: &OwnedFd) -> Result<(bool, bool), TrackError> {
+    let mut buf = [0u8; 4096];
+    let (mut any, mut gone) = (false, false);
+    // Bounded: the queue holds at most a few thousand events.
+    for _ in 0..4096 {
+        // SAFETY: reads into a buffer we own, of the length given.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok((any, gone));
+            }
+            return Err(TrackError::Io {
+                what: "reading the RAM file's inotify watch".into(),
+                source: e,
+            });
+        }
+        if n == 0 {
+            break;
+        }
+        any = true;
+        gone |= inotify_masks(&buf[..n as usize]).any(|m| m & libc::IN_IGNORED != 0);
+    }
+    Ok((any, gone))
+}
+
+/// The event masks in a buffer of `struct inotify_event`s (wd, mask,
+/// cookie, len, then `len` bytes of name). A truncated tail ends the walk.
+pub fn inotify_masks(buf: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let head = buf.get(at..at.checked_add(16)?)?;
+        let mask = u32::from_ne_bytes([head[4], head[5], head[6], head[7]]);
+        let len = u32::from_ne_bytes([head[12], head[13], head[14], head[15]]) as usize;
+        at = at.checked_add(16)?.checked_add(len)?;
+        Some(mask)
+    })
 }
 
 impl SoftDirtyTracker {
@@ -240,12 +377,18 @@ impl SoftDirtyTracker {
             pagemap,
             clear_refs,
             decider: Decider::new(pages),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
+            punches: PunchWatch::new(ram_file),
             ram_file: ram_file.try_clone().map_err(TrackError::io("RAM file"))?,
             last_hashed: 0,
+            last_timing: CollectTiming::default(),
         };
         t.read_bits()?;
         Ok(t)
+    }
+
+    /// How punches are noticed: `inotify` or `ctime` (see [`PunchWatch`]).
+    pub fn punch_detection(&self) -> &'static str {
+        self.punches.kind()
     }
 
     /// The page table bits of the process for every page of the file.
@@ -305,16 +448,21 @@ impl DirtyTracker for SoftDirtyTracker {
     }
 
     fn collect(&mut self, ram: RamView<'_>) -> Result<Vec<u64>, TrackError> {
-        let meta = self
-            .ram_file
-            .metadata()
-            .map_err(TrackError::io("RAM file"))?;
-        let ctime = (meta.ctime(), meta.ctime_nsec());
-        let punched = std::mem::replace(&mut self.ctime, ctime) != ctime;
+        // Before the bits: a punch after this point either shows in them
+        // (no entry) or is seen at the next collect.
+        let punched = self.punches.since_last(&self.ram_file)?;
+        let t0 = std::time::Instant::now();
         let bits = self.read_bits()?;
+        let t1 = std::time::Instant::now();
         let (dirty, hashed) = self.decider.decide(ram, &bits, punched);
+        let t2 = std::time::Instant::now();
         self.last_hashed = hashed;
         self.clear()?;
+        self.last_timing = CollectTiming {
+            read_bits: t1 - t0,
+            decide: t2 - t1,
+            clear: t2.elapsed(),
+        };
         Ok(dirty)
     }
 
@@ -486,5 +634,134 @@ mod tests {
         {
             probe.expect("kernel has soft-dirty, we are root and swap is off");
         }
+    }
+
+    fn event(mask: u32, name: &[u8]) -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(&1i32.to_ne_bytes());
+        e.extend_from_slice(&mask.to_ne_bytes());
+        e.extend_from_slice(&0u32.to_ne_bytes());
+        e.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+        e.extend_from_slice(name);
+        e
+    }
+
+    #[test]
+    fn inotify_events_are_walked_by_their_lengths() {
+        let mut buf = event(libc::IN_MODIFY, b"");
+        buf.extend(event(libc::IN_IGNORED, b"name\0\0\0\0"));
+        buf.extend(event(libc::IN_MODIFY, b""));
+        let masks: Vec<u32> = inotify_masks(&buf).collect();
+        assert_eq!(masks, [libc::IN_MODIFY, libc::IN_IGNORED, libc::IN_MODIFY]);
+        // A torn tail is not read.
+        assert_eq!(inotify_masks(&buf[..buf.len() - 3]).count(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn inotify_walk_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..200)) {
+            prop_assert!(inotify_masks(&buf).count() <= buf.len() / 16);
+        }
+    }
+
+    /// A writable, mappable file on tmpfs (as tandemd's RAM files are).
+    fn tmpfs_file(pages: usize) -> (std::path::PathBuf, File) {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/tandem-punchwatch-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len((pages * PAGE_SIZE) as u64).unwrap();
+        (path, f)
+    }
+
+    fn punch(f: &File, page: usize) {
+        // SAFETY: punches one page of a file this test owns.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page * PAGE_SIZE) as i64,
+                PAGE_SIZE as i64,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn mapped_writes_are_not_punches_but_punches_are() {
+        let (path, f) = tmpfs_file(4);
+        let mut w = PunchWatch::new(&f);
+        assert_eq!(w.kind(), "inotify");
+        // SAFETY: a shared mapping of the 4 pages of our own file, unmapped
+        // below before the file goes.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4 * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let before = ctime_of(&f).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for p in 0..4 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile((map as *mut u8).add(p * PAGE_SIZE + 5), 9) };
+        }
+        assert!(
+            !w.since_last(&f).unwrap(),
+            "mapped writes counted as a punch"
+        );
+        // The reason for the watch: the same writes moved the ctime.
+        assert_ne!(ctime_of(&f).unwrap(), before);
+        punch(&f, 2);
+        assert!(w.since_last(&f).unwrap());
+        assert!(!w.since_last(&f).unwrap(), "one punch, reported once");
+        // MADV_REMOVE is a punch too.
+        // SAFETY: one page of our own mapping; its data goes, as intended.
+        let r = unsafe {
+            libc::madvise(
+                (map as *mut u8).add(PAGE_SIZE).cast(),
+                PAGE_SIZE,
+                libc::MADV_REMOVE,
+            )
+        };
+        assert_eq!(r, 0);
+        assert!(w.since_last(&f).unwrap());
+        // SAFETY: the mapping made above, used no more.
+        unsafe { libc::munmap(map, 4 * PAGE_SIZE) };
+        // The watch is on the inode: unlinking the path loses nothing.
+        std::fs::remove_file(&path).unwrap();
+        let _ = w.since_last(&f).unwrap();
+        punch(&f, 3);
+        assert!(w.since_last(&f).unwrap());
+        assert_eq!(w.kind(), "inotify");
+    }
+
+    #[test]
+    fn a_file_without_a_path_falls_back_to_the_ctime() {
+        // SAFETY: memfd_create with a NUL-terminated name; owned below.
+        let fd = unsafe { libc::memfd_create(c"tandem-punchwatch".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nobody else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len((2 * PAGE_SIZE) as u64).unwrap();
+        let mut w = PunchWatch::new(&f);
+        assert_eq!(w.kind(), "ctime");
+        assert!(!w.since_last(&f).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        punch(&f, 1);
+        assert!(w.since_last(&f).unwrap());
     }
 }

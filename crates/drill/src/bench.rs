@@ -246,3 +246,121 @@ pub fn output(
     drop(site);
     Ok(rows)
 }
+
+/// One line of `tandem bench tracker`: one collect's cost with each dirty
+/// tracker, on the same memory, inside the guest (whose kernel has
+/// soft-dirty bits; the host's may not).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TrackerRow {
+    pub mib: u64,
+    /// Pages written per epoch.
+    pub per_epoch: u64,
+    pub epochs: u64,
+    pub scan_p50_us: f64,
+    pub scan_p99_us: f64,
+    pub soft_p50_us: f64,
+    pub soft_p99_us: f64,
+    /// Pages each reported per epoch, on average.
+    pub scan_reported: u64,
+    pub soft_reported: u64,
+    /// The soft-dirty collect's parts (p50): pagemap read, decision,
+    /// `clear_refs`.
+    pub soft_read_p50_us: f64,
+    pub soft_decide_p50_us: f64,
+    pub soft_clear_p50_us: f64,
+    /// How the soft-dirty tracker noticed punches (`inotify`, `ctime`).
+    pub punches: String,
+}
+
+/// Reads a `TRACKBENCH ok key=value …` reply; anything else is the guest's
+/// refusal or failure, passed on as the error.
+pub fn parse_trackbench(reply: &str) -> anyhow::Result<TrackerRow> {
+    let Some(rest) = reply.strip_prefix("TRACKBENCH ok ") else {
+        bail!("guest: {reply}");
+    };
+    let kv: std::collections::HashMap<&str, &str> = rest
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .collect();
+    let num = |k: &str| -> anyhow::Result<f64> {
+        kv.get(k)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .ok_or_else(|| anyhow!("TRACKBENCH reply has no {k}: {reply}"))
+    };
+    Ok(TrackerRow {
+        mib: num("mib")? as u64,
+        per_epoch: num("per_epoch")? as u64,
+        epochs: num("epochs")? as u64,
+        scan_p50_us: num("scan_p50_us")?,
+        scan_p99_us: num("scan_p99_us")?,
+        soft_p50_us: num("soft_p50_us")?,
+        soft_p99_us: num("soft_p99_us")?,
+        scan_reported: num("scan_reported")? as u64,
+        soft_reported: num("soft_reported")? as u64,
+        soft_read_p50_us: num("soft_read_p50_us")?,
+        soft_decide_p50_us: num("soft_decide_p50_us")?,
+        soft_clear_p50_us: num("soft_clear_p50_us")?,
+        punches: kv.get("punches").unwrap_or(&"?").to_string(),
+    })
+}
+
+/// Boots the guest (unprotected: the guest's own time is what is measured)
+/// and runs `TRACKBENCH` for each memory size and write count.
+pub fn tracker(
+    opts: &DrillOptions,
+    mibs: &[u64],
+    per_epoch: &[u64],
+    epochs: u32,
+    mut say: impl FnMut(&str),
+) -> anyhow::Result<Vec<TrackerRow>> {
+    // The bench's memfd lives in guest RAM beside the guest's own use.
+    if let Some(&too_big) = mibs.iter().find(|&&m| m * 2 > u64::from(opts.memory_mib)) {
+        bail!(
+            "a {too_big} MiB tracker bench needs a guest of at least {} MiB (--memory-mib)",
+            too_big * 2
+        );
+    }
+    let tag = format!("{}k", std::process::id() % 100_000);
+    let site = bring_up(opts, &tag)?;
+    let ns = site.topo.c.clone();
+    let mut rows = Vec::new();
+    for &mib in mibs {
+        for &pages in per_epoch {
+            say(&format!("{mib} MiB, {pages} pages written per epoch"));
+            let line = format!("TRACKBENCH {mib} {pages} {epochs}");
+            let reply =
+                topology::spawn_in_ns(&ns, move || exchange(&line, Duration::from_secs(900)))?
+                    .join()
+                    .map_err(|_| anyhow!("bench thread panicked"))??;
+            rows.push(parse_trackbench(&reply?)?);
+        }
+    }
+    drop(site);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trackbench_reply_is_read_or_refused() {
+        let r = parse_trackbench(
+            "TRACKBENCH ok mib=32 pages=8192 per_epoch=100 epochs=20 scan_p50_us=9000 \
+             scan_p99_us=12000 soft_p50_us=700 soft_p99_us=900 scan_reported=99 soft_reported=100 \
+             soft_read_p50_us=100 soft_decide_p50_us=200 soft_clear_p50_us=400 punches=inotify",
+        )
+        .unwrap();
+        assert_eq!(r.mib, 32);
+        assert_eq!(r.per_epoch, 100);
+        assert_eq!(r.scan_p50_us, 9000.0);
+        assert_eq!(r.soft_reported, 100);
+        assert_eq!(r.soft_clear_p50_us, 400.0);
+        assert_eq!(r.punches, "inotify");
+        let e = parse_trackbench("TRACKBENCH unsupported no soft-dirty").unwrap_err();
+        assert!(e.to_string().contains("no soft-dirty"), "{e}");
+        assert!(parse_trackbench("TRACKBENCH ok mib=32").is_err());
+        assert!(parse_trackbench("TRACKBENCH ok mib=32 per_epoch=NaN").is_err());
+    }
+}

@@ -18,6 +18,7 @@
 mod churn;
 mod proto;
 mod softdirty_check;
+mod trackbench;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -92,8 +93,9 @@ fn say(msg: &str) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() == 3 && args[1] == "dirty-writer" {
-        softdirty_check::writer(&args[2]);
+    if args.len() == 4 && args[1] == "dirty-writer" {
+        let pages = args[3].parse().unwrap_or(0);
+        softdirty_check::writer(&args[2], pages);
     }
     let data_dir =
         PathBuf::from(std::env::var("TANDEM_DATA_DIR").unwrap_or_else(|_| "/data".into()));
@@ -241,6 +243,7 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         }
         Request::Dirty(n) => dirty_pages(n),
         Request::SoftDirty(n) => softdirty_check::run(n),
+        Request::TrackBench { mib, pages, epochs } => trackbench::run(mib, pages, epochs),
         Request::Dial(addr, line) => dial(addr, &line),
         Request::Blast(addr, ms) => blast(addr, ms),
         Request::UpStat => format!(

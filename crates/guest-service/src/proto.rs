@@ -14,6 +14,7 @@
 //! | `SPIN <n>`     | `SPUN <n> <checksum>` (CPU-bound work)  |
 //! | `DIRTY <n>`    | `DIRTIED <n>` (writes n pages)          |
 //! | `SOFTDIRTY <n>` | `SOFTDIRTY ok …`, `… unsupported <why>` or `… fail <why>`: n epochs of the soft-dirty tracker check |
+//! | `TRACKBENCH <mib> <pages> <epochs>` | `TRACKBENCH ok …` (collect p50/p99 µs, scan and soft-dirty), `… unsupported <why>` or `… fail <why>` |
 //! | `DIAL <ip:port> <line>` | `DIALED <reply>` or `DIALFAIL <why>`: one request to another service (2 s bound) |
 //! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
 //! | anything else  | `ERR <reason>`                          |
@@ -41,6 +42,13 @@ pub enum Request {
     Dirty(u64),
     /// Check the soft-dirty tracker against this kernel for n epochs.
     SoftDirty(u32),
+    /// Time both trackers' collects: MiB of memory, pages written per
+    /// epoch, epochs.
+    TrackBench {
+        mib: usize,
+        pages: usize,
+        epochs: u32,
+    },
     /// Send one line to another service and return its reply line.
     Dial(std::net::SocketAddr, String),
     /// Send bulk data over TCP for this many milliseconds (≤ 60 s).
@@ -100,6 +108,24 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
             .ok_or(ParseError::BadArgument(
                 "SOFTDIRTY needs an epoch count (1-1000)",
             )),
+        "TRACKBENCH" => {
+            let n: Vec<u64> = rest
+                .unwrap_or("")
+                .split_whitespace()
+                .map(|x| x.parse::<u64>().ok())
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            match n[..] {
+                [mib @ 1..=256, pages @ 0..=65536, epochs @ 1..=1000] => Ok(Request::TrackBench {
+                    mib: mib as usize,
+                    pages: pages as usize,
+                    epochs: epochs as u32,
+                }),
+                _ => Err(ParseError::BadArgument(
+                    "TRACKBENCH needs MiB (1-256), pages per epoch (0-65536) and epochs (1-1000)",
+                )),
+            }
+        }
         "CHURN" => rest
             .and_then(|r| r.trim().parse::<usize>().ok())
             .filter(|&n| (1..=65536).contains(&n))
@@ -255,6 +281,25 @@ mod tests {
         assert_eq!(parse_request("SOFTDIRTY 30"), Ok(Request::SoftDirty(30)));
         assert!(parse_request("SOFTDIRTY 0").is_err());
         assert!(parse_request("SOFTDIRTY").is_err());
+        assert_eq!(
+            parse_request("TRACKBENCH 32 100 20"),
+            Ok(Request::TrackBench {
+                mib: 32,
+                pages: 100,
+                epochs: 20
+            })
+        );
+        for bad in [
+            "TRACKBENCH",
+            "TRACKBENCH 32 100",
+            "TRACKBENCH 0 100 20",
+            "TRACKBENCH 300 1 1",
+            "TRACKBENCH 32 100 20 1",
+            "TRACKBENCH 32 -1 20",
+            "TRACKBENCH 32 x 20",
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

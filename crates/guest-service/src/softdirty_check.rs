@@ -35,29 +35,50 @@ impl Rng {
     }
 }
 
-fn map_shared(file: &File, len: usize) -> Result<&'static mut [u8], String> {
-    // SAFETY: a fresh shared mapping of a memfd we own, never unmapped or
-    // truncated while this process runs the check (it leaks on purpose:
-    // the check runs a handful of times per boot).
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        );
+/// A shared read-write mapping of a file, unmapped on drop.
+pub(crate) struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMap {
+    pub(crate) fn new(file: &File, len: usize) -> Result<SharedMap, String> {
+        // SAFETY: asks for a fresh mapping; the kernel picks the address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(format!("mmap: {}", std::io::Error::last_os_error()));
         }
-        Ok(std::slice::from_raw_parts_mut(p as *mut u8, len))
+        Ok(SharedMap { ptr: p.cast(), len })
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr+len` is mapped until drop, and callers never
+        // shrink the file under it; the borrow ties the slice to `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-/// The child: applies commands from stdin to its mapping of the file.
-pub fn writer(path: &str) -> ! {
-    let code = match writer_loop(path) {
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no slice of which outlives
+        // this borrow of `self`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// The child: applies commands from stdin to its mapping of the file's
+/// first `pages` pages.
+pub fn writer(path: &str, pages: usize) -> ! {
+    let code = match writer_loop(path, pages) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("dirty-writer: {e}");
@@ -67,13 +88,14 @@ pub fn writer(path: &str) -> ! {
     std::process::exit(code)
 }
 
-fn writer_loop(path: &str) -> Result<(), String> {
+fn writer_loop(path: &str, pages: usize) -> Result<(), String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| format!("{path}: {e}"))?;
-    let map = map_shared(&file, PAGES * PAGE_SIZE)?;
+    let mut map = SharedMap::new(&file, pages * PAGE_SIZE)?;
+    let map = map.bytes_mut();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "READY");
     let _ = out.flush();
@@ -87,7 +109,7 @@ fn writer_loop(path: &str) -> Result<(), String> {
             // W page value ...: write one byte at a value-dependent offset.
             "W" | "Z" => {
                 for pv in nums.chunks_exact(2) {
-                    let (p, v) = (pv[0] % PAGES, pv[1]);
+                    let (p, v) = (pv[0] % pages, pv[1]);
                     let at = p * PAGE_SIZE + (v * 31) % PAGE_SIZE;
                     // SAFETY: `at` is inside the mapping.
                     unsafe { std::ptr::write_volatile(&mut map[at], v as u8) };
@@ -108,7 +130,7 @@ fn writer_loop(path: &str) -> Result<(), String> {
                 for &p in &nums {
                     // SAFETY: inside the mapping; a read that faults the
                     // page in without writing it.
-                    let _ = unsafe { std::ptr::read_volatile(&map[(p % PAGES) * PAGE_SIZE]) };
+                    let _ = unsafe { std::ptr::read_volatile(&map[(p % pages) * PAGE_SIZE]) };
                 }
             }
             _ => return Err(format!("unknown command {line:?}")),
@@ -144,6 +166,9 @@ pub fn run(epochs: u32) -> String {
     }
 }
 
+/// Runs the check on a memfd (no path: punches noticed by the file's
+/// ctime) and on a tmpfs file (as tandemd's RAM files are: punches noticed
+/// by an inotify watch), one summary each, joined by ` | `.
 fn check(epochs: u32) -> Result<String, String> {
     // SAFETY: memfd_create with a NUL-terminated name; the fd is owned by
     // the File below.
@@ -152,20 +177,40 @@ fn check(epochs: u32) -> Result<String, String> {
         return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    let on_memfd = check_file(memfd, epochs).map_err(|e| format!("memfd: {e}"))?;
+    let path = format!("/dev/shm/tandem-sd-check-{}", std::process::id());
+    let tmpfs = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let on_tmpfs = check_file(tmpfs, epochs);
+    let _ = std::fs::remove_file(&path);
+    Ok(format!(
+        "{on_memfd} | {}",
+        on_tmpfs.map_err(|e| format!("tmpfs: {e}"))?
+    ))
+}
+
+fn check_file(file: File, epochs: u32) -> Result<String, String> {
+    let fd = file.as_raw_fd();
     file.set_len((PAGES * PAGE_SIZE) as u64)
         .map_err(|e| e.to_string())?;
-    let ram = map_shared(&file, PAGES * PAGE_SIZE)?;
+    let mut map = SharedMap::new(&file, PAGES * PAGE_SIZE)?;
 
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .arg("dirty-writer")
         .arg(format!("/proc/{}/fd/{fd}", std::process::id()))
+        .arg(PAGES.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawning the writer: {e}"))?;
-    let result = drive(&mut child, &file, ram, epochs);
+    let result = drive(&mut child, &file, map.bytes_mut(), epochs);
     let _ = child.kill();
     let _ = child.wait();
     result
@@ -303,6 +348,7 @@ fn drive(
     }
     let _ = writeln!(to, "Q");
     Ok(format!(
-        "epochs={epochs} pages={PAGES} writes={writes} reported={reported} extra={extra} hashed={hashed} missed=0"
+        "punches={} epochs={epochs} pages={PAGES} writes={writes} reported={reported} extra={extra} hashed={hashed} missed=0",
+        tracker.punch_detection()
     ))
 }
