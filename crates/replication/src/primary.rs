@@ -726,10 +726,16 @@ impl Engine {
                 let stopped_at = Instant::now();
                 // Until every disk's initial copy is done, an epoch is RAM
                 // only: resuming it would find an incomplete disk.
-                let device_state = disks
-                    .iter()
-                    .all(|d| d.is_synced())
-                    .then(|| g.spawn_device_state(ds_timeout));
+                let with_state = disks.iter().all(|d| d.is_synced());
+                // QEMU saving its devices beside the scan could, in
+                // principle, write guest RAM. A content scan catches that
+                // (it copies after hashing, and re-reports next epoch a
+                // page whose hash it took before the write); a moment
+                // tracker (soft-dirty) could lose a write landing between
+                // reading the bits and clearing them, so it collects first.
+                let overlap = !tracker.tracks_moments();
+                let mut device_state =
+                    (with_state && overlap).then(|| g.spawn_device_state(ds_timeout));
                 let live = ram.live();
                 if let Some(log) = &external_log {
                     match log.drain() {
@@ -766,6 +772,9 @@ impl Engine {
                         d
                     }
                 };
+                if with_state && device_state.is_none() {
+                    device_state = Some(g.spawn_device_state(ds_timeout));
+                }
                 let pages = copy_pages(live, &dirty);
                 let scanned_at = Instant::now();
                 let state = match device_state {
