@@ -282,8 +282,15 @@ pub enum FtRole {
 /// Timings of a failover, as the backup measured them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FailoverReport {
-    /// Last sign of life from the primary → takeover decision.
+    /// Last sign of life from the primary → failure detected: a silence
+    /// reaching the suspicion timeout (the primary's fencing timeout), or
+    /// the primary's report that its QEMU died, or an operator's command.
     pub detection_ms: f64,
+    /// Detected → takeover decision: the margin in which a primary cut off
+    /// from its backup certainly fences itself (0 when the primary reported
+    /// the crash, or the operator asked).
+    #[serde(default)]
+    pub fence_wait_ms: f64,
     /// Takeover decision → guest running on this host.
     pub restore_ms: f64,
     pub total_ms: f64,

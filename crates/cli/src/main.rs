@@ -997,8 +997,15 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         "\nfailover benchmark: kill {kill}, epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
     );
     println!(
-        "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19}",
-        "RAM MiB", "pause p50 ms", "pause p99 ms", "restore ms", "served ms", "all rounds pass"
+        "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19}",
+        "RAM MiB",
+        "pause p50 ms",
+        "pause p99 ms",
+        "detect ms",
+        "fence wait ms",
+        "restore ms",
+        "served ms",
+        "all rounds pass"
     );
     for (mem, r) in &rows {
         let col = |f: &dyn Fn(&tandem_drill::RoundReport) -> f64| {
@@ -1006,10 +1013,12 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             format!("{:>8.1} / {:>8.1}", pct(v.clone(), 50.0), pct(v, 99.0))
         };
         println!(
-            "{:>8} {} {} {} {} {:>19}",
+            "{:>8} {} {} {} {} {} {} {:>19}",
             mem,
             col(&|x| x.pause_p50_ms),
             col(&|x| x.pause_p99_ms),
+            col(&|x| x.detection_ms),
+            col(&|x| x.fence_wait_ms),
             col(&|x| x.restore_ms),
             col(&|x| x.client_served_ms),
             r.iter().all(|x| x.passed)
@@ -1417,7 +1426,7 @@ fn yes_no(b: bool) -> &'static str {
 fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
     println!("\nfailover drill report (seed {seed})");
     println!(
-        "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10}  verdict",
+        "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}  verdict",
         "round",
         "kill",
         "replies",
@@ -1426,12 +1435,13 @@ fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
         "pause p50",
         "pause p99",
         "detect ms",
+        "wait ms",
         "restore ms",
         "served ms"
     );
     for r in reports {
         println!(
-            "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9.2} {:>9.2} {:>10.0} {:>10.0} {:>10.0}  {}",
+            "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9.2} {:>9.2} {:>10.0} {:>10.0} {:>10.0} {:>10.0}  {}",
             r.round,
             r.kill
                 .map(|k| format!("{k:?}").to_lowercase())
@@ -1442,6 +1452,7 @@ fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
             r.pause_p50_ms,
             r.pause_p99_ms,
             r.detection_ms,
+            r.fence_wait_ms,
             r.restore_ms,
             r.client_served_ms,
             if r.passed { "PASS" } else { "FAIL" }
@@ -1528,8 +1539,8 @@ fn print_ft(all: &[FtStatus]) {
         }
         if let Some(f) = &s.failover {
             println!(
-                "  failover:        from epoch {}: detection {:.0} ms + restore {:.0} ms = {:.0} ms ({})",
-                f.epoch, f.detection_ms, f.restore_ms, f.total_ms, f.reason
+                "  failover:        from epoch {}: detection {:.0} ms + fence wait {:.0} ms + restore {:.0} ms = {:.0} ms ({})",
+                f.epoch, f.detection_ms, f.fence_wait_ms, f.restore_ms, f.total_ms, f.reason
             );
         }
     }

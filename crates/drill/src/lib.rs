@@ -127,6 +127,8 @@ pub struct RoundReport {
     pub pause_p50_ms: f64,
     pub pause_p99_ms: f64,
     pub detection_ms: f64,
+    /// Detected → takeover decision (the wait for the primary's fence).
+    pub fence_wait_ms: f64,
     pub restore_ms: f64,
     pub client_served_ms: f64,
     pub continued_records: usize,
@@ -180,10 +182,11 @@ pub fn run(opts: &DrillOptions, mut say: impl FnMut(&str)) -> anyhow::Result<Vec
         let r = run_round(opts, round, kill, &mut rng, &mut say)
             .with_context(|| format!("round {round}"))?;
         say(&format!(
-            "round {round}: {} — {} replies, failover detection {:.0} ms + restore {:.0} ms, client served {:.0} ms after the kill",
+            "round {round}: {} — {} replies, failover detection {:.0} ms + fence wait {:.0} ms + restore {:.0} ms, client served {:.0} ms after the kill",
             if r.passed { "PASS" } else { "FAIL" },
             r.replies_delivered,
             r.detection_ms,
+            r.fence_wait_ms,
             r.restore_ms,
             r.client_served_ms
         ));
@@ -781,6 +784,7 @@ fn run_round(
         pause_p50_ms: before.pause_p50_ms,
         pause_p99_ms: before.pause_p99_ms,
         detection_ms: report.detection_ms,
+        fence_wait_ms: report.fence_wait_ms,
         restore_ms: report.restore_ms,
         client_served_ms: served.as_secs_f64() * 1e3,
         continued_records: continued,

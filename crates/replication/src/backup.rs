@@ -37,6 +37,11 @@ pub struct BackupConfig {
     /// longer than the primary's fencing timeout (the margin is what keeps
     /// split brain out).
     pub takeover_timeout: Duration,
+    /// Silence after which the primary is suspected: the failure is
+    /// detected here, and the rest of `takeover_timeout` is the wait until
+    /// the primary has certainly fenced itself. tandemd uses the primary's
+    /// fencing timeout. Reported as detection and fence wait.
+    pub suspect_after: Duration,
     /// Take over automatically; when false, only `tandem failover` does.
     pub auto_failover: bool,
 }
@@ -47,6 +52,7 @@ impl BackupConfig {
             root,
             heartbeat: Duration::from_millis(100),
             takeover_timeout: Duration::from_millis(2500),
+            suspect_after: Duration::from_millis(1500),
             auto_failover: true,
         }
     }
@@ -63,9 +69,20 @@ pub trait Activate: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }
 
+/// The failure detector's verdict on one silence of the primary.
+#[derive(Clone, Copy)]
+struct Suspicion {
+    /// The `last_heard` it is about; a newer one makes it stale.
+    heard: Instant,
+    /// When the watchdog noticed, and how long the silence was then.
+    at: Instant,
+    silence: Duration,
+}
+
 struct Replica {
     status: FtStatus,
     last_heard: Instant,
+    suspected: Option<Suspicion>,
     armed: bool,
     /// Bumped per connection, so a stale handler cannot disarm a new one,
     /// and by a takeover, after which no connection may touch the replica.
@@ -159,6 +176,7 @@ impl Backup {
                     ..Default::default()
                 },
                 last_heard: Instant::now(),
+                suspected: None,
                 armed: false,
                 generation: 0,
                 active_conn: false,
@@ -360,6 +378,10 @@ impl Backup {
         if let Some(r) = reps.get_mut(vm) {
             if r.generation == generation {
                 r.last_heard = Instant::now();
+                if r.suspected.take().is_some() {
+                    info!(%vm, "the suspected primary was heard again");
+                    r.status.detail.clear();
+                }
             }
         }
     }
@@ -418,14 +440,30 @@ impl Backup {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tick.tick().await;
-            let due: Vec<(String, Duration)> = self
-                .replicas()
-                .iter()
-                .filter(|(_, r)| {
-                    r.armed && !r.applying && r.last_heard.elapsed() >= self.cfg.takeover_timeout
-                })
-                .map(|(n, r)| (n.clone(), r.last_heard.elapsed()))
-                .collect();
+            let mut due: Vec<(String, Duration)> = Vec::new();
+            for (vm, r) in self.replicas().iter_mut() {
+                if !r.armed || r.applying {
+                    continue;
+                }
+                let silence = r.last_heard.elapsed();
+                let fresh = r.suspected.is_none_or(|s| s.heard != r.last_heard);
+                if silence >= self.cfg.suspect_after && fresh {
+                    r.suspected = Some(Suspicion {
+                        heard: r.last_heard,
+                        at: Instant::now(),
+                        silence,
+                    });
+                    r.status.detail = format!(
+                        "primary silent for {} ms: suspected; taking over at {} ms of silence (the primary fences itself by then)",
+                        silence.as_millis(),
+                        self.cfg.takeover_timeout.as_millis()
+                    );
+                    warn!(%vm, silence_ms = silence.as_millis() as u64, "primary suspected");
+                }
+                if silence >= self.cfg.takeover_timeout {
+                    due.push((vm.clone(), silence));
+                }
+            }
             for (vm, silent) in due {
                 let b = self.clone();
                 let reason = format!("no word from the primary for {silent:?}");
@@ -462,6 +500,9 @@ impl Backup {
         still_silent: Option<Duration>,
     ) -> Result<FailoverReport, String> {
         let decided = Instant::now();
+        // Detection, and the wait for the primary's fence that followed it.
+        let mut detection = silent_for;
+        let mut fence_wait = Duration::ZERO;
         let store_lock = {
             let mut reps = self.replicas();
             let r = reps
@@ -470,6 +511,10 @@ impl Backup {
             if let Some(quiet) = still_silent {
                 if !r.armed || r.applying || r.last_heard.elapsed() < quiet {
                     return Err(format!("the primary of `{vm}` was heard again"));
+                }
+                if let Some(s) = r.suspected.filter(|s| s.heard == r.last_heard) {
+                    detection = s.silence;
+                    fence_wait = decided.saturating_duration_since(s.at);
                 }
             }
             if r.status.state == "taking-over" || r.status.state == "failed-over" {
@@ -499,17 +544,19 @@ impl Backup {
         let dir = self.replica_dir(vm);
         let result = self.activate.activate(vm.to_string(), dir).await;
         let restore_ms = decided.elapsed().as_secs_f64() * 1e3;
-        let detection_ms = silent_for.as_secs_f64() * 1e3;
+        let detection_ms = detection.as_secs_f64() * 1e3;
+        let fence_wait_ms = fence_wait.as_secs_f64() * 1e3;
         match result {
             Ok(()) => {
                 let report = FailoverReport {
                     detection_ms,
+                    fence_wait_ms,
                     restore_ms,
-                    total_ms: detection_ms + restore_ms,
+                    total_ms: detection_ms + fence_wait_ms + restore_ms,
                     epoch,
                     reason: reason.to_string(),
                 };
-                info!(%vm, epoch, detection_ms, restore_ms, "failed over");
+                info!(%vm, epoch, detection_ms, fence_wait_ms, restore_ms, "failed over");
                 self.update(vm, |r| {
                     r.status.state = "failed-over".into();
                     r.status.failover = Some(report.clone());

@@ -52,10 +52,14 @@ async fn rig() -> Rig {
 }
 
 async fn rig_with(activate: Arc<dyn Activate>) -> Rig {
+    rig_configured(activate, |cfg| cfg.auto_failover = false).await
+}
+
+async fn rig_configured(activate: Arc<dyn Activate>, set: impl FnOnce(&mut BackupConfig)) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("replicas");
     let mut cfg = BackupConfig::new(root.clone());
-    cfg.auto_failover = false;
+    set(&mut cfg);
     let backup = Backup::new(cfg, activate);
     let ep = Endpoint::Unix(tmp.path().join("repl.sock"));
     let listener = Listener::bind(&ep).await.unwrap();
@@ -161,6 +165,49 @@ fn committed(root: &std::path::Path) -> Option<u64> {
     )
     .unwrap()
     .committed_epoch()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_primary_is_suspected_first_and_taken_over_after_the_fence_wait() {
+    let suspect = Duration::from_millis(300);
+    let takeover = Duration::from_millis(900);
+    let r = rig_configured(Arc::new(NoopActivate), |cfg| {
+        cfg.heartbeat = Duration::from_millis(100);
+        cfg.suspect_after = suspect;
+        cfg.takeover_timeout = takeover;
+    })
+    .await;
+    let (mut c, _) = Conn::open(&r.ep).await;
+    c.send(&epoch(1, 0x11)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    // From here the primary says nothing (its connection stays open).
+    let mut saw_suspicion = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = r.backup.status().remove(0);
+        if st.state == "standby" && st.detail.contains("suspected") {
+            saw_suspicion = true;
+        }
+        if st.state == "failed-over" || std::time::Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(st.state, "failed-over", "{st:?}");
+    assert!(saw_suspicion, "no suspicion was shown before the takeover");
+    let f = st.failover.expect("a failover report");
+    // Detected once the silence reached the suspicion timeout, taken over
+    // only after the rest of the takeover timeout.
+    assert!(
+        f.detection_ms >= suspect.as_millis() as f64
+            && f.detection_ms < takeover.as_millis() as f64,
+        "{f:?}"
+    );
+    assert!(
+        f.detection_ms + f.fence_wait_ms >= takeover.as_millis() as f64 - 1.0,
+        "taken over before the takeover timeout: {f:?}"
+    );
+    assert_eq!(f.epoch, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

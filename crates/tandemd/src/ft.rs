@@ -115,6 +115,7 @@ impl Ft {
         let mut bcfg = BackupConfig::new(settings.replica_root.clone());
         bcfg.heartbeat = settings.heartbeat;
         bcfg.takeover_timeout = settings.takeover_timeout;
+        bcfg.suspect_after = settings.fence_timeout;
         bcfg.auto_failover = settings.auto_failover;
         let backup = Backup::new(bcfg, Arc::new(SupervisorActivate(sup.clone())));
         if let Some(ep) = &settings.listen {
