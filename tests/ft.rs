@@ -390,6 +390,31 @@ fn backup_restart_mid_stream_resumes_protection() {
         s["state"] == "standby"
     });
     assert!(b["last_committed"].as_u64().unwrap() > before, "{b:#}");
+    // The new session's running copy sent only what the replica lacked
+    // (the backup's digest of it), not all of RAM again.
+    let log = p.a.log();
+    let copy = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("initial copy sent"))
+        .map(strip_ansi)
+        .expect("no initial copy in the primary's log");
+    let field = |k: &str| -> String {
+        copy.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {k}= in {copy}"))
+            .to_string()
+    };
+    eprintln!("primary after the backup's restart: {copy}");
+    assert_eq!(field("digest"), "true", "{copy}");
+    let (sent, of): (u64, u64) = (
+        field("pages").parse().unwrap(),
+        field("of").parse().unwrap(),
+    );
+    assert!(
+        of > 0 && sent * 4 < of,
+        "the resync after the restart sent {sent} of {of} pages: {copy}"
+    );
     // Once the stream ends, no epoch is left half-applied.
     p.a.cli_ok(&["unprotect", "ft4"]);
     wait_ft(
@@ -552,4 +577,23 @@ fn a_backup_that_never_answers_does_not_pause_the_guest() {
     a.cli_ok(&["unprotect", "mute"]);
     done.store(true, Ordering::SeqCst);
     assert!(mute.join().unwrap() >= 1, "the primary never connected");
+}
+
+/// A log line without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // ESC [ … letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

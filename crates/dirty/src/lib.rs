@@ -61,8 +61,10 @@ impl<'a> RamView<'a> {
         &self.bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
     }
 
-    /// The page's content hash; a hole is not read.
-    fn page_hash(&self, page: usize) -> u64 {
+    /// The page's content hash (xxh3-64 of its bytes; a hole is not
+    /// read, and hashes as zeroes do). The backup hashes its replica the
+    /// same way, so the two can compare pages without sending them.
+    pub fn page_hash(&self, page: usize) -> u64 {
         if self.may_hold_data(page) {
             xxhash_rust::xxh3::xxh3_64(self.page(page))
         } else {

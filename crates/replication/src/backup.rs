@@ -236,6 +236,44 @@ impl Backup {
         let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
         info!(%vm, %peer, base, "replica connected");
 
+        // What the replica RAM holds, page by page, so the primary's
+        // running copy sends only what differs. Reading it is not the
+        // primary's silence, and a takeover waits for it (the store lock).
+        let digest = {
+            let Some(store_lock) = self.begin_apply(&vm, generation) else {
+                self.end_conn(&vm, generation, false, "superseded".into());
+                return;
+            };
+            let _reading = store_lock.lock().await;
+            let t = Instant::now();
+            let joined = tokio::task::spawn_blocking(move || {
+                let d = store.ram_digest();
+                (d, store)
+            })
+            .await;
+            self.end_apply(&vm, generation);
+            let Ok((digest, back)) = joined else {
+                self.end_conn(&vm, generation, false, "digest task failed".into());
+                return;
+            };
+            store = back;
+            match digest {
+                Ok(d) => {
+                    info!(%vm, pages = d.len(), ms = t.elapsed().as_millis() as u64, "replica digest sent");
+                    d
+                }
+                Err(e) => {
+                    // Not fatal: the primary then sends everything.
+                    warn!(%vm, "cannot read the replica for its digest: {e}");
+                    Vec::new()
+                }
+            }
+        };
+        for f in wire::ReplicaDigest::frames(base, &digest) {
+            let _ = out_tx.send(f);
+        }
+        drop(digest);
+
         // An epoch carries at most every disk once over (a resync), plus
         // the log's per-record overhead.
         let disk_limit: u64 = hello
@@ -322,6 +360,11 @@ impl Backup {
                                 if consistent {
                                     r.armed = self.cfg.auto_failover;
                                     r.status.state = "standby".into();
+                                } else {
+                                    // Nothing to resume until device state
+                                    // follows (a resync after reconnecting).
+                                    r.armed = false;
+                                    r.status.state = "syncing".into();
                                 }
                                 r.status.detail =
                                     format!("last apply {:.1} ms", t.elapsed().as_secs_f64() * 1e3);

@@ -462,8 +462,15 @@ impl Engine {
         if let Some(o) = &self.cfg.observer {
             o.session_started(base, epoch + 1);
         }
+        // The backup follows its answer with a digest of its replica RAM.
+        let pages = (self.port.ram_size() / PAGE_SIZE as u64) as usize;
+        let digest = match receive_digest(&mut ack_rx, pages).await {
+            Ok(d) => d,
+            Err(e) => return Ended::Lost(e),
+        };
         // A new connection starts from a full copy: what the backup holds
-        // beyond its last commit is unknown.
+        // beyond its last commit is unknown (the digest then trims it to
+        // the pages that differ).
         tracker.mark_all_dirty();
         for d in &self.disks {
             d.resync_all();
@@ -486,7 +493,10 @@ impl Engine {
 
         // Initial copy while the guest runs: pages are copied first and
         // hashed as copied, so later changes show up in the next scan.
-        if let Err(e) = self.send_running_copy(&mut wr, ram, tracker, epoch).await {
+        if let Err(e) = self
+            .send_running_copy(&mut wr, ram, tracker, epoch, digest)
+            .await
+        {
             return Ended::Lost(e);
         }
         epoch += 1;
@@ -648,6 +658,7 @@ impl Engine {
         ram: &RamMap,
         tracker: &mut Box<dyn DirtyTracker>,
         epoch: u64,
+        digest: Option<Vec<u64>>,
     ) -> Result<(), String> {
         let t = Instant::now();
         if let Some(log) = &self.cfg.external_log {
@@ -672,6 +683,11 @@ impl Engine {
                 .map_err(|e| e.to_string())?;
             (snapshot, dirty)
         };
+        let collected = dirty.len();
+        let dirty = match &digest {
+            Some(replica) => differing_pages(RamView::dense(&snapshot), dirty, replica),
+            None => dirty,
+        };
         let pages = copy_pages(&snapshot, &dirty);
         drop(snapshot);
         let disk_writes: Vec<Vec<u8>> = self.disks.iter().map(|d| d.take_writes()).collect();
@@ -692,10 +708,21 @@ impl Engine {
         info!(
             vm = %self.port.name(),
             pages = dirty.len(),
+            of = collected,
+            digest = digest.is_some(),
             bytes,
             ms = t.elapsed().as_millis() as u64,
             "initial copy sent"
         );
+        self.set(|s| {
+            s.detail = match &digest {
+                Some(_) => format!(
+                    "initial copy: {} of {collected} pages differed from the replica",
+                    dirty.len()
+                ),
+                None => format!("initial copy: {} pages", dirty.len()),
+            }
+        });
         Ok(())
     }
 
@@ -1011,6 +1038,50 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Of the pages a running copy would send, those whose content differs
+/// from the replica's (by the backup's per-page hashes): the rest are
+/// already there.
+fn differing_pages(ram: RamView<'_>, dirty: Vec<u64>, replica: &[u64]) -> Vec<u64> {
+    dirty
+        .into_iter()
+        .filter(|&p| replica.get(p as usize) != Some(&ram.page_hash(p as usize)))
+        .collect()
+}
+
+/// The backup's digest of its replica RAM, which follows its answer to
+/// hello: `None` when it offers none (send everything). Bounded in time;
+/// a digest for another RAM size ends the session.
+async fn receive_digest(
+    rx: &mut mpsc::UnboundedReceiver<Result<Frame, String>>,
+    pages: usize,
+) -> Result<Option<Vec<u64>>, String> {
+    // Hashing a large replica takes the backup a while (~0.3 s per GiB).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut collector = wire::DigestCollector::default();
+    loop {
+        let f = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err("backup closed the connection before its digest".into()),
+            Err(_) => return Err("backup sent no replica digest within 120 s".into()),
+        };
+        if f.kind != FrameKind::ReplicaDigest {
+            return Err(format!("expected the replica digest, got {f:?}"));
+        }
+        let d = wire::ReplicaDigest::decode(&f.payload).map_err(|e| e.to_string())?;
+        if d.total != 0 && d.total != pages as u64 {
+            return Err(format!(
+                "the backup's replica has {} pages, this VM {pages}",
+                d.total
+            ));
+        }
+        if collector.push(d).map_err(|e| e.to_string())? {
+            let hashes = collector.into_hashes();
+            return Ok((!hashes.is_empty()).then_some(hashes));
+        }
+    }
+}
+
 /// A `RESYNC` the backup sent before closing, if one arrives shortly.
 async fn backup_reason(rx: &mut mpsc::UnboundedReceiver<Result<Frame, String>>) -> Option<String> {
     let deadline = Instant::now() + Duration::from_millis(300);
@@ -1037,6 +1108,22 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pages_the_replica_lacks_are_copied() {
+        let mut ram = vec![0u8; 4 * PAGE_SIZE];
+        ram[PAGE_SIZE] = 1;
+        ram[3 * PAGE_SIZE] = 3;
+        let view = RamView::dense(&ram);
+        let mut replica: Vec<u64> = (0..4).map(|p| view.page_hash(p)).collect();
+        replica[3] ^= 1; // page 3 differs on the backup
+        assert_eq!(differing_pages(view, vec![0, 1, 2, 3], &replica), [3]);
+        // A digest too short for the RAM vouches for nothing beyond it.
+        assert_eq!(
+            differing_pages(view, vec![0, 1, 2, 3], &replica[..2]),
+            [2, 3]
+        );
+    }
 
     #[test]
     fn the_epoch_schedule_does_not_drift_and_does_not_burst() {

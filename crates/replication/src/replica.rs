@@ -4,7 +4,10 @@
 //! - `ram` — the replica of guest RAM (sparse file of the guest's RAM size)
 //! - `disk-<name>.raw` — one replica per replicated disk
 //! - `device-state` — QEMU's device state as of the committed epoch
-//! - `committed.json` — `{epoch, device_state_len, device_state_crc}`
+//! - `committed.json` — `{epoch, device_state_len, device_state_crc}`;
+//!   `device_state_len` 0 means the committed epoch had no device state
+//!   (a running copy): the replica is not resumable until one that has
+//!   commits
 //! - `staging/epoch-N.journal` + `staging/epoch-N.ready` — the redo journal
 //!
 //! Applying an epoch is crash-safe by redo: (a) the whole epoch is written
@@ -126,6 +129,31 @@ impl ReplicaStore {
     /// initial RAM-only copy does not).
     pub fn is_consistent(&self) -> bool {
         self.committed.is_some_and(|c| c.device_state_len > 0)
+    }
+
+    /// The xxh3-64 hash of every page of the replica RAM, as committed
+    /// (holes read as zeroes), for a new session's delta copy. The same
+    /// hash the scan tracker keeps, so both sides agree on equal pages.
+    pub fn ram_digest(&self) -> Result<Vec<u64>, ReplicaError> {
+        let path = self.ram_path();
+        let pages = (self.ram_size / PAGE_SIZE as u64) as usize;
+        let mut hashes = Vec::with_capacity(pages);
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        let mut page = 0usize;
+        while page < pages {
+            let n = (pages - page).min(256);
+            let chunk = &mut buf[..n * PAGE_SIZE];
+            self.ram
+                .read_exact_at(chunk, (page * PAGE_SIZE) as u64)
+                .map_err(io("reading", &path))?;
+            hashes.extend(
+                chunk
+                    .chunks_exact(PAGE_SIZE)
+                    .map(xxhash_rust::xxh3::xxh3_64),
+            );
+            page += n;
+        }
+        Ok(hashes)
     }
 
     pub fn dir(&self) -> &Path {
@@ -274,7 +302,15 @@ impl ReplicaStore {
             device_state_len: 0,
             device_state_crc: 0,
         });
-        if !e.device_state.is_empty() {
+        if e.device_state.is_empty() {
+            // RAM (and disk) from a moment no device state belongs to: a
+            // new session's running copy, or epochs while a disk is being
+            // copied. The replica is not resumable again until an epoch
+            // with device state commits; keeping the older device state
+            // would pair it with RAM it never saw.
+            rec.device_state_len = 0;
+            rec.device_state_crc = 0;
+        } else {
             let p = self.device_state_path();
             write_durable(&p, &e.device_state)?;
             rec.device_state_len = e.device_state.len() as u64;

@@ -50,6 +50,10 @@ pub enum FrameKind {
     /// instead of waiting out the takeover timeout. Payload: u64 ms from
     /// the primary noticing the loss to sending this.
     GuestLost = 11,
+    /// Backup → primary, right after the hello answer: a chunk of the
+    /// replica RAM's per-page hashes ([`ReplicaDigest`]), so the running
+    /// copy sends only pages that differ.
+    ReplicaDigest = 12,
 }
 
 impl FrameKind {
@@ -66,6 +70,7 @@ impl FrameKind {
             9 => FrameKind::DiskWrites,
             10 => FrameKind::Bye,
             11 => FrameKind::GuestLost,
+            12 => FrameKind::ReplicaDigest,
             _ => return None,
         })
     }
@@ -342,6 +347,123 @@ impl EpochEnd {
     }
 }
 
+/// Payload of a `ReplicaDigest` frame: the xxh3-64 hashes of replica RAM
+/// pages `first..first + hashes.len()`, of `total` pages in all. Chunks
+/// come in order; `total` 0 says the backup offers no digest (send
+/// everything).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaDigest {
+    pub first: u64,
+    pub total: u64,
+    pub hashes: Vec<u64>,
+}
+
+impl ReplicaDigest {
+    /// Hashes per frame: the payload stays under [`MAX_PAYLOAD`].
+    pub const PER_FRAME: usize = (MAX_PAYLOAD - 16) / 8;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16 + 8 * self.hashes.len());
+        v.extend_from_slice(&self.first.to_le_bytes());
+        v.extend_from_slice(&self.total.to_le_bytes());
+        for h in &self.hashes {
+            v.extend_from_slice(&h.to_le_bytes());
+        }
+        v
+    }
+
+    pub fn decode(p: &[u8]) -> Result<Self, WireError> {
+        let bad = |why: String| WireError::Malformed {
+            kind: FrameKind::ReplicaDigest,
+            why,
+        };
+        if p.len() < 16 || !(p.len() - 16).is_multiple_of(8) {
+            return Err(bad(format!(
+                "{} bytes is not a header and whole hashes",
+                p.len()
+            )));
+        }
+        let (first, total) = (u64_at(p, 0), u64_at(p, 8));
+        let n = ((p.len() - 16) / 8) as u64;
+        if first.checked_add(n).is_none_or(|end| end > total) {
+            return Err(bad(format!("pages {first}+{n} run past the total {total}")));
+        }
+        let hashes = p[16..].chunks_exact(8).map(|c| u64_at(c, 0)).collect();
+        Ok(ReplicaDigest {
+            first,
+            total,
+            hashes,
+        })
+    }
+
+    /// Splits `hashes` (all pages) into frames for `epoch`.
+    pub fn frames(epoch: u64, hashes: &[u64]) -> Vec<Frame> {
+        let total = hashes.len() as u64;
+        if hashes.is_empty() {
+            let none = ReplicaDigest {
+                first: 0,
+                total: 0,
+                hashes: Vec::new(),
+            };
+            return vec![Frame::new(
+                FrameKind::ReplicaDigest,
+                epoch,
+                0,
+                none.encode(),
+            )];
+        }
+        hashes
+            .chunks(Self::PER_FRAME)
+            .enumerate()
+            .map(|(i, c)| {
+                let d = ReplicaDigest {
+                    first: (i * Self::PER_FRAME) as u64,
+                    total,
+                    hashes: c.to_vec(),
+                };
+                Frame::new(FrameKind::ReplicaDigest, epoch, i as u32, d.encode())
+            })
+            .collect()
+    }
+}
+
+/// Collects a digest's chunks, in order, into one hash per page.
+#[derive(Debug, Default)]
+pub struct DigestCollector {
+    hashes: Vec<u64>,
+    total: Option<u64>,
+}
+
+impl DigestCollector {
+    /// Takes the next chunk. `Ok(true)`: the digest is complete (possibly
+    /// empty: the backup offers none).
+    pub fn push(&mut self, d: ReplicaDigest) -> Result<bool, WireError> {
+        let bad = |why: String| WireError::Malformed {
+            kind: FrameKind::ReplicaDigest,
+            why,
+        };
+        if *self.total.get_or_insert(d.total) != d.total {
+            return Err(bad(format!("total changed to {}", d.total)));
+        }
+        if d.first != self.hashes.len() as u64 {
+            return Err(bad(format!(
+                "chunk starts at page {}, expected {}",
+                d.first,
+                self.hashes.len()
+            )));
+        }
+        if d.total > 0 && d.hashes.is_empty() {
+            return Err(bad("an empty chunk of a non-empty digest".into()));
+        }
+        self.hashes.extend(d.hashes);
+        Ok(self.hashes.len() as u64 == d.total)
+    }
+
+    pub fn into_hashes(self) -> Vec<u64> {
+        self.hashes
+    }
+}
+
 /// Splits a `Pages` payload into (page index, page bytes) records.
 pub fn page_records(p: &[u8]) -> Result<impl Iterator<Item = (u64, &[u8])>, WireError> {
     const REC: usize = 8 + PAGE_SIZE;
@@ -360,6 +482,60 @@ pub const PAGES_PER_FRAME: usize = 500;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_goes_in_chunks_and_comes_back_whole() {
+        let hashes: Vec<u64> = (0..ReplicaDigest::PER_FRAME as u64 * 2 + 5)
+            .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .collect();
+        let frames = ReplicaDigest::frames(7, &hashes);
+        assert_eq!(frames.len(), 3);
+        let mut c = DigestCollector::default();
+        let mut done = false;
+        for f in &frames {
+            assert!(f.payload.len() <= MAX_PAYLOAD);
+            assert!(!done);
+            done = c.push(ReplicaDigest::decode(&f.payload).unwrap()).unwrap();
+        }
+        assert!(done);
+        assert_eq!(c.into_hashes(), hashes);
+        // No replica: one empty chunk, complete at once.
+        let none = ReplicaDigest::frames(0, &[]);
+        let mut c = DigestCollector::default();
+        assert!(c
+            .push(ReplicaDigest::decode(&none[0].payload).unwrap())
+            .unwrap());
+        assert!(c.into_hashes().is_empty());
+    }
+
+    #[test]
+    fn a_digest_out_of_order_or_past_its_total_is_refused() {
+        let chunk = |first, total, n: usize| ReplicaDigest {
+            first,
+            total,
+            hashes: vec![1; n],
+        };
+        let mut c = DigestCollector::default();
+        assert!(c.push(chunk(4, 8, 4)).is_err(), "a gap");
+        let mut c = DigestCollector::default();
+        assert!(!c.push(chunk(0, 8, 4)).unwrap());
+        assert!(c.push(chunk(4, 9, 4)).is_err(), "the total changed");
+        let mut c = DigestCollector::default();
+        assert!(c.push(chunk(0, 8, 0)).is_err(), "an empty chunk");
+        assert!(ReplicaDigest::decode(&chunk(6, 8, 4).encode()).is_err());
+        assert!(ReplicaDigest::decode(&chunk(u64::MAX, u64::MAX, 1).encode()).is_err());
+        assert!(ReplicaDigest::decode(&[0u8; 20]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn digest_decode_never_panics(p in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100)) {
+            if let Ok(d) = ReplicaDigest::decode(&p) {
+                proptest::prop_assert_eq!(d.encode(), p);
+            }
+        }
+    }
+
     use proptest::prelude::*;
 
     fn kinds() -> impl Strategy<Value = FrameKind> {

@@ -83,6 +83,12 @@ struct Conn {
 
 impl Conn {
     async fn open(ep: &Endpoint) -> (Conn, u64) {
+        let (c, base, _) = Conn::open_with_digest(ep).await;
+        (c, base)
+    }
+
+    /// Connects, and returns also the backup's digest of its replica RAM.
+    async fn open_with_digest(ep: &Endpoint) -> (Conn, u64, Vec<u64>) {
         let mut s = link::connect(ep).await.unwrap();
         let hello = Hello {
             vm: "vm1".into(),
@@ -102,7 +108,18 @@ impl Conn {
             .await
             .expect("hello answer")
             .epoch;
-        (c, base)
+        let mut digest = wire::DigestCollector::default();
+        loop {
+            let f = c.next(FrameKind::ReplicaDigest).await.expect("digest");
+            assert_eq!(f.epoch, base);
+            if digest
+                .push(wire::ReplicaDigest::decode(&f.payload).unwrap())
+                .unwrap()
+            {
+                break;
+            }
+        }
+        (c, base, digest.into_hashes())
     }
 
     async fn send_raw(&mut self, bytes: &[u8]) {
@@ -208,6 +225,79 @@ async fn a_silent_primary_is_suspected_first_and_taken_over_after_the_fence_wait
         "taken over before the takeover timeout: {f:?}"
     );
     assert_eq!(f.epoch, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_primary_gets_a_digest_of_the_committed_replica() {
+    let r = rig().await;
+    let (mut c, base, digest) = Conn::open_with_digest(&r.ep).await;
+    assert_eq!(base, 0);
+    // A fresh replica reads as zeroes.
+    let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
+    assert_eq!(digest.len() as u64, RAM / PAGE_SIZE as u64);
+    assert!(digest.iter().all(|&h| h == zero));
+    c.send(&epoch(1, 0x11)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    // An epoch that never commits must not show in the next digest.
+    c.send(&epoch(2, 0x22)[..2]).await;
+    drop(c);
+
+    let (_c, base, digest) = Conn::open_with_digest(&r.ep).await;
+    assert_eq!(base, 1);
+    let filled = xxhash_rust::xxh3::xxh3_64(&[0x11u8; PAGE_SIZE]);
+    for (page, h) in digest.iter().enumerate() {
+        let want = if [1, 7, 63].contains(&page) {
+            filled
+        } else {
+            zero
+        };
+        assert_eq!(*h, want, "page {page}");
+    }
+}
+
+/// An epoch without device state: a new session's running copy, or RAM
+/// while a disk is still being copied.
+fn ram_only_epoch(n: u64, fill: u8) -> Vec<Frame> {
+    let pages = [1u64, 7, 63];
+    let data = vec![fill; pages.len() * PAGE_SIZE];
+    EpochBuilder::build(RAM, n, &pages, &data, &[], &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ram_only_epoch_leaves_nothing_to_resume_until_device_state_follows() {
+    let r = rig_with(Arc::new(NoopActivate)).await;
+    let (mut c, _) = Conn::open(&r.ep).await;
+    c.send(&epoch(1, 0x11)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    assert_eq!(r.backup.status()[0].state, "standby");
+    drop(c);
+
+    // The primary reconnects (a lifted fence, a restarted backup) and
+    // starts over with a running copy of RAM, taken while the guest runs.
+    let (mut c, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 1);
+    c.send(&ram_only_epoch(2, 0x22)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 2);
+    // That RAM belongs to no device state the replica holds: resuming it
+    // with epoch 1's would run a guest that never existed.
+    let st = r.backup.status().remove(0);
+    assert_ne!(st.state, "standby", "{st:?}");
+    let refused = r.backup.failover("vm1", Duration::ZERO, "test").await;
+    assert!(
+        refused.is_err(),
+        "took over from RAM-only epoch 2: {refused:?}"
+    );
+
+    // The next epoch with device state makes it resumable again.
+    c.send(&epoch(3, 0x33)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 3);
+    assert_eq!(r.backup.status()[0].state, "standby");
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
