@@ -469,8 +469,9 @@ impl Drop for SmallFs {
 #[test]
 fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
     let _g = serial_guard();
-    // Too small for the first epoch's journal (128 MiB of guest RAM).
-    let fs = SmallFs::new("96m");
+    // Room for the replica (128 MiB of RAM and the 64 MiB disk, reserved
+    // when it is opened) but not for the first epoch's journal.
+    let fs = SmallFs::new("224m");
     let link = tempfile::Builder::new()
         .prefix("tandem-ft-link-")
         .tempdir()
@@ -486,6 +487,7 @@ fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
     let st = wait_ft(&p.a, "full", "degraded", Duration::from_secs(60), |s| {
         s["state"] == "degraded" && s["detail"].as_str().unwrap_or("").contains("No space left")
     });
+    eprintln!("primary: {}", st["detail"]);
     // Protection is degraded, the guest runs on, and nothing was half-applied.
     let n = *ticks(&p.a.console("full")).last().unwrap();
     p.a.wait_console(
@@ -514,6 +516,42 @@ fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
         ready.is_empty(),
         "an epoch reached its commit point on a full disk: {ready:?}"
     );
+    drop(p);
+    drop(fs);
+}
+
+#[test]
+fn a_backup_without_room_for_the_replica_refuses_it_and_says_why() {
+    let _g = serial_guard();
+    // Less than the replica's 128 MiB of RAM, which is reserved up front.
+    let fs = SmallFs::new("96m");
+    let link = tempfile::Builder::new()
+        .prefix("tandem-ft-link-")
+        .tempdir()
+        .unwrap();
+    let endpoint = format!("unix:{}/repl.sock", link.path().display());
+    let b = Daemon::start_in(Some(fs.0.join("state")), &["--repl-listen", &endpoint]);
+    let a = Daemon::start();
+    let p = Pair { a, b, endpoint };
+    p.a.create_guest("roomless", "");
+    p.a.cli_ok(&["vm", "start", "roomless"]);
+    p.a.wait_console("roomless", READY, BOOT);
+    p.a.cli_ok(&["protect", "roomless", "--backup", &p.endpoint]);
+    let st = wait_ft(&p.a, "roomless", "refused", Duration::from_secs(60), |s| {
+        let d = s["detail"].as_str().unwrap_or("");
+        s["state"] == "degraded"
+            && d.contains("backup refused the replica")
+            && d.contains("No space left")
+    });
+    // Nothing was ever sent that the backup could resume, so the guest is
+    // not fenced: it runs on.
+    let n = *ticks(&p.a.console("roomless")).last().unwrap();
+    p.a.wait_console(
+        "roomless",
+        &format!("tandem-guest: tick {}", n + 3),
+        Duration::from_secs(30),
+    );
+    assert_eq!(p.a.info("roomless")["qmp_status"], "running", "{st:#}");
     drop(p);
     drop(fs);
 }

@@ -210,6 +210,19 @@ impl Backup {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!(%vm, "cannot open replica: {e}");
+                // Say why before hanging up, so the primary can report it
+                // (a full disk, say) instead of a bare closed connection.
+                let why = Frame::new(
+                    FrameKind::Resync,
+                    0,
+                    0,
+                    format!("cannot open replica: {e}").into_bytes(),
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = wr.write_all(&why.encode()).await;
+                    let _ = wr.flush().await;
+                })
+                .await;
                 self.end_conn(&vm, generation, false, format!("cannot open replica: {e}"));
                 return;
             }
@@ -349,7 +362,6 @@ impl Backup {
                     store = back;
                     match res {
                         Ok(()) => {
-                            let _ = out_tx.send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
                             let consistent = store.is_consistent();
                             self.update(&vm, |r| {
                                 // True on disk whatever happened meanwhile.
@@ -369,6 +381,10 @@ impl Backup {
                                 r.status.detail =
                                     format!("last apply {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
                             });
+                            // Acknowledged only once armed or disarmed for
+                            // it: the primary stops fencing on the ack of a
+                            // commit that left nothing to resume.
+                            let _ = out_tx.send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
                         }
                         Err(e) => {
                             warn!(%vm, epoch, "cannot commit epoch: {e}");

@@ -10,6 +10,7 @@
 pub mod assembler;
 pub mod backup;
 pub mod disklog;
+pub mod fuzzing;
 pub mod link;
 pub mod primary;
 pub mod ram;

@@ -418,6 +418,11 @@ impl Engine {
         // The backup answers hello with the epoch it has committed (0: none).
         let base = match tokio::time::timeout(self.cfg.fence_timeout, ack_rx.recv()).await {
             Ok(Some(Ok(f))) if f.kind == FrameKind::Committed => f.epoch,
+            Ok(Some(Ok(f))) if f.kind == FrameKind::Resync => {
+                let why =
+                    String::from_utf8_lossy(&f.payload[..f.payload.len().min(512)]).into_owned();
+                return Ended::Lost(format!("backup refused the replica: {why}"));
+            }
             Ok(Some(Ok(f))) => return Ended::Lost(format!("backup answered hello with {f:?}")),
             Ok(Some(Err(e))) => return Ended::Lost(e),
             Ok(None) => return Ended::Lost("backup closed the connection".into()),
@@ -534,6 +539,16 @@ impl Engine {
                 return self.guest_gone(&mut wr, write_bound).await;
             }
             let committed = *self.committed_tx.borrow();
+            // Once the backup has committed this session's running copy,
+            // and no epoch with device state has been sent since, it holds
+            // nothing it could resume (it disarmed on that commit): a
+            // fence would only pause the guest for nothing.
+            if committed > base
+                && self.first_consistent.is_none()
+                && contact.armed.swap(false, Ordering::SeqCst)
+            {
+                info!(vm = %self.port.name(), "the backup holds only the running copy: fencing disarmed until the next epoch with device state");
+            }
             let inflight = (epoch - 1).saturating_sub(committed);
             let consistent = self.first_consistent.is_some_and(|e| committed >= e);
             if consistent {
@@ -892,7 +907,12 @@ async fn fence_watchdog(
             continue;
         }
         if !contact.armed.load(Ordering::SeqCst) {
-            // Nothing the backup holds can run: no lease, no fencing.
+            // Nothing the backup holds can run: no lease, no fencing (and
+            // a lease from when it could must not freeze the guest later).
+            if lease_written != 0 {
+                port.clear_lease();
+                lease_written = 0;
+            }
             continue;
         }
         let last = contact.last_ms.load(Ordering::SeqCst);

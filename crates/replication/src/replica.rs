@@ -1,7 +1,8 @@
 //! The backup's durable replica of one VM, updated one whole epoch at a time.
 //!
 //! Directory layout:
-//! - `ram` — the replica of guest RAM (sparse file of the guest's RAM size)
+//! - `ram` — the replica of guest RAM (a file of the guest's RAM size, its
+//!   blocks allocated up front, as are the disks': see [`reserve`])
 //! - `disk-<name>.raw` — one replica per replicated disk
 //! - `device-state` — QEMU's device state as of the committed epoch
 //! - `committed.json` — `{epoch, device_state_len, device_state_crc}`;
@@ -386,7 +387,31 @@ fn open_sized(path: &Path, size: u64) -> Result<File, ReplicaError> {
     if len != size {
         f.set_len(size).map_err(io("sizing", path))?;
     }
+    reserve(&f, size).map_err(io("reserving space for", path))?;
     Ok(f)
+}
+
+/// Allocates every block of the file now, so that applying a committed
+/// epoch in place never needs new space: only staging can run out, before
+/// the commit point, which leaves the replica as it was. (Without this, a
+/// full disk during the in-place write wedged the replica on a journal it
+/// could never finish.) A filesystem that cannot preallocate is left sparse.
+fn reserve(f: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if size == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate(2) on a descriptor we own; mode 0 only allocates
+    // (the file already has this size, so its contents do not change).
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
+    }
 }
 
 fn write_zeroes(file: &File, mut off: u64, mut len: u64) -> std::io::Result<()> {
