@@ -59,22 +59,24 @@ pub fn choose(
     ctx: &TrackerContext<'_>,
 ) -> Result<(Box<dyn DirtyTracker>, String), String> {
     let scan = || -> Box<dyn DirtyTracker> { Box::new(ScanTracker::new(ctx.pages, 0)) };
-    let soft_dirty = || -> Result<Box<dyn DirtyTracker>, String> {
+    // The tracker, and how it notices punched pages (an operator should
+    // know when it is the slow `ctime` fallback).
+    let soft_dirty = || -> Result<(Box<dyn DirtyTracker>, &'static str), String> {
         if ctx.external_writers {
             return Err("a vhost-user NIC writes guest RAM outside QEMU's page tables".into());
         }
         let pid = ctx.qemu_pid.ok_or("QEMU's pid is unknown")?;
-        SoftDirtyTracker::new(pid, ctx.ram_file, ctx.pages)
-            .map(|t| Box::new(t) as Box<dyn DirtyTracker>)
-            .map_err(|e| e.to_string())
+        let t = SoftDirtyTracker::new(pid, ctx.ram_file, ctx.pages).map_err(|e| e.to_string())?;
+        let punches = t.punch_detection();
+        Ok((Box::new(t), punches))
     };
     match choice {
         TrackerChoice::Scan => Ok((scan(), "scan (chosen)".into())),
         TrackerChoice::SoftDirty => soft_dirty()
-            .map(|t| (t, "soft-dirty (chosen)".into()))
+            .map(|(t, punches)| (t, format!("soft-dirty (chosen; punches seen by {punches})")))
             .map_err(|why| format!("soft-dirty tracking unavailable: {why}")),
         TrackerChoice::Auto => Ok(match soft_dirty() {
-            Ok(t) => (t, "soft-dirty (auto)".into()),
+            Ok((t, punches)) => (t, format!("soft-dirty (auto; punches seen by {punches})")),
             Err(why) => (
                 scan(),
                 format!("scan (auto: soft-dirty unavailable: {why})"),
