@@ -28,6 +28,14 @@ pub struct ThroughputRow {
     pub epochs_per_s: f64,
 }
 
+/// Tears a bench's site down and removes its work directory (daemon logs,
+/// the drill disk). A failed bench returns early and keeps it as evidence.
+fn finish(site: crate::Site) {
+    let work = site.work.clone();
+    drop(site);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// Runs each workload `reps` times and returns the median wall time (ms).
 fn time_work(ns: &str, line: String, want: &'static str, reps: usize) -> anyhow::Result<f64> {
     let mut times = Vec::new();
@@ -102,7 +110,7 @@ pub fn throughput(
             (ft_backup(&site.b).ok()?.state == "stopped").then_some(())
         })?;
     }
-    drop(site);
+    finish(site);
     Ok(rows)
 }
 
@@ -243,7 +251,7 @@ pub fn output(
             (ft_backup(&site.b).ok()?.state == "stopped").then_some(())
         })?;
     }
-    drop(site);
+    finish(site);
     Ok(rows)
 }
 
@@ -336,7 +344,7 @@ pub fn tracker(
             rows.push(parse_trackbench(&reply?)?);
         }
     }
-    drop(site);
+    finish(site);
     Ok(rows)
 }
 
