@@ -58,6 +58,12 @@ fn pair() -> Pair {
 
 /// A pair whose backup tandemd gets `backup_args` as well.
 fn pair_with(backup_args: &[&str]) -> Pair {
+    pair_on(None, backup_args)
+}
+
+/// [`pair_with`], the backup keeping its state in `backup_state` (a
+/// fresh directory when `None`).
+fn pair_on(backup_state: Option<std::path::PathBuf>, backup_args: &[&str]) -> Pair {
     let b_dir = tempfile::Builder::new()
         .prefix("tandem-ft-link-")
         .tempdir()
@@ -68,7 +74,7 @@ fn pair_with(backup_args: &[&str]) -> Pair {
     let _ = b_path;
     let mut args = vec!["--repl-listen", endpoint.as_str()];
     args.extend_from_slice(backup_args);
-    let b = Daemon::start_with(&args);
+    let b = Daemon::start_in(backup_state, &args);
     let a = Daemon::start();
     Pair { a, b, endpoint }
 }
@@ -402,7 +408,6 @@ fn backup_restart_mid_stream_resumes_protection() {
         .lines()
         .rev()
         .find(|l| l.contains("initial copy sent"))
-        .map(strip_ansi)
         .expect("no initial copy in the primary's log");
     let field = |k: &str| -> String {
         copy.split_whitespace()
@@ -471,24 +476,24 @@ impl Drop for SmallFs {
     }
 }
 
+/// A backup whose state lives on a tmpfs of `size`, and `vm` booted on
+/// the primary and protected to it.
+fn protect_to_a_backup_on_a_small_fs(size: &str, vm: &str) -> (Pair, SmallFs) {
+    let fs = SmallFs::new(size);
+    let p = pair_on(Some(fs.0.join("state")), &[]);
+    p.a.create_guest(vm, "");
+    p.a.cli_ok(&["vm", "start", vm]);
+    p.a.wait_console(vm, READY, BOOT);
+    p.a.cli_ok(&["protect", vm, "--backup", &p.endpoint]);
+    (p, fs)
+}
+
 #[test]
 fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
     let _g = serial_guard();
     // Room for the replica (128 MiB of RAM and the 64 MiB disk, reserved
     // when it is opened) but not for the first epoch's journal.
-    let fs = SmallFs::new("224m");
-    let link = tempfile::Builder::new()
-        .prefix("tandem-ft-link-")
-        .tempdir()
-        .unwrap();
-    let endpoint = format!("unix:{}/repl.sock", link.path().display());
-    let b = Daemon::start_in(Some(fs.0.join("state")), &["--repl-listen", &endpoint]);
-    let a = Daemon::start();
-    let p = Pair { a, b, endpoint };
-    p.a.create_guest("full", "");
-    p.a.cli_ok(&["vm", "start", "full"]);
-    p.a.wait_console("full", READY, BOOT);
-    p.a.cli_ok(&["protect", "full", "--backup", &p.endpoint]);
+    let (p, fs) = protect_to_a_backup_on_a_small_fs("224m", "full");
     let st = wait_ft(&p.a, "full", "degraded", Duration::from_secs(60), |s| {
         s["state"] == "degraded" && s["detail"].as_str().unwrap_or("").contains("No space left")
     });
@@ -529,19 +534,7 @@ fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
 fn a_backup_without_room_for_the_replica_refuses_it_and_says_why() {
     let _g = serial_guard();
     // Less than the replica's 128 MiB of RAM, which is reserved up front.
-    let fs = SmallFs::new("96m");
-    let link = tempfile::Builder::new()
-        .prefix("tandem-ft-link-")
-        .tempdir()
-        .unwrap();
-    let endpoint = format!("unix:{}/repl.sock", link.path().display());
-    let b = Daemon::start_in(Some(fs.0.join("state")), &["--repl-listen", &endpoint]);
-    let a = Daemon::start();
-    let p = Pair { a, b, endpoint };
-    p.a.create_guest("roomless", "");
-    p.a.cli_ok(&["vm", "start", "roomless"]);
-    p.a.wait_console("roomless", READY, BOOT);
-    p.a.cli_ok(&["protect", "roomless", "--backup", &p.endpoint]);
+    let (p, fs) = protect_to_a_backup_on_a_small_fs("96m", "roomless");
     let st = wait_ft(&p.a, "roomless", "refused", Duration::from_secs(60), |s| {
         let d = s["detail"].as_str().unwrap_or("");
         s["state"] == "degraded"
@@ -620,23 +613,4 @@ fn a_backup_that_never_answers_does_not_pause_the_guest() {
     a.cli_ok(&["unprotect", "mute"]);
     done.store(true, Ordering::SeqCst);
     assert!(mute.join().unwrap() >= 1, "the primary never connected");
-}
-
-/// A log line without its terminal colour codes.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // ESC [ … letter
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -22,9 +22,10 @@ use tandem_dirty::{data_pages, DirtyTracker, RamView, SoftDirtyTracker, PAGE_SIZ
 
 const PAGES: usize = 2048;
 
-struct Rng(u64);
+/// xorshift64: reproducible page choices, no dependency.
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -73,6 +74,43 @@ impl Drop for SharedMap {
         // this borrow of `self`.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// Runs `f` on a fresh file `/dev/shm/<name>-<pid>` (tmpfs, as tandemd's
+/// RAM files are), removed afterwards.
+pub(crate) fn with_shm_file<T>(
+    name: &str,
+    f: impl FnOnce(File) -> Result<T, String>,
+) -> Result<T, String> {
+    let path = format!("/dev/shm/{name}-{}", std::process::id());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let result = f(file);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Starts the `dirty-writer` child on the first `pages` pages of `file`
+/// (through this process's descriptor for it).
+pub(crate) fn spawn_writer(file: &File, pages: usize) -> Result<std::process::Child, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    Command::new(exe)
+        .arg("dirty-writer")
+        .arg(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            file.as_raw_fd()
+        ))
+        .arg(pages.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the writer: {e}"))
 }
 
 /// The child: applies commands from stdin to its mapping of the file's
@@ -179,37 +217,16 @@ fn check(epochs: u32) -> Result<String, String> {
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let memfd = unsafe { File::from_raw_fd(fd) };
     let on_memfd = check_file(memfd, epochs).map_err(|e| format!("memfd: {e}"))?;
-    let path = format!("/dev/shm/tandem-sd-check-{}", std::process::id());
-    let tmpfs = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    let on_tmpfs = check_file(tmpfs, epochs);
-    let _ = std::fs::remove_file(&path);
-    Ok(format!(
-        "{on_memfd} | {}",
-        on_tmpfs.map_err(|e| format!("tmpfs: {e}"))?
-    ))
+    let on_tmpfs = with_shm_file("tandem-sd-check", |f| check_file(f, epochs))
+        .map_err(|e| format!("tmpfs: {e}"))?;
+    Ok(format!("{on_memfd} | {on_tmpfs}"))
 }
 
 fn check_file(file: File, epochs: u32) -> Result<String, String> {
-    let fd = file.as_raw_fd();
     file.set_len((PAGES * PAGE_SIZE) as u64)
         .map_err(|e| e.to_string())?;
     let mut map = SharedMap::new(&file, PAGES * PAGE_SIZE)?;
-
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .arg("dirty-writer")
-        .arg(format!("/proc/{}/fd/{fd}", std::process::id()))
-        .arg(PAGES.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning the writer: {e}"))?;
+    let mut child = spawn_writer(&file, PAGES)?;
     let result = drive(&mut child, &file, map.bytes_mut(), epochs);
     let _ = child.kill();
     let _ = child.wait();

@@ -15,13 +15,11 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use tandem_dirty::{data_pages, DirtyTracker, RamView, ScanTracker, SoftDirtyTracker, PAGE_SIZE};
 
-use crate::softdirty_check::SharedMap;
+use crate::softdirty_check::{spawn_writer, with_shm_file, Rng, SharedMap};
 
 pub fn run(mib: usize, pages_per_epoch: usize, epochs: u32) -> String {
     if let Err(why) = tandem_dirty::soft_dirty_support() {
@@ -36,50 +34,24 @@ pub fn run(mib: usize, pages_per_epoch: usize, epochs: u32) -> String {
 fn bench(mib: usize, pages_per_epoch: usize, epochs: u32) -> Result<String, String> {
     // A tmpfs file, as tandemd's RAM files are (so punches are watched
     // with inotify, as in production).
-    let path = format!("/dev/shm/tandem-trackbench-{}", std::process::id());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    let result = bench_on(&file, mib, pages_per_epoch, epochs);
-    let _ = std::fs::remove_file(&path);
-    result
-}
-
-fn bench_on(
-    file: &File,
-    mib: usize,
-    pages_per_epoch: usize,
-    epochs: u32,
-) -> Result<String, String> {
-    let pages = mib * (1 << 20) / PAGE_SIZE;
-    let fd = file.as_raw_fd();
-    file.set_len((pages * PAGE_SIZE) as u64)
-        .map_err(|e| e.to_string())?;
-    let mut map = SharedMap::new(file, pages * PAGE_SIZE)?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .arg("dirty-writer")
-        .arg(format!("/proc/{}/fd/{fd}", std::process::id()))
-        .arg(pages.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning the writer: {e}"))?;
-    let result = drive(
-        &mut child,
-        file,
-        map.bytes_mut(),
-        pages,
-        pages_per_epoch,
-        epochs,
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    with_shm_file("tandem-trackbench", |file| {
+        let pages = mib * (1 << 20) / PAGE_SIZE;
+        file.set_len((pages * PAGE_SIZE) as u64)
+            .map_err(|e| e.to_string())?;
+        let mut map = SharedMap::new(&file, pages * PAGE_SIZE)?;
+        let mut child = spawn_writer(&file, pages)?;
+        let result = drive(
+            &mut child,
+            &file,
+            map.bytes_mut(),
+            pages,
+            pages_per_epoch,
+            epochs,
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        result
+    })
 }
 
 fn drive(
@@ -104,13 +76,7 @@ fn drive(
         }
     };
     cmd(None)?;
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     // Every page written once, in batches the pipe takes comfortably.
     for chunk in (0..pages).collect::<Vec<_>>().chunks(4096) {
         let args: Vec<String> = chunk
@@ -140,7 +106,7 @@ fn drive(
     let (mut read_us, mut decide_us, mut clear_us) = (Vec::new(), Vec::new(), Vec::new());
     for epoch in 0..epochs {
         let args: Vec<String> = (0..pages_per_epoch)
-            .map(|_| format!("{} {}", next() % pages as u64, 1 + next() % 250))
+            .map(|_| format!("{} {}", rng.next() % pages as u64, 1 + rng.next() % 250))
             .collect();
         if !args.is_empty() {
             cmd(Some(format!("W {}", args.join(" "))))?;
