@@ -473,7 +473,7 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             .parse::<tandem_outcommit::Profile>()
             .map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
         let kill = kill
-            .map(|k| k.parse::<tandem_drill::KillMode>())
+            .map(|k| k.parse::<tandem_lab::KillMode>())
             .transpose()
             .map_err(|e| anyhow::anyhow!(e))?;
         let seed = seed.unwrap_or_else(|| {
@@ -486,7 +486,7 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             Some(t) => t,
             None => tandemd_beside_cli()?,
         };
-        let opts = tandem_drill::DrillOptions {
+        let opts = tandem_lab::DrillOptions {
             rounds,
             kill,
             seed,
@@ -507,7 +507,7 @@ fn drill(cli: Cli) -> anyhow::Result<()> {
             eprintln!("WARNING: --unsafe-no-clamp: acknowledgements leave before commit; this drill is expected to FAIL");
         }
         eprintln!("drill: {rounds} round(s), seed {seed} (replay with --seed {seed})");
-        let reports = tandem_drill::run(&opts, |m| eprintln!("drill: {m}"))?;
+        let reports = tandem_lab::run(&opts, |m| eprintln!("drill: {m}"))?;
         let failed = reports.iter().filter(|r| !r.passed).count();
         if json {
             print_json(&reports)?;
@@ -537,8 +537,8 @@ fn tandemd_beside_cli() -> anyhow::Result<PathBuf> {
 fn bench_options(
     memory_mib: u32,
     image_dir: &std::path::Path,
-) -> anyhow::Result<tandem_drill::DrillOptions> {
-    Ok(tandem_drill::DrillOptions {
+) -> anyhow::Result<tandem_lab::DrillOptions> {
+    Ok(tandem_lab::DrillOptions {
         rounds: 1,
         kill: None,
         seed: 1,
@@ -564,7 +564,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     }) = &cli.cmd
     {
         let generator = generator
-            .parse::<tandem_drill::ppsbench::Generator>()
+            .parse::<tandem_lab::ppsbench::Generator>()
             .map_err(|e| anyhow::anyhow!("--generator: {e}"))?;
         let pin_cpus = match pin.as_str() {
             "none" => None,
@@ -587,7 +587,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
                 ))
             }
         });
-        let opts = tandem_drill::ppsbench::PpsOptions {
+        let opts = tandem_lab::ppsbench::PpsOptions {
             seconds: *seconds,
             sizes: sizes.clone(),
             pin: pin_cpus,
@@ -595,7 +595,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             dpdk_script: script,
             work_dir: PathBuf::from("/tmp"),
         };
-        let rows = tandem_drill::ppsbench::switch_pps(&opts, |m| eprintln!("bench: {m}"))?;
+        let rows = tandem_lab::ppsbench::switch_pps(&opts, |m| eprintln!("bench: {m}"))?;
         if cli.json {
             return print_json(&rows);
         }
@@ -667,7 +667,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     }) = &cli.cmd
     {
         let opts = bench_options(*memory_mib, image_dir)?;
-        let rows = tandem_drill::switchbench::switch_vs_bridge(
+        let rows = tandem_lab::switchbench::switch_vs_bridge(
             &opts,
             *rounds,
             *requests,
@@ -709,7 +709,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     }) = &cli.cmd
     {
         let opts = bench_options(*memory_mib, image_dir)?;
-        let rows = tandem_drill::bench::output(&opts, epoch_ms, *requests, *bulk_ms, |m| {
+        let rows = tandem_lab::bench::output(&opts, epoch_ms, *requests, *bulk_ms, |m| {
             eprintln!("bench: {m}")
         })?;
         if cli.json {
@@ -754,7 +754,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     }) = &cli.cmd
     {
         let opts = bench_options(*memory_mib, image_dir)?;
-        let rows = tandem_drill::bench::throughput(&opts, epoch_ms, *spin, *dirty, *reps, |m| {
+        let rows = tandem_lab::bench::throughput(&opts, epoch_ms, *spin, *dirty, *reps, |m| {
             eprintln!("bench: {m}")
         })?;
         if cli.json {
@@ -796,7 +796,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
     {
         let opts = bench_options(*memory_mib, image_dir)?;
         let rows =
-            tandem_drill::bench::tracker(&opts, mib, pages, *epochs, |m| eprintln!("bench: {m}"))?;
+            tandem_lab::bench::tracker(&opts, mib, pages, *epochs, |m| eprintln!("bench: {m}"))?;
         if cli.json {
             return print_json(&rows);
         }
@@ -866,7 +866,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         image_dir,
     }) = &cli.cmd
     {
-        let opts = tandem_drill::colobench::PauseOptions {
+        let opts = tandem_lab::colobench::PauseOptions {
             memory_mib: memory_mib.clone(),
             epoch_ms: *epoch_ms,
             dirty_mib_s: dirty.clone(),
@@ -879,7 +879,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             image_dir: image_dir.clone(),
             work_dir: PathBuf::from("/tmp"),
         };
-        let r = tandem_drill::colobench::pause_vs_colo(&opts, |m| eprintln!("bench: {m}"))?;
+        let r = tandem_lab::colobench::pause_vs_colo(&opts, |m| eprintln!("bench: {m}"))?;
         if cli.json {
             return print_json(&r);
         }
@@ -972,16 +972,16 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         bail!("unknown benchmark");
     };
     let kill_mode = kill
-        .parse::<tandem_drill::KillMode>()
+        .parse::<tandem_lab::KillMode>()
         .map_err(|e| anyhow::anyhow!("--kill: {e}"))?;
     let mut rows = Vec::new();
     for &mem in &memory_mib {
-        let opts = tandem_drill::DrillOptions {
+        let opts = tandem_lab::DrillOptions {
             rounds,
             kill: Some(kill_mode),
             seed,
             epoch_ms,
-            timeouts: tandem_drill::FtTimeouts {
+            timeouts: tandem_lab::FtTimeouts {
                 heartbeat_ms,
                 fence_timeout_ms,
                 takeover_timeout_ms,
@@ -989,10 +989,10 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             ..bench_options(mem, &image_dir)?
         };
         eprintln!("bench: {rounds} drills with a {mem} MiB guest");
-        let r = tandem_drill::run(&opts, |m| eprintln!("bench: {m}"))?;
+        let r = tandem_lab::run(&opts, |m| eprintln!("bench: {m}"))?;
         rows.push((mem, r));
     }
-    let pct = |mut v: Vec<f64>, p: f64| tandem_drill::stats_ms(&mut v, p);
+    let pct = |mut v: Vec<f64>, p: f64| tandem_lab::stats_ms(&mut v, p);
     println!(
         "\nfailover benchmark: kill {kill}, epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
     );
@@ -1008,7 +1008,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         "all rounds pass"
     );
     for (mem, r) in &rows {
-        let col = |f: &dyn Fn(&tandem_drill::RoundReport) -> f64| {
+        let col = |f: &dyn Fn(&tandem_lab::RoundReport) -> f64| {
             let v: Vec<f64> = r.iter().map(f).collect();
             format!("{:>8.1} / {:>8.1}", pct(v.clone(), 50.0), pct(v, 99.0))
         };
@@ -1423,7 +1423,7 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn print_drill(reports: &[tandem_drill::RoundReport], seed: u64) {
+fn print_drill(reports: &[tandem_lab::RoundReport], seed: u64) {
     println!("\nfailover drill report (seed {seed})");
     println!(
         "{:<6} {:<8} {:>8} {:>9} {:>8} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10}  verdict",

@@ -557,7 +557,7 @@ host_forwards = [{{ host_port = {TANDEM_PORT}, guest_port = 7070 }}]
     let (pauses, window, pages) = measure(&mut qmp, ns, TANDEM_PORT, o, dirty)?;
     drop(qmp);
     let st = crate::ft_primary(&a)?;
-    if st.state != "protected" {
+    if st.state.as_str() != "protected" {
         bail!(
             "the guest left protection during the run ({}): {}",
             st.state,

@@ -518,10 +518,10 @@ fn protect_with(
     ))?;
     wait_for("protection", Duration::from_secs(120), || {
         let s = ft_primary(a).ok()?;
-        (s.state == "protected").then_some(())
+        (s.state.as_str() == "protected").then_some(())
     })?;
     wait_for("backup standby", Duration::from_secs(30), || {
-        (ft_backup(b).ok()?.state == "standby").then_some(())
+        (ft_backup(b).ok()?.state.as_str() == "standby").then_some(())
     })?;
     Ok(())
 }
@@ -615,7 +615,7 @@ fn run_round(
 
     let st = wait_for("takeover on B", Duration::from_secs(60), || {
         let s = ft_backup(&b).ok()?;
-        (s.state == "failed-over").then_some(s)
+        (s.state.as_str() == "failed-over").then_some(s)
     })
     .with_context(|| format!("B's log:\n{}", tail(&b.log, 15)))?;
     let report = st.failover.clone().unwrap_or_default();

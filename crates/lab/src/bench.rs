@@ -107,7 +107,7 @@ pub fn throughput(
         let _: tandem_api::FtStatus =
             crate::block_on(site.a.api().post("/v1/vms/drill/unprotect", &()))?;
         wait_for("backup released", Duration::from_secs(30), || {
-            (ft_backup(&site.b).ok()?.state == "stopped").then_some(())
+            (ft_backup(&site.b).ok()?.state.as_str() == "stopped").then_some(())
         })?;
     }
     finish(site);
@@ -248,7 +248,7 @@ pub fn output(
         let _: tandem_api::FtStatus =
             crate::block_on(site.a.api().post("/v1/vms/drill/unprotect", &()))?;
         wait_for("backup released", Duration::from_secs(30), || {
-            (ft_backup(&site.b).ok()?.state == "stopped").then_some(())
+            (ft_backup(&site.b).ok()?.state.as_str() == "stopped").then_some(())
         })?;
     }
     finish(site);
