@@ -1,0 +1,247 @@
+//! The replication engine's handle on one running VM.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_api::VmState;
+use tandem_qmp::{qmp, QmpClient};
+use tandem_vmspec::VmSpec;
+use tracing::{info, warn};
+
+use super::snapshot::CHECKPOINT_SOCKET;
+use super::{query_status, Supervisor, SupervisorError, Vm};
+use crate::checkpoint;
+use crate::shim;
+use crate::util::atomic_write;
+
+impl Supervisor {
+    /// A handle for the replication engine on a running (or paused) VM.
+    pub async fn guest_port(&self, name: &str) -> Result<GuestPort, SupervisorError> {
+        let vm = self.get(name).await?;
+        let live = match (vm.state(), vm.live()) {
+            (VmState::Running | VmState::Paused, Some(live)) => live,
+            _ => return Err(vm.bad_state("protect")),
+        };
+        checkpoint::prepare(&live.qmp)
+            .await
+            .map_err(|e| SupervisorError::Checkpoint {
+                name: vm.name.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(GuestPort { vm, qmp: live.qmp })
+    }
+}
+
+/// What the replication engine needs from one running VM: its RAM file, and
+/// short windows in which the guest is stopped.
+#[derive(Clone)]
+pub struct GuestPort {
+    vm: Arc<Vm>,
+    qmp: QmpClient,
+}
+
+/// The guest inside [`GuestPort::with_stopped`].
+pub struct StoppedGuest<'a> {
+    port: &'a GuestPort,
+}
+
+impl StoppedGuest<'_> {
+    /// QEMU's device state (x-ignore-shared migration into tandem's socket).
+    pub async fn device_state(&self, timeout: Duration) -> Result<Vec<u8>, SupervisorError> {
+        save_device_state(&self.port.qmp, &self.port.vm, timeout).await
+    }
+
+    /// Starts saving QEMU's device state on another task and returns at
+    /// once, so the caller can scan RAM while QEMU serialises its devices:
+    /// the two take about as long as each other, and most of the device
+    /// save is QEMU's time, not ours. Await [`DeviceStateJob::finish`]
+    /// before the guest may resume.
+    pub fn spawn_device_state(&self, timeout: Duration) -> DeviceStateJob {
+        let qmp = self.port.qmp.clone();
+        let vm = self.port.vm.clone();
+        DeviceStateJob(tokio::spawn(async move {
+            save_device_state(&qmp, &vm, timeout).await
+        }))
+    }
+}
+
+async fn save_device_state(
+    qmp: &QmpClient,
+    vm: &Vm,
+    timeout: Duration,
+) -> Result<Vec<u8>, SupervisorError> {
+    checkpoint::save_device_state(qmp, &vm.dir.join(CHECKPOINT_SOCKET), timeout)
+        .await
+        .map_err(|e| SupervisorError::Checkpoint {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// A device-state save running beside the caller. Dropping it abandons the
+/// save (the task is aborted), as dropping [`StoppedGuest::device_state`]
+/// would.
+pub struct DeviceStateJob(tokio::task::JoinHandle<Result<Vec<u8>, SupervisorError>>);
+
+impl DeviceStateJob {
+    pub async fn finish(mut self) -> Result<Vec<u8>, SupervisorError> {
+        match (&mut self.0).await {
+            Ok(r) => r,
+            Err(e) => Err(SupervisorError::Checkpoint {
+                name: String::from("device-state task"),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Drop for DeviceStateJob {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl GuestPort {
+    pub fn name(&self) -> &str {
+        &self.vm.name
+    }
+    pub fn ram_file(&self) -> &Path {
+        &self.vm.ram_file
+    }
+    pub fn ram_size(&self) -> u64 {
+        self.vm.record().spec.memory_mib << 20
+    }
+    /// How the VM's QEMU ended, once the supervisor has recorded it:
+    /// `Some(true)` for a crash (it exited unexpectedly), `Some(false)` for
+    /// a shutdown (guest power-off or a requested stop), `None` while it
+    /// runs or its exit is not yet recorded.
+    pub fn ended_in_crash(&self) -> Option<bool> {
+        let rec = self.vm.record();
+        match rec.state {
+            VmState::Crashed => Some(true),
+            // A host signal (an admin's kill, the host shutting down) ends
+            // QEMU cleanly, but nobody asked the VM to stop.
+            VmState::Shutoff => Some(
+                rec.last_exit
+                    .as_ref()
+                    .is_some_and(|e| e.reason.contains("host-signal")),
+            ),
+            _ => None,
+        }
+    }
+    /// QEMU's pid, while it runs.
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.vm.record().qemu_pid
+    }
+    /// The spec as the user wrote it, for defining the VM on the backup.
+    pub fn spec_toml(&self) -> String {
+        self.vm.record().spec_toml
+    }
+    pub fn spec(&self) -> VmSpec {
+        self.vm.record().spec
+    }
+    pub fn is_closed(&self) -> bool {
+        self.qmp.is_closed()
+    }
+
+    /// Runs `f` with the guest stopped, and resumes it afterwards if it was
+    /// running. Holds the VM's lifecycle lock throughout, so a user's pause
+    /// or stop waits for the window to end instead of racing it.
+    pub async fn with_stopped<R>(
+        &self,
+        f: impl AsyncFnOnce(&StoppedGuest<'_>) -> R,
+    ) -> Result<R, SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        if !matches!(self.vm.state(), VmState::Running | VmState::Paused) {
+            return Err(self.vm.bad_state("checkpoint"));
+        }
+        // QEMU, not our record, says whether the guest runs: a checkpoint
+        // must never capture a running guest.
+        let status = query_status(&self.qmp).await.map_err(self.vm.qmp_err())?;
+        let running = status == "running";
+        if running {
+            self.vm.checkpoint_pause.store(true, Ordering::SeqCst);
+            if let Err(e) = self.qmp.execute(qmp::stop {}).await {
+                self.vm.checkpoint_pause.store(false, Ordering::SeqCst);
+                return Err((self.vm.qmp_err())(e));
+            }
+        }
+        let r = f(&StoppedGuest { port: self }).await;
+        if running {
+            let resumed = self.qmp.execute(qmp::cont {}).await;
+            self.vm.checkpoint_pause.store(false, Ordering::SeqCst);
+            resumed.map_err(self.vm.qmp_err())?;
+        }
+        Ok(r)
+    }
+
+    /// Runs a QMP command on the VM's QEMU (for block jobs and the like).
+    pub async fn qmp(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, SupervisorError> {
+        self.qmp
+            .execute_raw(command, args, Duration::from_secs(10))
+            .await
+            .map_err(self.vm.qmp_err())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.vm.dir
+    }
+
+    /// Sets the fence lease: if not renewed, the shim freezes QEMU at
+    /// `deadline_ms` (unix ms) even if tandemd is gone.
+    pub fn renew_lease(&self, deadline_ms: u64) -> std::io::Result<()> {
+        atomic_write(
+            &self.vm.dir.join(shim::FENCE_LEASE_FILE),
+            deadline_ms.to_string().as_bytes(),
+        )
+    }
+
+    /// Ends the lease (protection ended on purpose).
+    pub fn clear_lease(&self) {
+        let _ = std::fs::remove_file(self.vm.dir.join(shim::FENCE_LEASE_FILE));
+    }
+
+    /// Whether the shim froze QEMU because the lease ran out.
+    pub fn shim_fenced(&self) -> bool {
+        self.vm.dir.join(shim::FENCED_FILE).exists()
+    }
+
+    /// Self-fencing: the primary lost its backup for longer than the fencing
+    /// timeout, so the guest must not run on (the backup may take over).
+    /// Returns whether the fence paused the guest (`false`: it was paused
+    /// already, and [`GuestPort::unfence`] must leave it so).
+    pub async fn fence(&self, why: &str) -> Result<bool, SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        let mut paused = false;
+        if self.vm.state() == VmState::Running {
+            self.qmp
+                .execute(qmp::stop {})
+                .await
+                .map_err(self.vm.qmp_err())?;
+            self.vm.update(|r| r.state = VmState::Paused);
+            paused = true;
+        }
+        warn!(vm = %self.vm.name, "fenced: {why}");
+        Ok(paused)
+    }
+
+    /// Resumes a guest its fence paused, once the backup has granted it.
+    pub async fn unfence(&self) -> Result<(), SupervisorError> {
+        let _op = self.vm.ops.lock().await;
+        if self.vm.state() == VmState::Paused {
+            self.qmp
+                .execute(qmp::cont {})
+                .await
+                .map_err(self.vm.qmp_err())?;
+            self.vm.update(|r| r.state = VmState::Running);
+        }
+        info!(vm = %self.vm.name, "unfenced: the backup granted a resume");
+        Ok(())
+    }
+}

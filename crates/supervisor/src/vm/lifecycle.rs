@@ -1,0 +1,303 @@
+//! Starting, pausing, resuming, stopping and destroying a VM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_api::{StopRequest, VmInfo, VmState};
+use tandem_qmp::{qmp, QmpClient};
+use tandem_vmspec::{build_argv, RuntimePaths};
+use tracing::{info, warn};
+
+use super::monitor::describe;
+use super::snapshot::{place_ram_file, RestoreSource, CHECKPOINT_SOCKET};
+use super::{
+    io_err, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG, TAIL_LINES,
+};
+use crate::checkpoint;
+use crate::shim;
+use crate::util::{now_unix, send_signal, tail_lines};
+
+impl Supervisor {
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmInfo, SupervisorError> {
+        self.start_with(name, None).await
+    }
+
+    pub(super) async fn start_with(
+        self: &Arc<Self>,
+        name: &str,
+        restore: Option<RestoreSource>,
+    ) -> Result<VmInfo, SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        if vm.state().is_active() {
+            return Err(vm.bad_state("start"));
+        }
+        if let Some(src) = &restore {
+            // The checkpoint's disks replace the spec's from now on.
+            vm.update(|r| {
+                for (disk, path, format) in &src.disks {
+                    if let Some(d) = r.spec.disks.iter_mut().find(|d| &d.name == disk) {
+                        d.path = path.clone();
+                        d.format = *format;
+                    }
+                }
+            });
+        }
+        let spec = vm.record().spec;
+        // Files may have gone since the VM was defined.
+        spec.validate(|p| p.is_file())?;
+        let accel = self.resolve_accel(spec.accelerator).await;
+
+        for f in [
+            shim::PID_FILE,
+            shim::EXIT_FILE,
+            shim::FENCE_LEASE_FILE,
+            shim::FENCED_FILE,
+            QMP_SOCKET,
+        ] {
+            let _ = std::fs::remove_file(vm.dir.join(f));
+        }
+        for log in [SERIAL_LOG, shim::QEMU_LOG] {
+            let p = vm.dir.join(log);
+            if p.exists() {
+                let _ = std::fs::rename(&p, vm.dir.join(format!("{log}.prev")));
+            }
+        }
+        let _ = std::fs::remove_file(&vm.ram_file);
+        if let Some(src) = &restore {
+            place_ram_file(&src.ram_file, &vm.ram_file)?;
+        }
+        *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = None;
+
+        let rt = RuntimePaths {
+            qemu_binary: self.cfg.qemu_binary.clone(),
+            qmp_socket: vm.qmp_socket(),
+            serial_log: vm.serial_log(),
+            ram_file: vm.ram_file.clone(),
+            qboot_rom: self.cfg.qboot_rom.clone(),
+            accel,
+            incoming: restore.is_some(),
+            switch_dir: self.cfg.switch_dir.clone(),
+        };
+        let argv = build_argv(&spec, &rt);
+        let mut shim_child = self
+            .cfg
+            .shim
+            .spawn(&vm.dir, &self.cfg.qemu_binary, &argv)
+            .map_err(io_err("starting the QEMU shim"))?;
+        let shim_pid = shim_child.id();
+        // Reap the shim when it ends so it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = shim_child.wait().await;
+        });
+        vm.update(|r| {
+            r.state = VmState::Starting;
+            r.accel = Some(accel);
+            r.shim_pid = shim_pid;
+            r.qemu_pid = None;
+            r.stop_requested = false;
+            r.started_at = Some(now_unix());
+        });
+        info!(vm = %vm.name, accel = accel.as_str(), "starting QEMU");
+
+        match self
+            .finish_start(&vm, restore.as_ref().map(|r| r.device_state.as_slice()))
+            .await
+        {
+            Ok(qmp) => {
+                self.spawn_monitor(vm.clone(), qmp);
+                drop(_op);
+                Ok(self.info_of(&vm).await)
+            }
+            Err(message) => {
+                if let Some(pid) = shim::read_pid(&vm.dir) {
+                    send_signal(pid, libc::SIGKILL);
+                }
+                *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("failed to start: {message}"));
+                self.record_exit(&vm).await;
+                Err(SupervisorError::Start {
+                    name: vm.name.clone(),
+                    message,
+                    qemu_log_tail: tail_lines(&vm.dir.join(shim::QEMU_LOG), TAIL_LINES),
+                })
+            }
+        }
+    }
+
+    /// Waits for QEMU to come up, connects QMP and lets the guest run.
+    async fn finish_start(
+        &self,
+        vm: &Vm,
+        device_state: Option<&[u8]>,
+    ) -> Result<QmpClient, String> {
+        let deadline = Instant::now() + self.cfg.start_timeout;
+        let pid = loop {
+            if let Some(pid) = shim::read_pid(&vm.dir) {
+                break pid;
+            }
+            if shim::read_exit(&vm.dir).is_some() {
+                return Err("QEMU could not be executed".into());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no QEMU pid within {:?}", self.cfg.start_timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        vm.update(|r| r.qemu_pid = Some(pid));
+        let qmp = loop {
+            if let Some(exit) = shim::read_exit(&vm.dir) {
+                let tail = tail_lines(&vm.dir.join(shim::QEMU_LOG), 3).join(" | ");
+                return Err(format!("QEMU exited at once ({}): {tail}", describe(&exit)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "QMP did not answer within {:?}",
+                    self.cfg.start_timeout
+                ));
+            }
+            match QmpClient::connect(vm.qmp_socket(), left.min(Duration::from_secs(2))).await {
+                Ok(q) => break q,
+                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        };
+        if let Some(state) = device_state {
+            let t = Instant::now();
+            checkpoint::prepare(&qmp)
+                .await
+                .map_err(|e| format!("preparing to load the checkpoint: {e}"))?;
+            checkpoint::load_device_state(
+                &qmp,
+                &vm.dir.join(CHECKPOINT_SOCKET),
+                state,
+                self.cfg.start_timeout,
+            )
+            .await
+            .map_err(|e| format!("loading the checkpoint's device state: {e}"))?;
+            info!(vm = %vm.name, ms = t.elapsed().as_millis() as u64, "device state loaded");
+        }
+        qmp.execute(qmp::cont {})
+            .await
+            .map_err(|e| format!("cont: {e}"))?;
+        if device_state.is_some() {
+            // The guest now lives somewhere new: have QEMU announce its MACs
+            // (gratuitous ARP/RARP) so switches learn the new port at once.
+            let announce = serde_json::json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
+            if let Err(e) = qmp
+                .execute_raw("announce-self", announce, Duration::from_secs(5))
+                .await
+            {
+                warn!(vm = %vm.name, "announce-self failed: {e}");
+            }
+        }
+        vm.update(|r| r.state = VmState::Running);
+        Ok(qmp)
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        let live = match (vm.state(), vm.live()) {
+            (VmState::Running, Some(live)) => live,
+            _ => return Err(vm.bad_state("pause")),
+        };
+        live.qmp.execute(qmp::stop {}).await.map_err(vm.qmp_err())?;
+        vm.update(|r| r.state = VmState::Paused);
+        drop(_op);
+        Ok(self.info_of(&vm).await)
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        let live = match (vm.state(), vm.live()) {
+            (VmState::Paused, Some(live)) => live,
+            _ => return Err(vm.bad_state("resume")),
+        };
+        live.qmp.execute(qmp::cont {}).await.map_err(vm.qmp_err())?;
+        vm.update(|r| r.state = VmState::Running);
+        drop(_op);
+        Ok(self.info_of(&vm).await)
+    }
+
+    /// Graceful stop: ACPI power-down, bounded wait, then `quit`, then SIGKILL.
+    pub async fn stop(&self, name: &str, req: StopRequest) -> Result<VmInfo, SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        self.stop_locked(&vm, req).await?;
+        drop(_op);
+        Ok(self.info_of(&vm).await)
+    }
+
+    async fn stop_locked(&self, vm: &Vm, req: StopRequest) -> Result<(), SupervisorError> {
+        let was = vm.state();
+        let Some(mut live) = vm.live().filter(|_| was.is_active()) else {
+            return Err(vm.bad_state("stop"));
+        };
+        vm.update(|r| {
+            r.state = VmState::Stopping;
+            r.stop_requested = true;
+        });
+        let timeout =
+            Duration::from_secs(req.timeout_s.unwrap_or(vm.record().spec.shutdown_timeout_s));
+        if !req.force {
+            if was == VmState::Paused {
+                // A paused guest cannot see the power button.
+                let _ = live.qmp.execute(qmp::cont {}).await;
+            }
+            match live.qmp.execute(qmp::system_powerdown {}).await {
+                Ok(_) => {
+                    if wait_exited(&mut live.exited, timeout).await {
+                        return Ok(());
+                    }
+                    warn!(vm = %vm.name, ?timeout, "guest did not power off in time; quitting QEMU");
+                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                        "guest did not power off within {timeout:?}; QEMU was stopped"
+                    ));
+                }
+                Err(e) => warn!(vm = %vm.name, "system_powerdown failed: {e}"),
+            }
+        }
+        let _ = live
+            .qmp
+            .execute_timeout(qmp::quit {}, Duration::from_secs(3))
+            .await;
+        if wait_exited(&mut live.exited, Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        if let Some(pid) = vm.record().qemu_pid {
+            warn!(vm = %vm.name, pid, "QEMU ignored quit; killing it");
+            send_signal(pid, libc::SIGKILL);
+        }
+        wait_exited(&mut live.exited, Duration::from_secs(10)).await;
+        Ok(())
+    }
+
+    pub async fn destroy(&self, name: &str) -> Result<(), SupervisorError> {
+        let vm = self.get(name).await?;
+        let _op = vm.ops.lock().await;
+        if vm.state().is_active() {
+            self.stop_locked(
+                &vm,
+                StopRequest {
+                    timeout_s: None,
+                    force: true,
+                },
+            )
+            .await?;
+        }
+        if vm.state().is_active() {
+            return Err(vm.bad_state("destroy"));
+        }
+        let _ = std::fs::remove_file(&vm.ram_file);
+        std::fs::remove_dir_all(&vm.dir)
+            .map_err(io_err(format!("removing {}", vm.dir.display())))?;
+        if let Some(ports) = &self.cfg.nic_ports {
+            ports.detach(name);
+        }
+        self.vms.write().await.remove(name);
+        info!(vm = %name, "destroyed");
+        Ok(())
+    }
+}
