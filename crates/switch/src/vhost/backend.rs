@@ -1,0 +1,429 @@
+//! The vhost-user backend: one [`Conn`] per frontend connection, serving
+//! the rings from the daemon's worker thread.
+
+use std::fmt;
+use std::io;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::ring::{process_rx, process_tx, rx_offloads, NetPath, RingError};
+use super::{
+    lock, offered_protocol_features, ConnectHook, Mem, Vring, ANNOUNCE_AFTER_PAUSE, EGRESS_EVENT,
+    MAX_QUEUE_SIZE, NUM_QUEUES, OFFERED_FEATURES, RX_QUEUE, THROTTLE_EVENT, TX_QUEUE,
+};
+use crate::offload::RxOffloads;
+use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId};
+use tandem_dirty::PageLog;
+
+/// What a port needs for its I/O, shared by the port and its connections.
+pub(super) struct PortIo {
+    pub(super) id: PortId,
+    pub(super) name: String,
+    pub(super) egress: Arc<EgressQueue>,
+    pub(super) counters: Arc<PortCounters>,
+    pub(super) ingress: Arc<dyn Ingress>,
+    pub(super) on_connect: Option<ConnectHook>,
+    /// The exit event of every connection's vring worker thread.
+    ///
+    /// `vhost-user-backend` 0.24 takes the consumer half returned by
+    /// `exit_event`, turns it into a raw fd for its epoll and never closes
+    /// it: a fresh eventfd per connection would leak one descriptor per
+    /// QEMU (re)connection. So the port owns one eventfd for its whole
+    /// life, lends its number to each connection's worker, and drains it
+    /// once that worker has exited.
+    pub(super) exit_consumer: EventConsumer,
+    pub(super) exit_notifier: EventNotifier,
+    /// Fires when a TX ring held back by shaping may be served again
+    /// (non-blocking, so a read after a re-arm cannot block the worker).
+    pub(super) throttle: Mutex<TimerFd>,
+    /// Set while replication needs this port's writes into guest RAM.
+    pub(super) write_log: Mutex<Option<Arc<PageLog>>>,
+}
+
+impl PortIo {
+    fn arm_throttle(&self, wait: Duration) {
+        if let Err(e) = lock(&self.throttle).reset(wait, None) {
+            // Without the timer the watchdog poke still serves the ring.
+            warn!(port = %self.name, error = %e, "cannot arm the shaping timer");
+        }
+    }
+
+    /// Drops everything queued for the guest (the port is down).
+    pub(super) fn drop_egress(&self) -> usize {
+        let n = self.egress.clear();
+        for _ in 0..n {
+            self.counters.dropped(DropReason::NoBuffer);
+        }
+        n
+    }
+}
+
+/// State of one frontend connection; it is the `VhostUserBackend`.
+pub(super) struct Conn {
+    pub(super) io: Arc<PortIo>,
+    mem: Mutex<Mem>,
+    features: AtomicU64,
+    /// The vrings, as seen by the first event of the connection.
+    vrings: Mutex<Vec<Vring>>,
+    /// Both rings were ready and enabled at the last check.
+    pub(super) running: AtomicBool,
+    /// Whether the rings have run on this connection, and when they last
+    /// stopped: a checkpoint stops and restarts them within milliseconds,
+    /// which is not a new guest to announce.
+    pub(super) started_once: AtomicBool,
+    pub(super) stopped_at: Mutex<Option<Instant>>,
+    /// Per queue: the ring was found corrupt and is ignored until reset.
+    broken: [AtomicBool; NUM_QUEUES],
+    /// The library's copy of the port's exit notifier, taken by
+    /// `exit_event` (made here, where failing is still harmless: a worker
+    /// without exit event could never be stopped).
+    exit_notifier: Mutex<Option<EventNotifier>>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn").field("port", &self.io.name).finish()
+    }
+}
+
+impl Conn {
+    pub(super) fn new(io: Arc<PortIo>, mem: Mem) -> io::Result<Self> {
+        let exit_notifier = io.exit_notifier.try_clone()?;
+        // Nothing is negotiated yet on this connection.
+        io.egress.set_accepts(RxOffloads::default());
+        Ok(Self {
+            io,
+            mem: Mutex::new(mem),
+            features: AtomicU64::new(0),
+            vrings: Mutex::new(Vec::new()),
+            running: AtomicBool::new(false),
+            started_once: AtomicBool::new(false),
+            stopped_at: Mutex::new(None),
+            broken: [AtomicBool::new(false), AtomicBool::new(false)],
+            exit_notifier: Mutex::new(Some(exit_notifier)),
+        })
+    }
+
+    pub(super) fn rings_running(&self) -> bool {
+        let vrings = lock(&self.vrings);
+        vrings.len() == NUM_QUEUES
+            && vrings.iter().all(|v| {
+                let s = v.get_ref();
+                s.get_queue().ready() && s.is_enabled()
+            })
+    }
+
+    /// Follows the rings starting and stopping; runs the connect hook when
+    /// they start for the first time on this connection or after a real
+    /// pause (a guest reboot), not after a checkpoint's brief stop. Returns
+    /// true when the rings just started.
+    fn note_vrings(&self, vrings: &[Vring]) -> bool {
+        {
+            let mut cached = lock(&self.vrings);
+            if cached.is_empty() && vrings.len() == NUM_QUEUES {
+                *cached = vrings.to_vec();
+            }
+        }
+        let running = self.rings_running();
+        let was = self.running.swap(running, Ordering::AcqRel);
+        if running && !was {
+            let first = !self.started_once.swap(true, Ordering::AcqRel);
+            let paused = lock(&self.stopped_at)
+                .take()
+                .map_or(Duration::MAX, |t| t.elapsed());
+            if first || paused >= ANNOUNCE_AFTER_PAUSE {
+                info!(port = %self.io.name, "guest rings started");
+                if let Some(hook) = &self.io.on_connect {
+                    hook();
+                }
+            } else {
+                debug!(port = %self.io.name, ?paused, "guest rings restarted");
+            }
+            return true;
+        } else if !running && was {
+            *lock(&self.stopped_at) = Some(Instant::now());
+            debug!(port = %self.io.name, "guest rings stopped");
+        }
+        false
+    }
+
+    fn ring_broken(&self, queue: u16, e: &RingError) {
+        if let Some(flag) = self.broken.get(usize::from(queue)) {
+            if !flag.swap(true, Ordering::AcqRel) {
+                warn!(port = %self.io.name, queue, error = %e,
+                    "guest virtqueue is corrupt; ignoring it until the guest resets the device");
+                self.io.counters.dropped(DropReason::BadDescriptor);
+            }
+        }
+    }
+
+    fn is_broken(&self, queue: u16) -> bool {
+        self.broken
+            .get(usize::from(queue))
+            .is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
+    fn run_tx(&self, vring: &Vring) {
+        if self.is_broken(TX_QUEUE) {
+            return;
+        }
+        let mut state = vring.get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) {
+            return;
+        }
+        let mem = lock(&self.mem).memory();
+        let features = self.features.load(Ordering::Acquire);
+        let log = lock(&self.io.write_log).clone();
+        let path = NetPath::for_features(self.io.id, features, &self.io.counters, log.as_deref());
+        match process_tx(&*mem, state.get_queue_mut(), &path, &*self.io.ingress) {
+            Ok(run) => {
+                if let Some(wait) = run.throttled {
+                    self.io.arm_throttle(wait);
+                }
+                if run.signal {
+                    if let Err(e) = state.signal_used_queue() {
+                        debug!(port = %self.io.name, error = %e, "cannot signal TX queue");
+                    }
+                }
+            }
+            Err(e) => {
+                drop(state);
+                self.ring_broken(TX_QUEUE, &e);
+            }
+        }
+    }
+
+    fn run_rx(&self, vring: &Vring) {
+        let mut state = vring.get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) || self.is_broken(RX_QUEUE) {
+            drop(state);
+            // Stopped for a checkpoint: the frames wait in the (bounded)
+            // egress queue and are delivered when the ring restarts. A
+            // ring that never ran, or is corrupt, takes nothing.
+            let briefly_stopped = !self.is_broken(RX_QUEUE)
+                && self.started_once.load(Ordering::Acquire)
+                && lock(&self.stopped_at).is_some_and(|t| t.elapsed() < ANNOUNCE_AFTER_PAUSE);
+            if !briefly_stopped {
+                self.io.drop_egress();
+            }
+            return;
+        }
+        let mem = lock(&self.mem).memory();
+        let features = self.features.load(Ordering::Acquire);
+        let log = lock(&self.io.write_log).clone();
+        let path = NetPath::for_features(self.io.id, features, &self.io.counters, log.as_deref());
+        match process_rx(&*mem, state.get_queue_mut(), &path, &self.io.egress) {
+            Ok(run) => {
+                if run.signal {
+                    if let Err(e) = state.signal_used_queue() {
+                        debug!(port = %self.io.name, error = %e, "cannot signal RX queue");
+                    }
+                }
+            }
+            Err(e) => {
+                drop(state);
+                self.ring_broken(RX_QUEUE, &e);
+                self.io.drop_egress();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct NetBackend(pub(super) Arc<Conn>);
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        OFFERED_FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(port = %self.0.io.name, features = format_args!("{features:#x}"), "features acked");
+        self.0.features.store(features, Ordering::Release);
+        self.0.io.egress.set_accepts(rx_offloads(features));
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        offered_protocol_features()
+    }
+
+    fn reset_device(&self) {
+        self.0.running.store(false, Ordering::Release);
+        self.0.io.egress.set_accepts(RxOffloads::default());
+        for b in &self.0.broken {
+            b.store(false, Ordering::Release);
+        }
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The library sets it on the queues; they are read from there.
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *lock(&self.0.mem) = mem;
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let notifier = lock(&self.0.exit_notifier).take()?;
+        // SAFETY: an alias of the port's own exit eventfd, which outlives
+        // every connection. The library (vhost-user-backend 0.24,
+        // `VringEpollHandler::new`) only converts it with `into_raw_fd`
+        // to register it in its epoll and never closes it, so the port's
+        // `exit_consumer` stays its only owner; the unit test
+        // `exit_event_fd_is_not_closed_by_the_library` guards that.
+        let consumer = unsafe { EventConsumer::from_raw_fd(self.0.io.exit_consumer.as_raw_fd()) };
+        Some((consumer, notifier))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stopped the ring (GET_VRING_BASE: guest reset,
+        // shutdown or migration); a restarted ring gets a fresh chance.
+        if let Some(b) = self.0.broken.get(queue_index as usize) {
+            b.store(false, Ordering::Release);
+        }
+        if self.0.running.swap(false, Ordering::AcqRel) {
+            *lock(&self.0.stopped_at) = Some(Instant::now());
+            debug!(port = %self.0.io.name, queue_index, "guest rings stopped");
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Never return an error: the library would end the worker thread
+        // and with it the port.
+        let conn = &self.0;
+        if device_event == EGRESS_EVENT {
+            // Drain before popping so that no wake-up is lost.
+            let _ = conn.io.egress.notifier().read();
+        }
+        if conn.note_vrings(vrings) {
+            // A restarted ring may hold buffers the guest made available
+            // while it was stopped, with the kick already spent: with
+            // EVENT_IDX the guest will not kick again for them. Serve both
+            // queues now, as if kicked.
+            if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                conn.run_tx(v);
+            }
+            if let Some(v) = vrings.get(usize::from(RX_QUEUE)) {
+                conn.run_rx(v);
+            }
+            // An interrupt sent while the ring was being stopped may have
+            // gone to a call descriptor QEMU has since replaced; a guest
+            // waiting for TX completions would then wait forever. A spare
+            // interrupt costs the guest one look at its rings.
+            for v in vrings {
+                let _ = v.signal_used_queue();
+            }
+            return Ok(());
+        }
+        match device_event {
+            EGRESS_EVENT => {
+                // Also a watchdog tick (see `VmPortHandle::poke`): serve TX
+                // too, in case a kick was lost around a ring restart.
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+                match vrings.get(usize::from(RX_QUEUE)) {
+                    Some(v) => conn.run_rx(v),
+                    None => {
+                        conn.io.drop_egress();
+                    }
+                }
+            }
+            RX_QUEUE => match vrings.get(usize::from(RX_QUEUE)) {
+                Some(v) => conn.run_rx(v),
+                None => {
+                    conn.io.drop_egress();
+                }
+            },
+            TX_QUEUE => {
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+            }
+            THROTTLE_EVENT => {
+                // Non-blocking: nothing to read if it was re-armed since.
+                let _ = lock(&conn.io.throttle).wait();
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+            }
+            other => debug!(port = %conn.io.name, event = other, "unexpected event"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vhost_user_backend::VhostUserDaemon;
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
+
+    struct Discard;
+
+    impl Ingress for Discard {
+        fn ingress(&self, _: PortId, _: &[u8]) {}
+    }
+
+    #[test]
+    fn exit_event_fd_is_not_closed_by_the_library() {
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).unwrap();
+        let io = Arc::new(PortIo {
+            id: 7,
+            name: "t".into(),
+            egress: Arc::new(EgressQueue::new(4, 8192).unwrap()),
+            counters: Arc::new(PortCounters::default()),
+            ingress: Arc::new(Discard),
+            on_connect: None,
+            exit_consumer,
+            exit_notifier,
+            throttle: Mutex::new(TimerFd::new().unwrap()),
+            write_log: Mutex::new(None),
+        });
+        for _ in 0..3 {
+            let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let conn = Arc::new(Conn::new(io.clone(), mem.clone()).unwrap());
+            let daemon = VhostUserDaemon::new("t".into(), NetBackend(conn), mem).unwrap();
+            // Dropping it notifies the exit event and joins the worker.
+            drop(daemon);
+            io.exit_consumer
+                .consume()
+                .expect("the port's exit eventfd is open and was notified");
+            let again = io.exit_consumer.consume().unwrap_err();
+            assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+        }
+    }
+}
