@@ -1,5 +1,7 @@
-//! Entry points for the fuzz targets in `crates/switch/fuzz` (and the
-//! property tests that run the same code on stable in every test run).
+//! Entry points for the switch's fuzz targets in the top-level `fuzz/`
+//! workspace (and the property tests that run the same code on stable in
+//! every test run). Test and fuzz code only: compiled with `cfg(test)`,
+//! `cfg(fuzzing)` (cargo-fuzz) or the `fault-injection` feature.
 
 use std::sync::Arc;
 

@@ -15,6 +15,7 @@
 pub mod config;
 pub mod fdb;
 pub mod frame;
+#[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub mod fuzzing;
 pub mod host;
 pub mod hostport;

@@ -87,6 +87,7 @@ mod backend;
 mod port;
 mod relay;
 mod ring;
+#[cfg(any(test, fuzzing, feature = "fault-injection"))]
 mod sim;
 
 pub use port::{VmPortConfig, VmPortHandle};
@@ -94,6 +95,7 @@ pub use ring::{
     net_hdr_len, process_rx, process_tx, rx_header, rx_offloads, strip_tx_header, tx_offloads,
     vring_need_event, ChainCheck, NetPath, QueueRun, RingError,
 };
+#[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub use sim::{fuzz_rx_chain, fuzz_tx_chain, SimRing};
 
 /// Queue index of the receive queue (device → guest).
