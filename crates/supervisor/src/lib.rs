@@ -19,7 +19,7 @@ pub mod util;
 mod vm;
 
 pub use vm::{
-    CheckpointDisk, CheckpointManifest, CheckpointReport, DeviceStateJob, GuestPort, NicPorts,
-    StoppedGuest, Supervisor, SupervisorConfig, SupervisorError, CHECKPOINT_DEVICE_STATE,
-    CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
+    CheckpointDisk, CheckpointManifest, CheckpointReport, CheckpointWindow, DeviceStateJob,
+    ExitCause, GuestPort, NicPorts, Supervisor, SupervisorConfig, SupervisorError,
+    CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
 };

@@ -10,6 +10,7 @@ use tandem_qmp::{qmp, QmpClient};
 use tandem_vmspec::VmSpec;
 use tracing::{info, warn};
 
+use super::exit::ExitCause;
 use super::snapshot::CHECKPOINT_SOCKET;
 use super::{query_status, Supervisor, SupervisorError, Vm};
 use crate::checkpoint;
@@ -42,12 +43,19 @@ pub struct GuestPort {
     qmp: QmpClient,
 }
 
-/// The guest inside [`GuestPort::with_stopped`].
-pub struct StoppedGuest<'a> {
+/// The guest, stopped for a checkpoint by [`GuestPort::stop_for_checkpoint`].
+/// Holds the VM's lifecycle lock, so a user's pause or stop waits for the
+/// window to end instead of racing it. End it with
+/// [`CheckpointWindow::resume`]; dropping it instead leaves the guest
+/// stopped (and releases the lock).
+pub struct CheckpointWindow<'a> {
     port: &'a GuestPort,
+    _op: tokio::sync::MutexGuard<'a, ()>,
+    /// The window stopped a running guest, so it resumes it.
+    stopped_it: bool,
 }
 
-impl StoppedGuest<'_> {
+impl CheckpointWindow<'_> {
     /// QEMU's device state (x-ignore-shared migration into tandem's socket).
     pub async fn device_state(&self, timeout: Duration) -> Result<Vec<u8>, SupervisorError> {
         save_device_state(&self.port.qmp, &self.port.vm, timeout).await
@@ -65,6 +73,17 @@ impl StoppedGuest<'_> {
             save_device_state(&qmp, &vm, timeout).await
         }))
     }
+
+    /// Ends the window: continues the guest if the window stopped it.
+    pub async fn resume(self) -> Result<(), SupervisorError> {
+        if !self.stopped_it {
+            return Ok(());
+        }
+        let vm = &self.port.vm;
+        let resumed = self.port.qmp.execute(qmp::cont {}).await;
+        vm.checkpoint_pause.store(false, Ordering::SeqCst);
+        resumed.map(|_| ()).map_err(vm.qmp_err())
+    }
 }
 
 async fn save_device_state(
@@ -81,7 +100,7 @@ async fn save_device_state(
 }
 
 /// A device-state save running beside the caller. Dropping it abandons the
-/// save (the task is aborted), as dropping [`StoppedGuest::device_state`]
+/// save (the task is aborted), as dropping [`CheckpointWindow::device_state`]
 /// would.
 pub struct DeviceStateJob(tokio::task::JoinHandle<Result<Vec<u8>, SupervisorError>>);
 
@@ -113,23 +132,22 @@ impl GuestPort {
     pub fn ram_size(&self) -> u64 {
         self.vm.record().spec.memory_mib << 20
     }
-    /// How the VM's QEMU ended, once the supervisor has recorded it:
-    /// `Some(true)` for a crash (it exited unexpectedly), `Some(false)` for
-    /// a shutdown (guest power-off or a requested stop), `None` while it
-    /// runs or its exit is not yet recorded.
-    pub fn ended_in_crash(&self) -> Option<bool> {
+    /// How the VM's QEMU ended, once the supervisor has recorded it;
+    /// `None` while it runs or its exit is not yet recorded.
+    pub fn exit_cause(&self) -> Option<ExitCause> {
         let rec = self.vm.record();
         match rec.state {
-            VmState::Crashed => Some(true),
-            // A host signal (an admin's kill, the host shutting down) ends
-            // QEMU cleanly, but nobody asked the VM to stop.
-            VmState::Shutoff => Some(
-                rec.last_exit
-                    .as_ref()
-                    .is_some_and(|e| e.reason.contains("host-signal")),
-            ),
+            VmState::Crashed => Some(rec.exit_cause.unwrap_or(ExitCause::Crash { code: None })),
+            VmState::Shutoff => Some(rec.exit_cause.unwrap_or(ExitCause::Requested)),
             _ => None,
         }
+    }
+    /// [`GuestPort::exit_cause`] as a yes/no: `Some(true)` when nobody
+    /// asked the VM to stop ([`ExitCause::is_crash`]: it exited
+    /// unexpectedly, or a host signal ended it), `Some(false)` for a
+    /// shutdown (guest power-off or a requested stop), `None` while it runs.
+    pub fn ended_in_crash(&self) -> Option<bool> {
+        self.exit_cause().map(|c| c.is_crash())
     }
     /// QEMU's pid, while it runs.
     pub fn qemu_pid(&self) -> Option<u32> {
@@ -146,14 +164,10 @@ impl GuestPort {
         self.qmp.is_closed()
     }
 
-    /// Runs `f` with the guest stopped, and resumes it afterwards if it was
-    /// running. Holds the VM's lifecycle lock throughout, so a user's pause
-    /// or stop waits for the window to end instead of racing it.
-    pub async fn with_stopped<R>(
-        &self,
-        f: impl AsyncFnOnce(&StoppedGuest<'_>) -> R,
-    ) -> Result<R, SupervisorError> {
-        let _op = self.vm.ops.lock().await;
+    /// Stops the guest for a checkpoint (if it runs) and holds the VM's
+    /// lifecycle lock until the returned window is resumed.
+    pub async fn stop_for_checkpoint(&self) -> Result<CheckpointWindow<'_>, SupervisorError> {
+        let op = self.vm.ops.lock().await;
         if !matches!(self.vm.state(), VmState::Running | VmState::Paused) {
             return Err(self.vm.bad_state("checkpoint"));
         }
@@ -168,13 +182,11 @@ impl GuestPort {
                 return Err((self.vm.qmp_err())(e));
             }
         }
-        let r = f(&StoppedGuest { port: self }).await;
-        if running {
-            let resumed = self.qmp.execute(qmp::cont {}).await;
-            self.vm.checkpoint_pause.store(false, Ordering::SeqCst);
-            resumed.map_err(self.vm.qmp_err())?;
-        }
-        Ok(r)
+        Ok(CheckpointWindow {
+            port: self,
+            _op: op,
+            stopped_it: running,
+        })
     }
 
     /// Runs a QMP command on the VM's QEMU (for block jobs and the like).

@@ -8,7 +8,7 @@ use tandem_qmp::{qmp, QmpClient};
 use tandem_vmspec::{build_argv, RuntimePaths};
 use tracing::{info, warn};
 
-use super::monitor::describe;
+use super::exit::{describe, ExitHint};
 use super::snapshot::{place_ram_file, RestoreSource, CHECKPOINT_SOCKET};
 use super::{
     io_err, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG, TAIL_LINES,
@@ -114,7 +114,7 @@ impl Supervisor {
                     send_signal(pid, libc::SIGKILL);
                 }
                 *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(format!("failed to start: {message}"));
+                    Some(ExitHint::StartFailed(message.clone()));
                 self.record_exit(&vm).await;
                 Err(SupervisorError::Start {
                     name: vm.name.clone(),
@@ -252,9 +252,8 @@ impl Supervisor {
                         return Ok(());
                     }
                     warn!(vm = %vm.name, ?timeout, "guest did not power off in time; quitting QEMU");
-                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
-                        "guest did not power off within {timeout:?}; QEMU was stopped"
-                    ));
+                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(ExitHint::PowerOffTimeout(timeout));
                 }
                 Err(e) => warn!(vm = %vm.name, "system_powerdown failed: {e}"),
             }

@@ -7,6 +7,7 @@
 //! - [`guest_port`]: the replication engine's handle on a running VM.
 
 mod error;
+mod exit;
 mod guest_port;
 mod lifecycle;
 mod monitor;
@@ -30,7 +31,8 @@ use crate::shim::ShimLauncher;
 use crate::util::{now_unix, process_matches, read_from};
 
 pub use error::SupervisorError;
-pub use guest_port::{DeviceStateJob, GuestPort, StoppedGuest};
+pub use exit::ExitCause;
+pub use guest_port::{CheckpointWindow, DeviceStateJob, GuestPort};
 pub use snapshot::{
     CheckpointDisk, CheckpointManifest, CheckpointReport, CHECKPOINT_DEVICE_STATE,
     CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
@@ -123,10 +125,7 @@ impl Supervisor {
         for entry in entries.flatten() {
             let dir = entry.path();
             let rec_path = dir.join(RECORD_FILE);
-            let rec: VmRecord = match std::fs::read_to_string(&rec_path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-            {
+            let rec = match VmRecord::load(&rec_path) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!("skipping unreadable VM record {}: {e}", rec_path.display());
@@ -217,6 +216,7 @@ impl Supervisor {
             started_at: None,
             stop_requested: false,
             last_exit: None,
+            exit_cause: None,
         };
         self.attach_nics(&rec.spec).map_err(|e| {
             SpecError::Invalid(vec![tandem_vmspec::FieldError {

@@ -9,9 +9,10 @@ use tandem_qmp::{qmp, QmpClient};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::exit::{decide, ExitDecision, ExitHint};
 use super::record::Live;
 use super::{query_status, Supervisor, Vm, TAIL_LINES};
-use crate::shim::{self, ShimExit};
+use crate::shim;
 use crate::util::{now_unix, process_matches, tail_lines};
 
 impl Supervisor {
@@ -44,7 +45,7 @@ impl Supervisor {
                             if status == "internal-error" {
                                 warn!(vm = %vm.name, "accelerator internal error; stopping QEMU");
                                 *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
-                                    Some("accelerator internal error (KVM emulation failure); QEMU was stopped".into());
+                                    Some(ExitHint::AcceleratorFailure);
                                 let _ = qmp.execute(qmp::quit {}).await;
                             } else if vm.state() == VmState::Running
                                 && !vm.checkpoint_pause.load(Ordering::SeqCst)
@@ -69,7 +70,7 @@ impl Supervisor {
                             let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
                             let mut hint = vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner());
                             if hint.is_none() {
-                                *hint = Some(format!("shutdown: {reason}"));
+                                *hint = Some(ExitHint::Shutdown(reason.to_string()));
                             }
                         }
                         _ => {}
@@ -103,29 +104,11 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let clean = exit.is_some_and(|e| e.code == Some(0) && e.signal.is_none());
-        let guest_shutdown = hint
-            .as_deref()
-            .is_some_and(|h| h.starts_with("shutdown: guest"));
-        let (state, reason) = if rec.stop_requested && exit.is_some() {
-            (
-                VmState::Shutoff,
-                hint.unwrap_or_else(|| "stopped on request".into()),
-            )
-        } else if clean
-            && (guest_shutdown || hint.as_deref().is_some_and(|h| h.starts_with("shutdown:")))
-        {
-            (VmState::Shutoff, hint.unwrap_or_default())
-        } else {
-            let why = match exit {
-                Some(e) => format!("QEMU exited unexpectedly ({})", describe(&e)),
-                None => "QEMU is gone and its exit status was not recorded".into(),
-            };
-            (
-                VmState::Crashed,
-                hint.map(|h| format!("{why}; {h}")).unwrap_or(why),
-            )
-        };
+        let ExitDecision {
+            state,
+            cause,
+            reason,
+        } = decide(rec.stop_requested, exit, hint);
         let info = ExitInfo {
             code: exit.and_then(|e| e.code),
             signal: exit.and_then(|e| e.signal),
@@ -146,14 +129,7 @@ impl Supervisor {
             r.shim_pid = None;
             r.stop_requested = false;
             r.last_exit = Some(info);
+            r.exit_cause = Some(cause);
         });
-    }
-}
-
-pub(super) fn describe(e: &ShimExit) -> String {
-    match (e.code, e.signal) {
-        (_, Some(s)) => format!("killed by signal {s}"),
-        (Some(c), None) => format!("exit code {c}"),
-        (None, None) => "exit status unknown".into(),
     }
 }
