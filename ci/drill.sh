@@ -4,12 +4,13 @@
 # then runs `tandem drill`: two hosts and a client in network namespaces, a
 # protected guest under a durable client workload, host A killed at random
 # (its QEMU, its network, its tandemd — one round each), and the invariants
-# checked. Extra arguments go to `tandem drill` (e.g. --rounds 6 --seed 42).
+# checked. Extra arguments go to `tandem drill` (e.g. --rounds 6 --seed 42),
+# which runs the `tandem-lab` binary built beside `tandem`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash ci/setup-host.sh
 bash images/build.sh
-echo "[drill] building tandem (release)"
-cargo build --release --locked -q -p tandemd -p tandem-cli
+echo "[drill] building tandem, tandemd and tandem-lab (release)"
+cargo build --release --locked -q -p tandemd -p tandem-cli -p tandem-lab
 exec target/release/tandem drill --rounds 3 "$@"

@@ -7,6 +7,9 @@ use std::process::Command;
 use tandem_tests::{bin, image_dir, serial_guard};
 
 fn drill(args: &[&str]) -> (bool, String) {
+    // `tandem drill` runs the lab's binary from beside `tandem`: make sure
+    // it was built too (`bin` says how to build it when it is missing).
+    bin("tandem-lab");
     let out = Command::new(bin("tandem"))
         .arg("drill")
         .arg("--image-dir")

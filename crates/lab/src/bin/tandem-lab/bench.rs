@@ -1,0 +1,725 @@
+//! `tandem bench <kind>`: options, one function per benchmark, and their
+//! reports. Each report ends with the command line that reproduces it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tandem_lab::{colobench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundReport};
+
+use crate::{print_json, tandemd_beside_lab};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// The switch alone between two VM ports: DPDK testpmd (virtio-user)
+    /// sends on one port and receives on the other; Mpps and Gbit/s the
+    /// switch delivers per frame size, median and p99 of per-second rates.
+    /// Needs root; qemu-scripts/dpdk.sh provides testpmd and hugepages.
+    SwitchPps(SwitchPpsArgs),
+    /// tandem's vhost-user switch against tap + Linux bridge: host↔guest
+    /// request/response latency and guest→guest TCP throughput, side by
+    /// side in one run (pairs alternate each round).
+    Switch(SwitchArgs),
+    /// Output commit: request/response latency (a passed reply and a held
+    /// one) and guest→client bulk throughput with output commit off,
+    /// all-hold and classified, side by side, per epoch length.
+    Output(OutputArgs),
+    /// Guest throughput protected vs unprotected (CPU-bound and
+    /// memory-dirtying work, timed from outside), per epoch length.
+    Throughput(ThroughputArgs),
+    /// One dirty-page collect with `scan` vs `soft-dirty`, side by side on
+    /// the same memory, inside the guest (its kernel has soft-dirty bits;
+    /// this host's may not). Median and p99 per size and write rate.
+    Tracker(TrackerArgs),
+    /// Failover time and epoch pause, side by side for several guest RAM
+    /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
+    Failover(FailoverArgs),
+    /// Epoch pause, tandem (scan tracker) against QEMU's own COLO
+    /// checkpointing on the same guest, one after the other per cell:
+    /// p50/p99 from the primary QEMU's STOP/RESUME events, and checkpoints
+    /// per second. Needs root and qemu-scripts/colo-qemu.sh (COLO is broken
+    /// in QEMU 10.0; it unpacks Debian's 7.2 privately).
+    Pause(PauseArgs),
+}
+
+// The argument groups carry no doc comments: a group's doc would become
+// its subcommand's about text, which is the variant's above.
+
+#[derive(Args, Debug)]
+pub struct SwitchPpsArgs {
+    /// Seconds measured per size (1..=10), after a 1 s warm-up.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Ethernet frame sizes in bytes, without FCS.
+    #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+    sizes: Vec<usize>,
+    /// `SWITCH_CPU,TESTPMD_CPU`, or `none`.
+    #[arg(long, default_value = "0,1")]
+    pin: String,
+    /// `loop`: one testpmd forwarding B's arrivals back into A (a
+    /// closed loop, one polling thread); `split`: testpmd txonly on A
+    /// and rxonly on B as two processes sharing the generator CPU.
+    #[arg(long, default_value = "loop")]
+    generator: String,
+    /// The hugepage/testpmd helper (default: qemu-scripts/dpdk.sh here
+    /// or in the source tree).
+    #[arg(long)]
+    dpdk_script: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SwitchArgs {
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Round trips per pair and round.
+    #[arg(long, default_value_t = 300)]
+    requests: usize,
+    #[arg(long, default_value_t = 3000)]
+    bulk_ms: u64,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u32,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100")]
+    epoch_ms: Vec<u64>,
+    /// Round trips per kind and configuration.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
+    /// Length of each bulk transfer.
+    #[arg(long, default_value_t = 3000)]
+    bulk_ms: u64,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u32,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100")]
+    epoch_ms: Vec<u64>,
+    /// Iterations of CPU-bound work per measurement.
+    #[arg(long, default_value_t = 200_000_000)]
+    spin: u64,
+    /// 4 KiB pages written per memory-dirtying measurement.
+    #[arg(long, default_value_t = 200_000)]
+    dirty: u64,
+    /// Measurements per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u32,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TrackerArgs {
+    /// Memory tracked, MiB (each at most half the guest's RAM).
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    mib: Vec<u64>,
+    /// Pages written per epoch.
+    #[arg(long, value_delimiter = ',', default_value = "0,256,2048")]
+    pages: Vec<u64>,
+    #[arg(long, default_value_t = 30)]
+    epochs: u32,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// Drills per RAM size.
+    #[arg(long, default_value_t = 10)]
+    rounds: u32,
+    /// Guest RAM sizes to compare, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    memory_mib: Vec<u32>,
+    #[arg(long, default_value_t = 50)]
+    epoch_ms: u64,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// tandemd's failure-detection settings for both hosts (its
+    /// defaults: 100 / 1500 / 2500). Detection is the takeover timeout,
+    /// which must exceed the fence timeout by two heartbeats.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    #[arg(long, default_value_t = 1500)]
+    fence_timeout_ms: u64,
+    #[arg(long, default_value_t = 2500)]
+    takeover_timeout_ms: u64,
+    /// What each drill kills on host A: qemu (a crash A's tandemd
+    /// reports), network or tandemd (decided by silence).
+    #[arg(long, default_value = "qemu")]
+    kill: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PauseArgs {
+    /// Guest RAM sizes, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    memory_mib: Vec<u32>,
+    /// tandem's epoch and COLO's x-checkpoint-delay.
+    #[arg(long, default_value_t = 50)]
+    epoch_ms: u64,
+    /// Guest memory dirtied per second, MiB/s (0: idle): one `DIRTY`
+    /// request per epoch rewriting that much of the guest's buffer.
+    #[arg(long, value_delimiter = ',', default_value = "0,16,64")]
+    dirty: Vec<u64>,
+    /// Seconds measured per system and cell.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Chooses which system runs first in each cell.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The QEMU for the COLO peer.
+    #[arg(
+        long,
+        default_value = "/var/cache/tandem/qemu-7.2/root/usr/bin/qemu-system-x86_64"
+    )]
+    colo_qemu: PathBuf,
+    /// LD_PRELOAD for the COLO QEMUs (qemu-scripts/colo-bql-shim.c),
+    /// or `none`.
+    #[arg(long, default_value = "/var/cache/tandem/qemu-7.2/colo-bql-shim.so")]
+    colo_shim: String,
+    /// The QEMU tandemd runs the guest on.
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+/// Benchmarks drive their own runtimes and processes: no async runtime here.
+pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::SwitchPps(a) => switch_pps(a, json),
+        BenchCmd::Switch(a) => switch(a, json),
+        BenchCmd::Output(a) => output(a, json),
+        BenchCmd::Throughput(a) => throughput(a, json),
+        BenchCmd::Tracker(a) => tracker(a, json),
+        // Its table is printed with `--json` too, as it always was.
+        BenchCmd::Failover(a) => failover(a),
+        BenchCmd::Pause(a) => pause(a, json),
+    }
+}
+
+fn say(m: &str) {
+    eprintln!("bench: {m}");
+}
+
+/// `1,2,3` for a reproduce line.
+fn join<T: ToString>(v: &[T]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The drill site every benchmark builds on: one guest of `memory_mib`,
+/// 50 ms epochs, output commit as the drill runs it.
+fn bench_options(memory_mib: u32, image_dir: &Path) -> anyhow::Result<DrillOptions> {
+    Ok(DrillOptions {
+        rounds: 1,
+        kill: None,
+        seed: 1,
+        epoch_ms: 50,
+        memory_mib,
+        output: "classified".into(),
+        profile: "bulk-tcp".into(),
+        unsafe_no_clamp: false,
+        tandemd: tandemd_beside_lab()?,
+        image_dir: image_dir.to_path_buf(),
+        work_dir: PathBuf::from("/tmp"),
+        timeouts: Default::default(),
+    })
+}
+
+/// `--pin SWITCH_CPU,TESTPMD_CPU` or `none`.
+fn parse_pin(pin: &str) -> anyhow::Result<Option<(usize, usize)>> {
+    Ok(match pin {
+        "none" => None,
+        p => {
+            let (s, g) = p
+                .split_once(',')
+                .and_then(|(s, g)| Some((s.trim().parse().ok()?, g.trim().parse().ok()?)))
+                .context("--pin: SWITCH_CPU,TESTPMD_CPU (e.g. 0,1) or none")?;
+            Some((s, g))
+        }
+    })
+}
+
+/// `qemu-scripts/dpdk.sh` in the current directory, else in the source
+/// tree this binary was built from.
+fn default_dpdk_script() -> PathBuf {
+    let here = PathBuf::from("qemu-scripts/dpdk.sh");
+    if here.is_file() {
+        here
+    } else {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../qemu-scripts/dpdk.sh"
+        ))
+    }
+}
+
+fn switch_pps(a: SwitchPpsArgs, json: bool) -> anyhow::Result<()> {
+    let generator = a
+        .generator
+        .parse::<ppsbench::Generator>()
+        .map_err(|e| anyhow::anyhow!("--generator: {e}"))?;
+    let pin_cpus = parse_pin(&a.pin)?;
+    let opts = ppsbench::PpsOptions {
+        seconds: a.seconds,
+        sizes: a.sizes.clone(),
+        pin: pin_cpus,
+        generator,
+        dpdk_script: a.dpdk_script.clone().unwrap_or_else(default_dpdk_script),
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let rows = ppsbench::switch_pps(&opts, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    let pinned = match pin_cpus {
+        Some((s, g)) => format!("switch (all its threads) on CPU {s}, both testpmd on CPU {g}"),
+        None => "nothing pinned".into(),
+    };
+    let seconds = a.seconds;
+    println!(
+        "\nswitch forwarding, port A -> port B, testpmd virtio-user ({} generator); {pinned}; {seconds} x 1 s per size",
+        generator.name()
+    );
+    println!(
+        "{:>7} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>10} {:>10} {:>12} {:>8}",
+        "frame",
+        "Mpps med",
+        "Mpps p99",
+        "Mpps min",
+        "Gbit/s med",
+        "Gbit/s p99",
+        "sw CPU",
+        "Mpps/core",
+        "Gbit/s/core",
+        "others/steal",
+        "dropped"
+    );
+    for r in &rows {
+        let others = match (r.others_on_switch_cpu, r.steal_on_switch_cpu) {
+            (Some(o), Some(s)) => format!("{:.0}%/{:.0}%", o * 100.0, s * 100.0),
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:>5} B {:>9.3} {:>9.3} {:>9.3} {:>10.2} {:>10.2} {:>7.0}% {:>10.3} {:>11.2} {:>12} {:>8}",
+            r.frame_bytes,
+            r.mpps_median,
+            r.mpps_p99,
+            r.mpps_min,
+            r.gbit_s_median,
+            r.gbit_s_p99,
+            r.switch_cpu_share_median * 100.0,
+            r.mpps_per_core_median,
+            r.gbit_s_per_core_median,
+            others,
+            r.dropped
+        );
+    }
+    println!("(med/p99/min of 1 s samples; sw CPU: share of one core the switch used; per core: per CPU-second it used; others/steal: the switch's CPU used by other processes / stolen by the hypervisor)");
+    for r in &rows {
+        if let Some(t) = r.testpmd_rx_total {
+            println!(
+                "{} B: testpmd received {t} frames, the switch delivered {}; testpmd dropped {} on TX",
+                r.frame_bytes, r.switch_tx_total, r.testpmd_tx_dropped
+            );
+        }
+    }
+    println!(
+        "reproduce: tandem bench switch-pps --seconds {seconds} --sizes {} --pin {} --generator {}",
+        join(&a.sizes),
+        a.pin,
+        generator.name()
+    );
+    Ok(())
+}
+
+fn switch(a: SwitchArgs, json: bool) -> anyhow::Result<()> {
+    let SwitchArgs {
+        rounds,
+        requests,
+        bulk_ms,
+        memory_mib,
+        image_dir,
+    } = a;
+    let opts = bench_options(memory_mib, &image_dir)?;
+    let rows = tandem_lab::switchbench::switch_vs_bridge(&opts, rounds, requests, bulk_ms, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    println!("\nswitch vs bridge ({memory_mib} MiB TCG guests; {rounds} rounds of {requests} round trips and a {bulk_ms} ms transfer per path)");
+    println!(
+        "{:<28} {:>12} {:>12} {:>16}",
+        "path", "rr p50", "rr p99", "bulk Mbit/s (med)"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:>9.3} ms {:>9.3} ms {:>16.1}",
+            r.path, r.rr_p50_ms, r.rr_p99_ms, r.bulk_mbit_s_median
+        );
+    }
+    if let [sw, br] = rows.as_slice() {
+        println!(
+            "ratio switch/bridge: rr p50 {:.2}, bulk {:.2}",
+            sw.rr_p50_ms / br.rr_p50_ms,
+            sw.bulk_mbit_s_median / br.bulk_mbit_s_median
+        );
+    }
+    println!(
+        "reproduce: tandem bench switch --rounds {rounds} --requests {requests} --bulk-ms {bulk_ms} --memory-mib {memory_mib}"
+    );
+    Ok(())
+}
+
+fn output(a: OutputArgs, json: bool) -> anyhow::Result<()> {
+    let OutputArgs {
+        epoch_ms,
+        requests,
+        bulk_ms,
+        memory_mib,
+        image_dir,
+    } = a;
+    let opts = bench_options(memory_mib, &image_dir)?;
+    let rows = tandem_lab::bench::output(&opts, &epoch_ms, requests, bulk_ms, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    println!("\noutput commit ({memory_mib} MiB guest; {requests} round trips per kind; bulk-tcp profile, PONG passed, PUT replies held)");
+    println!(
+        "{:>6} {:>11} {:>14} {:>14} {:>14} {:>14} {:>11}",
+        "epoch", "mode", "pass rr p50", "pass rr p99", "hold rr p50", "hold rr p99", "bulk Mbit/s"
+    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>11} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.1}",
+            format!("{} ms", r.epoch_ms),
+            r.mode,
+            r.pass_rr_p50_ms,
+            r.pass_rr_p99_ms,
+            r.hold_rr_p50_ms,
+            r.hold_rr_p99_ms,
+            r.bulk_mbit_s
+        );
+    }
+    println!(
+        "reproduce: tandem bench output --epoch-ms {} --requests {requests} --bulk-ms {bulk_ms} --memory-mib {memory_mib}",
+        join(&epoch_ms)
+    );
+    Ok(())
+}
+
+fn throughput(a: ThroughputArgs, json: bool) -> anyhow::Result<()> {
+    let ThroughputArgs {
+        epoch_ms,
+        spin,
+        dirty,
+        reps,
+        memory_mib,
+        image_dir,
+    } = a;
+    let opts = bench_options(memory_mib, &image_dir)?;
+    let rows = tandem_lab::bench::throughput(&opts, &epoch_ms, spin, dirty, reps, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    println!(
+        "\nguest throughput, protected vs unprotected ({memory_mib} MiB guest, median of {reps})"
+    );
+    println!(
+        "{:>10} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>9}",
+        "epoch", "spin ms", "ratio", "dirty ms", "ratio", "pause p50", "pause p99", "epochs/s"
+    );
+    for r in &rows {
+        println!(
+            "{:>10} {:>10.0} {:>8.2} {:>10.0} {:>8.2} {:>10.2} {:>10.2} {:>9.1}",
+            r.epoch_ms
+                .map(|e| format!("{e} ms"))
+                .unwrap_or("off".into()),
+            r.spin_ms_median,
+            r.spin_ratio,
+            r.dirty_ms_median,
+            r.dirty_ratio,
+            r.pause_p50_ms,
+            r.pause_p99_ms,
+            r.epochs_per_s
+        );
+    }
+    println!(
+        "reproduce: tandem bench throughput --epoch-ms {} --spin {spin} --dirty {dirty} --reps {reps} --memory-mib {memory_mib}",
+        join(&epoch_ms)
+    );
+    Ok(())
+}
+
+fn tracker(a: TrackerArgs, json: bool) -> anyhow::Result<()> {
+    let TrackerArgs {
+        mib,
+        pages,
+        epochs,
+        memory_mib,
+        image_dir,
+    } = a;
+    let opts = bench_options(memory_mib, &image_dir)?;
+    let rows = tandem_lab::bench::tracker(&opts, &mib, &pages, epochs, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    println!(
+        "\none dirty-page collect inside the guest (TCG, {memory_mib} MiB guest), {epochs} epochs per line, in µs"
+    );
+    println!(
+        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} | {:>8} {:>8} {:>8}",
+        "MiB",
+        "written",
+        "scan p50",
+        "scan p99",
+        "soft p50",
+        "soft p99",
+        "x p50",
+        "x p99",
+        "scan rep",
+        "soft rep",
+        "read",
+        "decide",
+        "clear"
+    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>8} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.1} {:>8.1} {:>9} {:>9} | {:>8.0} {:>8.0} {:>8.0}",
+            r.mib,
+            r.per_epoch,
+            r.scan_p50_us,
+            r.scan_p99_us,
+            r.soft_p50_us,
+            r.soft_p99_us,
+            r.scan_p50_us / r.soft_p50_us.max(1.0),
+            r.scan_p99_us / r.soft_p99_us.max(1.0),
+            r.scan_reported,
+            r.soft_reported,
+            r.soft_read_p50_us,
+            r.soft_decide_p50_us,
+            r.soft_clear_p50_us
+        );
+    }
+    println!(
+        "(x = scan / soft-dirty; rep = pages reported per epoch; read/decide/clear = the soft-dirty collect's parts, p50 µs; punches seen by {})",
+        rows.first().map(|r| r.punches.as_str()).unwrap_or("?")
+    );
+    println!(
+        "reproduce: tandem bench tracker --mib {} --pages {} --epochs {epochs} --memory-mib {memory_mib}",
+        join(&mib),
+        join(&pages)
+    );
+    Ok(())
+}
+
+fn pause(a: PauseArgs, json: bool) -> anyhow::Result<()> {
+    let opts = colobench::PauseOptions {
+        memory_mib: a.memory_mib.clone(),
+        epoch_ms: a.epoch_ms,
+        dirty_mib_s: a.dirty.clone(),
+        seconds: a.seconds,
+        seed: a.seed,
+        tandemd: tandemd_beside_lab()?,
+        qemu: a.qemu.clone(),
+        colo_qemu: a.colo_qemu.clone(),
+        colo_shim: (a.colo_shim != "none").then(|| PathBuf::from(&a.colo_shim)),
+        image_dir: a.image_dir.clone(),
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let r = colobench::pause_vs_colo(&opts, say)?;
+    if json {
+        return print_json(&r);
+    }
+    print_pause(&a, &r);
+    Ok(())
+}
+
+fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
+    let PauseArgs {
+        epoch_ms,
+        seconds,
+        seed,
+        ..
+    } = a;
+    println!(
+        "\nepoch pause, tandem (scan) vs QEMU COLO, epoch = x-checkpoint-delay = {epoch_ms} ms, {seconds} s per system and cell"
+    );
+    println!("tandem: {}", r.tandem_qemu);
+    println!(
+        "COLO:   {}{}",
+        r.colo_qemu,
+        r.colo_shim
+            .as_ref()
+            .map(|s| format!(" + LD_PRELOAD {}", s.display()))
+            .unwrap_or_default()
+    );
+    println!(
+        "{:>5} {:>6} | {:>27} {:>8} {:>8} | {:>27} {:>8} {:>8} | {:>16}",
+        "RAM",
+        "dirty",
+        "tandem pause p50 / p99 ms",
+        "ckpt/s",
+        "dirtied",
+        "COLO pause p50 / p99 ms",
+        "ckpt/s",
+        "dirtied",
+        "tandem/COLO p50, p99"
+    );
+    for row in &r.rows {
+        println!(
+            "{:>5} {:>6} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>8.2}, {:>6.2}",
+            row.memory_mib,
+            row.dirty_mib_s,
+            row.tandem.pause_p50_ms,
+            row.tandem.pause_p99_ms,
+            row.tandem.checkpoints_per_s,
+            row.tandem.dirtied_mib_s,
+            row.colo.pause_p50_ms,
+            row.colo.pause_p99_ms,
+            row.colo.checkpoints_per_s,
+            row.colo.dirtied_mib_s,
+            row.ratio_p50,
+            row.ratio_p99
+        );
+    }
+    println!("(RAM in MiB; dirty: offered MiB/s; dirtied: MiB/s the guest got done; pause from the primary QEMU's STOP/RESUME events)");
+    for row in &r.rows {
+        for (name, side) in [("tandem", &row.tandem), ("COLO", &row.colo)] {
+            if let Some(e) = &side.error {
+                println!(
+                    "{name} FAILED at {} MiB / {} MiB/s (its numbers above are zero): {e}",
+                    row.memory_mib, row.dirty_mib_s
+                );
+            }
+        }
+        for (n, why) in row.colo.failed_attempts.iter().enumerate() {
+            println!(
+                "COLO {} MiB / {} MiB/s, failed attempt {}: {why}",
+                row.memory_mib,
+                row.dirty_mib_s,
+                n + 1
+            );
+        }
+    }
+    println!(
+        "reproduce: tandem bench pause --memory-mib {} --epoch-ms {epoch_ms} --dirty {} --seconds {seconds} --seed {seed}",
+        join(&a.memory_mib),
+        join(&a.dirty)
+    );
+}
+
+fn failover(a: FailoverArgs) -> anyhow::Result<()> {
+    let kill_mode = a
+        .kill
+        .parse::<KillMode>()
+        .map_err(|e| anyhow::anyhow!("--kill: {e}"))?;
+    let mut rows = Vec::new();
+    for &mem in &a.memory_mib {
+        let opts = DrillOptions {
+            rounds: a.rounds,
+            kill: Some(kill_mode),
+            seed: a.seed,
+            epoch_ms: a.epoch_ms,
+            timeouts: FtTimeouts {
+                heartbeat_ms: a.heartbeat_ms,
+                fence_timeout_ms: a.fence_timeout_ms,
+                takeover_timeout_ms: a.takeover_timeout_ms,
+            },
+            ..bench_options(mem, &a.image_dir)?
+        };
+        eprintln!("bench: {} drills with a {mem} MiB guest", a.rounds);
+        let r = tandem_lab::run(&opts, say)?;
+        rows.push((mem, r));
+    }
+    print_failover(&a, &rows);
+    Ok(())
+}
+
+fn print_failover(a: &FailoverArgs, rows: &[(u32, Vec<RoundReport>)]) {
+    let FailoverArgs {
+        rounds,
+        epoch_ms,
+        seed,
+        heartbeat_ms,
+        fence_timeout_ms,
+        takeover_timeout_ms,
+        kill,
+        ..
+    } = a;
+    let pct = |mut v: Vec<f64>, p: f64| tandem_lab::stats_ms(&mut v, p);
+    println!(
+        "\nfailover benchmark: kill {kill}, epoch {epoch_ms} ms, heartbeat {heartbeat_ms} ms, fence {fence_timeout_ms} ms, takeover {takeover_timeout_ms} ms; {rounds} drills per size (median / p99)"
+    );
+    println!(
+        "{:>8} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19}",
+        "RAM MiB",
+        "pause p50 ms",
+        "pause p99 ms",
+        "detect ms",
+        "fence wait ms",
+        "restore ms",
+        "served ms",
+        "all rounds pass"
+    );
+    for (mem, r) in rows {
+        let col = |f: &dyn Fn(&RoundReport) -> f64| {
+            let v: Vec<f64> = r.iter().map(f).collect();
+            format!("{:>8.1} / {:>8.1}", pct(v.clone(), 50.0), pct(v, 99.0))
+        };
+        println!(
+            "{:>8} {} {} {} {} {} {} {:>19}",
+            mem,
+            col(&|x| x.pause_p50_ms),
+            col(&|x| x.pause_p99_ms),
+            col(&|x| x.detection_ms),
+            col(&|x| x.fence_wait_ms),
+            col(&|x| x.restore_ms),
+            col(&|x| x.client_served_ms),
+            r.iter().all(|x| x.passed)
+        );
+    }
+    println!(
+        "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed} --heartbeat-ms {heartbeat_ms} --fence-timeout-ms {fence_timeout_ms} --takeover-timeout-ms {takeover_timeout_ms} --kill {kill}",
+        join(&a.memory_mib)
+    );
+}
