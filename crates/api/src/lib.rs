@@ -6,8 +6,10 @@
 //! an [`ErrorBody`].
 
 mod client;
+mod error;
 
 pub use client::{ApiError, Client};
+pub use error::{ErrorKind, UnknownErrorKind};
 
 use serde::{Deserialize, Serialize};
 
@@ -183,11 +185,11 @@ pub struct HostInfo {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// A stable machine-readable kind: `not-found`, `invalid-spec`,
-    /// `conflict`, `bad-state`, `qemu`, `internal`.
+    /// A stable machine-readable kind: one of [`ErrorKind`]'s words. Kept a
+    /// string so a client reads kinds a newer tandemd may add.
     pub kind: String,
     pub message: String,
-    /// Per-field problems, for `invalid-spec`.
+    /// Per-field problems, for `invalid-spec` and `invalid-document`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<FieldProblem>,
 }
