@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_api::{FailoverReport, FtRole, FtStatus};
+use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::assembler::EpochAssembler;
+use crate::assembler::{CompleteEpoch, EpochAssembler};
 use crate::link::BoxStream;
 use crate::replica::ReplicaStore;
 use crate::wire::{self, Frame, FrameKind, Hello, PAGE_SIZE};
@@ -127,210 +127,196 @@ impl Backup {
         self.cfg.root.join(vm)
     }
 
-    /// Handles one connection from a primary until it ends.
+    /// Handles one connection from a primary until it ends: hello, the
+    /// replica opened and its digest sent, then epochs applied in order
+    /// until the link ends; a crash report ends in a takeover.
     pub async fn serve(self: Arc<Self>, conn: BoxStream, peer: String) {
         let (mut rd, mut wr) = tokio::io::split(conn);
-        let hello =
-            match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut rd)).await {
-                Ok(Ok(Some(f))) if f.kind == FrameKind::Hello => {
-                    match serde_json::from_slice::<Hello>(&f.payload) {
-                        Ok(h) => h,
-                        Err(e) => {
-                            warn!(%peer, "malformed hello: {e}");
-                            return;
-                        }
-                    }
-                }
-                Ok(Ok(Some(f))) => {
-                    warn!(%peer, "expected hello, got {f:?}");
-                    return;
-                }
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    warn!(%peer, "reading hello: {e}");
-                    return;
-                }
-                Err(_) => {
-                    warn!(%peer, "no hello within 5 s");
-                    return;
-                }
-            };
-        if let Err(why) = valid_vm_name(&hello.vm) {
-            warn!(%peer, "refusing replica: {why}");
+        let Some(hello) = read_hello_frame(&mut rd, &peer).await else {
             return;
-        }
-        if hello.page_size != PAGE_SIZE as u64 || hello.ram_size % PAGE_SIZE as u64 != 0 {
-            warn!(%peer, vm = %hello.vm, "refusing replica: unsupported page or RAM size");
-            return;
-        }
+        };
         let vm = hello.vm.clone();
-        let dir = self.replica_dir(&vm);
-        let generation = {
-            let mut reps = self.replicas();
-            let r = reps.entry(vm.clone()).or_insert_with(|| Replica {
-                status: FtStatus {
-                    vm: vm.clone(),
-                    role: Some(FtRole::Backup),
-                    state: "syncing".into(),
-                    tracker: "-".into(),
-                    ..Default::default()
-                },
-                last_heard: Instant::now(),
-                suspected: None,
-                armed: false,
-                generation: 0,
-                active_conn: false,
-                applying: false,
-                store_lock: Arc::new(tokio::sync::Mutex::new(())),
-            });
-            if r.status.state == "failed-over" || r.status.state == "taking-over" {
-                warn!(%peer, %vm, "refusing replica: this host already runs the VM");
-                return;
-            }
-            r.generation += 1;
-            r.active_conn = true;
-            r.last_heard = Instant::now();
-            r.status.peer = peer.clone();
-            r.status.detail.clear();
-            r.generation
+        let Some(generation) = self.register_conn(&vm, &peer) else {
+            return;
         };
-
-        let ram_size = hello.ram_size;
-        let opened = {
-            let dir = dir.clone();
-            let hello = hello.clone();
-            tokio::task::spawn_blocking(move || -> Result<ReplicaStore, String> {
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                write_hello(&dir, &hello).map_err(|e| e.to_string())?;
-                ReplicaStore::open(&dir, ram_size, &hello.disks).map_err(|e| e.to_string())
-            })
-            .await
-        };
-        let mut store = match opened {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                warn!(%vm, "cannot open replica: {e}");
+        let store = match self.open_replica(&hello).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%vm, "{e}");
                 // Say why before hanging up, so the primary can report it
                 // (a full disk, say) instead of a bare closed connection.
-                let why = Frame::new(
-                    FrameKind::Resync,
-                    0,
-                    0,
-                    format!("cannot open replica: {e}").into_bytes(),
-                );
+                let why = Frame::new(FrameKind::Resync, 0, 0, e.clone().into_bytes());
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
                     let _ = wr.write_all(&why.encode()).await;
                     let _ = wr.flush().await;
                 })
                 .await;
-                self.end_conn(&vm, generation, false, format!("cannot open replica: {e}"));
-                return;
-            }
-            Err(e) => {
-                self.end_conn(&vm, generation, false, format!("replica task failed: {e}"));
+                self.end_conn(&vm, generation, false, e);
                 return;
             }
         };
         let base = store.committed_epoch().unwrap_or(0);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
-        let hb = self.cfg.heartbeat;
-        let writer = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(hb);
-            loop {
-                let f = tokio::select! {
-                    f = out_rx.recv() => match f { Some(f) => f, None => return },
-                    _ = tick.tick() => Frame::new(FrameKind::Heartbeat, 0, 0, vec![]),
-                };
-                if wr.write_all(&f.encode()).await.is_err() || wr.flush().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (out_tx, writer) = spawn_writer(wr, self.cfg.heartbeat);
         let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
         info!(%vm, %peer, base, "replica connected");
+        let Some(store) = self.send_digest(&vm, generation, store, base, &out_tx).await else {
+            return;
+        };
+        let mut conn = Conn {
+            vm: vm.clone(),
+            generation,
+            store: store.into(),
+            out: out_tx,
+            ram_size: hello.ram_size,
+            disk_limit: disk_limit(&hello),
+        };
+        let ended = self.receive_epochs(&mut rd, &mut conn, base).await;
+        drop(conn.out);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        info!(%vm, "replica connection ended: {}", ended.reason);
+        self.end_conn(&vm, generation, ended.bye, ended.reason.clone());
+        if let Some(noticed) = ended.guest_lost {
+            self.after_guest_lost(&vm, generation, noticed, &ended.reason)
+                .await;
+        }
+    }
 
-        // What the replica RAM holds, page by page, so the primary's
-        // running copy sends only what differs. Reading it is not the
-        // primary's silence, and a takeover waits for it (the store lock).
-        let digest = {
-            let Some(store_lock) = self.begin_apply(&vm, generation) else {
-                self.end_conn(&vm, generation, false, "superseded".into());
-                return;
-            };
-            let _reading = store_lock.lock().await;
-            let t = Instant::now();
-            let joined = tokio::task::spawn_blocking(move || {
-                let d = store.ram_digest();
-                (d, store)
-            })
-            .await;
-            self.end_apply(&vm, generation);
-            let Ok((digest, back)) = joined else {
-                self.end_conn(&vm, generation, false, "digest task failed".into());
-                return;
-            };
-            store = back;
-            match digest {
-                Ok(d) => {
-                    info!(%vm, pages = d.len(), ms = t.elapsed().as_millis() as u64, "replica digest sent");
-                    d
-                }
-                Err(e) => {
-                    // Not fatal: the primary then sends everything.
-                    warn!(%vm, "cannot read the replica for its digest: {e}");
-                    Vec::new()
-                }
+    /// Registers a connection for `vm`: a new generation supersedes any
+    /// older connection. `None` when this host already runs the VM.
+    fn register_conn(&self, vm: &str, peer: &str) -> Option<u64> {
+        let mut reps = self.replicas();
+        let r = reps.entry(vm.to_string()).or_insert_with(|| Replica {
+            status: FtStatus {
+                vm: vm.to_string(),
+                role: Some(FtRole::Backup),
+                state: FtState::Syncing,
+                tracker: "-".into(),
+                ..Default::default()
+            },
+            last_heard: Instant::now(),
+            suspected: None,
+            armed: false,
+            generation: 0,
+            active_conn: false,
+            applying: false,
+            store_lock: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        if r.status.state.is_taken_over() {
+            warn!(%peer, %vm, "refusing replica: this host already runs the VM");
+            return None;
+        }
+        r.generation += 1;
+        r.active_conn = true;
+        r.last_heard = Instant::now();
+        r.status.peer = peer.to_string();
+        r.status.detail.clear();
+        Some(r.generation)
+    }
+
+    /// Creates or opens the replica directory for `hello` (off the runtime).
+    async fn open_replica(&self, hello: &Hello) -> Result<ReplicaStore, String> {
+        let dir = self.replica_dir(&hello.vm);
+        let hello = hello.clone();
+        let opened = tokio::task::spawn_blocking(move || -> Result<ReplicaStore, String> {
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            write_hello(&dir, &hello).map_err(|e| e.to_string())?;
+            ReplicaStore::open(&dir, hello.ram_size, &hello.disks).map_err(|e| e.to_string())
+        })
+        .await;
+        match opened {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(format!("cannot open replica: {e}")),
+            Err(e) => Err(format!("replica task failed: {e}")),
+        }
+    }
+
+    /// What the replica RAM holds, page by page, so the primary's running
+    /// copy sends only what differs. Reading it is not the primary's
+    /// silence, and a takeover waits for it (the store lock). Hands the
+    /// store back, or `None` when the connection is over.
+    async fn send_digest(
+        &self,
+        vm: &str,
+        generation: u64,
+        store: ReplicaStore,
+        base: u64,
+        out: &mpsc::UnboundedSender<Frame>,
+    ) -> Option<ReplicaStore> {
+        let Some(store_lock) = self.begin_apply(vm, generation) else {
+            self.end_conn(vm, generation, false, "superseded".into());
+            return None;
+        };
+        let _reading = store_lock.lock().await;
+        let t = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            let d = store.ram_digest();
+            (d, store)
+        })
+        .await;
+        self.end_apply(vm, generation);
+        let Ok((digest, store)) = joined else {
+            self.end_conn(vm, generation, false, "digest task failed".into());
+            return None;
+        };
+        let digest = match digest {
+            Ok(d) => {
+                info!(%vm, pages = d.len(), ms = t.elapsed().as_millis() as u64, "replica digest sent");
+                d
+            }
+            Err(e) => {
+                // Not fatal: the primary then sends everything.
+                warn!(%vm, "cannot read the replica for its digest: {e}");
+                Vec::new()
             }
         };
         for f in wire::ReplicaDigest::frames(base, &digest) {
-            let _ = out_tx.send(f);
+            let _ = out.send(f);
         }
-        drop(digest);
+        Some(store)
+    }
 
-        // An epoch carries at most every disk once over (a resync), plus
-        // the log's per-record overhead.
-        let disk_limit: u64 = hello
-            .disks
-            .iter()
-            .map(|d| d.size.saturating_mul(2))
-            .sum::<u64>()
-            + (1 << 20);
-        let mut asm = EpochAssembler::new(base + 1, ram_size).with_disk_limit(disk_limit);
-        let mut bye = false;
-        // Set when the primary reports its QEMU crashed: how long it took
-        // the primary to tell us.
-        let mut guest_lost: Option<Duration> = None;
-        let reason = loop {
-            let f = match wire::read_frame(&mut rd).await {
+    /// Reads frames and applies each whole epoch until the link ends.
+    async fn receive_epochs<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        conn: &mut Conn,
+        base: u64,
+    ) -> ConnEnd {
+        let vm = conn.vm.clone();
+        let mut asm = EpochAssembler::new(base + 1, conn.ram_size).with_disk_limit(conn.disk_limit);
+        loop {
+            let f = match wire::read_frame(rd).await {
                 Ok(Some(f)) => f,
-                Ok(None) => break "primary closed the connection".to_string(),
+                Ok(None) => return ConnEnd::lost("primary closed the connection".into()),
                 Err(e) if e.kind() == std::io::ErrorKind::Other => {
                     // A frame failed its checks (checksum, magic, size): the
                     // stream cannot be trusted past it. Ask for a resend.
                     warn!(%vm, "corrupt frame: {e}");
-                    let _ = out_tx.send(Frame::new(
-                        FrameKind::Resync,
-                        store.committed_epoch().unwrap_or(0),
-                        0,
-                        format!("corrupt frame: {e}").into_bytes(),
-                    ));
-                    break format!("corrupt frame: {e}");
+                    return conn.resync(format!("corrupt frame: {e}"));
                 }
-                Err(e) => break format!("replication link: {e}"),
+                Err(e) => return ConnEnd::lost(format!("replication link: {e}")),
             };
-            self.heard(&vm, generation);
+            self.heard(&vm, conn.generation);
             match f.kind {
                 FrameKind::Heartbeat => continue,
                 FrameKind::Bye => {
-                    bye = true;
-                    break "primary ended protection".into();
+                    return ConnEnd {
+                        reason: "primary ended protection".into(),
+                        bye: true,
+                        guest_lost: None,
+                    }
                 }
                 FrameKind::GuestLost => {
                     let mut ms = [0u8; 8];
                     let n = f.payload.len().min(8);
                     ms[..n].copy_from_slice(&f.payload[..n]);
-                    guest_lost = Some(Duration::from_millis(u64::from_le_bytes(ms).min(60_000)));
-                    break "the primary reports its QEMU crashed".into();
+                    return ConnEnd {
+                        reason: "the primary reports its QEMU crashed".into(),
+                        bye: false,
+                        guest_lost: Some(Duration::from_millis(
+                            u64::from_le_bytes(ms).min(60_000),
+                        )),
+                    };
                 }
                 _ => {}
             }
@@ -338,97 +324,100 @@ impl Backup {
                 Ok(None) => {}
                 Ok(Some(done)) => {
                     let epoch = done.epoch;
-                    let t = Instant::now();
-                    // Only the current connection of a replica that has not
-                    // been taken over may write it; the lock keeps a
-                    // takeover from starting the VM mid-apply.
-                    let Some(store_lock) = self.begin_apply(&vm, generation) else {
-                        break format!("superseded before applying epoch {epoch}");
-                    };
-                    let _applying = store_lock.lock().await;
-                    if !self.is_current(&vm, generation) {
-                        self.end_apply(&vm, generation);
-                        break format!("superseded before applying epoch {epoch}");
+                    if let Err(end) = self.apply_epoch(conn, done).await {
+                        return end;
                     }
-                    let joined = tokio::task::spawn_blocking(move || {
-                        let r = store.apply(&done);
-                        (r, store)
-                    })
-                    .await;
-                    self.end_apply(&vm, generation);
-                    let Ok((res, back)) = joined else {
-                        break format!("applying epoch {epoch} failed unexpectedly");
-                    };
-                    store = back;
-                    match res {
-                        Ok(()) => {
-                            let consistent = store.is_consistent();
-                            self.update(&vm, |r| {
-                                // True on disk whatever happened meanwhile.
-                                r.status.last_committed = r.status.last_committed.max(epoch);
-                                if r.generation != generation {
-                                    return;
-                                }
-                                if consistent {
-                                    r.armed = self.cfg.auto_failover;
-                                    r.status.state = "standby".into();
-                                } else {
-                                    // Nothing to resume until device state
-                                    // follows (a resync after reconnecting).
-                                    r.armed = false;
-                                    r.status.state = "syncing".into();
-                                }
-                                r.status.detail =
-                                    format!("last apply {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-                            });
-                            // Acknowledged only once armed or disarmed for
-                            // it: the primary stops fencing on the ack of a
-                            // commit that left nothing to resume.
-                            let _ = out_tx.send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
-                        }
-                        Err(e) => {
-                            warn!(%vm, epoch, "cannot commit epoch: {e}");
-                            let _ = out_tx.send(Frame::new(
-                                FrameKind::Resync,
-                                store.committed_epoch().unwrap_or(0),
-                                0,
-                                format!("cannot commit epoch {epoch}: {e}").into_bytes(),
-                            ));
-                            break format!("cannot commit epoch {epoch}: {e}");
-                        }
-                    }
-                    asm = EpochAssembler::new(epoch + 1, ram_size).with_disk_limit(disk_limit);
+                    asm = EpochAssembler::new(epoch + 1, conn.ram_size)
+                        .with_disk_limit(conn.disk_limit);
                 }
                 Err(e) => {
                     warn!(%vm, "rejected epoch data: {e}");
-                    let _ = out_tx.send(Frame::new(
-                        FrameKind::Resync,
-                        store.committed_epoch().unwrap_or(0),
-                        0,
-                        format!("rejected epoch data: {e}").into_bytes(),
-                    ));
-                    break format!("rejected epoch data: {e}");
+                    return conn.resync(format!("rejected epoch data: {e}"));
                 }
             }
+        }
+    }
+
+    /// Applies one whole epoch, durably, then acknowledges it.
+    async fn apply_epoch(&self, conn: &mut Conn, done: CompleteEpoch) -> Result<(), ConnEnd> {
+        let (vm, generation) = (conn.vm.clone(), conn.generation);
+        let epoch = done.epoch;
+        let t = Instant::now();
+        // Only the current connection of a replica that has not been taken
+        // over may write it; the lock keeps a takeover from starting the VM
+        // mid-apply.
+        let superseded = || ConnEnd::lost(format!("superseded before applying epoch {epoch}"));
+        let Some(store_lock) = self.begin_apply(&vm, generation) else {
+            return Err(superseded());
         };
-        drop(out_tx);
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        info!(%vm, "replica connection ended: {reason}");
-        self.end_conn(&vm, generation, bye, reason.clone());
-        if let Some(noticed) = guest_lost {
-            // Nothing runs the guest on the primary any more (it checked the
-            // process is gone), so there is nothing to wait for. Everything
-            // sent before the report is applied already: frames are handled
-            // in order.
-            let armed = self
-                .replicas()
-                .get(&vm)
-                .is_some_and(|r| r.armed && r.generation == generation);
-            if armed {
-                let _ = self.failover(&vm, noticed, &reason).await;
-            } else {
-                warn!(%vm, "the primary's QEMU crashed, but this replica is not armed (no consistent epoch yet, or auto-failover is off)");
+        let _applying = store_lock.lock().await;
+        if !self.is_current(&vm, generation) {
+            self.end_apply(&vm, generation);
+            return Err(superseded());
+        }
+        let store = conn.store.take();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut store = store;
+            let r = store.apply(&done);
+            (r, store)
+        })
+        .await;
+        self.end_apply(&vm, generation);
+        let Ok((res, store)) = joined else {
+            return Err(ConnEnd::lost(format!(
+                "applying epoch {epoch} failed unexpectedly"
+            )));
+        };
+        conn.store = store.into();
+        if let Err(e) = res {
+            warn!(%vm, epoch, "cannot commit epoch: {e}");
+            return Err(conn.resync(format!("cannot commit epoch {epoch}: {e}")));
+        }
+        let consistent = conn.store.is_consistent();
+        self.update(&vm, |r| {
+            // True on disk whatever happened meanwhile.
+            r.status.last_committed = r.status.last_committed.max(epoch);
+            if r.generation != generation {
+                return;
             }
+            if consistent {
+                r.armed = self.cfg.auto_failover;
+                r.status.state = FtState::Standby;
+            } else {
+                // Nothing to resume until device state follows (a resync
+                // after reconnecting).
+                r.armed = false;
+                r.status.state = FtState::Syncing;
+            }
+            r.status.detail = format!("last apply {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        });
+        // Acknowledged only once armed or disarmed for it: the primary stops
+        // fencing on the ack of a commit that left nothing to resume.
+        let _ = conn
+            .out
+            .send(Frame::new(FrameKind::Committed, epoch, 0, vec![]));
+        Ok(())
+    }
+
+    /// The primary reported its QEMU crashed: nothing runs the guest there
+    /// any more (it checked the process is gone), so there is nothing to
+    /// wait for. Everything sent before the report is applied already:
+    /// frames are handled in order.
+    async fn after_guest_lost(
+        self: &Arc<Self>,
+        vm: &str,
+        generation: u64,
+        noticed: Duration,
+        reason: &str,
+    ) {
+        let armed = self
+            .replicas()
+            .get(vm)
+            .is_some_and(|r| r.armed && r.generation == generation);
+        if armed {
+            let _ = self.failover(vm, noticed, reason).await;
+        } else {
+            warn!(%vm, "the primary's QEMU crashed, but this replica is not armed (no consistent epoch yet, or auto-failover is off)");
         }
     }
 
@@ -489,7 +478,7 @@ impl Backup {
             r.active_conn = false;
             if bye {
                 r.armed = false;
-                r.status.state = "stopped".into();
+                r.status.state = FtState::Stopped;
             }
             r.status.detail = why;
         }
@@ -576,10 +565,10 @@ impl Backup {
                     fence_wait = decided.saturating_duration_since(s.at);
                 }
             }
-            if r.status.state == "taking-over" || r.status.state == "failed-over" {
+            if r.status.state.is_taken_over() {
                 return Err(format!("`{vm}` is already {}", r.status.state));
             }
-            if r.status.state != "standby" {
+            if r.status.state != FtState::Standby {
                 return Err(format!(
                     "the replica of `{vm}` has no consistent epoch yet ({})",
                     r.status.state
@@ -587,7 +576,7 @@ impl Backup {
             }
             r.armed = false;
             r.generation += 1; // any live connection is now stale
-            r.status.state = "taking-over".into();
+            r.status.state = FtState::TakingOver;
             r.status.detail = reason.to_string();
             r.store_lock.clone()
         };
@@ -617,7 +606,7 @@ impl Backup {
                 };
                 info!(%vm, epoch, detection_ms, fence_wait_ms, restore_ms, "failed over");
                 self.update(vm, |r| {
-                    r.status.state = "failed-over".into();
+                    r.status.state = FtState::FailedOver;
                     r.status.failover = Some(report.clone());
                 });
                 Ok(report)
@@ -625,7 +614,7 @@ impl Backup {
             Err(e) => {
                 warn!(%vm, "takeover failed: {e}");
                 self.update(vm, |r| {
-                    r.status.state = "standby".into();
+                    r.status.state = FtState::Standby;
                     r.status.detail = format!("takeover failed: {e}");
                 });
                 Err(e)
@@ -658,4 +647,145 @@ fn write_hello(dir: &Path, hello: &Hello) -> std::io::Result<()> {
 pub fn read_hello(dir: &Path) -> std::io::Result<Hello> {
     let b = std::fs::read(dir.join("hello.json"))?;
     serde_json::from_slice(&b).map_err(std::io::Error::other)
+}
+
+/// One primary's connection, as the epoch loop of [`Backup::serve`] holds it.
+struct Conn {
+    vm: String,
+    generation: u64,
+    store: ReplicaHolder,
+    out: mpsc::UnboundedSender<Frame>,
+    ram_size: u64,
+    disk_limit: u64,
+}
+
+impl Conn {
+    /// Asks the primary to resend from the last commit, and ends.
+    fn resync(&self, why: String) -> ConnEnd {
+        let _ = self.out.send(Frame::new(
+            FrameKind::Resync,
+            self.store.committed_epoch().unwrap_or(0),
+            0,
+            why.clone().into_bytes(),
+        ));
+        ConnEnd::lost(why)
+    }
+}
+
+/// Holds the replica store; an apply takes it to a blocking thread and
+/// gives it back.
+struct ReplicaHolder(Option<ReplicaStore>);
+
+impl ReplicaHolder {
+    fn take(&mut self) -> ReplicaStore {
+        self.0.take().expect("the replica store is held between applies")
+    }
+}
+
+impl std::ops::Deref for ReplicaHolder {
+    type Target = ReplicaStore;
+    fn deref(&self) -> &ReplicaStore {
+        self.0.as_ref().expect("the replica store is held between applies")
+    }
+}
+
+impl From<ReplicaStore> for ReplicaHolder {
+    fn from(s: ReplicaStore) -> Self {
+        ReplicaHolder(Some(s))
+    }
+}
+
+impl std::ops::DerefMut for ReplicaHolder {
+    fn deref_mut(&mut self) -> &mut ReplicaStore {
+        self.0.as_mut().expect("the replica store is held between applies")
+    }
+}
+
+/// How a connection ended.
+struct ConnEnd {
+    reason: String,
+    /// The primary ended protection on purpose.
+    bye: bool,
+    /// The primary reported its QEMU crashed, this long after noticing.
+    guest_lost: Option<Duration>,
+}
+
+impl ConnEnd {
+    fn lost(reason: String) -> Self {
+        ConnEnd {
+            reason,
+            bye: false,
+            guest_lost: None,
+        }
+    }
+}
+
+/// The hello that opens a connection, checked; `None` (logged) otherwise.
+async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, peer: &str) -> Option<Hello> {
+    let hello = match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(rd)).await {
+        Ok(Ok(Some(f))) if f.kind == FrameKind::Hello => {
+            match serde_json::from_slice::<Hello>(&f.payload) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(%peer, "malformed hello: {e}");
+                    return None;
+                }
+            }
+        }
+        Ok(Ok(Some(f))) => {
+            warn!(%peer, "expected hello, got {f:?}");
+            return None;
+        }
+        Ok(Ok(None)) => return None,
+        Ok(Err(e)) => {
+            warn!(%peer, "reading hello: {e}");
+            return None;
+        }
+        Err(_) => {
+            warn!(%peer, "no hello within 5 s");
+            return None;
+        }
+    };
+    if let Err(why) = valid_vm_name(&hello.vm) {
+        warn!(%peer, "refusing replica: {why}");
+        return None;
+    }
+    if hello.page_size != PAGE_SIZE as u64 || hello.ram_size % PAGE_SIZE as u64 != 0 {
+        warn!(%peer, vm = %hello.vm, "refusing replica: unsupported page or RAM size");
+        return None;
+    }
+    Some(hello)
+}
+
+/// An epoch carries at most every disk once over (a resync), plus the
+/// log's per-record overhead.
+fn disk_limit(hello: &Hello) -> u64 {
+    hello
+        .disks
+        .iter()
+        .map(|d| d.size.saturating_mul(2))
+        .sum::<u64>()
+        + (1 << 20)
+}
+
+/// Sends queued frames, and a heartbeat every `heartbeat` between them,
+/// until the sender is dropped or the link fails.
+fn spawn_writer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    mut wr: W,
+    heartbeat: Duration,
+) -> (mpsc::UnboundedSender<Frame>, tokio::task::JoinHandle<()>) {
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            let f = tokio::select! {
+                f = out_rx.recv() => match f { Some(f) => f, None => return },
+                _ = tick.tick() => Frame::new(FrameKind::Heartbeat, 0, 0, vec![]),
+            };
+            if wr.write_all(&f.encode()).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    (out_tx, writer)
 }

@@ -9,6 +9,7 @@
 
 pub mod assembler;
 pub mod backup;
+pub mod clock;
 pub mod disklog;
 pub mod fuzzing;
 pub mod link;

@@ -48,6 +48,36 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 pub type BoxStream = Pin<Box<dyn Stream>>;
 
+/// How a primary reaches its backup: the seam between the protocol and the
+/// network. Production connects to an [`Endpoint`]; tests hand the primary
+/// one end of an in-memory pipe and play the backup (or a broken network)
+/// on the other, so they can drop, stall or cut either direction at a
+/// chosen protocol moment.
+pub trait Connect: Send + Sync + std::fmt::Display {
+    fn connect(&self) -> BoxFuture<'_, std::io::Result<BoxStream>>;
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A TCP connect that never answers (a black-holed address) must not hold
+/// `unprotect` or a reconnect for the kernel's two minutes.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Connect for Endpoint {
+    fn connect(&self) -> BoxFuture<'_, std::io::Result<BoxStream>> {
+        Box::pin(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, connect(self))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {CONNECT_TIMEOUT:?}"),
+                    )
+                })?
+        })
+    }
+}
+
 pub async fn connect(ep: &Endpoint) -> std::io::Result<BoxStream> {
     Ok(match ep {
         Endpoint::Tcp(a) => {

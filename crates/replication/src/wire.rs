@@ -117,6 +117,12 @@ pub enum WireError {
 }
 
 impl Frame {
+    /// The human-readable reason a `RESYNC` carries (at most 512 bytes of
+    /// it, lossily decoded: it comes from the peer).
+    pub fn reason(&self) -> String {
+        String::from_utf8_lossy(&self.payload[..self.payload.len().min(512)]).into_owned()
+    }
+
     pub fn new(kind: FrameKind, epoch: u64, seq: u32, payload: Vec<u8>) -> Self {
         Frame {
             kind,

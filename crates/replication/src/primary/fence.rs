@@ -1,0 +1,215 @@
+//! Self-fencing: the primary's side of "never two running copies".
+//!
+//! The primary pauses its guest when the backup has been silent (no ack,
+//! no heartbeat) for the fencing timeout, but only while the backup may
+//! hold something it could resume. The backup takes over only after a
+//! longer timeout, so by then the guest here is stopped. A shim lease backs
+//! this up for a dead or stuck tandemd.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_api::{FtState, FtStatus};
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::guest::Guest;
+use crate::clock::{unix_deadline, Clock, Instant};
+
+/// The fence, as one state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// The backup holds nothing it could resume: losing it cannot cause a
+    /// split brain, and pausing the guest would only take it down. An
+    /// initial copy that stalls, or a backup that never answers, leaves
+    /// protection degraded and the guest running.
+    Disarmed,
+    /// The backup may hold a consistent replica, so it may take over:
+    /// silence fences. Set before the first epoch with device state is sent
+    /// (the backup can only arm itself with an epoch the primary sent), or
+    /// when a session finds epochs committed by an earlier one.
+    Armed,
+    /// The guest is stopped for lack of word from the backup. `paused`:
+    /// the fence paused a running guest, so a granted resume continues it.
+    Fenced { paused: bool },
+    /// QMP stop failed; the shim's lease freezes QEMU instead. Cannot be
+    /// lifted from here.
+    Frozen,
+}
+
+impl Fence {
+    pub(crate) fn is_fenced(self) -> bool {
+        matches!(self, Fence::Fenced { .. } | Fence::Frozen)
+    }
+}
+
+/// Liveness of the backup as the primary sees it, shared between the
+/// reader, the fencing watchdog and the epoch loop.
+pub(crate) struct Contact {
+    clock: Arc<dyn Clock>,
+    /// When the backup was last heard (ack or heartbeat), monotonic.
+    last_heard: Mutex<Instant>,
+    fence: Mutex<Fence>,
+}
+
+impl Contact {
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
+        let now = clock.now();
+        Contact {
+            clock,
+            last_heard: Mutex::new(now),
+            fence: Mutex::new(Fence::Disarmed),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        *lock(&self.last_heard) = self.clock.now();
+    }
+
+    pub(crate) fn silent_for(&self) -> Duration {
+        self.clock
+            .now()
+            .saturating_duration_since(*lock(&self.last_heard))
+    }
+
+    pub(crate) fn fence(&self) -> Fence {
+        *lock(&self.fence)
+    }
+
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fence().is_fenced()
+    }
+
+    /// The backup may now resume the guest. Returns whether this armed a
+    /// disarmed fence (a fenced guest stays fenced).
+    pub(crate) fn arm(&self) -> bool {
+        let mut f = lock(&self.fence);
+        let armed = *f == Fence::Disarmed;
+        if armed {
+            *f = Fence::Armed;
+        }
+        armed
+    }
+
+    /// The backup holds nothing resumable any more. Returns whether this
+    /// disarmed an armed fence.
+    pub(crate) fn disarm(&self) -> bool {
+        let mut f = lock(&self.fence);
+        let disarmed = *f == Fence::Armed;
+        if disarmed {
+            *f = Fence::Disarmed;
+        }
+        disarmed
+    }
+
+    /// Arms → fenced (the guest is about to be paused). Returns whether
+    /// the caller must now pause it.
+    fn begin_fence(&self) -> bool {
+        let mut f = lock(&self.fence);
+        let begin = *f == Fence::Armed;
+        if begin {
+            *f = Fence::Fenced { paused: false };
+        }
+        begin
+    }
+
+    fn fenced(&self, outcome: Fence) {
+        *lock(&self.fence) = outcome;
+    }
+
+    /// The backup answered before taking over: the guest may run again
+    /// (and the backup, which still holds its replica, stays armed).
+    pub(crate) fn lift(&self) {
+        let mut f = lock(&self.fence);
+        if matches!(*f, Fence::Fenced { .. }) {
+            *f = Fence::Armed;
+        }
+    }
+
+    /// The shim's lease deadline (unix ms) for the current silence.
+    pub(crate) fn lease_deadline(&self, fence_timeout: Duration) -> u64 {
+        let remaining = (fence_timeout + LEASE_GRACE).saturating_sub(self.silent_for());
+        unix_deadline(self.clock.as_ref(), remaining)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Extra time the shim's lease allows beyond the engine's own fencing, so
+/// the clean path (QMP stop) normally wins and the shim's SIGSTOP is only
+/// the backstop for a dead or stuck tandemd.
+pub(crate) const LEASE_GRACE: Duration = Duration::from_millis(200);
+
+/// How often the watchdog looks. The lease is rewritten only when contact
+/// moved it by more than this, so a healthy link costs a few small writes
+/// per second, not one per ack.
+const TICK: Duration = Duration::from_millis(20);
+
+/// Renews the shim's fence lease while the backup answers, and fences the
+/// guest (QMP stop) the moment it has been silent for the fencing timeout.
+/// Runs beside the epoch loop so a blocked send cannot delay fencing.
+pub(crate) async fn fence_watchdog<G: Guest>(
+    guest: G,
+    contact: Arc<Contact>,
+    timeout: Duration,
+    status: Arc<Mutex<FtStatus>>,
+    stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    let mut lease_written: Option<u64> = None;
+    loop {
+        tick.tick().await;
+        if *stop.borrow() {
+            return;
+        }
+        match contact.fence() {
+            Fence::Fenced { .. } | Fence::Frozen => {
+                // Until the engine lifts the fence (or for good).
+                lease_written = None;
+                continue;
+            }
+            Fence::Disarmed => {
+                // Nothing the backup holds can run: no lease, no fencing
+                // (and a lease from when it could must not freeze the guest
+                // later).
+                if lease_written.take().is_some() {
+                    guest.clear_lease();
+                }
+                continue;
+            }
+            Fence::Armed => {}
+        }
+        let deadline = contact.lease_deadline(timeout);
+        let stale = lease_written.is_none_or(|w| deadline.abs_diff(w) > TICK.as_millis() as u64);
+        if stale {
+            if let Err(e) = guest.renew_lease(deadline) {
+                warn!(vm = %guest.name(), "cannot renew the fence lease: {e}");
+            }
+            lease_written = Some(deadline);
+        }
+        let silent = contact.silent_for();
+        if silent >= timeout && contact.begin_fence() {
+            let why = format!("no word from the backup for {silent:?}");
+            warn!(vm = %guest.name(), "{why}; fencing");
+            let detail = match guest.fence(&why).await {
+                Ok(paused) => {
+                    // Paused cleanly: QEMU stays responsive to the operator
+                    // rather than frozen by the shim, and the fence can be
+                    // lifted if the backup answers before taking over.
+                    guest.clear_lease();
+                    contact.fenced(Fence::Fenced { paused });
+                    format!("{why}; resumes if the backup answers before it takes over")
+                }
+                Err(e) => {
+                    contact.fenced(Fence::Frozen);
+                    format!("{why}; QMP stop failed ({e}), the shim's lease freezes QEMU")
+                }
+            };
+            let mut s = lock(&status);
+            s.state = FtState::Fenced;
+            s.detail = detail;
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! One connection to the backup, as named steps: hello and the backup's
+//! base, lifting a fence the backup has granted, the running copy, then the
+//! epoch loop until the connection ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_api::FtState;
+use tokio::io::{split, BufWriter, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::epoch::{next_schedule, EpochError};
+use super::fence::Contact;
+use super::guest::{Guest, GuestExit};
+use super::io::{backup_reason, read_loop, receive_digest, send, AbortOnDrop, FromBackup};
+use super::{Ended, Engine};
+use crate::clock::Instant;
+use crate::link::BoxStream;
+use crate::ram::RamMap;
+use crate::tracker::DirtyTracker;
+use crate::wire::{Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
+
+type Writer = BufWriter<WriteHalf<BoxStream>>;
+
+/// What the backup says it holds when a connection opens.
+struct Opened {
+    base: u64,
+    acks: mpsc::UnboundedReceiver<FromBackup>,
+    _reader: AbortOnDrop,
+}
+
+impl<G: Guest> Engine<G> {
+    pub(super) async fn session(
+        &mut self,
+        conn: BoxStream,
+        ram: &RamMap,
+        tracker: &mut Box<dyn DirtyTracker>,
+        contact: &Arc<Contact>,
+    ) -> Ended {
+        let (rd, wr) = split(conn);
+        let mut wr = BufWriter::with_capacity(4 << 20, wr);
+        let opened = match self.open(&mut wr, rd, contact).await {
+            Ok(o) => o,
+            Err(why) => return Ended::Lost(why),
+        };
+        let Opened {
+            base, mut acks, ..
+        } = opened;
+        info!(vm = %self.port.name(), base, "connected to backup");
+        if contact.is_fenced() {
+            if let Err(why) = self.lift_fence(contact).await {
+                return Ended::Lost(why);
+            }
+        }
+        if base > 0 {
+            // An earlier session's commits: they may be consistent, and the
+            // backup may be armed on them.
+            contact.arm();
+        }
+        if let Err(why) = self
+            .start_copy(&mut wr, &mut acks, ram, tracker, base)
+            .await
+        {
+            return Ended::Lost(why);
+        }
+        self.epoch_loop(&mut wr, &mut acks, ram, tracker, contact, base)
+            .await
+    }
+
+    /// Sends hello, starts the reader, and waits for the backup's base (the
+    /// epoch it has committed; 0: none).
+    async fn open(
+        &mut self,
+        wr: &mut Writer,
+        rd: ReadHalf<BoxStream>,
+        contact: &Arc<Contact>,
+    ) -> Result<Opened, String> {
+        let hello = Hello {
+            vm: self.port.name().to_string(),
+            ram_size: self.port.ram_size(),
+            page_size: PAGE_SIZE as u64,
+            spec_toml: self.port.spec_toml(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| HelloDisk {
+                    name: d.name().to_string(),
+                    size: d.size(),
+                })
+                .collect(),
+        };
+        let payload = serde_json::to_vec(&hello).map_err(|e| format!("encoding hello: {e}"))?;
+        send(
+            wr,
+            &Frame::new(FrameKind::Hello, 0, 0, payload),
+            self.cfg.fence_timeout,
+        )
+        .await
+        .map_err(|e| format!("sending hello: {e}"))?;
+        let (ack_tx, mut acks) = mpsc::unbounded_channel::<FromBackup>();
+        let reader = tokio::spawn(read_loop(
+            rd,
+            ack_tx,
+            contact.clone(),
+            self.committed_tx.clone(),
+            self.cfg.observer.clone(),
+        ));
+        let reader = AbortOnDrop(reader);
+        let base = match tokio::time::timeout(self.cfg.fence_timeout, acks.recv()).await {
+            Ok(Some(Ok(f))) if f.kind == FrameKind::Committed => f.epoch,
+            Ok(Some(Ok(f))) if f.kind == FrameKind::Resync => {
+                return Err(format!("backup refused the replica: {}", f.reason()));
+            }
+            Ok(Some(Ok(f))) => return Err(format!("backup answered hello with {f:?}")),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) => return Err("backup closed the connection".into()),
+            Err(_) => return Err("backup did not answer hello".into()),
+        };
+        Ok(Opened {
+            base,
+            acks,
+            _reader: reader,
+        })
+    }
+
+    /// The backup took this connection, so it had not taken over, and it
+    /// has restarted its silence clock: it cannot take over before we are
+    /// silent for its takeover timeout again, and our own fencing
+    /// (restarted now) comes first. Resume.
+    async fn lift_fence(&mut self, contact: &Contact) -> Result<(), String> {
+        // The shim's lease goes back first: a tandemd that dies right after
+        // the resume must not leave the guest running unfenced.
+        contact.touch();
+        let deadline = contact.lease_deadline(self.cfg.fence_timeout);
+        self.port
+            .renew_lease(deadline)
+            .map_err(|e| format!("renewing the fence lease before resuming: {e}"))?;
+        if contact.fence() == (super::fence::Fence::Fenced { paused: true }) {
+            if let Err(e) = self.port.unfence().await {
+                // Still fenced, and paused: the shim must not freeze QEMU
+                // for good when that lease runs out.
+                self.port.clear_lease();
+                return Err(format!("resuming after the fence: {e}"));
+            }
+        }
+        contact.touch();
+        self.fenced_retries = 0;
+        contact.lift();
+        warn!(vm = %self.port.name(), "the backup answered again: fence lifted");
+        Ok(())
+    }
+
+    /// The start of every session: the backup's digest, then a running copy
+    /// of everything that differs from it (what the backup holds beyond its
+    /// last commit is unknown).
+    async fn start_copy(
+        &mut self,
+        wr: &mut Writer,
+        acks: &mut mpsc::UnboundedReceiver<FromBackup>,
+        ram: &RamMap,
+        tracker: &mut Box<dyn DirtyTracker>,
+        base: u64,
+    ) -> Result<(), String> {
+        let epoch = base + 1;
+        self.first_consistent = None;
+        // The running copy is not consistent; the first consistent epoch
+        // is the one after it.
+        self.set(|s| s.open_epoch = s.open_epoch.max(epoch + 1));
+        if let Some(o) = &self.cfg.observer {
+            o.session_started(base, epoch + 1);
+        }
+        let pages = (self.port.ram_size() / PAGE_SIZE as u64) as usize;
+        let digest = receive_digest(acks, pages).await?;
+        tracker.mark_all_dirty();
+        for d in &self.disks {
+            d.resync_all();
+        }
+        let last_error = self.last_error.clone();
+        self.set(|s| {
+            match last_error {
+                // Still failing: stay visibly degraded while retrying.
+                Some(e) => {
+                    s.state = FtState::Degraded;
+                    s.detail = format!("{e}; resending from epoch {base}");
+                }
+                None => {
+                    s.state = FtState::Syncing;
+                    s.detail = "initial copy".into();
+                }
+            }
+            s.last_committed = base;
+        });
+        // Initial copy while the guest runs: pages are copied first and
+        // hashed as copied, so later changes show up in the next scan.
+        self.send_running_copy(wr, ram, tracker, epoch, digest)
+            .await
+    }
+
+    /// Epochs on a fixed schedule, heartbeats between them, until the
+    /// connection ends.
+    async fn epoch_loop(
+        &mut self,
+        wr: &mut Writer,
+        acks: &mut mpsc::UnboundedReceiver<FromBackup>,
+        ram: &RamMap,
+        tracker: &mut Box<dyn DirtyTracker>,
+        contact: &Arc<Contact>,
+        base: u64,
+    ) -> Ended {
+        let write_bound = self.cfg.fence_timeout;
+        let mut epoch = base + 2;
+        let mut next_epoch = Instant::now();
+        let mut last_send = Instant::now();
+        loop {
+            if let Some(ended) = self.interrupted(wr, acks, contact).await {
+                return ended;
+            }
+            let inflight = self.refresh_status(contact, base, epoch);
+            let now = Instant::now();
+            if now < next_epoch || inflight >= self.cfg.max_inflight {
+                if last_send.elapsed() >= self.cfg.heartbeat {
+                    let hb = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]);
+                    if let Err(e) = send(wr, &hb, write_bound).await {
+                        return Ended::Lost(format!("heartbeat: {e}"));
+                    }
+                    last_send = Instant::now();
+                }
+                let wake = if inflight >= self.cfg.max_inflight {
+                    now + Duration::from_millis(2)
+                } else {
+                    next_epoch.min(now + self.cfg.heartbeat)
+                };
+                let owner_gone = tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => false,
+                    r = self.stop.changed() => r.is_err(),
+                };
+                if owner_gone {
+                    return Ended::Stopped;
+                }
+                continue;
+            }
+            // Epochs start on a fixed schedule, so timer slack does not add
+            // up; one that starts more than an epoch late (the backup held
+            // us back) restarts the schedule instead of bursting.
+            next_epoch = next_schedule(next_epoch, now, self.cfg.epoch);
+            match self
+                .epoch(wr, ram, tracker, epoch, write_bound, contact)
+                .await
+            {
+                Ok(()) => {}
+                Err(EpochError::Guest(e)) => {
+                    if self.port.is_closed() {
+                        return self.guest_gone(wr, write_bound).await;
+                    }
+                    if contact.is_fenced() {
+                        return Ended::Fenced;
+                    }
+                    return Ended::Lost(format!("epoch {epoch}: {e}"));
+                }
+                Err(EpochError::Link(e)) => {
+                    // The backup may have said why before it hung up.
+                    let why = backup_reason(acks).await;
+                    return Ended::Lost(why.unwrap_or_else(|| format!("epoch {epoch}: {e}")));
+                }
+            }
+            last_send = Instant::now();
+            epoch += 1;
+        }
+    }
+
+    /// Whatever ends the session before the next step: a resync or error
+    /// from the backup, a fence, a stop, or the guest gone.
+    async fn interrupted(
+        &mut self,
+        wr: &mut Writer,
+        acks: &mut mpsc::UnboundedReceiver<FromBackup>,
+        contact: &Contact,
+    ) -> Option<Ended> {
+        let write_bound = self.cfg.fence_timeout;
+        if let Ok(msg) = acks.try_recv() {
+            return Some(match msg {
+                Ok(f) if f.kind == FrameKind::Resync => Ended::Lost(format!(
+                    "backup resyncs from epoch {}: {}",
+                    f.epoch,
+                    f.reason()
+                )),
+                Ok(f) => Ended::Lost(format!("unexpected {f:?} from backup")),
+                Err(e) => Ended::Lost(e),
+            });
+        }
+        if contact.is_fenced() {
+            return Some(Ended::Fenced);
+        }
+        if *self.stop.borrow() {
+            let bye = Frame::new(FrameKind::Bye, 0, 0, vec![]);
+            let _ = send(wr, &bye, write_bound).await;
+            return Some(Ended::Stopped);
+        }
+        if self.port.is_closed() {
+            return Some(self.guest_gone(wr, write_bound).await);
+        }
+        None
+    }
+
+    /// Publishes what the backup has committed; returns the epochs in
+    /// flight. `epoch` is the next one to send.
+    fn refresh_status(&mut self, contact: &Contact, base: u64, epoch: u64) -> u64 {
+        let committed = *self.committed_tx.borrow();
+        // Once the backup has committed this session's running copy, and
+        // no epoch with device state has been sent since, it holds nothing
+        // it could resume (it disarmed on that commit): a fence would only
+        // pause the guest for nothing.
+        if committed > base && self.first_consistent.is_none() && contact.disarm() {
+            info!(vm = %self.port.name(), "the backup holds only the running copy: fencing disarmed until the next epoch with device state");
+        }
+        let inflight = (epoch - 1).saturating_sub(committed);
+        let consistent = self.first_consistent.is_some_and(|e| committed >= e);
+        if consistent {
+            self.last_error = None;
+        }
+        let syncing_disks = self.disks.iter().filter(|d| !d.is_synced()).count();
+        self.set(|s| {
+            s.last_committed = committed;
+            s.lag_epochs = inflight;
+            if consistent {
+                s.state = FtState::Protected;
+                s.detail.clear();
+            } else if s.state == FtState::Degraded {
+                // Keep the failure visible until protection is back.
+            } else if syncing_disks > 0 {
+                s.detail = format!("initial copy of {syncing_disks} disk(s)");
+            }
+        });
+        inflight
+    }
+
+    /// The guest's QMP connection closed. Once the supervisor has recorded
+    /// how QEMU ended (bounded wait), tell the backup: after a crash nothing
+    /// runs the guest here, so it may take over at once instead of waiting
+    /// out its takeover timeout; after a shutdown (the guest powered off, or
+    /// a stop was asked for) it must not take over at all. Unrecorded: say
+    /// nothing, and the backup decides by silence as for any failure.
+    pub(super) async fn guest_gone(&self, wr: &mut Writer, bound: Duration) -> Ended {
+        let noticed = Instant::now();
+        let deadline = noticed + Duration::from_secs(2);
+        let exit = loop {
+            if let Some(c) = self.port.exit() {
+                break Some(c);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let vm = self.port.name();
+        match exit {
+            Some(GuestExit::Crashed) => {
+                let ms = noticed.elapsed().as_millis() as u64;
+                let lost = Frame::new(FrameKind::GuestLost, 0, 0, ms.to_le_bytes().to_vec());
+                match send(wr, &lost, bound).await {
+                    Ok(()) => warn!(%vm, "QEMU crashed: the backup is told to take over now"),
+                    Err(e) => {
+                        warn!(%vm, "QEMU crashed; telling the backup failed ({e}): it takes over by silence")
+                    }
+                }
+            }
+            Some(GuestExit::ShutDown) => {
+                let _ = send(wr, &Frame::new(FrameKind::Bye, 0, 0, vec![]), bound).await;
+                info!(%vm, "the guest shut down: the backup is told not to take over");
+            }
+            None => warn!(
+                %vm,
+                "QEMU's monitor closed but its exit is not recorded; the backup decides by silence"
+            ),
+        }
+        Ended::GuestGone
+    }
+}

@@ -1,0 +1,590 @@
+//! The primary's epoch loop against a fake guest and a scripted backup,
+//! on a paused tokio clock: every timeout is stepped, none is slept.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_api::FtState;
+use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+
+use super::epoch::next_schedule;
+use super::io::differing_pages;
+use super::*;
+use crate::assembler::EpochAssembler;
+use crate::clock::Clock;
+use crate::link::{BoxFuture, BoxStream, Connect};
+use crate::tracker::RamView;
+use crate::wire::{self, Frame, FrameKind, Hello, PAGE_SIZE};
+
+const PAGES: u64 = 16;
+const FENCE: Duration = Duration::from_millis(300);
+const HEARTBEAT: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------- the guest
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Stopped,
+    Resumed,
+    Fenced { paused: bool },
+    Unfenced,
+    LeaseCleared,
+}
+
+#[derive(Default)]
+struct FakeState {
+    running: bool,
+    events: Vec<Event>,
+    lease: Option<u64>,
+    exit: Option<GuestExit>,
+    closed: bool,
+    fenced_at: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct FakeGuest {
+    ram: PathBuf,
+    state: Arc<Mutex<FakeState>>,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl FakeGuest {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ram = dir.path().join("ram");
+        let f = std::fs::File::create(&ram).unwrap();
+        f.set_len(PAGES * PAGE_SIZE as u64).unwrap();
+        FakeGuest {
+            ram,
+            state: Arc::new(Mutex::new(FakeState {
+                running: true,
+                ..Default::default()
+            })),
+            _dir: Arc::new(dir),
+        }
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+    fn events(&self) -> Vec<Event> {
+        self.with(|s| s.events.clone())
+    }
+    fn fences(&self) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Fenced { .. }))
+            .count()
+    }
+    fn running(&self) -> bool {
+        self.with(|s| s.running)
+    }
+    /// QEMU ends: its monitor closes and its exit is recorded.
+    fn exits(&self, how: GuestExit) {
+        self.with(|s| {
+            s.closed = true;
+            s.running = false;
+            s.exit = Some(how);
+        })
+    }
+}
+
+struct FakeWindow {
+    guest: FakeGuest,
+    was_running: bool,
+}
+
+impl CheckpointWindow for FakeWindow {
+    fn spawn_device_state(&self, _timeout: Duration) -> DeviceStateSave {
+        Box::pin(async { Ok(vec![0xd5; 512]) })
+    }
+    async fn resume(self) -> Result<(), GuestError> {
+        if self.was_running {
+            self.guest.with(|s| {
+                s.running = true;
+                s.events.push(Event::Resumed);
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Guest for FakeGuest {
+    type Window<'a> = FakeWindow;
+
+    fn name(&self) -> &str {
+        "web"
+    }
+    fn ram_file(&self) -> &Path {
+        &self.ram
+    }
+    fn ram_size(&self) -> u64 {
+        PAGES * PAGE_SIZE as u64
+    }
+    fn qemu_pid(&self) -> Option<u32> {
+        None
+    }
+    fn spec_toml(&self) -> String {
+        "name = \"web\"\n".into()
+    }
+    fn is_closed(&self) -> bool {
+        self.with(|s| s.closed)
+    }
+    fn exit(&self) -> Option<GuestExit> {
+        self.with(|s| s.exit)
+    }
+    async fn stop_for_checkpoint(&self) -> Result<FakeWindow, GuestError> {
+        let was_running = self.with(|s| {
+            if s.closed {
+                return Err(GuestError::Other("QEMU is gone".into()));
+            }
+            let r = s.running;
+            if r {
+                s.running = false;
+                s.events.push(Event::Stopped);
+            }
+            Ok(r)
+        })?;
+        Ok(FakeWindow {
+            guest: self.clone(),
+            was_running,
+        })
+    }
+    fn renew_lease(&self, deadline_unix_ms: u64) -> std::io::Result<()> {
+        self.with(|s| s.lease = Some(deadline_unix_ms));
+        Ok(())
+    }
+    fn clear_lease(&self) {
+        self.with(|s| {
+            if s.lease.take().is_some() {
+                s.events.push(Event::LeaseCleared);
+            }
+        })
+    }
+    async fn fence(&self, _why: &str) -> Result<bool, GuestError> {
+        Ok(self.with(|s| {
+            let paused = s.running;
+            s.running = false;
+            s.fenced_at = Some(Instant::now());
+            s.events.push(Event::Fenced { paused });
+            paused
+        }))
+    }
+    async fn unfence(&self) -> Result<(), GuestError> {
+        self.with(|s| {
+            s.running = true;
+            s.events.push(Event::Unfenced);
+        });
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------- a disk
+
+/// A disk whose initial copy completes when the test says so.
+struct FakeDisk {
+    synced: AtomicBool,
+}
+
+impl crate::DiskSource for FakeDisk {
+    fn name(&self) -> &str {
+        "data"
+    }
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn take_writes(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn resync_all(&self) {}
+    fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+}
+
+// --------------------------------------------------------------- the link
+
+/// Each connect hands the test the backup's end of a fresh pipe.
+struct Pipe {
+    accepted: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl std::fmt::Display for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("pipe")
+    }
+}
+
+impl Connect for Pipe {
+    fn connect(&self) -> BoxFuture<'_, std::io::Result<BoxStream>> {
+        let (primary, backup) = tokio::io::duplex(4 << 20);
+        let sent = self.accepted.send(backup);
+        Box::pin(async move {
+            sent.map_err(|_| std::io::Error::other("no backup"))?;
+            Ok(Box::pin(primary) as BoxStream)
+        })
+    }
+}
+
+/// The wall clock the shim's lease is written in: a fixed origin plus the
+/// paused monotonic clock.
+struct TestClock {
+    origin: Instant,
+}
+
+impl Clock for TestClock {
+    fn unix_ms(&self) -> u64 {
+        1_000_000 + Instant::now().duration_since(self.origin).as_millis() as u64
+    }
+}
+
+// ------------------------------------------------------------- the backup
+
+/// The backup's end of one connection, driven step by step by the test.
+/// A task reads every frame the primary sends (so its writes never block,
+/// whether or not the test answers); the test takes them from a channel.
+struct Backup {
+    frames: mpsc::UnboundedReceiver<Frame>,
+    wr: tokio::io::WriteHalf<DuplexStream>,
+    asm: EpochAssembler,
+    last_committed: u64,
+}
+
+impl Backup {
+    async fn accept(rx: &mut mpsc::UnboundedReceiver<DuplexStream>) -> DuplexStream {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("the primary connects")
+            .expect("link open")
+    }
+
+    /// Reads hello, answers with `base` and an empty digest.
+    async fn handshake(conn: DuplexStream, base: u64) -> Backup {
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let (tx, mut frames) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = wire::read_frame(&mut rd).await {
+                if tx.send(f).is_err() {
+                    return;
+                }
+            }
+        });
+        let hello = recv(&mut frames).await.expect("hello");
+        assert_eq!(hello.kind, FrameKind::Hello);
+        let hello: Hello = serde_json::from_slice(&hello.payload).unwrap();
+        assert_eq!(hello.vm, "web");
+        let mut out = vec![Frame::new(FrameKind::Committed, base, 0, vec![])];
+        out.extend(wire::ReplicaDigest::frames(base, &[]));
+        for f in out {
+            wr.write_all(&f.encode()).await.unwrap();
+        }
+        Backup {
+            frames,
+            wr,
+            asm: EpochAssembler::new(base + 1, PAGES * PAGE_SIZE as u64),
+            last_committed: base,
+        }
+    }
+
+    /// Assembles `f`; `Ok(Some((epoch, has device state)))` when it
+    /// completes an epoch, `Err(f)` for a last word (bye, guest lost).
+    fn push(&mut self, f: Frame) -> Result<Option<(u64, bool)>, Frame> {
+        match f.kind {
+            FrameKind::Heartbeat => return Ok(None),
+            FrameKind::Bye | FrameKind::GuestLost => return Err(f),
+            _ => {}
+        }
+        let done = self.asm.push(f).expect("a well-formed epoch");
+        Ok(done.map(|done| {
+            self.asm = EpochAssembler::new(done.epoch + 1, PAGES * PAGE_SIZE as u64);
+            (done.epoch, !done.device_state.is_empty())
+        }))
+    }
+
+    /// The next whole epoch; `Err(Some(f))` for a last word, `Err(None)`
+    /// when the primary hung up.
+    async fn epoch(&mut self) -> Result<(u64, bool), Option<Frame>> {
+        loop {
+            let f = recv(&mut self.frames).await.ok_or(None)?;
+            if let Some(e) = self.push(f).map_err(Some)? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Reads without answering for `d`; the epochs that arrived meanwhile.
+    async fn silent_for(&mut self, d: Duration) -> Vec<(u64, bool)> {
+        let end = Instant::now() + d;
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = tokio::time::timeout_at(end, self.frames.recv()).await {
+            if let Ok(Some(e)) = self.push(f) {
+                got.push(e);
+            }
+        }
+        got
+    }
+
+    async fn commit(&mut self, epoch: u64) {
+        let f = Frame::new(FrameKind::Committed, epoch, 0, vec![]);
+        self.wr.write_all(&f.encode()).await.unwrap();
+        self.last_committed = epoch;
+    }
+
+    /// Reads (and commits) epochs until one with device state commits.
+    async fn commit_until_consistent(&mut self) -> u64 {
+        for _ in 0..50 {
+            let (epoch, consistent) = self.epoch().await.expect("an epoch");
+            self.commit(epoch).await;
+            if consistent {
+                return epoch;
+            }
+        }
+        panic!("no consistent epoch within 50");
+    }
+}
+
+async fn recv(frames: &mut mpsc::UnboundedReceiver<Frame>) -> Option<Frame> {
+    tokio::time::timeout(Duration::from_secs(60), frames.recv())
+        .await
+        .expect("the primary keeps talking")
+}
+
+fn config(link: Arc<Pipe>) -> PrimaryConfig {
+    let mut cfg = PrimaryConfig::over(link);
+    cfg.fence_timeout = FENCE;
+    cfg.heartbeat = HEARTBEAT;
+    cfg.tracker = TrackerChoice::Scan;
+    cfg.clock = Arc::new(TestClock {
+        origin: Instant::now(),
+    });
+    cfg
+}
+
+fn start(
+    guest: &FakeGuest,
+    disks: Vec<Arc<dyn DiskSource>>,
+) -> (Primary, mpsc::UnboundedReceiver<DuplexStream>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let p = Primary::spawn(
+        guest.clone(),
+        config(Arc::new(Pipe { accepted: tx })),
+        disks,
+    );
+    (p, rx)
+}
+
+/// Waits (in stepped time) until `cond` holds; panics after `limit`.
+async fn until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < end, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test(start_paused = true)]
+async fn fencing_is_armed_only_by_the_first_consistent_epoch() {
+    let guest = FakeGuest::new();
+    let disk = Arc::new(FakeDisk {
+        synced: AtomicBool::new(false),
+    });
+    let (primary, mut accepted) = start(&guest, vec![disk.clone()]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    // The disk's initial copy is under way: epochs carry no device state,
+    // so nothing the backup holds could run. It says nothing for ten
+    // fencing timeouts: the guest must run on.
+    let got = backup.silent_for(FENCE * 10).await;
+    assert!(!got.is_empty(), "epochs were sent");
+    assert!(got.iter().all(|&(_, consistent)| !consistent));
+    assert_eq!(guest.fences(), 0, "fenced with nothing resumable: {:?}", guest.events());
+    assert!(guest.running());
+    assert_eq!(guest.with(|s| s.lease), None, "no lease while disarmed");
+
+    // The disk is synced: the next epoch carries device state and arms the
+    // fence before it is sent. The backup commits up to it, then falls
+    // silent.
+    disk.synced.store(true, Ordering::SeqCst);
+    for &(e, _) in &got {
+        backup.commit(e).await;
+    }
+    let mut last_word = Instant::now();
+    loop {
+        let (e, consistent) = backup.epoch().await.expect("epochs keep coming");
+        if consistent {
+            break;
+        }
+        backup.commit(e).await;
+        last_word = Instant::now();
+    }
+    // Armed: the watchdog's next look sets the shim's lease.
+    until(Duration::from_millis(50), || guest.with(|s| s.lease).is_some()).await;
+    backup.silent_for(FENCE * 3).await;
+    assert_eq!(guest.fences(), 1, "{:?}", guest.events());
+    assert!(!guest.running());
+    assert_eq!(primary.status().state, FtState::Fenced);
+    let after = guest.with(|s| s.fenced_at).unwrap() - last_word;
+    assert!(
+        after >= FENCE && after <= FENCE + Duration::from_millis(60),
+        "fenced after {after:?} of silence (timeout {FENCE:?})"
+    );
+    primary.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn silence_fences_and_an_answer_before_takeover_lifts_the_fence() {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    // Keep committing for a while: acks are contact, nothing fences.
+    for _ in 0..20 {
+        let (e, _) = backup.epoch().await.expect("an epoch");
+        backup.commit(e).await;
+    }
+    assert_eq!(guest.fences(), 0);
+
+    // The backup stops answering (it still reads, so sends never block).
+    let silent_from = Instant::now();
+    backup.silent_for(FENCE * 2).await;
+    assert_eq!(guest.fences(), 1, "{:?}", guest.events());
+    let after = guest.with(|s| s.fenced_at).unwrap() - silent_from;
+    assert!(after >= FENCE, "fenced after only {after:?} of silence");
+    // A clean pause, after which the shim's lease is not needed.
+    let events = guest.events();
+    let fenced = events.iter().position(|e| matches!(e, Event::Fenced { .. }));
+    assert_eq!(fenced.map(|i| &events[i]), Some(&Event::Fenced { paused: true }));
+    assert_eq!(events[fenced.unwrap() + 1..], [Event::LeaseCleared]);
+    assert!(!guest.running());
+    assert_eq!(primary.status().state, FtState::Fenced);
+
+    // The backup answers on a new connection before taking over: it still
+    // holds its replica (base = its last commit). The guest resumes, and
+    // protection comes back.
+    let base = backup.last_committed;
+    drop(backup);
+    let conn = Backup::accept(&mut accepted).await;
+    let mut backup = Backup::handshake(conn, base).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    assert!(guest.running());
+    let unfenced = guest.events().iter().filter(|e| **e == Event::Unfenced).count();
+    assert_eq!(unfenced, 1);
+    // The old silence is forgotten: answered epochs do not fence again.
+    for _ in 0..20 {
+        let (e, _) = backup.epoch().await.expect("an epoch");
+        backup.commit(e).await;
+    }
+    assert_eq!(guest.fences(), 1);
+    primary.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backup_that_is_never_reached_never_fences() {
+    let guest = FakeGuest::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    drop(rx); // every connect fails
+    let primary = Primary::spawn(
+        guest.clone(),
+        config(Arc::new(Pipe { accepted: tx })),
+        vec![],
+    );
+    tokio::time::sleep(FENCE * 20).await;
+    assert_eq!(guest.fences(), 0);
+    assert!(guest.running());
+    let st = primary.status();
+    assert_eq!(st.state, FtState::Degraded);
+    assert!(st.detail.contains("cannot reach the backup"), "{}", st.detail);
+    primary.stop().await;
+}
+
+async fn guest_ends(how: GuestExit) -> Frame {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    guest.exits(how);
+    let told = loop {
+        match backup.epoch().await {
+            Ok((e, _)) => backup.commit(e).await,
+            Err(Some(f)) => break f,
+            Err(None) => panic!("the primary hung up without saying why"),
+        }
+    };
+    until(FENCE, || primary.is_finished()).await;
+    assert_eq!(primary.status().state, FtState::Stopped);
+    assert_eq!(guest.fences(), 0);
+    told
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_is_reported_as_a_crash() {
+    let told = guest_ends(GuestExit::Crashed).await;
+    assert_eq!(told.kind, FrameKind::GuestLost, "{told:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_tells_the_backup_not_to_take_over() {
+    let told = guest_ends(GuestExit::ShutDown).await;
+    assert_eq!(told.kind, FrameKind::Bye, "{told:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unprotect_says_bye_and_clears_the_lease() {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || guest.with(|s| s.lease.is_some())).await;
+    let reader = tokio::spawn(async move {
+        loop {
+            match backup.epoch().await {
+                Ok((e, _)) => backup.commit(e).await,
+                Err(f) => return f,
+            }
+        }
+    });
+    primary.stop().await;
+    let told = reader.await.unwrap().expect("a last word");
+    assert_eq!(told.kind, FrameKind::Bye);
+    assert_eq!(guest.with(|s| s.lease), None);
+    assert!(guest.running());
+}
+
+#[test]
+fn only_pages_the_replica_lacks_are_copied() {
+    let mut ram = vec![0u8; 4 * PAGE_SIZE];
+    ram[PAGE_SIZE] = 1;
+    ram[3 * PAGE_SIZE] = 3;
+    let view = RamView::dense(&ram);
+    let mut replica: Vec<u64> = (0..4).map(|p| view.page_hash(p)).collect();
+    replica[3] ^= 1; // page 3 differs on the backup
+    assert_eq!(differing_pages(view, vec![0, 1, 2, 3], &replica), [3]);
+    // A digest too short for the RAM vouches for nothing beyond it.
+    assert_eq!(
+        differing_pages(view, vec![0, 1, 2, 3], &replica[..2]),
+        [2, 3]
+    );
+}
+
+#[test]
+fn the_epoch_schedule_does_not_drift_and_does_not_burst() {
+    let epoch = Duration::from_millis(50);
+    let t0 = Instant::now();
+    let mut due = t0;
+    // Every epoch starts 1 ms late (timer slack): 100 epochs still take
+    // 100 periods, not 100 periods plus 100 ms.
+    for _ in 0..100 {
+        let started = due + Duration::from_millis(1);
+        due = next_schedule(due, started, epoch);
+    }
+    assert_eq!(due - t0, epoch * 100);
+    // Held back by the backup for three periods: the next epoch is one
+    // period after the late start, not three catch-up epochs at once.
+    let late = due + epoch * 3;
+    assert_eq!(next_schedule(due, late, epoch), late + epoch);
+}
