@@ -42,24 +42,34 @@ impl HostVirtFacts {
     }
 }
 
+/// Why KVM is ruled out without a probe boot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvmRuledOut {
+    #[error("no /dev/kvm")]
+    NoDevKvm,
+    #[error("KVM is the PVM module (kvm_pvm), which cannot run normal guests at usable speed")]
+    Pvm,
+    #[error("the CPU has no vmx/svm flag")]
+    NoCpuFlag,
+    #[error("neither kvm_intel nor kvm_amd is loaded")]
+    NoHardwareModule,
+}
+
 /// The static half of the decision: `Err(reason)` rules KVM out without a
 /// probe boot; `Ok(())` means a probe boot must decide.
-pub fn static_verdict(f: &HostVirtFacts) -> Result<(), String> {
+pub fn static_verdict(f: &HostVirtFacts) -> Result<(), KvmRuledOut> {
     let has = |m: &str| f.kvm_modules.iter().any(|x| x == m);
     if !f.dev_kvm {
-        return Err("no /dev/kvm".into());
+        return Err(KvmRuledOut::NoDevKvm);
     }
     if has("kvm_pvm") {
-        return Err(
-            "KVM is the PVM module (kvm_pvm), which cannot run normal guests at usable speed"
-                .into(),
-        );
+        return Err(KvmRuledOut::Pvm);
     }
     if !f.cpu_virt_flag {
-        return Err("the CPU has no vmx/svm flag".into());
+        return Err(KvmRuledOut::NoCpuFlag);
     }
     if !has("kvm_intel") && !has("kvm_amd") {
-        return Err("neither kvm_intel nor kvm_amd is loaded".into());
+        return Err(KvmRuledOut::NoHardwareModule);
     }
     Ok(())
 }
@@ -78,16 +88,33 @@ pub struct ProbeConfig {
 /// The line the guest prints once its userspace is up.
 pub const READY_LINE: &str = "TANDEM-GUEST-READY";
 
+/// Why a probe boot did not show KVM working.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("guest image missing ({}); build it with images/build.sh", kernel.display())]
+    NoImage { kernel: PathBuf },
+    #[error("{0}")]
+    WorkDir(#[source] std::io::Error),
+    #[error("cannot start {}: {source}", qemu.display())]
+    Spawn {
+        qemu: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("probe QEMU exited early ({0}) before userspace")]
+    ExitedEarly(std::process::ExitStatus),
+    #[error("probe boot did not reach userspace within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Boots the guest image under KVM and reports whether it reached userspace
 /// within the bound. Always kills the QEMU it started.
-pub fn probe_boot(cfg: &ProbeConfig) -> Result<Duration, String> {
+pub fn probe_boot(cfg: &ProbeConfig) -> Result<Duration, ProbeError> {
     if !cfg.kernel.is_file() || !cfg.initrd.is_file() {
-        return Err(format!(
-            "guest image missing ({}); build it with images/build.sh",
-            cfg.kernel.display()
-        ));
+        return Err(ProbeError::NoImage {
+            kernel: cfg.kernel.clone(),
+        });
     }
-    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&cfg.work_dir).map_err(ProbeError::WorkDir)?;
     let serial = cfg.work_dir.join("accel-probe.serial");
     let _ = std::fs::remove_file(&serial);
     let start = Instant::now();
@@ -115,22 +142,20 @@ pub fn probe_boot(cfg: &ProbeConfig) -> Result<Duration, String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cfg.qemu_binary.display()))?;
+        .map_err(|source| ProbeError::Spawn {
+            qemu: cfg.qemu_binary.clone(),
+            source,
+        })?;
     let result = loop {
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
         if text.contains(READY_LINE) {
             break Ok(start.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            break Err(format!(
-                "probe QEMU exited early ({status}) before userspace"
-            ));
+            break Err(ProbeError::ExitedEarly(status));
         }
         if start.elapsed() >= cfg.timeout {
-            break Err(format!(
-                "probe boot did not reach userspace within {:?}",
-                cfg.timeout
-            ));
+            break Err(ProbeError::Timeout(cfg.timeout));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -175,7 +200,7 @@ pub fn resolve_auto(cache_file: &Path, qemu_version: &str, cfg: &ProbeConfig) ->
     }
     let facts = HostVirtFacts::read();
     let (chosen, reason, probe_boot_outcome) = match static_verdict(&facts) {
-        Err(reason) => (Accel::Tcg, reason, None),
+        Err(reason) => (Accel::Tcg, reason.to_string(), None),
         Ok(()) => match probe_boot(cfg) {
             Ok(took) => (
                 Accel::Kvm,
@@ -185,7 +210,7 @@ pub fn resolve_auto(cache_file: &Path, qemu_version: &str, cfg: &ProbeConfig) ->
             Err(why) => (
                 Accel::Tcg,
                 format!("KVM probe boot failed: {why}"),
-                Some(why),
+                Some(why.to_string()),
             ),
         },
     };
@@ -224,7 +249,7 @@ mod tests {
     #[test]
     fn pvm_is_never_trusted() {
         let v = static_verdict(&facts(true, &["kvm", "kvm_intel", "kvm_pvm"], true));
-        assert!(v.unwrap_err().contains("kvm_pvm"));
+        assert!(v.unwrap_err().to_string().contains("kvm_pvm"));
     }
 
     #[test]

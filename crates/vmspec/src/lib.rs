@@ -11,5 +11,6 @@ mod spec;
 pub use argv::{build_argv, disk_node_name, switch_socket, Accel, RuntimePaths};
 pub use spec::{
     parse_and_validate, Accelerator, Boot, DiskFormat, DiskSpec, FieldError, Firmware, HostForward,
-    MacAddr, NicBackend, NicSpec, SpecError, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+    MacAddr, MacAddrError, NicBackend, NicSpec, SpecError, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS,
+    MIN_MEMORY_MIB,
 };

@@ -172,25 +172,38 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// Why a string is not a MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacAddrError {
+    #[error("`{0}` is not a MAC address (want six hex bytes like 52:54:00:12:34:56)")]
+    TooShort(String),
+    #[error("`{0}` is not a MAC address (each byte is two hex digits)")]
+    ByteWidth(String),
+    #[error("`{input}` is not a MAC address (`{part}` is not hex)")]
+    NotHex { input: String, part: String },
+    #[error("`{0}` is not a MAC address (more than six bytes)")]
+    TooLong(String),
+}
+
 impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = MacAddrError;
+    fn from_str(s: &str) -> Result<Self, MacAddrError> {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in out.iter_mut() {
-            let part = parts.next().ok_or_else(|| {
-                format!("`{s}` is not a MAC address (want six hex bytes like 52:54:00:12:34:56)")
-            })?;
+            let part = parts
+                .next()
+                .ok_or_else(|| MacAddrError::TooShort(s.to_string()))?;
             if part.len() != 2 {
-                return Err(format!(
-                    "`{s}` is not a MAC address (each byte is two hex digits)"
-                ));
+                return Err(MacAddrError::ByteWidth(s.to_string()));
             }
-            *byte = u8::from_str_radix(part, 16)
-                .map_err(|_| format!("`{s}` is not a MAC address (`{part}` is not hex)"))?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| MacAddrError::NotHex {
+                input: s.to_string(),
+                part: part.to_string(),
+            })?;
         }
         if parts.next().is_some() {
-            return Err(format!("`{s}` is not a MAC address (more than six bytes)"));
+            return Err(MacAddrError::TooLong(s.to_string()));
         }
         Ok(MacAddr(out))
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_api::{StopRequest, VmInfo, VmState};
-use tandem_qmp::{qmp, QmpClient};
+use tandem_qmp::{qmp, QmpClient, QmpError};
 use tandem_vmspec::{build_argv, RuntimePaths};
 use tracing::{info, warn};
 
@@ -13,9 +13,28 @@ use super::snapshot::{place_ram_file, RestoreSource, CHECKPOINT_SOCKET};
 use super::{
     io_err, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG, TAIL_LINES,
 };
-use crate::checkpoint;
-use crate::shim;
+use crate::checkpoint::{self, CheckpointError};
+use crate::shim::{self, ShimExit};
 use crate::util::{now_unix, send_signal, tail_lines};
+
+/// Why a started QEMU did not come up.
+#[derive(Debug, thiserror::Error)]
+enum StartFailure {
+    #[error("QEMU could not be executed")]
+    NotExecuted,
+    #[error("no QEMU pid within {0:?}")]
+    NoPid(Duration),
+    #[error("QEMU exited at once ({}): {tail}", describe(exit))]
+    ExitedAtOnce { exit: ShimExit, tail: String },
+    #[error("QMP did not answer within {0:?}")]
+    NoQmp(Duration),
+    #[error("preparing to load the checkpoint: {0}")]
+    Prepare(#[source] CheckpointError),
+    #[error("loading the checkpoint's device state: {0}")]
+    LoadDeviceState(#[source] CheckpointError),
+    #[error("cont: {0}")]
+    Cont(#[source] QmpError),
+}
 
 impl Supervisor {
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmInfo, SupervisorError> {
@@ -109,7 +128,8 @@ impl Supervisor {
                 drop(_op);
                 Ok(self.info_of(&vm).await)
             }
-            Err(message) => {
+            Err(failure) => {
+                let message = failure.to_string();
                 if let Some(pid) = shim::read_pid(&vm.dir) {
                     send_signal(pid, libc::SIGKILL);
                 }
@@ -130,17 +150,17 @@ impl Supervisor {
         &self,
         vm: &Vm,
         device_state: Option<&[u8]>,
-    ) -> Result<QmpClient, String> {
+    ) -> Result<QmpClient, StartFailure> {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let pid = loop {
             if let Some(pid) = shim::read_pid(&vm.dir) {
                 break pid;
             }
             if shim::read_exit(&vm.dir).is_some() {
-                return Err("QEMU could not be executed".into());
+                return Err(StartFailure::NotExecuted);
             }
             if Instant::now() >= deadline {
-                return Err(format!("no QEMU pid within {:?}", self.cfg.start_timeout));
+                return Err(StartFailure::NoPid(self.cfg.start_timeout));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -148,14 +168,11 @@ impl Supervisor {
         let qmp = loop {
             if let Some(exit) = shim::read_exit(&vm.dir) {
                 let tail = tail_lines(&vm.dir.join(shim::QEMU_LOG), 3).join(" | ");
-                return Err(format!("QEMU exited at once ({}): {tail}", describe(&exit)));
+                return Err(StartFailure::ExitedAtOnce { exit, tail });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "QMP did not answer within {:?}",
-                    self.cfg.start_timeout
-                ));
+                return Err(StartFailure::NoQmp(self.cfg.start_timeout));
             }
             match QmpClient::connect(vm.qmp_socket(), left.min(Duration::from_secs(2))).await {
                 Ok(q) => break q,
@@ -166,7 +183,7 @@ impl Supervisor {
             let t = Instant::now();
             checkpoint::prepare(&qmp)
                 .await
-                .map_err(|e| format!("preparing to load the checkpoint: {e}"))?;
+                .map_err(StartFailure::Prepare)?;
             checkpoint::load_device_state(
                 &qmp,
                 &vm.dir.join(CHECKPOINT_SOCKET),
@@ -174,12 +191,12 @@ impl Supervisor {
                 self.cfg.start_timeout,
             )
             .await
-            .map_err(|e| format!("loading the checkpoint's device state: {e}"))?;
+            .map_err(StartFailure::LoadDeviceState)?;
             info!(vm = %vm.name, ms = t.elapsed().as_millis() as u64, "device state loaded");
         }
         qmp.execute(qmp::cont {})
             .await
-            .map_err(|e| format!("cont: {e}"))?;
+            .map_err(StartFailure::Cont)?;
         if device_state.is_some() {
             // The guest now lives somewhere new: have QEMU announce its MACs
             // (gratuitous ARP/RARP) so switches learn the new port at once.
