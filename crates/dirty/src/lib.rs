@@ -32,7 +32,7 @@ pub use pagelog::{PageLog, Poisoned};
 pub use pageset::PageSet;
 pub use residency::data_pages;
 pub use scan::ScanTracker;
-pub use softdirty::{soft_dirty_support, CollectTiming, SoftDirtyTracker};
+pub use softdirty::{soft_dirty_support, CollectTiming, SoftDirtyTracker, SoftDirtyUnsupported};
 
 /// Guest pages are tracked at 4 KiB, whatever backs them.
 pub const PAGE_SIZE: usize = 4096;
@@ -91,7 +91,7 @@ pub fn is_zeroed(bytes: &[u8]) -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error("soft-dirty tracking is not available: {0}")]
-    Unsupported(String),
+    Unsupported(#[from] SoftDirtyUnsupported),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -46,9 +46,28 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use crate::procfs::{mappings_of, pagemap_entries};
 use crate::{DirtyTracker, PageSet, RamView, TrackError, PAGE_SIZE};
 
+/// Why this host cannot track dirty pages by soft-dirty bits.
+#[derive(Debug, thiserror::Error)]
+pub enum SoftDirtyUnsupported {
+    #[error("mmap: {0}")]
+    Mmap(#[source] std::io::Error),
+    #[error("/proc/self/pagemap: {0}")]
+    Pagemap(#[source] std::io::Error),
+    #[error("no /proc/self/clear_refs")]
+    NoClearRefs,
+    #[error("a written page shows no soft-dirty bit (kernel built without CONFIG_MEM_SOFT_DIRTY)")]
+    NoSoftDirtyBit,
+    #[error("pagemap hides page frame numbers (needs CAP_SYS_ADMIN)")]
+    HiddenFrames,
+    #[error("sysinfo: {0}")]
+    Sysinfo(#[source] std::io::Error),
+    #[error("swap is configured (a swapped page can lose its soft-dirty bit)")]
+    Swap,
+}
+
 /// Whether this kernel keeps soft-dirty bits: a page this process just
 /// wrote must show bit 55 in its own pagemap. `Err` says why not.
-pub fn soft_dirty_support() -> Result<(), String> {
+pub fn soft_dirty_support() -> Result<(), SoftDirtyUnsupported> {
     // SAFETY: a fresh private anonymous page, unmapped below; no other code
     // sees it.
     let page = unsafe {
@@ -62,7 +81,7 @@ pub fn soft_dirty_support() -> Result<(), String> {
         )
     };
     if page == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        return Err(SoftDirtyUnsupported::Mmap(std::io::Error::last_os_error()));
     }
     // SAFETY: the page is ours, writable and PAGE_SIZE long.
     unsafe { std::ptr::write_volatile(page as *mut u8, 1) };
@@ -73,33 +92,32 @@ pub fn soft_dirty_support() -> Result<(), String> {
     });
     // SAFETY: unmapping the page mapped above.
     unsafe { libc::munmap(page, PAGE_SIZE) };
-    let entry = entry.map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let entry = entry.map_err(SoftDirtyUnsupported::Pagemap)?;
     if !std::path::Path::new("/proc/self/clear_refs").exists() {
-        return Err("no /proc/self/clear_refs".into());
+        return Err(SoftDirtyUnsupported::NoClearRefs);
     }
     if entry & (1 << 55) == 0 {
-        return Err(
-            "a written page shows no soft-dirty bit (kernel built without CONFIG_MEM_SOFT_DIRTY)"
-                .into(),
-        );
+        return Err(SoftDirtyUnsupported::NoSoftDirtyBit);
     }
     if entry & ((1 << 55) - 1) == 0 {
-        return Err("pagemap hides page frame numbers (needs CAP_SYS_ADMIN)".into());
+        return Err(SoftDirtyUnsupported::HiddenFrames);
     }
     swap_free()
 }
 
 /// A page in the swap cache can lose its entry and get it back over the
 /// same frame, losing the soft-dirty bit unseen; refuse while swap exists.
-fn swap_free() -> Result<(), String> {
+fn swap_free() -> Result<(), SoftDirtyUnsupported> {
     // SAFETY: sysinfo writes into the zeroed struct we own.
     let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::sysinfo(&mut si) } != 0 {
-        return Err(format!("sysinfo: {}", std::io::Error::last_os_error()));
+        return Err(SoftDirtyUnsupported::Sysinfo(
+            std::io::Error::last_os_error(),
+        ));
     }
     if si.totalswap != 0 {
-        return Err("swap is configured (a swapped page can lose its soft-dirty bit)".into());
+        return Err(SoftDirtyUnsupported::Swap);
     }
     Ok(())
 }
@@ -626,7 +644,7 @@ mod tests {
             || !config.contains("CONFIG_MEM_SOFT_DIRTY")
         {
             let why = probe.expect_err("soft-dirty reported on a kernel built without it");
-            assert!(why.contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
+            assert!(why.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
         } else if swap_free().is_ok() && {
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() }
