@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
+use tandem_switch::frame::Mac;
 use tandem_switch::host::SwitchHost;
 use tandem_switch::port::CounterSnapshot;
 
@@ -674,11 +675,12 @@ fn run_sizes(
     );
     let sock_a = work.join("a.sock");
     let sock_b = work.join("b.sock");
+    let mac = |m: &str| m.parse::<Mac>().map_err(|e| anyhow!("{e}"));
     host.0
-        .attach_vm("pps-a", "eth0", MAC_A, "default", &sock_a)
+        .attach_vm("pps-a", "eth0", mac(MAC_A)?, "default", &sock_a)
         .map_err(|e| anyhow!("port A: {e}"))?;
     host.0
-        .attach_vm("pps-b", "eth0", MAC_B, "default", &sock_b)
+        .attach_vm("pps-b", "eth0", mac(MAC_B)?, "default", &sock_b)
         .map_err(|e| anyhow!("port B: {e}"))?;
     let (port_a, port_b) = ("pps-a.eth0", "pps-b.eth0");
 

@@ -25,6 +25,11 @@ use crate::packet::{self, IpAddrs, Origin, PacketMeta, TCP_ACK, TCP_FIN, TCP_RST
 use crate::rules::{Class, Classifier};
 use crate::tcp;
 
+/// A switch port as the switch numbers it: where a frame came in and where
+/// a held frame goes back out. The switch's `port::PortId` is this type, so
+/// port numbers cross between the switch and the gate unconverted.
+pub type PortId = u32;
+
 /// How a protected VM's output is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -262,7 +267,7 @@ impl FlowAcks {
 }
 
 struct Held {
-    port: u64,
+    port: PortId,
     epoch: u64,
     at: Instant,
     frame: Vec<u8>,
@@ -344,7 +349,7 @@ impl Gate {
     }
 
     /// Decides one frame the VM sent on `port`.
-    pub fn check(&self, port: u64, frame: &[u8]) -> GateDecision {
+    pub fn check(&self, port: PortId, frame: &[u8]) -> GateDecision {
         let cfg = self.config();
         let epoch = self.open_epoch.load(Ordering::SeqCst);
         let now = Instant::now();
@@ -479,7 +484,7 @@ impl Gate {
     fn hold(
         &self,
         cfg: &GateConfig,
-        port: u64,
+        port: PortId,
         epoch: u64,
         now: Instant,
         frame: &[u8],
@@ -541,7 +546,7 @@ impl Gate {
 
     /// Epoch `epoch` is durable on the backup: returns the held frames it
     /// covers, oldest first, as (port, frame) for the switch to send.
-    pub fn commit(&self, epoch: u64) -> Vec<(u64, Vec<u8>)> {
+    pub fn commit(&self, epoch: u64) -> Vec<(PortId, Vec<u8>)> {
         let mut g = self.lock();
         if epoch <= g.committed {
             return Vec::new();
@@ -594,7 +599,7 @@ impl Gate {
 
     /// Protection ended on purpose: the VM keeps running here, unprotected,
     /// so what it said is simply sent.
-    pub fn release_all(&self) -> Vec<(u64, Vec<u8>)> {
+    pub fn release_all(&self) -> Vec<(PortId, Vec<u8>)> {
         let mut g = self.lock();
         g.queued_bytes = 0;
         let out: Vec<_> = g.queue.drain(..).map(|h| (h.port, h.frame)).collect();

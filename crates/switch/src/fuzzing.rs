@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::config::{PortGroup, SwitchDocument, VlanMode};
-use crate::frame;
+use crate::frame::{self, Mac};
 use crate::offload::{self, RxOffloads, TxOffloads, VnetHdr};
 use crate::port::{Ingress, MAX_FRAME};
 use crate::switch::{PortKind, Switch};
@@ -51,7 +51,7 @@ pub fn ingress_frames(data: &[u8]) {
             PortKind::Vm {
                 vm: "v1".into(),
                 nic: 0,
-                mac: "52:54:00:00:00:01".into(),
+                mac: Mac([0x52, 0x54, 0, 0, 0, 1]),
             },
             "a",
         ),
@@ -59,7 +59,7 @@ pub fn ingress_frames(data: &[u8]) {
             PortKind::Vm {
                 vm: "v2".into(),
                 nic: 0,
-                mac: "52:54:00:00:00:02".into(),
+                mac: Mac([0x52, 0x54, 0, 0, 0, 2]),
             },
             "b",
         ),

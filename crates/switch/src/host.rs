@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::{HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
 use crate::fdb::FdbEntry;
+use crate::frame::Mac;
 use crate::hostport::{HostPortConfig, HostPortHandle};
 use crate::port::{Ingress, PortId};
 use crate::switch::{PortKind, PortStats, Switch, SwitchError};
@@ -56,7 +57,7 @@ pub struct ApplyReport {
 struct VmPort {
     nic: String,
     port_group: String,
-    mac: String,
+    mac: Mac,
     socket: PathBuf,
     id: PortId,
     handle: VmPortHandle,
@@ -289,7 +290,7 @@ impl SwitchHost {
         &self,
         vm: &str,
         nic: &str,
-        mac: &str,
+        mac: Mac,
         port_group: &str,
         socket: &Path,
     ) -> Result<(), HostError> {
@@ -315,7 +316,7 @@ impl SwitchHost {
         let kind = PortKind::Vm {
             vm: vm.into(),
             nic: ports.vms.get(vm).map_or(0, |l| l.len()),
-            mac: mac.into(),
+            mac,
         };
         let name = format!("{vm}.{nic}");
         let (id, egress, counters) = self.sw.add_port(&name, kind, port_group)?;
@@ -338,7 +339,7 @@ impl SwitchHost {
         ports.vms.entry(vm.into()).or_default().push(VmPort {
             nic: nic.into(),
             port_group: port_group.into(),
-            mac: mac.into(),
+            mac,
             socket: socket.into(),
             id,
             handle,
@@ -360,16 +361,12 @@ impl SwitchHost {
     }
 
     /// The switch ports of `vm`'s NICs, with their MAC addresses.
-    pub fn vm_ports(&self, vm: &str) -> Vec<(PortId, [u8; 6])> {
+    pub fn vm_ports(&self, vm: &str) -> Vec<(PortId, Mac)> {
         let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         ports
             .vms
             .get(vm)
-            .map(|list| {
-                list.iter()
-                    .filter_map(|p| Some((p.id, p.mac.parse::<crate::frame::Mac>().ok()?.0)))
-                    .collect()
-            })
+            .map(|list| list.iter().map(|p| (p.id, p.mac)).collect())
             .unwrap_or_default()
     }
 

@@ -8,21 +8,18 @@
 //! per-frame gate hook where replication's output commit decides whether a
 //! frame passes, is held, or is dropped.
 //!
-//! Pure logic (frame parsing, the MAC table, shaping, the configuration
-//! document and its validation, forwarding decisions) lives apart from the
-//! I/O (vhost-user, sockets, taps) so it can be tested without QEMU.
+//! Pure logic (frame parsing, the MAC table, shaping, offloads, port
+//! policy and counters, the configuration document and its validation,
+//! forwarding decisions) lives in `tandem-switch-core`, apart from the I/O
+//! here (vhost-user, sockets, taps), so it can be tested without QEMU. Its
+//! modules are re-exported under the same paths.
 
-pub mod config;
-pub mod fdb;
-pub mod frame;
+pub use tandem_switch_core::{config, fdb, frame, offload, port, shaper, switch};
+
 #[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub mod fuzzing;
 pub mod host;
 pub mod hostport;
 pub mod netsys;
-pub mod offload;
-pub mod port;
-pub mod shaper;
-pub mod switch;
 pub mod uplink;
 pub mod vhost;

@@ -1,18 +1,18 @@
 //! Output commit in tandemd: joins a protected VM's switch ports, its
 //! gate, and its replication engine.
 //!
-//! The switch asks the gate about every frame the VM sends ([`FrameGate`]);
-//! the engine tells the gate when epochs open and commit
-//! ([`EpochObserver`]); committed frames go back into the switch through
-//! [`Switch::release`], in the order the VM sent them.
+//! The switch asks the gate about every frame the VM sends (the gate is
+//! the ports' [`FrameGate`]); the engine tells the gate when epochs open
+//! and commit ([`EpochObserver`]); committed frames go back into the switch
+//! through [`Switch::release`], in the order the VM sent them.
 
 use std::sync::{Arc, Mutex};
 
 use tandem_api::{OutputCounters, OutputRules, RulesChange};
-use tandem_outcommit::{Gate, GateConfig, GateDecision, GateMode, Profile, Rule, RuleSet};
+use tandem_outcommit::{Gate, GateConfig, GateMode, Profile, Rule, RuleSet};
 use tandem_replication::EpochObserver;
 use tandem_switch::port::PortId;
-use tandem_switch::switch::{FrameGate, GateVerdict, Switch};
+use tandem_switch::switch::{FrameGate, Switch};
 use tracing::{info, warn};
 
 pub struct VmOutput {
@@ -26,19 +26,6 @@ pub struct VmOutput {
 struct Table {
     profile: Option<String>,
     rules: RuleSet,
-}
-
-struct PortGate(Arc<VmOutput>);
-
-impl FrameGate for PortGate {
-    fn check(&self, port: PortId, frame: &[u8]) -> GateVerdict {
-        match self.0.gate.check(u64::from(port), frame) {
-            GateDecision::Pass => GateVerdict::Pass,
-            GateDecision::PassRewritten(f) => GateVerdict::PassRewritten(f),
-            GateDecision::Hold => GateVerdict::Hold,
-            GateDecision::Drop => GateVerdict::Drop,
-        }
-    }
 }
 
 /// What a protect request asks of output commit, checked before anything
@@ -115,7 +102,7 @@ impl VmOutput {
         if ports.is_empty() {
             return None;
         }
-        let macs = ports.iter().map(|(_, mac)| *mac).collect();
+        let macs = ports.iter().map(|(_, mac)| mac.0).collect();
         let gate = Arc::new(Gate::new(
             plan.config.clone(),
             Arc::new(plan.rules.clone()),
@@ -132,10 +119,8 @@ impl VmOutput {
             }),
         });
         for id in &out.ports {
-            out.switch.set_gate(
-                *id,
-                Some(Arc::new(PortGate(out.clone())) as Arc<dyn FrameGate>),
-            );
+            out.switch
+                .set_gate(*id, Some(out.gate.clone() as Arc<dyn FrameGate>));
         }
         if plan.config.mode == GateMode::Off {
             warn!(
@@ -150,11 +135,9 @@ impl VmOutput {
         Some(out)
     }
 
-    fn send(&self, frames: Vec<(u64, Vec<u8>)>) {
+    fn send(&self, frames: Vec<(PortId, Vec<u8>)>) {
         for (port, frame) in frames {
-            if let Ok(port) = PortId::try_from(port) {
-                self.switch.release(port, &frame);
-            }
+            self.switch.release(port, &frame);
         }
     }
 

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use tandem_api::{ErrorBody, FieldProblem, SwitchDocumentBody};
 use tandem_supervisor::NicPorts;
 use tandem_switch::config::SwitchDocument;
+use tandem_switch::frame::Mac;
 use tandem_switch::host::{ApplyReport, HostError, SwitchHost, SwitchStats};
 
 /// Adapts the switch to the supervisor's [`NicPorts`].
@@ -21,8 +22,11 @@ pub struct SwitchPorts(pub Arc<SwitchHost>);
 impl NicPorts for SwitchPorts {
     fn attach(&self, vm: &str, nic: &tandem_vmspec::NicSpec, socket: &Path) -> Result<(), String> {
         let group = nic.port_group.as_deref().unwrap_or_default();
+        // The spec's MAC as the switch's type: the same six bytes, never
+        // text on the way (the switch enforces it as the port's source).
+        let mac = Mac(nic.mac.0);
         self.0
-            .attach_vm(vm, &nic.name, &nic.mac.to_string(), group, socket)
+            .attach_vm(vm, &nic.name, mac, group, socket)
             .map_err(|e| e.to_string())
     }
 

@@ -67,6 +67,21 @@ impl std::str::FromStr for Mac {
     }
 }
 
+/// Written and read as text (`52:54:00:12:34:56`), like everywhere else a
+/// MAC address appears in tandem's documents and API.
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What the forwarding core needs to know about a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EthInfo {

@@ -19,8 +19,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::offload::{self, Offload, RxOffloads};
 
-/// Index of a port inside one switch instance.
-pub type PortId = u32;
+/// Index of a port inside one switch instance. Output commit's gate keeps
+/// held frames by it, so it is that crate's type.
+pub use tandem_outcommit::PortId;
 
 /// Largest Ethernet frame a port accepts or emits, without FCS: 1500 bytes
 /// of payload, 14 of header and two 802.1Q tags. Anything larger is
