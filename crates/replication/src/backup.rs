@@ -66,7 +66,31 @@ pub trait Activate: Send + Sync + 'static {
         &self,
         vm: String,
         dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>;
+}
+
+/// Why the host could not run a VM from its replica (the implementer's
+/// own error, kept whole for the log and the API).
+pub type ActivateError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a takeover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no replica of `{0}` on this host")]
+    NoReplica(String),
+    /// The automatic path only: the primary spoke before the decision.
+    #[error("the primary of `{0}` was heard again")]
+    PrimaryHeard(String),
+    #[error("`{vm}` is already {state}")]
+    AlreadyRunning { vm: String, state: FtState },
+    #[error("the replica of `{vm}` has no consistent epoch yet ({state})")]
+    NotConsistent { vm: String, state: FtState },
+    #[error("takeover of `{vm}` failed: {source}")]
+    Activate {
+        vm: String,
+        #[source]
+        source: ActivateError,
+    },
 }
 
 /// The failure detector's verdict on one silence of the primary.
@@ -530,7 +554,7 @@ impl Backup {
         vm: &str,
         silent_for: Duration,
         reason: &str,
-    ) -> Result<FailoverReport, String> {
+    ) -> Result<FailoverReport, TakeoverError> {
         self.take_over(vm, silent_for, reason, None).await
     }
 
@@ -546,7 +570,7 @@ impl Backup {
         silent_for: Duration,
         reason: &str,
         still_silent: Option<Duration>,
-    ) -> Result<FailoverReport, String> {
+    ) -> Result<FailoverReport, TakeoverError> {
         let decided = Instant::now();
         // Detection, and the wait for the primary's fence that followed it.
         let mut detection = silent_for;
@@ -555,10 +579,10 @@ impl Backup {
             let mut reps = self.replicas();
             let r = reps
                 .get_mut(vm)
-                .ok_or_else(|| format!("no replica of `{vm}` on this host"))?;
+                .ok_or_else(|| TakeoverError::NoReplica(vm.to_string()))?;
             if let Some(quiet) = still_silent {
                 if !r.armed || r.applying || r.last_heard.elapsed() < quiet {
-                    return Err(format!("the primary of `{vm}` was heard again"));
+                    return Err(TakeoverError::PrimaryHeard(vm.to_string()));
                 }
                 if let Some(s) = r.suspected.filter(|s| s.heard == r.last_heard) {
                     detection = s.silence;
@@ -566,13 +590,16 @@ impl Backup {
                 }
             }
             if r.status.state.is_taken_over() {
-                return Err(format!("`{vm}` is already {}", r.status.state));
+                return Err(TakeoverError::AlreadyRunning {
+                    vm: vm.to_string(),
+                    state: r.status.state,
+                });
             }
             if r.status.state != FtState::Standby {
-                return Err(format!(
-                    "the replica of `{vm}` has no consistent epoch yet ({})",
-                    r.status.state
-                ));
+                return Err(TakeoverError::NotConsistent {
+                    vm: vm.to_string(),
+                    state: r.status.state,
+                });
             }
             r.armed = false;
             r.generation += 1; // any live connection is now stale
@@ -617,7 +644,10 @@ impl Backup {
                     r.status.state = FtState::Standby;
                     r.status.detail = format!("takeover failed: {e}");
                 });
-                Err(e)
+                Err(TakeoverError::Activate {
+                    vm: vm.to_string(),
+                    source: e,
+                })
             }
         }
     }

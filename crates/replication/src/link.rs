@@ -14,12 +14,17 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// A string that names no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an endpoint: use HOST:PORT (TCP) or unix:PATH")]
+pub struct BadEndpoint(pub String);
+
 impl std::str::FromStr for Endpoint {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadEndpoint;
+    fn from_str(s: &str) -> Result<Self, BadEndpoint> {
         if let Some(p) = s.strip_prefix("unix:") {
             if p.is_empty() {
-                return Err("unix: endpoint needs a path".into());
+                return Err(BadEndpoint(s.to_string()));
             }
             return Ok(Endpoint::Unix(p.into()));
         }
@@ -28,9 +33,7 @@ impl std::str::FromStr for Endpoint {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(Endpoint::Tcp(addr.to_string()))
             }
-            _ => Err(format!(
-                "`{s}` is not an endpoint: use HOST:PORT (TCP) or unix:PATH"
-            )),
+            _ => Err(BadEndpoint(s.to_string())),
         }
     }
 }

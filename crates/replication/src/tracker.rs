@@ -17,19 +17,27 @@ pub enum TrackerChoice {
     SoftDirty,
 }
 
+/// A tracker name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tracker {0:?} (expected auto, scan or soft-dirty)")]
+pub struct UnknownTracker(pub String);
+
 impl std::str::FromStr for TrackerChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTracker;
+    fn from_str(s: &str) -> Result<Self, UnknownTracker> {
         match s {
             "auto" => Ok(TrackerChoice::Auto),
             "scan" => Ok(TrackerChoice::Scan),
             "soft-dirty" => Ok(TrackerChoice::SoftDirty),
-            other => Err(format!(
-                "unknown tracker {other:?} (expected auto, scan or soft-dirty)"
-            )),
+            other => Err(UnknownTracker(other.to_string())),
         }
     }
 }
+
+/// Soft-dirty tracking was demanded and cannot be had.
+#[derive(Debug, thiserror::Error)]
+#[error("soft-dirty tracking unavailable: {0}")]
+pub struct TrackerUnavailable(String);
 
 impl std::fmt::Display for TrackerChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,7 +65,7 @@ pub struct TrackerContext<'a> {
 pub fn choose(
     choice: TrackerChoice,
     ctx: &TrackerContext<'_>,
-) -> Result<(Box<dyn DirtyTracker>, String), String> {
+) -> Result<(Box<dyn DirtyTracker>, String), TrackerUnavailable> {
     let scan = || -> Box<dyn DirtyTracker> { Box::new(ScanTracker::new(ctx.pages, 0)) };
     // The tracker, and how it notices punched pages (an operator should
     // know when it is the slow `ctime` fallback).
@@ -74,7 +82,7 @@ pub fn choose(
         TrackerChoice::Scan => Ok((scan(), "scan (chosen)".into())),
         TrackerChoice::SoftDirty => soft_dirty()
             .map(|(t, punches)| (t, format!("soft-dirty (chosen; punches seen by {punches})")))
-            .map_err(|why| format!("soft-dirty tracking unavailable: {why}")),
+            .map_err(TrackerUnavailable),
         TrackerChoice::Auto => Ok(match soft_dirty() {
             Ok((t, punches)) => (t, format!("soft-dirty (auto; punches seen by {punches})")),
             Err(why) => (
@@ -97,6 +105,7 @@ mod tests {
         assert!("softdirty"
             .parse::<TrackerChoice>()
             .unwrap_err()
+            .to_string()
             .contains("expected"));
     }
 
@@ -113,6 +122,6 @@ mod tests {
         assert_eq!(t.name(), "scan");
         assert!(note.contains("vhost-user"), "{note}");
         let err = choose(TrackerChoice::SoftDirty, &ctx).err().unwrap();
-        assert!(err.contains("vhost-user"), "{err}");
+        assert!(err.to_string().contains("vhost-user"), "{err}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_replication::assembler::EpochBuilder;
-use tandem_replication::backup::{Activate, Backup, BackupConfig};
+use tandem_replication::backup::{Activate, ActivateError, Backup, BackupConfig};
 use tandem_replication::link::{self, Endpoint, Listener};
 use tandem_replication::replica::{ReplicaStore, RAM_FILE};
 use tandem_replication::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
@@ -23,7 +23,7 @@ impl Activate for NeverActivate {
         &self,
         vm: String,
         _dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>> {
         Box::pin(async move { panic!("takeover of {vm} was not expected") })
     }
 }
@@ -35,7 +35,7 @@ impl Activate for NoopActivate {
         &self,
         _vm: String,
         _dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>> {
         Box::pin(async { Ok(()) })
     }
 }
