@@ -1,15 +1,17 @@
-//! The HTTP/JSON routes, mapping supervisor results to responses.
+//! The HTTP/JSON routes of the VM lifecycle (errors answer through
+//! [`HttpError`]).
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use tandem_api::{CreateVmRequest, ErrorBody, FieldProblem, StopRequest, VmState};
-use tandem_supervisor::{Supervisor, SupervisorError};
+use tandem_api::{CreateVmRequest, StopRequest, VmState};
+use tandem_supervisor::Supervisor;
+
+use crate::error::HttpError;
 
 type Sup = Arc<Supervisor>;
 
@@ -29,58 +31,7 @@ pub fn router(sup: Sup) -> Router {
         .with_state(sup)
 }
 
-struct ApiError(SupervisorError);
-
-impl From<SupervisorError> for ApiError {
-    fn from(e: SupervisorError) -> Self {
-        ApiError(e)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let e = self.0;
-        let (status, kind) = match &e {
-            SupervisorError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
-            SupervisorError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
-            SupervisorError::InvalidSpec(_) => (StatusCode::BAD_REQUEST, "invalid-spec"),
-            SupervisorError::BadState { .. } => (StatusCode::CONFLICT, "bad-state"),
-            SupervisorError::Start { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "qemu"),
-            SupervisorError::Qmp { .. } => (StatusCode::BAD_GATEWAY, "qemu"),
-            SupervisorError::Checkpoint { .. } => (StatusCode::BAD_GATEWAY, "checkpoint"),
-            SupervisorError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        let mut message = e.to_string();
-        if let SupervisorError::Start { qemu_log_tail, .. } = &e {
-            if !qemu_log_tail.is_empty() {
-                message.push_str("\nQEMU said:\n  ");
-                message.push_str(&qemu_log_tail.join("\n  "));
-            }
-        }
-        let fields = match &e {
-            SupervisorError::InvalidSpec(s) => s
-                .field_errors()
-                .iter()
-                .map(|f| FieldProblem {
-                    field: f.field.clone(),
-                    message: f.message.clone(),
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        (
-            status,
-            Json(ErrorBody {
-                kind: kind.into(),
-                message,
-                fields,
-            }),
-        )
-            .into_response()
-    }
-}
-
-type ApiResult<T> = Result<Json<T>, ApiError>;
+type ApiResult<T> = Result<Json<T>, HttpError>;
 
 async fn host(State(s): State<Sup>) -> Json<tandem_api::HostInfo> {
     Json(s.host_info().await)
@@ -93,7 +44,7 @@ async fn list(State(s): State<Sup>) -> Json<Vec<tandem_api::VmSummary>> {
 async fn create(
     State(s): State<Sup>,
     Json(req): Json<CreateVmRequest>,
-) -> Result<(StatusCode, Json<tandem_api::VmInfo>), ApiError> {
+) -> Result<(StatusCode, Json<tandem_api::VmInfo>), HttpError> {
     Ok((StatusCode::CREATED, Json(s.create(&req.spec_toml).await?)))
 }
 

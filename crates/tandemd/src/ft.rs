@@ -8,11 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tandem_api::{ErrorBody, FailoverReport, FtStatus, OutputRules, ProtectRequest, RulesChange};
+use tandem_api::{FailoverReport, FtStatus, OutputRules, ProtectRequest, RulesChange};
 use tandem_replication::backup::{read_hello, Activate, Backup, BackupConfig};
 use tandem_replication::link::{Endpoint, Listener};
 use tandem_replication::primary::{Primary, PrimaryConfig};
@@ -23,6 +21,8 @@ use tandem_supervisor::{
 use tandem_vmspec::DiskFormat;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
+
+use crate::error::HttpError;
 
 #[derive(Debug, Clone)]
 pub struct FtSettings {
@@ -61,16 +61,42 @@ impl Activate for SupervisorActivate {
         dir: PathBuf,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
         let sup = self.0.clone();
-        Box::pin(async move { activate(&sup, &vm, &dir).await })
+        Box::pin(async move { activate(&sup, &vm, &dir).await.map_err(|e| e.to_string()) })
     }
+}
+
+/// Why the backup could not start a VM from its replica.
+#[derive(Debug, thiserror::Error)]
+enum ActivateError {
+    #[error("reading the replica's hello: {0}")]
+    Hello(#[source] std::io::Error),
+    #[error("replica spec: {0}")]
+    Spec(#[source] toml::de::Error),
+    #[error("{0}")]
+    Manifest(#[from] serde_json::Error),
+    #[error("{0}")]
+    WriteManifest(#[source] std::io::Error),
+    #[error("{0}")]
+    SpecToml(#[from] toml::ser::Error),
+    #[error("`{vm}` is already {state} on this host")]
+    Active {
+        vm: String,
+        state: tandem_api::VmState,
+    },
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
 }
 
 /// Defines the VM here (if needed) with its disks pointing at the replica,
 /// and starts it from the replica's committed checkpoint.
-async fn activate(sup: &Arc<Supervisor>, vm: &str, dir: &std::path::Path) -> Result<(), String> {
-    let hello = read_hello(dir).map_err(|e| format!("reading the replica's hello: {e}"))?;
+async fn activate(
+    sup: &Arc<Supervisor>,
+    vm: &str,
+    dir: &std::path::Path,
+) -> Result<(), ActivateError> {
+    let hello = read_hello(dir).map_err(ActivateError::Hello)?;
     let mut spec: tandem_vmspec::VmSpec =
-        toml::from_str(&hello.spec_toml).map_err(|e| format!("replica spec: {e}"))?;
+        toml::from_str(&hello.spec_toml).map_err(ActivateError::Spec)?;
     let mut disks = Vec::new();
     for d in spec.disks.iter_mut() {
         let file = tandem_replication::replica::disk_file_name(&d.name);
@@ -89,20 +115,23 @@ async fn activate(sup: &Arc<Supervisor>, vm: &str, dir: &std::path::Path) -> Res
         device_state_bytes: 0,
         disks,
     };
-    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join(CHECKPOINT_MANIFEST), bytes).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec_pretty(&manifest)?;
+    std::fs::write(dir.join(CHECKPOINT_MANIFEST), bytes).map_err(ActivateError::WriteManifest)?;
     match sup.info(vm).await {
         Ok(info) if info.state.is_active() => {
-            return Err(format!("`{vm}` is already {} on this host", info.state))
+            return Err(ActivateError::Active {
+                vm: vm.to_string(),
+                state: info.state,
+            })
         }
         Ok(_) => {}
         Err(SupervisorError::NotFound(_)) => {
-            let toml = toml::to_string(&spec).map_err(|e| e.to_string())?;
-            sup.create(&toml).await.map_err(|e| e.to_string())?;
+            let toml = toml::to_string(&spec)?;
+            sup.create(&toml).await?;
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     }
-    sup.restore_from(vm, dir).await.map_err(|e| e.to_string())?;
+    sup.restore_from(vm, dir).await?;
     Ok(())
 }
 
@@ -145,19 +174,19 @@ impl Ft {
         }))
     }
 
-    async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, FtError> {
-        let backup: Endpoint = req.backup.parse().map_err(FtError::Invalid)?;
+    async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, HttpError> {
+        let backup: Endpoint = req.backup.parse().map_err(HttpError::invalid)?;
         let epoch_ms = req.epoch_ms.unwrap_or(50);
         if !(10..=1000).contains(&epoch_ms) {
-            return Err(FtError::Invalid(format!(
+            return Err(HttpError::invalid(format!(
                 "epoch_ms {epoch_ms} is outside 10..=1000"
             )));
         }
-        let plan = crate::output::OutputPlan::from_request(&req).map_err(FtError::Invalid)?;
+        let plan = crate::output::OutputPlan::from_request(&req).map_err(HttpError::invalid)?;
         let mut primaries = self.primaries.lock().await;
         if let Some(p) = primaries.get(vm) {
             if !p.primary.is_finished() {
-                return Err(FtError::Conflict(format!("`{vm}` is already protected")));
+                return Err(HttpError::conflict(format!("`{vm}` is already protected")));
             }
         }
         if let Some(old) = primaries.remove(vm) {
@@ -169,9 +198,9 @@ impl Ft {
                 sw.set_vm_write_log(vm, None);
             }
         }
-        let port = self.sup.guest_port(vm).await.map_err(FtError::Sup)?;
+        let port = self.sup.guest_port(vm).await?;
         let tracker = match &req.tracker {
-            Some(t) => t.parse().map_err(FtError::Invalid)?,
+            Some(t) => t.parse().map_err(HttpError::invalid)?,
             None => self.settings.tracker,
         };
         let switch_nics = port
@@ -180,14 +209,12 @@ impl Ft {
             .iter()
             .any(|n| n.backend == tandem_vmspec::NicBackend::Switch);
         let soft_dirty = tandem_replication::tracker::soft_dirty_support();
-        if tracker == TrackerChoice::SoftDirty {
+        if let (TrackerChoice::SoftDirty, Err(why)) = (tracker, &soft_dirty) {
             // Refuse now, with the reason, rather than leave a protection
             // that stops as soon as it starts.
-            soft_dirty.clone().map_err(|why| {
-                FtError::Invalid(format!(
-                    "soft-dirty tracking is not available on this host: {why}"
-                ))
-            })?;
+            return Err(HttpError::invalid(format!(
+                "soft-dirty tracking is not available on this host: {why}"
+            )));
         }
         // The switch writes guest RAM through tandemd's own mapping, which
         // soft-dirty bits cannot see: where soft-dirty may be used, the
@@ -204,9 +231,7 @@ impl Ft {
         });
         let external_writers = switch_nics && write_log.is_none();
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
-        let disks = crate::ftdisk::start(&port, &work)
-            .await
-            .map_err(FtError::Failed)?;
+        let disks = crate::ftdisk::start(&port, &work).await?;
         let mut cfg = PrimaryConfig::new(backup);
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
@@ -242,11 +267,10 @@ impl Ft {
         Ok(st)
     }
 
-    async fn unprotect(&self, vm: &str) -> Result<FtStatus, FtError> {
-        let p =
-            self.primaries.lock().await.remove(vm).ok_or_else(|| {
-                FtError::NotFound(format!("`{vm}` is not protected from this host"))
-            })?;
+    async fn unprotect(&self, vm: &str) -> Result<FtStatus, HttpError> {
+        let p = self.primaries.lock().await.remove(vm).ok_or_else(|| {
+            HttpError::not_found(format!("`{vm}` is not protected from this host"))
+        })?;
         let mut st = p.primary.status();
         p.primary.stop().await;
         crate::ftdisk::stop(&p.port, &p.disks).await;
@@ -278,42 +302,6 @@ impl Ft {
     }
 }
 
-enum FtError {
-    Invalid(String),
-    Conflict(String),
-    NotFound(String),
-    Failed(String),
-    Sup(SupervisorError),
-}
-
-impl IntoResponse for FtError {
-    fn into_response(self) -> Response {
-        let (status, kind, message) = match self {
-            FtError::Invalid(m) => (StatusCode::BAD_REQUEST, "invalid", m),
-            FtError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
-            FtError::NotFound(m) => (StatusCode::NOT_FOUND, "not-found", m),
-            FtError::Failed(m) => (StatusCode::INTERNAL_SERVER_ERROR, "failover", m),
-            FtError::Sup(e) => {
-                let status = match &e {
-                    SupervisorError::NotFound(_) => StatusCode::NOT_FOUND,
-                    SupervisorError::BadState { .. } => StatusCode::CONFLICT,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                (status, "supervisor", e.to_string())
-            }
-        };
-        (
-            status,
-            Json(ErrorBody {
-                kind: kind.into(),
-                message,
-                fields: Vec::new(),
-            }),
-        )
-            .into_response()
-    }
-}
-
 pub fn router(ft: Arc<Ft>) -> Router {
     Router::new()
         .route("/v1/ft", get(list))
@@ -332,7 +320,7 @@ async fn list(State(ft): State<Arc<Ft>>) -> Json<Vec<FtStatus>> {
 async fn one(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<FtStatus>>, FtError> {
+) -> Result<Json<Vec<FtStatus>>, HttpError> {
     let v: Vec<FtStatus> = ft
         .status()
         .await
@@ -340,7 +328,7 @@ async fn one(
         .filter(|s| s.vm == name)
         .collect();
     if v.is_empty() {
-        return Err(FtError::NotFound(format!(
+        return Err(HttpError::not_found(format!(
             "`{name}` is not protected on this host"
         )));
     }
@@ -348,13 +336,13 @@ async fn one(
 }
 
 impl Ft {
-    async fn output(&self, vm: &str) -> Result<Arc<crate::output::VmOutput>, FtError> {
+    async fn output(&self, vm: &str) -> Result<Arc<crate::output::VmOutput>, HttpError> {
         let primaries = self.primaries.lock().await;
-        let p = primaries
-            .get(vm)
-            .ok_or_else(|| FtError::NotFound(format!("`{vm}` is not protected from this host")))?;
+        let p = primaries.get(vm).ok_or_else(|| {
+            HttpError::not_found(format!("`{vm}` is not protected from this host"))
+        })?;
         p.output.clone().ok_or_else(|| {
-            FtError::Conflict(format!(
+            HttpError::conflict(format!(
                 "`{vm}` has no switch NIC on this host, so its output is not under output commit"
             ))
         })
@@ -364,7 +352,7 @@ impl Ft {
 async fn rules(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
-) -> Result<Json<OutputRules>, FtError> {
+) -> Result<Json<OutputRules>, HttpError> {
     Ok(Json(ft.output(&name).await?.rules()))
 }
 
@@ -372,23 +360,23 @@ async fn change_rules(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
     Json(change): Json<RulesChange>,
-) -> Result<Json<OutputRules>, FtError> {
+) -> Result<Json<OutputRules>, HttpError> {
     let out = ft.output(&name).await?;
-    out.change(change).map(Json).map_err(FtError::Invalid)
+    out.change(change).map(Json).map_err(HttpError::invalid)
 }
 
 async fn protect(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
     Json(req): Json<ProtectRequest>,
-) -> Result<Json<FtStatus>, FtError> {
+) -> Result<Json<FtStatus>, HttpError> {
     Ok(Json(ft.protect(&name, req).await?))
 }
 
 async fn unprotect(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
-) -> Result<Json<FtStatus>, FtError> {
+) -> Result<Json<FtStatus>, HttpError> {
     Ok(Json(ft.unprotect(&name).await?))
 }
 
@@ -398,10 +386,10 @@ async fn unprotect(
 async fn failover(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
-) -> Result<Json<FailoverReport>, FtError> {
+) -> Result<Json<FailoverReport>, HttpError> {
     ft.backup
         .failover(&name, Duration::ZERO, "manual failover")
         .await
         .map(Json)
-        .map_err(FtError::Failed)
+        .map_err(HttpError::failover)
 }

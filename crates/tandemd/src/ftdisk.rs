@@ -3,7 +3,7 @@
 //! NBD export served here, so every guest write is seen — and logged for
 //! its epoch — before the guest is told it completed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 const MIRROR_GRANULARITY: u64 = 512;
 use tandem_nbd::{DiskWrite, Export, ServerHandle};
 use tandem_replication::{disklog, DiskSource};
-use tandem_supervisor::GuestPort;
+use tandem_supervisor::{GuestPort, SupervisorError};
 use tracing::{info, warn};
 
 pub struct MirroredDisk {
@@ -94,14 +94,37 @@ fn full_copy(path: &Path, size: u64, out: &mut Vec<u8>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Why mirroring a VM's disks could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("creating {}: {source}", path.display())]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Qmp(#[from] SupervisorError),
+    #[error("QEMU does not report block node {0}")]
+    NoBlockNode(String),
+    #[error(transparent)]
+    Nbd(#[from] tandem_nbd::NbdError),
+    #[error("mirroring disk {disk}: {source}")]
+    Mirror {
+        disk: String,
+        source: SupervisorError,
+    },
+}
+
 /// Starts mirroring every writable disk of the VM. On error, whatever was
 /// set up is torn down again.
-pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk>>, String> {
-    std::fs::create_dir_all(work).map_err(|e| format!("creating {}: {e}", work.display()))?;
+pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk>>, MirrorError> {
+    std::fs::create_dir_all(work).map_err(|source| MirrorError::WorkDir {
+        path: work.to_path_buf(),
+        source,
+    })?;
     let nodes = port
         .qmp("query-named-block-nodes", json!({"flat": true}))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let mut disks: Vec<Arc<MirroredDisk>> = Vec::new();
     for d in port.spec().disks.iter().filter(|d| !d.readonly) {
         let node = tandem_vmspec::disk_node_name(&d.name);
@@ -109,15 +132,14 @@ pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk
             .as_array()
             .and_then(|a| a.iter().find(|n| n["node-name"] == node.as_str()))
             .and_then(|n| n["image"]["virtual-size"].as_u64())
-            .ok_or_else(|| format!("QEMU does not report block node {node}"))?;
+            .ok_or_else(|| MirrorError::NoBlockNode(node.clone()))?;
         let export = Export::with_name(
             d.name.clone(),
             work.join(format!("mirror-{}.raw", d.name)),
             size,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let sock = work.join(format!("nbd-{}.sock", d.name));
-        let server = tandem_nbd::serve_unix(export.clone(), &sock).map_err(|e| e.to_string())?;
+        let server = tandem_nbd::serve_unix(export.clone(), &sock)?;
         let disk = Arc::new(MirroredDisk {
             name: d.name.clone(),
             export,
@@ -156,10 +178,13 @@ pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk
             )
             .await
         };
-        if let Err(e) = setup.await {
+        if let Err(source) = setup.await {
             disks.push(disk);
             stop(port, &disks).await;
-            return Err(format!("mirroring disk {}: {e}", d.name));
+            return Err(MirrorError::Mirror {
+                disk: d.name.clone(),
+                source,
+            });
         }
         info!(vm = %port.name(), disk = %d.name, size, "mirroring disk to the replication export");
         disks.push(disk);

@@ -7,6 +7,7 @@
 //! `tandemd shim …` is the per-VM shim mode (see `tandem_supervisor::shim`).
 
 mod api;
+mod error;
 mod ft;
 mod ftdisk;
 mod output;
@@ -178,8 +179,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let listen = match &args.repl_listen {
         Some(s) => Some(
-            s.parse()
-                .map_err(|e: String| anyhow::anyhow!("--repl-listen: {e}"))?,
+            s.parse::<tandem_replication::link::Endpoint>()
+                .map_err(|e| anyhow::anyhow!("--repl-listen: {e}"))?,
         ),
         None => None,
     };
