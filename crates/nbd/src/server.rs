@@ -12,9 +12,10 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Mutex as AsyncMutex, Semaphore};
@@ -188,9 +189,10 @@ impl Export {
     }
 
     fn log(&self) -> MutexGuard<'_, WriteLog> {
-        // Nothing panics while holding the lock; if something ever did, the
-        // log is still a valid prefix of what the file saw.
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+        // A lock that cannot be poisoned: nothing panics while holding it,
+        // and if something ever did, the log is still a valid prefix of
+        // what the file saw.
+        self.log.lock()
     }
 
     /// Returns every write recorded since the previous call and starts a

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 pub struct MirroredDisk {
     name: String,
     export: Arc<Export>,
-    server: std::sync::Mutex<Option<ServerHandle>>,
+    server: parking_lot::Mutex<Option<ServerHandle>>,
     synced: AtomicBool,
     resync: AtomicBool,
 }
@@ -143,7 +143,7 @@ pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk
         let disk = Arc::new(MirroredDisk {
             name: d.name.clone(),
             export,
-            server: std::sync::Mutex::new(Some(server)),
+            server: parking_lot::Mutex::new(Some(server)),
             synced: AtomicBool::new(false),
             resync: AtomicBool::new(false),
         });
@@ -250,7 +250,7 @@ pub async fn stop(port: &GuestPort, disks: &[Arc<MirroredDisk>]) {
         let _ = port
             .qmp("blockdev-del", json!({"node-name": d.target_node()}))
             .await;
-        if let Some(s) = d.server.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(s) = d.server.lock().take() {
             s.shutdown();
         }
     }

@@ -86,7 +86,7 @@ impl Supervisor {
         if let Some(src) = &restore {
             place_ram_file(&src.ram_file, &vm.ram_file)?;
         }
-        *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *vm.exit_hint.lock() = None;
 
         let rt = RuntimePaths {
             qemu_binary: self.cfg.qemu_binary.clone(),
@@ -133,8 +133,7 @@ impl Supervisor {
                 if let Some(pid) = shim::read_pid(&vm.dir) {
                     send_signal(pid, libc::SIGKILL);
                 }
-                *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(ExitHint::StartFailed(message.clone()));
+                *vm.exit_hint.lock() = Some(ExitHint::StartFailed(message.clone()));
                 self.record_exit(&vm).await;
                 Err(SupervisorError::Start {
                     name: vm.name.clone(),
@@ -269,8 +268,7 @@ impl Supervisor {
                         return Ok(());
                     }
                     warn!(vm = %vm.name, ?timeout, "guest did not power off in time; quitting QEMU");
-                    *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(ExitHint::PowerOffTimeout(timeout));
+                    *vm.exit_hint.lock() = Some(ExitHint::PowerOffTimeout(timeout));
                 }
                 Err(e) => warn!(vm = %vm.name, "system_powerdown failed: {e}"),
             }

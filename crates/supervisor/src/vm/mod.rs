@@ -17,8 +17,10 @@ mod snapshot;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use tandem_api::{AccelProbe, ConsoleChunk, HostInfo, VmInfo, VmState, VmSummary};
 use tandem_qmp::{QmpClient, QmpError};
@@ -154,9 +156,9 @@ impl Supervisor {
                 .join(format!("tandem-{}-{}.ram", self.instance_tag, name)),
             name,
             ops: AsyncMutex::new(()),
-            rec: StdMutex::new(rec),
-            live: StdMutex::new(None),
-            exit_hint: StdMutex::new(None),
+            rec: Mutex::new(rec),
+            live: Mutex::new(None),
+            exit_hint: Mutex::new(None),
             checkpoint_pause: AtomicBool::new(false),
         })
     }

@@ -18,7 +18,7 @@ use crate::util::{now_unix, process_matches, tail_lines};
 impl Supervisor {
     pub(super) fn spawn_monitor(self: &Arc<Self>, vm: Arc<Vm>, qmp: QmpClient) {
         let (exited_tx, exited_rx) = watch::channel(false);
-        *vm.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Live {
+        *vm.live.lock() = Some(Live {
             qmp: qmp.clone(),
             exited: exited_rx,
         });
@@ -44,7 +44,7 @@ impl Supervisor {
                             let status = query_status(&qmp).await.unwrap_or_default();
                             if status == "internal-error" {
                                 warn!(vm = %vm.name, "accelerator internal error; stopping QEMU");
-                                *vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner()) =
+                                *vm.exit_hint.lock() =
                                     Some(ExitHint::AcceleratorFailure);
                                 let _ = qmp.execute(qmp::quit {}).await;
                             } else if vm.state() == VmState::Running
@@ -68,7 +68,7 @@ impl Supervisor {
                         }
                         "SHUTDOWN" => {
                             let reason = ev.data.get("reason").and_then(|r| r.as_str()).unwrap_or("unknown");
-                            let mut hint = vm.exit_hint.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut hint = vm.exit_hint.lock();
                             if hint.is_none() {
                                 *hint = Some(ExitHint::Shutdown(reason.to_string()));
                             }
@@ -99,11 +99,7 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
-        let hint = vm
-            .exit_hint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let hint = vm.exit_hint.lock().take();
         let ExitDecision {
             state,
             cause,
@@ -118,7 +114,7 @@ impl Supervisor {
             qemu_log_tail: tail_lines(&vm.dir.join(shim::QEMU_LOG), TAIL_LINES),
         };
         let _ = std::fs::remove_file(&vm.ram_file);
-        *vm.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *vm.live.lock() = None;
         match state {
             VmState::Crashed => warn!(vm = %vm.name, reason = %info.reason, "VM crashed"),
             _ => info!(vm = %vm.name, reason = %info.reason, "VM shut off"),

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Mutex as StdMutex;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tandem_api::{ExitInfo, VmState};
 use tandem_qmp::{QmpClient, QmpError};
@@ -73,10 +73,10 @@ pub(super) struct Vm {
     pub(super) ram_file: PathBuf,
     /// Serialises lifecycle operations on this VM.
     pub(super) ops: AsyncMutex<()>,
-    pub(super) rec: StdMutex<VmRecord>,
-    pub(super) live: StdMutex<Option<Live>>,
+    pub(super) rec: Mutex<VmRecord>,
+    pub(super) live: Mutex<Option<Live>>,
     /// Facts the monitor learns before QEMU exits, used to explain the exit.
-    pub(super) exit_hint: StdMutex<Option<ExitHint>>,
+    pub(super) exit_hint: Mutex<Option<ExitHint>>,
     /// Set while a checkpoint has the guest stopped, so the monitor does not
     /// mistake the checkpoint's STOP/RESUME for a user's pause.
     pub(super) checkpoint_pause: AtomicBool,
@@ -90,18 +90,18 @@ impl Vm {
         self.dir.join(SERIAL_LOG)
     }
     pub(super) fn record(&self) -> VmRecord {
-        self.rec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.rec.lock().clone()
     }
     pub(super) fn state(&self) -> VmState {
-        self.rec.lock().unwrap_or_else(|p| p.into_inner()).state
+        self.rec.lock().state
     }
     pub(super) fn live(&self) -> Option<Live> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.live.lock().clone()
     }
     /// Changes the record and persists it atomically.
     pub(super) fn update(&self, f: impl FnOnce(&mut VmRecord)) {
         let snapshot = {
-            let mut rec = self.rec.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rec = self.rec.lock();
             f(&mut rec);
             rec.clone()
         };
