@@ -8,6 +8,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tandem_api::{ErrorBody, ErrorKind, FieldProblem};
+use tandem_replication::backup::TakeoverError;
+use tandem_replication::link::BadEndpoint;
+use tandem_replication::tracker::UnknownTracker;
 use tandem_supervisor::SupervisorError;
 use tandem_switch::config::InvalidDocument;
 use tandem_switch::host::HostError;
@@ -43,11 +46,6 @@ impl HttpError {
 
     pub fn conflict(message: impl Display) -> Self {
         Self::new(ErrorKind::Conflict, message)
-    }
-
-    /// A failover (the replication backup's takeover) did not complete.
-    pub fn failover(message: impl Display) -> Self {
-        Self::new(ErrorKind::Failover, message)
     }
 
     #[cfg(test)]
@@ -152,6 +150,30 @@ impl From<MirrorError> for HttpError {
     }
 }
 
+impl From<TakeoverError> for HttpError {
+    fn from(e: TakeoverError) -> Self {
+        let kind = match &e {
+            TakeoverError::NoReplica(_) => ErrorKind::NotFound,
+            TakeoverError::AlreadyRunning { .. } => ErrorKind::Conflict,
+            TakeoverError::NotConsistent { .. } => ErrorKind::BadState,
+            TakeoverError::PrimaryHeard(_) | TakeoverError::Activate { .. } => ErrorKind::Failover,
+        };
+        HttpError::new(kind, e)
+    }
+}
+
+impl From<BadEndpoint> for HttpError {
+    fn from(e: BadEndpoint) -> Self {
+        HttpError::invalid(e)
+    }
+}
+
+impl From<UnknownTracker> for HttpError {
+    fn from(e: UnknownTracker) -> Self {
+        HttpError::invalid(e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,8 +257,17 @@ mod tests {
                 .into(),
                 ErrorKind::Internal,
             ),
+            (
+                TakeoverError::NoReplica("a".into()).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                TakeoverError::PrimaryHeard("a".into()).into(),
+                ErrorKind::Failover,
+            ),
+            (BadEndpoint("x".into()).into(), ErrorKind::Invalid),
+            (UnknownTracker("x".into()).into(), ErrorKind::Invalid),
             (HttpError::invalid("x"), ErrorKind::Invalid),
-            (HttpError::failover("x"), ErrorKind::Failover),
         ];
         for (e, kind) in cases {
             assert_eq!(e.kind(), kind, "{e:?}");

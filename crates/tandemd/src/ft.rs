@@ -59,9 +59,14 @@ impl Activate for SupervisorActivate {
         &self,
         vm: String,
         dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<(), tandem_replication::backup::ActivateError>>
+                + Send,
+        >,
+    > {
         let sup = self.0.clone();
-        Box::pin(async move { activate(&sup, &vm, &dir).await.map_err(|e| e.to_string()) })
+        Box::pin(async move { activate(&sup, &vm, &dir).await.map_err(Into::into) })
     }
 }
 
@@ -175,7 +180,7 @@ impl Ft {
     }
 
     async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, HttpError> {
-        let backup: Endpoint = req.backup.parse().map_err(HttpError::invalid)?;
+        let backup: Endpoint = req.backup.parse()?;
         let epoch_ms = req.epoch_ms.unwrap_or(50);
         if !(10..=1000).contains(&epoch_ms) {
             return Err(HttpError::invalid(format!(
@@ -200,7 +205,7 @@ impl Ft {
         }
         let port = self.sup.guest_port(vm).await?;
         let tracker = match &req.tracker {
-            Some(t) => t.parse().map_err(HttpError::invalid)?,
+            Some(t) => t.parse()?,
             None => self.settings.tracker,
         };
         let switch_nics = port
@@ -391,5 +396,5 @@ async fn failover(
         .failover(&name, Duration::ZERO, "manual failover")
         .await
         .map(Json)
-        .map_err(HttpError::failover)
+        .map_err(HttpError::from)
 }
