@@ -229,7 +229,9 @@ pub struct ProtectRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracker: Option<String>,
     /// TEST ONLY: let pass TCP segments carry unclamped acknowledgements,
-    /// so a drill can prove its checker catches it.
+    /// so a drill can prove its checker catches it. Honoured only by a
+    /// tandemd built with the `fault-injection` feature; any other refuses
+    /// the request.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_no_clamp: bool,
 }
@@ -333,36 +335,10 @@ pub struct FtStatus {
     pub output: Option<OutputCounters>,
 }
 
-/// The output-commit gate's counters for one protected VM.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct OutputCounters {
-    pub mode: String,
-    pub profile: Option<String>,
-    pub rules: usize,
-    pub open_epoch: u64,
-    pub committed_epoch: u64,
-    pub passed_frames: u64,
-    pub passed_bytes: u64,
-    pub clamped_frames: u64,
-    /// Bare ACKs sent at commit for clamped segments.
-    pub bare_acks: u64,
-    pub held_frames: u64,
-    pub held_bytes: u64,
-    pub released_frames: u64,
-    pub released_bytes: u64,
-    pub discarded_frames: u64,
-    pub discarded_bytes: u64,
-    pub overflow_drops: u64,
-    pub queued_frames: u64,
-    pub queued_bytes: u64,
-    pub high_water_frames: u64,
-    pub high_water_bytes: u64,
-    pub tracked_flows: u64,
-    /// Histogram of hold time: bucket i counts holds under 64 µs << i.
-    pub hold_latency_us: Vec<u64>,
-    pub hold_p50_us: u64,
-    pub hold_p99_us: u64,
-}
+/// The output-commit gate's counters for one protected VM, with the rule
+/// table it classifies with: output commit's own type, so the gate and the
+/// API cannot drift apart. Its fields are the JSON object's, in order.
+pub use tandem_outcommit::GateCounters as OutputCounters;
 
 /// Body of `POST /v1/switch/apply`, and part of `GET /v1/switch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -88,7 +88,9 @@ pub struct GateConfig {
     pub overflow: OverflowPolicy,
     /// TEST ONLY: let `pass` TCP segments out with the VM's real
     /// acknowledgement. Exists so the drill can prove its checker fails
-    /// when clamping is wrong.
+    /// when clamping is wrong; only built with the `fault-injection`
+    /// feature, so a shipped gate cannot be told to skip clamping.
+    #[cfg(feature = "fault-injection")]
     #[serde(default)]
     pub unsafe_skip_clamp: bool,
 }
@@ -100,7 +102,45 @@ impl Default for GateConfig {
             max_frames: 8192,
             max_bytes: 16 << 20,
             overflow: OverflowPolicy::DropNewest,
+            #[cfg(feature = "fault-injection")]
             unsafe_skip_clamp: false,
+        }
+    }
+}
+
+/// Refusal of a test-only hook: this build lacks the `fault-injection`
+/// feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("built without the fault-injection feature")]
+pub struct NoFaultInjection;
+
+impl GateConfig {
+    /// TEST ONLY: let `pass` TCP segments out unclamped (see
+    /// `unsafe_skip_clamp`). Refused unless this crate was built with the
+    /// `fault-injection` feature, so a caller cannot believe it asked for
+    /// something a shipped build ignores.
+    pub fn skip_clamp(&mut self) -> Result<(), NoFaultInjection> {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.unsafe_skip_clamp = true;
+            Ok(())
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            Err(NoFaultInjection)
+        }
+    }
+
+    /// Whether `pass` TCP segments leave unclamped (never, without the
+    /// `fault-injection` feature).
+    pub fn skips_clamp(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.unsafe_skip_clamp
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
         }
     }
 }
@@ -122,9 +162,19 @@ pub enum GateDecision {
 /// `64 µs << i`; the last bucket is everything longer.
 pub const LATENCY_BUCKETS: usize = 18;
 
+/// One protected VM's output-commit counters: what the gate counted, and
+/// the rule table it classifies with. This is the type the API reports
+/// (`tandem_api::OutputCounters` is this type), so the field order is the
+/// order of the JSON object and must not change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GateCounters {
     pub mode: GateMode,
+    /// The profile the rule table was last loaded from, if any. The gate
+    /// sees only a [`Classifier`]: its owner, which keeps the table, fills
+    /// this and `rules` in.
+    pub profile: Option<String>,
+    /// How many rules the table has (filled in by the table's owner).
+    pub rules: usize,
     pub open_epoch: u64,
     pub committed_epoch: u64,
     pub passed_frames: u64,
@@ -132,7 +182,7 @@ pub struct GateCounters {
     /// Pass segments whose acknowledgement was clamped.
     pub clamped_frames: u64,
     /// Bare ACKs queued to carry a clamped segment's real acknowledgement
-    /// at commit.
+    /// (sent at commit).
     pub bare_acks: u64,
     pub held_frames: u64,
     pub held_bytes: u64,
@@ -148,6 +198,8 @@ pub struct GateCounters {
     pub high_water_frames: u64,
     pub high_water_bytes: u64,
     pub tracked_flows: u64,
+    /// Histogram of hold time: bucket i counts holds under 64 µs << i
+    /// ([`LATENCY_BUCKETS`] buckets, the last one open-ended).
     pub hold_latency_us: Vec<u64>,
     pub hold_p50_us: u64,
     pub hold_p99_us: u64,
@@ -406,6 +458,7 @@ impl Gate {
             self.count_pass(frame.len(), false);
             return GateDecision::Pass;
         };
+        #[cfg(feature = "fault-injection")]
         if cfg.unsafe_skip_clamp {
             self.note_passed(key, frame, &meta);
             self.count_pass(frame.len(), false);
@@ -787,13 +840,23 @@ mod tests {
         assert_eq!(g.counters().bare_acks, 1);
     }
 
+    #[cfg(feature = "fault-injection")]
     #[test]
     fn the_test_only_switch_lets_real_acks_out() {
         let g = gate(GateMode::Classified, Profile::BulkTcp.rules());
         let mut cfg = g.config();
-        cfg.unsafe_skip_clamp = true;
+        cfg.skip_clamp().unwrap();
+        assert!(cfg.skips_clamp());
         g.set_config(cfg);
         assert_eq!(g.check(0, &seg(100, TCP_ACK, b"d")), GateDecision::Pass);
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn without_fault_injection_clamping_cannot_be_skipped() {
+        let mut cfg = GateConfig::default();
+        assert_eq!(cfg.skip_clamp(), Err(NoFaultInjection));
+        assert!(!cfg.skips_clamp());
     }
 
     #[test]
@@ -848,6 +911,47 @@ mod tests {
         assert_eq!(g.check(0, &udp), GateDecision::Hold);
         g.set_classifier(Arc::new(RuleSet::from_texts(&["pass udp"]).unwrap()));
         assert_eq!(g.check(0, &udp), GateDecision::Pass);
+    }
+
+    #[test]
+    fn counters_keep_the_api_json_shape() {
+        // `GET /v1/ft/{vm}` has always carried these fields, in this order,
+        // with the mode as its word.
+        let c = GateCounters {
+            mode: GateMode::AllHold,
+            profile: Some("bulk-tcp".into()),
+            rules: 1,
+            hold_latency_us: vec![3, 0],
+            ..Default::default()
+        };
+        let fields = [
+            "open_epoch",
+            "committed_epoch",
+            "passed_frames",
+            "passed_bytes",
+            "clamped_frames",
+            "bare_acks",
+            "held_frames",
+            "held_bytes",
+            "released_frames",
+            "released_bytes",
+            "discarded_frames",
+            "discarded_bytes",
+            "overflow_drops",
+            "queued_frames",
+            "queued_bytes",
+            "high_water_frames",
+            "high_water_bytes",
+            "tracked_flows",
+        ];
+        let mut want = String::from(r#"{"mode":"all-hold","profile":"bulk-tcp","rules":1"#);
+        for f in fields {
+            want += &format!(r#","{f}":0"#);
+        }
+        want += r#","hold_latency_us":[3,0],"hold_p50_us":0,"hold_p99_us":0}"#;
+        assert_eq!(serde_json::to_string(&c).unwrap(), want);
+        let back: GateCounters = serde_json::from_str(&want).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

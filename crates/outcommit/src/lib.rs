@@ -14,8 +14,6 @@ pub mod packet;
 pub mod rules;
 pub mod tcp;
 
-pub use gate::{
-    Gate, GateConfig, GateCounters, GateDecision, GateMode, OverflowPolicy, PortId,
-};
+pub use gate::{Gate, GateConfig, GateCounters, GateDecision, GateMode, OverflowPolicy, PortId};
 pub use packet::{Origin, PacketMeta};
 pub use rules::{Class, Classifier, FrameHint, Profile, Rule, RuleError, RuleSet};

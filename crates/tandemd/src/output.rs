@@ -54,7 +54,15 @@ impl OutputPlan {
             }
             config.max_bytes = n;
         }
-        config.unsafe_skip_clamp = req.unsafe_no_clamp;
+        if req.unsafe_no_clamp {
+            // Test-only: honoured when tandem-outcommit is built with the
+            // `fault-injection` feature (tandemd's feature of that name, or
+            // a workspace test build); refused, never ignored, otherwise.
+            config.skip_clamp().map_err(|_| {
+                "unsafe_no_clamp: this tandemd was built without the fault-injection feature"
+                    .to_string()
+            })?;
+        }
         let (profile, rules) = table_for(req.profile.as_deref(), req.rules.as_deref())?;
         Ok(OutputPlan {
             config,
@@ -128,7 +136,7 @@ impl VmOutput {
                 "output commit is OFF: clients can see output a failover will contradict"
             );
         }
-        if plan.config.unsafe_skip_clamp {
+        if plan.config.skips_clamp() {
             warn!(vm, "TEST ONLY: TCP acknowledgements are not clamped");
         }
         info!(vm, mode = %plan.config.mode, ports = out.ports.len(), "output commit gate installed");
@@ -219,35 +227,13 @@ impl VmOutput {
         Ok(self.rules())
     }
 
+    /// The gate's counters, with the rule table it classifies with.
     pub fn counters(&self) -> OutputCounters {
-        let c = self.gate.counters();
+        let mut c = self.gate.counters();
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        OutputCounters {
-            mode: c.mode.to_string(),
-            profile: t.profile.clone(),
-            rules: t.rules.rules().len(),
-            open_epoch: c.open_epoch,
-            committed_epoch: c.committed_epoch,
-            passed_frames: c.passed_frames,
-            passed_bytes: c.passed_bytes,
-            clamped_frames: c.clamped_frames,
-            bare_acks: c.bare_acks,
-            held_frames: c.held_frames,
-            held_bytes: c.held_bytes,
-            released_frames: c.released_frames,
-            released_bytes: c.released_bytes,
-            discarded_frames: c.discarded_frames,
-            discarded_bytes: c.discarded_bytes,
-            overflow_drops: c.overflow_drops,
-            queued_frames: c.queued_frames,
-            queued_bytes: c.queued_bytes,
-            high_water_frames: c.high_water_frames,
-            high_water_bytes: c.high_water_bytes,
-            tracked_flows: c.tracked_flows,
-            hold_latency_us: c.hold_latency_us,
-            hold_p50_us: c.hold_p50_us,
-            hold_p99_us: c.hold_p99_us,
-        }
+        c.profile = t.profile.clone();
+        c.rules = t.rules.len();
+        c
     }
 }
 
