@@ -12,12 +12,13 @@ use crate::{ErrorBody, FieldProblem};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ErrorKind {
-    /// 404: no such VM; or the VM is not protected, or has no output
-    /// commit, on this host.
+    /// 404: no such VM; or, on this host, the VM is not protected, has no
+    /// output commit, or has no replica to fail over to.
     NotFound,
-    /// 409: it exists already (a VM of that name, a protection).
+    /// 409: it exists already (a VM of that name, a protection, a VM a
+    /// failover would start).
     Conflict,
-    /// 409: the VM's state does not allow the operation.
+    /// 409: the VM's state (or its replica's) does not allow the operation.
     BadState,
     /// 400: the VM spec is invalid; `fields` lists every problem.
     InvalidSpec,
