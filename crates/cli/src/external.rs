@@ -136,6 +136,62 @@ mod tests {
         assert_eq!(find_lab(None, None), None);
     }
 
+    /// `tandem ARGV…` as parsed: `--json` taken by tandem, and what the
+    /// lab is given.
+    fn passed_on(argv: &[&str]) -> (bool, Vec<String>) {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from(argv).unwrap();
+        let (crate::Cmd::Bench(a) | crate::Cmd::Drill(a)) = cli.cmd else {
+            panic!("not an external command: {argv:?}");
+        };
+        let args = a.args.iter().map(|s| s.to_string_lossy().into()).collect();
+        (cli.json, args)
+    }
+
+    #[test]
+    fn everything_after_the_command_goes_to_the_lab() {
+        assert_eq!(
+            passed_on(&["tandem", "drill", "--help"]),
+            (false, vec!["--help".into()])
+        );
+        assert_eq!(
+            passed_on(&["tandem", "bench", "output", "--epoch-ms", "25", "--json"]),
+            (
+                false,
+                ["output", "--epoch-ms", "25", "--json"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        assert_eq!(
+            passed_on(&["tandem", "drill", "--rounds", "1", "--unsafe-no-clamp"]),
+            (
+                false,
+                ["--rounds", "1", "--unsafe-no-clamp"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+    }
+
+    #[test]
+    fn json_taken_by_tandem_is_passed_on() {
+        assert_eq!(
+            passed_on(&["tandem", "--json", "bench", "output"]),
+            (true, vec!["output".into()])
+        );
+        assert_eq!(
+            passed_on(&["tandem", "drill", "--json", "--rounds", "1"]),
+            (true, ["--rounds", "1"].map(String::from).to_vec())
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        crate::Cli::command().debug_assert();
+    }
+
     #[cfg(unix)]
     #[test]
     fn a_file_that_is_not_executable_is_skipped() {

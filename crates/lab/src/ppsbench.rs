@@ -28,6 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use nix::errno::Errno;
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::time::{clock_gettime, ClockId};
+use nix::unistd::{sysconf, Pid, SysconfVar};
 use serde::Serialize;
 use tandem_switch::frame::Mac;
 use tandem_switch::host::SwitchHost;
@@ -105,34 +110,35 @@ pub struct PpsRow {
 /// every guard below cleans up.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
+extern "C" fn on_signal(_: std::ffi::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
 struct SignalGuard {
-    prev: [(libc::c_int, libc::sighandler_t); 2],
+    /// The dispositions `install` replaced.
+    prev: Vec<(Signal, SigHandler)>,
 }
 
 impl SignalGuard {
     fn install() -> Self {
         INTERRUPTED.store(false, Ordering::SeqCst);
-        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        // SAFETY: the handler only stores to an atomic.
-        let prev = unsafe {
-            [
-                (libc::SIGINT, libc::signal(libc::SIGINT, handler)),
-                (libc::SIGTERM, libc::signal(libc::SIGTERM, handler)),
-            ]
-        };
+        let prev = [Signal::SIGINT, Signal::SIGTERM]
+            .into_iter()
+            .filter_map(|sig| {
+                // SAFETY: the handler only stores to an atomic.
+                let old = unsafe { signal(sig, SigHandler::Handler(on_signal)) };
+                old.ok().map(|old| (sig, old))
+            })
+            .collect();
         Self { prev }
     }
 }
 
 impl Drop for SignalGuard {
     fn drop(&mut self) {
-        for (sig, h) in self.prev {
+        for &(sig, h) in &self.prev {
             // SAFETY: puts back the disposition `install` replaced.
-            unsafe { libc::signal(sig, h) };
+            let _ = unsafe { signal(sig, h) };
         }
     }
 }
@@ -247,17 +253,12 @@ impl Testpmd {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
         if let Some(c) = cpu {
-            // SAFETY: between fork and exec only async-signal-safe calls:
-            // CPU_SET on a local set and sched_setaffinity(2).
+            let set = one_cpu(c)?;
+            // SAFETY: between fork and exec only sched_setaffinity(2), which
+            // is async-signal-safe, on a set made before the fork.
             unsafe {
                 cmd.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(c, &mut set);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
+                    sched_setaffinity(Pid::from_raw(0), &set).map_err(std::io::Error::from)
                 });
             }
         }
@@ -305,8 +306,8 @@ impl Testpmd {
         }
         self.stdin = None;
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) of the child this bench started.
-            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            // The child this bench started; already gone is fine.
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGINT);
             let deadline = Instant::now() + STOP_TIMEOUT;
             loop {
                 match c.try_wait() {
@@ -344,26 +345,24 @@ impl Drop for SwitchGuard {
 }
 
 /// Restores every thread's CPU affinity on drop.
-struct Affinity(Option<libc::cpu_set_t>);
+struct Affinity(Option<CpuSet>);
+
+/// The set of CPU `cpu` alone.
+fn one_cpu(cpu: usize) -> anyhow::Result<CpuSet> {
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .map_err(|e| anyhow!("CPU {cpu}: {}", std::io::Error::from(e)))?;
+    Ok(set)
+}
 
 impl Affinity {
     fn pin_process(cpu: Option<usize>) -> anyhow::Result<Self> {
         let Some(cpu) = cpu else {
             return Ok(Self(None));
         };
-        // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
-        let mut prev: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above, for the calling thread.
-        if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut prev) }
-            != 0
-        {
-            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `cpu` is checked against CPU_SETSIZE by the caller.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-        set_all_threads(&set)?;
+        let prev = sched_getaffinity(Pid::from_raw(0))
+            .map_err(|e| anyhow!("sched_getaffinity: {}", std::io::Error::from(e)))?;
+        set_all_threads(&one_cpu(cpu)?)?;
         Ok(Self(Some(prev)))
     }
 
@@ -371,11 +370,7 @@ impl Affinity {
     /// them, but not all are made by this one).
     fn reapply(&self, cpu: Option<usize>) -> anyhow::Result<()> {
         if let (Some(_), Some(cpu)) = (self.0, cpu) {
-            // SAFETY: as in `pin_process`.
-            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: as in `pin_process`.
-            unsafe { libc::CPU_SET(cpu, &mut set) };
-            set_all_threads(&set)?;
+            set_all_threads(&one_cpu(cpu)?)?;
         }
         Ok(())
     }
@@ -389,20 +384,16 @@ impl Drop for Affinity {
     }
 }
 
-fn set_all_threads(set: &libc::cpu_set_t) -> anyhow::Result<()> {
+fn set_all_threads(set: &CpuSet) -> anyhow::Result<()> {
     for e in std::fs::read_dir("/proc/self/task")?.flatten() {
         let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        // SAFETY: sched_setaffinity(2) on a thread of this process; a
-        // thread that has just exited fails harmlessly.
-        let r =
-            unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                bail!("sched_setaffinity({tid}): {e}");
-            }
+        // A thread of this process; one that has just exited fails
+        // harmlessly.
+        match sched_setaffinity(Pid::from_raw(tid), set) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => bail!("sched_setaffinity({tid}): {}", std::io::Error::from(e)),
         }
     }
     Ok(())
@@ -428,24 +419,16 @@ struct Sample {
 }
 
 fn process_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes one timespec.
-    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
-        return 0.0;
+    match clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID) {
+        Ok(ts) => ts.tv_sec() as f64 + ts.tv_nsec() as f64 / 1e9,
+        Err(_) => 0.0,
     }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn user_hz() -> f64 {
-    // SAFETY: sysconf(3) has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as f64
-    } else {
-        100.0
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
     }
 }
 
@@ -520,7 +503,7 @@ pub fn switch_pps(opts: &PpsOptions, mut say: impl FnMut(&str)) -> anyhow::Resul
     }
     if let Some((s, g)) = opts.pin {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if s == g || s >= n || g >= n || s >= libc::CPU_SETSIZE as usize {
+        if s == g || s >= n || g >= n || s >= CpuSet::count() {
             bail!("--pin {s},{g}: two different CPUs below {n} are needed");
         }
     }
@@ -664,10 +647,7 @@ fn run_sizes(
     tag: u32,
     say: &mut impl FnMut(&str),
 ) -> anyhow::Result<Vec<PpsRow>> {
-    let (sw_cpu, gen_cpu) = match opts.pin {
-        Some((s, g)) => (Some(s), Some(g)),
-        None => (None, None),
-    };
+    let sw_cpu = opts.pin.map(|(s, _)| s);
     // Pin before the switch starts, so every thread it makes inherits.
     let affinity = Affinity::pin_process(sw_cpu)?;
     let host = SwitchGuard(
@@ -682,47 +662,92 @@ fn run_sizes(
     host.0
         .attach_vm("pps-b", "eth0", mac(MAC_B)?, "default", &sock_b)
         .map_err(|e| anyhow!("port B: {e}"))?;
-    let (port_a, port_b) = ("pps-a.eth0", "pps-b.eth0");
-
+    let run = SizeRun {
+        opts,
+        host: &host.0,
+        affinity: &affinity,
+        a: (&sock_a, "pps-a.eth0"),
+        b: (&sock_b, "pps-b.eth0"),
+        prefix: format!("tpps{tag}"),
+        work,
+    };
     let mut rows = Vec::new();
     for &size in &opts.sizes {
-        say(&format!(
-            "{size} B frames, port A -> port B, {} generator, {} s",
-            opts.generator.name(),
-            opts.seconds
-        ));
-        // Stopped in this order when dropped: the sender first.
-        let mut pmds = start_generator(
-            opts.generator,
-            &host.0,
-            (&sock_a, port_a),
-            (&sock_b, port_b),
-            size,
-            gen_cpu,
-            &format!("tpps{tag}"),
-            work,
-        )?;
-        // New threads (the ports' connection workers) appeared meanwhile.
-        affinity.reapply(sw_cpu)?;
-        let b_start = counters(&host.0, port_b).map(|c| c.1).unwrap_or_default();
+        rows.push(run.measure(size, say)?);
+    }
+    drop(host);
+    drop(affinity);
+    Ok(rows)
+}
 
-        std::thread::sleep(WARMUP);
-        let snap = |host: &SwitchHost| -> anyhow::Result<Sample> {
-            let a = counters(host, port_a).ok_or_else(|| anyhow!("port A is gone"))?;
-            let b = counters(host, port_b).ok_or_else(|| anyhow!("port B is gone"))?;
-            Ok(Sample {
-                at: Instant::now(),
-                a: a.1,
-                b: b.1,
-                cpu_s: process_cpu_seconds(),
-                ticks: sw_cpu.and_then(cpu_ticks),
-            })
-        };
-        let first = snap(&host.0)?;
+/// What every frame size is measured with: the switch and its two ports
+/// (socket, port name).
+struct SizeRun<'a> {
+    opts: &'a PpsOptions,
+    host: &'a SwitchHost,
+    affinity: &'a Affinity,
+    a: (&'a Path, &'a str),
+    b: (&'a Path, &'a str),
+    /// testpmd's file prefix.
+    prefix: String,
+    work: &'a Path,
+}
+
+/// The one-second rates of a window, one entry per second.
+#[derive(Default)]
+struct Series {
+    /// Mpps and Gbit/s delivered into B.
+    pps: Vec<f64>,
+    gbit: Vec<f64>,
+    /// Mpps taken from A.
+    offered: Vec<f64>,
+    /// Share of one CPU this process used.
+    share: Vec<f64>,
+    /// Delivered per CPU-second used.
+    pps_core: Vec<f64>,
+    gbit_core: Vec<f64>,
+}
+
+impl Series {
+    fn push(&mut self, prev: &Sample, cur: &Sample) {
+        let dt = cur.at.duration_since(prev.at).as_secs_f64();
+        let cpu = (cur.cpu_s - prev.cpu_s).max(1e-6);
+        let frames = (cur.b.tx_frames - prev.b.tx_frames) as f64;
+        let bytes = (cur.b.tx_bytes - prev.b.tx_bytes) as f64;
+        self.pps.push(frames / dt / 1e6);
+        self.gbit.push(bytes * 8.0 / dt / 1e9);
+        self.offered
+            .push((cur.a.rx_frames - prev.a.rx_frames) as f64 / dt / 1e6);
+        self.share.push(cpu / dt);
+        self.pps_core.push(frames / cpu / 1e6);
+        self.gbit_core.push(bytes * 8.0 / cpu / 1e9);
+    }
+}
+
+impl SizeRun<'_> {
+    fn snap(&self) -> anyhow::Result<Sample> {
+        let a = counters(self.host, self.a.1).ok_or_else(|| anyhow!("port A is gone"))?;
+        let b = counters(self.host, self.b.1).ok_or_else(|| anyhow!("port B is gone"))?;
+        Ok(Sample {
+            at: Instant::now(),
+            a: a.1,
+            b: b.1,
+            cpu_s: process_cpu_seconds(),
+            ticks: self.sw_cpu().and_then(cpu_ticks),
+        })
+    }
+
+    fn sw_cpu(&self) -> Option<usize> {
+        self.opts.pin.map(|(s, _)| s)
+    }
+
+    /// One sample per second for `seconds`, while the generator runs:
+    /// the first and last samples, and the rates in between.
+    fn sample_window(&self, pmds: &mut [Testpmd]) -> anyhow::Result<(Sample, Sample, Series)> {
+        let first = self.snap()?;
         let mut prev = first.clone();
-        let (mut pps, mut gbit, mut offered) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut share, mut pps_core, mut gbit_core) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 1..=opts.seconds {
+        let mut series = Series::default();
+        for i in 1..=self.opts.seconds {
             let due = first.at + Duration::from_secs(i);
             let now = Instant::now();
             if due > now {
@@ -734,30 +759,50 @@ fn run_sizes(
             for p in pmds.iter_mut() {
                 p.check_alive()?;
             }
-            let cur = snap(&host.0)?;
-            let dt = cur.at.duration_since(prev.at).as_secs_f64();
-            let cpu = (cur.cpu_s - prev.cpu_s).max(1e-6);
-            let frames = (cur.b.tx_frames - prev.b.tx_frames) as f64;
-            let bytes = (cur.b.tx_bytes - prev.b.tx_bytes) as f64;
-            pps.push(frames / dt / 1e6);
-            gbit.push(bytes * 8.0 / dt / 1e9);
-            offered.push((cur.a.rx_frames - prev.a.rx_frames) as f64 / dt / 1e6);
-            share.push(cpu / dt);
-            pps_core.push(frames / cpu / 1e6);
-            gbit_core.push(bytes * 8.0 / cpu / 1e9);
+            let cur = self.snap()?;
+            series.push(&prev, &cur);
             prev = cur;
         }
-        let wall = prev.at.duration_since(first.at).as_secs_f64();
+        Ok((first, prev, series))
+    }
+
+    fn measure(&self, size: usize, say: &mut impl FnMut(&str)) -> anyhow::Result<PpsRow> {
+        let opts = self.opts;
+        say(&format!(
+            "{size} B frames, port A -> port B, {} generator, {} s",
+            opts.generator.name(),
+            opts.seconds
+        ));
+        // Stopped in this order when dropped: the sender first.
+        let mut pmds = start_generator(
+            opts.generator,
+            self.host,
+            self.a,
+            self.b,
+            size,
+            opts.pin.map(|(_, g)| g),
+            &self.prefix,
+            self.work,
+        )?;
+        // New threads (the ports' connection workers) appeared meanwhile.
+        self.affinity.reapply(self.sw_cpu())?;
+        let b_start = counters(self.host, self.b.1)
+            .map(|c| c.1)
+            .unwrap_or_default();
+
+        std::thread::sleep(WARMUP);
+        let (first, last, mut series) = self.sample_window(&mut pmds)?;
+        let wall = last.at.duration_since(first.at).as_secs_f64();
         // What else ran on the switch's CPU (its busy time less this
         // process's CPU time), and what the hypervisor took from it.
-        let (others, steal) = match (first.ticks, prev.ticks) {
+        let (others, steal) = match (first.ticks, last.ticks) {
             (Some((b0, s0)), Some((b1, s1))) => (
-                Some((((b1 - b0) as f64 / user_hz() - (prev.cpu_s - first.cpu_s)) / wall).max(0.0)),
+                Some((((b1 - b0) as f64 / user_hz() - (last.cpu_s - first.cpu_s)) / wall).max(0.0)),
                 Some((s1 - s0) as f64 / user_hz() / wall),
             ),
             _ => (None, None),
         };
-        let dropped = drops(&prev.a) + drops(&prev.b) - drops(&first.a) - drops(&first.b);
+        let dropped = drops(&last.a) + drops(&last.b) - drops(&first.a) - drops(&first.b);
         // The sender first, so the receiver's total is final.
         let mut pmd_logs = Vec::new();
         for (i, p) in pmds.iter_mut().enumerate() {
@@ -766,25 +811,35 @@ fn run_sizes(
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        let b_end = counters(&host.0, port_b).map(|c| c.1).unwrap_or_default();
+        let b_end = counters(self.host, self.b.1)
+            .map(|c| c.1)
+            .unwrap_or_default();
         let rx_log = pmd_logs.last().cloned().unwrap_or_default();
-        let per_second_mpps = pps.clone();
-        let per_second_cpu = share.clone();
+        let per_second_mpps = series.pps.clone();
+        let per_second_cpu = series.share.clone();
+        let Series {
+            pps,
+            gbit,
+            offered,
+            share,
+            pps_core,
+            gbit_core,
+        } = &mut series;
         let row = PpsRow {
             frame_bytes: size,
             generator: opts.generator,
             seconds: pps.len(),
-            mpps_median: stats_ms(&mut pps, 50.0),
-            mpps_p99: stats_ms(&mut pps, 99.0),
-            mpps_min: stats_ms(&mut pps, 0.0),
-            gbit_s_median: stats_ms(&mut gbit, 50.0),
-            gbit_s_p99: stats_ms(&mut gbit, 99.0),
-            gbit_s_min: stats_ms(&mut gbit, 0.0),
-            offered_mpps_median: stats_ms(&mut offered, 50.0),
-            switch_cpu_share_median: stats_ms(&mut share, 50.0),
-            mpps_per_core_median: stats_ms(&mut pps_core, 50.0),
-            mpps_per_core_p99: stats_ms(&mut pps_core, 99.0),
-            gbit_s_per_core_median: stats_ms(&mut gbit_core, 50.0),
+            mpps_median: stats_ms(pps, 50.0),
+            mpps_p99: stats_ms(pps, 99.0),
+            mpps_min: stats_ms(pps, 0.0),
+            gbit_s_median: stats_ms(gbit, 50.0),
+            gbit_s_p99: stats_ms(gbit, 99.0),
+            gbit_s_min: stats_ms(gbit, 0.0),
+            offered_mpps_median: stats_ms(offered, 50.0),
+            switch_cpu_share_median: stats_ms(share, 50.0),
+            mpps_per_core_median: stats_ms(pps_core, 50.0),
+            mpps_per_core_p99: stats_ms(pps_core, 99.0),
+            gbit_s_per_core_median: stats_ms(gbit_core, 50.0),
             others_on_switch_cpu: others,
             steal_on_switch_cpu: steal,
             per_second_mpps,
@@ -808,11 +863,8 @@ fn run_sizes(
             row.gbit_s_median,
             series.join(" ")
         ));
-        rows.push(row);
+        Ok(row)
     }
-    drop(host);
-    drop(affinity);
-    Ok(rows)
 }
 
 #[cfg(test)]

@@ -14,7 +14,10 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 pub const GUEST_IP: &str = "10.77.0.10";
 pub const CLIENT_IP: &str = "10.77.0.100";
@@ -131,9 +134,8 @@ fn kill_processes_in(ns: &str) {
         .filter_map(|p| p.parse::<i32>().ok())
         .filter(|&p| p > 1 && p != std::process::id() as i32)
     {
-        // SAFETY: kill(2) of a process living in a namespace this drill
-        // created; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // A process living in a namespace this drill created.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -173,13 +175,9 @@ pub fn spawn_in_ns<T: Send + 'static>(
     let path = format!("/var/run/netns/{ns}");
     let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
     Ok(std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace descriptor affects only the
-        // calling thread, which is this freshly spawned one.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
+        // Affects only the calling thread, which is this freshly spawned one.
+        setns(&file, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| anyhow!("setns: {}", std::io::Error::from(e)))?;
         Ok(f())
     }))
 }

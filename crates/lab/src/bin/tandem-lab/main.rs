@@ -71,3 +71,28 @@ fn tandemd_beside_lab() -> anyhow::Result<PathBuf> {
         .map(|d| d.join("tandemd"))
         .context("locating tandemd")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn json_and_socket_are_accepted_before_and_after_the_command() {
+        for argv in [
+            &["tandem", "--json", "bench", "output"][..],
+            &["tandem", "bench", "output", "--json", "--socket", "/x"],
+            &[
+                "tandem", "--socket", "/x", "drill", "--rounds", "1", "--json",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert!(cli.json, "{argv:?}");
+        }
+    }
+}
