@@ -1,10 +1,10 @@
 //! VM records, lifecycle operations and the per-VM QMP monitor.
 //!
-//! - [`record`]: what is persisted per VM, and the in-memory VM;
-//! - [`lifecycle`]: start, pause, resume, stop, destroy;
-//! - [`monitor`]: following QEMU's events and recording how it ended;
-//! - [`snapshot`]: checkpoints to a directory and restores from one;
-//! - [`guest_port`]: the replication engine's handle on a running VM.
+//! - `record`: what is persisted per VM, and the in-memory VM;
+//! - `lifecycle`: start, pause, resume, stop, destroy;
+//! - `monitor`: following QEMU's events and recording how it ended;
+//! - `snapshot`: checkpoints to a directory and restores from one;
+//! - `guest_port`: the replication engine's handle on a running VM.
 
 mod error;
 mod exit;
