@@ -233,204 +233,243 @@ impl SwitchDocument {
     }
 
     /// Checks everything; `users` are the VM ports currently attached, so
-    /// a document cannot remove a port group that is in use.
+    /// a document cannot remove a port group that is in use. Problems are
+    /// reported in the order of the document's fields.
     pub fn validate(&self, users: &[PortGroupUser]) -> Result<(), InvalidDocument> {
-        let mut p = Vec::new();
-        let mut bad = |field: String, message: String| p.push(FieldProblem { field, message });
-        let s = &self.switch;
+        let mut c = Checker::default();
+        c.settings(&self.switch);
+        for (i, g) in self.port_groups.iter().enumerate() {
+            c.port_group(i, g);
+        }
+        for (i, u) in self.uplinks.iter().enumerate() {
+            c.uplink(i, u);
+        }
+        for (i, h) in self.host_ports.iter().enumerate() {
+            c.host_port(i, h);
+        }
+        for u in users {
+            c.user(u);
+        }
+        if c.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidDocument(c.problems))
+        }
+    }
+}
+
+/// What [`SwitchDocument::validate`] has seen and found so far.
+#[derive(Default)]
+struct Checker<'a> {
+    problems: Vec<FieldProblem>,
+    group_names: BTreeSet<&'a str>,
+    /// Port name → the field that named it first.
+    port_names: BTreeMap<&'a str, String>,
+    /// Interface name → the field that used it first.
+    ifaces: BTreeMap<&'a str, String>,
+}
+
+fn vid_ok(v: u16) -> bool {
+    (1..=4094).contains(&v)
+}
+
+impl<'a> Checker<'a> {
+    fn bad(&mut self, field: String, message: String) {
+        self.problems.push(FieldProblem { field, message });
+    }
+
+    fn settings(&mut self, s: &SwitchSettings) {
         if s.mac_table_limit == 0 || s.mac_table_limit > 1_000_000 {
-            bad(
+            self.bad(
                 "switch.mac_table_limit".into(),
                 format!("{} is out of range (1..=1000000)", s.mac_table_limit),
             );
         }
         if s.mac_aging_s == 0 || s.mac_aging_s > 1_000_000 {
-            bad(
+            self.bad(
                 "switch.mac_aging_s".into(),
                 format!("{} is out of range (1..=1000000 seconds)", s.mac_aging_s),
             );
         }
         if s.port_queue_frames < 16 || s.port_queue_frames > 65536 {
-            bad(
+            self.bad(
                 "switch.port_queue_frames".into(),
                 format!("{} is out of range (16..=65536)", s.port_queue_frames),
             );
         }
-        let vid_ok = |v: u16| (1..=4094).contains(&v);
-        let mut group_names = BTreeSet::new();
-        for (i, g) in self.port_groups.iter().enumerate() {
-            let at = |f: &str| format!("port_group[{i}].{f}");
-            if let Err(m) = check_name(&g.name, 32) {
-                bad(at("name"), m);
-            }
-            if !group_names.insert(g.name.as_str()) {
-                bad(at("name"), format!("duplicate port group `{}`", g.name));
-            }
-            match g.vlan_mode {
-                VlanMode::Access => {
-                    if let Some(v) = g.vlan {
-                        if !vid_ok(v) {
-                            bad(at("vlan"), format!("VLAN {v} is not usable (1..=4094)"));
-                        }
-                    }
-                    if !g.allowed_vlans.is_empty() {
-                        bad(
-                            at("allowed_vlans"),
-                            "only a trunk port group has allowed_vlans".into(),
-                        );
-                    }
-                    if g.native_vlan.is_some() {
-                        bad(
-                            at("native_vlan"),
-                            "only a trunk port group has a native VLAN".into(),
-                        );
-                    }
-                }
-                VlanMode::Trunk => {
-                    if g.vlan.is_some() {
-                        bad(
-                            at("vlan"),
-                            "a trunk port group uses allowed_vlans, not vlan".into(),
-                        );
-                    }
-                    if g.allowed_vlans.is_empty() && g.native_vlan.is_none() {
-                        bad(
-                            at("allowed_vlans"),
-                            "a trunk needs at least one VLAN".into(),
-                        );
-                    }
-                    let mut seen = BTreeSet::new();
-                    for (j, &v) in g.allowed_vlans.iter().enumerate() {
-                        if !vid_ok(v) {
-                            bad(
-                                format!("port_group[{i}].allowed_vlans[{j}]"),
-                                format!("VLAN {v} is not usable (1..=4094)"),
-                            );
-                        }
-                        if !seen.insert(v) {
-                            bad(
-                                format!("port_group[{i}].allowed_vlans[{j}]"),
-                                format!("VLAN {v} is listed twice"),
-                            );
-                        }
-                    }
-                    if let Some(v) = g.native_vlan {
-                        if !vid_ok(v) {
-                            bad(
-                                at("native_vlan"),
-                                format!("VLAN {v} is not usable (1..=4094)"),
-                            );
-                        }
-                    }
-                }
-            }
-            for (f, sp) in [
-                ("shaping_in", &g.shaping_in),
-                ("shaping_out", &g.shaping_out),
-            ] {
-                if let Some(sp) = sp {
-                    if sp.average_kbps == 0 {
-                        bad(at(&format!("{f}.average_kbps")), "must be above 0".into());
-                    }
-                    if sp.peak_kbps < sp.average_kbps {
-                        bad(
-                            at(&format!("{f}.peak_kbps")),
-                            format!(
-                                "{} is below the average rate {}",
-                                sp.peak_kbps, sp.average_kbps
-                            ),
-                        );
-                    }
-                    if sp.burst_bytes < crate::port::MAX_FRAME as u64 {
-                        bad(
-                            at(&format!("{f}.burst_bytes")),
-                            format!(
-                                "{} cannot pass one full frame (at least {})",
-                                sp.burst_bytes,
-                                crate::port::MAX_FRAME
-                            ),
-                        );
-                    }
-                }
+    }
+
+    fn port_group(&mut self, i: usize, g: &'a PortGroup) {
+        let at = |f: &str| format!("port_group[{i}].{f}");
+        if let Err(m) = check_name(&g.name, 32) {
+            self.bad(at("name"), m);
+        }
+        if !self.group_names.insert(g.name.as_str()) {
+            self.bad(at("name"), format!("duplicate port group `{}`", g.name));
+        }
+        match g.vlan_mode {
+            VlanMode::Access => self.access_vlans(i, g),
+            VlanMode::Trunk => self.trunk_vlans(i, g),
+        }
+        for (f, sp) in [
+            ("shaping_in", &g.shaping_in),
+            ("shaping_out", &g.shaping_out),
+        ] {
+            if let Some(sp) = sp {
+                self.shaping(&at(f), sp);
             }
         }
-        let mut port_names: BTreeMap<&str, String> = BTreeMap::new();
-        let mut ifaces: BTreeMap<&str, String> = BTreeMap::new();
-        for (i, u) in self.uplinks.iter().enumerate() {
-            let at = |f: &str| format!("uplink[{i}].{f}");
-            if let Err(m) = check_name(&u.name, 32) {
-                bad(at("name"), m);
+    }
+
+    fn access_vlans(&mut self, i: usize, g: &PortGroup) {
+        let at = |f: &str| format!("port_group[{i}].{f}");
+        if let Some(v) = g.vlan {
+            if !vid_ok(v) {
+                self.bad(at("vlan"), format!("VLAN {v} is not usable (1..=4094)"));
             }
-            if let Some(prev) = port_names.insert(&u.name, at("name")) {
-                bad(
-                    at("name"),
-                    format!("duplicate port name `{}` (also {prev})", u.name),
+        }
+        if !g.allowed_vlans.is_empty() {
+            self.bad(
+                at("allowed_vlans"),
+                "only a trunk port group has allowed_vlans".into(),
+            );
+        }
+        if g.native_vlan.is_some() {
+            self.bad(
+                at("native_vlan"),
+                "only a trunk port group has a native VLAN".into(),
+            );
+        }
+    }
+
+    fn trunk_vlans(&mut self, i: usize, g: &PortGroup) {
+        let at = |f: &str| format!("port_group[{i}].{f}");
+        if g.vlan.is_some() {
+            self.bad(
+                at("vlan"),
+                "a trunk port group uses allowed_vlans, not vlan".into(),
+            );
+        }
+        if g.allowed_vlans.is_empty() && g.native_vlan.is_none() {
+            self.bad(
+                at("allowed_vlans"),
+                "a trunk needs at least one VLAN".into(),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (j, &v) in g.allowed_vlans.iter().enumerate() {
+            if !vid_ok(v) {
+                self.bad(
+                    format!("port_group[{i}].allowed_vlans[{j}]"),
+                    format!("VLAN {v} is not usable (1..=4094)"),
                 );
             }
-            if u.interfaces.is_empty() {
-                bad(
-                    at("interfaces"),
-                    "an uplink needs at least one interface".into(),
-                );
-            }
-            for (j, ifname) in u.interfaces.iter().enumerate() {
-                let f = format!("uplink[{i}].interfaces[{j}]");
-                if let Err(m) = check_ifname(ifname) {
-                    bad(f.clone(), m);
-                }
-                if let Some(prev) = ifaces.insert(ifname, f.clone()) {
-                    bad(f, format!("interface `{ifname}` is already used by {prev}"));
-                }
-            }
-            if !group_names.contains(u.port_group.as_str()) {
-                bad(
-                    at("port_group"),
-                    format!("unknown port group `{}`", u.port_group),
+            if !seen.insert(v) {
+                self.bad(
+                    format!("port_group[{i}].allowed_vlans[{j}]"),
+                    format!("VLAN {v} is listed twice"),
                 );
             }
         }
-        for (i, h) in self.host_ports.iter().enumerate() {
-            let at = |f: &str| format!("host_port[{i}].{f}");
-            if let Err(m) = check_name(&h.name, 32) {
-                bad(at("name"), m);
-            }
-            if let Some(prev) = port_names.insert(&h.name, at("name")) {
-                bad(
-                    at("name"),
-                    format!("duplicate port name `{}` (also {prev})", h.name),
-                );
-            }
-            if let Err(m) = check_ifname(&h.tap) {
-                bad(at("tap"), m);
-            }
-            if let Some(prev) = ifaces.insert(&h.tap, at("tap")) {
-                bad(
-                    at("tap"),
-                    format!("interface `{}` is already used by {prev}", h.tap),
-                );
-            }
-            if !group_names.contains(h.port_group.as_str()) {
-                bad(
-                    at("port_group"),
-                    format!("unknown port group `{}`", h.port_group),
+        if let Some(v) = g.native_vlan {
+            if !vid_ok(v) {
+                self.bad(
+                    at("native_vlan"),
+                    format!("VLAN {v} is not usable (1..=4094)"),
                 );
             }
         }
-        for u in users {
-            if !group_names.contains(u.port_group.as_str()) {
-                bad(
-                    "port_group".into(),
-                    format!(
-                        "port group `{}` is in use by {} and cannot be removed",
-                        u.port_group, u.who
-                    ),
-                );
-            }
+    }
+
+    /// `field` is the policy's own field (`port_group[0].shaping_in`).
+    fn shaping(&mut self, field: &str, sp: &ShapingPolicy) {
+        if sp.average_kbps == 0 {
+            self.bad(format!("{field}.average_kbps"), "must be above 0".into());
         }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(InvalidDocument(p))
+        if sp.peak_kbps < sp.average_kbps {
+            self.bad(
+                format!("{field}.peak_kbps"),
+                format!(
+                    "{} is below the average rate {}",
+                    sp.peak_kbps, sp.average_kbps
+                ),
+            );
+        }
+        if sp.burst_bytes < crate::port::MAX_FRAME as u64 {
+            self.bad(
+                format!("{field}.burst_bytes"),
+                format!(
+                    "{} cannot pass one full frame (at least {})",
+                    sp.burst_bytes,
+                    crate::port::MAX_FRAME
+                ),
+            );
+        }
+    }
+
+    /// A port's name, unique among uplinks and host ports.
+    fn port_name(&mut self, at: &dyn Fn(&str) -> String, name: &'a str) {
+        if let Err(m) = check_name(name, 32) {
+            self.bad(at("name"), m);
+        }
+        if let Some(prev) = self.port_names.insert(name, at("name")) {
+            self.bad(
+                at("name"),
+                format!("duplicate port name `{name}` (also {prev})"),
+            );
+        }
+    }
+
+    /// A host interface, used by one port only.
+    fn iface(&mut self, field: String, ifname: &'a str) {
+        if let Err(m) = check_ifname(ifname) {
+            self.bad(field.clone(), m);
+        }
+        if let Some(prev) = self.ifaces.insert(ifname, field.clone()) {
+            self.bad(
+                field,
+                format!("interface `{ifname}` is already used by {prev}"),
+            );
+        }
+    }
+
+    fn known_group(&mut self, field: String, group: &str) {
+        if !self.group_names.contains(group) {
+            self.bad(field, format!("unknown port group `{group}`"));
+        }
+    }
+
+    fn uplink(&mut self, i: usize, u: &'a UplinkSpec) {
+        let at = |f: &str| format!("uplink[{i}].{f}");
+        self.port_name(&at, &u.name);
+        if u.interfaces.is_empty() {
+            self.bad(
+                at("interfaces"),
+                "an uplink needs at least one interface".into(),
+            );
+        }
+        for (j, ifname) in u.interfaces.iter().enumerate() {
+            self.iface(format!("uplink[{i}].interfaces[{j}]"), ifname);
+        }
+        self.known_group(at("port_group"), &u.port_group);
+    }
+
+    fn host_port(&mut self, i: usize, h: &'a HostPortSpec) {
+        let at = |f: &str| format!("host_port[{i}].{f}");
+        self.port_name(&at, &h.name);
+        self.iface(at("tap"), &h.tap);
+        self.known_group(at("port_group"), &h.port_group);
+    }
+
+    fn user(&mut self, u: &PortGroupUser) {
+        if !self.group_names.contains(u.port_group.as_str()) {
+            self.bad(
+                "port_group".into(),
+                format!(
+                    "port group `{}` is in use by {} and cannot be removed",
+                    u.port_group, u.who
+                ),
+            );
         }
     }
 }
