@@ -7,7 +7,14 @@
 //! table and shipped profiles ([`rules`]), TCP acknowledgement clamping
 //! ([`tcp`]) and the gate's queue and epoch bookkeeping ([`gate`]) — with no
 //! I/O, so all of it is tested without QEMU. The switch calls the gate on
-//! every frame a VM port sends; the replication engine feeds it epochs.
+//! every frame a VM port sends (its verdict, [`GateDecision`], is the
+//! switch's, and its [`PortId`] the switch's port numbering); the
+//! replication engine feeds it epochs; the API reports its
+//! [`GateCounters`].
+//!
+//! The one test-only hook, letting TCP acknowledgements out unclamped
+//! ([`GateConfig::skip_clamp`]), exists only with the `fault-injection`
+//! feature.
 
 pub mod gate;
 pub mod packet;

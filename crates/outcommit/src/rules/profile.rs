@@ -47,7 +47,7 @@ impl Profile {
         }
     }
 
-    /// The profile's rule table; [`default_class`] still applies after it.
+    /// The profile's rule table; [`default_class`](super::default_class) still applies after it.
     pub fn rules(&self) -> RuleSet {
         let texts: &[&str] = match self {
             Profile::Conservative => &[],

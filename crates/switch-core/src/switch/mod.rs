@@ -1,6 +1,6 @@
 //! The forwarding core: ports, policy, learning, flooding and the
 //! per-frame gate. No I/O of its own: ports hand frames in through
-//! [`Ingress`] and take frames out of their [`EgressQueue`].
+//! [`Ingress`](crate::port::Ingress) and take frames out of their [`EgressQueue`].
 //!
 //! Frames travel the core untagged with their VLAN beside them; the
 //! 802.1Q tag is popped on the way in and pushed on the way out according
