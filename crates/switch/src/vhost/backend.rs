@@ -3,11 +3,14 @@
 
 use std::fmt;
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::unistd::getpid;
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -15,7 +18,9 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::ring::{process_rx, process_tx, rx_offloads, NetPath, RingError};
@@ -35,16 +40,21 @@ pub(super) struct PortIo {
     pub(super) counters: Arc<PortCounters>,
     pub(super) ingress: Arc<dyn Ingress>,
     pub(super) on_connect: Option<ConnectHook>,
-    /// The exit event of every connection's vring worker thread.
+    /// The exit event of every connection's vring worker thread: one
+    /// eventfd for the port's whole life, drained after each connection.
     ///
-    /// `vhost-user-backend` 0.24 takes the consumer half returned by
-    /// `exit_event`, turns it into a raw fd for its epoll and never closes
-    /// it: a fresh eventfd per connection would leak one descriptor per
-    /// QEMU (re)connection. So the port owns one eventfd for its whole
-    /// life, lends its number to each connection's worker, and drains it
-    /// once that worker has exited.
-    pub(super) exit_consumer: EventConsumer,
-    pub(super) exit_notifier: EventNotifier,
+    /// Each connection's worker gets its own duplicate of it (see
+    /// [`Conn::new`]). `vhost-user-backend` 0.24 turns that duplicate into
+    /// a raw fd for its epoll and never closes it, so the port notes its
+    /// number in `lent_exit` and closes it once the worker is gone, if the
+    /// number still names this eventfd ([`Self::reclaim_lent_exit_fds`]).
+    /// Every descriptor has one owner: no double close, whatever the
+    /// library does with its copy, and no descriptor leaked per QEMU
+    /// (re)connection.
+    exit_consumer: EventConsumer,
+    exit_notifier: EventNotifier,
+    /// Numbers of the duplicates lent to workers and not yet reclaimed.
+    lent_exit: Mutex<Vec<RawFd>>,
     /// Fires when a TX ring held back by shaping may be served again
     /// (non-blocking, so a read after a re-arm cannot block the worker).
     pub(super) throttle: Mutex<TimerFd>,
@@ -53,6 +63,33 @@ pub(super) struct PortIo {
 }
 
 impl PortIo {
+    pub(super) fn new(
+        id: PortId,
+        name: String,
+        egress: Arc<EgressQueue>,
+        counters: Arc<PortCounters>,
+        ingress: Arc<dyn Ingress>,
+        on_connect: Option<ConnectHook>,
+    ) -> io::Result<PortIo> {
+        let (exit_consumer, exit_notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+        let throttle = TimerFd::new()?;
+        fcntl(throttle.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        Ok(PortIo {
+            id,
+            name,
+            egress,
+            counters,
+            ingress,
+            on_connect,
+            exit_consumer,
+            exit_notifier,
+            lent_exit: Mutex::new(Vec::new()),
+            throttle: Mutex::new(throttle),
+            write_log: Mutex::new(None),
+        })
+    }
+
     fn arm_throttle(&self, wait: Duration) {
         if let Err(e) = lock(&self.throttle).reset(wait, None) {
             // Without the timer the watchdog poke still serves the ring.
@@ -67,6 +104,77 @@ impl PortIo {
             self.counters.dropped(DropReason::NoBuffer);
         }
         n
+    }
+
+    /// Tidies up after a connection whose daemon has been dropped (its
+    /// worker thread joined): resets the exit event for the next worker,
+    /// closes the duplicate lent to the old one and drops what was queued
+    /// for its guest.
+    pub(super) fn connection_ended(&self) {
+        let _ = self.exit_consumer.consume();
+        self.reclaim_lent_exit_fds();
+        self.drop_egress();
+    }
+
+    /// Closes the exit eventfd duplicates lent to workers that are gone;
+    /// how many it closed. Only a number that still names the port's exit
+    /// eventfd is closed: should the library have closed its copy itself,
+    /// the number may since name someone else's descriptor, which is left
+    /// alone.
+    fn reclaim_lent_exit_fds(&self) -> usize {
+        let mut closed = 0;
+        for fd in lock(&self.lent_exit).drain(..) {
+            match same_open_file(fd, self.exit_consumer.as_raw_fd()) {
+                Ok(true) => {
+                    // SAFETY: `fd` is the duplicate this port made in
+                    // `Conn::new` and lent to a worker that has exited; the
+                    // library gave up owning it (`into_raw_fd`) and keeps
+                    // no reference to it once its daemon is dropped. kcmp
+                    // just showed the number still names the port's exit
+                    // eventfd, so it was not closed and reused: this
+                    // OwnedFd is its only owner.
+                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+                    closed += 1;
+                }
+                Ok(false) => {
+                    debug!(port = %self.name, fd, "lent exit eventfd was closed by the library")
+                }
+                Err(e) => {
+                    debug!(port = %self.name, fd, error = %e,
+                        "cannot tell whether the lent exit eventfd is still ours; leaving it open")
+                }
+            }
+        }
+        closed
+    }
+}
+
+/// Whether descriptors `a` and `b` of this process name the same open file
+/// description (kcmp(2), `KCMP_FILE`). A closed `a` or `b` names none.
+fn same_open_file(a: RawFd, b: RawFd) -> io::Result<bool> {
+    /// `KCMP_FILE` of <linux/kcmp.h>.
+    const KCMP_FILE: libc::c_long = 0;
+    let pid = libc::c_long::from(getpid().as_raw());
+    // libc, not nix: nix has no wrapper for kcmp(2).
+    // SAFETY: kcmp takes only integers (pids, a type, descriptor numbers)
+    // and neither reads nor writes this process's memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a),
+            libc::c_long::from(b),
+        )
+    };
+    match r {
+        0 => Ok(true),
+        r if r > 0 => Ok(false),
+        _ => match Errno::last() {
+            Errno::EBADF => Ok(false),
+            e => Err(e.into()),
+        },
     }
 }
 
@@ -86,10 +194,10 @@ pub(super) struct Conn {
     pub(super) stopped_at: Mutex<Option<Instant>>,
     /// Per queue: the ring was found corrupt and is ignored until reset.
     broken: [AtomicBool; NUM_QUEUES],
-    /// The library's copy of the port's exit notifier, taken by
-    /// `exit_event` (made here, where failing is still harmless: a worker
-    /// without exit event could never be stopped).
-    exit_notifier: Mutex<Option<EventNotifier>>,
+    /// The worker's own duplicates of the port's exit event, handed to
+    /// the library by `exit_event` (made here, where failing is still
+    /// harmless: a worker without exit event could never be stopped).
+    exit_event: Mutex<Option<(EventConsumer, EventNotifier)>>,
 }
 
 impl fmt::Debug for Conn {
@@ -100,7 +208,7 @@ impl fmt::Debug for Conn {
 
 impl Conn {
     pub(super) fn new(io: Arc<PortIo>, mem: Mem) -> io::Result<Self> {
-        let exit_notifier = io.exit_notifier.try_clone()?;
+        let exit_event = (io.exit_consumer.try_clone()?, io.exit_notifier.try_clone()?);
         // Nothing is negotiated yet on this connection.
         io.egress.set_accepts(RxOffloads::default());
         Ok(Self {
@@ -112,7 +220,7 @@ impl Conn {
             started_once: AtomicBool::new(false),
             stopped_at: Mutex::new(None),
             broken: [AtomicBool::new(false), AtomicBool::new(false)],
-            exit_notifier: Mutex::new(Some(exit_notifier)),
+            exit_event: Mutex::new(Some(exit_event)),
         })
     }
 
@@ -288,14 +396,12 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let notifier = lock(&self.0.exit_notifier).take()?;
-        // SAFETY: an alias of the port's own exit eventfd, which outlives
-        // every connection. The library (vhost-user-backend 0.24,
-        // `VringEpollHandler::new`) only converts it with `into_raw_fd`
-        // to register it in its epoll and never closes it, so the port's
-        // `exit_consumer` stays its only owner; the unit test
-        // `exit_event_fd_is_not_closed_by_the_library` guards that.
-        let consumer = unsafe { EventConsumer::from_raw_fd(self.0.io.exit_consumer.as_raw_fd()) };
+        let (consumer, notifier) = lock(&self.0.exit_event).take()?;
+        // The library owns this duplicate from here on. vhost-user-backend
+        // 0.24 (`VringEpollHandler::new`) turns it into a raw fd for its
+        // epoll and never closes it: the port closes it after the worker
+        // is gone (`PortIo::connection_ended`).
+        lock(&self.0.io.lent_exit).push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
@@ -387,9 +493,9 @@ impl VhostUserBackend for NetBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use vhost_user_backend::VhostUserDaemon;
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-    use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
     struct Discard;
 
@@ -397,26 +503,30 @@ mod tests {
         fn ingress(&self, _: PortId, _: &[u8]) {}
     }
 
+    fn port_io(ingress: Arc<dyn Ingress>) -> PortIo {
+        PortIo::new(
+            7,
+            "t".into(),
+            Arc::new(EgressQueue::new(4, 8192).unwrap()),
+            Arc::new(PortCounters::default()),
+            ingress,
+            None,
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn exit_event_fd_is_not_closed_by_the_library() {
-        let (exit_consumer, exit_notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).unwrap();
-        let io = Arc::new(PortIo {
-            id: 7,
-            name: "t".into(),
-            egress: Arc::new(EgressQueue::new(4, 8192).unwrap()),
-            counters: Arc::new(PortCounters::default()),
-            ingress: Arc::new(Discard),
-            on_connect: None,
-            exit_consumer,
-            exit_notifier,
-            throttle: Mutex::new(TimerFd::new().unwrap()),
-            write_log: Mutex::new(None),
-        });
+    fn each_worker_gets_its_own_exit_eventfd_and_the_port_closes_it() {
+        let io = Arc::new(port_io(Arc::new(Discard)));
+        let own = io.exit_consumer.as_raw_fd();
         for _ in 0..3 {
             let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let conn = Arc::new(Conn::new(io.clone(), mem.clone()).unwrap());
             let daemon = VhostUserDaemon::new("t".into(), NetBackend(conn), mem).unwrap();
+            let lent = lock(&io.lent_exit).clone();
+            assert_eq!(lent.len(), 1, "one duplicate lent to the worker");
+            assert_ne!(lent[0], own, "a descriptor of its own, not an alias");
+            assert!(same_open_file(lent[0], own).unwrap());
             // Dropping it notifies the exit event and joins the worker.
             drop(daemon);
             io.exit_consumer
@@ -424,6 +534,26 @@ mod tests {
                 .expect("the port's exit eventfd is open and was notified");
             let again = io.exit_consumer.consume().unwrap_err();
             assert_eq!(again.kind(), io::ErrorKind::WouldBlock);
+            // vhost-user-backend 0.24 leaves its copy open: the port closes
+            // it, once, and its own descriptor stays usable.
+            assert_eq!(io.reclaim_lent_exit_fds(), 1);
+            assert!(lock(&io.lent_exit).is_empty());
+            assert!(!same_open_file(lent[0], own).unwrap(), "closed");
+            assert_eq!(io.reclaim_lent_exit_fds(), 0);
+            io.exit_notifier.notify().unwrap();
+            io.exit_consumer.consume().unwrap();
         }
+    }
+
+    #[test]
+    fn a_lent_number_that_names_another_file_is_left_open() {
+        let io = port_io(Arc::new(Discard));
+        // As if the library had closed its copy and the number had been
+        // reused for something else.
+        let other = File::open("/dev/null").unwrap();
+        lock(&io.lent_exit).push(other.as_raw_fd());
+        assert_eq!(io.reclaim_lent_exit_fds(), 0);
+        other.metadata().expect("still open");
+        assert!(same_open_file(other.as_raw_fd(), other.as_raw_fd()).unwrap());
     }
 }

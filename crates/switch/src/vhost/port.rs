@@ -18,8 +18,6 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::{Conn, NetBackend, PortIo};
 use super::relay::start_shims;
@@ -102,26 +100,14 @@ impl VmPortHandle {
                 format!("listening on {}: {e}", cfg.socket.display()),
             )
         })?;
-        let (exit_consumer, exit_notifier) =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        let throttle = TimerFd::new()?;
-        // SAFETY: fcntl(2) on a descriptor `throttle` owns; only the
-        // status flags change.
-        if unsafe { libc::fcntl(throttle.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let io = Arc::new(PortIo {
-            id: cfg.id,
-            name: cfg.name.clone(),
+        let io = Arc::new(PortIo::new(
+            cfg.id,
+            cfg.name.clone(),
             egress,
             counters,
             ingress,
             on_connect,
-            exit_consumer,
-            exit_notifier,
-            throttle: Mutex::new(throttle),
-            write_log: Mutex::new(None),
-        });
+        )?);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             connections: AtomicU64::new(0),
@@ -327,10 +313,8 @@ fn daemon_channel() -> io::Result<(Listener, UnixStream, PathBuf)> {
 /// Serves one frontend until it disconnects.
 fn serve_one(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
     run_conn(io, shared, frontend);
-    // The connection's daemon is gone, its worker thread joined: reset the
-    // exit event for the next connection's worker.
-    let _ = io.exit_consumer.consume();
-    io.drop_egress();
+    // The connection's daemon is gone, its worker thread joined.
+    io.connection_ended();
 }
 
 fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
@@ -363,18 +347,19 @@ fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
             error!(port = %io.name, "vhost-user daemon has no worker thread");
             return;
         };
-        if let Err(e) = worker.register_listener(
-            io.egress.notifier().as_raw_fd(),
-            EventSet::IN,
-            u64::from(EGRESS_EVENT),
-        ) {
-            error!(port = %io.name, error = %e, "cannot watch the egress queue");
-            return;
-        }
         let timer = lock(&io.throttle).as_raw_fd();
-        if let Err(e) = worker.register_listener(timer, EventSet::IN, u64::from(THROTTLE_EVENT)) {
-            error!(port = %io.name, error = %e, "cannot watch the shaping timer");
-            return;
+        for (fd, event, what) in [
+            (
+                io.egress.notifier().as_raw_fd(),
+                EGRESS_EVENT,
+                "the egress queue",
+            ),
+            (timer, THROTTLE_EVENT, "the shaping timer"),
+        ] {
+            if let Err(e) = worker.register_listener(fd, EventSet::IN, u64::from(event)) {
+                error!(port = %io.name, error = %e, "cannot watch {what}");
+                return;
+            }
         }
     }
     let (mut listener, backend, dir) = match daemon_channel() {

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -163,10 +164,15 @@ fn shim(from: UnixStream, to: UnixStream, requests: bool, conn: Option<Arc<Conn>
 
 /// Fills `buf` from the socket, keeping the descriptors that arrive with
 /// it. `Ok(false)`: the peer closed before the first byte.
+///
+/// vmm-sys-util's `recv_with_fds`, not nix's `recvmsg`: when the control
+/// data is truncated it closes the descriptors that did arrive, where nix
+/// refuses to hand them out at all (they would leak).
 fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<File>) -> io::Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
+        // libc: the raw iovec is the type `recv_with_fds` takes.
         let mut iov = [libc::iovec {
             iov_base: rest.as_mut_ptr().cast(),
             iov_len: rest.len(),
@@ -177,7 +183,7 @@ fn recv_exact(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<File>) -> io::Res
         let got = unsafe { sock.recv_with_fds(&mut iov, &mut raw) };
         let (n, nfds) = match got {
             Ok(r) => r,
-            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == Errno::EINTR as i32 => continue,
             Err(e) => return Err(e.into()),
         };
         for &fd in raw.iter().take(nfds) {
@@ -207,7 +213,7 @@ fn send_all(sock: &UnixStream, data: &[u8], fds: &[File]) -> io::Result<()> {
                 sent += n;
                 attach = &[];
             }
-            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == Errno::EINTR as i32 => continue,
             Err(e) => return Err(e.into()),
         }
     }
