@@ -21,12 +21,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::ring::{process_rx, process_tx, rx_offloads, NetPath, RingError};
 use super::{
     lock, offered_protocol_features, ConnectHook, Mem, Vring, ANNOUNCE_AFTER_PAUSE, EGRESS_EVENT,
-    MAX_QUEUE_SIZE, NUM_QUEUES, OFFERED_FEATURES, RX_QUEUE, THROTTLE_EVENT, TX_QUEUE,
+    MAX_QUEUE_SIZE, NUM_QUEUES, OFFERED_FEATURES, RX_QUEUE, THROTTLE_EVENT, TX_MORE_EVENT,
+    TX_QUEUE,
 };
 use crate::offload::RxOffloads;
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId};
@@ -58,6 +60,10 @@ pub(super) struct PortIo {
     /// Fires when a TX ring held back by shaping may be served again
     /// (non-blocking, so a read after a re-arm cannot block the worker).
     pub(super) throttle: Mutex<TimerFd>,
+    /// Written when a TX run stopped at its budget ([`super::TX_BUDGET`]):
+    /// the worker serves the ring again on its next turn, after whatever
+    /// else is pending, without waiting for a kick.
+    pub(super) tx_more: EventFd,
     /// Set while replication needs this port's writes into guest RAM.
     pub(super) write_log: Mutex<Option<Arc<PageLog>>>,
 }
@@ -86,6 +92,7 @@ impl PortIo {
             exit_notifier,
             lent_exit: Mutex::new(Vec::new()),
             throttle: Mutex::new(throttle),
+            tx_more: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             write_log: Mutex::new(None),
         })
     }
@@ -94,6 +101,14 @@ impl PortIo {
         if let Err(e) = lock(&self.throttle).reset(wait, None) {
             // Without the timer the watchdog poke still serves the ring.
             warn!(port = %self.name, error = %e, "cannot arm the shaping timer");
+        }
+    }
+
+    /// Asks the worker to serve the TX ring again on its next turn.
+    fn tx_again(&self) {
+        if let Err(e) = self.tx_more.write(1) {
+            // Without it the watchdog poke still serves the ring.
+            warn!(port = %self.name, error = %e, "cannot re-arm the TX queue");
         }
     }
 
@@ -112,6 +127,7 @@ impl PortIo {
     /// for its guest.
     pub(super) fn connection_ended(&self) {
         let _ = self.exit_consumer.consume();
+        let _ = self.tx_more.read();
         self.reclaim_lent_exit_fds();
         self.drop_egress();
     }
@@ -300,6 +316,11 @@ impl Conn {
                 if let Some(wait) = run.throttled {
                     self.io.arm_throttle(wait);
                 }
+                if run.budget_spent {
+                    // The guest's notifications are off; come back for the
+                    // rest after the worker's other events.
+                    self.io.tx_again();
+                }
                 if run.signal {
                     if let Err(e) = state.signal_used_queue() {
                         debug!(port = %self.io.name, error = %e, "cannot signal TX queue");
@@ -428,9 +449,15 @@ impl VhostUserBackend for NetBackend {
         // Never return an error: the library would end the worker thread
         // and with it the port.
         let conn = &self.0;
-        if device_event == EGRESS_EVENT {
-            // Drain before popping so that no wake-up is lost.
-            let _ = conn.io.egress.notifier().read();
+        match device_event {
+            // Drain before serving so that no wake-up is lost.
+            EGRESS_EVENT => {
+                let _ = conn.io.egress.notifier().read();
+            }
+            TX_MORE_EVENT => {
+                let _ = conn.io.tx_more.read();
+            }
+            _ => {}
         }
         if conn.note_vrings(vrings) {
             // A restarted ring may hold buffers the guest made available
@@ -484,6 +511,12 @@ impl VhostUserBackend for NetBackend {
                     conn.run_tx(v);
                 }
             }
+            TX_MORE_EVENT => {
+                // The last TX run stopped at its budget.
+                if let Some(v) = vrings.get(usize::from(TX_QUEUE)) {
+                    conn.run_tx(v);
+                }
+            }
             other => debug!(port = %conn.io.name, event = other, "unexpected event"),
         }
         Ok(())
@@ -493,9 +526,11 @@ impl VhostUserBackend for NetBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vhost::sim::SimRing;
+    use crate::vhost::TX_BUDGET;
     use std::fs::File;
     use vhost_user_backend::VhostUserDaemon;
-    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     struct Discard;
 
@@ -555,5 +590,59 @@ mod tests {
         assert_eq!(io.reclaim_lent_exit_fds(), 0);
         other.metadata().expect("still open");
         assert!(same_open_file(other.as_raw_fd(), other.as_raw_fd()).unwrap());
+    }
+
+    #[test]
+    fn a_tx_run_that_spends_its_budget_comes_back_without_a_kick() {
+        // The simulated guest and the port map the same file, as QEMU's
+        // guest RAM and the backend do.
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(SimRing::MEM_SIZE).unwrap();
+        let region = || {
+            [(
+                GuestAddress(0),
+                SimRing::MEM_SIZE as usize,
+                Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+            )]
+        };
+        let mut ring = SimRing::new(64).unwrap();
+        ring.mem = GuestMemoryMmap::from_ranges_with_files(region()).unwrap();
+        // Features 0: a 10-byte header, then a 62-byte frame.
+        ring.write(SimRing::BUF, &[0u8; 72]);
+        for i in 0..64 {
+            ring.set_desc(i, SimRing::BUF, 72, 0, 0);
+        }
+        let total = TX_BUDGET + 10;
+        let guest = Arc::new(ring.busy_guest(total as u16));
+        let io = Arc::new(port_io(guest.clone()));
+        let mem: Mem =
+            GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges_with_files(region()).unwrap());
+        let backend = NetBackend(Arc::new(Conn::new(io.clone(), mem.clone()).unwrap()));
+        let rx = Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16).unwrap();
+        let tx = Vring::new(mem, MAX_QUEUE_SIZE as u16).unwrap();
+        tx.set_queue_info(SimRing::DESC, SimRing::AVAIL, SimRing::USED)
+            .unwrap();
+        tx.set_queue_size(64);
+        tx.set_queue_ready(true);
+        tx.set_enabled(true);
+
+        // A kick: one run takes the budget and re-arms the worker.
+        backend.0.run_tx(&tx);
+        assert_eq!(guest.frames(), TX_BUDGET);
+        assert_eq!(io.tx_more.read().unwrap(), 1, "re-armed");
+        io.tx_more.write(1).unwrap();
+        // The worker's next turn drains the event and serves the rest.
+        let vrings = [rx, tx];
+        backend
+            .handle_event(TX_MORE_EVENT, EventSet::IN, &vrings, 0)
+            .unwrap();
+        assert_eq!(guest.frames(), total);
+        let idle = io.tx_more.read().unwrap_err();
+        assert_eq!(
+            idle.kind(),
+            io::ErrorKind::WouldBlock,
+            "drained, not re-armed"
+        );
+        assert_eq!(io.counters.snapshot().rx_frames, total as u64);
     }
 }

@@ -93,7 +93,7 @@ mod sim;
 pub use port::{VmPortConfig, VmPortHandle};
 pub use ring::{
     net_hdr_len, process_rx, process_tx, rx_header, rx_offloads, strip_tx_header, tx_offloads,
-    vring_need_event, ChainCheck, NetPath, QueueRun, RingError,
+    vring_need_event, ChainCheck, NetPath, QueueRun, RingError, TX_BUDGET,
 };
 #[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub use sim::{fuzz_rx_chain, fuzz_tx_chain, SimRing};
@@ -108,6 +108,8 @@ const NUM_QUEUES: usize = 2;
 const EGRESS_EVENT: u16 = NUM_QUEUES as u16 + 1;
 /// Epoll event id of the shaping timer: TX may go on.
 const THROTTLE_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// Epoll event id of the TX re-arm: a TX run stopped at its budget.
+const TX_MORE_EVENT: u16 = NUM_QUEUES as u16 + 3;
 /// Largest ring size the frontend may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Longest descriptor chain accepted (indirect tables included). Linux

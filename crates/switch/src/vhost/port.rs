@@ -21,7 +21,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::backend::{Conn, NetBackend, PortIo};
 use super::relay::start_shims;
-use super::{lock, ConnectHook, Mem, ANNOUNCE_AFTER_PAUSE, EGRESS_EVENT, THROTTLE_EVENT};
+use super::{
+    lock, ConnectHook, Mem, ANNOUNCE_AFTER_PAUSE, EGRESS_EVENT, THROTTLE_EVENT, TX_MORE_EVENT,
+};
 use crate::port::{EgressQueue, Ingress, PortCounters, PortId};
 use tandem_dirty::PageLog;
 
@@ -355,6 +357,7 @@ fn run_conn(io: &Arc<PortIo>, shared: &Shared, frontend: UnixStream) {
                 "the egress queue",
             ),
             (timer, THROTTLE_EVENT, "the shaping timer"),
+            (io.tx_more.as_raw_fd(), TX_MORE_EVENT, "the TX re-arm event"),
         ] {
             if let Err(e) = worker.register_listener(fd, EventSet::IN, u64::from(event)) {
                 error!(port = %io.name, error = %e, "cannot watch {what}");

@@ -27,6 +27,12 @@ use tandem_dirty::PageLog;
 const USED_BATCH: usize = 64;
 /// Rounds of "arm the kick, find new buffers, try again" per RX event.
 const RX_RETRIES: usize = 8;
+/// Chains one TX run takes from the guest at most (like vhost-net's
+/// `VHOST_NET_WEIGHT`): a guest that keeps posting would otherwise keep
+/// the port's worker in one run for as long as it likes. The rest waits
+/// for the next run, which the caller must schedule itself (see
+/// [`QueueRun::budget_spent`]).
+pub const TX_BUDGET: usize = 256;
 
 // ---------------------------------------------------------------------------
 // Pure helpers: header layout, chain rules, event-index arithmetic.
@@ -203,6 +209,10 @@ pub struct QueueRun {
     /// TX only: the port's shaping policy holds the next frame back for
     /// this long; it stays in the guest's ring until then.
     pub throttled: Option<Duration>,
+    /// TX only: the run stopped after [`TX_BUDGET`] chains. More may wait
+    /// and the guest's notifications stay off, so the guest will not kick
+    /// for them: the caller must run the queue again soon.
+    pub budget_spent: bool,
 }
 
 /// Per-port parameters of the data path, fixed for one processing run.
@@ -417,8 +427,9 @@ fn read_tx_chain<M: GuestMemory>(
     check.finish().map(|_| ())
 }
 
-/// Runs the TX queue: every available chain is read, its frame handed to
-/// `ingress`, and the chain returned to the guest.
+/// Runs the TX queue: every available chain (at most [`TX_BUDGET`]) is
+/// read, its frame handed to `ingress`, and the chain returned to the
+/// guest.
 pub fn process_tx<M: GuestMemory>(
     mem: &M,
     q: &mut Queue,
@@ -438,11 +449,13 @@ pub fn process_tx<M: GuestMemory>(
     };
     let mut buf = Vec::with_capacity(path.hdr_len + MAX_FRAME);
     let mut used = Vec::with_capacity(USED_BATCH);
+    let mut taken = 0usize;
     'ring: loop {
         q.disable_notification(mem).map_err(RingError::Queue)?;
         // One clock read per batch: shaping needs no finer time.
         let now = Instant::now();
         while let Some(chain) = next_chain(mem, q)? {
+            taken += 1;
             let head = chain.head_index();
             match read_tx_chain(mem, chain, path.hdr_len, max_frame, &mut buf)
                 .and_then(|()| strip_tx_header(&buf, path.hdr_len, path.tx_offloads))
@@ -472,6 +485,12 @@ pub fn process_tx<M: GuestMemory>(
             }
             if used.len() >= USED_BATCH {
                 publish_used(mem, q, &mut used)?;
+            }
+            if taken >= TX_BUDGET {
+                // Notifications stay off: the caller comes back for the
+                // rest, so the guest need not kick.
+                run.budget_spent = true;
+                break 'ring;
             }
         }
         publish_used(mem, q, &mut used)?;
@@ -942,6 +961,42 @@ mod tests {
         assert_eq!((run.chains, run.throttled), (3, None));
         assert_eq!(shaped.rec.frames(), frames);
         assert_eq!(ring.used().len(), 5);
+    }
+
+    #[test]
+    fn tx_budget_bounds_a_run_and_later_runs_drain_the_rest() {
+        // More chains than one run may take: the guest posts each chain
+        // again as soon as the device takes it.
+        let mut ring = SimRing::new(64).unwrap();
+        let len = put_tx(&ring, SimRing::BUF, &frame(60, 1));
+        for i in 0..64 {
+            ring.set_desc(i, SimRing::BUF, len, 0, 0);
+        }
+        let total = 2 * TX_BUDGET + 88;
+        let guest = ring.busy_guest(total as u16);
+        let counters = PortCounters::default();
+        let p = path(&counters, 12, false);
+        let mut runs = Vec::new();
+        while runs.len() < 10 {
+            let run = process_tx(&ring.mem, &mut ring.queue, &p, &guest).unwrap();
+            assert!(run.chains <= TX_BUDGET);
+            runs.push((run.chains, run.budget_spent));
+            // While work is left the guest is told not to kick (used flags
+            // NO_NOTIFY): the port must come back by itself.
+            let no_notify = ring.read(SimRing::USED, 2) == [1, 0];
+            assert_eq!(no_notify, run.budget_spent);
+            if !run.budget_spent {
+                break;
+            }
+        }
+        assert_eq!(
+            runs,
+            [(TX_BUDGET, true), (TX_BUDGET, true), (88, false)],
+            "chains and budget_spent per run"
+        );
+        assert_eq!(guest.frames(), total);
+        assert_eq!(usize::from(ring.used_idx()), total);
+        assert_eq!(counters.snapshot().rx_frames, total as u64);
     }
 
     #[test]

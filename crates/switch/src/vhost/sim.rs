@@ -318,6 +318,65 @@ pub fn fuzz_rx_chain(data: &[u8]) {
     }
 }
 
+/// A guest that keeps transmitting: each frame the device takes makes it
+/// post that chain again at once, until it has posted `total` in all.
+#[cfg(test)]
+pub(super) struct BusyGuest {
+    mem: GuestMemoryMmap<()>,
+    size: u16,
+    total: u16,
+    posted: std::sync::Mutex<u16>,
+    frames: std::sync::atomic::AtomicUsize,
+}
+
+#[cfg(test)]
+impl SimRing {
+    /// Posts the chains with heads `0..size` (at most `total` of them) on a
+    /// fresh ring and returns the guest that keeps posting them, round
+    /// robin, as the device takes them. Each head must be a whole TX chain.
+    pub(super) fn busy_guest(&mut self, total: u16) -> BusyGuest {
+        assert_eq!(self.avail_idx, 0, "a fresh ring");
+        for head in 0..self.size.min(total) {
+            self.offer(head);
+        }
+        BusyGuest {
+            mem: self.mem.clone(),
+            size: self.size,
+            total,
+            posted: std::sync::Mutex::new(self.avail_idx),
+            frames: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl BusyGuest {
+    /// Frames the device has taken so far.
+    pub(super) fn frames(&self) -> usize {
+        self.frames.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+impl Ingress for BusyGuest {
+    fn ingress(&self, _port: PortId, _frame: &[u8]) {
+        self.frames
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut posted = super::lock(&self.posted);
+        if *posted < self.total {
+            // Heads were posted in order from 0, so the chain just taken
+            // is the one at this slot.
+            let slot = *posted % self.size;
+            let at = SimRing::AVAIL + 4 + 2 * u64::from(slot);
+            let _ = self.mem.write_obj(slot.to_le(), GuestAddress(at));
+            *posted += 1;
+            let _ = self
+                .mem
+                .write_obj(posted.to_le(), GuestAddress(SimRing::AVAIL + 2));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
