@@ -15,9 +15,12 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use crate::{PageSet, PAGE_SIZE};
+use nix::errno::Errno;
+use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
+use nix::sys::sysinfo::sysinfo;
+use nix::unistd::{lseek, Whence};
 
-const TMPFS_MAGIC: i64 = 0x0102_1994;
+use crate::{PageSet, PAGE_SIZE};
 
 /// Pages of `map` (a shared mapping of all of `file`, from offset 0) that
 /// may hold data. Errors leave the caller to treat every page as data.
@@ -30,28 +33,17 @@ pub fn data_pages(file: &File, map: &[u8]) -> std::io::Result<PageSet> {
 }
 
 fn on_tmpfs(file: &File) -> std::io::Result<bool> {
-    // SAFETY: fstatfs writes into the zeroed struct we own; the fd is open.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64 == TMPFS_MAGIC)
+    Ok(fstatfs(file)?.filesystem_type() == TMPFS_MAGIC)
 }
 
 fn no_swap() -> std::io::Result<bool> {
-    // SAFETY: sysinfo writes into the zeroed struct we own.
-    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::sysinfo(&mut si) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(si.totalswap == 0)
+    Ok(sysinfo()?.swap_total() == 0)
 }
 
 fn resident_pages(map: &[u8], pages: usize) -> std::io::Result<PageSet> {
     let mut vec = vec![0u8; pages];
     if pages > 0 {
+        // libc, not nix: nix has no mincore(2).
         // SAFETY: `map` is a live mapping of at least `pages` pages starting
         // at a page boundary (mmap returns page-aligned addresses), and `vec`
         // has one byte per page, which is what mincore writes.
@@ -86,23 +78,15 @@ fn extents(file: &File, pages: usize) -> std::io::Result<PageSet> {
         if off >= size {
             break;
         }
-        // SAFETY: lseek on an open fd has no memory effects.
-        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data past `off`
-            }
-            return Err(e);
-        }
+        let data = match lseek(fd, off, Whence::SeekData) {
+            Ok(data) => data,
+            Err(Errno::ENXIO) => break, // no data past `off`
+            Err(e) => return Err(e.into()),
+        };
         if data >= size {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let hole = lseek(fd, data, Whence::SeekHole)?;
         let hole = hole.min(size).max(data + 1);
         set.insert_range(
             data as usize / PAGE_SIZE,
@@ -116,6 +100,9 @@ fn extents(file: &File, pages: usize) -> std::io::Result<PageSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+    use std::num::NonZeroUsize;
     use std::os::unix::fs::FileExt;
 
     fn sparse_file(pages: usize, written: &[usize]) -> File {
@@ -132,19 +119,22 @@ mod tests {
     fn both_methods_find_the_written_pages() {
         let written = [0usize, 1, 2, 7, 64, 65, 200, 255];
         let f = sparse_file(256, &written);
-        // SAFETY: a private test file mapped read-only and never truncated.
-        let map = unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                256 * PAGE_SIZE,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
+        let len = 256 * PAGE_SIZE;
+        // SAFETY: a private test file mapped read-only at an address the
+        // kernel picks, never truncated while mapped.
+        let ptr = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                &f,
                 0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            std::slice::from_raw_parts(p as *const u8, 256 * PAGE_SIZE)
-        };
+            )
+        }
+        .expect("mmap");
+        // SAFETY: the mapping is `len` readable bytes until unmapped below.
+        let map = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), len) };
         let by_seek = extents(&f, 256).unwrap();
         assert_eq!(by_seek.iter().collect::<Vec<_>>(), written);
         let by_mincore = resident_pages(map, 256).unwrap();
@@ -152,22 +142,19 @@ mod tests {
         let chosen = data_pages(&f, map).unwrap();
         assert_eq!(chosen.iter().collect::<Vec<_>>(), written);
         // SAFETY: unmapping the mapping made above; `map` is not used after.
-        unsafe { libc::munmap(map.as_ptr() as *mut libc::c_void, 256 * PAGE_SIZE) };
+        unsafe { munmap(ptr, len) }.expect("munmap");
     }
 
     #[test]
     fn a_punched_page_becomes_a_hole() {
         let f = sparse_file(16, &[3, 4, 5]);
-        // SAFETY: fallocate on our own test file.
-        let rc = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (4 * PAGE_SIZE) as i64,
-                PAGE_SIZE as i64,
-            )
-        };
-        assert_eq!(rc, 0);
+        let rc = fallocate(
+            f.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (4 * PAGE_SIZE) as i64,
+            PAGE_SIZE as i64,
+        );
+        assert_eq!(rc, Ok(()));
         assert_eq!(extents(&f, 16).unwrap().iter().collect::<Vec<_>>(), [3, 5]);
     }
 }

@@ -39,9 +39,15 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use nix::sys::stat::{major, minor};
+use nix::sys::sysinfo::sysinfo;
 
 use crate::procfs::{mappings_of, pagemap_entries};
 use crate::{DirtyTracker, PageSet, RamView, TrackError, PAGE_SIZE};
@@ -68,30 +74,27 @@ pub enum SoftDirtyUnsupported {
 /// Whether this kernel keeps soft-dirty bits: a page this process just
 /// wrote must show bit 55 in its own pagemap. `Err` says why not.
 pub fn soft_dirty_support() -> Result<(), SoftDirtyUnsupported> {
-    // SAFETY: a fresh private anonymous page, unmapped below; no other code
-    // sees it.
+    let len = NonZeroUsize::new(PAGE_SIZE).expect("a page is not empty");
+    // SAFETY: a fresh private anonymous page at an address the kernel
+    // picks, so it overlaps nothing; unmapped below; no other code sees it.
     let page = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_PRIVATE,
         )
-    };
-    if page == libc::MAP_FAILED {
-        return Err(SoftDirtyUnsupported::Mmap(std::io::Error::last_os_error()));
     }
+    .map_err(|e| SoftDirtyUnsupported::Mmap(e.into()))?;
     // SAFETY: the page is ours, writable and PAGE_SIZE long.
-    unsafe { std::ptr::write_volatile(page as *mut u8, 1) };
+    unsafe { std::ptr::write_volatile(page.as_ptr().cast::<u8>(), 1) };
     let entry = File::open("/proc/self/pagemap").and_then(|f| {
         let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, (page as u64 / PAGE_SIZE as u64) * 8)?;
+        f.read_exact_at(&mut b, (page.as_ptr() as u64 / PAGE_SIZE as u64) * 8)?;
         Ok(u64::from_ne_bytes(b))
     });
-    // SAFETY: unmapping the page mapped above.
-    unsafe { libc::munmap(page, PAGE_SIZE) };
+    // SAFETY: unmapping the page mapped above, used no more.
+    let _ = unsafe { munmap(page, PAGE_SIZE) };
     let entry = entry.map_err(SoftDirtyUnsupported::Pagemap)?;
     if !std::path::Path::new("/proc/self/clear_refs").exists() {
         return Err(SoftDirtyUnsupported::NoClearRefs);
@@ -108,15 +111,8 @@ pub fn soft_dirty_support() -> Result<(), SoftDirtyUnsupported> {
 /// A page in the swap cache can lose its entry and get it back over the
 /// same frame, losing the soft-dirty bit unseen; refuse while swap exists.
 fn swap_free() -> Result<(), SoftDirtyUnsupported> {
-    // SAFETY: sysinfo writes into the zeroed struct we own.
-    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::sysinfo(&mut si) } != 0 {
-        return Err(SoftDirtyUnsupported::Sysinfo(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    if si.totalswap != 0 {
+    let si = sysinfo().map_err(|e| SoftDirtyUnsupported::Sysinfo(e.into()))?;
+    if si.swap_total() != 0 {
         return Err(SoftDirtyUnsupported::Swap);
     }
     Ok(())
@@ -260,7 +256,7 @@ pub struct CollectTiming {
 pub enum PunchWatch {
     /// An inotify `IN_MODIFY` watch on the file's path: `fallocate` (punch,
     /// `MADV_REMOVE`), `truncate` and `write` report; mapped writes do not.
-    Inotify(OwnedFd),
+    Inotify(Inotify),
     /// The file's ctime at the last collect. Also moved by every write
     /// fault on a shared mapping of the file, so it over-reports.
     Ctime((i64, i64)),
@@ -271,7 +267,7 @@ impl PunchWatch {
     /// the ctime otherwise.
     pub fn new(file: &File) -> PunchWatch {
         match inotify_watch(file) {
-            Some(fd) => PunchWatch::Inotify(fd),
+            Some(watch) => PunchWatch::Inotify(watch),
             None => PunchWatch::Ctime(ctime_of(file).unwrap_or((0, 0))),
         }
     }
@@ -290,8 +286,8 @@ impl PunchWatch {
                 let now = ctime_of(file)?;
                 Ok(std::mem::replace(last, now) != now)
             }
-            PunchWatch::Inotify(fd) => {
-                let (any, watch_gone) = drain_inotify(fd)?;
+            PunchWatch::Inotify(watch) => {
+                let (any, watch_gone) = drain_inotify(watch)?;
                 if watch_gone {
                     // The filesystem was unmounted under the watch: no
                     // more events will come; from now on, the ctime.
@@ -311,51 +307,44 @@ fn ctime_of(file: &File) -> Result<(i64, i64), TrackError> {
 
 /// Watches the file through the path `/proc/self/fd` gives for it, if that
 /// path names the same inode (not a memfd, not unlinked).
-fn inotify_watch(file: &File) -> Option<OwnedFd> {
+fn inotify_watch(file: &File) -> Option<Inotify> {
     let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
     let meta = file.metadata().ok()?;
     let named = std::fs::metadata(&path).ok()?;
     if !path.is_absolute() || named.dev() != meta.dev() || named.ino() != meta.ino() {
         return None;
     }
-    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: plain syscall; the returned descriptor is owned below.
-    let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: a valid inotify descriptor and a NUL-terminated path.
-    let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), cpath.as_ptr(), libc::IN_MODIFY) };
-    (wd >= 0).then_some(fd)
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+    watch.add_watch(&path, AddWatchFlags::IN_MODIFY).ok()?;
+    Some(watch)
 }
 
 /// Reads every queued event: whether there were any, and whether the
 /// watch is gone (`IN_IGNORED`) or events were lost (`IN_Q_OVERFLOW`,
 /// reported as "any").
-fn drain_inotify(fd: &OwnedFd) -> Result<(bool, bool), TrackError> {
+fn drain_inotify(watch: &Inotify) -> Result<(bool, bool), TrackError> {
     let mut buf = [0u8; 4096];
     let (mut any, mut gone) = (false, false);
     // Bounded: the queue holds at most a few thousand events.
     for _ in 0..4096 {
-        // SAFETY: reads into a buffer we own, of the length given.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                return Ok((any, gone));
+        // Read raw (not `read_events`) so that `inotify_masks`, which the
+        // tests check against torn buffers, is what walks the events.
+        let n = match nix::unistd::read(watch.as_fd().as_raw_fd(), &mut buf) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN) => return Ok((any, gone)),
+            Err(e) => {
+                return Err(TrackError::Io {
+                    what: "reading the RAM file's inotify watch".into(),
+                    source: e.into(),
+                })
             }
-            return Err(TrackError::Io {
-                what: "reading the RAM file's inotify watch".into(),
-                source: e,
-            });
-        }
+        };
         if n == 0 {
             break;
         }
         any = true;
-        gone |= inotify_masks(&buf[..n as usize]).any(|m| m & libc::IN_IGNORED != 0);
+        let ignored = AddWatchFlags::IN_IGNORED.bits();
+        gone |= inotify_masks(&buf[..n]).any(|m| m & ignored != 0);
     }
     Ok((any, gone))
 }
@@ -389,7 +378,7 @@ impl SoftDirtyTracker {
             .map_err(TrackError::io(format!("/proc/{pid}/clear_refs")))?;
         let t = SoftDirtyTracker {
             pid,
-            dev: (libc::major(dev), libc::minor(dev)),
+            dev: (major(dev) as u32, minor(dev) as u32),
             inode: meta.ino(),
             pages,
             pagemap,
@@ -500,6 +489,8 @@ impl DirtyTracker for SoftDirtyTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::fcntl::FallocateFlags;
+    use nix::sys::mman::{madvise, mmap, MmapAdvise};
     use proptest::prelude::*;
 
     /// What can happen to a page between two collects.
@@ -645,11 +636,7 @@ mod tests {
         {
             let why = probe.expect_err("soft-dirty reported on a kernel built without it");
             assert!(why.to_string().contains("CONFIG_MEM_SOFT_DIRTY"), "{why}");
-        } else if swap_free().is_ok() && {
-            // SAFETY: geteuid has no preconditions.
-            unsafe { libc::geteuid() }
-        } == 0
-        {
+        } else if swap_free().is_ok() && nix::unistd::geteuid().is_root() {
             probe.expect("kernel has soft-dirty, we are root and swap is off");
         }
     }
@@ -666,11 +653,15 @@ mod tests {
 
     #[test]
     fn inotify_events_are_walked_by_their_lengths() {
-        let mut buf = event(libc::IN_MODIFY, b"");
-        buf.extend(event(libc::IN_IGNORED, b"name\0\0\0\0"));
-        buf.extend(event(libc::IN_MODIFY, b""));
+        let (modify, ignored) = (
+            AddWatchFlags::IN_MODIFY.bits(),
+            AddWatchFlags::IN_IGNORED.bits(),
+        );
+        let mut buf = event(modify, b"");
+        buf.extend(event(ignored, b"name\0\0\0\0"));
+        buf.extend(event(modify, b""));
         let masks: Vec<u32> = inotify_masks(&buf).collect();
-        assert_eq!(masks, [libc::IN_MODIFY, libc::IN_IGNORED, libc::IN_MODIFY]);
+        assert_eq!(masks, [modify, ignored, modify]);
         // A torn tail is not read.
         assert_eq!(inotify_masks(&buf[..buf.len() - 3]).count(), 2);
     }
@@ -701,16 +692,14 @@ mod tests {
     }
 
     fn punch(f: &File, page: usize) {
-        // SAFETY: punches one page of a file this test owns.
-        let r = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (page * PAGE_SIZE) as i64,
-                PAGE_SIZE as i64,
-            )
-        };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        // Punches one page of a file this test owns.
+        let r = nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (page * PAGE_SIZE) as i64,
+            PAGE_SIZE as i64,
+        );
+        assert_eq!(r, Ok(()));
     }
 
     #[test]
@@ -718,24 +707,26 @@ mod tests {
         let (path, f) = tmpfs_file(4);
         let mut w = PunchWatch::new(&f);
         assert_eq!(w.kind(), "inotify");
-        // SAFETY: a shared mapping of the 4 pages of our own file, unmapped
-        // below before the file goes.
+        // SAFETY: a shared mapping of the 4 pages of our own file, at an
+        // address the kernel picks; unmapped below before the file goes.
         let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4 * PAGE_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
+            mmap(
+                None,
+                NonZeroUsize::new(4 * PAGE_SIZE).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &f,
                 0,
             )
-        };
-        assert_ne!(map, libc::MAP_FAILED);
+        }
+        .expect("mmap");
         let before = ctime_of(&f).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         for p in 0..4 {
             // SAFETY: inside the mapping.
-            unsafe { std::ptr::write_volatile((map as *mut u8).add(p * PAGE_SIZE + 5), 9) };
+            unsafe {
+                std::ptr::write_volatile(map.as_ptr().cast::<u8>().add(p * PAGE_SIZE + 5), 9)
+            };
         }
         assert!(
             !w.since_last(&f).unwrap(),
@@ -748,17 +739,11 @@ mod tests {
         assert!(!w.since_last(&f).unwrap(), "one punch, reported once");
         // MADV_REMOVE is a punch too.
         // SAFETY: one page of our own mapping; its data goes, as intended.
-        let r = unsafe {
-            libc::madvise(
-                (map as *mut u8).add(PAGE_SIZE).cast(),
-                PAGE_SIZE,
-                libc::MADV_REMOVE,
-            )
-        };
-        assert_eq!(r, 0);
+        let r = unsafe { madvise(map.byte_add(PAGE_SIZE), PAGE_SIZE, MmapAdvise::MADV_REMOVE) };
+        assert_eq!(r, Ok(()));
         assert!(w.since_last(&f).unwrap());
         // SAFETY: the mapping made above, used no more.
-        unsafe { libc::munmap(map, 4 * PAGE_SIZE) };
+        unsafe { munmap(map, 4 * PAGE_SIZE) }.expect("munmap");
         // The watch is on the inode: unlinking the path loses nothing.
         std::fs::remove_file(&path).unwrap();
         let _ = w.since_last(&f).unwrap();
@@ -769,11 +754,12 @@ mod tests {
 
     #[test]
     fn a_file_without_a_path_falls_back_to_the_ctime() {
-        // SAFETY: memfd_create with a NUL-terminated name; owned below.
-        let fd = unsafe { libc::memfd_create(c"tandem-punchwatch".as_ptr(), 0) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh descriptor nobody else owns.
-        let f = unsafe { File::from_raw_fd(fd) };
+        let fd = nix::sys::memfd::memfd_create(
+            c"tandem-punchwatch",
+            nix::sys::memfd::MemFdCreateFlag::empty(),
+        )
+        .expect("memfd_create");
+        let f = File::from(fd);
         f.set_len((2 * PAGE_SIZE) as u64).unwrap();
         let mut w = PunchWatch::new(&f);
         assert_eq!(w.kind(), "ctime");

@@ -269,11 +269,12 @@ impl Export {
 
 /// Maps a file error to the closest NBD error value (spec: "Error values").
 fn nbd_errno(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => proto::ENOSPC,
-        Some(libc::EPERM | libc::EACCES | libc::EROFS) => proto::EPERM,
-        Some(libc::ENOMEM) => proto::ENOMEM,
-        Some(libc::EINVAL) => proto::EINVAL,
+    use nix::errno::Errno;
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG) => proto::ENOSPC,
+        Some(Errno::EPERM | Errno::EACCES | Errno::EROFS) => proto::EPERM,
+        Some(Errno::ENOMEM) => proto::ENOMEM,
+        Some(Errno::EINVAL) => proto::EINVAL,
         _ => proto::EIO,
     }
 }

@@ -25,28 +25,26 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64, may_punch: bool) ->
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range past i64::MAX"))?;
     #[cfg(target_os = "linux")]
     {
+        use nix::errno::Errno;
+        use nix::fcntl::{fallocate, FallocateFlags};
         use std::os::fd::AsRawFd;
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
         let punch = [
-            libc::FALLOC_FL_PUNCH_HOLE | keep,
-            libc::FALLOC_FL_ZERO_RANGE | keep,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | keep,
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | keep,
         ];
-        let modes: &[libc::c_int] = if may_punch { &punch } else { &punch[1..] };
+        let modes: &[FallocateFlags] = if may_punch { &punch } else { &punch[1..] };
         // Both fit in i64: checked above via `end`.
         let (off, n) = (offset as libc::off_t, len as libc::off_t);
         'modes: for &mode in modes {
             loop {
-                // SAFETY: fallocate takes only integers; the descriptor is
-                // borrowed from `file`, which stays open for the call.
-                let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
-                if r == 0 {
-                    return Ok(());
-                }
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => continue 'modes,
-                    _ => return Err(e),
+                // The descriptor is borrowed from `file`, which stays open
+                // for the call.
+                match fallocate(file.as_raw_fd(), mode, off, n) {
+                    Ok(()) => return Ok(()),
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EOPNOTSUPP | Errno::ENOSYS) => continue 'modes,
+                    Err(e) => return Err(e.into()),
                 }
             }
         }

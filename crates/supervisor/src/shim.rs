@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::util::{atomic_write_json, now_unix};
@@ -36,11 +38,11 @@ pub struct ShimExit {
 /// Runs in the shim process: start QEMU, record it, wait, record its end.
 /// Returns the shim's own exit code.
 pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
-    // SAFETY: setting a signal disposition to SIG_IGN installs no handler
-    // code; it only makes the shim immune to its session's hangup.
-    unsafe {
-        libc::signal(libc::SIGHUP, libc::SIG_IGN);
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    for sig in [Signal::SIGHUP, Signal::SIGINT] {
+        // SAFETY: setting a signal disposition to SIG_IGN installs no
+        // handler code; it only makes the shim immune to its session's
+        // hangup and to Ctrl-C.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
     let log = match std::fs::OpenOptions::new()
         .create(true)
@@ -128,9 +130,9 @@ fn wait_enforcing_lease(
             if let Some(deadline) = read_lease(run_dir) {
                 let now = now_unix_ms();
                 if now > deadline {
-                    // SAFETY: kill(2) on our own child, which has not been
-                    // reaped (try_wait above returned None).
-                    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+                    // Our own child, not yet reaped (try_wait above
+                    // returned None), so the pid is still QEMU's.
+                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGSTOP);
                     fenced = true;
                     let _ = atomic_write_json(
                         &run_dir.join(FENCED_FILE),
@@ -192,11 +194,12 @@ impl ShimLauncher {
             .kill_on_drop(false);
         // Its own session: signals to tandemd's process group (Ctrl-C, a
         // service manager stopping tandemd) never reach the VM.
-        // SAFETY: setsid() is async-signal-safe and touches no memory of the
-        // parent; it is the only call made between fork and exec.
+        // SAFETY: the closure runs between fork and exec; setsid() is
+        // async-signal-safe, allocates nothing and touches no memory of the
+        // parent, and it is the only call made there.
         unsafe {
             cmd.pre_exec(|| {
-                libc::setsid();
+                let _ = nix::unistd::setsid();
                 Ok(())
             });
         }

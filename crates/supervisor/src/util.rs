@@ -3,6 +3,9 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -90,16 +93,15 @@ pub fn process_matches(pid: u32, marker: &str) -> bool {
 }
 
 /// Sends `sig` to `pid`. Returns false when the process does not exist.
-pub fn send_signal(pid: u32, sig: i32) -> bool {
+pub fn send_signal(pid: u32, sig: Signal) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
     if pid <= 0 {
         return false;
     }
-    // SAFETY: kill(2) takes plain integers and has no memory effects; pid is
-    // positive, so it never addresses a process group.
-    unsafe { libc::kill(pid, sig) == 0 }
+    // pid is positive, so it never addresses a process group.
+    nix::sys::signal::kill(Pid::from_raw(pid), sig).is_ok()
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use tandem_api::{StopRequest, VmInfo, VmState};
 use tandem_qmp::{qmp, QmpClient, QmpError};
 use tandem_vmspec::{build_argv, RuntimePaths};
@@ -131,7 +132,7 @@ impl Supervisor {
             Err(failure) => {
                 let message = failure.to_string();
                 if let Some(pid) = shim::read_pid(&vm.dir) {
-                    send_signal(pid, libc::SIGKILL);
+                    send_signal(pid, Signal::SIGKILL);
                 }
                 *vm.exit_hint.lock() = Some(ExitHint::StartFailed(message.clone()));
                 self.record_exit(&vm).await;
@@ -282,7 +283,7 @@ impl Supervisor {
         }
         if let Some(pid) = vm.record().qemu_pid {
             warn!(vm = %vm.name, pid, "QEMU ignored quit; killing it");
-            send_signal(pid, libc::SIGKILL);
+            send_signal(pid, Signal::SIGKILL);
         }
         wait_exited(&mut live.exited, Duration::from_secs(10)).await;
         Ok(())
