@@ -308,7 +308,20 @@ impl VmSpec {
                 message,
             })
         };
+        // In document order, so problems are listed as they appear.
+        self.check_top(&mut err);
+        self.check_boot(&mut err, &file_exists);
+        self.check_disks(&mut err, &file_exists);
+        self.check_nics(&mut err);
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(SpecError::Invalid(errs))
+        }
+    }
 
+    /// Name, sizes, machine type, shutdown timeout.
+    fn check_top(&self, err: &mut impl FnMut(&str, String)) {
         if !valid_name(&self.name) {
             err(
                 "name",
@@ -350,7 +363,10 @@ impl VmSpec {
                 ),
             );
         }
+    }
 
+    /// The boot source and its options.
+    fn check_boot(&self, err: &mut impl FnMut(&str, String), file_exists: &impl Fn(&Path) -> bool) {
         // Boot source: exactly one of kernel or disk.
         match (&self.boot.kernel, &self.boot.disk) {
             (None, None) => err(
@@ -362,7 +378,7 @@ impl VmSpec {
                 "conflicts with boot.kernel: a VM boots from a kernel or a disk, not both".into(),
             ),
             (Some(kernel), None) => {
-                check_path(&mut err, "boot.kernel", kernel, &file_exists);
+                check_path(err, "boot.kernel", kernel, file_exists);
             }
             (None, Some(disk)) => {
                 if !self.disks.iter().any(|d| &d.name == disk) {
@@ -386,12 +402,18 @@ impl VmSpec {
             }
         }
         if let Some(initrd) = &self.boot.initrd {
-            check_path(&mut err, "boot.initrd", initrd, &file_exists);
+            check_path(err, "boot.initrd", initrd, file_exists);
         }
         if self.boot.cmdline.len() > 4096 {
             err("boot.cmdline", "longer than 4096 bytes".into());
         }
+    }
 
+    fn check_disks(
+        &self,
+        err: &mut impl FnMut(&str, String),
+        file_exists: &impl Fn(&Path) -> bool,
+    ) {
         if self.disks.len() > MAX_DISKS {
             err(
                 "disks",
@@ -411,9 +433,11 @@ impl VmSpec {
                     format!("duplicate disk name `{}`", d.name),
                 );
             }
-            check_path(&mut err, &format!("disks[{i}].path"), &d.path, &file_exists);
+            check_path(err, &format!("disks[{i}].path"), &d.path, file_exists);
         }
+    }
 
+    fn check_nics(&self, err: &mut impl FnMut(&str, String)) {
         if self.nics.len() > MAX_NICS {
             err(
                 "nics",
@@ -473,56 +497,56 @@ impl VmSpec {
                     );
                 }
             }
-            match (n.backend, &n.tap) {
-                (NicBackend::Tap, None) => err(
-                    &format!("nics[{i}].tap"),
-                    "missing: the tap backend needs a tap device name".into(),
-                ),
-                (NicBackend::Tap, Some(tap)) => {
-                    let ok = !tap.is_empty()
-                        && tap.len() < 16
-                        && tap
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-                    if !ok {
-                        err(
-                            &format!("nics[{i}].tap"),
-                            format!("`{tap}` is not a valid interface name"),
-                        );
-                    }
-                }
-                (NicBackend::User, Some(_)) => err(
-                    &format!("nics[{i}].tap"),
-                    "only the tap backend takes a tap device".into(),
-                ),
-                (NicBackend::User, None) | (NicBackend::Switch, None) => {}
-                (NicBackend::Switch, Some(_)) => err(
-                    &format!("nics[{i}].tap"),
-                    "only the tap backend takes a tap device".into(),
-                ),
-            }
-            match (n.backend, &n.port_group) {
-                (NicBackend::Switch, None) => err(
-                    &format!("nics[{i}].port_group"),
-                    "missing: a switch NIC names its port group".into(),
-                ),
-                (NicBackend::Switch, Some(g)) if !valid_name(g) => err(
-                    &format!("nics[{i}].port_group"),
-                    format!("`{g}` is not a valid port group name"),
-                ),
-                (NicBackend::User | NicBackend::Tap, Some(_)) => err(
-                    &format!("nics[{i}].port_group"),
-                    "only a switch NIC has a port group".into(),
-                ),
-                _ => {}
-            }
+            check_nic_backend(err, i, n);
         }
+    }
+}
 
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(SpecError::Invalid(errs))
+/// The backend-specific fields of NIC `i`: a tap device for tap, a port
+/// group for switch, neither otherwise.
+fn check_nic_backend(err: &mut impl FnMut(&str, String), i: usize, n: &NicSpec) {
+    match (n.backend, &n.tap) {
+        (NicBackend::Tap, None) => err(
+            &format!("nics[{i}].tap"),
+            "missing: the tap backend needs a tap device name".into(),
+        ),
+        (NicBackend::Tap, Some(tap)) => {
+            let ok = !tap.is_empty()
+                && tap.len() < 16
+                && tap
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !ok {
+                err(
+                    &format!("nics[{i}].tap"),
+                    format!("`{tap}` is not a valid interface name"),
+                );
+            }
         }
+        (NicBackend::User, Some(_)) => err(
+            &format!("nics[{i}].tap"),
+            "only the tap backend takes a tap device".into(),
+        ),
+        (NicBackend::User, None) | (NicBackend::Switch, None) => {}
+        (NicBackend::Switch, Some(_)) => err(
+            &format!("nics[{i}].tap"),
+            "only the tap backend takes a tap device".into(),
+        ),
+    }
+    match (n.backend, &n.port_group) {
+        (NicBackend::Switch, None) => err(
+            &format!("nics[{i}].port_group"),
+            "missing: a switch NIC names its port group".into(),
+        ),
+        (NicBackend::Switch, Some(g)) if !valid_name(g) => err(
+            &format!("nics[{i}].port_group"),
+            format!("`{g}` is not a valid port group name"),
+        ),
+        (NicBackend::User | NicBackend::Tap, Some(_)) => err(
+            &format!("nics[{i}].port_group"),
+            "only a switch NIC has a port group".into(),
+        ),
+        _ => {}
     }
 }
 
