@@ -18,7 +18,7 @@ use serde_json::Value;
 /// The readiness line the guest service prints.
 pub const READY: &str = "TANDEM-GUEST-READY";
 
-/// Path of a binary of this workspace (built by `cargo build --workspace`).
+/// Path of a binary of this workspace (built by `cargo build --workspace --all-targets`, which also turns on the tests' `fault-injection` hooks).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
@@ -29,7 +29,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.is_file(),
-        "{} is missing: build the workspace first (`cargo build --workspace`; ci/test.sh does it)",
+        "{} is missing: build the workspace first (`cargo build --workspace --all-targets`, which also enables the fault-injection hooks the tests use; ci/test.sh does it)",
         p.display()
     );
     p
