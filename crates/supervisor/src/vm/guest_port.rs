@@ -134,6 +134,8 @@ impl GuestPort {
     }
     /// How the VM's QEMU ended, once the supervisor has recorded it;
     /// `None` while it runs or its exit is not yet recorded.
+    /// [`ExitCause::is_crash`] says whether nobody asked it to stop (what
+    /// makes a backup take over).
     pub fn exit_cause(&self) -> Option<ExitCause> {
         let rec = self.vm.record();
         match rec.state {
@@ -141,13 +143,6 @@ impl GuestPort {
             VmState::Shutoff => Some(rec.exit_cause.unwrap_or(ExitCause::Requested)),
             _ => None,
         }
-    }
-    /// [`GuestPort::exit_cause`] as a yes/no: `Some(true)` when nobody
-    /// asked the VM to stop ([`ExitCause::is_crash`]: it exited
-    /// unexpectedly, or a host signal ended it), `Some(false)` for a
-    /// shutdown (guest power-off or a requested stop), `None` while it runs.
-    pub fn ended_in_crash(&self) -> Option<bool> {
-        self.exit_cause().map(|c| c.is_crash())
     }
     /// QEMU's pid, while it runs.
     pub fn qemu_pid(&self) -> Option<u32> {

@@ -4,7 +4,9 @@
 //! - `lifecycle`: start, pause, resume, stop, destroy;
 //! - `monitor`: following QEMU's events and recording how it ended;
 //! - `snapshot`: checkpoints to a directory and restores from one;
-//! - `guest_port`: the replication engine's handle on a running VM.
+//! - `guest_port`: the replication engine's handle on a running VM;
+//! - `exit`: why QEMU ended ([`ExitCause`]), decided once per exit;
+//! - `error`: [`SupervisorError`].
 
 mod error;
 mod exit;
