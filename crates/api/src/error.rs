@@ -169,11 +169,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", kind.as_str()));
             assert_eq!(serde_json::from_str::<ErrorKind>(&json).unwrap(), kind);
             assert_eq!(kind.as_str().parse::<ErrorKind>(), Ok(kind));
-            assert_eq!(
-                ErrorBody::new(kind, "m").error_kind(),
-                Some(kind),
-                "{kind}"
-            );
+            assert_eq!(ErrorBody::new(kind, "m").error_kind(), Some(kind), "{kind}");
         }
         assert!("supervisor".parse::<ErrorKind>().is_err());
     }
