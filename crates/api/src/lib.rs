@@ -303,14 +303,86 @@ pub struct FailoverReport {
     pub reason: String,
 }
 
+/// Where one VM's protection stands on one host. Serialised as the
+/// kebab-case words the v1 API has always used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FtState {
+    /// Primary: reaching the backup (or the backup's first answer).
+    #[default]
+    Connecting,
+    /// Primary: the initial copy or a resync is under way.
+    Syncing,
+    /// Primary: the backup holds a committed, resumable checkpoint.
+    Protected,
+    /// Primary: the backup is unreachable or failing; the guest runs on.
+    Degraded,
+    /// Primary: paused (or frozen) because the backup went silent.
+    Fenced,
+    /// Backup: holding the replica, ready to take over.
+    Standby,
+    /// Backup: resuming the guest from the replica.
+    TakingOver,
+    /// Backup: the guest runs here now.
+    FailedOver,
+    /// Protection ended (on purpose, or because the guest is gone).
+    Stopped,
+}
+
+impl FtState {
+    pub const ALL: [FtState; 9] = [
+        FtState::Connecting,
+        FtState::Syncing,
+        FtState::Protected,
+        FtState::Degraded,
+        FtState::Fenced,
+        FtState::Standby,
+        FtState::TakingOver,
+        FtState::FailedOver,
+        FtState::Stopped,
+    ];
+
+    /// The word the API and `ft status` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FtState::Connecting => "connecting",
+            FtState::Syncing => "syncing",
+            FtState::Protected => "protected",
+            FtState::Degraded => "degraded",
+            FtState::Fenced => "fenced",
+            FtState::Standby => "standby",
+            FtState::TakingOver => "taking-over",
+            FtState::FailedOver => "failed-over",
+            FtState::Stopped => "stopped",
+        }
+    }
+
+    /// The backup has resumed (or is resuming) the guest: the replica is
+    /// no longer a replica.
+    pub fn is_taken_over(self) -> bool {
+        matches!(self, FtState::TakingOver | FtState::FailedOver)
+    }
+}
+
+/// Scripts and tests compare with the API's words.
+impl PartialEq<&str> for FtState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for FtState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `tandem ft status`: one protected VM as seen by one host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FtStatus {
     pub vm: String,
     pub role: Option<FtRole>,
-    /// connecting | syncing | protected | degraded | fenced | standby |
-    /// failed-over | stopped
-    pub state: String,
+    pub state: FtState,
     /// Why the state is what it is, when it is not `protected`/`standby`.
     pub detail: String,
     pub peer: String,

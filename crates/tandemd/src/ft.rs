@@ -285,7 +285,7 @@ impl Ft {
         if let Some(sw) = &self.switch {
             sw.set_vm_write_log(vm, None);
         }
-        st.state = "stopped".into();
+        st.state = tandem_api::FtState::Stopped;
         st.detail = "protection ended".into();
         Ok(st)
     }
