@@ -412,6 +412,12 @@ pub struct FtStatus {
 /// API cannot drift apart. Its fields are the JSON object's, in order.
 pub use tandem_outcommit::GateCounters as OutputCounters;
 
+/// The bodies of `GET /v1/switch/stats` and `POST /v1/switch/apply` are the
+/// switch core's own types (pure data; the core has no I/O).
+pub use tandem_switch_core::fdb::FdbEntry;
+pub use tandem_switch_core::port::{CounterSnapshot, DropSnapshot};
+pub use tandem_switch_core::switch::{ApplyReport, PortStats, SwitchStats};
+
 /// Body of `POST /v1/switch/apply`, and part of `GET /v1/switch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SwitchDocumentBody {

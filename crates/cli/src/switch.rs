@@ -1,12 +1,10 @@
 //! `tandem switch …`: the host's virtual switch — its configuration
 //! document, applying a new one, and its statistics.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use serde::{Deserialize, Serialize};
 
 use crate::print_json;
 
@@ -22,106 +20,7 @@ pub enum SwitchCmd {
     Stats,
 }
 
-// The bodies of `POST /v1/switch/apply` and `GET /v1/switch/stats`, as
-// tandemd sends them (tandem-switch's `host::ApplyReport` and
-// `host::SwitchStats`). They are mirrored here field for field, in the same
-// order, so that `--json` prints exactly what it printed when the CLI
-// linked the switch; a field the switch adds later is kept (`other`) and
-// printed after the known ones.
-
-/// What an apply changed.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ApplyReport {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub unchanged: Vec<String>,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
-
-/// What `tandem switch stats` shows.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SwitchStats {
-    pub ports: Vec<PortStats>,
-    /// Uplink name → the member interface carrying its traffic.
-    pub uplinks_active: BTreeMap<String, Option<String>>,
-    pub mac_table: Vec<FdbEntry>,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PortStats {
-    pub id: u32,
-    pub name: String,
-    pub kind: String,
-    pub port_group: String,
-    pub up: bool,
-    pub queued: usize,
-    pub counters: CounterSnapshot,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CounterSnapshot {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub drops: DropSnapshot,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DropSnapshot {
-    pub malformed: u64,
-    pub bad_descriptor: u64,
-    pub queue_full: u64,
-    pub vlan: u64,
-    pub shaped: u64,
-    pub security: u64,
-    pub learn_limit: u64,
-    pub gate: u64,
-    pub no_buffer: u64,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
-
-impl DropSnapshot {
-    /// Drops for every reason, by the name `switch stats` prints.
-    fn by_reason(&self) -> [(&'static str, u64); 9] {
-        [
-            ("malformed", self.malformed),
-            ("bad-descriptor", self.bad_descriptor),
-            ("queue-full", self.queue_full),
-            ("vlan", self.vlan),
-            ("shaped", self.shaped),
-            ("security", self.security),
-            ("learn-limit", self.learn_limit),
-            ("gate", self.gate),
-            ("no-buffer", self.no_buffer),
-        ]
-    }
-
-    /// Drops for every reason together.
-    fn total(&self) -> u64 {
-        self.by_reason().iter().map(|(_, n)| n).sum()
-    }
-}
-
-/// One MAC table entry.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct FdbEntry {
-    pub vlan: u16,
-    pub mac: String,
-    pub port: u32,
-    pub age_s: u64,
-    pub pinned: bool,
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
-}
+use tandem_api::{ApplyReport, SwitchStats};
 
 pub async fn run(client: &tandem_api::Client, cmd: SwitchCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -282,12 +181,5 @@ mod tests {
         let st: SwitchStats = serde_json::from_str(STATS).unwrap();
         assert_eq!(serde_json::to_string_pretty(&st).unwrap(), STATS);
         assert_eq!(st.ports[0].counters.drops.total(), 3);
-    }
-
-    #[test]
-    fn fields_the_switch_adds_later_are_kept() {
-        let body = r#"{"added":["a"],"removed":[],"unchanged":["b"],"warnings":["w"]}"#;
-        let r: ApplyReport = serde_json::from_str(body).unwrap();
-        assert_eq!(serde_json::to_string(&r).unwrap(), body);
     }
 }

@@ -99,17 +99,24 @@ pub struct DropSnapshot {
 }
 
 impl DropSnapshot {
+    /// Drops for every reason, by the name `switch stats` prints.
+    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+        [
+            ("malformed", self.malformed),
+            ("bad-descriptor", self.bad_descriptor),
+            ("queue-full", self.queue_full),
+            ("vlan", self.vlan),
+            ("shaped", self.shaped),
+            ("security", self.security),
+            ("learn-limit", self.learn_limit),
+            ("gate", self.gate),
+            ("no-buffer", self.no_buffer),
+        ]
+    }
+
     /// Drops for every reason together.
     pub fn total(&self) -> u64 {
-        self.malformed
-            + self.bad_descriptor
-            + self.queue_full
-            + self.vlan
-            + self.shaped
-            + self.security
-            + self.learn_limit
-            + self.gate
-            + self.no_buffer
+        self.by_reason().iter().map(|(_, n)| n).sum()
     }
 }
 

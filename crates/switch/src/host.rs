@@ -9,15 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::{HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
-use crate::fdb::FdbEntry;
 use crate::frame::Mac;
 use crate::hostport::{HostPortConfig, HostPortHandle};
 use crate::port::{Ingress, PortId};
-use crate::switch::{PortKind, PortStats, Switch, SwitchError};
+use crate::switch::{PortKind, Switch, SwitchError};
 use crate::uplink::{UplinkConfig, UplinkHandle};
 use crate::vhost::{VmPortConfig, VmPortHandle};
 
@@ -37,22 +35,7 @@ pub enum HostError {
     Switch(#[from] SwitchError),
 }
 
-/// What `tandem switch stats` shows.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SwitchStats {
-    pub ports: Vec<PortStats>,
-    /// Uplink name → the member interface carrying its traffic.
-    pub uplinks_active: BTreeMap<String, Option<String>>,
-    pub mac_table: Vec<FdbEntry>,
-}
-
-/// What an apply changed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ApplyReport {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub unchanged: Vec<String>,
-}
+pub use tandem_switch_core::switch::{ApplyReport, SwitchStats};
 
 struct VmPort {
     nic: String,

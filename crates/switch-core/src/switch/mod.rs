@@ -127,6 +127,23 @@ pub struct PortStats {
     pub counters: CounterSnapshot,
 }
 
+/// What `tandem switch stats` shows.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SwitchStats {
+    pub ports: Vec<PortStats>,
+    /// Uplink name → the member interface carrying its traffic.
+    pub uplinks_active: BTreeMap<String, Option<String>>,
+    pub mac_table: Vec<FdbEntry>,
+}
+
+/// What an apply changed.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
 pub struct Switch {
     ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
     doc: RwLock<Arc<SwitchDocument>>,
