@@ -5,29 +5,34 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tandem_api::{ErrorBody, FieldProblem, SwitchDocumentBody};
+use tandem_api::SwitchDocumentBody;
 use tandem_supervisor::NicPorts;
 use tandem_switch::config::SwitchDocument;
 use tandem_switch::frame::Mac;
-use tandem_switch::host::{ApplyReport, HostError, SwitchHost, SwitchStats};
+use tandem_switch::host::{ApplyReport, SwitchHost, SwitchStats};
+
+use crate::error::HttpError;
 
 /// Adapts the switch to the supervisor's [`NicPorts`].
 #[derive(Debug)]
 pub struct SwitchPorts(pub Arc<SwitchHost>);
 
 impl NicPorts for SwitchPorts {
-    fn attach(&self, vm: &str, nic: &tandem_vmspec::NicSpec, socket: &Path) -> Result<(), String> {
+    fn attach(
+        &self,
+        vm: &str,
+        nic: &tandem_vmspec::NicSpec,
+        socket: &Path,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let group = nic.port_group.as_deref().unwrap_or_default();
         // The spec's MAC as the switch's type: the same six bytes, never
         // text on the way (the switch enforces it as the port's source).
         let mac = Mac(nic.mac.0);
         self.0
             .attach_vm(vm, &nic.name, mac, group, socket)
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
 
     fn detach(&self, vm: &str) {
@@ -56,40 +61,8 @@ async fn stats(State(h): State<Arc<SwitchHost>>) -> Json<SwitchStats> {
 async fn apply(
     State(h): State<Arc<SwitchHost>>,
     Json(body): Json<SwitchDocumentBody>,
-) -> Result<Json<ApplyReport>, Response> {
-    let doc = SwitchDocument::from_toml(&body.document_toml)
-        .map_err(|e| invalid(e.0.clone(), e.to_string()))?;
+) -> Result<Json<ApplyReport>, HttpError> {
+    let doc = SwitchDocument::from_toml(&body.document_toml)?;
     // Creating ports touches sockets and taps; keep it off the reactor.
-    let result = tokio::task::block_in_place(|| h.apply(doc));
-    match result {
-        Ok(r) => Ok(Json(r)),
-        Err(HostError::Invalid(e)) => Err(invalid(e.0.clone(), e.to_string())),
-        Err(e) => Err((
-            StatusCode::CONFLICT,
-            Json(ErrorBody {
-                kind: "switch".into(),
-                message: format!("{e}; the previous configuration is still in effect"),
-                fields: vec![],
-            }),
-        )
-            .into_response()),
-    }
-}
-
-fn invalid(problems: Vec<tandem_switch::config::FieldProblem>, message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(ErrorBody {
-            kind: "invalid-document".into(),
-            message,
-            fields: problems
-                .into_iter()
-                .map(|p| FieldProblem {
-                    field: p.field,
-                    message: p.message,
-                })
-                .collect(),
-        }),
-    )
-        .into_response()
+    Ok(Json(tokio::task::block_in_place(|| h.apply(doc))?))
 }

@@ -78,7 +78,12 @@ pub struct SupervisorConfig {
 pub trait NicPorts: Send + Sync + std::fmt::Debug {
     /// Creates (idempotently) the port serving `socket` for `nic` of `vm`.
     /// The error says what is wrong (e.g. an unknown port group).
-    fn attach(&self, vm: &str, nic: &tandem_vmspec::NicSpec, socket: &Path) -> Result<(), String>;
+    fn attach(
+        &self,
+        vm: &str,
+        nic: &tandem_vmspec::NicSpec,
+        socket: &Path,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Removes all of the VM's ports.
     fn detach(&self, vm: &str);
 }
@@ -251,7 +256,7 @@ impl Supervisor {
             let sock = tandem_vmspec::switch_socket(&self.cfg.switch_dir, &spec.name, &n.name);
             if let Err(e) = ports.attach(&spec.name, n, &sock) {
                 ports.detach(&spec.name);
-                return Err((field, e));
+                return Err((field, e.to_string()));
             }
         }
         Ok(())
