@@ -10,7 +10,8 @@
 //! failed to copy shows up as a page older than its table entry.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 const PAGE: usize = 4096;
@@ -96,7 +97,7 @@ impl Churn {
 
     /// Starts churning `pages` pages (no-op if already running).
     pub fn start(&self, pages: usize) -> String {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         if st.is_none() {
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
@@ -122,7 +123,7 @@ impl Churn {
 
     /// Stops the churn and checks every page.
     pub fn verify(&self) -> String {
-        let Some(run) = self.state.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(run) = self.state.lock().take() else {
             return "ERR not churning".into();
         };
         run.stop.store(true, Ordering::Relaxed);

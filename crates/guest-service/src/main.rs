@@ -26,7 +26,8 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use proto::Request;
@@ -229,7 +230,7 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         Err(e) => return format!("ERR {e}"),
     };
     let churn = CHURN.get_or_init(churn::Churn::new);
-    let store = || store.lock().unwrap_or_else(|p| p.into_inner());
+    let store = || store.lock();
     match req {
         Request::Ping => "PONG".into(),
         Request::Churn(n) => churn.start(n),
@@ -409,7 +410,7 @@ fn blast(addr: std::net::SocketAddr, ms: u64) -> String {
 fn dirty_pages(n: u64) -> String {
     static BUF: Mutex<Vec<u8>> = Mutex::new(Vec::new());
     const PAGES: u64 = 8192;
-    let mut buf = BUF.lock().unwrap_or_else(|p| p.into_inner());
+    let mut buf = BUF.lock();
     if buf.is_empty() {
         buf.resize(PAGES as usize * 4096, 0);
     }

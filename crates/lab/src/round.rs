@@ -9,7 +9,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -205,22 +206,16 @@ impl Workload {
             upload
                 .ended
                 .lock()
-                .ok()
-                .and_then(|e| e.clone())
+                .clone()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
         ));
         let upload_check = upload_progress(topo, acked_at_check)?;
         upload.stop.store(true, Ordering::SeqCst);
         let _ = self.uploader.join();
-        let upload_error = upload.error.lock().map(|e| e.clone()).unwrap_or(None);
-        let delivered = self
-            .shared
-            .delivered
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
-        let discarded = self.shared.discarded.lock().map(|d| *d).unwrap_or(0);
+        let upload_error = upload.error.lock().clone();
+        let delivered = self.shared.delivered.lock().clone();
+        let discarded = *self.shared.discarded.lock();
         Ok(WorkloadDone {
             delivered,
             discarded,
@@ -274,10 +269,10 @@ fn choose_kill_moment(
 ) -> anyhow::Result<KillMoment> {
     let kill_after = 5 + rng.below(15) as usize;
     let delivered_before = wait_for("client replies", Duration::from_secs(120), || {
-        if let Some(e) = w.shared.error.lock().ok()?.clone() {
+        if let Some(e) = w.shared.error.lock().clone() {
             return Some(Err(e));
         }
-        let n = w.shared.delivered.lock().ok()?.len();
+        let n = w.shared.delivered.lock().len();
         (n >= kill_after).then_some(Ok(n))
     })
     .map_err(|e| anyhow!("{e}\n{}", host_state(api_a)))?
@@ -336,12 +331,7 @@ fn kill_host_a(
     Ok(AtKill {
         at,
         upload_acked: w.upload.acked.load(Ordering::SeqCst),
-        delivered: w
-            .shared
-            .delivered
-            .lock()
-            .map(|d| d.len())
-            .unwrap_or_default(),
+        delivered: w.shared.delivered.lock().len(),
     })
 }
 
@@ -501,7 +491,7 @@ fn client_loop(shared: &ClientShared, round: u32) {
         let reply = match exchange(&format!("PUT {text}"), Duration::from_secs(5)) {
             Ok(r) => r,
             Err(_) => {
-                *shared.discarded.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                *shared.discarded.lock() += 1;
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -512,11 +502,7 @@ fn client_loop(shared: &ClientShared, round: u32) {
         else {
             continue;
         };
-        shared
-            .delivered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Delivered { seq, text });
+        shared.delivered.lock().push(Delivered { seq, text });
     }
 }
 
@@ -540,7 +526,7 @@ fn upload_loop(shared: &UploadShared) {
     let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
-            *shared.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            *shared.error.lock() = Some(e.to_string());
             return;
         }
     };
@@ -557,7 +543,7 @@ fn upload_loop(shared: &UploadShared) {
             Ok(n) => written += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                *shared.ended.lock().unwrap_or_else(|p| p.into_inner()) =
+                *shared.ended.lock() =
                     Some(format!("write failed after {written} bytes: {e}"));
                 break;
             }

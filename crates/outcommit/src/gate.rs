@@ -18,7 +18,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use parking_lot::{Mutex, RwLock};
 use std::time::Instant;
 
 use crate::packet::{self, IpAddrs, Origin, PacketMeta, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -371,25 +372,24 @@ impl Gate {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     pub fn config(&self) -> GateConfig {
         self.config
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
     /// Takes effect for the next frame.
     pub fn set_config(&self, config: GateConfig) {
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.config.write() = config;
     }
 
     /// Takes effect for the next frame.
     pub fn set_classifier(&self, classifier: Arc<dyn Classifier>) {
-        *self.classifier.write().unwrap_or_else(|p| p.into_inner()) = classifier;
+        *self.classifier.write() = classifier;
     }
 
     fn origin(&self, meta: &PacketMeta) -> Origin {
@@ -439,7 +439,6 @@ impl Gate {
             _ => self
                 .classifier
                 .read()
-                .unwrap_or_else(|p| p.into_inner())
                 .classify(frame, &meta, origin, None),
         };
         if let Some(t) = tcp {

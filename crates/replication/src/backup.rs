@@ -16,7 +16,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
@@ -139,8 +140,8 @@ impl Backup {
         b
     }
 
-    fn replicas(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Replica>> {
-        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    fn replicas(&self) -> parking_lot::MutexGuard<'_, BTreeMap<String, Replica>> {
+        self.replicas.lock()
     }
 
     pub fn status(&self) -> Vec<FtStatus> {

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -285,7 +285,7 @@ impl EgressQueue {
     /// what keeps a busy port from waking its consumer for every frame.
     pub fn push_packet(&self, packet: Packet) -> bool {
         let was_empty = {
-            let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self.frames.lock();
             let len = packet.frame.len();
             if g.q.len() >= self.max_frames || g.bytes + len > self.max_bytes {
                 return false;
@@ -302,7 +302,7 @@ impl EgressQueue {
 
     /// Takes the oldest packet.
     pub fn pop(&self) -> Option<Packet> {
-        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.frames.lock();
         let f = g.q.pop_front()?;
         g.bytes -= f.frame.len();
         Some(f)
@@ -312,7 +312,7 @@ impl EgressQueue {
     /// delivered yet (no RX buffer available). Never fails: the frame was
     /// already accounted for.
     pub fn unpop(&self, packet: Packet) {
-        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.frames.lock();
         g.bytes += packet.frame.len();
         g.q.push_front(packet);
     }
@@ -320,7 +320,6 @@ impl EgressQueue {
     pub fn len(&self) -> usize {
         self.frames
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .q
             .len()
     }
@@ -331,7 +330,7 @@ impl EgressQueue {
 
     /// Drops everything queued (the port went down); returns how many.
     pub fn clear(&self) -> usize {
-        let mut g = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.frames.lock();
         let n = g.q.len();
         g.q.clear();
         g.bytes = 0;

@@ -6,7 +6,8 @@
 //! and commit ([`EpochObserver`]); committed frames go back into the switch
 //! through [`Switch::release`], in the order the VM sent them.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 
 use tandem_api::{OutputCounters, OutputRules, RulesChange};
 use tandem_outcommit::{Gate, GateConfig, GateMode, Profile, Rule, RuleSet};
@@ -158,7 +159,7 @@ impl VmOutput {
     }
 
     pub fn rules(&self) -> OutputRules {
-        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.lock();
         OutputRules {
             vm: self.vm.clone(),
             mode: self.gate.config().mode.to_string(),
@@ -169,7 +170,7 @@ impl VmOutput {
 
     /// Applies one change to the rule table; nothing changes on error.
     pub fn change(&self, change: RulesChange) -> Result<OutputRules, String> {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.table.lock();
         let mut mode = None;
         let (profile, rules) = match change {
             RulesChange::Set {
@@ -230,7 +231,7 @@ impl VmOutput {
     /// The gate's counters, with the rule table it classifies with.
     pub fn counters(&self) -> OutputCounters {
         let mut c = self.gate.counters();
-        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let t = self.table.lock();
         c.profile = t.profile.clone();
         c.rules = t.rules.len();
         c

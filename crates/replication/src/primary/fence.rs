@@ -6,7 +6,8 @@
 //! longer timeout, so by then the guest here is stopped. A shim lease backs
 //! this up for a dead or stuck tandemd.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tandem_api::{FtState, FtStatus};
@@ -63,17 +64,17 @@ impl Contact {
     }
 
     pub(crate) fn touch(&self) {
-        *lock(&self.last_heard) = self.clock.now();
+        *self.last_heard.lock() = self.clock.now();
     }
 
     pub(crate) fn silent_for(&self) -> Duration {
         self.clock
             .now()
-            .saturating_duration_since(*lock(&self.last_heard))
+            .saturating_duration_since(*self.last_heard.lock())
     }
 
     pub(crate) fn fence(&self) -> Fence {
-        *lock(&self.fence)
+        *self.fence.lock()
     }
 
     pub(crate) fn is_fenced(&self) -> bool {
@@ -83,7 +84,7 @@ impl Contact {
     /// The backup may now resume the guest. Returns whether this armed a
     /// disarmed fence (a fenced guest stays fenced).
     pub(crate) fn arm(&self) -> bool {
-        let mut f = lock(&self.fence);
+        let mut f = self.fence.lock();
         let armed = *f == Fence::Disarmed;
         if armed {
             *f = Fence::Armed;
@@ -94,7 +95,7 @@ impl Contact {
     /// The backup holds nothing resumable any more. Returns whether this
     /// disarmed an armed fence.
     pub(crate) fn disarm(&self) -> bool {
-        let mut f = lock(&self.fence);
+        let mut f = self.fence.lock();
         let disarmed = *f == Fence::Armed;
         if disarmed {
             *f = Fence::Disarmed;
@@ -105,7 +106,7 @@ impl Contact {
     /// Arms → fenced (the guest is about to be paused). Returns whether
     /// the caller must now pause it.
     fn begin_fence(&self) -> bool {
-        let mut f = lock(&self.fence);
+        let mut f = self.fence.lock();
         let begin = *f == Fence::Armed;
         if begin {
             *f = Fence::Fenced { paused: false };
@@ -114,13 +115,13 @@ impl Contact {
     }
 
     fn fenced(&self, outcome: Fence) {
-        *lock(&self.fence) = outcome;
+        *self.fence.lock() = outcome;
     }
 
     /// The backup answered before taking over: the guest may run again
     /// (and the backup, which still holds its replica, stays armed).
     pub(crate) fn lift(&self) {
-        let mut f = lock(&self.fence);
+        let mut f = self.fence.lock();
         if matches!(*f, Fence::Fenced { .. }) {
             *f = Fence::Armed;
         }
@@ -133,9 +134,6 @@ impl Contact {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Extra time the shim's lease allows beyond the engine's own fencing, so
 /// the clean path (QMP stop) normally wins and the shim's SIGSTOP is only
@@ -207,7 +205,7 @@ pub(crate) async fn fence_watchdog<G: Guest>(
                     format!("{why}; QMP stop failed ({e}), the shim's lease freezes QEMU")
                 }
             };
-            let mut s = lock(&status);
+            let mut s = status.lock();
             s.state = FtState::Fenced;
             s.detail = detail;
         }

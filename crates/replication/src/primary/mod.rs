@@ -23,7 +23,8 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tandem_api::{FtRole, FtState, FtStatus};
@@ -153,7 +154,6 @@ impl Primary {
     pub fn status(&self) -> FtStatus {
         self.status
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
@@ -202,7 +202,7 @@ enum Ended {
 
 impl<G: Guest> Engine<G> {
     fn set(&self, f: impl FnOnce(&mut FtStatus)) {
-        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut self.status.lock());
     }
 
     async fn run(mut self) {

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tandem_api::FtState;
@@ -67,7 +68,7 @@ impl FakeGuest {
         }
     }
     fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
-        f(&mut self.state.lock().unwrap())
+        f(&mut self.state.lock())
     }
     fn events(&self) -> Vec<Event> {
         self.with(|s| s.events.clone())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tandem_outcommit::GateDecision;
 
-use super::{lock, untagged, FrameGate, Port, PortKind, Switch};
+use super::{untagged, FrameGate, Port, PortKind, Switch};
 use crate::fdb::Learned;
 use crate::frame;
 use crate::offload::{self, Offload};
@@ -33,13 +33,12 @@ impl Switch {
         } else {
             self.fdb
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .lookup(vlan, info.dst, now)
         };
         if known == Some(from) {
             return; // no hairpin: the destination is behind the sender's port
         }
-        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let ports = self.ports.read();
         let mut targets: Vec<(&Port, bool)> = Vec::new();
         for (&id, p) in ports.iter() {
             if id == from {
@@ -127,7 +126,7 @@ impl Port {
     /// Shapes and queues one packet leaving this port.
     fn send(&self, packet: Packet, now: Instant) {
         if self.shaped_out() {
-            if let Some(b) = lock(&self.shaper_out).as_mut() {
+            if let Some(b) = self.shaper_out.lock().as_mut() {
                 if !b.admit(packet.frame.len(), now) {
                     self.counters.dropped(DropReason::Shaped);
                     return;
@@ -155,7 +154,7 @@ impl Ingress for Switch {
         if !p.has_shaper_in.load(Ordering::Acquire) {
             return Ok(());
         }
-        let result = match lock(&p.shaper_in).as_mut() {
+        let result = match p.shaper_in.lock().as_mut() {
             Some(b) => b.reserve(bytes, now),
             None => Ok(()),
         };
@@ -199,7 +198,7 @@ impl Ingress for Switch {
         // A VM port's guest was shaped before its frame was taken from
         // the ring (`reserve_tx`); other senders can only be policed.
         if !p.is_vm() {
-            if let Some(b) = lock(&p.shaper_in).as_mut() {
+            if let Some(b) = p.shaper_in.lock().as_mut() {
                 if !b.admit(frame.len(), now) {
                     p.counters.dropped(DropReason::Shaped);
                     return;
@@ -220,7 +219,7 @@ impl Ingress for Switch {
             p.counters.dropped(DropReason::Malformed);
             return;
         }
-        let learned = self.fdb.lock().unwrap_or_else(|p| p.into_inner()).learn(
+        let learned = self.fdb.lock().learn(
             vlan,
             info.src,
             id,
@@ -261,7 +260,7 @@ impl Switch {
         };
         let Some(ug) = up.group() else { return 0 };
         let now = Instant::now();
-        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let ports = self.ports.read();
         let mut sent = 0;
         for (&id, p) in ports.iter() {
             if id == uplink || !p.up.load(Ordering::Relaxed) {
@@ -287,7 +286,6 @@ impl Switch {
     fn gate(&self, id: PortId) -> Option<Arc<dyn FrameGate>> {
         self.gates
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned()
     }

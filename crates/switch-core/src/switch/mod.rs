@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -95,7 +96,7 @@ struct Port {
 
 impl Port {
     fn group(&self) -> Option<Arc<PortGroup>> {
-        self.group.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.group.read().clone()
     }
 
     fn resolve(&self, doc: &SwitchDocument, now: Instant) {
@@ -105,13 +106,13 @@ impl Port {
             g.as_ref().and_then(|g| g.shaping_in),
             g.as_ref().and_then(|g| g.shaping_out),
         );
-        *lock(&self.shaper_in) = shaper(policy_in);
-        *lock(&self.shaper_out) = shaper(policy_out);
+        *self.shaper_in.lock() = shaper(policy_in);
+        *self.shaper_out.lock() = shaper(policy_out);
         self.has_shaper_in
             .store(policy_in.is_some(), Ordering::Release);
         self.has_shaper_out
             .store(policy_out.is_some(), Ordering::Release);
-        *self.group.write().unwrap_or_else(|p| p.into_inner()) = g;
+        *self.group.write() = g;
     }
 }
 
@@ -177,14 +178,13 @@ impl Switch {
     }
 
     pub fn document(&self) -> Arc<SwitchDocument> {
-        self.doc.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.doc.read().clone()
     }
 
     /// The VM ports' port groups, which a new document must keep.
     pub fn port_group_users(&self) -> Vec<PortGroupUser> {
         self.ports
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(|p| match &p.kind {
                 PortKind::Vm { vm, nic, .. } => Some(PortGroupUser {
@@ -207,9 +207,9 @@ impl Switch {
         doc.validate(&self.port_group_users())?;
         let doc = Arc::new(doc);
         let now = Instant::now();
-        let ports = self.ports.read().unwrap_or_else(|p| p.into_inner());
+        let ports = self.ports.read();
         let prev = std::mem::replace(
-            &mut *self.doc.write().unwrap_or_else(|p| p.into_inner()),
+            &mut *self.doc.write(),
             doc.clone(),
         );
         for p in ports.values() {
@@ -219,7 +219,6 @@ impl Switch {
             .store(has_shaping_in(&doc), Ordering::Release);
         self.fdb
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .set_limits(
                 doc.switch.mac_table_limit,
                 Duration::from_secs(doc.switch.mac_aging_s),
@@ -238,7 +237,7 @@ impl Switch {
         if doc.port_group(port_group).is_none() {
             return Err(SwitchError::UnknownPortGroup(port_group.into()));
         }
-        let mut ports = self.ports.write().unwrap_or_else(|p| p.into_inner());
+        let mut ports = self.ports.write();
         if ports.values().any(|p| p.name == name) {
             return Err(SwitchError::DuplicatePort(name.into()));
         }
@@ -271,22 +270,18 @@ impl Switch {
     pub fn remove_port(&self, id: PortId) {
         self.ports
             .write()
-            .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         self.gates
             .write()
-            .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         self.fdb
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .flush_port(id);
     }
 
     pub fn port_id(&self, name: &str) -> Option<PortId> {
         self.ports
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|(_, p)| p.name == name)
             .map(|(id, _)| *id)
@@ -295,7 +290,6 @@ impl Switch {
     fn port(&self, id: PortId) -> Option<Arc<Port>> {
         self.ports
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .cloned()
     }
@@ -315,7 +309,6 @@ impl Switch {
         let moved_from =
             self.fdb
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .pin(vlan, mac, id, Instant::now());
         if let Some(from) = moved_from {
             tracing::info!(port = %p.name, %mac, from, "MAC moved to this port");
@@ -340,12 +333,11 @@ impl Switch {
         }
         self.fdb
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .flush_port(id);
     }
 
     pub fn set_gate(&self, id: PortId, gate: Option<Arc<dyn FrameGate>>) {
-        let mut g = self.gates.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.gates.write();
         match gate {
             Some(gate) => g.insert(id, gate),
             None => g.remove(&id),
@@ -376,21 +368,18 @@ impl Switch {
     pub fn age(&self) -> usize {
         self.fdb
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .age(Instant::now())
     }
 
     pub fn fdb_entries(&self) -> Vec<FdbEntry> {
         self.fdb
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entries(Instant::now())
     }
 
     pub fn stats(&self) -> Vec<PortStats> {
         self.ports
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(&id, p)| PortStats {
                 id,
@@ -409,9 +398,6 @@ impl Switch {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The frame without its outer 802.1Q tag.
 fn untagged(frame: &[u8], vid: Option<u16>) -> Vec<u8> {

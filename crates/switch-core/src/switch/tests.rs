@@ -225,7 +225,7 @@ fn gate_holds_and_releases() {
     struct HoldAll(Mutex<Vec<Vec<u8>>>);
     impl FrameGate for HoldAll {
         fn check(&self, _: PortId, f: &[u8]) -> GateDecision {
-            self.0.lock().unwrap().push(f.to_vec());
+            self.0.lock().push(f.to_vec());
             GateDecision::Hold
         }
     }
@@ -235,7 +235,7 @@ fn gate_holds_and_releases() {
     let f = eth(mac(2), mac(1));
     r.send("vm1", &f);
     assert!(r.take("vm2").is_empty(), "held");
-    let held = gate.0.lock().unwrap().pop().unwrap();
+    let held = gate.0.lock().pop().unwrap();
     r.sw.release(r.q["vm1"].0, &held);
     assert_eq!(r.take("vm2"), vec![f]);
 }
