@@ -20,7 +20,13 @@ fn a_recorded_v1_ft_status_round_trips_byte_for_byte() {
 fn every_ft_state_keeps_its_v1_word() {
     let words: Vec<String> = FtState::ALL
         .iter()
-        .map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_string())
+        .map(|s| {
+            serde_json::to_value(s)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(
         words,

@@ -9,9 +9,9 @@
 //! at that instant, which is recorded too. A page the replication engine
 //! failed to copy shows up as a page older than its table entry.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::Duration;
 
 const PAGE: usize = 4096;

@@ -3,6 +3,7 @@
 //! await B's takeover and the client being served again, then check the
 //! invariants against the resumed guest and the replica's disk.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -543,8 +543,7 @@ fn upload_loop(shared: &UploadShared) {
             Ok(n) => written += n as u64,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                *shared.ended.lock() =
-                    Some(format!("write failed after {written} bytes: {e}"));
+                *shared.ended.lock() = Some(format!("write failed after {written} bytes: {e}"));
                 break;
             }
         }

@@ -16,10 +16,10 @@
 //! it may be seen late and stamped one epoch too new, which only holds it
 //! longer.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use parking_lot::{Mutex, RwLock};
 use std::time::Instant;
 
 use crate::packet::{self, IpAddrs, Origin, PacketMeta, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -377,9 +377,7 @@ impl Gate {
     }
 
     pub fn config(&self) -> GateConfig {
-        self.config
-            .read()
-            .clone()
+        self.config.read().clone()
     }
 
     /// Takes effect for the next frame.
@@ -436,10 +434,7 @@ impl Gate {
         }
         let mut class = match cfg.mode {
             GateMode::AllHold => Class::Hold,
-            _ => self
-                .classifier
-                .read()
-                .classify(frame, &meta, origin, None),
+            _ => self.classifier.read().classify(frame, &meta, origin, None),
         };
         if let Some(t) = tcp {
             if t.flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 && origin == Origin::Vm {

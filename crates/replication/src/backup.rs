@@ -14,10 +14,10 @@
 //! A primary that ends protection on purpose says `BYE`, which disarms the
 //! watchdog.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
@@ -184,7 +184,10 @@ impl Backup {
         let (out_tx, writer) = spawn_writer(wr, self.cfg.heartbeat);
         let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
         info!(%vm, %peer, base, "replica connected");
-        let Some(store) = self.send_digest(&vm, generation, store, base, &out_tx).await else {
+        let Some(store) = self
+            .send_digest(&vm, generation, store, base, &out_tx)
+            .await
+        else {
             return;
         };
         let mut conn = Conn {
@@ -338,9 +341,7 @@ impl Backup {
                     return ConnEnd {
                         reason: "the primary reports its QEMU crashed".into(),
                         bye: false,
-                        guest_lost: Some(Duration::from_millis(
-                            u64::from_le_bytes(ms).min(60_000),
-                        )),
+                        guest_lost: Some(Duration::from_millis(u64::from_le_bytes(ms).min(60_000))),
                     };
                 }
                 _ => {}
@@ -709,14 +710,18 @@ struct ReplicaHolder(Option<ReplicaStore>);
 
 impl ReplicaHolder {
     fn take(&mut self) -> ReplicaStore {
-        self.0.take().expect("the replica store is held between applies")
+        self.0
+            .take()
+            .expect("the replica store is held between applies")
     }
 }
 
 impl std::ops::Deref for ReplicaHolder {
     type Target = ReplicaStore;
     fn deref(&self) -> &ReplicaStore {
-        self.0.as_ref().expect("the replica store is held between applies")
+        self.0
+            .as_ref()
+            .expect("the replica store is held between applies")
     }
 }
 
@@ -728,7 +733,9 @@ impl From<ReplicaStore> for ReplicaHolder {
 
 impl std::ops::DerefMut for ReplicaHolder {
     fn deref_mut(&mut self) -> &mut ReplicaStore {
-        self.0.as_mut().expect("the replica store is held between applies")
+        self.0
+            .as_mut()
+            .expect("the replica store is held between applies")
     }
 }
 
@@ -752,7 +759,10 @@ impl ConnEnd {
 }
 
 /// The hello that opens a connection, checked; `None` (logged) otherwise.
-async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, peer: &str) -> Option<Hello> {
+async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    peer: &str,
+) -> Option<Hello> {
     let hello = match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(rd)).await {
         Ok(Ok(Some(f))) if f.kind == FrameKind::Hello => {
             match serde_json::from_slice::<Hello>(&f.payload) {

@@ -23,7 +23,8 @@ impl Activate for NeverActivate {
         &self,
         vm: String,
         _dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>
+    {
         Box::pin(async move { panic!("takeover of {vm} was not expected") })
     }
 }
@@ -35,7 +36,8 @@ impl Activate for NoopActivate {
         &self,
         _vm: String,
         _dir: PathBuf,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>
+    {
         Box::pin(async { Ok(()) })
     }
 }

@@ -10,9 +10,9 @@
 //! In the other direction a port hands every frame it receives to an
 //! [`Ingress`] (the switch), synchronously, in its own thread.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use parking_lot::Mutex;
 
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -318,10 +318,7 @@ impl EgressQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.frames
-            .lock()
-            .q
-            .len()
+        self.frames.lock().q.len()
     }
 
     pub fn is_empty(&self) -> bool {

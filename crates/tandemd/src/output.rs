@@ -6,8 +6,8 @@
 //! and commit ([`EpochObserver`]); committed frames go back into the switch
 //! through [`Switch::release`], in the order the VM sent them.
 
-use std::sync::Arc;
 use parking_lot::Mutex;
+use std::sync::Arc;
 
 use tandem_api::{OutputCounters, OutputRules, RulesChange};
 use tandem_outcommit::{Gate, GateConfig, GateMode, Profile, Rule, RuleSet};

@@ -6,8 +6,8 @@
 //! longer timeout, so by then the guest here is stopped. A shim lease backs
 //! this up for a dead or stuck tandemd.
 
-use std::sync::Arc;
 use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_api::{FtState, FtStatus};
@@ -133,7 +133,6 @@ impl Contact {
         unix_deadline(self.clock.as_ref(), remaining)
     }
 }
-
 
 /// Extra time the shim's lease allows beyond the engine's own fencing, so
 /// the clean path (QMP stop) normally wins and the shim's SIGSTOP is only

@@ -172,4 +172,3 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
-

@@ -23,8 +23,8 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
 use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_api::{FtRole, FtState, FtStatus};
@@ -152,9 +152,7 @@ impl Primary {
     }
 
     pub fn status(&self) -> FtStatus {
-        self.status
-            .lock()
-            .clone()
+        self.status.lock().clone()
     }
 
     /// The last committed epoch, updated in order as the backup commits.
@@ -336,5 +334,4 @@ impl<G: Guest> Engine<G> {
         };
         !owner_gone && !*self.stop.borrow()
     }
-
 }

@@ -44,9 +44,7 @@ impl<G: Guest> Engine<G> {
             Ok(o) => o,
             Err(why) => return Ended::Lost(why),
         };
-        let Opened {
-            base, mut acks, ..
-        } = opened;
+        let Opened { base, mut acks, .. } = opened;
         info!(vm = %self.port.name(), base, "connected to backup");
         if contact.is_fenced() {
             if let Err(why) = self.lift_fence(contact).await {

@@ -1,10 +1,10 @@
 //! The primary's epoch loop against a fake guest and a scripted backup,
 //! on a paused tokio clock: every timeout is stepped, none is slept.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use tandem_api::FtState;
@@ -401,7 +401,12 @@ async fn fencing_is_armed_only_by_the_first_consistent_epoch() {
     let got = backup.silent_for(FENCE * 10).await;
     assert!(!got.is_empty(), "epochs were sent");
     assert!(got.iter().all(|&(_, consistent)| !consistent));
-    assert_eq!(guest.fences(), 0, "fenced with nothing resumable: {:?}", guest.events());
+    assert_eq!(
+        guest.fences(),
+        0,
+        "fenced with nothing resumable: {:?}",
+        guest.events()
+    );
     assert!(guest.running());
     assert_eq!(guest.with(|s| s.lease), None, "no lease while disarmed");
 
@@ -422,7 +427,10 @@ async fn fencing_is_armed_only_by_the_first_consistent_epoch() {
         last_word = Instant::now();
     }
     // Armed: the watchdog's next look sets the shim's lease.
-    until(Duration::from_millis(50), || guest.with(|s| s.lease).is_some()).await;
+    until(Duration::from_millis(50), || {
+        guest.with(|s| s.lease).is_some()
+    })
+    .await;
     backup.silent_for(FENCE * 3).await;
     assert_eq!(guest.fences(), 1, "{:?}", guest.events());
     assert!(!guest.running());
@@ -457,8 +465,13 @@ async fn silence_fences_and_an_answer_before_takeover_lifts_the_fence() {
     assert!(after >= FENCE, "fenced after only {after:?} of silence");
     // A clean pause, after which the shim's lease is not needed.
     let events = guest.events();
-    let fenced = events.iter().position(|e| matches!(e, Event::Fenced { .. }));
-    assert_eq!(fenced.map(|i| &events[i]), Some(&Event::Fenced { paused: true }));
+    let fenced = events
+        .iter()
+        .position(|e| matches!(e, Event::Fenced { .. }));
+    assert_eq!(
+        fenced.map(|i| &events[i]),
+        Some(&Event::Fenced { paused: true })
+    );
     assert_eq!(events[fenced.unwrap() + 1..], [Event::LeaseCleared]);
     assert!(!guest.running());
     assert_eq!(primary.status().state, FtState::Fenced);
@@ -473,7 +486,11 @@ async fn silence_fences_and_an_answer_before_takeover_lifts_the_fence() {
     backup.commit_until_consistent().await;
     until(FENCE, || primary.status().state == FtState::Protected).await;
     assert!(guest.running());
-    let unfenced = guest.events().iter().filter(|e| **e == Event::Unfenced).count();
+    let unfenced = guest
+        .events()
+        .iter()
+        .filter(|e| **e == Event::Unfenced)
+        .count();
     assert_eq!(unfenced, 1);
     // The old silence is forgotten: answered epochs do not fence again.
     for _ in 0..20 {
@@ -499,7 +516,11 @@ async fn a_backup_that_is_never_reached_never_fences() {
     assert!(guest.running());
     let st = primary.status();
     assert_eq!(st.state, FtState::Degraded);
-    assert!(st.detail.contains("cannot reach the backup"), "{}", st.detail);
+    assert!(
+        st.detail.contains("cannot reach the backup"),
+        "{}",
+        st.detail
+    );
     primary.stop().await;
 }
 

@@ -31,9 +31,7 @@ impl Switch {
         let known = if info.dst.is_group() {
             None
         } else {
-            self.fdb
-                .lock()
-                .lookup(vlan, info.dst, now)
+            self.fdb.lock().lookup(vlan, info.dst, now)
         };
         if known == Some(from) {
             return; // no hairpin: the destination is behind the sender's port
@@ -219,13 +217,10 @@ impl Ingress for Switch {
             p.counters.dropped(DropReason::Malformed);
             return;
         }
-        let learned = self.fdb.lock().learn(
-            vlan,
-            info.src,
-            id,
-            g.learn_limit,
-            now,
-        );
+        let learned = self
+            .fdb
+            .lock()
+            .learn(vlan, info.src, id, g.learn_limit, now);
         match learned {
             Learned::PortLimit => {
                 p.counters.dropped(DropReason::LearnLimit);
@@ -284,10 +279,7 @@ impl Switch {
     }
 
     fn gate(&self, id: PortId) -> Option<Arc<dyn FrameGate>> {
-        self.gates
-            .read()
-            .get(&id)
-            .cloned()
+        self.gates.read().get(&id).cloned()
     }
 
     /// Asks the gate about one plain frame from a VM port and forwards it

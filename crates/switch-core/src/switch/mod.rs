@@ -6,10 +6,10 @@
 //! 802.1Q tag is popped on the way in and pushed on the way out according
 //! to each port's group.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -208,21 +208,16 @@ impl Switch {
         let doc = Arc::new(doc);
         let now = Instant::now();
         let ports = self.ports.read();
-        let prev = std::mem::replace(
-            &mut *self.doc.write(),
-            doc.clone(),
-        );
+        let prev = std::mem::replace(&mut *self.doc.write(), doc.clone());
         for p in ports.values() {
             p.resolve(&doc, now);
         }
         self.any_shaper_in
             .store(has_shaping_in(&doc), Ordering::Release);
-        self.fdb
-            .lock()
-            .set_limits(
-                doc.switch.mac_table_limit,
-                Duration::from_secs(doc.switch.mac_aging_s),
-            );
+        self.fdb.lock().set_limits(
+            doc.switch.mac_table_limit,
+            Duration::from_secs(doc.switch.mac_aging_s),
+        );
         Ok(prev)
     }
 
@@ -268,15 +263,9 @@ impl Switch {
     }
 
     pub fn remove_port(&self, id: PortId) {
-        self.ports
-            .write()
-            .remove(&id);
-        self.gates
-            .write()
-            .remove(&id);
-        self.fdb
-            .lock()
-            .flush_port(id);
+        self.ports.write().remove(&id);
+        self.gates.write().remove(&id);
+        self.fdb.lock().flush_port(id);
     }
 
     pub fn port_id(&self, name: &str) -> Option<PortId> {
@@ -288,10 +277,7 @@ impl Switch {
     }
 
     fn port(&self, id: PortId) -> Option<Arc<Port>> {
-        self.ports
-            .read()
-            .get(&id)
-            .cloned()
+        self.ports.read().get(&id).cloned()
     }
 
     /// The port's peer is attached (QEMU connected, uplink has carrier).
@@ -306,10 +292,7 @@ impl Switch {
             return;
         };
         let Some(vlan) = g.classify(None) else { return };
-        let moved_from =
-            self.fdb
-                .lock()
-                .pin(vlan, mac, id, Instant::now());
+        let moved_from = self.fdb.lock().pin(vlan, mac, id, Instant::now());
         if let Some(from) = moved_from {
             tracing::info!(port = %p.name, %mac, from, "MAC moved to this port");
         }
@@ -331,9 +314,7 @@ impl Switch {
         for _ in 0..n {
             p.counters.dropped(DropReason::NoBuffer);
         }
-        self.fdb
-            .lock()
-            .flush_port(id);
+        self.fdb.lock().flush_port(id);
     }
 
     pub fn set_gate(&self, id: PortId, gate: Option<Arc<dyn FrameGate>>) {
@@ -366,15 +347,11 @@ impl Switch {
 
     /// Forgets addresses not seen for the aging time.
     pub fn age(&self) -> usize {
-        self.fdb
-            .lock()
-            .age(Instant::now())
+        self.fdb.lock().age(Instant::now())
     }
 
     pub fn fdb_entries(&self) -> Vec<FdbEntry> {
-        self.fdb
-            .lock()
-            .entries(Instant::now())
+        self.fdb.lock().entries(Instant::now())
     }
 
     pub fn stats(&self) -> Vec<PortStats> {
@@ -397,7 +374,6 @@ impl Switch {
             .collect()
     }
 }
-
 
 /// The frame without its outer 802.1Q tag.
 fn untagged(frame: &[u8], vid: Option<u16>) -> Vec<u8> {
