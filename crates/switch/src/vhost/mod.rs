@@ -9,35 +9,40 @@
 //!
 //! - TX: every available chain is read (readable descriptors only), the
 //!   virtio-net header is stripped and the frame goes to
-//!   [`Ingress::ingress`]. Malformed or hostile chains are dropped and
-//!   counted but still returned to the guest (used length 0), so a buggy or
-//!   hostile guest can stall neither itself nor the port.
-//! - RX: frames from the port's [`EgressQueue`] are written, behind a
-//!   zeroed header, into the guest's write-only buffers (several buffers per
-//!   frame when `VIRTIO_NET_F_MRG_RXBUF` is negotiated). When the guest has
-//!   no buffer posted the frame is put back and the port waits for the
-//!   guest's next RX kick.
+//!   [`Ingress::ingress`](crate::port::Ingress::ingress). Malformed or
+//!   hostile chains are dropped and counted but still returned to the guest
+//!   (used length 0), so a buggy or hostile guest can stall neither itself
+//!   nor the port. One run takes at most [`TX_BUDGET`] chains; the port's
+//!   worker then serves its other events and comes back for the rest by
+//!   itself.
+//! - RX: frames from the port's [`EgressQueue`](crate::port::EgressQueue)
+//!   are written, behind a zeroed header, into the guest's write-only
+//!   buffers (several buffers per frame when `VIRTIO_NET_F_MRG_RXBUF` is
+//!   negotiated). When the guest has no buffer posted the frame is put back
+//!   and the port waits for the guest's next RX kick.
 //!
 //! # Lifecycle
 //!
 //! `vhost-user-backend` 0.24 binds one set of vrings, one guest-memory map
-//! and one worker thread to a [`VhostUserDaemon`], and its request handler
-//! keeps per-connection state (owner claimed, features, ring addresses) that
-//! is never reset when the frontend goes away. A second QEMU on the same
-//! daemon would therefore be refused at `SET_OWNER`. So the port builds a
-//! fresh daemon (and fresh per-connection state) for every frontend
-//! connection, on a listening socket that lives for the whole life of the
-//! port: after a disconnect (guest shutdown, QEMU crash or kill) the old
-//! daemon is dropped — which stops its worker thread and unmaps the old
-//! guest memory — and the port waits for the next QEMU on the same socket.
-//! A guest reboot keeps the connection: QEMU stops and restarts the rings.
+//! and one worker thread to a
+//! [`VhostUserDaemon`](vhost_user_backend::VhostUserDaemon), and its
+//! request handler keeps per-connection state (owner claimed, features,
+//! ring addresses) that is never reset when the frontend goes away. A
+//! second QEMU on the same daemon would therefore be refused at
+//! `SET_OWNER`. So the port builds a fresh daemon (and fresh per-connection
+//! state) for every frontend connection, on a listening socket that lives
+//! for the whole life of the port: after a disconnect (guest shutdown, QEMU
+//! crash or kill) the old daemon is dropped — which stops its worker thread
+//! and unmaps the old guest memory — and the port waits for the next QEMU
+//! on the same socket. A guest reboot keeps the connection: QEMU stops and
+//! restarts the rings.
 //!
-//! The port accepts QEMU's connection itself and puts a small message
-//! shim between QEMU and the daemon (the `relay` module): QEMU's virtio-net sends
-//! `SET_VRING_ENABLE` before its first `SET_FEATURES`, which the `vhost`
-//! crate 0.18 rejects by dropping the connection. The shim forwards every
-//! message unchanged and slips a `SET_FEATURES(PROTOCOL_FEATURES)` in front
-//! of the first early enable.
+//! The port accepts QEMU's connection itself and puts a small message shim
+//! between QEMU and the daemon (the `relay` module): QEMU's virtio-net
+//! sends `SET_VRING_ENABLE` before its first `SET_FEATURES`, which the
+//! `vhost` crate 0.18 rejects by dropping the connection. The shim forwards
+//! every message unchanged and slips a `SET_FEATURES(PROTOCOL_FEATURES)` in
+//! front of the first early enable.
 //!
 //! # Migration and RARP
 //!
