@@ -1,4 +1,4 @@
-//! Entry point for the fuzz target in `crates/replication/fuzz` (and the
+//! Entry point for the `replication_stream` fuzz target in `fuzz/` (and the
 //! property test that runs the same code on stable in every test run):
 //! everything the backup and primary parse from the replication link.
 

@@ -11,6 +11,7 @@ pub mod assembler;
 pub mod backup;
 pub mod clock;
 pub mod disklog;
+#[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub mod fuzzing;
 pub mod link;
 pub mod primary;
