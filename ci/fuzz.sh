@@ -18,6 +18,15 @@ fi
 for t in ingress vhost_tx offload outcommit replication_stream; do
   echo "[fuzz] $t for ${secs}s" >&2
   mkdir -p "corpus/$t"
-  RUSTC_BOOTSTRAP=1 cargo fuzz run --release "$t" "corpus/$t" -- \
-    -max_total_time="$secs" -max_len=8192 -print_final_stats=1 2>&1 | tail -n 12
+  log=$(mktemp)
+  if ! RUSTC_BOOTSTRAP=1 cargo fuzz run --release "$t" "corpus/$t" -- \
+    -max_total_time="$secs" -max_len=8192 -print_final_stats=1 >"$log" 2>&1; then
+    # A build error or a crash: show all of it, not just the statistics.
+    cat "$log"
+    rm -f "$log"
+    echo "[fuzz] $t failed" >&2
+    exit 1
+  fi
+  tail -n 12 "$log"
+  rm -f "$log"
 done

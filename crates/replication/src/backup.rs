@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::assembler::{CompleteEpoch, EpochAssembler};
 use crate::link::BoxStream;
 use crate::replica::ReplicaStore;
-use crate::wire::{self, Frame, FrameKind, Hello, PAGE_SIZE};
+use crate::wire::{self, Frame, FrameKind, Hello, WireError, OLDEST_ANSWERED, PAGE_SIZE, VERSION};
 
 #[derive(Debug, Clone)]
 pub struct BackupConfig {
@@ -45,6 +45,8 @@ pub struct BackupConfig {
     pub suspect_after: Duration,
     /// Take over automatically; when false, only `tandem failover` does.
     pub auto_failover: bool,
+    #[cfg(feature = "fault-injection")]
+    pub faults: BackupFaults,
 }
 
 impl BackupConfig {
@@ -55,6 +57,8 @@ impl BackupConfig {
             takeover_timeout: Duration::from_millis(2500),
             suspect_after: Duration::from_millis(1500),
             auto_failover: true,
+            #[cfg(feature = "fault-injection")]
+            faults: BackupFaults::default(),
         }
     }
 }
@@ -111,7 +115,9 @@ struct Replica {
     armed: bool,
     /// Bumped per connection, so a stale handler cannot disarm a new one,
     /// and by a takeover, after which no connection may touch the replica.
-    generation: u64,
+    conn_id: u64,
+    /// The primary instance of the current (or last) connection.
+    instance: u64,
     active_conn: bool,
     /// An epoch is being applied: the connection is not read meanwhile,
     /// so the primary's silence is not counted (its heartbeats wait in the
@@ -157,26 +163,30 @@ impl Backup {
     /// until the link ends; a crash report ends in a takeover.
     pub async fn serve(self: Arc<Self>, conn: BoxStream, peer: String) {
         let (mut rd, mut wr) = tokio::io::split(conn);
-        let Some(hello) = read_hello_frame(&mut rd, &peer).await else {
+        let Some(hello) = read_hello_frame(&mut rd, &mut wr, &peer).await else {
             return;
         };
         let vm = hello.vm.clone();
-        let Some(generation) = self.register_conn(&vm, &peer) else {
-            return;
+        let admitted = match self.admit(&hello).await {
+            Ok(id) => self.register_conn(&hello, &peer).map(|c| (c, id)),
+            Err(refusal) => Err(refusal),
         };
-        let store = match self.open_replica(&hello).await {
+        let (conn_id, stored) = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                warn!(%peer, %vm, "refusing replica: {refusal}");
+                refuse(&mut wr, VERSION, &refusal.to_string()).await;
+                return;
+            }
+        };
+        let store = match self.open_replica(&hello, stored).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(%vm, "{e}");
                 // Say why before hanging up, so the primary can report it
                 // (a full disk, say) instead of a bare closed connection.
-                let why = Frame::new(FrameKind::Resync, 0, 0, e.clone().into_bytes());
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    let _ = wr.write_all(&why.encode()).await;
-                    let _ = wr.flush().await;
-                })
-                .await;
-                self.end_conn(&vm, generation, false, e);
+                refuse(&mut wr, VERSION, &e).await;
+                self.end_conn(&vm, conn_id, false, e);
                 return;
             }
         };
@@ -184,15 +194,12 @@ impl Backup {
         let (out_tx, writer) = spawn_writer(wr, self.cfg.heartbeat);
         let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
         info!(%vm, %peer, base, "replica connected");
-        let Some(store) = self
-            .send_digest(&vm, generation, store, base, &out_tx)
-            .await
-        else {
+        let Some(store) = self.send_digest(&vm, conn_id, store, base, &out_tx).await else {
             return;
         };
         let mut conn = Conn {
             vm: vm.clone(),
-            generation,
+            conn_id,
             store: store.into(),
             out: out_tx,
             ram_size: hello.ram_size,
@@ -202,16 +209,17 @@ impl Backup {
         drop(conn.out);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         info!(%vm, "replica connection ended: {}", ended.reason);
-        self.end_conn(&vm, generation, ended.bye, ended.reason.clone());
+        self.end_conn(&vm, conn_id, ended.bye, ended.reason.clone());
         if let Some(noticed) = ended.guest_lost {
-            self.after_guest_lost(&vm, generation, noticed, &ended.reason)
+            self.after_guest_lost(&vm, conn_id, noticed, &ended.reason)
                 .await;
         }
     }
 
-    /// Registers a connection for `vm`: a new generation supersedes any
-    /// older connection. `None` when this host already runs the VM.
-    fn register_conn(&self, vm: &str, peer: &str) -> Option<u64> {
+    /// Registers a connection for `vm`: a new connection id supersedes any
+    /// older connection of the same primary instance.
+    fn register_conn(&self, hello: &Hello, peer: &str) -> Result<u64, Refusal> {
+        let vm = hello.vm.as_str();
         let mut reps = self.replicas();
         let r = reps.entry(vm.to_string()).or_insert_with(|| Replica {
             status: FtStatus {
@@ -224,31 +232,102 @@ impl Backup {
             last_heard: Instant::now(),
             suspected: None,
             armed: false,
-            generation: 0,
+            conn_id: 0,
+            instance: 0,
             active_conn: false,
             applying: false,
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
         });
         if r.status.state.is_taken_over() {
-            warn!(%peer, %vm, "refusing replica: this host already runs the VM");
-            return None;
+            return Err(Refusal::Running { vm: vm.to_string() });
         }
-        r.generation += 1;
+        // Another primary instance for the same VM while the first is
+        // connected and alive: one of them is not the VM's primary.
+        let live =
+            r.active_conn && (r.applying || r.last_heard.elapsed() < self.cfg.takeover_timeout);
+        if live && r.instance != hello.instance && !self.fault_second_primary() {
+            return Err(Refusal::SecondPrimary {
+                vm: vm.to_string(),
+                peer: r.status.peer.clone(),
+            });
+        }
+        r.conn_id += 1;
+        r.instance = hello.instance;
         r.active_conn = true;
         r.last_heard = Instant::now();
         r.status.peer = peer.to_string();
         r.status.detail.clear();
-        Some(r.generation)
+        Ok(r.conn_id)
     }
 
-    /// Creates or opens the replica directory for `hello` (off the runtime).
-    async fn open_replica(&self, hello: &Hello) -> Result<ReplicaStore, String> {
+    fn fault_ignore_identity(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.ignore_identity;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_second_primary(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.allow_second_primary;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    /// Whether `hello` may write the replica of its VM here: its identity
+    /// must be the replica's, and its generation not older. Read only: a
+    /// refused hello opens no replica file for writing.
+    async fn admit(&self, hello: &Hello) -> Result<Option<ReplicaIdentity>, Refusal> {
+        if hello.uuid.is_empty() {
+            return Err(Refusal::NoIdentity);
+        }
+        let dir = self.replica_dir(&hello.vm);
+        let stored = tokio::task::spawn_blocking(move || read_identity(&dir))
+            .await
+            .map_err(|e| Refusal::Io(e.to_string()))?
+            .map_err(|e| Refusal::Io(e.to_string()))?;
+        let Some(id) = stored else {
+            return Ok(None);
+        };
+        if id.uuid != hello.uuid && !self.fault_ignore_identity() {
+            return Err(Refusal::OtherVm {
+                vm: hello.vm.clone(),
+                replica: id.uuid,
+                primary: hello.uuid.clone(),
+            });
+        }
+        if hello.generation < id.generation && !self.fault_ignore_identity() {
+            return Err(Refusal::Stale {
+                vm: hello.vm.clone(),
+                primary: hello.generation,
+                replica: id.generation,
+            });
+        }
+        Ok(Some(id))
+    }
+
+    /// Creates or opens the replica directory for `hello` (off the runtime),
+    /// and records its identity there when it is new (or newer).
+    async fn open_replica(
+        &self,
+        hello: &Hello,
+        stored: Option<ReplicaIdentity>,
+    ) -> Result<ReplicaStore, String> {
         let dir = self.replica_dir(&hello.vm);
         let hello = hello.clone();
         let opened = tokio::task::spawn_blocking(move || -> Result<ReplicaStore, String> {
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             write_hello(&dir, &hello).map_err(|e| e.to_string())?;
-            ReplicaStore::open(&dir, hello.ram_size, &hello.disks).map_err(|e| e.to_string())
+            let store = ReplicaStore::open(&dir, hello.ram_size, &hello.disks)
+                .map_err(|e| e.to_string())?;
+            let id = ReplicaIdentity {
+                uuid: hello.uuid.clone(),
+                generation: hello.generation,
+            };
+            if stored.as_ref() != Some(&id) {
+                write_identity(&dir, &id).map_err(|e| format!("recording its identity: {e}"))?;
+            }
+            Ok(store)
         })
         .await;
         match opened {
@@ -265,13 +344,13 @@ impl Backup {
     async fn send_digest(
         &self,
         vm: &str,
-        generation: u64,
+        conn_id: u64,
         store: ReplicaStore,
         base: u64,
         out: &mpsc::UnboundedSender<Frame>,
     ) -> Option<ReplicaStore> {
-        let Some(store_lock) = self.begin_apply(vm, generation) else {
-            self.end_conn(vm, generation, false, "superseded".into());
+        let Some(store_lock) = self.begin_apply(vm, conn_id) else {
+            self.end_conn(vm, conn_id, false, "superseded".into());
             return None;
         };
         let _reading = store_lock.lock().await;
@@ -281,9 +360,9 @@ impl Backup {
             (d, store)
         })
         .await;
-        self.end_apply(vm, generation);
+        self.end_apply(vm, conn_id);
         let Ok((digest, store)) = joined else {
-            self.end_conn(vm, generation, false, "digest task failed".into());
+            self.end_conn(vm, conn_id, false, "digest task failed".into());
             return None;
         };
         let digest = match digest {
@@ -324,7 +403,7 @@ impl Backup {
                 }
                 Err(e) => return ConnEnd::lost(format!("replication link: {e}")),
             };
-            self.heard(&vm, conn.generation);
+            self.heard(&vm, conn.conn_id);
             match f.kind {
                 FrameKind::Heartbeat => continue,
                 FrameKind::Bye => {
@@ -366,19 +445,19 @@ impl Backup {
 
     /// Applies one whole epoch, durably, then acknowledges it.
     async fn apply_epoch(&self, conn: &mut Conn, done: CompleteEpoch) -> Result<(), ConnEnd> {
-        let (vm, generation) = (conn.vm.clone(), conn.generation);
+        let (vm, conn_id) = (conn.vm.clone(), conn.conn_id);
         let epoch = done.epoch;
         let t = Instant::now();
         // Only the current connection of a replica that has not been taken
         // over may write it; the lock keeps a takeover from starting the VM
         // mid-apply.
         let superseded = || ConnEnd::lost(format!("superseded before applying epoch {epoch}"));
-        let Some(store_lock) = self.begin_apply(&vm, generation) else {
+        let Some(store_lock) = self.begin_apply(&vm, conn_id) else {
             return Err(superseded());
         };
         let _applying = store_lock.lock().await;
-        if !self.is_current(&vm, generation) {
-            self.end_apply(&vm, generation);
+        if !self.is_current(&vm, conn_id) {
+            self.end_apply(&vm, conn_id);
             return Err(superseded());
         }
         let store = conn.store.take();
@@ -388,7 +467,7 @@ impl Backup {
             (r, store)
         })
         .await;
-        self.end_apply(&vm, generation);
+        self.end_apply(&vm, conn_id);
         let Ok((res, store)) = joined else {
             return Err(ConnEnd::lost(format!(
                 "applying epoch {epoch} failed unexpectedly"
@@ -403,7 +482,7 @@ impl Backup {
         self.update(&vm, |r| {
             // True on disk whatever happened meanwhile.
             r.status.last_committed = r.status.last_committed.max(epoch);
-            if r.generation != generation {
+            if r.conn_id != conn_id {
                 return;
             }
             if consistent {
@@ -432,14 +511,14 @@ impl Backup {
     async fn after_guest_lost(
         self: &Arc<Self>,
         vm: &str,
-        generation: u64,
+        conn_id: u64,
         noticed: Duration,
         reason: &str,
     ) {
         let armed = self
             .replicas()
             .get(vm)
-            .is_some_and(|r| r.armed && r.generation == generation);
+            .is_some_and(|r| r.armed && r.conn_id == conn_id);
         if armed {
             let _ = self.failover(vm, noticed, reason).await;
         } else {
@@ -447,10 +526,10 @@ impl Backup {
         }
     }
 
-    fn heard(&self, vm: &str, generation: u64) {
+    fn heard(&self, vm: &str, conn_id: u64) {
         let mut reps = self.replicas();
         if let Some(r) = reps.get_mut(vm) {
-            if r.generation == generation {
+            if r.conn_id == conn_id {
                 r.last_heard = Instant::now();
                 if r.suspected.take().is_some() {
                     info!(%vm, "the suspected primary was heard again");
@@ -460,12 +539,12 @@ impl Backup {
         }
     }
 
-    /// Marks an apply as started on `vm`'s replica, if `generation` is
+    /// Marks an apply as started on `vm`'s replica, if `conn_id` is
     /// still its connection; returns the replica's store lock.
-    fn begin_apply(&self, vm: &str, generation: u64) -> Option<Arc<tokio::sync::Mutex<()>>> {
+    fn begin_apply(&self, vm: &str, conn_id: u64) -> Option<Arc<tokio::sync::Mutex<()>>> {
         let mut reps = self.replicas();
         let r = reps.get_mut(vm)?;
-        if r.generation != generation {
+        if r.conn_id != conn_id {
             return None;
         }
         r.applying = true;
@@ -473,20 +552,20 @@ impl Backup {
     }
 
     /// An apply ended: the primary's silence counts again from now.
-    fn end_apply(&self, vm: &str, generation: u64) {
+    fn end_apply(&self, vm: &str, conn_id: u64) {
         let mut reps = self.replicas();
         if let Some(r) = reps.get_mut(vm) {
-            if r.generation == generation {
+            if r.conn_id == conn_id {
                 r.applying = false;
                 r.last_heard = Instant::now();
             }
         }
     }
 
-    fn is_current(&self, vm: &str, generation: u64) -> bool {
+    fn is_current(&self, vm: &str, conn_id: u64) -> bool {
         self.replicas()
             .get(vm)
-            .is_some_and(|r| r.generation == generation)
+            .is_some_and(|r| r.conn_id == conn_id)
     }
 
     fn update(&self, vm: &str, f: impl FnOnce(&mut Replica)) {
@@ -495,10 +574,10 @@ impl Backup {
         }
     }
 
-    fn end_conn(&self, vm: &str, generation: u64, bye: bool, why: String) {
+    fn end_conn(&self, vm: &str, conn_id: u64, bye: bool, why: String) {
         let mut reps = self.replicas();
         if let Some(r) = reps.get_mut(vm) {
-            if r.generation != generation {
+            if r.conn_id != conn_id {
                 return;
             }
             r.active_conn = false;
@@ -604,7 +683,7 @@ impl Backup {
                 });
             }
             r.armed = false;
-            r.generation += 1; // any live connection is now stale
+            r.conn_id += 1; // any live connection is now stale
             r.status.state = FtState::TakingOver;
             r.status.detail = reason.to_string();
             r.store_lock.clone()
@@ -625,6 +704,20 @@ impl Backup {
         let fence_wait_ms = fence_wait.as_secs_f64() * 1e3;
         match result {
             Ok(()) => {
+                // A handover: the primary from before it is refused from
+                // now on, even after this host restarts.
+                let dir = self.replica_dir(vm);
+                let bumped = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    if let Some(mut id) = read_identity(&dir)? {
+                        id.generation += 1;
+                        write_identity(&dir, &id)?;
+                    }
+                    Ok(())
+                })
+                .await;
+                if !matches!(bumped, Ok(Ok(()))) {
+                    warn!(%vm, "could not record the handover in the replica's identity: {bumped:?}");
+                }
                 let report = FailoverReport {
                     detection_ms,
                     fence_wait_ms,
@@ -684,7 +777,7 @@ pub fn read_hello(dir: &Path) -> std::io::Result<Hello> {
 /// One primary's connection, as the epoch loop of [`Backup::serve`] holds it.
 struct Conn {
     vm: String,
-    generation: u64,
+    conn_id: u64,
     store: ReplicaHolder,
     out: mpsc::UnboundedSender<Frame>,
     ram_size: u64,
@@ -759,8 +852,9 @@ impl ConnEnd {
 }
 
 /// The hello that opens a connection, checked; `None` (logged) otherwise.
-async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin>(
+async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(
     rd: &mut R,
+    wr: &mut W,
     peer: &str,
 ) -> Option<Hello> {
     let hello = match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(rd)).await {
@@ -779,6 +873,17 @@ async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin>(
         }
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
+            if let Some(WireError::Version(theirs)) = e.get_ref().and_then(|i| i.downcast_ref()) {
+                // Answer in the peer's own version so it can say why.
+                let why = format!(
+                    "this backup speaks replication protocol version {VERSION}, the primary version {theirs}: upgrade the primary's tandem (docs/replication.md, \"Upgrading a protected pair\")"
+                );
+                warn!(%peer, "refusing replica: {why}");
+                if (OLDEST_ANSWERED..VERSION).contains(theirs) {
+                    refuse(wr, *theirs, &why).await;
+                }
+                return None;
+            }
             warn!(%peer, "reading hello: {e}");
             return None;
         }
@@ -829,4 +934,86 @@ fn spawn_writer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
         }
     });
     (out_tx, writer)
+}
+
+/// Tells a primary why it is refused (a `RESYNC` in protocol `version`),
+/// then gives it a moment to read it.
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(wr: &mut W, version: u16, why: &str) {
+    let f = Frame::new(FrameKind::Resync, 0, 0, why.as_bytes().to_vec());
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = wr.write_all(&f.encode_as(version)).await;
+        let _ = wr.flush().await;
+    })
+    .await;
+}
+
+/// Why a primary's hello is refused. Nothing of the replica is written.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the primary does not identify its VM (no UUID in its hello)")]
+    NoIdentity,
+    #[error("the replica `{vm}` here belongs to VM {replica}, not to this primary's VM {primary}: a different VM with the same name (rename one, or remove the old replica with the VM it belongs to)")]
+    OtherVm {
+        vm: String,
+        replica: String,
+        primary: String,
+    },
+    #[error("stale primary for `{vm}`: its generation is {primary}, the replica's {replica} (the VM was handed over since)")]
+    Stale {
+        vm: String,
+        primary: u64,
+        replica: u64,
+    },
+    #[error("another primary for `{vm}` is connected and alive (from {peer})")]
+    SecondPrimary { vm: String, peer: String },
+    #[error("this host already runs `{vm}`")]
+    Running { vm: String },
+    #[error("reading the replica's identity: {0}")]
+    Io(String),
+}
+
+/// Which VM a replica belongs to, and the generation of its primary.
+/// Stored as `identity.json` in the replica directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaIdentity {
+    pub uuid: String,
+    pub generation: u64,
+}
+
+const IDENTITY_FILE: &str = "identity.json";
+
+/// The replica's identity; `None` for a directory that has none (new, or
+/// written by a version-1 backup).
+pub fn read_identity(dir: &Path) -> std::io::Result<Option<ReplicaIdentity>> {
+    match std::fs::read(dir.join(IDENTITY_FILE)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records the replica's identity durably (written whole, then renamed).
+pub fn write_identity(dir: &Path, id: &ReplicaIdentity) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{IDENTITY_FILE}.{}.tmp", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(id)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Test-only switches that restore the behaviour before a fix, so a test
+/// can show it would catch the bug (`fault-injection` builds only).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackupFaults {
+    /// Accept any primary's hello whatever its identity or generation (the
+    /// version-1 behaviour).
+    pub ignore_identity: bool,
+    /// Let a second primary instance supersede a live one (the version-1
+    /// behaviour).
+    pub allow_second_primary: bool,
 }

@@ -39,6 +39,22 @@ pub trait DiskSource: Send + Sync {
     fn is_synced(&self) -> bool {
         true
     }
+    /// Called with the guest stopped, before the epoch's device state is
+    /// taken: whether every write the guest has had acknowledged is in this
+    /// disk's log. An error (the mirror job failed or was cancelled, the
+    /// target refused a write) makes the epoch carry no device state, so a
+    /// checkpoint is never committed without its disk writes.
+    fn check(&self) -> link::BoxFuture<'_, Result<(), DiskFailure>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Why a replicated disk's log can no longer vouch for every write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("disk `{disk}`: {reason}")]
+pub struct DiskFailure {
+    pub disk: String,
+    pub reason: String,
 }
 
 /// How a protection's epochs reach whoever holds the VM's output (the

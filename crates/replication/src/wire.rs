@@ -11,11 +11,20 @@
 //! All integers are little-endian. The header has its own checksum so a
 //! corrupt length is caught before it is trusted, and payloads are capped so
 //! a hostile or broken peer cannot make the reader allocate without bound.
+//!
+//! Versions: 1 was the first release. 2 binds a replica to one VM identity:
+//! the hello carries the VM's UUID, the primary's generation for it and the
+//! primary's instance, and the backup refuses a hello that does not match
+//! its replica. Frames are laid out as in version 1; a peer of another
+//! version is refused at hello, with both versions named (a backup answers
+//! an older primary with a `RESYNC` in the primary's own version).
 
 use std::fmt;
 
 pub const MAGIC: [u8; 4] = *b"TDEM";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The oldest version a backup can still answer (to refuse it legibly).
+pub const OLDEST_ANSWERED: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 /// The largest payload accepted. Page frames are built well below it.
 pub const MAX_PAYLOAD: usize = 8 * 1024 * 1024;
@@ -102,7 +111,7 @@ impl fmt::Debug for Frame {
 pub enum WireError {
     #[error("bad magic {0:02x?}: not a tandem replication stream")]
     BadMagic([u8; 4]),
-    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    #[error("the peer speaks replication protocol version {0}, this side version {VERSION}")]
     Version(u16),
     #[error("header checksum mismatch")]
     HeaderChecksum,
@@ -135,13 +144,20 @@ impl Frame {
     /// Encodes the frame. Panics only on a payload over [`MAX_PAYLOAD`],
     /// which this crate never builds (it is a local programming error).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(VERSION)
+    }
+
+    /// Encodes the frame in another protocol version's header (the layout
+    /// is the same in every version so far): how a backup tells an older
+    /// primary why it is refused, in words that primary can read.
+    pub fn encode_as(&self, version: u16) -> Vec<u8> {
         assert!(
             self.payload.len() <= MAX_PAYLOAD,
             "frame payload over MAX_PAYLOAD"
         );
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(self.kind as u16).to_le_bytes());
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.seq.to_le_bytes());
@@ -276,6 +292,18 @@ pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Hello {
     pub vm: String,
+    /// The VM's identity (its UUID): a replica belongs to one.
+    #[serde(default)]
+    pub uuid: String,
+    /// The primary's generation for this VM: bumped by every handover (a
+    /// failover), so a primary from before one is refused.
+    #[serde(default)]
+    pub generation: u64,
+    /// This primary's protection instance: a reconnect of the same instance
+    /// replaces its old connection; another instance is refused while the
+    /// first is live.
+    #[serde(default)]
+    pub instance: u64,
     pub ram_size: u64,
     pub page_size: u64,
     /// The VM's spec, so the backup can define the VM it may have to run.
@@ -602,10 +630,10 @@ mod tests {
     #[test]
     fn wrong_version_and_magic() {
         let mut bytes = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]).encode();
-        bytes[4] = 2;
+        bytes[4] = 9;
         let crc = crc32c::crc32c(&bytes[..28]);
         bytes[28..32].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode(&bytes), Err(WireError::Version(2)));
+        assert_eq!(decode(&bytes), Err(WireError::Version(9)));
         bytes[0] = b'X';
         assert!(matches!(decode(&bytes), Err(WireError::BadMagic(_))));
     }

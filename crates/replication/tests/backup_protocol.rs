@@ -8,13 +8,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_replication::assembler::EpochBuilder;
-use tandem_replication::backup::{Activate, ActivateError, Backup, BackupConfig};
+use tandem_replication::backup::{read_identity, Activate, ActivateError, Backup, BackupConfig};
 use tandem_replication::link::{self, Endpoint, Listener};
 use tandem_replication::replica::{ReplicaStore, RAM_FILE};
 use tandem_replication::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RAM: u64 = 64 * PAGE_SIZE as u64;
+const VM1_UUID: &str = "0b6f3a52-4c1e-4f53-a2d4-6f0e8c1d9a11";
+
+/// Who a test connection claims to be.
+struct Primary {
+    uuid: &'static str,
+    generation: u64,
+    instance: u64,
+}
+
+/// The primary of vm1 in most tests.
+const PRIMARY: Primary = Primary {
+    uuid: VM1_UUID,
+    generation: 0,
+    instance: 1,
+};
 
 /// Takeover is disabled in these tests; reaching it is a failure.
 struct NeverActivate;
@@ -57,6 +72,33 @@ async fn rig_with(activate: Arc<dyn Activate>) -> Rig {
     rig_configured(activate, |cfg| cfg.auto_failover = false).await
 }
 
+/// A second backup on an existing replica root (a restarted tandemd).
+async fn rig_on(root: &std::path::Path, activate: Arc<dyn Activate>) -> Rig {
+    let r = rig_configured(activate, |cfg| cfg.auto_failover = false).await;
+    let backup = Backup::new(
+        {
+            let mut cfg = BackupConfig::new(root.to_path_buf());
+            cfg.auto_failover = false;
+            cfg
+        },
+        Arc::new(NeverActivate),
+    );
+    let ep = Endpoint::Unix(r._tmp.path().join("restarted.sock"));
+    let listener = Listener::bind(&ep).await.unwrap();
+    let b = backup.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, peer)) = listener.accept().await {
+            tokio::spawn(b.clone().serve(conn, peer));
+        }
+    });
+    Rig {
+        root: root.to_path_buf(),
+        ep,
+        backup,
+        ..r
+    }
+}
+
 async fn rig_configured(activate: Arc<dyn Activate>, set: impl FnOnce(&mut BackupConfig)) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("replicas");
@@ -91,9 +133,18 @@ impl Conn {
 
     /// Connects, and returns also the backup's digest of its replica RAM.
     async fn open_with_digest(ep: &Endpoint) -> (Conn, u64, Vec<u64>) {
+        Conn::open_as(ep, &PRIMARY).await.expect("hello accepted")
+    }
+
+    /// Connects as the primary `who`; `Err` with the backup's reason when
+    /// the hello is refused.
+    async fn open_as(ep: &Endpoint, who: &Primary) -> Result<(Conn, u64, Vec<u64>), String> {
         let mut s = link::connect(ep).await.unwrap();
         let hello = Hello {
             vm: "vm1".into(),
+            uuid: who.uuid.into(),
+            generation: who.generation,
+            instance: who.instance,
             ram_size: RAM,
             page_size: PAGE_SIZE as u64,
             spec_toml: "name = \"vm1\"".into(),
@@ -105,11 +156,16 @@ impl Conn {
         let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(&hello).unwrap());
         s.write_all(&f.encode()).await.unwrap();
         let mut c = Conn { s };
-        let base = c
-            .next(FrameKind::Committed)
+        let answer = tokio::time::timeout(Duration::from_secs(5), c.next_any())
             .await
-            .expect("hello answer")
-            .epoch;
+            .expect("the backup answers hello")
+            .ok_or("the backup hung up without a word")?;
+        match answer.kind {
+            FrameKind::Committed => {}
+            FrameKind::Resync => return Err(answer.reason()),
+            _ => panic!("unexpected answer to hello: {answer:?}"),
+        }
+        let base = answer.epoch;
         let mut digest = wire::DigestCollector::default();
         loop {
             let f = c.next(FrameKind::ReplicaDigest).await.expect("digest");
@@ -121,7 +177,17 @@ impl Conn {
                 break;
             }
         }
-        (c, base, digest.into_hashes())
+        Ok((c, base, digest.into_hashes()))
+    }
+
+    /// The next frame that is not a heartbeat; None on EOF or an error.
+    async fn next_any(&mut self) -> Option<Frame> {
+        loop {
+            let f = wire::read_frame(&mut self.s).await.ok()??;
+            if f.kind != FrameKind::Heartbeat {
+                return Some(f);
+            }
+        }
     }
 
     async fn send_raw(&mut self, bytes: &[u8]) {
@@ -335,6 +401,9 @@ async fn after_a_takeover_the_old_connection_never_writes_the_replica() {
     let mut s = link::connect(&r.ep).await.unwrap();
     let hello = Hello {
         vm: "vm1".into(),
+        uuid: VM1_UUID.into(),
+        generation: 0,
+        instance: 1,
         ram_size: RAM,
         page_size: PAGE_SIZE as u64,
         spec_toml: String::new(),
@@ -345,7 +414,15 @@ async fn after_a_takeover_the_old_connection_never_writes_the_replica() {
     let answer = tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut s))
         .await
         .expect("the backup hangs up");
-    assert!(matches!(answer, Ok(None) | Err(_)), "{answer:?}");
+    // Refused: told why (a RESYNC naming the reason) or hung up on.
+    let refused = match &answer {
+        Ok(Some(f)) => {
+            f.kind == FrameKind::Resync
+                && (f.reason().contains("already runs") || f.reason().contains("stale primary"))
+        }
+        Ok(None) | Err(_) => true,
+    };
+    assert!(refused, "{answer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,4 +517,192 @@ async fn a_malformed_hello_is_refused_without_touching_disk() {
         .unwrap();
     assert!(matches!(got, Ok(None) | Err(_)));
     assert!(!r.root.exists() || std::fs::read_dir(&r.root).unwrap().count() == 0);
+}
+
+// ------------------------------------------------- one VM identity per replica
+
+/// What the replica's files hold, to compare before and after.
+fn replica_fingerprint(root: &std::path::Path) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
+    let dir = root.join("vm1");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+                meta.modified().unwrap(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// vm1's primary commits epochs 1 and 2 and hangs up; then a primary of
+/// another VM that is also called vm1 says hello. Returns its answer and
+/// whether the first VM's replica was touched.
+async fn same_name_other_vm(ignore_identity: bool) -> (Result<u64, String>, bool) {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.ignore_identity = ignore_identity;
+    })
+    .await;
+    let (mut a, base) = Conn::open(&r.ep).await;
+    assert_eq!(base, 0);
+    for n in 1..=2 {
+        a.send(&epoch(n, 0x40 + n as u8)).await;
+        assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, n);
+    }
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = replica_fingerprint(&r.root);
+
+    let other = Primary {
+        uuid: "9a1f7c2e-0000-4000-8000-00000000bad1",
+        generation: 0,
+        instance: 7,
+    };
+    let answer = match Conn::open_as(&r.ep, &other).await {
+        Ok((mut b, base, _)) => {
+            // Accepted: it replicates its own VM into the replica.
+            b.send(&epoch(base + 1, 0xee)).await;
+            let _ = b.next(FrameKind::Committed).await;
+            Ok(base)
+        }
+        Err(why) => Err(why),
+    };
+    let after = replica_fingerprint(&r.root);
+    (answer, before != after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_vm_with_the_same_name_never_touches_the_replica() {
+    let (answer, touched) = same_name_other_vm(false).await;
+    let why = answer.expect_err("refused");
+    assert!(why.contains("belongs to VM"), "{why}");
+    assert!(!touched, "the refused hello changed the replica's files");
+}
+
+/// The same test with the identity check switched off (the version-1
+/// behaviour): it must see the damage, or it could not catch the bug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_identity_check_the_same_name_test_sees_the_damage() {
+    let (answer, touched) = same_name_other_vm(true).await;
+    assert_eq!(answer, Ok(2), "accepted at vm1's last commit");
+    assert!(touched);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_vm_continues_and_its_replica_is_its_own() {
+    let r = rig().await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x51)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    let other = Primary {
+        uuid: "9a1f7c2e-0000-4000-8000-00000000bad1",
+        generation: 0,
+        instance: 7,
+    };
+    let why = Conn::open_as(&r.ep, &other).await.err().expect("refused");
+    assert!(why.contains("belongs to VM"), "{why}");
+    // vm1's own connection was never disturbed.
+    a.send(&epoch(2, 0x52)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 2);
+    assert_eq!(ram_page(&r.root, 7), 0x52);
+    let id = read_identity(&r.root.join("vm1")).unwrap().unwrap();
+    assert_eq!(id.uuid, VM1_UUID);
+}
+
+/// Returns the answer of a second primary instance of vm1 that connects
+/// while the first is alive.
+async fn second_primary(allow: bool) -> Result<u64, String> {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.allow_second_primary = allow;
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x61)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    let second = Primary {
+        instance: 2,
+        ..PRIMARY
+    };
+    let answer = Conn::open_as(&r.ep, &second).await.map(|(_, base, _)| base);
+    drop(a);
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_primary_is_refused_while_the_first_is_alive() {
+    let why = second_primary(false).await.expect_err("refused");
+    assert!(why.contains("another primary"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_check_a_second_primary_supersedes_the_first() {
+    assert_eq!(second_primary(true).await, Ok(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_bumps_the_generation_and_the_old_primary_stays_refused() {
+    let r = rig_with(Arc::new(NoopActivate)).await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x71)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(a);
+    r.backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    let id = read_identity(&r.root.join("vm1")).unwrap().unwrap();
+    assert_eq!(id.generation, PRIMARY.generation + 1);
+
+    // A backup restarted on the same directory forgets the takeover in
+    // memory, but not the generation on disk.
+    let restarted = rig_on(&r.root, Arc::new(NeverActivate)).await;
+    let why = Conn::open_as(&restarted.ep, &PRIMARY)
+        .await
+        .err()
+        .expect("the old primary is refused");
+    assert!(why.contains("stale primary"), "{why}");
+    // The new primary (this host's takeover, one generation on) is not.
+    let new_primary = Primary {
+        generation: 1,
+        instance: 9,
+        ..PRIMARY
+    };
+    assert!(Conn::open_as(&restarted.ep, &new_primary).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_of_the_previous_protocol_is_told_both_versions() {
+    let r = rig().await;
+    let mut s = link::connect(&r.ep).await.unwrap();
+    let hello = Frame::new(FrameKind::Hello, 0, 0, br#"{"vm":"vm1"}"#.to_vec());
+    s.write_all(&hello.encode_as(1)).await.unwrap();
+    // The answer is a version-1 frame, which this side's reader refuses:
+    // read it by hand.
+    let mut header = [0u8; wire::HEADER_LEN];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut header))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([header[4], header[5]]), 1);
+    assert_eq!(
+        u16::from_le_bytes([header[6], header[7]]),
+        FrameKind::Resync as u16
+    );
+    let len = u32::from_le_bytes(header[20..24].try_into().unwrap()) as usize;
+    let mut why = vec![0u8; len];
+    s.read_exact(&mut why).await.unwrap();
+    let why = String::from_utf8(why).unwrap();
+    assert!(
+        why.contains("version 2") && why.contains("version 1"),
+        "{why}"
+    );
+    assert!(!r.root.join("vm1").exists(), "nothing was created for it");
 }

@@ -11,7 +11,7 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tandem_api::{FailoverReport, FtStatus, OutputRules, ProtectRequest, RulesChange};
-use tandem_replication::backup::{read_hello, Activate, Backup, BackupConfig};
+use tandem_replication::backup::{read_hello, read_identity, Activate, Backup, BackupConfig};
 use tandem_replication::link::{Endpoint, Listener};
 use tandem_replication::primary::{Primary, PrimaryConfig};
 use tandem_replication::tracker::TrackerChoice;
@@ -52,7 +52,35 @@ pub struct Ft {
     backup: Arc<Backup>,
 }
 
-struct SupervisorActivate(Arc<Supervisor>);
+struct SupervisorActivate {
+    sup: Arc<Supervisor>,
+    /// tandemd's per-VM FT state (`STATE/ft/<vm>/`).
+    ft_root: PathBuf,
+}
+
+/// This host's generation for `vm`: written when it takes the VM over (one
+/// more than the replica's), 0 for a VM that was created here.
+fn generation_file(ft_root: &std::path::Path, vm: &str) -> PathBuf {
+    ft_root.join(vm).join("generation")
+}
+
+fn read_generation(ft_root: &std::path::Path, vm: &str) -> u64 {
+    std::fs::read_to_string(generation_file(ft_root, vm))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_generation(ft_root: &std::path::Path, vm: &str, generation: u64) -> std::io::Result<()> {
+    let path = generation_file(ft_root, vm);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, generation.to_string())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(tmp, path)
+}
 
 impl Activate for SupervisorActivate {
     fn activate(
@@ -65,8 +93,13 @@ impl Activate for SupervisorActivate {
                 + Send,
         >,
     > {
-        let sup = self.0.clone();
-        Box::pin(async move { activate(&sup, &vm, &dir).await.map_err(Into::into) })
+        let sup = self.sup.clone();
+        let ft_root = self.ft_root.clone();
+        Box::pin(async move {
+            activate(&sup, &vm, &dir, &ft_root)
+                .await
+                .map_err(Into::into)
+        })
     }
 }
 
@@ -81,6 +114,8 @@ enum ActivateError {
     Manifest(#[from] serde_json::Error),
     #[error("{0}")]
     WriteManifest(#[source] std::io::Error),
+    #[error("recording this host's generation for the VM: {0}")]
+    Generation(#[source] std::io::Error),
     #[error("{0}")]
     SpecToml(#[from] toml::ser::Error),
     #[error("`{vm}` is already {state} on this host")]
@@ -98,8 +133,17 @@ async fn activate(
     sup: &Arc<Supervisor>,
     vm: &str,
     dir: &std::path::Path,
+    ft_root: &std::path::Path,
 ) -> Result<(), ActivateError> {
     let hello = read_hello(dir).map_err(ActivateError::Hello)?;
+    // The VM runs here from now on, one generation after the primary it
+    // replaces: a protection from this host carries it, and a backup
+    // refuses the old primary's.
+    let generation = read_identity(dir)
+        .map_err(ActivateError::Hello)?
+        .map_or(hello.generation, |id| id.generation)
+        + 1;
+    write_generation(ft_root, vm, generation).map_err(ActivateError::Generation)?;
     let mut spec: tandem_vmspec::VmSpec =
         toml::from_str(&hello.spec_toml).map_err(ActivateError::Spec)?;
     let mut disks = Vec::new();
@@ -131,8 +175,12 @@ async fn activate(
         }
         Ok(_) => {}
         Err(SupervisorError::NotFound(_)) => {
+            // The VM keeps its identity across the handover.
             let toml = toml::to_string(&spec)?;
-            sup.create(&toml).await?;
+            match hello.uuid.parse::<uuid::Uuid>() {
+                Ok(uuid) => sup.create_with_uuid(&toml, uuid).await?,
+                Err(_) => sup.create(&toml).await?,
+            };
         }
         Err(e) => return Err(e.into()),
     }
@@ -151,7 +199,13 @@ impl Ft {
         bcfg.takeover_timeout = settings.takeover_timeout;
         bcfg.suspect_after = settings.fence_timeout;
         bcfg.auto_failover = settings.auto_failover;
-        let backup = Backup::new(bcfg, Arc::new(SupervisorActivate(sup.clone())));
+        let backup = Backup::new(
+            bcfg,
+            Arc::new(SupervisorActivate {
+                sup: sup.clone(),
+                ft_root: settings.replica_root.with_file_name("ft"),
+            }),
+        );
         if let Some(ep) = &settings.listen {
             let listener = Listener::bind(ep).await?;
             info!(endpoint = %ep, "accepting replication streams");
@@ -238,6 +292,7 @@ impl Ft {
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
         let disks = crate::ftdisk::start(&port, &work).await?;
         let mut cfg = PrimaryConfig::new(backup);
+        cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm);
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;

@@ -8,13 +8,14 @@ use tracing::{info, warn};
 
 use super::fence::Contact;
 use super::guest::{CheckpointWindow, Guest, GuestError};
-use super::io::{differing_pages, write_frames};
+use super::io::{differing_pages, LinkWriter};
 use super::Engine;
 use crate::assembler::EpochBuilder;
 use crate::clock::Instant;
 use crate::ram::RamMap;
 use crate::tracker::{DirtyTracker, RamView, ScanTracker};
 use crate::wire::PAGE_SIZE;
+use crate::DiskFailure;
 
 pub(super) enum EpochError {
     /// The guest could not be stopped, saved or resumed.
@@ -35,9 +36,9 @@ impl<G: Guest> Engine<G> {
     /// The running copy that opens a session: every page the tracker (just
     /// marked all-dirty) reports, less those the backup's digest shows it
     /// already has, copied while the guest runs.
-    pub(super) async fn send_running_copy<W: tokio::io::AsyncWrite + Unpin>(
+    pub(super) async fn send_running_copy(
         &mut self,
-        wr: &mut W,
+        wr: &LinkWriter,
         ram: &RamMap,
         tracker: &mut Box<dyn DirtyTracker>,
         epoch: u64,
@@ -48,31 +49,35 @@ impl<G: Guest> Engine<G> {
             // Everything is copied now; marks from before are moot.
             let _ = log.drain();
         }
-        let (snapshot, dirty) = if tracker.tracks_moments() {
-            // Every write after this collect is caught by the next one; the
-            // copy, taken after it, holds every write before.
-            let data = ram.data_pages();
-            let dirty = tracker
-                .collect(RamView {
-                    bytes: ram.live(),
-                    data: data.as_ref(),
-                })
-                .map_err(|e| e.to_string())?;
-            (ram.snapshot(), dirty)
-        } else {
-            let snapshot = ram.snapshot();
-            let dirty = tracker
-                .collect(RamView::dense(&snapshot))
-                .map_err(|e| e.to_string())?;
-            (snapshot, dirty)
-        };
-        let collected = dirty.len();
-        let dirty = match &digest {
-            Some(replica) => differing_pages(RamView::dense(&snapshot), dirty, replica),
-            None => dirty,
-        };
-        let pages = copy_pages(&snapshot, &dirty);
-        drop(snapshot);
+        // Copying and hashing all of RAM takes a while: off the runtime, so
+        // the link's writer keeps the heartbeats going meanwhile.
+        let (dirty, pages, collected) = off_the_runtime(|| -> Result<_, String> {
+            let (snapshot, dirty) = if tracker.tracks_moments() {
+                // Every write after this collect is caught by the next one;
+                // the copy, taken after it, holds every write before.
+                let data = ram.data_pages();
+                let dirty = tracker
+                    .collect(RamView {
+                        bytes: ram.live(),
+                        data: data.as_ref(),
+                    })
+                    .map_err(|e| e.to_string())?;
+                (ram.snapshot(), dirty)
+            } else {
+                let snapshot = ram.snapshot();
+                let dirty = tracker
+                    .collect(RamView::dense(&snapshot))
+                    .map_err(|e| e.to_string())?;
+                (snapshot, dirty)
+            };
+            let collected = dirty.len();
+            let dirty = match &digest {
+                Some(replica) => differing_pages(RamView::dense(&snapshot), dirty, replica),
+                None => dirty,
+            };
+            let pages = copy_pages(&snapshot, &dirty);
+            Ok((dirty, pages, collected))
+        })?;
         let disk_writes: Vec<Vec<u8>> = self.disks.iter().map(|d| d.take_writes()).collect();
         let frames = EpochBuilder::build(
             self.port.ram_size(),
@@ -85,9 +90,7 @@ impl<G: Guest> Engine<G> {
         // A full copy may take a while to ship; it is bounded by its size,
         // not by the fencing timeout (acks and heartbeats keep flowing).
         let bound = Duration::from_secs(600);
-        let bytes = write_frames(wr, &frames, bound)
-            .await
-            .map_err(|e| e.to_string())?;
+        let bytes = wr.send(frames, bound).await.map_err(|e| e.to_string())?;
         info!(
             vm = %self.port.name(),
             pages = dirty.len(),
@@ -111,9 +114,9 @@ impl<G: Guest> Engine<G> {
 
     /// Checkpoint `epoch`: captured inside one stop window, then shipped
     /// while the guest runs.
-    pub(super) async fn epoch<W: tokio::io::AsyncWrite + Unpin>(
+    pub(super) async fn epoch(
         &mut self,
-        wr: &mut W,
+        wr: &LinkWriter,
         ram: &RamMap,
         tracker: &mut Box<dyn DirtyTracker>,
         epoch: u64,
@@ -132,10 +135,16 @@ impl<G: Guest> Engine<G> {
             device_state,
             disk_writes,
         } = captured;
-        if !device_state.is_empty() {
-            if self.first_consistent.is_none() {
+        if device_state.is_empty() {
+            // Once the backup commits this epoch its replica's RAM is ahead
+            // of its device state: nothing there is resumable until an
+            // epoch with device state follows.
+            self.stateless_since.get_or_insert(epoch);
+        } else {
+            if self.first_consistent.is_none() || self.stateless_since.is_some() {
                 self.first_consistent = Some(epoch);
             }
+            self.stateless_since = None;
             // Armed before the epoch is sent: the backup can only arm
             // itself with an epoch the primary sent.
             if contact.arm() {
@@ -151,7 +160,8 @@ impl<G: Guest> Engine<G> {
             &device_state,
             &disk_writes,
         );
-        let bytes = write_frames(wr, &frames, write_bound)
+        let bytes = wr
+            .send(frames, write_bound)
             .await
             .map_err(|e| EpochError::Link(e.to_string()))?;
         let (p50, p99) = self.pauses.p50_p99();
@@ -195,8 +205,12 @@ impl<G: Guest> Engine<G> {
         }
         let stopped_at = Instant::now();
         // Until every disk's initial copy is done, an epoch is RAM only:
-        // resuming it would find an incomplete disk.
-        let with_state = self.disks.iter().all(|d| d.is_synced());
+        // resuming it would find an incomplete disk. Likewise while a disk's
+        // log has lost writes (its mirror failed): that is checked now, with
+        // the guest stopped, so no write acknowledged before the stop can be
+        // missing from an epoch that carries device state.
+        let failed = self.check_disks().await;
+        let with_state = failed.is_none() && self.disks.iter().all(|d| d.is_synced());
         // QEMU saving its devices beside the scan could, in principle,
         // write guest RAM. A content scan catches that (it copies after
         // hashing, and re-reports next epoch a page whose hash it took
@@ -236,6 +250,27 @@ impl<G: Guest> Engine<G> {
             device_state,
             disk_writes,
         })
+    }
+
+    /// Every disk's check; the first failure, which is also published (the
+    /// protection is degraded until the disk is copied again).
+    async fn check_disks(&mut self) -> Option<DiskFailure> {
+        let mut failed = None;
+        for d in &self.disks {
+            if let Err(e) = d.check().await {
+                failed.get_or_insert(e);
+            }
+        }
+        match &failed {
+            Some(e) => {
+                if self.disk_failure.as_ref() != Some(e) {
+                    warn!(vm = %self.port.name(), "{e}: epochs carry no device state until the disk is copied again");
+                }
+                self.disk_failure = Some(e.clone());
+            }
+            None => self.disk_failure = None,
+        }
+        failed
     }
 
     /// The pages written since the last checkpoint (the guest is stopped).

@@ -55,6 +55,8 @@ pub trait Guest: Clone + Send + Sync + 'static {
         Self: 'a;
 
     fn name(&self) -> &str;
+    /// The VM's identity (its UUID, as text): a replica belongs to one.
+    fn uuid(&self) -> String;
     /// The shared-memory file QEMU's RAM lives in.
     fn ram_file(&self) -> &Path;
     fn ram_size(&self) -> u64;
@@ -103,6 +105,9 @@ impl Guest for GuestPort {
 
     fn name(&self) -> &str {
         GuestPort::name(self)
+    }
+    fn uuid(&self) -> String {
+        GuestPort::uuid(self).to_string()
     }
     fn ram_file(&self) -> &Path {
         GuestPort::ram_file(self)

@@ -3,11 +3,12 @@
 //! liveness is seen even while the loop is busy sending) and passes the
 //! rest on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::fence::Contact;
 use crate::clock::Instant;
@@ -18,36 +19,117 @@ use crate::EpochObserver;
 /// A frame from the backup for the epoch loop, or why the link ended.
 pub(super) type FromBackup = Result<Frame, String>;
 
-pub(super) async fn send<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    f: &Frame,
-    bound: Duration,
-) -> std::io::Result<()> {
-    write_frames(w, std::slice::from_ref(f), bound)
-        .await
-        .map(|_| ())
+/// The link's sending half, driven by its own task. Frames the epoch loop
+/// queues go out in order; whenever nothing has gone out for a heartbeat
+/// interval, a heartbeat does — also while the loop is busy without sending
+/// (copying or scanning RAM for a running copy, waiting for the backup's
+/// digest), so the backup never takes a busy primary for a dead one.
+pub(super) struct LinkWriter {
+    queue: mpsc::UnboundedSender<Batch>,
+    /// Set by the loop while it idles (the test hook that restores
+    /// heartbeats-only-when-idle reads it).
+    idle: Arc<AtomicBool>,
+    _task: AbortOnDrop,
 }
 
-/// Writes frames, giving up after `bound`: a backup that stopped reading
-/// must not hold the epoch loop forever.
-pub(super) async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    frames: &[Frame],
-    bound: Duration,
-) -> std::io::Result<u64> {
-    let io = async {
-        let mut bytes = 0u64;
-        for f in frames {
-            let enc = f.encode();
-            bytes += enc.len() as u64;
-            w.write_all(&enc).await?;
+struct Batch {
+    frames: Vec<Frame>,
+    done: oneshot::Sender<std::io::Result<u64>>,
+}
+
+impl LinkWriter {
+    pub(super) fn spawn<W>(wr: W, heartbeat: Duration, only_when_idle: bool) -> LinkWriter
+    where
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let idle = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(write_loop(
+            wr,
+            rx,
+            heartbeat,
+            only_when_idle.then(|| idle.clone()),
+        ));
+        LinkWriter {
+            queue,
+            idle,
+            _task: AbortOnDrop(task),
         }
-        w.flush().await?;
-        Ok(bytes)
-    };
-    tokio::time::timeout(bound, io)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "send timed out"))?
+    }
+
+    /// Sends `frames`, giving up after `bound`: a backup that stopped
+    /// reading must not hold the epoch loop forever. Returns the bytes sent.
+    pub(super) async fn send(&self, frames: Vec<Frame>, bound: Duration) -> std::io::Result<u64> {
+        let (done, result) = oneshot::channel();
+        self.queue
+            .send(Batch { frames, done })
+            .map_err(|_| std::io::Error::other("the link is closed"))?;
+        match tokio::time::timeout(bound, result).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(std::io::Error::other("the link is closed")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "send timed out",
+            )),
+        }
+    }
+
+    /// Sends one frame.
+    pub(super) async fn send_one(&self, frame: Frame, bound: Duration) -> std::io::Result<()> {
+        self.send(vec![frame], bound).await.map(|_| ())
+    }
+
+    pub(super) fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+    }
+}
+
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    wr: W,
+    mut batches: mpsc::UnboundedReceiver<Batch>,
+    heartbeat: Duration,
+    only_when_idle: Option<Arc<AtomicBool>>,
+) {
+    let mut wr = tokio::io::BufWriter::with_capacity(4 << 20, wr);
+    let mut last = Instant::now();
+    loop {
+        let batch = tokio::select! {
+            b = batches.recv() => match b {
+                Some(b) => b,
+                None => return,
+            },
+            _ = tokio::time::sleep_until(last + heartbeat) => {
+                last = Instant::now();
+                if only_when_idle.as_ref().is_some_and(|idle| !idle.load(Ordering::Relaxed)) {
+                    continue;
+                }
+                let hb = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]).encode();
+                if wr.write_all(&hb).await.is_err() || wr.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut sent = 0u64;
+        let mut result = Ok(());
+        for f in &batch.frames {
+            let enc = f.encode();
+            if let Err(e) = wr.write_all(&enc).await {
+                result = Err(e);
+                break;
+            }
+            sent += enc.len() as u64;
+        }
+        if result.is_ok() {
+            result = wr.flush().await;
+        }
+        last = Instant::now();
+        let failed = result.is_err();
+        let _ = batch.done.send(result.map(|()| sent));
+        if failed {
+            return;
+        }
+    }
 }
 
 /// Reads the backup's frames: acks and heartbeats are handled here (so

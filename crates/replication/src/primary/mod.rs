@@ -67,6 +67,22 @@ pub struct PrimaryConfig {
     pub external_log: Option<Arc<tandem_dirty::PageLog>>,
     /// Where every timeout reads the time.
     pub clock: Arc<dyn Clock>,
+    /// This host's generation for the VM: 0 for a VM created here, one more
+    /// than its replica's for a VM this host took over. The backup refuses
+    /// a primary older than its replica.
+    pub generation: u64,
+    #[cfg(feature = "fault-injection")]
+    pub faults: PrimaryFaults,
+}
+
+/// Test-only switches that restore the behaviour before a fix, so a test
+/// can show it would catch the bug (`fault-injection` builds only).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrimaryFaults {
+    /// Heartbeats only while the epoch loop idles (the version-1
+    /// behaviour): a long running copy or digest wait is silence.
+    pub heartbeats_only_when_idle: bool,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -81,6 +97,7 @@ impl std::fmt::Debug for PrimaryConfig {
             .field("tracker", &self.tracker)
             .field("external_writers", &self.external_writers)
             .field("external_log", &self.external_log.is_some())
+            .field("generation", &self.generation)
             .finish()
     }
 }
@@ -104,6 +121,9 @@ impl PrimaryConfig {
             external_writers: false,
             external_log: None,
             clock: Arc::new(SystemClock),
+            generation: 0,
+            #[cfg(feature = "fault-injection")]
+            faults: PrimaryFaults::default(),
         }
     }
 }
@@ -139,8 +159,11 @@ impl Primary {
             pauses: PauseStats::new(1024),
             epochs_started: None,
             first_consistent: None,
+            stateless_since: None,
             last_error: None,
             fenced_retries: 0,
+            instance: new_instance(),
+            disk_failure: None,
         };
         let task = tokio::spawn(engine.run());
         Primary {
@@ -184,10 +207,31 @@ struct Engine<G: Guest> {
     /// The first epoch of this connection that carries device state: once
     /// it commits, the backup can resume the guest.
     first_consistent: Option<u64>,
+    /// The first epoch without device state sent since the last one with
+    /// it: once the backup commits it, its replica is not resumable.
+    stateless_since: Option<u64>,
     /// Why the previous connection failed, shown until protection is back.
     last_error: Option<String>,
     /// Reconnection attempts since the guest was fenced (backs off).
     fenced_retries: u32,
+    /// This protection's instance, in every hello: the backup lets a
+    /// reconnect of the same instance replace its old connection, and
+    /// refuses another instance while this one is alive.
+    instance: u64,
+    /// A disk whose log lost writes, as last checked: shown until the disk
+    /// has been copied again.
+    disk_failure: Option<crate::DiskFailure>,
+}
+
+/// A random instance number (the process's hasher keys are random; the
+/// time makes two protections of one process differ).
+fn new_instance() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::collections::hash_map::RandomState::new().hash_one(now)
 }
 
 /// How one connection ended.
@@ -199,6 +243,13 @@ enum Ended {
 }
 
 impl<G: Guest> Engine<G> {
+    fn heartbeats_only_when_idle(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.heartbeats_only_when_idle;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
     fn set(&self, f: impl FnOnce(&mut FtStatus)) {
         f(&mut self.status.lock());
     }

@@ -6,22 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_api::FtState;
-use tokio::io::{split, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{split, ReadHalf};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::epoch::{next_schedule, EpochError};
 use super::fence::Contact;
 use super::guest::{Guest, GuestExit};
-use super::io::{backup_reason, read_loop, receive_digest, send, AbortOnDrop, FromBackup};
+use super::io::{backup_reason, read_loop, receive_digest, AbortOnDrop, FromBackup, LinkWriter};
 use super::{Ended, Engine};
 use crate::clock::Instant;
 use crate::link::BoxStream;
 use crate::ram::RamMap;
 use crate::tracker::DirtyTracker;
 use crate::wire::{Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
-
-type Writer = BufWriter<WriteHalf<BoxStream>>;
 
 /// What the backup says it holds when a connection opens.
 struct Opened {
@@ -39,8 +37,8 @@ impl<G: Guest> Engine<G> {
         contact: &Arc<Contact>,
     ) -> Ended {
         let (rd, wr) = split(conn);
-        let mut wr = BufWriter::with_capacity(4 << 20, wr);
-        let opened = match self.open(&mut wr, rd, contact).await {
+        let wr = LinkWriter::spawn(wr, self.cfg.heartbeat, self.heartbeats_only_when_idle());
+        let opened = match self.open(&wr, rd, contact).await {
             Ok(o) => o,
             Err(why) => return Ended::Lost(why),
         };
@@ -56,13 +54,10 @@ impl<G: Guest> Engine<G> {
             // backup may be armed on them.
             contact.arm();
         }
-        if let Err(why) = self
-            .start_copy(&mut wr, &mut acks, ram, tracker, base)
-            .await
-        {
+        if let Err(why) = self.start_copy(&wr, &mut acks, ram, tracker, base).await {
             return Ended::Lost(why);
         }
-        self.epoch_loop(&mut wr, &mut acks, ram, tracker, contact, base)
+        self.epoch_loop(&wr, &mut acks, ram, tracker, contact, base)
             .await
     }
 
@@ -70,12 +65,15 @@ impl<G: Guest> Engine<G> {
     /// epoch it has committed; 0: none).
     async fn open(
         &mut self,
-        wr: &mut Writer,
+        wr: &LinkWriter,
         rd: ReadHalf<BoxStream>,
         contact: &Arc<Contact>,
     ) -> Result<Opened, String> {
         let hello = Hello {
             vm: self.port.name().to_string(),
+            uuid: self.port.uuid(),
+            generation: self.cfg.generation,
+            instance: self.instance,
             ram_size: self.port.ram_size(),
             page_size: PAGE_SIZE as u64,
             spec_toml: self.port.spec_toml(),
@@ -89,9 +87,8 @@ impl<G: Guest> Engine<G> {
                 .collect(),
         };
         let payload = serde_json::to_vec(&hello).map_err(|e| format!("encoding hello: {e}"))?;
-        send(
-            wr,
-            &Frame::new(FrameKind::Hello, 0, 0, payload),
+        wr.send_one(
+            Frame::new(FrameKind::Hello, 0, 0, payload),
             self.cfg.fence_timeout,
         )
         .await
@@ -154,7 +151,7 @@ impl<G: Guest> Engine<G> {
     /// last commit is unknown).
     async fn start_copy(
         &mut self,
-        wr: &mut Writer,
+        wr: &LinkWriter,
         acks: &mut mpsc::UnboundedReceiver<FromBackup>,
         ram: &RamMap,
         tracker: &mut Box<dyn DirtyTracker>,
@@ -162,6 +159,7 @@ impl<G: Guest> Engine<G> {
     ) -> Result<(), String> {
         let epoch = base + 1;
         self.first_consistent = None;
+        self.stateless_since = Some(epoch);
         // The running copy is not consistent; the first consistent epoch
         // is the one after it.
         self.set(|s| s.open_epoch = s.open_epoch.max(epoch + 1));
@@ -199,7 +197,7 @@ impl<G: Guest> Engine<G> {
     /// connection ends.
     async fn epoch_loop(
         &mut self,
-        wr: &mut Writer,
+        wr: &LinkWriter,
         acks: &mut mpsc::UnboundedReceiver<FromBackup>,
         ram: &RamMap,
         tracker: &mut Box<dyn DirtyTracker>,
@@ -209,21 +207,15 @@ impl<G: Guest> Engine<G> {
         let write_bound = self.cfg.fence_timeout;
         let mut epoch = base + 2;
         let mut next_epoch = Instant::now();
-        let mut last_send = Instant::now();
         loop {
             if let Some(ended) = self.interrupted(wr, acks, contact).await {
                 return ended;
             }
-            let inflight = self.refresh_status(contact, base, epoch);
+            let inflight = self.refresh_status(contact, epoch);
             let now = Instant::now();
             if now < next_epoch || inflight >= self.cfg.max_inflight {
-                if last_send.elapsed() >= self.cfg.heartbeat {
-                    let hb = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]);
-                    if let Err(e) = send(wr, &hb, write_bound).await {
-                        return Ended::Lost(format!("heartbeat: {e}"));
-                    }
-                    last_send = Instant::now();
-                }
+                // Heartbeats go out from the link's writer meanwhile.
+                wr.set_idle(true);
                 let wake = if inflight >= self.cfg.max_inflight {
                     now + Duration::from_millis(2)
                 } else {
@@ -233,6 +225,7 @@ impl<G: Guest> Engine<G> {
                     _ = tokio::time::sleep_until(wake) => false,
                     r = self.stop.changed() => r.is_err(),
                 };
+                wr.set_idle(false);
                 if owner_gone {
                     return Ended::Stopped;
                 }
@@ -262,7 +255,6 @@ impl<G: Guest> Engine<G> {
                     return Ended::Lost(why.unwrap_or_else(|| format!("epoch {epoch}: {e}")));
                 }
             }
-            last_send = Instant::now();
             epoch += 1;
         }
     }
@@ -271,7 +263,7 @@ impl<G: Guest> Engine<G> {
     /// from the backup, a fence, a stop, or the guest gone.
     async fn interrupted(
         &mut self,
-        wr: &mut Writer,
+        wr: &LinkWriter,
         acks: &mut mpsc::UnboundedReceiver<FromBackup>,
         contact: &Contact,
     ) -> Option<Ended> {
@@ -292,7 +284,7 @@ impl<G: Guest> Engine<G> {
         }
         if *self.stop.borrow() {
             let bye = Frame::new(FrameKind::Bye, 0, 0, vec![]);
-            let _ = send(wr, &bye, write_bound).await;
+            let _ = wr.send_one(bye, write_bound).await;
             return Some(Ended::Stopped);
         }
         if self.port.is_closed() {
@@ -303,25 +295,34 @@ impl<G: Guest> Engine<G> {
 
     /// Publishes what the backup has committed; returns the epochs in
     /// flight. `epoch` is the next one to send.
-    fn refresh_status(&mut self, contact: &Contact, base: u64, epoch: u64) -> u64 {
+    fn refresh_status(&mut self, contact: &Contact, epoch: u64) -> u64 {
         let committed = *self.committed_tx.borrow();
-        // Once the backup has committed this session's running copy, and
+        // Once the backup has committed an epoch without device state (this
+        // session's running copy, or an epoch after a disk lost writes), and
         // no epoch with device state has been sent since, it holds nothing
         // it could resume (it disarmed on that commit): a fence would only
-        // pause the guest for nothing.
-        if committed > base && self.first_consistent.is_none() && contact.disarm() {
-            info!(vm = %self.port.name(), "the backup holds only the running copy: fencing disarmed until the next epoch with device state");
+        // pause the guest for nothing. Not before that commit: until then
+        // the backup may still be armed on its previous consistent epoch.
+        let stale = self.stateless_since.is_some_and(|e| committed >= e);
+        if stale && contact.disarm() {
+            info!(vm = %self.port.name(), "the backup holds nothing resumable: fencing disarmed until the next epoch with device state");
         }
         let inflight = (epoch - 1).saturating_sub(committed);
-        let consistent = self.first_consistent.is_some_and(|e| committed >= e);
+        let consistent = !stale && self.first_consistent.is_some_and(|e| committed >= e);
         if consistent {
             self.last_error = None;
         }
         let syncing_disks = self.disks.iter().filter(|d| !d.is_synced()).count();
+        let disk_failure = self.disk_failure.clone();
         self.set(|s| {
             s.last_committed = committed;
             s.lag_epochs = inflight;
-            if consistent {
+            if let Some(e) = disk_failure {
+                // Loud: the backup's replica stops at the last consistent
+                // epoch until the disk is copied again.
+                s.state = FtState::Degraded;
+                s.detail = format!("{e}; no new consistent epoch until it is copied again");
+            } else if consistent {
                 s.state = FtState::Protected;
                 s.detail.clear();
             } else if s.state == FtState::Degraded {
@@ -339,7 +340,7 @@ impl<G: Guest> Engine<G> {
     /// out its takeover timeout; after a shutdown (the guest powered off, or
     /// a stop was asked for) it must not take over at all. Unrecorded: say
     /// nothing, and the backup decides by silence as for any failure.
-    pub(super) async fn guest_gone(&self, wr: &mut Writer, bound: Duration) -> Ended {
+    pub(super) async fn guest_gone(&self, wr: &LinkWriter, bound: Duration) -> Ended {
         let noticed = Instant::now();
         let deadline = noticed + Duration::from_secs(2);
         let exit = loop {
@@ -356,7 +357,7 @@ impl<G: Guest> Engine<G> {
             Some(GuestExit::Crashed) => {
                 let ms = noticed.elapsed().as_millis() as u64;
                 let lost = Frame::new(FrameKind::GuestLost, 0, 0, ms.to_le_bytes().to_vec());
-                match send(wr, &lost, bound).await {
+                match wr.send_one(lost, bound).await {
                     Ok(()) => warn!(%vm, "QEMU crashed: the backup is told to take over now"),
                     Err(e) => {
                         warn!(%vm, "QEMU crashed; telling the backup failed ({e}): it takes over by silence")
@@ -364,7 +365,8 @@ impl<G: Guest> Engine<G> {
                 }
             }
             Some(GuestExit::ShutDown) => {
-                let _ = send(wr, &Frame::new(FrameKind::Bye, 0, 0, vec![]), bound).await;
+                let bye = Frame::new(FrameKind::Bye, 0, 0, vec![]);
+                let _ = wr.send_one(bye, bound).await;
                 info!(%vm, "the guest shut down: the backup is told not to take over");
             }
             None => warn!(

@@ -118,6 +118,9 @@ impl Guest for FakeGuest {
     fn name(&self) -> &str {
         "web"
     }
+    fn uuid(&self) -> String {
+        "5d0c3f0e-8a43-4d2b-9b7e-2f5b8f0e1a01".into()
+    }
     fn ram_file(&self) -> &Path {
         &self.ram
     }
@@ -184,9 +187,20 @@ impl Guest for FakeGuest {
 
 // ----------------------------------------------------------------- a disk
 
-/// A disk whose initial copy completes when the test says so.
+/// A disk whose initial copy completes, and whose mirror fails, when the
+/// test says so.
 struct FakeDisk {
     synced: AtomicBool,
+    failed: AtomicBool,
+}
+
+impl FakeDisk {
+    fn new(synced: bool) -> Arc<FakeDisk> {
+        Arc::new(FakeDisk {
+            synced: AtomicBool::new(synced),
+            failed: AtomicBool::new(false),
+        })
+    }
 }
 
 impl crate::DiskSource for FakeDisk {
@@ -202,6 +216,18 @@ impl crate::DiskSource for FakeDisk {
     fn resync_all(&self) {}
     fn is_synced(&self) -> bool {
         self.synced.load(Ordering::SeqCst)
+    }
+    fn check(&self) -> BoxFuture<'_, Result<(), crate::DiskFailure>> {
+        let failed = self.failed.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if failed {
+                return Err(crate::DiskFailure {
+                    disk: "data".into(),
+                    reason: "the mirror job was cancelled".into(),
+                });
+            }
+            Ok(())
+        })
     }
 }
 
@@ -263,6 +289,13 @@ impl Backup {
 
     /// Reads hello, answers with `base` and an empty digest.
     async fn handshake(conn: DuplexStream, base: u64) -> Backup {
+        Backup::handshake_slowly(conn, base, Duration::ZERO).await.0
+    }
+
+    /// [`Backup::handshake`], with the digest `delay` late (hashing a large
+    /// replica takes a backup a while); also returns how many heartbeats
+    /// the primary sent meanwhile.
+    async fn handshake_slowly(conn: DuplexStream, base: u64, delay: Duration) -> (Backup, usize) {
         let (mut rd, mut wr) = tokio::io::split(conn);
         let (tx, mut frames) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -276,17 +309,28 @@ impl Backup {
         assert_eq!(hello.kind, FrameKind::Hello);
         let hello: Hello = serde_json::from_slice(&hello.payload).unwrap();
         assert_eq!(hello.vm, "web");
-        let mut out = vec![Frame::new(FrameKind::Committed, base, 0, vec![])];
-        out.extend(wire::ReplicaDigest::frames(base, &[]));
-        for f in out {
+        let answer = Frame::new(FrameKind::Committed, base, 0, vec![]);
+        wr.write_all(&answer.encode()).await.unwrap();
+        let mut heartbeats = 0;
+        let end = Instant::now() + delay;
+        while let Ok(Some(f)) = tokio::time::timeout_at(end, frames.recv()).await {
+            assert_eq!(
+                f.kind,
+                FrameKind::Heartbeat,
+                "nothing but heartbeats before the digest"
+            );
+            heartbeats += 1;
+        }
+        for f in wire::ReplicaDigest::frames(base, &[]) {
             wr.write_all(&f.encode()).await.unwrap();
         }
-        Backup {
+        let backup = Backup {
             frames,
             wr,
             asm: EpochAssembler::new(base + 1, PAGES * PAGE_SIZE as u64),
             last_committed: base,
-        }
+        };
+        (backup, heartbeats)
     }
 
     /// Assembles `f`; `Ok(Some((epoch, has device state)))` when it
@@ -367,12 +411,18 @@ fn start(
     guest: &FakeGuest,
     disks: Vec<Arc<dyn DiskSource>>,
 ) -> (Primary, mpsc::UnboundedReceiver<DuplexStream>) {
+    start_with(guest, disks, |_| {})
+}
+
+fn start_with(
+    guest: &FakeGuest,
+    disks: Vec<Arc<dyn DiskSource>>,
+    set: impl FnOnce(&mut PrimaryConfig),
+) -> (Primary, mpsc::UnboundedReceiver<DuplexStream>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let p = Primary::spawn(
-        guest.clone(),
-        config(Arc::new(Pipe { accepted: tx })),
-        disks,
-    );
+    let mut cfg = config(Arc::new(Pipe { accepted: tx }));
+    set(&mut cfg);
+    let p = Primary::spawn(guest.clone(), cfg, disks);
     (p, rx)
 }
 
@@ -390,9 +440,7 @@ async fn until(limit: Duration, mut cond: impl FnMut() -> bool) {
 #[tokio::test(start_paused = true)]
 async fn fencing_is_armed_only_by_the_first_consistent_epoch() {
     let guest = FakeGuest::new();
-    let disk = Arc::new(FakeDisk {
-        synced: AtomicBool::new(false),
-    });
+    let disk = FakeDisk::new(false);
     let (primary, mut accepted) = start(&guest, vec![disk.clone()]);
     let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
     // The disk's initial copy is under way: epochs carry no device state,
@@ -609,4 +657,91 @@ fn the_epoch_schedule_does_not_drift_and_does_not_burst() {
     // period after the late start, not three catch-up epochs at once.
     let late = due + epoch * 3;
     assert_eq!(next_schedule(due, late, epoch), late + epoch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_disk_that_lost_writes_stops_consistent_epochs_and_says_so() {
+    let guest = FakeGuest::new();
+    let disk = FakeDisk::new(true);
+    let (primary, mut accepted) = start(&guest, vec![disk.clone()]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+
+    // The mirror fails: from the next stop on, no epoch carries device
+    // state, and the status says why.
+    disk.failed.store(true, Ordering::SeqCst);
+    let stateless = loop {
+        let (e, consistent) = backup.epoch().await.expect("an epoch");
+        backup.commit(e).await;
+        if !consistent {
+            break e;
+        }
+    };
+    for _ in 0..5 {
+        let (e, consistent) = backup.epoch().await.expect("an epoch");
+        assert!(
+            !consistent,
+            "epoch {e} carried device state past a failed disk"
+        );
+        backup.commit(e).await;
+    }
+    let st = primary.status();
+    assert_eq!(st.state, FtState::Degraded, "{st:?}");
+    assert!(
+        st.detail.contains("mirror job was cancelled"),
+        "{}",
+        st.detail
+    );
+    assert!(st.last_committed >= stateless);
+    // The backup has committed a stateless epoch: it can resume nothing,
+    // so its silence must not pause the guest.
+    let unanswered = backup.silent_for(FENCE * 4).await;
+    assert_eq!(guest.fences(), 0, "{:?}", guest.events());
+
+    // The disk is whole again: device state returns, and so does
+    // protection (and with it, fencing).
+    disk.failed.store(false, Ordering::SeqCst);
+    if let Some(&(e, _)) = unanswered.last() {
+        backup.commit(e).await;
+    }
+    loop {
+        let (e, consistent) = backup.epoch().await.expect("an epoch");
+        backup.commit(e).await;
+        if consistent {
+            break;
+        }
+    }
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    until(Duration::from_millis(50), || {
+        guest.with(|s| s.lease).is_some()
+    })
+    .await;
+    primary.stop().await;
+}
+
+/// Heartbeats the primary sends while the backup takes ten heartbeat
+/// intervals to send its digest (the loop is waiting, not idle).
+async fn heartbeats_during_a_slow_digest(only_when_idle: bool) -> usize {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start_with(&guest, vec![], |cfg| {
+        cfg.faults.heartbeats_only_when_idle = only_when_idle;
+    });
+    let conn = Backup::accept(&mut accepted).await;
+    let (_backup, heartbeats) = Backup::handshake_slowly(conn, 0, HEARTBEAT * 10).await;
+    primary.stop().await;
+    heartbeats
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_flow_while_the_loop_waits_for_the_backup() {
+    let n = heartbeats_during_a_slow_digest(false).await;
+    assert!(n >= 8, "{n} heartbeats in ten intervals");
+}
+
+/// The seeded bug: heartbeats only from the idle branch. The test above
+/// must see the silence.
+#[tokio::test(start_paused = true)]
+async fn with_heartbeats_only_when_idle_the_backup_hears_nothing() {
+    assert_eq!(heartbeats_during_a_slow_digest(true).await, 0);
 }
