@@ -27,7 +27,17 @@
 //! - Writes and their log entries are ordered by one lock per export, so
 //!   a [`Export::take_writes`] is an exact cut even with several
 //!   connections writing at once.
+//! - The log is bounded in bytes ([`Export::set_log_cap`], default
+//!   [`DEFAULT_LOG_CAP`]): past the cap it is dropped and the next take
+//!   returns [`LogOverflow`], which means "resend the whole backing file".
+//! - The owner can watch the one client it connects
+//!   ([`Export::expect_client`], [`Export::client_check`]): a refused write,
+//!   the connection ending or a second client is remembered at once, so
+//!   whether the log holds every write the client sent is known without a
+//!   round trip to it.
 
+mod client;
+mod pending;
 pub mod proto;
 mod server;
 mod writelog;
@@ -36,6 +46,8 @@ mod zero;
 use std::io;
 use std::path::PathBuf;
 
+pub use client::{ClientFault, ClientToken};
+pub use pending::{LogOverflow, DEFAULT_LOG_CAP};
 pub use server::{
     serve_stream, serve_tcp, serve_unix, Export, ExportStats, ServerHandle, DEFAULT_EXPORT_NAME,
 };

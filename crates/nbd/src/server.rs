@@ -22,6 +22,8 @@ use tokio::sync::{watch, Mutex as AsyncMutex, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::client::{ClientFault, ClientToken, Clients};
+use crate::pending::{LogOverflow, PendingLog, DEFAULT_LOG_CAP};
 use crate::proto::{self, ClientFlags, Command, OptionHeader, OptionOutcome, Request, Verdict};
 use crate::writelog::{DiskWrite, WriteLog};
 use crate::zero::zero_range;
@@ -96,7 +98,10 @@ pub struct Export {
     /// the log's order is the order the file saw, and a take always cuts
     /// between two whole writes: file state at the take = state at the
     /// previous take + the returned log, even with concurrent writers.
-    log: Mutex<WriteLog>,
+    /// Bounded in bytes: see [`set_log_cap`](Self::set_log_cap).
+    log: Mutex<PendingLog>,
+    /// The client the owner watches (see [`expect_client`](Self::expect_client)).
+    clients: Mutex<Clients>,
     counters: Counters,
 }
 
@@ -171,7 +176,8 @@ impl Export {
             size,
             path,
             file,
-            log: Mutex::new(WriteLog::new()),
+            log: Mutex::new(PendingLog::new(DEFAULT_LOG_CAP)),
+            clients: Mutex::new(Clients::default()),
             counters: Counters::default(),
         }))
     }
@@ -188,7 +194,7 @@ impl Export {
         &self.path
     }
 
-    fn log(&self) -> MutexGuard<'_, WriteLog> {
+    fn log(&self) -> MutexGuard<'_, PendingLog> {
         // A lock that cannot be poisoned: nothing panics while holding it,
         // and if something ever did, the log is still a valid prefix of
         // what the file saw.
@@ -199,14 +205,53 @@ impl Export {
     /// new, empty log. Call it at the epoch boundary, with the VM stopped
     /// (and so its block layer drained): every write QEMU has completed is
     /// then in the returned log.
-    pub fn take_writes(&self) -> WriteLog {
-        std::mem::take(&mut *self.log())
+    ///
+    /// `Err` when the writes since the previous call passed the log's cap
+    /// and were dropped: the caller must then resend the whole backing
+    /// file, read *after* this call (it holds every dropped write; writes
+    /// racing with the read are in the next log).
+    pub fn take_writes(&self) -> Result<WriteLog, LogOverflow> {
+        self.log().take()
     }
 
-    /// Number of writes and payload bytes recorded since the last take.
+    /// Number of writes and payload bytes recorded since the last take
+    /// (0, 0 once the log has overflowed).
     pub fn pending(&self) -> (usize, u64) {
-        let log = self.log();
-        (log.len(), log.bytes())
+        self.log().pending()
+    }
+
+    /// Whether the log has passed its cap since the last take, and by what.
+    pub fn overflow(&self) -> Option<LogOverflow> {
+        self.log().overflow()
+    }
+
+    /// The log's cap in bytes: payload plus a record's bookkeeping per
+    /// write ([`DEFAULT_LOG_CAP`] unless set). Past it the log is dropped
+    /// and the next [`take_writes`](Self::take_writes) reports the
+    /// overflow, so memory stays bounded however long nobody takes.
+    pub fn log_cap(&self) -> u64 {
+        self.log().cap()
+    }
+
+    /// Sets the log's cap; a log already past it overflows at once.
+    pub fn set_log_cap(&self, bytes: u64) {
+        let dropped = self.log().set_cap(bytes);
+        drop(dropped);
+    }
+
+    /// Starts watching for the client the owner is about to connect: the
+    /// next connection to reach the transmission phase. See
+    /// [`client_check`](Self::client_check).
+    pub fn expect_client(&self) -> ClientToken {
+        self.clients.lock().expect()
+    }
+
+    /// Whether the client `token` names is attached and every write it
+    /// sent was applied and logged: `Err` from its first refused write,
+    /// its disconnection, or a second client attaching, for good. No I/O;
+    /// a lock and a comparison.
+    pub fn client_check(&self, token: ClientToken) -> Result<(), ClientFault> {
+        self.clients.lock().check(token)
     }
 
     pub fn stats(&self) -> ExportStats {
@@ -237,11 +282,13 @@ impl Export {
     }
 
     fn write_data(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        {
+        let dropped = {
             let mut log = self.log();
             self.file.write_all_at(&data, offset)?;
-            log.push(DiskWrite::Data { offset, data });
-        }
+            log.push(DiskWrite::Data { offset, data })
+        };
+        // An overflowed log is freed here, outside the lock.
+        drop(dropped);
         if fua {
             self.file.sync_data()?;
         }
@@ -249,11 +296,12 @@ impl Export {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_punch: bool, fua: bool) -> io::Result<()> {
-        {
+        let dropped = {
             let mut log = self.log();
             zero_range(&self.file, offset, len, may_punch)?;
-            log.push(DiskWrite::Zero { offset, len });
-        }
+            log.push(DiskWrite::Zero { offset, len })
+        };
+        drop(dropped);
         if fua {
             self.file.sync_data()?;
         }
@@ -500,10 +548,15 @@ async fn run_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    bump(&export.counters.connections_total, 1);
+    // Connections are numbered from 1 in the order they arrive.
+    let conn = export
+        .counters
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed)
+        + 1;
     bump(&export.counters.connections_active, 1);
     let _active = ActiveGuard(export.clone());
-    debug!(%peer, "NBD client connected");
+    debug!(%peer, conn, "NBD client connected");
 
     let (r, w) = tokio::io::split(stream);
     let mut r = BufReader::with_capacity(64 * 1024, r);
@@ -512,7 +565,7 @@ async fn run_connection<S>(
     let negotiated = tokio::select! {
         biased;
         _ = shutdown_requested(&mut stop) => Err(End::Shutdown),
-        res = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&export, &mut r, &w)) => {
+        res = tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&export, conn, &mut r, &w)) => {
             match res {
                 Ok(r) => r,
                 Err(_) => Err(End::Protocol("negotiation timed out".into())),
@@ -520,9 +573,13 @@ async fn run_connection<S>(
         }
     };
     let end = match negotiated {
-        Ok(()) => transmission(&export, &mut r, &w, &mut stop).await,
+        Ok(()) => transmission(&export, conn, &mut r, &w, &mut stop).await,
         Err(end) => end,
     };
+    // Every request the connection read has been served (transmission
+    // drains them): if it was the watched client, its log is whole up to
+    // here and nothing it sends can be logged any more.
+    export.clients.lock().detached(conn, || end.describe());
     match &end {
         End::Clean => debug!(%peer, "NBD client disconnected"),
         End::Shutdown => debug!(%peer, "NBD connection closed for shutdown"),
@@ -535,6 +592,56 @@ async fn run_connection<S>(
     let mut w = w.lock().await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Clean => "the client disconnected".into(),
+            End::Shutdown => "the server is shutting down".into(),
+            End::Io(e) => format!("connection lost: {e}"),
+            End::Protocol(why) => format!("the client broke the protocol: {why}"),
+        }
+    }
+}
+
+/// The name of an NBD error value, for messages.
+fn errno_name(e: u32) -> &'static str {
+    match e {
+        proto::EPERM => "EPERM",
+        proto::EIO => "EIO",
+        proto::ENOMEM => "ENOMEM",
+        proto::EINVAL => "EINVAL",
+        proto::ENOSPC => "ENOSPC",
+        proto::EOVERFLOW => "EOVERFLOW",
+        proto::ENOTSUP => "ENOTSUP",
+        proto::ESHUTDOWN => "ESHUTDOWN",
+        _ => "error",
+    }
+}
+
+/// Whether a failed `command` means a write the client made may be
+/// missing from the export (and so from its log).
+fn is_write(command: Command) -> bool {
+    matches!(
+        command,
+        Command::Write | Command::WriteZeroes | Command::Trim | Command::Flush
+    )
+}
+
+/// Records a refused write-type request against the watched client.
+fn note_refusal(export: &Export, conn: u64, req: &Request, err: u32, detail: &str) {
+    if is_write(req.command) {
+        export.clients.lock().refused(conn, || {
+            format!(
+                "{:?} of {} bytes at offset {}: {}{detail}",
+                req.command,
+                req.length,
+                req.offset,
+                errno_name(err)
+            )
+        });
+    }
 }
 
 /// Maps a read failure between messages: EOF there is a client leaving.
@@ -556,7 +663,7 @@ async fn send<S: AsyncWrite>(w: &Writer<S>, parts: &[&[u8]]) -> io::Result<()> {
 
 /// Fixed-newstyle handshake and option haggling, up to the transmission
 /// phase. `Err` ends the connection.
-async fn negotiate<R, S>(export: &Export, r: &mut R, w: &Writer<S>) -> Result<(), End>
+async fn negotiate<R, S>(export: &Export, conn: u64, r: &mut R, w: &Writer<S>) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     S: AsyncWrite,
@@ -578,6 +685,12 @@ where
         out.clear();
         let outcome = proto::handle_option(h.option, &data, &info, client, &mut out);
         debug!(option = h.option, len = h.len, ?outcome, "NBD option");
+        if outcome == OptionOutcome::Transmission {
+            // Attached before the client can read the reply, so an owner
+            // that connected it sees the attachment as soon as the client
+            // does.
+            export.clients.lock().attached(conn);
+        }
         if !out.is_empty() {
             send(w, &[&out]).await.map_err(End::Io)?;
         }
@@ -602,6 +715,7 @@ enum Work {
 
 async fn transmission<R, S>(
     export: &Arc<Export>,
+    conn: u64,
     r: &mut R,
     w: &Writer<S>,
     stop: &mut watch::Receiver<bool>,
@@ -647,6 +761,7 @@ where
                     }
                 }
                 bump(&export.counters.error_replies, 1);
+                note_refusal(export, conn, &req, err, " (refused)");
                 let reply = proto::SimpleReply {
                     error: err,
                     cookie: req.cookie,
@@ -697,7 +812,7 @@ where
         let w = w.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            serve_request(export, w, req, work).await;
+            serve_request(export, conn, w, req, work).await;
         });
     };
     // NBD_CMD_DISC requires finishing outstanding requests; on any other
@@ -710,7 +825,7 @@ where
     end
 }
 
-async fn serve_request<S>(export: Arc<Export>, w: Writer<S>, req: Request, work: Work)
+async fn serve_request<S>(export: Arc<Export>, conn: u64, w: Writer<S>, req: Request, work: Work)
 where
     S: AsyncWrite + Send + 'static,
 {
@@ -753,7 +868,9 @@ where
         Err(e) => {
             error!(?req, error = %e, path = %export.path.display(), "NBD backing file I/O failed");
             bump(&export.counters.error_replies, 1);
-            (nbd_errno(&e), None)
+            let err = nbd_errno(&e);
+            note_refusal(&export, conn, &req, err, &format!(" ({e})"));
+            (err, None)
         }
     };
     let reply = proto::SimpleReply {

@@ -35,7 +35,7 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64, may_punch: bool) ->
         ];
         let modes: &[FallocateFlags] = if may_punch { &punch } else { &punch[1..] };
         // Both fit in i64: checked above via `end`.
-        let (off, n) = (offset as libc::off_t, len as libc::off_t);
+        let (off, n) = (offset as nix::libc::off_t, len as nix::libc::off_t);
         'modes: for &mode in modes {
             loop {
                 // The descriptor is borrowed from `file`, which stays open

@@ -151,7 +151,7 @@ async fn qemu_blockdev_mirror_full_then_write_blocking() {
         srv.backing_bytes() == want,
         "target differs after full sync"
     );
-    let bulk = srv.export.take_writes();
+    let bulk = srv.export.take_writes().unwrap();
     assert!(bulk.bytes() >= MIB + 512 * 1024, "{} bytes", bulk.bytes());
     // Replaying the bulk log over the same stale start reproduces it.
     let replica_path = srv.dir.path().join("replica.raw");
@@ -193,7 +193,7 @@ async fn qemu_blockdev_mirror_full_then_write_blocking() {
         let cmd = format!("write -P 0x{:x} {off} 64k", 0x63 + round);
         hmp_qemu_io(&qmp, "drv0", &cmd).await;
         // The write completed in QEMU, so it must already be logged.
-        let log = srv.export.take_writes();
+        let log = srv.export.take_writes().unwrap();
         assert_eq!(
             summary(&log),
             vec![("data", off, 65536, Some(0x63 + round as u8))],
@@ -203,7 +203,7 @@ async fn qemu_blockdev_mirror_full_then_write_blocking() {
         want[off as usize..(off + 65536) as usize].fill(0x63 + round as u8);
     }
     hmp_qemu_io(&qmp, "drv0", "write -z 9M 128k").await;
-    let log = srv.export.take_writes();
+    let log = srv.export.take_writes().unwrap();
     assert_eq!(summary(&log), vec![("zero", 9 * MIB, 128 * 1024, None)]);
     log.apply_to(&replica).unwrap();
 

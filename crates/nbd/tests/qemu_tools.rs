@@ -22,7 +22,7 @@ async fn qemu_io_write_read_flush_is_logged() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
 
-    let log = srv.export.take_writes();
+    let log = srv.export.take_writes().unwrap();
     assert_eq!(
         log.writes(),
         &[DiskWrite::Data {
@@ -31,7 +31,7 @@ async fn qemu_io_write_read_flush_is_logged() {
         }]
     );
     assert_eq!(log.bytes(), 65536);
-    assert!(srv.export.take_writes().is_empty());
+    assert!(srv.export.take_writes().unwrap().is_empty());
 
     let b = srv.backing_bytes();
     assert_eq!(b.len() as u64, 4 * MIB);
@@ -59,7 +59,7 @@ async fn qemu_io_zero_and_discard_are_logged_as_zero_writes() {
     )
     .await;
     assert!(out.status.success(), "{}", describe(&out));
-    let log = srv.export.take_writes();
+    let log = srv.export.take_writes().unwrap();
     assert_eq!(
         log.len(),
         3,
@@ -140,7 +140,7 @@ async fn qemu_img_convert_copies_a_file() {
         .write(true)
         .open(&replica_path)
         .unwrap();
-    let log = srv.export.take_writes();
+    let log = srv.export.take_writes().unwrap();
     assert!(log.extent_bytes() >= 8 * MIB);
     let wire = log.coalesced().encode();
     tandem_nbd::WriteLog::decode(&wire)
@@ -192,7 +192,7 @@ async fn out_of_range_write_fails_cleanly_and_server_keeps_serving() {
     // And QEMU can still use the export.
     let out = qemu_io(&srv.uri(), &["write -P 0x5 0 4k", "read -P 0x5 0 4k"]).await;
     assert!(out.status.success(), "{}", describe(&out));
-    let log = srv.export.take_writes();
+    let log = srv.export.take_writes().unwrap();
     assert_eq!(log.len(), 2, "only the in-range writes are logged");
     assert!(srv.export.stats().error_replies >= 4);
 }

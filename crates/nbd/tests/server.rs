@@ -69,7 +69,7 @@ async fn garbage_closes_only_that_connection() {
     })
     .await;
     assert_eq!(srv.export.stats().protocol_errors, 4);
-    assert_eq!(srv.export.take_writes().len(), 2);
+    assert_eq!(srv.export.take_writes().unwrap().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,12 +87,12 @@ async fn client_dying_mid_write_ends_only_its_connection() {
     })
     .await;
     assert!(
-        srv.export.take_writes().is_empty(),
+        srv.export.take_writes().unwrap().is_empty(),
         "a torn write was logged"
     );
     assert!(srv.backing_bytes()[..65536].iter().all(|&b| b == 0));
     assert_eq!(good.write(0, b"ok").await, 0);
-    assert_eq!(srv.export.take_writes().len(), 1);
+    assert_eq!(srv.export.take_writes().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +105,7 @@ async fn oversize_write_payload_is_discarded_and_connection_survives() {
     assert_eq!(c.read(0, len).await, Err(proto::EINVAL));
     assert_eq!(c.write(0, b"fine").await, 0);
     assert_eq!(c.read(0, 4).await.unwrap(), b"fine");
-    assert_eq!(srv.export.take_writes().len(), 1);
+    assert_eq!(srv.export.take_writes().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +192,7 @@ async fn concurrent_writers_and_takes_cut_cleanly() {
     let taker = tokio::spawn(async move {
         let mut logs = Vec::new();
         for _ in 0..50 {
-            logs.push(export.take_writes());
+            logs.push(export.take_writes().unwrap());
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         logs
@@ -227,7 +227,7 @@ async fn concurrent_writers_and_takes_cut_cleanly() {
         c.await.unwrap();
     }
     let mut logs = taker.await.unwrap();
-    logs.push(srv.export.take_writes());
+    logs.push(srv.export.take_writes().unwrap());
     let total: usize = logs.iter().map(WriteLog::len).sum();
     assert_eq!(total, 4 * 25 * 8);
     assert!(logs.iter().filter(|l| !l.is_empty()).count() > 1);
@@ -290,7 +290,7 @@ async fn shutdown_closes_clients_and_removes_socket() {
     assert!(c.closed_by_server().await);
     assert!(!sock.exists());
     // The export outlives its server: the log is still there to take.
-    assert_eq!(srv.export.take_writes().len(), 1);
+    assert_eq!(srv.export.take_writes().unwrap().len(), 1);
     assert_eq!(srv.export.stats().connections_active, 0);
 }
 
@@ -369,7 +369,7 @@ async fn tcp_with_qemu_io() {
     let out = qemu_io(&uri, &["write -P 0x3c 1M 8k", "read -P 0x3c 1M 8k"]).await;
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(
-        export.take_writes().writes(),
+        export.take_writes().unwrap().writes(),
         &[DiskWrite::Data {
             offset: MIB,
             data: vec![0x3c; 8192]
@@ -420,10 +420,113 @@ async fn serve_stream_over_a_duplex_pipe() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        export.take_writes().writes(),
+        export.take_writes().unwrap().writes(),
         &[DiskWrite::Zero {
             offset: 0,
             len: 4096
         }]
     );
+}
+
+/// M14: a log nobody takes stops growing at its cap; the take then says
+/// the disk must be resent whole, and the backing file has every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_log_is_capped_and_overflow_means_resend_the_disk() {
+    let srv = Served::new(8 * MIB);
+    let cap = 256 * 1024;
+    srv.export.set_log_cap(cap);
+    assert_eq!(srv.export.log_cap(), cap);
+    let (mut c, _, _) = RawClient::connect_go(&srv.sock, "disk").await;
+    // 2 MiB of writes, eight times the cap, all acknowledged.
+    for i in 0..32u64 {
+        assert_eq!(c.write(i * 65536, &[i as u8 + 1; 65536]).await, 0);
+        let (n, bytes) = srv.export.pending();
+        assert!(bytes <= cap, "write {i}: {n} writes, {bytes} bytes held");
+    }
+    let o = srv.export.overflow().expect("overflowed");
+    assert_eq!(o.cap, cap);
+    assert_eq!(o.dropped_writes, 32);
+    assert_eq!(o.dropped_bytes, 32 * 65536);
+    assert_eq!(srv.export.take_writes(), Err(o));
+    // Nothing was lost on the target, which is what gets resent.
+    let disk = srv.backing_bytes();
+    for i in 0..32usize {
+        assert!(disk[i * 65536..(i + 1) * 65536]
+            .iter()
+            .all(|&b| b == i as u8 + 1));
+    }
+    // The next epoch logs normally again.
+    assert_eq!(c.write(0, b"again").await, 0);
+    let log = srv.export.take_writes().unwrap();
+    assert_eq!(log.len(), 1);
+    // Lowering the cap below what is held overflows at once.
+    assert_eq!(c.write(0, &[7; 4096]).await, 0);
+    srv.export.set_log_cap(100);
+    assert_eq!(srv.export.pending(), (0, 0));
+    assert!(srv.export.take_writes().is_err());
+}
+
+/// The owner's watch on its client: quiet while the client behaves, and
+/// failed for good from its first refused write, its disconnection, or a
+/// second client, without asking the client anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expected_client_is_watched() {
+    let srv = Served::new(MIB);
+    let t = srv.export.expect_client();
+    assert_eq!(
+        srv.export.client_check(t),
+        Err(tandem_nbd::ClientFault::NotConnected)
+    );
+    let (mut c, _, _) = RawClient::connect_go(&srv.sock, "disk").await;
+    // Attached before the client saw the GO reply.
+    assert_eq!(srv.export.client_check(t), Ok(()));
+    assert_eq!(c.write(0, b"fine").await, 0);
+    assert_eq!(c.read(0, 4).await.unwrap(), b"fine");
+    // A refused read loses no write.
+    assert_eq!(c.read(2 * MIB, 4).await, Err(proto::EINVAL));
+    assert_eq!(srv.export.client_check(t), Ok(()));
+    // A write past the end is refused (ENOSPC): the client's job sees it
+    // fail, so the log cannot vouch for the client's writes any more.
+    assert_eq!(c.write(MIB - 2, b"over").await, proto::ENOSPC);
+    let f = srv.export.client_check(t).unwrap_err();
+    assert!(matches!(f, tandem_nbd::ClientFault::Refused { .. }), "{f}");
+    assert!(f.to_string().contains("ENOSPC"), "{f}");
+    // It stays failed even though the client goes on fine.
+    assert_eq!(c.write(0, b"ok").await, 0);
+    assert_eq!(srv.export.client_check(t), Err(f));
+
+    // A fresh watch: the next connection is the client; its going away
+    // fails the watch once every request it sent has been served.
+    let t2 = srv.export.expect_client();
+    assert_eq!(
+        srv.export.client_check(t),
+        Err(tandem_nbd::ClientFault::Superseded)
+    );
+    let (mut c2, _, _) = RawClient::connect_go(&srv.sock, "disk").await;
+    assert_eq!(srv.export.client_check(t2), Ok(()));
+    // The old connection is not the one watched now.
+    drop(c);
+    wait_until("the old connection to end", || {
+        srv.export.stats().connections_active == 1
+    })
+    .await;
+    assert_eq!(srv.export.client_check(t2), Ok(()));
+    assert_eq!(c2.write(8, b"x").await, 0);
+    drop(c2);
+    wait_until("the watch to fail", || srv.export.client_check(t2).is_err()).await;
+    let f = srv.export.client_check(t2).unwrap_err();
+    assert!(
+        matches!(f, tandem_nbd::ClientFault::Disconnected { .. }),
+        "{f}"
+    );
+
+    // A second client attaching while one is watched.
+    let t3 = srv.export.expect_client();
+    let (_c3, _, _) = RawClient::connect_go(&srv.sock, "disk").await;
+    assert_eq!(srv.export.client_check(t3), Ok(()));
+    let (_c4, _, _) = RawClient::connect_go(&srv.sock, "disk").await;
+    assert!(matches!(
+        srv.export.client_check(t3),
+        Err(tandem_nbd::ClientFault::SecondClient { .. })
+    ));
 }

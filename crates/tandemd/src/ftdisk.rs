@@ -44,9 +44,13 @@ impl DiskSource for MirroredDisk {
         self.export.size()
     }
     fn take_writes(&self) -> Vec<u8> {
-        let log = self.export.take_writes();
+        let taken = self.export.take_writes();
         let mut out = Vec::new();
-        if self.resync.swap(false, Ordering::SeqCst) {
+        // A log that passed its cap was dropped: the whole disk instead.
+        if self.resync.swap(false, Ordering::SeqCst) || taken.is_err() {
+            if let Err(o) = &taken {
+                info!(disk = %self.name, "{o}");
+            }
             // The whole disk as the target holds it now; writes racing
             // with this read are also in the next log, and replaying them
             // is harmless.
@@ -57,7 +61,7 @@ impl DiskSource for MirroredDisk {
             }
             return out;
         }
-        for w in log.into_writes() {
+        for w in taken.map(|l| l.into_writes()).unwrap_or_default() {
             match w {
                 DiskWrite::Data { offset, data } => disklog::push(&mut out, offset, &data),
                 DiskWrite::Zero { offset, len } => disklog::push_zero(&mut out, offset, len),
