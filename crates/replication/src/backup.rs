@@ -207,7 +207,15 @@ impl Backup {
         };
         let ended = self.receive_epochs(&mut rd, &mut conn, base).await;
         drop(conn.out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        let mut writer = writer;
+        if tokio::time::timeout(Duration::from_secs(1), &mut writer)
+            .await
+            .is_err()
+        {
+            // A primary that stopped reading must not pin the task (and
+            // its socket) forever.
+            writer.abort();
+        }
         info!(%vm, "replica connection ended: {}", ended.reason);
         self.end_conn(&vm, conn_id, ended.bye, ended.reason.clone());
         if let Some(noticed) = ended.guest_lost {
@@ -392,7 +400,14 @@ impl Backup {
         let vm = conn.vm.clone();
         let mut asm = EpochAssembler::new(base + 1, conn.ram_size).with_disk_limit(conn.disk_limit);
         loop {
-            let f = match wire::read_frame(rd).await {
+            let idle = (self.cfg.takeover_timeout * 8).max(Duration::from_secs(30));
+            let read = match tokio::time::timeout(idle, wire::read_frame(rd)).await {
+                Ok(r) => r,
+                // Not even a heartbeat: whatever is on the other end is
+                // not a working primary; free the connection.
+                Err(_) => return ConnEnd::lost(format!("nothing from the primary for {idle:?}")),
+            };
+            let f = match read {
                 Ok(Some(f)) => f,
                 Ok(None) => return ConnEnd::lost("primary closed the connection".into()),
                 Err(e) if e.kind() == std::io::ErrorKind::Other => {

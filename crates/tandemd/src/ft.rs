@@ -52,6 +52,9 @@ pub struct Ft {
     backup: Arc<Backup>,
 }
 
+/// At most this many replication connections at once (see the listener).
+const MAX_REPLICATION_CONNECTIONS: usize = 64;
+
 struct SupervisorActivate {
     sup: Arc<Supervisor>,
     /// tandemd's per-VM FT state (`STATE/ft/<vm>/`).
@@ -210,11 +213,22 @@ impl Ft {
             let listener = Listener::bind(ep).await?;
             info!(endpoint = %ep, "accepting replication streams");
             let b = backup.clone();
+            // Each connection may hold a frame buffer of up to 8 MiB: bound
+            // how many there are (far more than protected VMs on a host).
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REPLICATION_CONNECTIONS));
             tokio::spawn(async move {
                 loop {
                     match listener.accept().await {
                         Ok((conn, peer)) => {
-                            tokio::spawn(b.clone().serve(conn, peer));
+                            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                                warn!(%peer, "refusing a replication connection: {MAX_REPLICATION_CONNECTIONS} are open");
+                                continue;
+                            };
+                            let b = b.clone();
+                            tokio::spawn(async move {
+                                b.serve(conn, peer).await;
+                                drop(slot);
+                            });
                         }
                         Err(e) => {
                             warn!("accepting a replication connection: {e}");

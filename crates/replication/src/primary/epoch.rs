@@ -90,6 +90,7 @@ impl<G: Guest> Engine<G> {
         // A full copy may take a while to ship; it is bounded by its size,
         // not by the fencing timeout (acks and heartbeats keep flowing).
         let bound = Duration::from_secs(600);
+        self.sent.store(epoch, std::sync::atomic::Ordering::SeqCst);
         let bytes = wr.send(frames, bound).await.map_err(|e| e.to_string())?;
         info!(
             vm = %self.port.name(),
@@ -160,6 +161,7 @@ impl<G: Guest> Engine<G> {
             &device_state,
             &disk_writes,
         );
+        self.sent.store(epoch, std::sync::atomic::Ordering::SeqCst);
         let bytes = wr
             .send(frames, write_bound)
             .await

@@ -3,7 +3,7 @@
 //! liveness is seen even while the loop is busy sending) and passes the
 //! rest on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -135,12 +135,17 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
 /// Reads the backup's frames: acks and heartbeats are handled here (so
 /// liveness is seen even while the loop is busy sending); the hello answer,
 /// resync requests and errors go to the loop.
+///
+/// `sent` is the last epoch handed to the link: an acknowledgement beyond
+/// it is a broken or lying backup (it would release output that no replica
+/// holds), and ends the session.
 pub(super) async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     mut rd: R,
     tx: mpsc::UnboundedSender<FromBackup>,
     contact: Arc<Contact>,
     committed: watch::Sender<u64>,
     observer: Option<Arc<dyn EpochObserver>>,
+    sent: Arc<AtomicU64>,
 ) {
     let mut first = true;
     loop {
@@ -148,6 +153,20 @@ pub(super) async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Ok(Some(f)) => Ok(f),
             Ok(None) => Err("backup closed the connection".to_string()),
             Err(e) => Err(format!("reading from backup: {e}")),
+        };
+        let msg = match msg {
+            Ok(f) if f.kind == FrameKind::Committed && !first => {
+                let last = sent.load(Ordering::SeqCst);
+                if f.epoch > last {
+                    Err(format!(
+                        "the backup acknowledged epoch {} but only {last} was sent: not trusted",
+                        f.epoch
+                    ))
+                } else {
+                    Ok(f)
+                }
+            }
+            other => other,
         };
         if let Ok(f) = &msg {
             match f.kind {

@@ -163,6 +163,7 @@ impl Primary {
             last_error: None,
             fenced_retries: 0,
             instance: new_instance(),
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             disk_failure: None,
         };
         let task = tokio::spawn(engine.run());
@@ -214,6 +215,9 @@ struct Engine<G: Guest> {
     last_error: Option<String>,
     /// Reconnection attempts since the guest was fenced (backs off).
     fenced_retries: u32,
+    /// The last epoch handed to the link in this session (acks beyond it
+    /// are refused).
+    sent: Arc<std::sync::atomic::AtomicU64>,
     /// This protection's instance, in every hello: the backup lets a
     /// reconnect of the same instance replace its old connection, and
     /// refuses another instance while this one is alive.

@@ -2,6 +2,7 @@
 //! base, lifting a fence the backup has granted, the running copy, then the
 //! epoch loop until the connection ends.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,12 +95,16 @@ impl<G: Guest> Engine<G> {
         .await
         .map_err(|e| format!("sending hello: {e}"))?;
         let (ack_tx, mut acks) = mpsc::unbounded_channel::<FromBackup>();
+        // Nothing of this session is sent yet: until the base is known no
+        // acknowledgement but the answer to hello is believed.
+        self.sent.store(0, Ordering::SeqCst);
         let reader = tokio::spawn(read_loop(
             rd,
             ack_tx,
             contact.clone(),
             self.committed_tx.clone(),
             self.cfg.observer.clone(),
+            self.sent.clone(),
         ));
         let reader = AbortOnDrop(reader);
         let base = match tokio::time::timeout(self.cfg.fence_timeout, acks.recv()).await {
@@ -112,6 +117,7 @@ impl<G: Guest> Engine<G> {
             Ok(None) => return Err("backup closed the connection".into()),
             Err(_) => return Err("backup did not answer hello".into()),
         };
+        self.sent.store(base, Ordering::SeqCst);
         Ok(Opened {
             base,
             acks,

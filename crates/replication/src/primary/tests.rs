@@ -745,3 +745,18 @@ async fn heartbeats_flow_while_the_loop_waits_for_the_backup() {
 async fn with_heartbeats_only_when_idle_the_backup_hears_nothing() {
     assert_eq!(heartbeats_during_a_slow_digest(true).await, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_for_an_epoch_never_sent_is_not_believed() {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    let committed = primary.committed();
+    let (first, _) = backup.epoch().await.expect("the running copy");
+    backup.commit(first + 1000).await;
+    until(FENCE, || primary.status().state == FtState::Degraded).await;
+    let st = primary.status();
+    assert!(st.detail.contains("only"), "{}", st.detail);
+    assert!(*committed.borrow() < first + 1000, "a lie released output");
+    primary.stop().await;
+}
