@@ -8,7 +8,7 @@
 mod argv;
 mod spec;
 
-pub use argv::{build_argv, disk_node_name, switch_socket, Accel, RuntimePaths};
+pub use argv::{build_argv, disk_node_name, escape_opt, switch_socket, Accel, RuntimePaths};
 pub use spec::{
     parse_and_validate, Accelerator, Boot, DiskFormat, DiskSpec, FieldError, Firmware, HostForward,
     MacAddr, MacAddrError, NicBackend, NicSpec, SpecError, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS,

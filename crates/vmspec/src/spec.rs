@@ -289,6 +289,36 @@ fn flatten_toml_error(e: &toml::de::Error) -> String {
         .join(" ")
 }
 
+/// Longest machine type accepted (QEMU's are well under 32 characters).
+const MAX_MACHINE_LEN: usize = 64;
+
+/// The machine type is interpolated into `-machine TYPE,…`: only an
+/// allow-listed alphabet (no `,`, which would start QEMU machine properties
+/// such as `initrd=` or `kernel=`) and only the supported families.
+fn check_machine(machine: &str) -> Result<(), String> {
+    let alphabet = !machine.is_empty()
+        && machine.len() <= MAX_MACHINE_LEN
+        && machine
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !alphabet {
+        let comma = if machine.contains(',') {
+            " (a ',' would pass the rest to QEMU as machine options)"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "`{machine}` is not a machine type: 1-{MAX_MACHINE_LEN} characters of a-z, 0-9, '.' and '-'{comma}"
+        ));
+    }
+    if !matches!(machine, "pc" | "q35" | "microvm") && !machine.starts_with("pc-") {
+        return Err(format!(
+            "`{machine}` is not a supported machine type (pc, q35, microvm, pc-*)"
+        ));
+    }
+    Ok(())
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -343,16 +373,8 @@ impl VmSpec {
                 ),
             );
         }
-        if !matches!(self.machine.as_str(), "pc" | "q35" | "microvm")
-            && !self.machine.starts_with("pc-")
-        {
-            err(
-                "machine",
-                format!(
-                    "`{}` is not a supported machine type (pc, q35, microvm, pc-*)",
-                    self.machine
-                ),
-            );
+        if let Err(why) = check_machine(&self.machine) {
+            err("machine", why);
         }
         if self.shutdown_timeout_s == 0 || self.shutdown_timeout_s > MAX_SHUTDOWN_TIMEOUT_S {
             err(
@@ -713,6 +735,32 @@ tap = "tap-web1"
         assert_eq!(e[0].field, "disks[0].path");
         let e = errors_of(&GOOD.replace("/img/data.qcow2", "/img/da,ta.qcow2"));
         assert!(e[0].message.contains("','"));
+    }
+
+    #[test]
+    fn machine_with_options_is_refused() {
+        let e = errors_of(&GOOD.replace(
+            "accelerator = \"tcg\"",
+            "accelerator = \"tcg\"\nmachine = \"pc-q35-9.0,initrd=/etc/shadow\"",
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "machine");
+        assert!(e[0].message.contains("machine options"), "{}", e[0].message);
+        for bad in [
+            "PC",
+            "pc q35",
+            "pc-i440fx=1",
+            "",
+            "isapc",
+            "pc-\u{e9}",
+            "virt",
+        ] {
+            assert!(check_machine(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["pc", "q35", "microvm", "pc-q35-9.0", "pc-i440fx-7.2"] {
+            assert_eq!(check_machine(good), Ok(()), "{good:?}");
+        }
+        assert!(check_machine(&format!("pc-{}", "1".repeat(MAX_MACHINE_LEN))).is_err());
     }
 
     #[test]
