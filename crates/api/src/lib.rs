@@ -102,6 +102,10 @@ pub struct VmSummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmInfo {
     pub name: String,
+    /// The VM's identity (hyphenated UUID), kept by a backup that takes it
+    /// over; empty from a tandemd that did not report one.
+    #[serde(default)]
+    pub uuid: String,
     pub state: VmState,
     /// QEMU's own run state from `query-status` (e.g. `running`, `paused`,
     /// `internal-error`), when QEMU is up and answering.

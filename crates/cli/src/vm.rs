@@ -295,6 +295,10 @@ async fn restore(
 
 fn print_info(vm: &VmInfo) {
     println!("name:        {}", vm.name);
+    println!(
+        "uuid:        {}",
+        if vm.uuid.is_empty() { "-" } else { &vm.uuid }
+    );
     println!("state:       {}", vm.state);
     println!("qmp status:  {}", vm.qmp_status.as_deref().unwrap_or("-"));
     println!("accelerator: {}", vm.accel.as_deref().unwrap_or("-"));

@@ -5,12 +5,16 @@
 //! parents QEMU, and the VM records persisted under the state directory, from
 //! which a restarted tandemd re-attaches to VMs that are still running.
 //!
-//! On-disk layout, per VM, under `<state>/vms/<name>/`:
-//! - `vm.json`: the record (spec, state, pids, last exit), written atomically;
+//! On-disk layout, per VM, under `<state>/vms/<name>/` (0700):
+//! - `vm.json`: the record (UUID, spec, state, pids, last exit), written
+//!   atomically, one write at a time;
 //! - `qmp.sock`, `serial.log`, `qemu.log`, `qemu.pid`, `exit.json`.
 //!
-//! Guest RAM is a shared file under the RAM directory (`/dev/shm` by
-//! default), so the replication engine and the switch can map it.
+//! Guest RAM is a shared file, so the replication engine and the switch can
+//! map it: `<ram-dir>/tandem-<instance>/<name>.ram`, in a directory only
+//! root can enter (0700), created 0600 by tandemd itself (exclusively, and
+//! sized) before QEMU opens it. The fence lease, `<name>.lease`, sits beside
+//! it on the same tmpfs.
 
 pub mod accel;
 pub mod checkpoint;
@@ -18,6 +22,8 @@ pub mod shim;
 pub mod util;
 mod vm;
 
+/// A VM's identity ([`GuestPort::uuid`], [`Supervisor::create_with_uuid`]).
+pub use uuid::Uuid;
 pub use vm::{
     CheckpointDisk, CheckpointManifest, CheckpointReport, CheckpointWindow, DeviceStateJob,
     ExitCause, GuestPort, NicPorts, Supervisor, SupervisorConfig, SupervisorError,

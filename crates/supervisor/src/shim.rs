@@ -18,11 +18,18 @@ use crate::util::{atomic_write_json, now_unix};
 pub const PID_FILE: &str = "qemu.pid";
 pub const EXIT_FILE: &str = "exit.json";
 pub const QEMU_LOG: &str = "qemu.log";
-/// While a VM is protected, its replication engine keeps this file holding
-/// a deadline (unix milliseconds) it renews only while the backup answers.
-/// Past the deadline the shim freezes QEMU (SIGSTOP): fencing that holds
-/// even when tandemd itself is dead or stuck.
+/// While a VM is protected, its replication engine keeps a lease file
+/// holding a deadline (unix milliseconds) it renews only while the backup
+/// answers. Past the deadline the shim freezes QEMU (SIGSTOP): fencing that
+/// holds even when tandemd itself is dead or stuck.
+///
+/// The lease lives on tmpfs, beside the guest's RAM file, at the path the
+/// shim gets in [`LEASE_ENV`]. This name in the run directory is where
+/// shims started by older tandemds (without that variable) read it.
 pub const FENCE_LEASE_FILE: &str = "fence-lease";
+/// The environment variable that tells the shim where its lease is. The
+/// shim does not pass it on to QEMU.
+pub const LEASE_ENV: &str = "TANDEM_FENCE_LEASE";
 /// Written by the shim when it fenced QEMU.
 pub const FENCED_FILE: &str = "fenced.json";
 const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
@@ -36,7 +43,8 @@ pub struct ShimExit {
 }
 
 /// Runs in the shim process: start QEMU, record it, wait, record its end.
-/// Returns the shim's own exit code.
+/// Returns the shim's own exit code. The fence lease is where
+/// [`LEASE_ENV`] says (or, from an older tandemd, in `run_dir`).
 pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     for sig in [Signal::SIGHUP, Signal::SIGINT] {
         // SAFETY: setting a signal disposition to SIG_IGN installs no
@@ -44,6 +52,13 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
         // hangup and to Ctrl-C.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
+    let lease = std::env::var_os(LEASE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| run_dir.join(FENCE_LEASE_FILE));
+    run_shim_with_lease(run_dir, &lease, qemu, args)
+}
+
+fn run_shim_with_lease(run_dir: &Path, lease: &Path, qemu: &Path, args: &[String]) -> i32 {
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -67,6 +82,7 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     };
     let mut cmd = Command::new(qemu);
     cmd.args(args)
+        .env_remove(LEASE_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
@@ -91,7 +107,7 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     {
         eprintln!("tandem shim: cannot record QEMU pid: {e}");
     }
-    let status = wait_enforcing_lease(&mut child, run_dir);
+    let status = wait_enforcing_lease(&mut child, run_dir, lease);
     let exit = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
@@ -116,10 +132,12 @@ pub fn run_shim(run_dir: &Path, qemu: &Path, args: &[String]) -> i32 {
     }
 }
 
-/// Waits for QEMU to end, freezing it if its fence lease expires.
+/// Waits for QEMU to end, freezing it if its fence lease (at `lease`)
+/// expires.
 fn wait_enforcing_lease(
     child: &mut std::process::Child,
     run_dir: &Path,
+    lease: &Path,
 ) -> std::io::Result<std::process::ExitStatus> {
     let mut fenced = false;
     loop {
@@ -127,7 +145,7 @@ fn wait_enforcing_lease(
             return Ok(status);
         }
         if !fenced {
-            if let Some(deadline) = read_lease(run_dir) {
+            if let Some(deadline) = read_lease(lease) {
                 let now = now_unix_ms();
                 if now > deadline {
                     // Our own child, not yet reaped (try_wait above
@@ -149,8 +167,10 @@ fn wait_enforcing_lease(
     }
 }
 
-pub fn read_lease(run_dir: &Path) -> Option<u64> {
-    std::fs::read_to_string(run_dir.join(FENCE_LEASE_FILE))
+/// The lease's deadline (unix ms); `None` when there is no lease. The
+/// writer replaces the file by rename, so a read sees one whole value.
+pub fn read_lease(lease: &Path) -> Option<u64> {
+    std::fs::read_to_string(lease)
         .ok()
         .and_then(|s| s.trim().parse().ok())
 }
@@ -170,9 +190,12 @@ pub struct ShimLauncher {
 }
 
 impl ShimLauncher {
+    /// Starts a shim for one QEMU: `run_dir` holds its pid, exit status and
+    /// logs; `lease` is the fence lease it enforces.
     pub fn spawn(
         &self,
         run_dir: &Path,
+        lease: &Path,
         qemu: &Path,
         args: &[String],
     ) -> std::io::Result<tokio::process::Child> {
@@ -188,6 +211,7 @@ impl ShimLauncher {
             .arg(qemu)
             .arg("--")
             .args(args)
+            .env(LEASE_ENV, lease)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(shim_log))
@@ -217,4 +241,41 @@ pub fn read_exit(run_dir: &Path) -> Option<ShimExit> {
     std::fs::read_to_string(run_dir.join(EXIT_FILE))
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shim enforces the lease where tandemd writes it (not in the run
+    /// directory): past its deadline, the child is frozen and the fence
+    /// recorded; the child's exit is still recorded after.
+    #[test]
+    fn an_expired_lease_beside_the_ram_file_freezes_the_child() {
+        let run = tempfile::tempdir().unwrap();
+        let shm = tempfile::tempdir().unwrap();
+        let lease = shm.path().join("vm.lease");
+        let deadline = now_unix_ms() + 300;
+        crate::util::replace_file_volatile(&lease, deadline.to_string().as_bytes()).unwrap();
+        assert_eq!(read_lease(&lease), Some(deadline));
+        let (run_dir, lease2) = (run.path().to_path_buf(), lease.clone());
+        let shim = std::thread::spawn(move || {
+            run_shim_with_lease(&run_dir, &lease2, Path::new("/bin/sleep"), &["30".into()])
+        });
+        let t = std::time::Instant::now();
+        while !run.path().join(FENCED_FILE).exists() {
+            assert!(t.elapsed().as_secs() < 10, "the shim never fenced");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(t.elapsed().as_millis() >= 200, "fenced before the deadline");
+        assert!(!run.path().join(FENCE_LEASE_FILE).exists());
+        let pid = read_pid(run.path()).expect("child pid");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit_once(')').unwrap().1.trim_start();
+        assert!(state.starts_with('T'), "child not stopped: {state}");
+        crate::util::send_signal(pid, Signal::SIGKILL);
+        assert_eq!(shim.join().unwrap(), 0);
+        let exit = read_exit(run.path()).expect("exit recorded");
+        assert_eq!(exit.signal, Some(9));
+    }
 }

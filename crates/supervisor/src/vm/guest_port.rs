@@ -1,6 +1,6 @@
 //! The replication engine's handle on one running VM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,14 +8,15 @@ use std::time::Duration;
 use tandem_api::VmState;
 use tandem_qmp::{qmp, QmpClient};
 use tandem_vmspec::VmSpec;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+use uuid::Uuid;
 
 use super::exit::ExitCause;
 use super::snapshot::CHECKPOINT_SOCKET;
 use super::{query_status, Supervisor, SupervisorError, Vm};
 use crate::checkpoint;
 use crate::shim;
-use crate::util::atomic_write;
+use crate::util::replace_file_volatile;
 
 impl Supervisor {
     /// A handle for the replication engine on a running (or paused) VM.
@@ -31,7 +32,13 @@ impl Supervisor {
                 name: vm.name.clone(),
                 message: e.to_string(),
             })?;
-        Ok(GuestPort { vm, qmp: live.qmp })
+        let files = vm.runtime();
+        Ok(GuestPort {
+            vm,
+            qmp: live.qmp,
+            ram_file: files.ram_file,
+            lease_file: files.lease_file,
+        })
     }
 }
 
@@ -41,6 +48,9 @@ impl Supervisor {
 pub struct GuestPort {
     vm: Arc<Vm>,
     qmp: QmpClient,
+    /// This QEMU's RAM file and fence lease (fixed while it runs).
+    ram_file: PathBuf,
+    lease_file: PathBuf,
 }
 
 /// The guest, stopped for a checkpoint by [`GuestPort::stop_for_checkpoint`].
@@ -126,8 +136,14 @@ impl GuestPort {
     pub fn name(&self) -> &str {
         &self.vm.name
     }
+    /// The VM's identity: the same on the primary and, after a takeover,
+    /// on the backup that now runs it.
+    pub fn uuid(&self) -> Uuid {
+        self.vm.rec.lock().uuid
+    }
+    /// The guest's RAM file (in tandemd's private directory; root's alone).
     pub fn ram_file(&self) -> &Path {
-        &self.vm.ram_file
+        &self.ram_file
     }
     pub fn ram_size(&self) -> u64 {
         self.vm.record().spec.memory_mib << 20
@@ -202,16 +218,18 @@ impl GuestPort {
 
     /// Sets the fence lease: if not renewed, the shim freezes QEMU at
     /// `deadline_ms` (unix ms) even if tandemd is gone.
+    ///
+    /// The lease lives beside the RAM file on tmpfs, not in the state
+    /// directory (which can fill up), and is replaced by rename without
+    /// fsync: the shim only needs to read a whole value, and after a host
+    /// crash there is no QEMU left to fence. Cheap enough for every epoch.
     pub fn renew_lease(&self, deadline_ms: u64) -> std::io::Result<()> {
-        atomic_write(
-            &self.vm.dir.join(shim::FENCE_LEASE_FILE),
-            deadline_ms.to_string().as_bytes(),
-        )
+        replace_file_volatile(&self.lease_file, deadline_ms.to_string().as_bytes())
     }
 
     /// Ends the lease (protection ended on purpose).
     pub fn clear_lease(&self) {
-        let _ = std::fs::remove_file(self.vm.dir.join(shim::FENCE_LEASE_FILE));
+        let _ = std::fs::remove_file(&self.lease_file);
     }
 
     /// Whether the shim froze QEMU because the lease ran out.
@@ -231,7 +249,12 @@ impl GuestPort {
                 .execute(qmp::stop {})
                 .await
                 .map_err(self.vm.qmp_err())?;
-            self.vm.update(|r| r.state = VmState::Paused);
+            // The guest is stopped, which is what the fence is for; the
+            // record is only tandemd's view of it (QEMU's status wins at
+            // re-attach), so a write failure is reported, not a failed fence.
+            if let Err(e) = self.vm.update(|r| r.state = VmState::Paused) {
+                error!(vm = %self.vm.name, "fenced, but {e}");
+            }
             paused = true;
         }
         warn!(vm = %self.vm.name, "fenced: {why}");
@@ -246,7 +269,9 @@ impl GuestPort {
                 .execute(qmp::cont {})
                 .await
                 .map_err(self.vm.qmp_err())?;
-            self.vm.update(|r| r.state = VmState::Running);
+            if let Err(e) = self.vm.update(|r| r.state = VmState::Running) {
+                error!(vm = %self.vm.name, "unfenced, but {e}");
+            }
         }
         info!(vm = %self.vm.name, "unfenced: the backup granted a resume");
         Ok(())

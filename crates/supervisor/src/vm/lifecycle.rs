@@ -12,11 +12,15 @@ use tracing::{info, warn};
 use super::exit::{describe, ExitHint};
 use super::snapshot::{place_ram_file, RestoreSource, CHECKPOINT_SOCKET};
 use super::{
-    io_err, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG, TAIL_LINES,
+    io_err, qemu_marker, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG,
+    TAIL_LINES,
 };
 use crate::checkpoint::{self, CheckpointError};
 use crate::shim::{self, ShimExit};
-use crate::util::{now_unix, send_signal, tail_lines};
+use crate::util::{
+    create_private_file, ensure_private_dir, make_private, now_unix, process_matches,
+    processes_matching, send_signal, tail_lines,
+};
 
 /// Why a started QEMU did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +39,8 @@ enum StartFailure {
     LoadDeviceState(#[source] CheckpointError),
     #[error("cont: {0}")]
     Cont(#[source] QmpError),
+    #[error("{0}")]
+    Persist(#[source] SupervisorError),
 }
 
 impl Supervisor {
@@ -61,12 +67,29 @@ impl Supervisor {
                         d.format = *format;
                     }
                 }
-            });
+            })?;
         }
         let spec = vm.record().spec;
         // Files may have gone since the VM was defined.
         spec.validate(|p| p.is_file())?;
         let accel = self.resolve_accel(spec.accelerator).await;
+
+        // Its QMP socket and RAM file are about to be unlinked: no QEMU of
+        // this VM may still hold them (one its record lost track of, say).
+        if let Some(pid) = live_qemu(&vm) {
+            return Err(SupervisorError::Start {
+                name: vm.name.clone(),
+                message: format!(
+                    "a QEMU of this VM (or its shim), pid {pid}, is still running; stop it first"
+                ),
+                qemu_log_tail: Vec::new(),
+            });
+        }
+        // Records and logs (the guest's console among them) are root's alone.
+        make_private(&vm.dir).map_err(io_err(format!("securing {}", vm.dir.display())))?;
+        let files = vm.next_runtime.clone();
+        let private = files.ram_file.parent().unwrap_or(&files.ram_file);
+        ensure_private_dir(private).map_err(io_err("preparing the private RAM directory"))?;
 
         for f in [
             shim::PID_FILE,
@@ -83,47 +106,73 @@ impl Supervisor {
                 let _ = std::fs::rename(&p, vm.dir.join(format!("{log}.prev")));
             }
         }
-        let _ = std::fs::remove_file(&vm.ram_file);
-        if let Some(src) = &restore {
-            place_ram_file(&src.ram_file, &vm.ram_file)?;
+        // The last QEMU's files (possibly where an older tandemd kept
+        // them), then whatever is at the new paths.
+        if let Some(last) = vm.record().runtime {
+            let _ = std::fs::remove_file(&last.ram_file);
+            let _ = std::fs::remove_file(&last.lease_file);
+        }
+        let _ = std::fs::remove_file(&files.ram_file);
+        let _ = std::fs::remove_file(&files.lease_file);
+        // tandemd makes the RAM file itself, private and sized, before QEMU
+        // runs; QEMU opens the existing file.
+        match &restore {
+            Some(src) => place_ram_file(&src.ram_file, &files.ram_file)?,
+            None => create_ram_file(&files.ram_file, spec.memory_mib << 20)?,
         }
         *vm.exit_hint.lock() = None;
+        let prepared = vm.update(|r| {
+            r.runtime = Some(files.clone());
+            r.accel = Some(accel);
+            r.shim_pid = None;
+            r.qemu_pid = None;
+            r.stop_requested = false;
+        });
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_file(&files.ram_file);
+            return Err(e);
+        }
 
         let rt = RuntimePaths {
             qemu_binary: self.cfg.qemu_binary.clone(),
             qmp_socket: vm.qmp_socket(),
             serial_log: vm.serial_log(),
-            ram_file: vm.ram_file.clone(),
+            ram_file: files.ram_file.clone(),
             qboot_rom: self.cfg.qboot_rom.clone(),
             accel,
             incoming: restore.is_some(),
             switch_dir: self.cfg.switch_dir.clone(),
         };
         let argv = build_argv(&spec, &rt);
-        let mut shim_child = self
-            .cfg
-            .shim
-            .spawn(&vm.dir, &self.cfg.qemu_binary, &argv)
-            .map_err(io_err("starting the QEMU shim"))?;
+        let shim = &self.cfg.shim;
+        let spawned = shim.spawn(&vm.dir, &files.lease_file, &self.cfg.qemu_binary, &argv);
+        let mut shim_child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&files.ram_file);
+                return Err(io_err("starting the QEMU shim")(e));
+            }
+        };
         let shim_pid = shim_child.id();
         // Reap the shim when it ends so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = shim_child.wait().await;
         });
-        vm.update(|r| {
+        let started = vm.update(|r| {
             r.state = VmState::Starting;
-            r.accel = Some(accel);
             r.shim_pid = shim_pid;
-            r.qemu_pid = None;
-            r.stop_requested = false;
             r.started_at = Some(now_unix());
         });
         info!(vm = %vm.name, accel = accel.as_str(), "starting QEMU");
 
-        match self
-            .finish_start(&vm, restore.as_ref().map(|r| r.device_state.as_slice()))
-            .await
-        {
+        let outcome = match started {
+            Ok(()) => {
+                self.finish_start(&vm, restore.as_ref().map(|r| r.device_state.as_slice()))
+                    .await
+            }
+            Err(e) => Err(StartFailure::Persist(e)),
+        };
+        match outcome {
             Ok(qmp) => {
                 self.spawn_monitor(vm.clone(), qmp);
                 drop(_op);
@@ -131,9 +180,7 @@ impl Supervisor {
             }
             Err(failure) => {
                 let message = failure.to_string();
-                if let Some(pid) = shim::read_pid(&vm.dir) {
-                    send_signal(pid, Signal::SIGKILL);
-                }
+                kill_started_qemu(&vm).await;
                 *vm.exit_hint.lock() = Some(ExitHint::StartFailed(message.clone()));
                 self.record_exit(&vm).await;
                 Err(SupervisorError::Start {
@@ -164,7 +211,8 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        vm.update(|r| r.qemu_pid = Some(pid));
+        vm.update(|r| r.qemu_pid = Some(pid))
+            .map_err(StartFailure::Persist)?;
         let qmp = loop {
             if let Some(exit) = shim::read_exit(&vm.dir) {
                 let tail = tail_lines(&vm.dir.join(shim::QEMU_LOG), 3).join(" | ");
@@ -208,7 +256,8 @@ impl Supervisor {
                 warn!(vm = %vm.name, "announce-self failed: {e}");
             }
         }
-        vm.update(|r| r.state = VmState::Running);
+        vm.update(|r| r.state = VmState::Running)
+            .map_err(StartFailure::Persist)?;
         Ok(qmp)
     }
 
@@ -220,7 +269,7 @@ impl Supervisor {
             _ => return Err(vm.bad_state("pause")),
         };
         live.qmp.execute(qmp::stop {}).await.map_err(vm.qmp_err())?;
-        vm.update(|r| r.state = VmState::Paused);
+        vm.update(|r| r.state = VmState::Paused)?;
         drop(_op);
         Ok(self.info_of(&vm).await)
     }
@@ -233,7 +282,7 @@ impl Supervisor {
             _ => return Err(vm.bad_state("resume")),
         };
         live.qmp.execute(qmp::cont {}).await.map_err(vm.qmp_err())?;
-        vm.update(|r| r.state = VmState::Running);
+        vm.update(|r| r.state = VmState::Running)?;
         drop(_op);
         Ok(self.info_of(&vm).await)
     }
@@ -255,7 +304,7 @@ impl Supervisor {
         vm.update(|r| {
             r.state = VmState::Stopping;
             r.stop_requested = true;
-        });
+        })?;
         let timeout =
             Duration::from_secs(req.timeout_s.unwrap_or(vm.record().spec.shutdown_timeout_s));
         if !req.force {
@@ -305,7 +354,9 @@ impl Supervisor {
         if vm.state().is_active() {
             return Err(vm.bad_state("destroy"));
         }
-        let _ = std::fs::remove_file(&vm.ram_file);
+        let files = vm.runtime();
+        let _ = std::fs::remove_file(&files.ram_file);
+        let _ = std::fs::remove_file(&files.lease_file);
         std::fs::remove_dir_all(&vm.dir)
             .map_err(io_err(format!("removing {}", vm.dir.display())))?;
         if let Some(ports) = &self.cfg.nic_ports {
@@ -314,5 +365,56 @@ impl Supervisor {
         self.vms.write().await.remove(name);
         info!(vm = %name, "destroyed");
         Ok(())
+    }
+}
+
+/// A live QEMU of this VM, or its shim: by the recorded pid, by the shim's
+/// pid file, or by any process whose command line carries this VM's QMP
+/// chardev (a QEMU the record lost track of).
+fn live_qemu(vm: &Vm) -> Option<u32> {
+    let marker = qemu_marker(&vm.qmp_socket());
+    let recorded = [vm.record().qemu_pid, shim::read_pid(&vm.dir)];
+    recorded
+        .into_iter()
+        .flatten()
+        .find(|&pid| process_matches(pid, &marker))
+        .or_else(|| processes_matching(&marker).into_iter().next())
+}
+
+/// Creates a fresh guest RAM file: private (0600, in tandemd's 0700
+/// directory), exclusively (nothing that was at the path is ever used),
+/// and sized, so QEMU opens it rather than making its own.
+fn create_ram_file(path: &std::path::Path, bytes: u64) -> Result<(), SupervisorError> {
+    let context = || format!("creating the guest RAM file {}", path.display());
+    let f = create_private_file(path).map_err(io_err(context()))?;
+    if let Err(e) = f.set_len(bytes) {
+        let _ = std::fs::remove_file(path);
+        return Err(io_err(context())(e));
+    }
+    Ok(())
+}
+
+/// A start failed: make sure the QEMU it launched (if any) does not live
+/// on. The shim writes QEMU's pid just after starting it, so wait a moment
+/// for the pid when it is not there yet (or for the shim to report QEMU
+/// never ran).
+async fn kill_started_qemu(vm: &Vm) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(pid) = shim::read_pid(&vm.dir) {
+            send_signal(pid, Signal::SIGKILL);
+            return;
+        }
+        if shim::read_exit(&vm.dir).is_some() || Instant::now() >= deadline {
+            return;
+        }
+        let shim_alive = vm
+            .record()
+            .shim_pid
+            .is_some_and(|pid| process_matches(pid, "shim"));
+        if !shim_alive {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -17,6 +17,7 @@ mod record;
 mod snapshot;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -29,10 +30,11 @@ use tandem_qmp::{QmpClient, QmpError};
 use tandem_vmspec::{parse_and_validate, Accel, Accelerator, SpecError};
 use tokio::sync::{watch, Mutex as AsyncMutex, RwLock};
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use crate::accel::{resolve_auto, ProbeConfig};
-use crate::shim::ShimLauncher;
-use crate::util::{now_unix, process_matches, read_from};
+use crate::shim::{self, ShimLauncher};
+use crate::util::{make_private, now_unix, process_matches, read_from};
 
 pub use error::SupervisorError;
 pub use exit::ExitCause;
@@ -43,7 +45,7 @@ pub use snapshot::{
 };
 
 use error::io_err;
-use record::{Vm, VmRecord, RECORD_FILE};
+use record::{Loaded, RuntimeFiles, Vm, VmRecord, RECORD_FILE};
 
 const QMP_SOCKET: &str = "qmp.sock";
 const SERIAL_LOG: &str = "serial.log";
@@ -53,7 +55,9 @@ const CONSOLE_CHUNK_MAX: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
     pub state_dir: PathBuf,
-    /// Where guest RAM files live: a tmpfs such as `/dev/shm`.
+    /// The tmpfs (such as `/dev/shm`) under which tandemd keeps its private
+    /// directory (`tandem-<instance>/`, 0700) of guest RAM files and fence
+    /// leases.
     pub ram_dir: PathBuf,
     pub qemu_binary: PathBuf,
     pub qboot_rom: PathBuf,
@@ -98,6 +102,15 @@ pub struct Supervisor {
     instance_tag: String,
 }
 
+/// The marker of a VM's QEMU in its command line (and its shim's, which
+/// carries QEMU's argv): its QMP chardev, as `build_argv` writes it.
+fn qemu_marker(qmp_socket: &Path) -> String {
+    format!(
+        "id=qmp,path={},",
+        tandem_vmspec::escape_opt(&qmp_socket.to_string_lossy())
+    )
+}
+
 fn qemu_version(bin: &Path) -> String {
     std::process::Command::new(bin)
         .arg("--version")
@@ -134,14 +147,32 @@ impl Supervisor {
         for entry in entries.flatten() {
             let dir = entry.path();
             let rec_path = dir.join(RECORD_FILE);
-            let rec = match VmRecord::load(&rec_path) {
+            let Loaded { mut rec, new_uuid } = match VmRecord::load(&rec_path) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!("skipping unreadable VM record {}: {e}", rec_path.display());
                     continue;
                 }
             };
+            // A QEMU started by a tandemd that kept no runtime files has
+            // them where that tandemd put them.
+            let legacy = rec.runtime.is_none() && rec.state.is_active();
+            if legacy {
+                rec.runtime = Some(RuntimeFiles {
+                    ram_file: sup
+                        .cfg
+                        .ram_dir
+                        .join(format!("tandem-{}-{}.ram", sup.instance_tag, rec.spec.name)),
+                    lease_file: dir.join(shim::FENCE_LEASE_FILE),
+                });
+            }
             let vm = sup.new_vm(rec);
+            if new_uuid || legacy {
+                if new_uuid {
+                    info!(vm = %vm.name, uuid = %vm.rec.lock().uuid, "gave the VM its UUID");
+                }
+                vm.update_logged(|_| {});
+            }
             if let Err(e) = sup.attach_nics(&vm.record().spec) {
                 warn!(vm = %vm.name, "cannot attach its switch NICs: {}: {}", e.0, e.1);
             }
@@ -153,17 +184,27 @@ impl Supervisor {
         Ok(sup)
     }
 
+    /// tandemd's private directory (0700) of guest RAM files and fence
+    /// leases on the RAM file system.
+    fn private_ram_dir(&self) -> PathBuf {
+        self.cfg
+            .ram_dir
+            .join(format!("tandem-{}", self.instance_tag))
+    }
+
     fn new_vm(&self, rec: VmRecord) -> Arc<Vm> {
         let name = rec.spec.name.clone();
+        let private = self.private_ram_dir();
         Arc::new(Vm {
             dir: self.cfg.state_dir.join("vms").join(&name),
-            ram_file: self
-                .cfg
-                .ram_dir
-                .join(format!("tandem-{}-{}.ram", self.instance_tag, name)),
+            next_runtime: RuntimeFiles {
+                ram_file: private.join(format!("{name}.ram")),
+                lease_file: private.join(format!("{name}.lease")),
+            },
             name,
             ops: AsyncMutex::new(()),
             rec: Mutex::new(rec),
+            persist: Mutex::new(()),
             live: Mutex::new(None),
             exit_hint: Mutex::new(None),
             checkpoint_pause: AtomicBool::new(false),
@@ -198,7 +239,7 @@ impl Supervisor {
                     Ok(_) => VmState::Paused,
                     Err(_) => rec.state,
                 };
-                vm.update(|r| {
+                vm.update_logged(|r| {
                     r.state = state;
                     r.stop_requested = false;
                 });
@@ -209,13 +250,31 @@ impl Supervisor {
         }
     }
 
+    /// Defines a VM from its spec, with a new identity (UUID).
     pub async fn create(&self, spec_toml: &str) -> Result<VmInfo, SupervisorError> {
+        self.create_with_uuid(spec_toml, Uuid::new_v4()).await
+    }
+
+    /// Defines a VM that already has an identity: a backup defining the
+    /// primary's VM at takeover keeps the primary's UUID. A nil `uuid`
+    /// means "give it a new one". Refused (`Exists`, naming the other VM)
+    /// when another VM here has that UUID.
+    pub async fn create_with_uuid(
+        &self,
+        spec_toml: &str,
+        uuid: Uuid,
+    ) -> Result<VmInfo, SupervisorError> {
+        let uuid = if uuid.is_nil() { Uuid::new_v4() } else { uuid };
         let spec = parse_and_validate(spec_toml, |p| p.is_file())?;
         let mut vms = self.vms.write().await;
         if vms.contains_key(&spec.name) {
             return Err(SupervisorError::Exists(spec.name));
         }
+        if let Some(other) = vms.values().find(|v| v.rec.lock().uuid == uuid) {
+            return Err(SupervisorError::Exists(other.name.clone()));
+        }
         let rec = VmRecord {
+            uuid,
             spec_toml: spec_toml.to_string(),
             spec,
             state: VmState::Defined,
@@ -226,6 +285,7 @@ impl Supervisor {
             stop_requested: false,
             last_exit: None,
             exit_cause: None,
+            runtime: None,
         };
         self.attach_nics(&rec.spec).map_err(|e| {
             SpecError::Invalid(vec![tandem_vmspec::FieldError {
@@ -234,10 +294,20 @@ impl Supervisor {
             }])
         })?;
         let vm = self.new_vm(rec);
-        std::fs::create_dir_all(&vm.dir)
-            .map_err(io_err(format!("creating {}", vm.dir.display())))?;
-        vm.update(|_| {});
-        info!(vm = %vm.name, "defined");
+        let persisted = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&vm.dir)
+            .and_then(|()| make_private(&vm.dir))
+            .map_err(io_err(format!("creating {}", vm.dir.display())))
+            .and_then(|()| vm.update(|_| {}));
+        if let Err(e) = persisted {
+            if let Some(ports) = &self.cfg.nic_ports {
+                ports.detach(&vm.name);
+            }
+            return Err(e);
+        }
+        info!(vm = %vm.name, %uuid, "defined");
         vms.insert(vm.name.clone(), vm.clone());
         drop(vms);
         Ok(self.info_of(&vm).await)
@@ -347,6 +417,7 @@ impl Supervisor {
         let r = vm.record();
         VmInfo {
             name: vm.name.clone(),
+            uuid: r.uuid.to_string(),
             state: r.state,
             qmp_status,
             accel: r.accel.map(|a| a.as_str().to_string()),
@@ -354,7 +425,13 @@ impl Supervisor {
             started_at: r.started_at,
             qmp_socket: vm.qmp_socket().display().to_string(),
             serial_log: vm.serial_log().display().to_string(),
-            ram_file: vm.ram_file.display().to_string(),
+            ram_file: r
+                .runtime
+                .as_ref()
+                .unwrap_or(&vm.next_runtime)
+                .ram_file
+                .display()
+                .to_string(),
             last_exit: r.last_exit,
             spec_toml: r.spec_toml,
         }

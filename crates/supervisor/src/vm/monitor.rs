@@ -57,13 +57,13 @@ impl Supervisor {
                                 // Events arrive late: a checkpoint's STOP can
                                 // be read after its window closed. Only what
                                 // QEMU says *now* marks the VM paused.
-                                vm.update(|r| r.state = VmState::Paused);
+                                vm.update_logged(|r| r.state = VmState::Paused);
                             }
                         }
                         "RESUME" if vm.state() == VmState::Paused => {
                             let status = query_status(&qmp).await.unwrap_or_default();
                             if status == "running" && !vm.checkpoint_pause.load(Ordering::SeqCst) {
-                                vm.update(|r| r.state = VmState::Running);
+                                vm.update_logged(|r| r.state = VmState::Running);
                             }
                         }
                         "SHUTDOWN" => {
@@ -113,13 +113,17 @@ impl Supervisor {
             serial_tail: tail_lines(&vm.serial_log(), TAIL_LINES),
             qemu_log_tail: tail_lines(&vm.dir.join(shim::QEMU_LOG), TAIL_LINES),
         };
-        let _ = std::fs::remove_file(&vm.ram_file);
+        // The guest's memory goes with its QEMU, and so does the lease
+        // (the shim that read it is gone).
+        let files = vm.runtime();
+        let _ = std::fs::remove_file(&files.ram_file);
+        let _ = std::fs::remove_file(&files.lease_file);
         *vm.live.lock() = None;
         match state {
             VmState::Crashed => warn!(vm = %vm.name, reason = %info.reason, "VM crashed"),
             _ => info!(vm = %vm.name, reason = %info.reason, "VM shut off"),
         }
-        vm.update(|r| {
+        vm.update_logged(|r| {
             r.state = state;
             r.qemu_pid = None;
             r.shim_pid = None;

@@ -9,7 +9,8 @@ use tandem_api::{ExitInfo, VmState};
 use tandem_qmp::{QmpClient, QmpError};
 use tandem_vmspec::{Accel, VmSpec};
 use tokio::sync::{watch, Mutex as AsyncMutex};
-use tracing::warn;
+use tracing::error;
+use uuid::Uuid;
 
 use super::exit::{ExitCause, ExitHint};
 use super::{SupervisorError, QMP_SOCKET, SERIAL_LOG};
@@ -20,6 +21,11 @@ pub(super) const RECORD_FILE: &str = "vm.json";
 /// What is persisted for each VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct VmRecord {
+    /// The VM's identity, given once when it is defined (and kept by a
+    /// backup that takes it over). Records from before it was kept load
+    /// with the nil UUID, and [`VmRecord::load`] gives them one.
+    #[serde(default = "Uuid::nil", with = "uuid_text")]
+    pub(super) uuid: Uuid,
     pub(super) spec_toml: String,
     pub(super) spec: VmSpec,
     pub(super) state: VmState,
@@ -34,11 +40,31 @@ pub(super) struct VmRecord {
     /// kept: [`VmRecord::load`] derives it then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) exit_cause: Option<ExitCause>,
+    /// The host files of the VM's last (or current) QEMU. Absent in
+    /// records from before they were kept, and before the first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) runtime: Option<RuntimeFiles>,
+}
+
+/// Where one QEMU of a VM keeps its RAM, and where its shim reads the fence
+/// lease. Fixed for the life of that QEMU, so a tandemd that restarts (even
+/// a newer one that would put them elsewhere) finds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct RuntimeFiles {
+    pub(super) ram_file: PathBuf,
+    pub(super) lease_file: PathBuf,
+}
+
+/// A record as loaded, with what was filled in.
+pub(super) struct Loaded {
+    pub(super) rec: VmRecord,
+    /// The record had no UUID and was given one: persist it.
+    pub(super) new_uuid: bool,
 }
 
 impl VmRecord {
     /// Reads a record, filling in what older tandemds did not write.
-    pub(super) fn load(path: &Path) -> Result<VmRecord, RecordError> {
+    pub(super) fn load(path: &Path) -> Result<Loaded, RecordError> {
         let text = std::fs::read_to_string(path)?;
         let mut rec: VmRecord = serde_json::from_str(&text)?;
         if rec.exit_cause.is_none() {
@@ -47,7 +73,26 @@ impl VmRecord {
                 .as_ref()
                 .map(|e| ExitCause::from_legacy(rec.state, e));
         }
-        Ok(rec)
+        let new_uuid = rec.uuid.is_nil();
+        if new_uuid {
+            rec.uuid = Uuid::new_v4();
+        }
+        Ok(Loaded { rec, new_uuid })
+    }
+}
+
+/// A UUID in `vm.json`: its hyphenated text.
+mod uuid_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use uuid::Uuid;
+
+    pub fn serialize<S: Serializer>(u: &Uuid, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&u.hyphenated())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+        let text = String::deserialize(d)?;
+        Uuid::parse_str(&text).map_err(D::Error::custom)
     }
 }
 
@@ -70,10 +115,14 @@ pub(super) struct Live {
 pub(super) struct Vm {
     pub(super) name: String,
     pub(super) dir: PathBuf,
-    pub(super) ram_file: PathBuf,
+    /// Where the next QEMU of this VM gets its RAM file and fence lease:
+    /// in tandemd's private directory on the RAM file system.
+    pub(super) next_runtime: RuntimeFiles,
     /// Serialises lifecycle operations on this VM.
     pub(super) ops: AsyncMutex<()>,
     pub(super) rec: Mutex<VmRecord>,
+    /// Serialises writes of `vm.json`, in the order the record changed.
+    pub(super) persist: Mutex<()>,
     pub(super) live: Mutex<Option<Live>>,
     /// Facts the monitor learns before QEMU exits, used to explain the exit.
     pub(super) exit_hint: Mutex<Option<ExitHint>>,
@@ -98,15 +147,38 @@ impl Vm {
     pub(super) fn live(&self) -> Option<Live> {
         self.live.lock().clone()
     }
-    /// Changes the record and persists it atomically.
-    pub(super) fn update(&self, f: impl FnOnce(&mut VmRecord)) {
+    /// The host files of the VM's current (or last) QEMU; before its first
+    /// start, where the next one will have them.
+    pub(super) fn runtime(&self) -> RuntimeFiles {
+        self.rec
+            .lock()
+            .runtime
+            .clone()
+            .unwrap_or_else(|| self.next_runtime.clone())
+    }
+    /// Changes the record and persists it atomically. Writes are serialised
+    /// in the order of the changes, so the file always ends with the latest
+    /// record, never a torn or an older one. The change stays in memory
+    /// even when it cannot be persisted; the error says so.
+    pub(super) fn update(&self, f: impl FnOnce(&mut VmRecord)) -> Result<(), SupervisorError> {
+        let _order = self.persist.lock();
         let snapshot = {
             let mut rec = self.rec.lock();
             f(&mut rec);
             rec.clone()
         };
-        if let Err(e) = atomic_write_json(&self.dir.join(RECORD_FILE), &snapshot) {
-            warn!(vm = %self.name, "cannot persist VM record: {e}");
+        atomic_write_json(&self.dir.join(RECORD_FILE), &snapshot).map_err(|source| {
+            SupervisorError::Io {
+                context: format!("persisting the record of VM `{}`", self.name),
+                source,
+            }
+        })
+    }
+    /// [`Vm::update`] where nobody waits for the answer (QEMU's events, a
+    /// recorded exit): a failure is logged as an error.
+    pub(super) fn update_logged(&self, f: impl FnOnce(&mut VmRecord)) {
+        if let Err(e) = self.update(f) {
+            error!(vm = %self.name, "{e}; the record on disk is stale");
         }
     }
     pub(super) fn bad_state(&self, op: &'static str) -> SupervisorError {
@@ -137,6 +209,7 @@ initrd = "/i"
 
     fn record(state: VmState, reason: &str) -> VmRecord {
         VmRecord {
+            uuid: Uuid::nil(),
             spec_toml: SPEC.into(),
             spec: tandem_vmspec::parse_and_validate(SPEC, |_| true).unwrap(),
             state,
@@ -154,6 +227,7 @@ initrd = "/i"
                 qemu_log_tail: vec![],
             }),
             exit_cause: None,
+            runtime: None,
         }
     }
 
@@ -163,10 +237,13 @@ initrd = "/i"
     fn old_record_loads_with_a_derived_cause() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(RECORD_FILE);
-        let old = serde_json::to_value(record(VmState::Shutoff, "shutdown: host-signal")).unwrap();
+        let mut old =
+            serde_json::to_value(record(VmState::Shutoff, "shutdown: host-signal")).unwrap();
         assert!(old.get("exit_cause").is_none());
+        old.as_object_mut().unwrap().remove("uuid");
         std::fs::write(&p, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
-        let rec = VmRecord::load(&p).unwrap();
+        let Loaded { rec, new_uuid } = VmRecord::load(&p).unwrap();
+        assert!(new_uuid && !rec.uuid.is_nil());
         assert_eq!(rec.exit_cause, Some(ExitCause::HostSignal));
         assert_eq!(rec.last_exit.unwrap().reason, "shutdown: host-signal");
 
@@ -175,12 +252,29 @@ initrd = "/i"
             ..record(VmState::Defined, "")
         };
         atomic_write_json(&p, &never_ran).unwrap();
-        assert_eq!(VmRecord::load(&p).unwrap().exit_cause, None);
+        assert_eq!(VmRecord::load(&p).unwrap().rec.exit_cause, None);
+    }
+
+    /// A UUID, once in the record, is read back as it was written.
+    #[test]
+    fn uuid_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(RECORD_FILE);
+        let id = Uuid::new_v4();
+        let rec = VmRecord {
+            uuid: id,
+            ..record(VmState::Defined, "")
+        };
+        atomic_write_json(&p, &rec).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(&format!("\"uuid\": \"{id}\"")), "{text}");
+        let Loaded { rec, new_uuid } = VmRecord::load(&p).unwrap();
+        assert_eq!((rec.uuid, new_uuid), (id, false));
     }
 
     /// A new record keeps every old field as it was and only adds
-    /// `exit_cause`, which older readers ignore; a recorded cause wins over
-    /// the reason's words.
+    /// `exit_cause` (and `uuid`, `runtime`), which older readers ignore; a
+    /// recorded cause wins over the reason's words.
     #[test]
     fn new_record_keeps_old_fields() {
         let mut rec = record(VmState::Crashed, "QEMU exited unexpectedly (exit code 0)");
@@ -193,13 +287,16 @@ initrd = "/i"
         );
         new.as_object_mut().unwrap().remove("exit_cause");
         assert_eq!(new, old);
+        rec.runtime = Some(RuntimeFiles {
+            ram_file: "/dev/shm/tandem-x/old.ram".into(),
+            lease_file: "/dev/shm/tandem-x/old.lease".into(),
+        });
 
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join(RECORD_FILE);
         atomic_write_json(&p, &rec).unwrap();
-        assert_eq!(
-            VmRecord::load(&p).unwrap().exit_cause,
-            Some(ExitCause::AcceleratorFailure)
-        );
+        let loaded = VmRecord::load(&p).unwrap().rec;
+        assert_eq!(loaded.exit_cause, Some(ExitCause::AcceleratorFailure));
+        assert_eq!(loaded.runtime, rec.runtime);
     }
 }

@@ -12,7 +12,10 @@ use tandem_vmspec::DiskFormat;
 
 use super::{io_err, Supervisor, SupervisorError, Vm};
 use crate::checkpoint;
-use crate::util::{atomic_write, atomic_write_json, now_unix};
+use crate::util::{
+    atomic_write, atomic_write_json, copy_private, copy_private_replace, create_private_dir,
+    now_unix,
+};
 
 impl Supervisor {
     /// Starts a VM that is not running from a checkpoint directory written
@@ -40,11 +43,12 @@ impl Supervisor {
         if vm.state().is_active() {
             return Err(vm.bad_state("restore"));
         }
-        // Disks are copied, like RAM, so the checkpoint stays restorable.
+        // Disks are copied, like RAM, so the checkpoint stays restorable;
+        // the copies are the VM's own (0600), whatever the source's mode.
         let mut disks = Vec::new();
         for d in &manifest.disks {
             let to = vm.dir.join(format!("restored-{}", d.file));
-            std::fs::copy(dir.join(&d.file), &to).map_err(io_err(format!(
+            copy_private_replace(&dir.join(&d.file), &to).map_err(io_err(format!(
                 "copying disk {} from the checkpoint",
                 d.name
             )))?;
@@ -59,7 +63,8 @@ impl Supervisor {
     }
 
     /// Writes a consistent checkpoint of a running or paused VM into `dir`
-    /// (created; must not exist): RAM, device state, disks and a manifest.
+    /// (created 0700; must not exist): RAM, device state, disks and a
+    /// manifest, each 0600 (a checkpoint holds the guest's memory).
     /// The guest is stopped for the copy and resumed if it was running.
     pub async fn checkpoint_to(
         &self,
@@ -73,7 +78,7 @@ impl Supervisor {
             (VmState::Running | VmState::Paused, Some(live)) => live,
             _ => return Err(vm.bad_state("checkpoint")),
         };
-        std::fs::create_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        create_private_dir(dir).map_err(io_err(format!("creating {}", dir.display())))?;
         let started = Instant::now();
         vm.checkpoint_pause.store(true, Ordering::SeqCst);
         let result = self.checkpoint_stopped(&vm, &live.qmp, dir).await;
@@ -130,7 +135,7 @@ impl Supervisor {
                 DiskFormat::Raw => "raw",
             };
             let file = format!("disk-{}.{ext}", d.name);
-            std::fs::copy(&d.path, dir.join(&file))
+            copy_private(&d.path, &dir.join(&file))
                 .map_err(io_err(format!("copying disk {}", d.path.display())))?;
             disks.push(CheckpointDisk {
                 name: d.name.clone(),
@@ -138,7 +143,7 @@ impl Supervisor {
                 format: d.format,
             });
         }
-        let ram_bytes = std::fs::copy(&vm.ram_file, dir.join(CHECKPOINT_RAM))
+        let ram_bytes = copy_private(&vm.runtime().ram_file, &dir.join(CHECKPOINT_RAM))
             .map_err(io_err("copying guest RAM"))?;
         atomic_write(&dir.join(CHECKPOINT_DEVICE_STATE), &state)
             .map_err(io_err("writing the device state"))?;
@@ -195,11 +200,12 @@ pub(super) struct RestoreSource {
     pub(super) disks: Vec<(String, PathBuf, DiskFormat)>,
 }
 
-/// Copies a checkpoint's RAM file into the VM's RAM path. A copy (not a
-/// rename) keeps the checkpoint restorable a second time.
+/// Copies a checkpoint's RAM file into the VM's RAM path (in tandemd's
+/// private directory): into a new 0600 temp file created exclusively, then
+/// renamed into place. A copy (not a rename) keeps the checkpoint
+/// restorable a second time.
 pub(super) fn place_ram_file(from: &Path, to: &Path) -> Result<(), SupervisorError> {
-    let tmp = to.with_extension("ram.incoming");
-    std::fs::copy(from, &tmp).map_err(io_err(format!("copying RAM from {}", from.display())))?;
-    std::fs::rename(&tmp, to).map_err(io_err("placing the restored RAM file"))?;
+    copy_private_replace(from, to)
+        .map_err(io_err(format!("copying RAM from {}", from.display())))?;
     Ok(())
 }
