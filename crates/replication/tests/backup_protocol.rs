@@ -72,36 +72,27 @@ async fn rig_with(activate: Arc<dyn Activate>) -> Rig {
     rig_configured(activate, |cfg| cfg.auto_failover = false).await
 }
 
-/// A second backup on an existing replica root (a restarted tandemd).
+/// A second backup on `root` (a restarted tandemd on the same replicas).
 async fn rig_on(root: &std::path::Path, activate: Arc<dyn Activate>) -> Rig {
-    let r = rig_configured(activate, |cfg| cfg.auto_failover = false).await;
-    let backup = Backup::new(
-        {
-            let mut cfg = BackupConfig::new(root.to_path_buf());
-            cfg.auto_failover = false;
-            cfg
-        },
-        Arc::new(NeverActivate),
-    );
-    let ep = Endpoint::Unix(r._tmp.path().join("restarted.sock"));
-    let listener = Listener::bind(&ep).await.unwrap();
-    let b = backup.clone();
-    tokio::spawn(async move {
-        while let Ok((conn, peer)) = listener.accept().await {
-            tokio::spawn(b.clone().serve(conn, peer));
-        }
-    });
-    Rig {
-        root: root.to_path_buf(),
-        ep,
-        backup,
-        ..r
-    }
+    rig_at(Some(root.to_path_buf()), activate, |cfg| {
+        cfg.auto_failover = false
+    })
+    .await
 }
 
 async fn rig_configured(activate: Arc<dyn Activate>, set: impl FnOnce(&mut BackupConfig)) -> Rig {
+    rig_at(None, activate, set).await
+}
+
+/// A backup serving on a socket of its own, its replicas in `root` (a
+/// fresh directory when `None`).
+async fn rig_at(
+    root: Option<PathBuf>,
+    activate: Arc<dyn Activate>,
+    set: impl FnOnce(&mut BackupConfig),
+) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("replicas");
+    let root = root.unwrap_or_else(|| tmp.path().join("replicas"));
     let mut cfg = BackupConfig::new(root.clone());
     set(&mut cfg);
     let backup = Backup::new(cfg, activate);
