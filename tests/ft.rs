@@ -614,3 +614,195 @@ fn a_backup_that_never_answers_does_not_pause_the_guest() {
     done.store(true, Ordering::SeqCst);
     assert!(mute.join().unwrap() >= 1, "the primary never connected");
 }
+
+/// A test's own QMP monitor on the guest's QEMU (tandemd holds the one in
+/// the VM's spec): a second `-qmp` that a `--qemu` wrapper adds.
+struct TestQmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl TestQmp {
+    fn connect(path: &std::path::Path) -> TestQmp {
+        let s = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut q = TestQmp {
+            r: std::io::BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        q.line(); // the greeting
+        q.call("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    fn line(&mut self) -> Value {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP sent {l:?}: {e}"))
+    }
+
+    fn call(&mut self, cmd: &str, args: Value) -> Value {
+        use std::io::Write;
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.w, "{msg}").expect("QMP write");
+        loop {
+            let v = self.line();
+            if v.get("event").is_some() {
+                continue;
+            }
+            return match v.get("return") {
+                Some(r) => r.clone(),
+                None => panic!("{cmd}: {v}"),
+            };
+        }
+    }
+}
+
+/// Issue 13: a disk mirror that stops (here: cancelled through QMP, which
+/// leaves the NBD connection up, so only QEMU knows) must not let an epoch
+/// with device state commit without the disk's writes. Protection turns
+/// degraded, naming the disk, and comes back by itself once tandemd has
+/// restarted the mirror and the disk is copied again.
+#[test]
+fn a_cancelled_disk_mirror_degrades_protection_until_it_is_restarted() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let _g = serial_guard();
+    let tools = tempfile::Builder::new()
+        .prefix("tandem-ft-mirror-")
+        .tempdir()
+        .expect("tempdir");
+    let qmp_sock = tools.path().join("qmp.sock");
+    let wrapper = tools.path().join("qemu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec qemu-system-x86_64 \"$@\" -qmp unix:{},server=on,wait=off\n",
+            qmp_sock.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let endpoint = format!("unix:{}", tools.path().join("repl.sock").display());
+    let b = Daemon::start_with(&["--repl-listen", &endpoint]);
+    let a = Daemon::start_with(&["--qemu", wrapper.to_str().unwrap()]);
+    let vm = "ftdisk";
+    a.create_guest(vm, ""); // with its data disk
+    a.cli_ok(&["vm", "start", vm]);
+    a.wait_console(vm, READY, BOOT);
+    a.cli_ok(&["protect", vm, "--backup", &endpoint, "--epoch-ms", "50"]);
+    wait_ft(&a, vm, "protection", Duration::from_secs(60), |s| {
+        s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= 5
+    });
+    wait_ft(&b, vm, "backup standby", Duration::from_secs(10), |s| {
+        s["state"] == "standby"
+    });
+    // (epoch, device_state_len) of the backup's last commit.
+    let commit_file = b.state_dir.join(format!("replicas/{vm}/committed.json"));
+    let committed = || -> (u64, u64) {
+        let v: Value = serde_json::from_slice(&std::fs::read(&commit_file).unwrap()).unwrap();
+        (
+            v["epoch"].as_u64().unwrap(),
+            v["device_state_len"].as_u64().unwrap(),
+        )
+    };
+    assert!(committed().1 > 0, "protected without device state");
+
+    let mut qmp = TestQmp::connect(&qmp_sock);
+    let jobs = qmp.call("query-block-jobs", serde_json::json!({}));
+    let job = jobs
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|j| j["device"].as_str().unwrap_or("").starts_with("ft-data-"))
+        })
+        .unwrap_or_else(|| panic!("no mirror job for disk data: {jobs}"))
+        .clone();
+    assert_eq!(job["status"], "ready", "{job}");
+    let id = job["device"].as_str().unwrap().to_string();
+    let generation: u32 = id["ft-data-".len()..].parse().expect("job generation");
+    // Hold the restart's first two attempts off, so the mirror stays down
+    // through their backoff (1 + 2 s): the node names they add are taken.
+    for g in [generation + 1, generation + 2] {
+        qmp.call(
+            "blockdev-add",
+            serde_json::json!({"driver": "null-co", "node-name": format!("ftm-data-{g}")}),
+        );
+    }
+    // An operator's plain cancel: QEMU completes the job without pivoting
+    // and stops mirroring; the NBD connection stays up.
+    qmp.call("block-job-cancel", serde_json::json!({"device": id}));
+
+    let st = wait_ft(&a, vm, "degraded", Duration::from_secs(10), |s| {
+        s["state"] == "degraded" && s["detail"].as_str().unwrap_or("").contains("disk `data`")
+    });
+    eprintln!("after the cancel: {}", st["detail"]);
+    // The check that failed ran in an epoch before this one; from it on,
+    // no epoch may carry device state until the disk is copied again.
+    let failed_by = ft(&a, vm)["open_epoch"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stateless = loop {
+        // The commit first, then the status: if the status still shows
+        // the held-off restart, the commit was captured before any new job
+        // could have finished copying.
+        let (epoch, len) = committed();
+        let s = ft(&a, vm);
+        let held = s["state"] == "degraded"
+            && s["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("restart attempt");
+        if held && epoch >= failed_by {
+            assert_eq!(
+                len, 0,
+                "epoch {epoch} committed with device state while disk data's mirror was down: {s:#}"
+            );
+            break epoch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no commit from epoch {failed_by} on seen while the restart was held off: {s:#}\n{}",
+            tandem_tests::tail(&a.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // Protection comes back by itself: the third attempt restarts the
+    // mirror, the disk is copied again, and epochs carry state again.
+    let st = wait_ft(&a, vm, "protected again", Duration::from_secs(40), |s| {
+        s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) > stateless
+    });
+    let (epoch, len) = committed();
+    assert!(epoch > stateless && len > 0, "{epoch} {len}: {st:#}");
+    wait_ft(
+        &b,
+        vm,
+        "backup standby again",
+        Duration::from_secs(10),
+        |s| s["state"] == "standby",
+    );
+    let jobs = qmp.call("query-block-jobs", serde_json::json!({}));
+    let new_id = format!("ft-data-{}", generation + 3);
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["device"] == new_id.as_str() && j["ready"] == true),
+        "{jobs}"
+    );
+    let log = a.log();
+    assert!(
+        log.contains("restarting the disk's mirror failed")
+            && log.contains("disk mirror restarted"),
+        "{}",
+        tandem_tests::tail(&log, 40)
+    );
+    assert_eq!(a.info(vm)["qmp_status"], "running");
+    a.cli_ok(&["unprotect", vm]);
+    // What the per-epoch check cost inside the guest's pauses.
+    if let Some(l) = a.log().lines().rev().find(|l| l.contains("disk checks")) {
+        eprintln!("{l}");
+    }
+}
