@@ -34,6 +34,8 @@ pub struct FtSettings {
     pub auto_failover: bool,
     /// Default dirty-page tracker for protections that do not name one.
     pub tracker: tandem_replication::tracker::TrackerChoice,
+    /// Cap on a protected disk's write log between two epochs, in bytes.
+    pub disk_log_cap: u64,
 }
 
 struct Protected {
@@ -304,7 +306,10 @@ impl Ft {
         });
         let external_writers = switch_nics && write_log.is_none();
         let work = self.settings.replica_root.with_file_name("ft").join(vm);
-        let disks = crate::ftdisk::start(&port, &work).await?;
+        let mirror = crate::ftdisk::MirrorSettings {
+            log_cap: self.settings.disk_log_cap,
+        };
+        let disks = crate::ftdisk::start_with(&port, &work, mirror).await?;
         let mut cfg = PrimaryConfig::new(backup);
         cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm);
         cfg.epoch = Duration::from_millis(epoch_ms);

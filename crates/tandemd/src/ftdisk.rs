@@ -47,9 +47,6 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long ending a job may take (cancel, conclude, dismiss).
 const JOB_END_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Environment variable that sets the write log's cap, in MiB.
-pub const LOG_CAP_ENV: &str = "TANDEM_FT_DISK_LOG_CAP_MIB";
-
 /// How the disks of a protection are mirrored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MirrorSettings {
@@ -57,6 +54,14 @@ pub struct MirrorSettings {
     /// effective cap is this or the disk's size, whichever is smaller: a
     /// log larger than the disk costs more than resending the disk.
     pub log_cap: u64,
+}
+
+impl MirrorSettings {
+    /// The cap for a disk of `disk_size` bytes: a log larger than the disk
+    /// costs more than resending the disk.
+    fn cap_for(&self, disk_size: u64) -> u64 {
+        self.log_cap.min(disk_size.max(1 << 20))
+    }
 }
 
 impl Default for MirrorSettings {
@@ -67,24 +72,6 @@ impl Default for MirrorSettings {
     }
 }
 
-impl MirrorSettings {
-    /// The defaults, with the log cap from [`LOG_CAP_ENV`] when it is set
-    /// (a whole number of MiB; anything else is ignored with a warning).
-    pub fn from_env() -> Self {
-        let mut s = MirrorSettings::default();
-        if let Ok(v) = std::env::var(LOG_CAP_ENV) {
-            match v.trim().parse::<u64>() {
-                Ok(mib) => s.log_cap = mib.saturating_mul(1 << 20),
-                Err(_) => warn!("{LOG_CAP_ENV}={v:?} is not a number of MiB; using the default"),
-            }
-        }
-        s
-    }
-
-    fn cap_for(&self, disk_size: u64) -> u64 {
-        self.log_cap.min(disk_size.max(1 << 20))
-    }
-}
 
 /// One protected disk: its NBD export, the QEMU job that mirrors into it,
 /// and what is known about whether the export's log is whole.
@@ -745,14 +732,8 @@ pub enum MirrorError {
     },
 }
 
-/// Starts mirroring every writable disk of the VM, with the settings from
-/// the environment ([`MirrorSettings::from_env`]). On error, whatever was
+/// Starts mirroring every writable disk of the VM. On error, whatever was
 /// set up is torn down again.
-pub async fn start(port: &GuestPort, work: &Path) -> Result<Vec<Arc<MirroredDisk>>, MirrorError> {
-    start_with(port, work, MirrorSettings::from_env()).await
-}
-
-/// [`start`] with explicit settings.
 pub async fn start_with(
     port: &GuestPort,
     work: &Path,

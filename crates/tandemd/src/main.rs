@@ -104,6 +104,12 @@ struct Args {
     /// else scan), `scan` or `soft-dirty`.
     #[arg(long, default_value = "auto")]
     ft_tracker: tandem_replication::tracker::TrackerChoice,
+
+    /// Primary: cap on a protected disk's write log between two epochs, in
+    /// MiB (the disk's size if smaller). Past it the log is dropped and the
+    /// whole disk is sent again, instead of memory growing without bound.
+    #[arg(long, env = "TANDEM_FT_DISK_LOG_CAP_MIB", default_value_t = tandem_nbd::DEFAULT_LOG_CAP >> 20)]
+    ft_disk_log_cap_mib: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,6 +209,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             takeover_timeout: Duration::from_millis(args.ft_takeover_timeout_ms),
             auto_failover: !args.no_auto_failover,
             tracker: args.ft_tracker,
+            disk_log_cap: args.ft_disk_log_cap_mib.saturating_mul(1 << 20),
         },
         Some(switch.clone()),
     )
