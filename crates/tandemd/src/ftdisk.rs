@@ -72,7 +72,6 @@ impl Default for MirrorSettings {
     }
 }
 
-
 /// One protected disk: its NBD export, the QEMU job that mirrors into it,
 /// and what is known about whether the export's log is whole.
 pub struct MirroredDisk {
