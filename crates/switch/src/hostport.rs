@@ -13,10 +13,14 @@
 //! written in-band by the tun driver.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::stat::Mode;
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -113,10 +117,11 @@ impl HostPortHandle {
             return Err(exists());
         }
         let fd = open_tun().map_err(|e| create("opening /dev/net/tun", e))?;
+        // libc: these are TUNSETIFF flags, and nix has no IFF_TUN_EXCL.
         let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL;
         let got = match netsys::tun_set_iff(&fd, &tap, flags) {
             Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(exists()),
+            Err(e) if e.raw_os_error() == Some(Errno::EBUSY as i32) => return Err(exists()),
             Err(e) => return Err(create("TUNSETIFF", e)),
         };
         if got != tap {
@@ -169,14 +174,11 @@ impl HostPortHandle {
 }
 
 fn open_tun() -> io::Result<OwnedFd> {
-    // SAFETY: open(2) of a constant NUL-terminated path; the result is
-    // checked.
-    let raw = netsys::cvt(unsafe {
-        libc::open(
-            c"/dev/net/tun".as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    })?;
+    let raw = nix::fcntl::open(
+        c"/dev/net/tun",
+        OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
     // SAFETY: `raw` was just returned by open(2) and is owned by nobody
     // else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
@@ -198,37 +200,60 @@ struct HostPort {
 }
 
 impl HostPort {
+    /// Polls the stop and egress eventfds and the tap for at most
+    /// `timeout`; returns what happened on each. Without a tap (it was
+    /// deleted) only the eventfds are polled, as poll(2) would skip a
+    /// negative descriptor, and nothing happened on the tap.
+    fn wait(&self, timeout: Duration) -> io::Result<[PollFlags; 3]> {
+        let stop = PollFd::new(netsys::eventfd_fd(&self.stop), PollFlags::POLLIN);
+        let notify = PollFd::new(
+            netsys::eventfd_fd(self.egress.notifier()),
+            PollFlags::POLLIN,
+        );
+        let mut fds = [stop, notify, stop];
+        let polled = match &self.fd {
+            Some(fd) => {
+                let mut tap_events = PollFlags::POLLIN;
+                if self.tx.wants_writable() {
+                    tap_events |= PollFlags::POLLOUT;
+                }
+                fds[2] = PollFd::new(fd.as_fd(), tap_events);
+                3
+            }
+            None => 2,
+        };
+        netsys::poll(&mut fds[..polled], timeout)?;
+        let tap = if polled == 3 {
+            netsys::revents(&fds[2])
+        } else {
+            PollFlags::empty()
+        };
+        Ok([netsys::revents(&fds[0]), netsys::revents(&fds[1]), tap])
+    }
+
     fn run(mut self) {
         loop {
-            let tap_fd = self.fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-            let mut tap_events = libc::POLLIN;
-            if self.tx.wants_writable() {
-                tap_events |= libc::POLLOUT;
-            }
-            let mut fds = [
-                netsys::pollfd(self.stop.as_raw_fd(), libc::POLLIN),
-                netsys::pollfd(self.egress.notifier().as_raw_fd(), libc::POLLIN),
-                netsys::pollfd(tap_fd, tap_events),
-            ];
             let timeout = self.tx.timeout(IDLE);
-            if let Err(e) = netsys::poll(&mut fds, timeout) {
-                warn!(port = %self.name, error = %e, "poll failed");
-                std::thread::sleep(TX_RETRY);
-                continue;
-            }
-            if fds[0].revents != 0 {
+            let [stop, notify, rev] = match self.wait(timeout) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(port = %self.name, error = %e, "poll failed");
+                    std::thread::sleep(TX_RETRY);
+                    continue;
+                }
+            };
+            if !stop.is_empty() {
                 break;
             }
-            if fds[1].revents & libc::POLLIN != 0 {
+            if notify.contains(PollFlags::POLLIN) {
                 netsys::drain_eventfd(self.egress.notifier());
                 self.tx.notified();
             }
-            let rev = fds[2].revents;
-            if rev & libc::POLLIN != 0 {
+            if rev.contains(PollFlags::POLLIN) {
                 self.receive();
             }
-            if rev & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-                && rev & libc::POLLIN == 0
+            if rev.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL)
+                && !rev.contains(PollFlags::POLLIN)
             {
                 // The tun driver reports an error on a descriptor whose
                 // device was deleted: stop using it rather than spin.
@@ -256,19 +281,16 @@ impl HostPort {
             return;
         };
         for _ in 0..BATCH {
-            // SAFETY: `buf` is a live, exclusively borrowed buffer of the
-            // stated length.
-            let r =
-                unsafe { libc::read(fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len()) };
-            match netsys::cvt_size(r) {
+            match nix::unistd::read(fd.as_raw_fd(), &mut self.buf) {
                 Ok(n) if netsys::frame_size_ok(n) => {
                     self.counters.received(n);
                     self.ingress.ingress(self.id, &self.buf[..n]);
                 }
                 Ok(_) => self.counters.dropped(DropReason::Malformed),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
                 Err(e) => {
+                    let e = io::Error::from(e);
                     debug!(port = %self.name, tap = %self.tap, error = %e, "tap read failed");
                     return;
                 }
@@ -279,9 +301,6 @@ impl HostPort {
 
 /// Writes one frame to the tap.
 fn write_frame(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
-    // SAFETY: `frame` is a live buffer of the stated length, only read by
-    // write(2).
-    let r = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
-    netsys::cvt_size(r)?;
+    nix::unistd::write(fd, frame)?;
     Ok(())
 }

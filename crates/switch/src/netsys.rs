@@ -7,22 +7,31 @@
 //! was created in, so a port created inside a namespace keeps looking at
 //! that namespace whatever thread later asks.
 
-use std::ffi::c_int;
+use std::ffi::{c_char, c_int, c_short};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::net::if_::InterfaceFlags;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+use nix::sys::time::TimeVal;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::offload::Offload;
 use crate::port::{DropReason, EgressQueue, PortCounters, MAX_FRAME, MIN_FRAME};
 
 /// `IFNAMSIZ` minus the terminating NUL.
+// libc: nix exports no `IFNAMSIZ`.
 pub const MAX_IFNAME: usize = libc::IFNAMSIZ - 1;
 
 /// Whether a frame of `len` bytes may enter or leave a port.
@@ -52,67 +61,79 @@ pub fn check_ifname(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Turns a `-1`-on-error libc return value into an `io::Result`.
-pub(crate) fn cvt(ret: c_int) -> io::Result<c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Like [`cvt`] for `ssize_t` returns.
-pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
-}
-
 /// An `AF_INET` datagram socket used only for interface ioctls, in the
 /// network namespace of the calling thread.
 pub(crate) fn control_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call with constant arguments; the result is
-    // checked before use.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody
-    // else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
+/// The interface ioctls, as nix's `ioctl_*_bad!` wrappers around the
+/// kernel's own request numbers (libc's constants). Each passes one
+/// `struct ifreq`.
+mod ioctls {
+    nix::ioctl_readwrite_bad!(
+        /// `SIOCGIFINDEX`: reads the name, writes `ifru_ifindex`.
+        siocgifindex,
+        libc::SIOCGIFINDEX,
+        libc::ifreq
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `SIOCGIFFLAGS`: reads the name, writes `ifru_flags`.
+        siocgifflags,
+        libc::SIOCGIFFLAGS,
+        libc::ifreq
+    );
+    nix::ioctl_write_ptr_bad!(
+        /// `SIOCSIFFLAGS`: reads the name and `ifru_flags`.
+        siocsifflags,
+        libc::SIOCSIFFLAGS,
+        libc::ifreq
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `TUNSETIFF`: reads the name and `ifru_flags`, writes back the
+        /// name the kernel gave the device. (Its request number claims an
+        /// `int`; the kernel copies a whole `struct ifreq` both ways.)
+        tunsetiff,
+        libc::TUNSETIFF,
+        libc::ifreq
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `SIOCETHTOOL`: reads the name and `ifru_data`, a pointer to the
+        /// ethtool command, which the kernel reads and writes.
+        siocethtool,
+        libc::SIOCETHTOOL,
+        libc::ifreq
+    );
 }
 
 /// A zeroed `ifreq` carrying `name`.
+// libc: nix has no `struct ifreq`.
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     check_ifname(name).map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, why))?;
     // SAFETY: `ifreq` is plain old data (a byte array and a union of
     // integers, sockaddrs and a pointer); all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+        *dst = src as c_char;
     }
     Ok(req)
-}
-
-fn ioctl_ifreq(ctl: &OwnedFd, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Result<()> {
-    // SAFETY: every request passed here (SIOCGIFINDEX, SIOCGIFFLAGS,
-    // SIOCSIFFLAGS, TUNSETIFF) reads and writes at most one `struct ifreq`,
-    // and `req` is a valid, exclusively borrowed one.
-    cvt(unsafe { libc::ioctl(ctl.as_raw_fd(), request, req as *mut libc::ifreq) })?;
-    Ok(())
-}
-
-fn is_no_device(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO))
 }
 
 /// The index of interface `name`, `None` if there is no such interface.
 pub(crate) fn ifindex(ctl: &OwnedFd, name: &str) -> io::Result<Option<c_int>> {
     let mut req = ifreq(name)?;
-    match ioctl_ifreq(ctl, libc::SIOCGIFINDEX as libc::Ioctl, &mut req) {
+    // SAFETY: SIOCGIFINDEX reads and writes one `struct ifreq`, and `req`
+    // is a valid, exclusively borrowed one.
+    match unsafe { ioctls::siocgifindex(ctl.as_raw_fd(), &mut req) } {
         // SAFETY: SIOCGIFINDEX succeeded, so the kernel filled `ifru_ifindex`.
-        Ok(()) => Ok(Some(unsafe { req.ifr_ifru.ifru_ifindex })),
-        Err(e) if is_no_device(&e) => Ok(None),
-        Err(e) => Err(e),
+        Ok(_) => Ok(Some(unsafe { req.ifr_ifru.ifru_ifindex })),
+        Err(Errno::ENODEV | Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -120,13 +141,15 @@ pub(crate) fn ifindex(ctl: &OwnedFd, name: &str) -> io::Result<Option<c_int>> {
 /// bits only), `None` if there is no such interface.
 pub(crate) fn ifflags(ctl: &OwnedFd, name: &str) -> io::Result<Option<c_int>> {
     let mut req = ifreq(name)?;
-    match ioctl_ifreq(ctl, libc::SIOCGIFFLAGS as libc::Ioctl, &mut req) {
+    // SAFETY: SIOCGIFFLAGS reads and writes one `struct ifreq`, and `req`
+    // is a valid, exclusively borrowed one.
+    match unsafe { ioctls::siocgifflags(ctl.as_raw_fd(), &mut req) } {
         // SAFETY: SIOCGIFFLAGS succeeded, so the kernel filled `ifru_flags`.
-        Ok(()) => Ok(Some(
+        Ok(_) => Ok(Some(
             c_int::from(unsafe { req.ifr_ifru.ifru_flags }) & 0xffff,
         )),
-        Err(e) if is_no_device(&e) => Ok(None),
-        Err(e) => Err(e),
+        Err(Errno::ENODEV | Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -135,7 +158,7 @@ pub(crate) fn ifflags(ctl: &OwnedFd, name: &str) -> io::Result<Option<c_int>> {
 /// through the kernel's link-watch work, which may defer a change by up
 /// to a second; [`LinkQuery`] sees the carrier itself.
 pub(crate) fn is_running(ctl: &OwnedFd, name: &str) -> bool {
-    let want = libc::IFF_UP | libc::IFF_RUNNING;
+    let want = (InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING).bits();
     matches!(ifflags(ctl, name), Ok(Some(f)) if f & want == want)
 }
 
@@ -154,33 +177,15 @@ const IFINFOMSG_LEN: usize = 16;
 
 impl LinkQuery {
     pub(crate) fn new() -> io::Result<LinkQuery> {
-        // SAFETY: plain socket(2) call; the result is checked.
-        let raw = cvt(unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        })?;
-        // SAFETY: `raw` was just returned by socket(2) and is owned by
-        // nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
         // Replies come at once; the time-out only guards against a kernel
         // that never answers.
-        let tv = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        // SAFETY: the option value is a live timeval of the stated size.
-        cvt(unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        })?;
+        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
         Ok(LinkQuery {
             fd,
             seq: 0,
@@ -193,39 +198,19 @@ impl LinkQuery {
     pub(crate) fn flags(&mut self, index: c_int) -> io::Result<Option<u32>> {
         self.seq = self.seq.wrapping_add(1);
         let mut req = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+        // libc: nix has no rtnetlink message constants.
         req[0..4].copy_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
         req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
         req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
         req[8..12].copy_from_slice(&self.seq.to_ne_bytes());
         // ifinfomsg: family AF_UNSPEC, then the index at offset 4.
         req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&index.to_ne_bytes());
-        // SAFETY: sockaddr_nl is plain old data; all-zero is valid (and
-        // addresses the kernel, pid 0).
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `req` and `kernel` are live buffers of the stated sizes.
-        cvt_size(unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                req.as_ptr().cast(),
-                req.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        })?;
+        // Pid 0, no groups: the kernel.
+        let kernel = NetlinkAddr::new(0, 0);
+        socket::sendto(self.fd.as_raw_fd(), &req, &kernel, MsgFlags::empty())?;
         // Replies to earlier queries that timed out may come first.
         for _ in 0..8 {
-            // SAFETY: `buf` is a live, exclusively borrowed buffer of the
-            // stated length.
-            let n = cvt_size(unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            })?;
+            let n = socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
             if let Some(answer) = parse_link_reply(&self.buf[..n.min(self.buf.len())], self.seq) {
                 return answer;
             }
@@ -243,6 +228,7 @@ fn ne_u32(b: &[u8], at: usize) -> Option<u32> {
 /// query `seq`: the link's flags, `None` for "no such device", or an
 /// error. `None` (outer) if the datagram holds no answer to `seq`.
 fn parse_link_reply(mut b: &[u8], seq: u32) -> Option<io::Result<Option<u32>>> {
+    const ENODEV: i32 = Errno::ENODEV as i32;
     while b.len() >= NLMSG_HDRLEN {
         let len = ne_u32(b, 0)? as usize;
         if len < NLMSG_HDRLEN || len > b.len() {
@@ -250,11 +236,12 @@ fn parse_link_reply(mut b: &[u8], seq: u32) -> Option<io::Result<Option<u32>>> {
         }
         let kind = u16::from_ne_bytes([b[4], b[5]]);
         if ne_u32(b, 8)? == seq {
+            // libc: nix has no rtnetlink message constants.
             if kind == libc::NLMSG_ERROR as u16 {
                 let errno = ne_u32(b, NLMSG_HDRLEN)? as i32;
                 return Some(match -errno {
                     0 => Err(io::Error::other("rtnetlink acknowledged without data")),
-                    libc::ENODEV => Ok(None),
+                    ENODEV => Ok(None),
                     e => Err(io::Error::from_raw_os_error(e)),
                 });
             }
@@ -270,24 +257,31 @@ fn parse_link_reply(mut b: &[u8], seq: u32) -> Option<io::Result<Option<u32>>> {
 /// Whether interface `index` is up with carrier: `IFF_UP` and
 /// `IFF_LOWER_UP`, and not `IFF_DORMANT` (waiting for, say, 802.1X).
 pub(crate) fn link_is_up(flags: u32) -> bool {
-    let f = flags as c_int;
-    f & libc::IFF_UP != 0 && f & libc::IFF_LOWER_UP != 0 && f & libc::IFF_DORMANT == 0
+    let f = InterfaceFlags::from_bits_retain(flags as c_int);
+    f.contains(InterfaceFlags::IFF_UP)
+        && f.contains(InterfaceFlags::IFF_LOWER_UP)
+        && !f.contains(InterfaceFlags::IFF_DORMANT)
 }
 
 /// Sets `IFF_UP` on interface `name`.
 pub(crate) fn set_up(ctl: &OwnedFd, name: &str) -> io::Result<()> {
-    let flags = ifflags(ctl, name)?.ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+    let flags = ifflags(ctl, name)?.ok_or_else(|| io::Error::from(Errno::ENODEV))?;
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_flags = (flags | libc::IFF_UP) as libc::c_short;
-    ioctl_ifreq(ctl, libc::SIOCSIFFLAGS as libc::Ioctl, &mut req)
+    req.ifr_ifru.ifru_flags = (flags | InterfaceFlags::IFF_UP.bits()) as c_short;
+    // SAFETY: SIOCSIFFLAGS reads one `struct ifreq`, and `req` is a valid
+    // one.
+    unsafe { ioctls::siocsifflags(ctl.as_raw_fd(), &req) }?;
+    Ok(())
 }
 
 /// `TUNSETIFF` on an open `/dev/net/tun` with `flags`; returns the name
 /// the kernel gave the device.
 pub(crate) fn tun_set_iff(tun: &OwnedFd, name: &str, flags: c_int) -> io::Result<String> {
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_flags = flags as libc::c_short;
-    ioctl_ifreq(tun, libc::TUNSETIFF, &mut req)?;
+    req.ifr_ifru.ifru_flags = flags as c_short;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, and `req` is a
+    // valid, exclusively borrowed one.
+    unsafe { ioctls::tunsetiff(tun.as_raw_fd(), &mut req) }?;
     let bytes: Vec<u8> = req
         .ifr_name
         .iter()
@@ -312,20 +306,17 @@ pub(crate) fn gro_enabled(ctl: &OwnedFd, name: &str) -> Option<bool> {
     };
     let mut req = ifreq(name).ok()?;
     req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
-    // SAFETY: SIOCETHTOOL with ETHTOOL_GGRO reads and writes one
-    // `struct ethtool_value` through `ifru_data`, which points at `value`,
-    // alive and exclusively borrowed for the call.
-    let r = unsafe {
-        libc::ioctl(
-            ctl.as_raw_fd(),
-            libc::SIOCETHTOOL as libc::Ioctl,
-            &mut req as *mut libc::ifreq,
-        )
-    };
-    (r == 0).then_some(value.data != 0)
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GGRO reads one `struct ifreq` and
+    // reads and writes one `struct ethtool_value` through `ifru_data`,
+    // which points at `value`, alive and exclusively borrowed for the call;
+    // `req` is a valid, exclusively borrowed `ifreq`.
+    let r = unsafe { ioctls::siocethtool(ctl.as_raw_fd(), &mut req) };
+    matches!(r, Ok(0)).then_some(value.data != 0)
 }
 
 /// Sets an integer socket option.
+// libc: for the `SOL_PACKET` options (`PACKET_AUXDATA`, `PACKET_VNET_HDR`,
+// `PACKET_IGNORE_OUTGOING`), for which nix has no `sockopt`.
 pub(crate) fn setsockopt_int(
     fd: &OwnedFd,
     level: c_int,
@@ -334,7 +325,7 @@ pub(crate) fn setsockopt_int(
 ) -> io::Result<()> {
     // SAFETY: the option value is a live `c_int` and its exact size is
     // passed along.
-    cvt(unsafe {
+    Errno::result(unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
@@ -348,43 +339,35 @@ pub(crate) fn setsockopt_int(
 
 /// Takes and clears the pending error of a socket (`SO_ERROR`).
 pub(crate) fn take_socket_error(fd: &OwnedFd) -> Option<io::Error> {
-    let mut err: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
-    // SAFETY: `err` and `len` are live and `len` holds the size of `err`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut c_int).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && err != 0).then(|| io::Error::from_raw_os_error(err))
+    match socket::getsockopt(fd, sockopt::SocketError) {
+        Ok(err) if err != 0 => Some(io::Error::from_raw_os_error(err)),
+        _ => None,
+    }
 }
 
 /// `poll(2)`; an interrupted call counts as a time-out (`Ok(0)`).
-pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
-    let ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
-    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd and its
-    // length is passed along.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
-        }
-        return Err(e);
+pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Duration) -> io::Result<usize> {
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match nix::poll::poll(fds, timeout) {
+        Ok(n) => Ok(n as usize),
+        Err(Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    Ok(r as usize)
 }
 
-pub(crate) fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
+/// The events [`poll`] reported for `fd`. Linux reports only the events
+/// asked for plus `POLLERR`, `POLLHUP` and `POLLNVAL`, all of which
+/// `PollFlags` knows, so the `None` of an unknown bit does not happen.
+pub(crate) fn revents(fd: &PollFd<'_>) -> PollFlags {
+    fd.revents().unwrap_or(PollFlags::empty())
+}
+
+/// An eventfd's descriptor, to poll it (vmm-sys-util's `EventFd` has no
+/// `AsFd`).
+pub(crate) fn eventfd_fd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: `e` owns its descriptor and keeps it open until it is
+    // dropped, and the returned borrow cannot outlive `e`.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 /// What to do with a frame whose transmission failed.
@@ -408,11 +391,11 @@ pub(crate) enum TxFailure {
 }
 
 pub(crate) fn classify_tx_error(e: &io::Error) -> TxFailure {
-    match e.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EINTR) => TxFailure::Blocked,
-        Some(libc::ENOBUFS) => TxFailure::Congested,
-        Some(libc::ENETDOWN) | Some(libc::ENXIO) | Some(libc::ENODEV) => TxFailure::LinkDown,
-        Some(libc::EMSGSIZE) | Some(libc::EINVAL) => TxFailure::BadFrame,
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EAGAIN | Errno::EINTR) => TxFailure::Blocked,
+        Some(Errno::ENOBUFS) => TxFailure::Congested,
+        Some(Errno::ENETDOWN | Errno::ENXIO | Errno::ENODEV) => TxFailure::LinkDown,
+        Some(Errno::EMSGSIZE | Errno::EINVAL) => TxFailure::BadFrame,
         _ => TxFailure::Other,
     }
 }
@@ -589,9 +572,9 @@ where
     let ns = File::open(netns)?;
     std::thread::scope(|s| {
         let t = s.spawn(move || -> io::Result<T> {
-            // SAFETY: `ns` is an open namespace file; setns(2) only changes
-            // the namespace of this (scoped, short-lived) thread.
-            cvt(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) })?;
+            // setns(2) only changes the namespace of this (scoped,
+            // short-lived) thread.
+            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)?;
             drop(ns);
             Ok(f())
         });
@@ -707,8 +690,8 @@ mod tests {
         assert!(!frame_size_ok(MAX_FRAME + 1));
     }
 
-    fn errno(e: i32) -> io::Error {
-        io::Error::from_raw_os_error(e)
+    fn errno(e: Errno) -> io::Error {
+        e.into()
     }
 
     #[test]
@@ -727,7 +710,7 @@ mod tests {
         let mut sent = Vec::new();
         let mut send = |f: &[u8], _: &Offload| {
             if f[0] == 4 {
-                return Err(errno(libc::EMSGSIZE));
+                return Err(errno(Errno::EMSGSIZE));
             }
             sent.push(f[0]);
             Ok(())
@@ -741,14 +724,14 @@ mod tests {
         // A full send buffer: the frame goes back, wait for POLLOUT.
         q.push(vec![5; 60]);
         tx.notified();
-        let mut full = |_: &[u8], _: &Offload| Err(errno(libc::EAGAIN));
+        let mut full = |_: &[u8], _: &Offload| Err(errno(Errno::EAGAIN));
         tx.transmit("t", &q, &c, Some(&mut full));
         assert_eq!(q.len(), 1);
         assert!(tx.wants_writable() && tx.pending());
         assert_eq!(tx.timeout(Duration::from_secs(1)), TX_RETRY);
 
         // ENOBUFS: retried a bounded number of times, then dropped.
-        let mut congested = |_: &[u8], _: &Offload| Err(errno(libc::ENOBUFS));
+        let mut congested = |_: &[u8], _: &Offload| Err(errno(Errno::ENOBUFS));
         for _ in 0..TX_CONGESTED_TRIES {
             tx.transmit("t", &q, &c, Some(&mut congested));
             assert_eq!(q.len(), 1);
@@ -761,7 +744,7 @@ mod tests {
         // Link down: dropped, reported, the rest waits for the next round.
         q.push(vec![6; 60]);
         q.push(vec![7; 60]);
-        let mut down = |_: &[u8], _: &Offload| Err(errno(libc::ENETDOWN));
+        let mut down = |_: &[u8], _: &Offload| Err(errno(Errno::ENETDOWN));
         assert_eq!(
             tx.transmit("t", &q, &c, Some(&mut down)),
             TxOutcome::LinkDown
@@ -787,6 +770,7 @@ mod tests {
 
     #[test]
     fn link_replies() {
+        // libc: nix has no rtnetlink message constants.
         let msg = |kind: u16, seq: u32, body: &[u8]| {
             let mut m = Vec::new();
             m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
@@ -806,9 +790,17 @@ mod tests {
         both.extend(msg(libc::RTM_NEWLINK, 5, &link));
         assert_eq!(parse_link_reply(&both, 5).unwrap().unwrap(), Some(0x11043));
         assert!(parse_link_reply(&both, 6).is_none());
-        let enodev = msg(libc::NLMSG_ERROR as u16, 7, &(-libc::ENODEV).to_ne_bytes());
+        let enodev = msg(
+            libc::NLMSG_ERROR as u16,
+            7,
+            &(-(Errno::ENODEV as i32)).to_ne_bytes(),
+        );
         assert_eq!(parse_link_reply(&enodev, 7).unwrap().unwrap(), None);
-        let eperm = msg(libc::NLMSG_ERROR as u16, 7, &(-libc::EPERM).to_ne_bytes());
+        let eperm = msg(
+            libc::NLMSG_ERROR as u16,
+            7,
+            &(-(Errno::EPERM as i32)).to_ne_bytes(),
+        );
         assert!(parse_link_reply(&eperm, 7).unwrap().is_err());
         assert!(parse_link_reply(&both[..20], 5).is_none(), "truncated");
         assert!(link_is_up(0x11043));
@@ -833,7 +825,7 @@ mod tests {
         let lo = ifindex(&ctl, "lo").unwrap().unwrap();
         let mut q = LinkQuery::new().unwrap();
         let flags = q.flags(lo).unwrap().unwrap();
-        assert_ne!(flags & libc::IFF_LOOPBACK as u32, 0);
+        assert_ne!(flags & InterfaceFlags::IFF_LOOPBACK.bits() as u32, 0);
         assert_eq!(q.flags(i32::MAX).unwrap(), None);
     }
 }

@@ -36,12 +36,18 @@
 //! member with GRO on is warned about at spawn.
 
 use std::ffi::c_int;
-use std::io;
+use std::io::{self, IoSlice};
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType, SockaddrLike,
+    SockaddrStorage,
+};
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,7 +66,7 @@ const TPID_8021Q: u16 = 0x8100;
 /// `PACKET_VNET_HDR`.
 const VNET_HDR_LEN: usize = 10;
 /// Socket receive buffer asked for (the kernel caps it at `rmem_max`).
-const RCVBUF: c_int = 4 << 20;
+const RCVBUF: usize = 4 << 20;
 
 /// An uplink: its port id, a name for logs, and its member interfaces in
 /// order of preference.
@@ -272,53 +278,75 @@ impl Uplink {
         self.active.map(|i| self.members[i].name.as_str())
     }
 
+    /// Polls the stop and egress eventfds and every member's socket for at
+    /// most `timeout`. Returns what happened on the two eventfds, and puts
+    /// what happened on each member's socket in `members` (nothing for a
+    /// member without a socket, which is left out of the poll set as
+    /// poll(2) would skip a negative descriptor).
+    fn wait(&self, timeout: Duration, members: &mut Vec<PollFlags>) -> io::Result<[PollFlags; 2]> {
+        let mut fds = Vec::with_capacity(2 + self.members.len());
+        fds.push(PollFd::new(
+            netsys::eventfd_fd(&self.stop),
+            PollFlags::POLLIN,
+        ));
+        fds.push(PollFd::new(
+            netsys::eventfd_fd(self.egress.notifier()),
+            PollFlags::POLLIN,
+        ));
+        for (i, m) in self.members.iter().enumerate() {
+            let Some(s) = &m.sock else {
+                continue;
+            };
+            let mut events = PollFlags::POLLIN;
+            if self.tx.wants_writable() && self.active == Some(i) {
+                events |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(s.fd.as_fd(), events));
+        }
+        netsys::poll(&mut fds, timeout)?;
+        let mut polled = fds[2..].iter();
+        members.clear();
+        members.extend(self.members.iter().map(|m| match m.sock {
+            Some(_) => polled.next().map_or(PollFlags::empty(), netsys::revents),
+            None => PollFlags::empty(),
+        }));
+        Ok([netsys::revents(&fds[0]), netsys::revents(&fds[1])])
+    }
+
     fn run(mut self) {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + self.members.len());
+        let mut member_events: Vec<PollFlags> = Vec::with_capacity(self.members.len());
         let mut next_eval = Instant::now() + EVALUATE_EVERY;
         loop {
-            fds.clear();
-            fds.push(netsys::pollfd(self.stop.as_raw_fd(), libc::POLLIN));
-            fds.push(netsys::pollfd(
-                self.egress.notifier().as_raw_fd(),
-                libc::POLLIN,
-            ));
-            for (i, m) in self.members.iter().enumerate() {
-                let mut events = libc::POLLIN;
-                if self.tx.wants_writable() && self.active == Some(i) {
-                    events |= libc::POLLOUT;
-                }
-                // A negative descriptor is skipped by poll(2).
-                let fd = m.sock.as_ref().map_or(-1, |s| s.fd.as_raw_fd());
-                fds.push(netsys::pollfd(fd, events));
-            }
             let now = Instant::now();
             let timeout = self.tx.timeout(next_eval.saturating_duration_since(now));
-            if let Err(e) = netsys::poll(&mut fds, timeout) {
-                warn!(uplink = %self.name, error = %e, "poll failed");
-                std::thread::sleep(TX_RETRY);
-                continue;
-            }
-            if fds[0].revents != 0 {
+            let [stop, notify] = match self.wait(timeout, &mut member_events) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(uplink = %self.name, error = %e, "poll failed");
+                    std::thread::sleep(TX_RETRY);
+                    continue;
+                }
+            };
+            if !stop.is_empty() {
                 break;
             }
-            if fds[1].revents & libc::POLLIN != 0 {
+            if notify.contains(PollFlags::POLLIN) {
                 netsys::drain_eventfd(self.egress.notifier());
                 self.tx.notified();
             }
-            for i in 0..self.members.len() {
-                let rev = fds[2 + i].revents;
-                if rev & libc::POLLERR != 0 {
+            for (i, &rev) in member_events.iter().enumerate() {
+                if rev.contains(PollFlags::POLLERR) {
                     if let Some(s) = &self.members[i].sock {
                         if let Some(e) = netsys::take_socket_error(&s.fd) {
                             debug!(uplink = %self.name, member = %self.members[i].name, error = %e, "socket error");
                         }
                     }
                 }
-                if rev & libc::POLLNVAL != 0 {
+                if rev.contains(PollFlags::POLLNVAL) {
                     // Cannot happen with descriptors we own; reopen anyway.
                     self.members[i].sock = None;
                 }
-                if rev & libc::POLLIN != 0 {
+                if rev.contains(PollFlags::POLLIN) {
                     self.receive(i);
                 }
             }
@@ -346,7 +374,7 @@ impl Uplink {
                 Ok(None) => return,
                 // The kernel could not describe the frame in a vnet header
                 // (an unusual offload); the frame is consumed.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                     if self.active == Some(i) {
                         self.counters.dropped(DropReason::Malformed);
                     }
@@ -479,44 +507,46 @@ impl PacketSocket {
     fn open(ifindex: c_int) -> io::Result<PacketSocket> {
         // Protocol 0: the socket receives nothing until bind() below names
         // the interface, so no frame of another interface slips in.
-        // SAFETY: plain socket(2) call; the result is checked.
-        let raw = netsys::cvt(unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: `raw` was just returned by socket(2) and is owned by
-        // nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = socket::socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // libc: nix has no sockopt for PACKET_AUXDATA, PACKET_VNET_HDR or
+        // PACKET_IGNORE_OUTGOING.
         netsys::setsockopt_int(&fd, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
         netsys::setsockopt_int(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, 1)?;
         // Linux ≥ 4.20; older kernels still report PACKET_OUTGOING, which
         // the receive path checks too.
         let _ = netsys::setsockopt_int(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1);
-        let _ = netsys::setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RCVBUF);
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
 
+        // libc: nix's LinkAddr cannot be built from its fields; it wraps a
+        // `sockaddr_ll` made here.
         // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = ifindex;
-        // SAFETY: `sll` is a live sockaddr_ll and its size is passed along.
-        netsys::cvt(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
+        // SAFETY: `sll` is a live, initialised sockaddr_ll of the size
+        // passed along.
+        let addr = unsafe {
+            LinkAddr::from_raw(
                 (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                Some(std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t),
             )
-        })?;
+        }
+        .ok_or_else(|| io::Error::from(Errno::EINVAL))?;
+        socket::bind(fd.as_raw_fd(), &addr)?;
 
+        // libc: nix has no sockopt for PACKET_ADD_MEMBERSHIP (`packet_mreq`).
         // SAFETY: packet_mreq is plain old data; all-zero is valid.
         let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
         mreq.mr_ifindex = ifindex;
         mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
         // SAFETY: `mreq` is a live packet_mreq and its size is passed along.
-        netsys::cvt(unsafe {
+        Errno::result(unsafe {
             libc::setsockopt(
                 fd.as_raw_fd(),
                 libc::SOL_PACKET,
@@ -536,22 +566,20 @@ impl PacketSocket {
         if self.ifindex != index {
             return false;
         }
-        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: `sll` and `len` are live, `len` holds the size of `sll`.
-        let r = unsafe {
-            libc::getsockname(
-                self.fd.as_raw_fd(),
-                (&mut sll as *mut libc::sockaddr_ll).cast(),
-                &mut len,
-            )
+        // Not `getsockname::<LinkAddr>`: a packet socket's address is
+        // shorter than a `sockaddr_ll` (it ends with the hardware address),
+        // which LinkAddr refuses.
+        let Ok(addr) = socket::getsockname::<SockaddrStorage>(self.fd.as_raw_fd()) else {
+            return false;
         };
-        r == 0 && sll.sll_ifindex == index
+        addr.as_link_addr()
+            .is_some_and(|ll| ll.as_ref().sll_ifindex == index)
     }
 
     /// Receives one frame into `data` (its vnet header into `vnet`).
     /// `Ok(None)` when nothing is waiting.
+    // libc: nix has no PACKET_AUXDATA control message (its `recvmsg` hands
+    // such a message back opaque), so the whole call is libc's.
     fn recv(&self, vnet: &mut [u8; VNET_HDR_LEN], data: &mut [u8]) -> io::Result<Option<RecvMeta>> {
         let mut iov = [
             libc::iovec {
@@ -584,10 +612,10 @@ impl PacketSocket {
                 libc::MSG_TRUNC | libc::MSG_DONTWAIT,
             )
         };
-        let n = match netsys::cvt_size(r) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(e),
+        let n = match Errno::result(r) {
+            Ok(n) => n as usize,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
 
         let mut aux = None;
@@ -633,24 +661,14 @@ impl PacketSocket {
     /// host byte order, little-endian on the hosts tandem runs on.
     fn send(&self, frame: &[u8], off: &Offload) -> io::Result<()> {
         let hdr: [u8; VNET_HDR_LEN] = offload::rx_header(frame, off).to_bytes();
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: hdr.len(),
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        // SAFETY: msghdr is plain old data; all-zero is valid.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: the iovecs point at live buffers of the stated lengths,
-        // which sendmsg(2) only reads; there is no address or control data.
-        let r = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
-        netsys::cvt_size(r)?;
+        // No address and no control data.
+        socket::sendmsg::<()>(
+            self.fd.as_raw_fd(),
+            &[IoSlice::new(&hdr), IoSlice::new(frame)],
+            &[],
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )?;
         Ok(())
     }
 }
@@ -666,6 +684,7 @@ pub(crate) struct Tag {
 /// packet(7): a TCI of zero with `TP_STATUS_VLAN_VALID` clear means no
 /// tag; kernels without `TP_STATUS_VLAN_TPID_VALID` only strip 802.1Q.
 pub(crate) fn stripped_tag(status: u32, tci: u16, tpid: u16) -> Option<Tag> {
+    // libc: nix has no TP_STATUS_* constants.
     if status & libc::TP_STATUS_VLAN_VALID == 0 && tci == 0 {
         return None;
     }

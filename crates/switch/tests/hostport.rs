@@ -2,14 +2,17 @@
 //! for the test (needs root). The test's Ingress plays a neighbour at
 //! 10.99.0.2: it answers ARP for it through the port's egress queue.
 
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::socket::{
+    self, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+};
 use tandem_switch::hostport::{HostPortConfig, HostPortError, HostPortHandle};
 use tandem_switch::netsys::in_netns;
 use tandem_switch::port::{EgressQueue, Ingress, PortCounters, PortId};
@@ -141,17 +144,13 @@ fn is_echo_request_to_peer(f: &[u8]) -> bool {
 /// would do; no ping binary needed).
 fn send_echo_request(ns: &Netns, dst: Ipv4Addr) {
     in_netns(&ns.path(), move || {
-        // SAFETY: plain socket(2) call; checked below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
-        assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::Icmp,
+        )
+        .unwrap_or_else(|e| panic!("socket: {e}"));
         let mut icmp = vec![8u8, 0, 0, 0, 0x12, 0x34, 0, 1];
         icmp.extend_from_slice(b"tandem host port");
         let mut sum: u32 = icmp
@@ -162,27 +161,10 @@ fn send_echo_request(ns: &Netns, dst: Ipv4Addr) {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-        // SAFETY: sockaddr_in is plain old data; zero is valid.
-        let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        to.sin_family = libc::AF_INET as libc::sa_family_t;
-        to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
-        // SAFETY: `icmp` and `to` are live buffers of the stated sizes.
-        let r = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                icmp.as_ptr().cast(),
-                icmp.len(),
-                0,
-                (&to as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            r,
-            icmp.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
+        let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
+        let n = socket::sendto(fd.as_raw_fd(), &icmp, &to, MsgFlags::empty())
+            .unwrap_or_else(|e| panic!("sendto: {e}"));
+        assert_eq!(n, icmp.len(), "sendto");
     })
     .unwrap();
 }

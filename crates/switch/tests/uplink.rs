@@ -3,13 +3,16 @@
 //! in namespace A on the `u*` ends; the test plays the physical network in
 //! namespace B on the `p*` ends with its own packet sockets.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::net::if_::if_nametoindex;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, AddressFamily, LinkAddr, MsgFlags, SockFlag, SockType, SockaddrLike};
 use tandem_switch::netsys::in_netns;
 use tandem_switch::port::{EgressQueue, Ingress, PortCounters, PortId};
 use tandem_switch::uplink::{UplinkConfig, UplinkError, UplinkHandle};
@@ -151,16 +154,16 @@ impl Wire {
     fn open(ns: &Netns, ifname: &str) -> Wire {
         let ifname = ifname.to_owned();
         in_netns(&ns.path(), move || {
-            let cname = std::ffi::CString::new(ifname.clone()).unwrap();
-            // SAFETY: `cname` is a valid NUL-terminated string.
-            let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-            assert!(index > 0, "no interface {ifname}");
-            // SAFETY: plain socket(2) call; checked below.
-            let raw =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-            assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
-            // SAFETY: `raw` is a fresh descriptor nobody else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let index = if_nametoindex(ifname.as_str())
+                .unwrap_or_else(|e| panic!("no interface {ifname}: {e}"));
+            let fd = socket::socket(
+                AddressFamily::Packet,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("socket: {e}"));
+            // libc: nix has no sockopt for PACKET_AUXDATA.
             let one: libc::c_int = 1;
             // SAFETY: the option value is a live c_int of the stated size.
             let r = unsafe {
@@ -173,34 +176,32 @@ impl Wire {
                 )
             };
             assert_eq!(r, 0);
+            // libc: nix's LinkAddr cannot be built from its fields; it
+            // wraps a `sockaddr_ll` made here.
             // SAFETY: sockaddr_ll is plain old data; zero is valid.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             sll.sll_ifindex = index as i32;
-            // SAFETY: `sll` is live and its size is passed along.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
+            // SAFETY: `sll` is a live, initialised sockaddr_ll of the size
+            // passed along.
+            let addr = unsafe {
+                LinkAddr::from_raw(
                     (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    Some(std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t),
                 )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            }
+            .expect("an AF_PACKET sockaddr_ll");
+            socket::bind(fd.as_raw_fd(), &addr).unwrap_or_else(|e| panic!("bind: {e}"));
             Wire { fd }
         })
         .unwrap()
     }
 
     fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is a live buffer of the stated length.
-        let r = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            r,
-            frame.len() as isize,
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        let n = socket::send(self.fd.as_raw_fd(), frame, MsgFlags::empty())
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        assert_eq!(n, frame.len(), "send");
     }
 
     /// Receives frames (incoming only, tags put back from auxdata) until
@@ -209,16 +210,13 @@ impl Wire {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
-            if n <= 0 {
+            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(left.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+            if !matches!(poll(&mut pfd, ms), Ok(n) if n > 0) {
                 continue;
             }
+            // libc: nix has no PACKET_AUXDATA control message (its recvmsg
+            // hands such a message back opaque), so this recvmsg is libc's.
             let mut buf = vec![0u8; 65536];
             let mut control = [0u64; 16];
             // SAFETY: sockaddr_ll and msghdr are plain old data.
