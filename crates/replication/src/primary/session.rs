@@ -22,6 +22,9 @@ use crate::ram::RamMap;
 use crate::tracker::DirtyTracker;
 use crate::wire::{Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
 
+/// How long the supervisor may take to notice and record that QEMU ended.
+const GUEST_EXIT_WAIT: Duration = Duration::from_secs(2);
+
 /// What the backup says it holds when a connection opens.
 struct Opened {
     base: u64,
@@ -247,11 +250,16 @@ impl<G: Guest> Engine<G> {
             {
                 Ok(()) => {}
                 Err(EpochError::Guest(e)) => {
-                    if self.port.is_closed() {
-                        return self.guest_gone(wr, write_bound).await;
-                    }
                     if contact.is_fenced() {
                         return Ended::Fenced;
+                    }
+                    // A QMP error in the middle of a checkpoint is most often
+                    // QEMU dying under it, before the monitor's close is
+                    // noticed. Treating that as a link failure would start a
+                    // resync whose running copy leaves the backup nothing to
+                    // resume: find out first.
+                    if self.guest_ends_soon().await {
+                        return self.guest_gone(wr, write_bound).await;
                     }
                     return Ended::Lost(format!("epoch {epoch}: {e}"));
                 }
@@ -340,6 +348,21 @@ impl<G: Guest> Engine<G> {
         inflight
     }
 
+    /// Whether the guest turns out to be gone (its monitor closed, or its
+    /// exit recorded) within a short, bounded wait.
+    async fn guest_ends_soon(&self) -> bool {
+        let deadline = Instant::now() + GUEST_EXIT_WAIT;
+        loop {
+            if self.port.is_closed() || self.port.exit().is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The guest's QMP connection closed. Once the supervisor has recorded
     /// how QEMU ended (bounded wait), tell the backup: after a crash nothing
     /// runs the guest here, so it may take over at once instead of waiting
@@ -348,7 +371,7 @@ impl<G: Guest> Engine<G> {
     /// nothing, and the backup decides by silence as for any failure.
     pub(super) async fn guest_gone(&self, wr: &LinkWriter, bound: Duration) -> Ended {
         let noticed = Instant::now();
-        let deadline = noticed + Duration::from_secs(2);
+        let deadline = noticed + GUEST_EXIT_WAIT;
         let exit = loop {
             if let Some(c) = self.port.exit() {
                 break Some(c);

@@ -43,6 +43,8 @@ struct FakeState {
     exit: Option<GuestExit>,
     closed: bool,
     fenced_at: Option<Instant>,
+    /// QEMU is dying: QMP fails, but the monitor's close is not noticed yet.
+    dying: bool,
 }
 
 #[derive(Clone)]
@@ -143,6 +145,9 @@ impl Guest for FakeGuest {
         let was_running = self.with(|s| {
             if s.closed {
                 return Err(GuestError::Other("QEMU is gone".into()));
+            }
+            if s.dying {
+                return Err(GuestError::Other("QMP I/O error: Broken pipe".into()));
             }
             let r = s.running;
             if r {
@@ -759,4 +764,32 @@ async fn an_ack_for_an_epoch_never_sent_is_not_believed() {
     assert!(st.detail.contains("only"), "{}", st.detail);
     assert!(*committed.borrow() < first + 1000, "a lie released output");
     primary.stop().await;
+}
+
+/// QEMU dies in the middle of a checkpoint: QMP fails before the monitor's
+/// close is noticed. That is a crash to report on this connection, not a
+/// link failure to resync from (a resync's running copy would leave the
+/// backup nothing to resume).
+#[tokio::test(start_paused = true)]
+async fn qemu_dying_mid_checkpoint_is_reported_as_a_crash_not_a_lost_link() {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    guest.with(|s| s.dying = true);
+    let g = guest.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        g.exits(GuestExit::Crashed);
+    });
+    let told = loop {
+        match backup.epoch().await {
+            Ok((e, _)) => backup.commit(e).await,
+            Err(Some(f)) => break f,
+            Err(None) => panic!("the primary hung up (to resync) instead of reporting the crash"),
+        }
+    };
+    assert_eq!(told.kind, FrameKind::GuestLost, "{told:?}");
+    until(FENCE, || primary.is_finished()).await;
+    assert!(accepted.try_recv().is_err(), "the primary reconnected");
 }
