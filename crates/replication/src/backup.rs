@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
+use tandem_supervisor::util::atomic_write_json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -777,10 +778,10 @@ fn valid_vm_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Durably, through a private temp file of its own (two connections of
+/// one VM never share one).
 fn write_hello(dir: &Path, hello: &Hello) -> std::io::Result<()> {
-    let tmp = dir.join("hello.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(hello)?)?;
-    std::fs::rename(tmp, dir.join("hello.json"))
+    atomic_write_json(&dir.join("hello.json"), hello)
 }
 
 /// The primary's hello as the backup stored it (spec, disks).
@@ -1011,13 +1012,7 @@ pub fn read_identity(dir: &Path) -> std::io::Result<Option<ReplicaIdentity>> {
 
 /// Records the replica's identity durably (written whole, then renamed).
 pub fn write_identity(dir: &Path, id: &ReplicaIdentity) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{IDENTITY_FILE}.{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(id)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(IDENTITY_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    atomic_write_json(&dir.join(IDENTITY_FILE), id)
 }
 
 /// Test-only switches that restore the behaviour before a fix, so a test

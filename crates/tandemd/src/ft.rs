@@ -77,14 +77,10 @@ fn read_generation(ft_root: &std::path::Path, vm: &str) -> u64 {
 }
 
 fn write_generation(ft_root: &std::path::Path, vm: &str, generation: u64) -> std::io::Result<()> {
-    let path = generation_file(ft_root, vm);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, generation.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(tmp, path)
+    tandem_supervisor::util::atomic_write(
+        &generation_file(ft_root, vm),
+        generation.to_string().as_bytes(),
+    )
 }
 
 impl Activate for SupervisorActivate {
