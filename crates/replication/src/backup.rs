@@ -17,8 +17,11 @@
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
 use tandem_supervisor::util::atomic_write_json;
@@ -192,8 +195,12 @@ impl Backup {
             }
         };
         let base = store.committed_epoch().unwrap_or(0);
-        let (out_tx, writer) = spawn_writer(wr, self.cfg.heartbeat);
+        let echo = Arc::new(AtomicU64::new(0));
+        let (out_tx, writer) = spawn_writer(wr, self.cfg.heartbeat, echo.clone());
         let _ = out_tx.send(Frame::new(FrameKind::Committed, base, 0, vec![]));
+        let (frames, reader) = self
+            .clone()
+            .spawn_reader(rd, &vm, conn_id, echo, out_tx.clone());
         info!(%vm, %peer, base, "replica connected");
         let Some(store) = self.send_digest(&vm, conn_id, store, base, &out_tx).await else {
             return;
@@ -206,7 +213,8 @@ impl Backup {
             ram_size: hello.ram_size,
             disk_limit: disk_limit(&hello),
         };
-        let ended = self.receive_epochs(&mut rd, &mut conn, base).await;
+        let ended = self.receive_epochs(frames, &mut conn, base).await;
+        reader.abort();
         drop(conn.out);
         let mut writer = writer;
         if tokio::time::timeout(Duration::from_secs(1), &mut writer)
@@ -391,37 +399,77 @@ impl Backup {
         Some(store)
     }
 
-    /// Reads frames and applies each whole epoch until the link ends.
-    async fn receive_epochs<R: tokio::io::AsyncRead + Unpin>(
+    /// Reads the connection in its own task, so the primary is heard (and
+    /// its heartbeat stamps echoed at once) while this side digests or
+    /// applies; the other frames come through a short queue, which is what
+    /// pushes back on the primary when applying falls behind.
+    fn spawn_reader<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        self: Arc<Self>,
+        mut rd: R,
+        vm: &str,
+        conn_id: u64,
+        echo: Arc<AtomicU64>,
+        out: mpsc::UnboundedSender<Frame>,
+    ) -> (mpsc::Receiver<Incoming>, AbortOnDrop) {
+        let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
+        let vm = vm.to_string();
+        let idle = (self.cfg.takeover_timeout * 8).max(Duration::from_secs(30));
+        let task = tokio::spawn(async move {
+            loop {
+                let end = match tokio::time::timeout(idle, wire::read_frame(&mut rd)).await {
+                    // Not even a heartbeat: whatever is on the other end
+                    // is not a working primary; free the connection.
+                    Err(_) => Incoming::Lost(format!("nothing from the primary for {idle:?}")),
+                    Ok(Ok(None)) => Incoming::Lost("primary closed the connection".into()),
+                    // A frame failed its checks (checksum, magic, size):
+                    // the stream cannot be trusted past it.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::Other => {
+                        Incoming::Corrupt(e.to_string())
+                    }
+                    Ok(Err(e)) => Incoming::Lost(format!("replication link: {e}")),
+                    Ok(Ok(Some(f))) => {
+                        self.heard(&vm, conn_id);
+                        if f.kind == FrameKind::Heartbeat {
+                            // The echo is what keeps the primary from
+                            // fencing: it proves this side heard it.
+                            let newest = echo.fetch_max(f.epoch, Ordering::SeqCst).max(f.epoch);
+                            let _ = out.send(Frame::new(FrameKind::Heartbeat, newest, 0, vec![]));
+                            continue;
+                        }
+                        if tx.send(Incoming::Frame(f)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let _ = tx.send(end).await;
+                return;
+            }
+        });
+        (rx, AbortOnDrop(task))
+    }
+
+    /// Applies each whole epoch the reader hands over until the link ends.
+    async fn receive_epochs(
         &self,
-        rd: &mut R,
+        mut frames: mpsc::Receiver<Incoming>,
         conn: &mut Conn,
         base: u64,
     ) -> ConnEnd {
         let vm = conn.vm.clone();
         let mut asm = EpochAssembler::new(base + 1, conn.ram_size).with_disk_limit(conn.disk_limit);
         loop {
-            let idle = (self.cfg.takeover_timeout * 8).max(Duration::from_secs(30));
-            let read = match tokio::time::timeout(idle, wire::read_frame(rd)).await {
-                Ok(r) => r,
-                // Not even a heartbeat: whatever is on the other end is
-                // not a working primary; free the connection.
-                Err(_) => return ConnEnd::lost(format!("nothing from the primary for {idle:?}")),
-            };
-            let f = match read {
-                Ok(Some(f)) => f,
-                Ok(None) => return ConnEnd::lost("primary closed the connection".into()),
-                Err(e) if e.kind() == std::io::ErrorKind::Other => {
-                    // A frame failed its checks (checksum, magic, size): the
-                    // stream cannot be trusted past it. Ask for a resend.
+            let f = match frames.recv().await {
+                Some(Incoming::Frame(f)) => f,
+                Some(Incoming::Corrupt(e)) => {
+                    // Ask for a resend from the last commit.
                     warn!(%vm, "corrupt frame: {e}");
                     return conn.resync(format!("corrupt frame: {e}"));
                 }
-                Err(e) => return ConnEnd::lost(format!("replication link: {e}")),
+                Some(Incoming::Lost(why)) => return ConnEnd::lost(why),
+                None => return ConnEnd::lost("the connection's reader ended".into()),
             };
-            self.heard(&vm, conn.conn_id);
             match f.kind {
-                FrameKind::Heartbeat => continue,
                 FrameKind::Bye => {
                     return ConnEnd {
                         reason: "primary ended protection".into(),
@@ -930,11 +978,39 @@ fn disk_limit(hello: &Hello) -> u64 {
         + (1 << 20)
 }
 
-/// Sends queued frames, and a heartbeat every `heartbeat` between them,
-/// until the sender is dropped or the link fails.
+/// Frames the reader may queue ahead of the apply.
+const READ_AHEAD_FRAMES: usize = 8;
+
+/// What the connection's reader hands the apply loop.
+enum Incoming {
+    Frame(Frame),
+    /// A frame failed its checks: resync from the last commit.
+    Corrupt(String),
+    /// The link is gone.
+    Lost(String),
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends queued frames, and between them a heartbeat every `heartbeat`
+/// carrying `echo` (the newest of the primary's stamps read), until the
+/// sender is dropped or the link fails.
 fn spawn_writer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
     mut wr: W,
     heartbeat: Duration,
+    echo: Arc<AtomicU64>,
 ) -> (mpsc::UnboundedSender<Frame>, tokio::task::JoinHandle<()>) {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
     let writer = tokio::spawn(async move {
@@ -942,7 +1018,7 @@ fn spawn_writer<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(
         loop {
             let f = tokio::select! {
                 f = out_rx.recv() => match f { Some(f) => f, None => return },
-                _ = tick.tick() => Frame::new(FrameKind::Heartbeat, 0, 0, vec![]),
+                _ = tick.tick() => Frame::new(FrameKind::Heartbeat, echo.load(Ordering::SeqCst), 0, vec![]),
             };
             if wr.write_all(&f.encode()).await.is_err() || wr.flush().await.is_err() {
                 return;

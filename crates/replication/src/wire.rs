@@ -15,14 +15,17 @@
 //! Versions: 1 was the first release. 2 binds a replica to one VM identity:
 //! the hello carries the VM's UUID, the primary's generation for it and the
 //! primary's instance, and the backup refuses a hello that does not match
-//! its replica. Frames are laid out as in version 1; a peer of another
+//! its replica. 3 makes liveness two-way: a primary heartbeat's epoch field
+//! is its stamp (ms since the session's hello, monotonic), and a backup
+//! heartbeat's is the newest stamp it has read, which is what keeps the
+//! primary from fencing. Frames are laid out as in version 1; a peer of another
 //! version is refused at hello, with both versions named (a backup answers
 //! an older primary with a `RESYNC` in the primary's own version).
 
 use std::fmt;
 
 pub const MAGIC: [u8; 4] = *b"TDEM";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest version a backup can still answer (to refuse it legibly).
 pub const OLDEST_ANSWERED: u16 = 1;
 pub const HEADER_LEN: usize = 32;

@@ -1,10 +1,14 @@
 //! Self-fencing: the primary's side of "never two running copies".
 //!
-//! The primary pauses its guest when the backup has been silent (no ack,
-//! no heartbeat) for the fencing timeout, but only while the backup may
-//! hold something it could resume. The backup takes over only after a
-//! longer timeout, so by then the guest here is stopped. A shim lease backs
-//! this up for a dead or stuck tandemd.
+//! The primary pauses its guest when the backup has not *heard it* for the
+//! fencing timeout, but only while the backup may hold something it could
+//! resume. "Heard" is measured by the backup's echo of the primary's
+//! heartbeat stamps: contact is the send time of the newest stamp the
+//! backup has echoed. The backup takes over when it has heard nothing for
+//! a longer timeout, counted from when it last read a frame, which is no
+//! earlier than that send time; so in every partition (either direction,
+//! or both) the guest here is stopped first. A shim lease backs this up for
+//! a dead or stuck tandemd.
 
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -48,7 +52,7 @@ impl Fence {
 /// reader, the fencing watchdog and the epoch loop.
 pub(crate) struct Contact {
     clock: Arc<dyn Clock>,
-    /// When the backup was last heard (ack or heartbeat), monotonic.
+    /// The newest moment the backup is known to have heard us, monotonic.
     last_heard: Mutex<Instant>,
     fence: Mutex<Fence>,
 }
@@ -63,8 +67,19 @@ impl Contact {
         }
     }
 
+    /// Contact now (the fault hook's one-way liveness, and the start of
+    /// the process).
     pub(crate) fn touch(&self) {
         *self.last_heard.lock() = self.clock.now();
+    }
+
+    /// The backup is known to have heard us as of `at` (when the stamp it
+    /// echoed was sent). Contact never moves back.
+    pub(crate) fn heard_as_of(&self, at: Instant) {
+        let mut last = self.last_heard.lock();
+        if at > *last {
+            *last = at;
+        }
     }
 
     pub(crate) fn silent_for(&self) -> Duration {

@@ -20,10 +20,16 @@ use crate::EpochObserver;
 pub(super) type FromBackup = Result<Frame, String>;
 
 /// The link's sending half, driven by its own task. Frames the epoch loop
-/// queues go out in order; whenever nothing has gone out for a heartbeat
-/// interval, a heartbeat does — also while the loop is busy without sending
-/// (copying or scanning RAM for a running copy, waiting for the backup's
-/// digest), so the backup never takes a busy primary for a dead one.
+/// queues go out in order, and a heartbeat goes out every heartbeat
+/// interval whatever else is sent — between the frames of a long batch,
+/// and while the loop is busy without sending (copying or scanning RAM for
+/// a running copy, waiting for the backup's digest) — so the backup never
+/// takes a busy primary for a dead one.
+///
+/// Each heartbeat carries its stamp: milliseconds since the session's
+/// origin on the monotonic clock. The backup echoes the newest stamp it
+/// has read, and that echo is the only thing that keeps this side from
+/// fencing (see [`super::fence`]).
 pub(super) struct LinkWriter {
     queue: mpsc::UnboundedSender<Batch>,
     /// Set by the loop while it idles (the test hook that restores
@@ -38,7 +44,12 @@ struct Batch {
 }
 
 impl LinkWriter {
-    pub(super) fn spawn<W>(wr: W, heartbeat: Duration, only_when_idle: bool) -> LinkWriter
+    pub(super) fn spawn<W>(
+        wr: W,
+        heartbeat: Duration,
+        origin: Instant,
+        only_when_idle: bool,
+    ) -> LinkWriter
     where
         W: tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -47,8 +58,11 @@ impl LinkWriter {
         let task = tokio::spawn(write_loop(
             wr,
             rx,
-            heartbeat,
-            only_when_idle.then(|| idle.clone()),
+            Heartbeats {
+                every: heartbeat,
+                origin,
+                only_when_idle: only_when_idle.then(|| idle.clone()),
+            },
         ));
         LinkWriter {
             queue,
@@ -84,28 +98,63 @@ impl LinkWriter {
     }
 }
 
+struct Heartbeats {
+    every: Duration,
+    origin: Instant,
+    /// The fault hook: beat only while the loop idles.
+    only_when_idle: Option<Arc<AtomicBool>>,
+}
+
+impl Heartbeats {
+    /// The next heartbeat, or `None` where the fault hook suppresses it.
+    fn frame(&self) -> Option<Vec<u8>> {
+        if self
+            .only_when_idle
+            .as_ref()
+            .is_some_and(|idle| !idle.load(Ordering::Relaxed))
+        {
+            return None;
+        }
+        Some(
+            Frame::new(
+                FrameKind::Heartbeat,
+                stamp_of(self.origin, Instant::now()),
+                0,
+                vec![],
+            )
+            .encode(),
+        )
+    }
+}
+
+/// A heartbeat's stamp: whole milliseconds from `origin` to `at`, rounded
+/// down, so the time it stands for is never later than the real send.
+pub(super) fn stamp_of(origin: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(origin)
+        .as_millis()
+        .min(u64::MAX as u128) as u64
+}
+
 async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
     wr: W,
     mut batches: mpsc::UnboundedReceiver<Batch>,
-    heartbeat: Duration,
-    only_when_idle: Option<Arc<AtomicBool>>,
+    beats: Heartbeats,
 ) {
     let mut wr = tokio::io::BufWriter::with_capacity(4 << 20, wr);
-    let mut last = Instant::now();
+    // The hello goes first.
+    let mut next_beat = Instant::now() + beats.every;
     loop {
         let batch = tokio::select! {
             b = batches.recv() => match b {
                 Some(b) => b,
                 None => return,
             },
-            _ = tokio::time::sleep_until(last + heartbeat) => {
-                last = Instant::now();
-                if only_when_idle.as_ref().is_some_and(|idle| !idle.load(Ordering::Relaxed)) {
-                    continue;
-                }
-                let hb = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]).encode();
-                if wr.write_all(&hb).await.is_err() || wr.flush().await.is_err() {
-                    return;
+            _ = tokio::time::sleep_until(next_beat) => {
+                next_beat = Instant::now() + beats.every;
+                if let Some(hb) = beats.frame() {
+                    if wr.write_all(&hb).await.is_err() || wr.flush().await.is_err() {
+                        return;
+                    }
                 }
                 continue;
             }
@@ -113,6 +162,22 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         let mut sent = 0u64;
         let mut result = Ok(());
         for f in &batch.frames {
+            if Instant::now() >= next_beat {
+                // A long batch must not silence the heartbeat.
+                next_beat = Instant::now() + beats.every;
+                if let Some(hb) = beats.frame() {
+                    if let Err(e) = wr.write_all(&hb).await {
+                        result = Err(e);
+                        break;
+                    }
+                    // Pushed out now, not behind the rest of the batch in
+                    // the buffer.
+                    if let Err(e) = wr.flush().await {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
             let enc = f.encode();
             if let Err(e) = wr.write_all(&enc).await {
                 result = Err(e);
@@ -123,7 +188,6 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
         if result.is_ok() {
             result = wr.flush().await;
         }
-        last = Instant::now();
         let failed = result.is_err();
         let _ = batch.done.send(result.map(|()| sent));
         if failed {
@@ -139,14 +203,48 @@ async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
 /// `sent` is the last epoch handed to the link: an acknowledgement beyond
 /// it is a broken or lying backup (it would release output that no replica
 /// holds), and ends the session.
+///
+/// Liveness is two-way: what keeps the fence away is not hearing the
+/// backup but the backup having heard *us*. A backup heartbeat echoes the
+/// newest of our stamps it has read, and contact moves to the moment that
+/// stamp was sent; the answer to hello proves the backup heard the hello,
+/// sent at `origin`. Acks and heartbeats that echo nothing new prove only
+/// that the backup→primary direction works, which is the direction an
+/// asymmetric partition leaves open.
+pub(super) struct ReadLoop {
+    pub(super) contact: Arc<Contact>,
+    pub(super) committed: watch::Sender<u64>,
+    pub(super) observer: Option<Arc<dyn EpochObserver>>,
+    pub(super) sent: Arc<AtomicU64>,
+    /// When this session's hello went out: stamps count from here.
+    pub(super) origin: Instant,
+    /// The fault hook: any frame from the backup counts as contact (the
+    /// version-2 behaviour).
+    pub(super) one_way: bool,
+}
+
+impl ReadLoop {
+    /// Contact as of the moment the stamp `stamp` was sent (never later
+    /// than now, whatever a broken backup echoes).
+    fn heard_echo(&self, stamp: u64) {
+        let at = self.origin + Duration::from_millis(stamp);
+        self.contact.heard_as_of(at.min(Instant::now()));
+    }
+}
+
 pub(super) async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     mut rd: R,
     tx: mpsc::UnboundedSender<FromBackup>,
-    contact: Arc<Contact>,
-    committed: watch::Sender<u64>,
-    observer: Option<Arc<dyn EpochObserver>>,
-    sent: Arc<AtomicU64>,
+    ctx: ReadLoop,
 ) {
+    let ReadLoop {
+        ref contact,
+        ref committed,
+        ref observer,
+        ref sent,
+        origin,
+        one_way,
+    } = ctx;
     let mut first = true;
     loop {
         let msg = match wire::read_frame(&mut rd).await {
@@ -171,11 +269,17 @@ pub(super) async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         if let Ok(f) = &msg {
             match f.kind {
                 FrameKind::Heartbeat => {
-                    contact.touch();
+                    if one_way {
+                        contact.touch();
+                    } else {
+                        ctx.heard_echo(f.epoch);
+                    }
                     continue;
                 }
                 FrameKind::Committed if !first => {
-                    contact.touch();
+                    if one_way {
+                        contact.touch();
+                    }
                     let newer = committed.send_if_modified(|c| {
                         let newer = f.epoch > *c;
                         if newer {
@@ -192,7 +296,11 @@ pub(super) async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 }
                 FrameKind::Committed => {
                     first = false;
-                    contact.touch();
+                    if one_way {
+                        contact.touch();
+                    } else {
+                        contact.heard_as_of(origin);
+                    }
                     committed.send_replace(f.epoch);
                 }
                 _ => {}

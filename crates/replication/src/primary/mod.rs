@@ -83,6 +83,10 @@ pub struct PrimaryFaults {
     /// Heartbeats only while the epoch loop idles (the version-1
     /// behaviour): a long running copy or digest wait is silence.
     pub heartbeats_only_when_idle: bool,
+    /// Any frame from the backup counts as contact, echoed or not (the
+    /// version-2 behaviour): an asymmetric partition that leaves the
+    /// backup→primary direction open keeps the primary from fencing.
+    pub one_way_liveness: bool,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -250,6 +254,13 @@ impl<G: Guest> Engine<G> {
     fn heartbeats_only_when_idle(&self) -> bool {
         #[cfg(feature = "fault-injection")]
         return self.cfg.faults.heartbeats_only_when_idle;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn one_way_liveness(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.one_way_liveness;
         #[cfg(not(feature = "fault-injection"))]
         false
     }

@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use super::epoch::{next_schedule, EpochError};
 use super::fence::Contact;
 use super::guest::{Guest, GuestExit};
-use super::io::{backup_reason, read_loop, receive_digest, AbortOnDrop, FromBackup, LinkWriter};
+use super::io::{
+    backup_reason, read_loop, receive_digest, AbortOnDrop, FromBackup, LinkWriter, ReadLoop,
+};
 use super::{Ended, Engine};
 use crate::clock::Instant;
 use crate::link::BoxStream;
@@ -41,15 +43,21 @@ impl<G: Guest> Engine<G> {
         contact: &Arc<Contact>,
     ) -> Ended {
         let (rd, wr) = split(conn);
-        let wr = LinkWriter::spawn(wr, self.cfg.heartbeat, self.heartbeats_only_when_idle());
-        let opened = match self.open(&wr, rd, contact).await {
+        let origin = Instant::now();
+        let wr = LinkWriter::spawn(
+            wr,
+            self.cfg.heartbeat,
+            origin,
+            self.heartbeats_only_when_idle(),
+        );
+        let opened = match self.open(&wr, rd, contact, origin).await {
             Ok(o) => o,
             Err(why) => return Ended::Lost(why),
         };
         let Opened { base, mut acks, .. } = opened;
         info!(vm = %self.port.name(), base, "connected to backup");
         if contact.is_fenced() {
-            if let Err(why) = self.lift_fence(contact).await {
+            if let Err(why) = self.lift_fence(contact, origin).await {
                 return Ended::Lost(why);
             }
         }
@@ -72,6 +80,7 @@ impl<G: Guest> Engine<G> {
         wr: &LinkWriter,
         rd: ReadHalf<BoxStream>,
         contact: &Arc<Contact>,
+        origin: Instant,
     ) -> Result<Opened, String> {
         let hello = Hello {
             vm: self.port.name().to_string(),
@@ -104,10 +113,14 @@ impl<G: Guest> Engine<G> {
         let reader = tokio::spawn(read_loop(
             rd,
             ack_tx,
-            contact.clone(),
-            self.committed_tx.clone(),
-            self.cfg.observer.clone(),
-            self.sent.clone(),
+            ReadLoop {
+                contact: contact.clone(),
+                committed: self.committed_tx.clone(),
+                observer: self.cfg.observer.clone(),
+                sent: self.sent.clone(),
+                origin,
+                one_way: self.one_way_liveness(),
+            },
         ));
         let reader = AbortOnDrop(reader);
         let base = match tokio::time::timeout(self.cfg.fence_timeout, acks.recv()).await {
@@ -132,10 +145,11 @@ impl<G: Guest> Engine<G> {
     /// has restarted its silence clock: it cannot take over before we are
     /// silent for its takeover timeout again, and our own fencing
     /// (restarted now) comes first. Resume.
-    async fn lift_fence(&mut self, contact: &Contact) -> Result<(), String> {
+    async fn lift_fence(&mut self, contact: &Contact, origin: Instant) -> Result<(), String> {
         // The shim's lease goes back first: a tandemd that dies right after
-        // the resume must not leave the guest running unfenced.
-        contact.touch();
+        // the resume must not leave the guest running unfenced. The backup
+        // heard our hello, sent at `origin` (the reader has recorded that).
+        contact.heard_as_of(origin);
         let deadline = contact.lease_deadline(self.cfg.fence_timeout);
         self.port
             .renew_lease(deadline)
@@ -148,7 +162,6 @@ impl<G: Guest> Engine<G> {
                 return Err(format!("resuming after the fence: {e}"));
             }
         }
-        contact.touch();
         self.fenced_retries = 0;
         contact.lift();
         warn!(vm = %self.port.name(), "the backup answered again: fence lifted");

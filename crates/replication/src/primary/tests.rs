@@ -279,7 +279,12 @@ impl Clock for TestClock {
 /// whether or not the test answers); the test takes them from a channel.
 struct Backup {
     frames: mpsc::UnboundedReceiver<Frame>,
-    wr: tokio::io::WriteHalf<DuplexStream>,
+    wr: Arc<tokio::sync::Mutex<tokio::io::WriteHalf<DuplexStream>>>,
+    /// Echoes of the primary's heartbeats stop (a silent backup).
+    mute: Arc<AtomicBool>,
+    /// The primary→backup direction is cut: nothing it sends is read from
+    /// here on (the reader drops it), but this side still talks.
+    deaf: Arc<AtomicBool>,
     asm: EpochAssembler,
     last_committed: u64,
 }
@@ -301,10 +306,24 @@ impl Backup {
     /// replica takes a backup a while); also returns how many heartbeats
     /// the primary sent meanwhile.
     async fn handshake_slowly(conn: DuplexStream, base: u64, delay: Duration) -> (Backup, usize) {
-        let (mut rd, mut wr) = tokio::io::split(conn);
+        let (mut rd, wr) = tokio::io::split(conn);
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
+        let (mute, deaf) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (tx, mut frames) = mpsc::unbounded_channel();
+        let (echo_wr, echo_mute, echo_deaf) = (wr.clone(), mute.clone(), deaf.clone());
         tokio::spawn(async move {
             while let Ok(Some(f)) = wire::read_frame(&mut rd).await {
+                if echo_deaf.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if f.kind == FrameKind::Heartbeat && !echo_mute.load(Ordering::SeqCst) {
+                    // As a real backup does: the echo proves we heard it.
+                    let echo = Frame::new(FrameKind::Heartbeat, f.epoch, 0, vec![]);
+                    let _ = echo_wr.lock().await.write_all(&echo.encode()).await;
+                }
                 if tx.send(f).is_err() {
                     return;
                 }
@@ -315,7 +334,7 @@ impl Backup {
         let hello: Hello = serde_json::from_slice(&hello.payload).unwrap();
         assert_eq!(hello.vm, "web");
         let answer = Frame::new(FrameKind::Committed, base, 0, vec![]);
-        wr.write_all(&answer.encode()).await.unwrap();
+        wr.lock().await.write_all(&answer.encode()).await.unwrap();
         let mut heartbeats = 0;
         let end = Instant::now() + delay;
         while let Ok(Some(f)) = tokio::time::timeout_at(end, frames.recv()).await {
@@ -327,11 +346,13 @@ impl Backup {
             heartbeats += 1;
         }
         for f in wire::ReplicaDigest::frames(base, &[]) {
-            wr.write_all(&f.encode()).await.unwrap();
+            wr.lock().await.write_all(&f.encode()).await.unwrap();
         }
         let backup = Backup {
             frames,
             wr,
+            mute,
+            deaf,
             asm: EpochAssembler::new(base + 1, PAGES * PAGE_SIZE as u64),
             last_committed: base,
         };
@@ -366,6 +387,8 @@ impl Backup {
 
     /// Reads without answering for `d`; the epochs that arrived meanwhile.
     async fn silent_for(&mut self, d: Duration) -> Vec<(u64, bool)> {
+        self.mute.store(true, Ordering::SeqCst);
+        let _unmute = Unmute(self.mute.clone());
         let end = Instant::now() + d;
         let mut got = Vec::new();
         while let Ok(Some(f)) = tokio::time::timeout_at(end, self.frames.recv()).await {
@@ -378,7 +401,7 @@ impl Backup {
 
     async fn commit(&mut self, epoch: u64) {
         let f = Frame::new(FrameKind::Committed, epoch, 0, vec![]);
-        self.wr.write_all(&f.encode()).await.unwrap();
+        self.wr.lock().await.write_all(&f.encode()).await.unwrap();
         self.last_committed = epoch;
     }
 
@@ -392,6 +415,13 @@ impl Backup {
             }
         }
         panic!("no consistent epoch within 50");
+    }
+}
+
+struct Unmute(Arc<AtomicBool>);
+impl Drop for Unmute {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -792,4 +822,48 @@ async fn qemu_dying_mid_checkpoint_is_reported_as_a_crash_not_a_lost_link() {
     assert_eq!(told.kind, FrameKind::GuestLost, "{told:?}");
     until(FENCE, || primary.is_finished()).await;
     assert!(accepted.try_recv().is_err(), "the primary reconnected");
+}
+
+/// The primary→backup direction is cut while backup→primary works: the
+/// backup still sends heartbeats (echoing the last stamp it read) and the
+/// primary still reads them. The backup hears nothing and will take over,
+/// so the primary must fence within its timeout.
+async fn fences_in_an_asymmetric_partition(one_way_liveness: bool) -> bool {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start_with(&guest, vec![], |cfg| {
+        cfg.faults.one_way_liveness = one_way_liveness;
+    });
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    backup.deaf.store(true, Ordering::SeqCst);
+    let cut_at = Instant::now();
+    // What a real backup keeps sending: heartbeats with a stale echo.
+    let stale = Frame::new(FrameKind::Heartbeat, 0, 0, vec![]).encode();
+    while Instant::now() < cut_at + FENCE * 4 && guest.fences() == 0 {
+        backup.wr.lock().await.write_all(&stale).await.unwrap();
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+    let fenced = guest.fences() == 1;
+    if fenced {
+        let after = guest.with(|s| s.fenced_at).unwrap() - cut_at;
+        assert!(
+            after <= FENCE + HEARTBEAT * 3,
+            "fenced only after {after:?}"
+        );
+    }
+    primary.stop().await;
+    fenced
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_asymmetric_partition_fences_the_primary() {
+    assert!(fences_in_an_asymmetric_partition(false).await);
+}
+
+/// The seeded bug: any frame from the backup counts as contact. The test
+/// above must see the primary run on while the backup hears nothing.
+#[tokio::test(start_paused = true)]
+async fn with_one_way_liveness_an_asymmetric_partition_does_not_fence() {
+    assert!(!fences_in_an_asymmetric_partition(true).await);
 }
