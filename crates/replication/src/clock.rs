@@ -2,15 +2,15 @@
 //!
 //! Every timeout in the fencing and takeover logic is measured on a
 //! monotonic clock: a wall-clock step (NTP, an operator's `date`) must
-//! neither fence a healthy primary nor delay a needed fence. The only
-//! wall-clock value is the shim's lease deadline, because another process
-//! (the QEMU shim) reads it; it is derived from the monotonic silence at the
-//! moment it is written.
+//! neither fence a healthy primary nor delay a needed fence. The shim's
+//! lease deadline, which another process (the QEMU shim) reads, is on
+//! `CLOCK_BOOTTIME`, the host-wide monotonic clock; it is derived from the
+//! monotonic silence at the moment it is written.
 //!
-//! The monotonic clock is tokio's, so tests that run on a paused runtime
+//! In-process time is tokio's, so tests that run on a paused runtime
 //! (`#[tokio::test(start_paused = true)]`) step time deterministically
-//! without touching the host clock; [`Clock`] supplies the wall-clock
-//! mapping, which tests replace.
+//! without touching the host clock; [`Clock`] supplies the lease clock,
+//! which tests replace.
 
 use std::time::Duration;
 
@@ -22,8 +22,9 @@ pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> Instant {
         Instant::now()
     }
-    /// Unix time in ms, only for deadlines another process reads.
-    fn unix_ms(&self) -> u64;
+    /// The host-wide monotonic clock (ms) of deadlines another process
+    /// reads: `CLOCK_BOOTTIME` on a real host.
+    fn lease_ms(&self) -> u64;
 }
 
 /// The host's clocks.
@@ -31,17 +32,14 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn unix_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+    fn lease_ms(&self) -> u64 {
+        tandem_supervisor::util::boottime_ms()
     }
 }
 
-/// The unix-ms deadline that is `remaining` from now on `clock`.
-pub fn unix_deadline(clock: &dyn Clock, remaining: Duration) -> u64 {
+/// The lease-clock deadline that is `remaining` from now on `clock`.
+pub fn lease_deadline(clock: &dyn Clock, remaining: Duration) -> u64 {
     clock
-        .unix_ms()
+        .lease_ms()
         .saturating_add(remaining.as_millis().min(u64::MAX as u128) as u64)
 }

@@ -146,7 +146,8 @@ fn wait_enforcing_lease(
         }
         if !fenced {
             if let Some(deadline) = read_lease(lease) {
-                let now = now_unix_ms();
+                let now = deadline.now();
+                let deadline = deadline.ms();
                 if now > deadline {
                     // Our own child, not yet reaped (try_wait above
                     // returned None), so the pid is still QEMU's.
@@ -154,7 +155,7 @@ fn wait_enforcing_lease(
                     fenced = true;
                     let _ = atomic_write_json(
                         &run_dir.join(FENCED_FILE),
-                        &serde_json::json!({"at_ms": now, "lease_deadline_ms": deadline}),
+                        &serde_json::json!({"at_ms": now, "lease_deadline_ms": deadline, "clock": "boottime"}),
                     );
                     eprintln!(
                         "tandem shim: fence lease expired {} ms ago; QEMU frozen",
@@ -167,12 +168,57 @@ fn wait_enforcing_lease(
     }
 }
 
-/// The lease's deadline (unix ms); `None` when there is no lease. The
-/// writer replaces the file by rename, so a read sees one whole value.
-pub fn read_lease(lease: &Path) -> Option<u64> {
+/// A fence lease's deadline, on the clock it was written in.
+///
+/// tandemd writes `boottime:<ms>`: `CLOCK_BOOTTIME`, which is host-wide
+/// (the shim is another process on the same host), monotonic, and counts
+/// suspend, so no wall-clock step (NTP, an operator's `date`) can move a
+/// deadline. A bare number is a wall-clock (unix ms) deadline, as written
+/// before 2026-12-04; a shim of that time reads the new format as "no
+/// lease" (it does not parse), so an upgrade never freezes a running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseDeadline {
+    Boottime(u64),
+    Unix(u64),
+}
+
+impl LeaseDeadline {
+    pub fn ms(self) -> u64 {
+        match self {
+            LeaseDeadline::Boottime(ms) | LeaseDeadline::Unix(ms) => ms,
+        }
+    }
+
+    /// Now, on the deadline's own clock.
+    pub fn now(self) -> u64 {
+        match self {
+            LeaseDeadline::Boottime(_) => crate::util::boottime_ms(),
+            LeaseDeadline::Unix(_) => now_unix_ms(),
+        }
+    }
+
+    pub fn encode(self) -> String {
+        match self {
+            LeaseDeadline::Boottime(ms) => format!("boottime:{ms}"),
+            LeaseDeadline::Unix(ms) => ms.to_string(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LeaseDeadline> {
+        let s = s.trim();
+        match s.strip_prefix("boottime:") {
+            Some(ms) => ms.parse().ok().map(LeaseDeadline::Boottime),
+            None => s.parse().ok().map(LeaseDeadline::Unix),
+        }
+    }
+}
+
+/// The lease's deadline; `None` when there is no lease. The writer
+/// replaces the file by rename, so a read sees one whole value.
+pub fn read_lease(lease: &Path) -> Option<LeaseDeadline> {
     std::fs::read_to_string(lease)
         .ok()
-        .and_then(|s| s.trim().parse().ok())
+        .and_then(|s| LeaseDeadline::parse(&s))
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -255,8 +301,8 @@ mod tests {
         let run = tempfile::tempdir().unwrap();
         let shm = tempfile::tempdir().unwrap();
         let lease = shm.path().join("vm.lease");
-        let deadline = now_unix_ms() + 300;
-        crate::util::replace_file_volatile(&lease, deadline.to_string().as_bytes()).unwrap();
+        let deadline = LeaseDeadline::Boottime(crate::util::boottime_ms() + 300);
+        crate::util::replace_file_volatile(&lease, deadline.encode().as_bytes()).unwrap();
         assert_eq!(read_lease(&lease), Some(deadline));
         let (run_dir, lease2) = (run.path().to_path_buf(), lease.clone());
         let shim = std::thread::spawn(move || {
@@ -277,5 +323,29 @@ mod tests {
         assert_eq!(shim.join().unwrap(), 0);
         let exit = read_exit(run.path()).expect("exit recorded");
         assert_eq!(exit.signal, Some(9));
+    }
+
+    /// The lease is on the boot clock: a deadline is compared with
+    /// `CLOCK_BOOTTIME`, never with the wall clock, and the legacy bare
+    /// number still reads as a wall-clock deadline. (A wall-clock step
+    /// cannot be made in a test without disturbing the host; the boot
+    /// clock being far from the unix epoch is what shows the two are not
+    /// confused: a boottime deadline read as unix ms would be long past.)
+    #[test]
+    fn lease_deadlines_name_their_clock() {
+        let soon = crate::util::boottime_ms() + 60_000;
+        let lease = LeaseDeadline::parse(&LeaseDeadline::Boottime(soon).encode()).unwrap();
+        assert_eq!(lease, LeaseDeadline::Boottime(soon));
+        assert!(
+            lease.now() < lease.ms(),
+            "a boot-clock deadline a minute away is not due"
+        );
+        assert!(now_unix_ms() > soon, "the clocks differ on this host");
+        assert_eq!(
+            LeaseDeadline::parse("1700000000000\n"),
+            Some(LeaseDeadline::Unix(1_700_000_000_000))
+        );
+        assert_eq!(LeaseDeadline::parse("boottime:x"), None);
+        assert_eq!(LeaseDeadline::parse(""), None);
     }
 }

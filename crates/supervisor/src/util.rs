@@ -9,6 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+/// Milliseconds on `CLOCK_BOOTTIME`: monotonic, host-wide (every process
+/// on the host reads the same value) and counting suspend. The fence lease
+/// is written and enforced on it, so no wall-clock step can move it.
+pub fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1000) + (t.tv_nsec() as u64) / 1_000_000)
+        .unwrap_or(0)
+}
+
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

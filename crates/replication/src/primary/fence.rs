@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::guest::Guest;
-use crate::clock::{unix_deadline, Clock, Instant};
+use crate::clock::{lease_deadline, Clock, Instant};
 
 /// The fence, as one state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,10 +142,10 @@ impl Contact {
         }
     }
 
-    /// The shim's lease deadline (unix ms) for the current silence.
+    /// The shim's lease deadline (lease clock, ms) for the current silence.
     pub(crate) fn lease_deadline(&self, fence_timeout: Duration) -> u64 {
         let remaining = (fence_timeout + LEASE_GRACE).saturating_sub(self.silent_for());
-        unix_deadline(self.clock.as_ref(), remaining)
+        lease_deadline(self.clock.as_ref(), remaining)
     }
 }
 

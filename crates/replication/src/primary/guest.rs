@@ -75,8 +75,8 @@ pub trait Guest: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Window<'_>, GuestError>> + Send;
 
     /// Sets the shim's fence lease: unless renewed, QEMU is frozen at
-    /// `deadline_unix_ms` even if tandemd is gone.
-    fn renew_lease(&self, deadline_unix_ms: u64) -> std::io::Result<()>;
+    /// `deadline_lease_ms` even if tandemd is gone.
+    fn renew_lease(&self, deadline_lease_ms: u64) -> std::io::Result<()>;
     /// Ends the lease (nothing to fence, or protection ended).
     fn clear_lease(&self);
     /// Pauses the guest because the backup went silent. Returns whether it
@@ -136,8 +136,8 @@ impl Guest for GuestPort {
     async fn stop_for_checkpoint(&self) -> Result<Self::Window<'_>, GuestError> {
         Ok(GuestPort::stop_for_checkpoint(self).await?)
     }
-    fn renew_lease(&self, deadline_unix_ms: u64) -> std::io::Result<()> {
-        GuestPort::renew_lease(self, deadline_unix_ms)
+    fn renew_lease(&self, deadline_lease_ms: u64) -> std::io::Result<()> {
+        GuestPort::renew_lease(self, deadline_lease_ms)
     }
     fn clear_lease(&self) {
         GuestPort::clear_lease(self)

@@ -161,8 +161,8 @@ impl Guest for FakeGuest {
             was_running,
         })
     }
-    fn renew_lease(&self, deadline_unix_ms: u64) -> std::io::Result<()> {
-        self.with(|s| s.lease = Some(deadline_unix_ms));
+    fn renew_lease(&self, deadline_lease_ms: u64) -> std::io::Result<()> {
+        self.with(|s| s.lease = Some(deadline_lease_ms));
         Ok(())
     }
     fn clear_lease(&self) {
@@ -267,7 +267,7 @@ struct TestClock {
 }
 
 impl Clock for TestClock {
-    fn unix_ms(&self) -> u64 {
+    fn lease_ms(&self) -> u64 {
         1_000_000 + Instant::now().duration_since(self.origin).as_millis() as u64
     }
 }

@@ -217,14 +217,16 @@ impl GuestPort {
     }
 
     /// Sets the fence lease: if not renewed, the shim freezes QEMU at
-    /// `deadline_ms` (unix ms) even if tandemd is gone.
+    /// `deadline_boottime_ms` (on `CLOCK_BOOTTIME`, see
+    /// [`crate::shim::LeaseDeadline`]) even if tandemd is gone.
     ///
     /// The lease lives beside the RAM file on tmpfs, not in the state
     /// directory (which can fill up), and is replaced by rename without
     /// fsync: the shim only needs to read a whole value, and after a host
     /// crash there is no QEMU left to fence. Cheap enough for every epoch.
-    pub fn renew_lease(&self, deadline_ms: u64) -> std::io::Result<()> {
-        replace_file_volatile(&self.lease_file, deadline_ms.to_string().as_bytes())
+    pub fn renew_lease(&self, deadline_boottime_ms: u64) -> std::io::Result<()> {
+        let lease = crate::shim::LeaseDeadline::Boottime(deadline_boottime_ms);
+        replace_file_volatile(&self.lease_file, lease.encode().as_bytes())
     }
 
     /// Ends the lease (protection ended on purpose).
