@@ -30,7 +30,7 @@ pub mod softdirty;
 
 pub use pagelog::{PageLog, Poisoned};
 pub use pageset::PageSet;
-pub use residency::data_pages;
+pub use residency::{data_pages, data_pages_at};
 pub use scan::ScanTracker;
 pub use softdirty::{soft_dirty_support, CollectTiming, SoftDirtyTracker, SoftDirtyUnsupported};
 

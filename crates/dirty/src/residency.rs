@@ -25,9 +25,18 @@ use crate::{PageSet, PAGE_SIZE};
 /// Pages of `map` (a shared mapping of all of `file`, from offset 0) that
 /// may hold data. Errors leave the caller to treat every page as data.
 pub fn data_pages(file: &File, map: &[u8]) -> std::io::Result<PageSet> {
-    let pages = map.len() / PAGE_SIZE;
+    data_pages_at(file, map.as_ptr(), map.len())
+}
+
+/// [`data_pages`] for a mapping known only by its address and length (a
+/// raw mapping that is never turned into a slice, because others write
+/// it). `addr` must be where `file` is mapped, from offset 0, for `len`
+/// bytes; any other address only makes the answer wrong (or an error),
+/// since `mincore(2)` reads nothing at it.
+pub fn data_pages_at(file: &File, addr: *const u8, len: usize) -> std::io::Result<PageSet> {
+    let pages = len / PAGE_SIZE;
     if on_tmpfs(file)? && no_swap()? {
-        return resident_pages(map, pages);
+        return resident_pages(addr, pages);
     }
     extents(file, pages)
 }
@@ -40,16 +49,18 @@ fn no_swap() -> std::io::Result<bool> {
     Ok(sysinfo()?.swap_total() == 0)
 }
 
-fn resident_pages(map: &[u8], pages: usize) -> std::io::Result<PageSet> {
+fn resident_pages(addr: *const u8, pages: usize) -> std::io::Result<PageSet> {
     let mut vec = vec![0u8; pages];
     if pages > 0 {
         // libc, not nix: nix has no mincore(2).
-        // SAFETY: `map` is a live mapping of at least `pages` pages starting
-        // at a page boundary (mmap returns page-aligned addresses), and `vec`
-        // has one byte per page, which is what mincore writes.
+        // SAFETY: mincore only asks the kernel about the address range; it
+        // never dereferences it in this process, and fails (ENOMEM, EINVAL)
+        // on a range that is not mapped or not page-aligned. The one
+        // buffer it writes, `vec`, has one byte per page, which is what
+        // mincore writes.
         let rc = unsafe {
             libc::mincore(
-                map.as_ptr() as *mut libc::c_void,
+                addr as *mut libc::c_void,
                 pages * PAGE_SIZE,
                 vec.as_mut_ptr(),
             )
@@ -137,7 +148,7 @@ mod tests {
         let map = unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), len) };
         let by_seek = extents(&f, 256).unwrap();
         assert_eq!(by_seek.iter().collect::<Vec<_>>(), written);
-        let by_mincore = resident_pages(map, 256).unwrap();
+        let by_mincore = resident_pages(map.as_ptr(), 256).unwrap();
         assert_eq!(by_mincore.iter().collect::<Vec<_>>(), written);
         let chosen = data_pages(&f, map).unwrap();
         assert_eq!(chosen.iter().collect::<Vec<_>>(), written);
