@@ -18,7 +18,9 @@
 
 pub mod accel;
 pub mod checkpoint;
+pub mod process;
 pub mod shim;
+pub mod sock;
 pub mod util;
 mod vm;
 

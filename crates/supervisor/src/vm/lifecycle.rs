@@ -16,10 +16,11 @@ use super::{
     TAIL_LINES,
 };
 use crate::checkpoint::{self, CheckpointError};
+use crate::process::ProcessIdentity;
 use crate::shim::{self, ShimExit};
 use crate::util::{
     create_private_file, ensure_private_dir, make_private, now_unix, process_matches,
-    processes_matching, send_signal, tail_lines,
+    processes_matching, tail_lines,
 };
 
 /// Why a started QEMU did not come up.
@@ -126,6 +127,8 @@ impl Supervisor {
             r.accel = Some(accel);
             r.shim_pid = None;
             r.qemu_pid = None;
+            r.shim_start = None;
+            r.qemu_start = None;
             r.stop_requested = false;
         });
         if let Err(e) = prepared {
@@ -154,6 +157,11 @@ impl Supervisor {
             }
         };
         let shim_pid = shim_child.id();
+        // Our child, not reaped before the task below: its pid is still
+        // its own, so this is exactly the shim's identity.
+        let shim_start = shim_pid
+            .and_then(ProcessIdentity::of)
+            .map(|id| id.start_ticks);
         // Reap the shim when it ends so it never lingers as a zombie.
         tokio::spawn(async move {
             let _ = shim_child.wait().await;
@@ -161,6 +169,7 @@ impl Supervisor {
         let started = vm.update(|r| {
             r.state = VmState::Starting;
             r.shim_pid = shim_pid;
+            r.shim_start = shim_start;
             r.started_at = Some(now_unix());
         });
         info!(vm = %vm.name, accel = accel.as_str(), "starting QEMU");
@@ -211,8 +220,16 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        vm.update(|r| r.qemu_pid = Some(pid))
-            .map_err(StartFailure::Persist)?;
+        // The pid the shim wrote is QEMU's while QEMU is the shim's child
+        // (the shim starts nothing else): its start time, taken now, names
+        // QEMU from here on. If QEMU already ended, no start time is kept
+        // and the exit shows below.
+        let qemu_start = qemu_identity(vm, pid).map(|id| id.start_ticks);
+        vm.update(|r| {
+            r.qemu_pid = Some(pid);
+            r.qemu_start = qemu_start;
+        })
+        .map_err(StartFailure::Persist)?;
         let qmp = loop {
             if let Some(exit) = shim::read_exit(&vm.dir) {
                 let tail = tail_lines(&vm.dir.join(shim::QEMU_LOG), 3).join(" | ");
@@ -330,9 +347,12 @@ impl Supervisor {
         if wait_exited(&mut live.exited, Duration::from_secs(5)).await {
             return Ok(());
         }
-        if let Some(pid) = vm.record().qemu_pid {
-            warn!(vm = %vm.name, pid, "QEMU ignored quit; killing it");
-            send_signal(pid, Signal::SIGKILL);
+        let marker = qemu_marker(&vm.qmp_socket());
+        if let Some(qemu) = vm.record().qemu(&marker) {
+            warn!(vm = %vm.name, pid = qemu.pid, "QEMU ignored quit; killing it");
+            if let Err(e) = qemu.signal(Signal::SIGKILL) {
+                warn!(vm = %vm.name, "not killed: {e}");
+            }
         }
         wait_exited(&mut live.exited, Duration::from_secs(10)).await;
         Ok(())
@@ -400,21 +420,41 @@ fn create_ram_file(path: &std::path::Path, bytes: u64) -> Result<(), SupervisorE
 /// never ran).
 async fn kill_started_qemu(vm: &Vm) {
     let deadline = Instant::now() + Duration::from_secs(2);
+    let marker = qemu_marker(&vm.qmp_socket());
     loop {
         if let Some(pid) = shim::read_pid(&vm.dir) {
-            send_signal(pid, Signal::SIGKILL);
+            // Only QEMU itself: the shim's child, or the QEMU on record.
+            let qemu = qemu_identity(vm, pid)
+                .map(|id| id.signal(Signal::SIGKILL))
+                .or_else(|| {
+                    let rec = vm.record();
+                    let qemu = rec.qemu(&marker).filter(|q| q.pid == pid)?;
+                    Some(qemu.signal(Signal::SIGKILL).map(|_| ()))
+                });
+            if let Some(Err(e)) = qemu {
+                warn!(vm = %vm.name, pid, "QEMU of a failed start not killed: {e}");
+            }
             return;
         }
         if shim::read_exit(&vm.dir).is_some() || Instant::now() >= deadline {
             return;
         }
-        let shim_alive = vm
-            .record()
-            .shim_pid
-            .is_some_and(|pid| process_matches(pid, "shim"));
+        let shim_alive = vm.record().shim(&marker).is_some_and(|s| s.is_alive());
         if !shim_alive {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// QEMU's identity, from the pid its shim wrote: the live child of the
+/// VM's recorded shim at `pid`. `None` when QEMU has ended (its pid may be
+/// someone else's by now), or the shim is not known.
+fn qemu_identity(vm: &Vm, pid: u32) -> Option<ProcessIdentity> {
+    let rec = vm.record();
+    let shim = ProcessIdentity {
+        pid: rec.shim_pid?,
+        start_ticks: rec.shim_start?,
+    };
+    ProcessIdentity::child_of(pid, &shim)
 }

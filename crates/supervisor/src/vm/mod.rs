@@ -13,6 +13,7 @@ mod exit;
 mod guest_port;
 mod lifecycle;
 mod monitor;
+mod pids;
 mod record;
 mod snapshot;
 
@@ -34,7 +35,7 @@ use uuid::Uuid;
 
 use crate::accel::{resolve_auto, ProbeConfig};
 use crate::shim::{self, ShimLauncher};
-use crate::util::{make_private, now_unix, process_matches, read_from};
+use crate::util::{make_private, now_unix, read_from};
 
 pub use error::SupervisorError;
 pub use exit::ExitCause;
@@ -223,10 +224,10 @@ impl Supervisor {
     /// Re-attaches to a VM whose record says QEMU should be running.
     async fn reattach(self: &Arc<Self>, vm: &Arc<Vm>) {
         let rec = vm.record();
-        let marker = vm.qmp_socket().to_string_lossy().into_owned();
-        let alive = rec
-            .qemu_pid
-            .is_some_and(|pid| process_matches(pid, &marker));
+        // By pid and start time (by command line for a record of an older
+        // tandemd): a pid recycled while no tandemd ran is not this QEMU.
+        let marker = qemu_marker(&vm.qmp_socket());
+        let alive = rec.qemu(&marker).is_some_and(|q| q.is_alive());
         if !alive {
             info!(vm = %vm.name, "QEMU ended while tandemd was away; recording its exit");
             self.record_exit(vm).await;
@@ -281,6 +282,8 @@ impl Supervisor {
             accel: None,
             shim_pid: None,
             qemu_pid: None,
+            shim_start: None,
+            qemu_start: None,
             started_at: None,
             stop_requested: false,
             last_exit: None,

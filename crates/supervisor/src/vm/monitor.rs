@@ -11,9 +11,9 @@ use tracing::{info, warn};
 
 use super::exit::{decide, ExitDecision, ExitHint};
 use super::record::Live;
-use super::{query_status, Supervisor, Vm, TAIL_LINES};
+use super::{qemu_marker, query_status, Supervisor, Vm, TAIL_LINES};
 use crate::shim;
-use crate::util::{now_unix, process_matches, tail_lines};
+use crate::util::{now_unix, tail_lines};
 
 impl Supervisor {
     pub(super) fn spawn_monitor(self: &Arc<Self>, vm: Arc<Vm>, qmp: QmpClient) {
@@ -85,15 +85,14 @@ impl Supervisor {
     /// Records how QEMU ended, once the shim has written its exit status.
     pub(super) async fn record_exit(&self, vm: &Vm) {
         let rec = vm.record();
+        let marker = qemu_marker(&vm.qmp_socket());
         let deadline = Instant::now() + Duration::from_secs(10);
         let exit = loop {
             if let Some(e) = shim::read_exit(&vm.dir) {
                 break Some(e);
             }
-            let qemu_alive = rec
-                .qemu_pid
-                .is_some_and(|pid| process_matches(pid, &vm.qmp_socket().to_string_lossy()));
-            let shim_alive = rec.shim_pid.is_some_and(|pid| process_matches(pid, "shim"));
+            let qemu_alive = rec.qemu(&marker).is_some_and(|q| q.is_alive());
+            let shim_alive = rec.shim(&marker).is_some_and(|s| s.is_alive());
             if (!qemu_alive && !shim_alive) || Instant::now() >= deadline {
                 break None;
             }
@@ -127,6 +126,8 @@ impl Supervisor {
             r.state = state;
             r.qemu_pid = None;
             r.shim_pid = None;
+            r.qemu_start = None;
+            r.shim_start = None;
             r.stop_requested = false;
             r.last_exit = Some(info);
             r.exit_cause = Some(cause);

@@ -32,6 +32,15 @@ pub(super) struct VmRecord {
     pub(super) accel: Option<Accel>,
     pub(super) shim_pid: Option<u32>,
     pub(super) qemu_pid: Option<u32>,
+    /// The start times (`/proc/<pid>/stat` field 22) of the shim and of
+    /// QEMU, taken when their pids were learnt: with the pid, they name
+    /// the process, so a pid recycled after it ended (even while no
+    /// tandemd ran) is never taken for it, nor signalled. Absent in records
+    /// of older tandemds, which are checked by command line instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) shim_start: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) qemu_start: Option<u64>,
     pub(super) started_at: Option<u64>,
     /// A stop was asked for, so the coming exit is not a crash.
     pub(super) stop_requested: bool,
@@ -216,6 +225,8 @@ initrd = "/i"
             accel: None,
             shim_pid: None,
             qemu_pid: None,
+            shim_start: None,
+            qemu_start: None,
             started_at: Some(5),
             stop_requested: false,
             last_exit: Some(ExitInfo {
