@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use tandem_supervisor::sock::{bind_unix, remove_stale_socket, SocketPerms};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -103,8 +104,12 @@ impl Listener {
         Ok(match ep {
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a).await?),
             Endpoint::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                Listener::Unix(UnixListener::bind(p)?, p.clone())
+                // Mode 0600 from the start (not the umask's), and never
+                // over anything but a stale socket: a file, directory or
+                // symlink at the path is refused and left alone.
+                let l = bind_unix(p, SocketPerms::PRIVATE)?;
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?, p.clone())
             }
         })
     }
@@ -128,7 +133,8 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+            // Only a socket: whatever replaced ours is not ours to delete.
+            let _ = remove_stale_socket(p);
         }
     }
 }
@@ -154,5 +160,34 @@ mod tests {
         for bad in ["", "unix:", "host", "host:port", ":80", "h:99999"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
+    }
+
+    /// A unix listener is 0600, replaces a stale socket, and never removes
+    /// what is not a socket: not at bind, not when it is dropped.
+    #[tokio::test]
+    async fn a_unix_listener_binds_only_over_a_stale_socket() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("repl.sock");
+        let ep = Endpoint::Unix(p.clone());
+        std::fs::write(&p, "precious").unwrap();
+        let e = Listener::bind(&ep).await.err().unwrap();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
+        std::fs::remove_file(&p).unwrap();
+
+        let stale = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        drop(stale);
+        let l = Listener::bind(&ep).await.unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _c = connect(&ep).await.unwrap();
+        let (_s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer, format!("unix:{}", p.display()));
+        // Replaced behind the listener's back: dropping it keeps the file.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, "someone else's").unwrap();
+        drop(l);
+        assert!(p.exists());
     }
 }

@@ -69,14 +69,29 @@ pub async fn prepare(qmp: &QmpClient) -> Result<(), CheckpointError> {
 }
 
 /// Takes the device state of a *stopped* QEMU. The caller stops the guest
-/// before and resumes it after; this only runs the migration.
+/// before and resumes it after; this only runs the migration. The stream
+/// is taken from a process of tandemd's own user; prefer
+/// [`save_device_state_from`], which knows QEMU's pid.
 pub async fn save_device_state(
     qmp: &QmpClient,
     socket: &Path,
     timeout: Duration,
 ) -> Result<Vec<u8>, CheckpointError> {
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket).map_err(io(format!("bind {}", socket.display())))?;
+    save_device_state_from(qmp, socket, None, timeout).await
+}
+
+/// [`save_device_state`], taking the stream only from the process
+/// `qemu_pid` (`SO_PEERCRED`): a connection from anyone else, even one
+/// that reached the socket first, is refused (and logged), never read as
+/// the guest's device state. With `qemu_pid` unknown, any process of
+/// tandemd's own user is taken. The socket is bound 0600.
+pub async fn save_device_state_from(
+    qmp: &QmpClient,
+    socket: &Path,
+    qemu_pid: Option<u32>,
+    timeout: Duration,
+) -> Result<Vec<u8>, CheckpointError> {
+    let listener = bind_private(socket)?;
     let _cleanup = RemoveOnDrop(socket.to_path_buf());
     let deadline = Instant::now() + timeout;
     qmp.execute_raw(
@@ -87,10 +102,7 @@ pub async fn save_device_state(
     .await?;
 
     let read = async {
-        let (mut conn, _) = listener
-            .accept()
-            .await
-            .map_err(io("accepting QEMU's migration stream"))?;
+        let mut conn = accept_from(&listener, qemu_pid).await?;
         let mut buf = Vec::with_capacity(1 << 20);
         let mut chunk = vec![0u8; 256 * 1024];
         loop {
@@ -186,9 +198,114 @@ async fn wait_migration(
     }
 }
 
+/// A listening socket at `path`, mode 0600, replacing a stale socket
+/// there (but nothing else).
+fn bind_private(path: &Path) -> Result<UnixListener, CheckpointError> {
+    let bind = || -> std::io::Result<UnixListener> {
+        let l = crate::sock::bind_unix(path, crate::sock::SocketPerms::PRIVATE)?;
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
+    };
+    bind().map_err(io(format!("bind {}", path.display())))
+}
+
+/// The first connection from QEMU (see [`save_device_state_from`]);
+/// others are closed.
+async fn accept_from(
+    listener: &UnixListener,
+    qemu_pid: Option<u32>,
+) -> Result<UnixStream, CheckpointError> {
+    let me = nix::unistd::geteuid().as_raw();
+    loop {
+        let (conn, _) = listener
+            .accept()
+            .await
+            .map_err(io("accepting QEMU's migration stream"))?;
+        let verdict = conn
+            .peer_cred()
+            .map_err(|e| format!("no peer credentials: {e}"))
+            .and_then(|c| peer_is_qemu(c.pid(), c.uid(), qemu_pid, me));
+        match verdict {
+            Ok(()) => return Ok(conn),
+            Err(why) => tracing::warn!(
+                socket = ?listener.local_addr().ok(),
+                "refused a connection to the device-state socket: {why}"
+            ),
+        }
+    }
+}
+
+/// Whether a peer (`pid`, `uid` by `SO_PEERCRED`) is the QEMU expected:
+/// the process `qemu_pid` when known, else a process of user `me`.
+fn peer_is_qemu(pid: Option<i32>, uid: u32, qemu_pid: Option<u32>, me: u32) -> Result<(), String> {
+    match qemu_pid {
+        Some(want) if pid.and_then(|p| u32::try_from(p).ok()) == Some(want) => Ok(()),
+        Some(want) => Err(format!(
+            "pid {} (uid {uid}) is not QEMU (pid {want})",
+            pid.map_or("unknown".to_string(), |p| p.to_string())
+        )),
+        None if uid == me => Ok(()),
+        None => Err(format!("uid {uid} is not tandemd's ({me})")),
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_qemu_or_our_user_is_a_device_state_peer() {
+        assert!(peer_is_qemu(Some(42), 0, Some(42), 0).is_ok());
+        let e = peer_is_qemu(Some(43), 0, Some(42), 0).unwrap_err();
+        assert!(e.contains("not QEMU (pid 42)"), "{e}");
+        assert!(peer_is_qemu(None, 0, Some(42), 0).is_err());
+        assert!(peer_is_qemu(Some(7), 0, None, 0).is_ok());
+        assert!(peer_is_qemu(Some(7), 1000, None, 0).is_err());
+    }
+
+    /// The first connector is not taken for QEMU: a process that is not
+    /// QEMU is refused (its connection closed unread), and QEMU's own
+    /// connection, after it, is the stream.
+    #[tokio::test]
+    async fn the_first_connector_is_not_taken_for_qemu() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("checkpoint.sock");
+        std::fs::write(&path, "not a socket").unwrap();
+        assert!(bind_private(&path).is_err(), "replaced a file");
+        std::fs::remove_file(&path).unwrap();
+        let listener = bind_private(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // "QEMU" is another process; this one connects first.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let qemu = other.id();
+        let mut intruder = UnixStream::connect(&path).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_millis(300),
+            accept_from(&listener, Some(qemu)),
+        )
+        .await;
+        assert!(accepted.is_err(), "the intruder was taken for QEMU");
+        let mut buf = [0u8; 1];
+        assert_eq!(intruder.read(&mut buf).await.unwrap(), 0, "not closed");
+
+        // When this process is the one expected, its connection is taken.
+        let _conn = UnixStream::connect(&path).await.unwrap();
+        let taken = accept_from(&listener, Some(std::process::id())).await;
+        assert!(taken.is_ok());
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

@@ -101,7 +101,8 @@ async fn save_device_state(
     vm: &Vm,
     timeout: Duration,
 ) -> Result<Vec<u8>, SupervisorError> {
-    checkpoint::save_device_state(qmp, &vm.dir.join(CHECKPOINT_SOCKET), timeout)
+    let qemu_pid = vm.record().qemu_pid;
+    checkpoint::save_device_state_from(qmp, &vm.dir.join(CHECKPOINT_SOCKET), qemu_pid, timeout)
         .await
         .map_err(|e| SupervisorError::Checkpoint {
             name: vm.name.clone(),

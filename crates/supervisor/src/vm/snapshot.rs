@@ -118,9 +118,10 @@ impl Supervisor {
             message: e.to_string(),
         };
         checkpoint::prepare(qmp).await.map_err(ck)?;
-        let state = checkpoint::save_device_state(
+        let state = checkpoint::save_device_state_from(
             qmp,
             &vm.dir.join(CHECKPOINT_SOCKET),
+            vm.record().qemu_pid,
             Duration::from_secs(30),
         )
         .await
