@@ -124,8 +124,109 @@ enum ActivateError {
         vm: String,
         state: tandem_api::VmState,
     },
+    #[error("the replica of `{vm}` is of a VM named `{other}` ({what}); refusing to take it over")]
+    NameMismatch {
+        vm: String,
+        other: String,
+        what: &'static str,
+    },
+    #[error(
+        "a VM named `{vm}` (uuid {local}) is defined on this host and is not the replica's VM \
+         (uuid {replica}); refusing to take over into it: destroy or rename it first"
+    )]
+    NotTheReplicasVm {
+        vm: String,
+        local: String,
+        replica: String,
+    },
+    #[error(
+        "the VM `{vm}` defined on this host has the replica's uuid but another spec than the \
+         replica's; refusing to take over into it: destroy it first"
+    )]
+    SpecDiffers { vm: String },
     #[error(transparent)]
     Supervisor(#[from] SupervisorError),
+}
+
+/// What a takeover does about the VM of the replica's name on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// None is defined: define it, with the replica's spec and uuid.
+    Define,
+    /// It is the replica's own VM (same uuid, same spec; defined here by
+    /// an earlier takeover) and not running: start it from the replica.
+    Reuse,
+}
+
+/// A VM of the replica's name already defined on this host.
+struct LocalVm {
+    uuid: String,
+    state: tandem_api::VmState,
+    /// Its spec, its disks pointed at the replica as the takeover would.
+    spec: Option<tandem_vmspec::VmSpec>,
+}
+
+/// Decides a takeover of the replica of `vm` (audit M4). The replica (its
+/// hello and spec) must be of `vm`; a VM of that name defined here must
+/// be the replica's own (same uuid, same spec), or the takeover is
+/// refused: a takeover must never start an unrelated VM of the same name
+/// with its own spec, nor point that VM's disks at the replica's.
+/// `spec` is the replica's, its disks already pointed at the replica.
+fn plan_takeover(
+    vm: &str,
+    hello_vm: &str,
+    spec: &tandem_vmspec::VmSpec,
+    replica_uuid: Option<uuid::Uuid>,
+    local: Option<&LocalVm>,
+) -> Result<Takeover, ActivateError> {
+    for (other, what) in [(hello_vm, "its hello"), (spec.name.as_str(), "its spec")] {
+        if other != vm {
+            return Err(ActivateError::NameMismatch {
+                vm: vm.to_string(),
+                other: other.to_string(),
+                what,
+            });
+        }
+    }
+    let Some(local) = local else {
+        return Ok(Takeover::Define);
+    };
+    if local.state.is_active() {
+        return Err(ActivateError::Active {
+            vm: vm.to_string(),
+            state: local.state,
+        });
+    }
+    let same = replica_uuid.is_some_and(|r| local.uuid.parse::<uuid::Uuid>().is_ok_and(|l| l == r));
+    if !same {
+        return Err(ActivateError::NotTheReplicasVm {
+            vm: vm.to_string(),
+            local: local.uuid.clone(),
+            replica: replica_uuid.map_or("unknown".to_string(), |u| u.to_string()),
+        });
+    }
+    if local.spec.as_ref() != Some(spec) {
+        return Err(ActivateError::SpecDiffers { vm: vm.to_string() });
+    }
+    Ok(Takeover::Reuse)
+}
+
+/// Points a spec's disks at the replica's files in `dir` (raw), as a
+/// takeover runs them.
+fn spec_on_replica(spec: &mut tandem_vmspec::VmSpec, dir: &std::path::Path) -> Vec<CheckpointDisk> {
+    spec.disks
+        .iter_mut()
+        .map(|d| {
+            let file = tandem_replication::replica::disk_file_name(&d.name);
+            d.path = dir.join(&file);
+            d.format = DiskFormat::Raw;
+            CheckpointDisk {
+                name: d.name.clone(),
+                file,
+                format: DiskFormat::Raw,
+            }
+        })
+        .collect()
 }
 
 /// Defines the VM here (if needed) with its disks pointing at the replica,
@@ -137,27 +238,37 @@ async fn activate(
     ft_root: &std::path::Path,
 ) -> Result<(), ActivateError> {
     let hello = read_hello(dir).map_err(ActivateError::Hello)?;
+    let identity = read_identity(dir).map_err(ActivateError::Hello)?;
+    let mut spec: tandem_vmspec::VmSpec =
+        toml::from_str(&hello.spec_toml).map_err(ActivateError::Spec)?;
+    let disks = spec_on_replica(&mut spec, dir);
+    // The VM's identity: the replica's record of it, else the hello's.
+    let replica_uuid = identity
+        .as_ref()
+        .map_or(hello.uuid.as_str(), |id| id.uuid.as_str())
+        .parse::<uuid::Uuid>()
+        .ok()
+        .filter(|u| !u.is_nil());
+    let local = match sup.info(vm).await {
+        Ok(info) => Some(LocalVm {
+            uuid: info.uuid,
+            state: info.state,
+            spec: toml::from_str::<tandem_vmspec::VmSpec>(&info.spec_toml)
+                .ok()
+                .map(|mut s| {
+                    spec_on_replica(&mut s, dir);
+                    s
+                }),
+        }),
+        Err(SupervisorError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let plan = plan_takeover(vm, &hello.vm, &spec, replica_uuid, local.as_ref())?;
     // The VM runs here from now on, one generation after the primary it
     // replaces: a protection from this host carries it, and a backup
     // refuses the old primary's.
-    let generation = read_identity(dir)
-        .map_err(ActivateError::Hello)?
-        .map_or(hello.generation, |id| id.generation)
-        + 1;
+    let generation = identity.map_or(hello.generation, |id| id.generation) + 1;
     write_generation(ft_root, vm, generation).map_err(ActivateError::Generation)?;
-    let mut spec: tandem_vmspec::VmSpec =
-        toml::from_str(&hello.spec_toml).map_err(ActivateError::Spec)?;
-    let mut disks = Vec::new();
-    for d in spec.disks.iter_mut() {
-        let file = tandem_replication::replica::disk_file_name(&d.name);
-        d.path = dir.join(&file);
-        d.format = DiskFormat::Raw;
-        disks.push(CheckpointDisk {
-            name: d.name.clone(),
-            file,
-            format: DiskFormat::Raw,
-        });
-    }
     let manifest = CheckpointManifest {
         vm: vm.to_string(),
         taken_at: 0,
@@ -167,23 +278,13 @@ async fn activate(
     };
     let bytes = serde_json::to_vec_pretty(&manifest)?;
     std::fs::write(dir.join(CHECKPOINT_MANIFEST), bytes).map_err(ActivateError::WriteManifest)?;
-    match sup.info(vm).await {
-        Ok(info) if info.state.is_active() => {
-            return Err(ActivateError::Active {
-                vm: vm.to_string(),
-                state: info.state,
-            })
-        }
-        Ok(_) => {}
-        Err(SupervisorError::NotFound(_)) => {
-            // The VM keeps its identity across the handover.
-            let toml = toml::to_string(&spec)?;
-            match hello.uuid.parse::<uuid::Uuid>() {
-                Ok(uuid) => sup.create_with_uuid(&toml, uuid).await?,
-                Err(_) => sup.create(&toml).await?,
-            };
-        }
-        Err(e) => return Err(e.into()),
+    if plan == Takeover::Define {
+        // The VM keeps its identity across the handover.
+        let toml = toml::to_string(&spec)?;
+        match replica_uuid {
+            Some(uuid) => sup.create_with_uuid(&toml, uuid).await?,
+            None => sup.create(&toml).await?,
+        };
     }
     sup.restore_from(vm, dir).await?;
     Ok(())
@@ -467,4 +568,88 @@ async fn failover(
         .await
         .map(Json)
         .map_err(HttpError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_api::VmState;
+
+    const SPEC: &str = r#"
+name = "web"
+memory_mib = 128
+[boot]
+kernel = "/k"
+initrd = "/i"
+[[disks]]
+name = "data"
+path = "/primary/data.qcow2"
+format = "qcow2"
+"#;
+
+    fn replica_spec(dir: &std::path::Path) -> tandem_vmspec::VmSpec {
+        let mut s: tandem_vmspec::VmSpec = toml::from_str(SPEC).unwrap();
+        spec_on_replica(&mut s, dir);
+        s
+    }
+
+    fn local(uuid: uuid::Uuid, state: VmState, spec: tandem_vmspec::VmSpec) -> LocalVm {
+        LocalVm {
+            uuid: uuid.to_string(),
+            state,
+            spec: Some(spec),
+        }
+    }
+
+    /// Audit M4: a takeover never runs in an unrelated local VM of the
+    /// replica's name (with *its* spec, its disks repointed); only the
+    /// replica's own VM, or none, is taken.
+    #[test]
+    fn takeover_refuses_a_local_vm_that_is_not_the_replicas() {
+        let dir = std::path::Path::new("/state/replicas/web");
+        let spec = replica_spec(dir);
+        assert_eq!(spec.disks[0].path, dir.join("disk-data.raw"));
+        let replica = uuid::Uuid::new_v4();
+        let plan = |l: Option<&LocalVm>| plan_takeover("web", "web", &spec, Some(replica), l);
+
+        assert_eq!(plan(None).unwrap(), Takeover::Define);
+        let own = local(replica, VmState::Shutoff, spec.clone());
+        assert_eq!(plan(Some(&own)).unwrap(), Takeover::Reuse);
+
+        // Another VM that happens to be called `web`.
+        let other = local(uuid::Uuid::new_v4(), VmState::Defined, spec.clone());
+        let e = plan(Some(&other)).unwrap_err();
+        assert!(matches!(e, ActivateError::NotTheReplicasVm { .. }), "{e}");
+        assert!(e.to_string().contains("not the replica's VM"), "{e}");
+        // A replica without an identity cannot vouch for any local VM.
+        let e = plan_takeover("web", "web", &spec, None, Some(&own)).unwrap_err();
+        assert!(matches!(e, ActivateError::NotTheReplicasVm { .. }), "{e}");
+        assert_eq!(
+            plan_takeover("web", "web", &spec, None, None).unwrap(),
+            Takeover::Define
+        );
+        // The replica's own VM, with another spec (more memory, another
+        // kernel), is not silently run with it.
+        let mut changed = spec.clone();
+        changed.memory_mib = 256;
+        let e = plan(Some(&local(replica, VmState::Shutoff, changed))).unwrap_err();
+        assert!(matches!(e, ActivateError::SpecDiffers { .. }), "{e}");
+        let unreadable = LocalVm {
+            spec: None,
+            ..local(replica, VmState::Shutoff, spec.clone())
+        };
+        assert!(plan(Some(&unreadable)).is_err());
+        // Running here already.
+        let e = plan(Some(&local(replica, VmState::Running, spec.clone()))).unwrap_err();
+        assert!(matches!(e, ActivateError::Active { .. }), "{e}");
+    }
+
+    #[test]
+    fn takeover_requires_the_replica_to_be_of_the_vm_named() {
+        let spec = replica_spec(std::path::Path::new("/r/web"));
+        let e = plan_takeover("web", "db", &spec, None, None).unwrap_err();
+        assert!(e.to_string().contains("its hello"), "{e}");
+        let e = plan_takeover("db", "db", &spec, None, None).unwrap_err();
+        assert!(e.to_string().contains("its spec"), "{e}");
+    }
 }
