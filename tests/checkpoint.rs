@@ -19,8 +19,10 @@ fn restored_guest_continues_from_the_checkpoint() {
     d.wait_console("ck", "tandem-guest: tick 5", BOOT);
 
     let before = *ticks(&d.console("ck")).last().expect("ticks");
-    let dir = d.dir.path().join("ck-checkpoint");
-    let report = d.cli_json(&["vm", "checkpoint", "ck", dir.to_str().unwrap()]);
+    // A relative directory is taken under the daemon's checkpoint root.
+    let dir = d.state_dir.join("checkpoints").join("ck-checkpoint");
+    let report = d.cli_json(&["vm", "checkpoint", "ck", "ck-checkpoint"]);
+    assert_eq!(report["dir"], dir.to_str().unwrap(), "{report:#}");
     let after = *ticks(&d.console("ck")).last().expect("ticks");
     assert_eq!(report["ram_bytes"], 128 * 1024 * 1024, "{report:#}");
     let dev = report["device_state_bytes"].as_u64().unwrap();
@@ -84,7 +86,7 @@ fn checkpoint_and_restore_refuse_bad_requests() {
     let _g = serial_guard();
     let d = Daemon::start();
     d.create_guest("idle", "");
-    let dir = d.dir.path().join("nope");
+    let dir = d.state_dir.join("checkpoints").join("nope");
     let out = d.cli(&["vm", "checkpoint", "idle", dir.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -26,6 +26,10 @@ pub enum ErrorKind {
     InvalidDocument,
     /// 400: a request's parameter is invalid.
     Invalid,
+    /// 403: the caller may not make this request on this socket (not
+    /// root nor in tandemd's `--api-group`; a change on the read-only
+    /// socket).
+    Forbidden,
     /// 502: QEMU failed to start, or a QMP command failed.
     Qemu,
     /// 502: saving or loading QEMU's device state failed.
@@ -41,13 +45,14 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in the order the documentation lists them.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::NotFound,
         ErrorKind::Conflict,
         ErrorKind::BadState,
         ErrorKind::InvalidSpec,
         ErrorKind::InvalidDocument,
         ErrorKind::Invalid,
+        ErrorKind::Forbidden,
         ErrorKind::Qemu,
         ErrorKind::Checkpoint,
         ErrorKind::Failover,
@@ -64,6 +69,7 @@ impl ErrorKind {
             ErrorKind::InvalidSpec => "invalid-spec",
             ErrorKind::InvalidDocument => "invalid-document",
             ErrorKind::Invalid => "invalid",
+            ErrorKind::Forbidden => "forbidden",
             ErrorKind::Qemu => "qemu",
             ErrorKind::Checkpoint => "checkpoint",
             ErrorKind::Failover => "failover",
@@ -76,6 +82,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::InvalidSpec | ErrorKind::InvalidDocument | ErrorKind::Invalid => 400,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict | ErrorKind::BadState | ErrorKind::Switch => 409,
             ErrorKind::Failover | ErrorKind::Internal => 500,
@@ -157,7 +164,7 @@ mod tests {
         for kind in ErrorKind::ALL {
             let status = kind.status();
             assert!(
-                matches!(status, 400 | 404 | 409 | 500 | 502),
+                matches!(status, 400 | 403 | 404 | 409 | 500 | 502),
                 "{kind}: {status}"
             );
             assert!(

@@ -137,7 +137,9 @@ pub struct StopRequest {
 }
 
 /// Body of `checkpoint` (the directory to create) and `restore` (the
-/// directory to start from). Paths are on the daemon's host.
+/// directory to start from). Paths are on the daemon's host, under its
+/// checkpoint root (`tandemd --checkpoint-root`); a relative path is taken
+/// from there, and one leading outside it is refused (`invalid`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointRequest {
     pub dir: std::path::PathBuf,

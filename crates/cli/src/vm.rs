@@ -43,9 +43,13 @@ pub enum VmCmd {
     /// Stop if needed, and remove the VM and its files.
     Destroy { name: String },
     /// Write a consistent checkpoint (RAM, device state, disks) of a running
-    /// or paused VM into a new directory on the daemon's host.
+    /// or paused VM into a new directory on the daemon's host, under its
+    /// checkpoint root (tandemd --checkpoint-root, default
+    /// STATE_DIR/checkpoints). A relative DIR is taken from that root.
     Checkpoint { name: String, dir: PathBuf },
-    /// Start a stopped VM from a checkpoint directory instead of booting.
+    /// Start a stopped VM from a checkpoint directory (under the daemon's
+    /// checkpoint root; a relative DIR is taken from there) instead of
+    /// booting.
     Restore { name: String, dir: PathBuf },
     /// Print the serial console log.
     Console {
@@ -248,7 +252,8 @@ async fn checkpoint(
     dir: PathBuf,
     json: bool,
 ) -> anyhow::Result<()> {
-    let dir = std::path::absolute(&dir)?;
+    // Sent as given: the daemon resolves a relative path under its
+    // checkpoint root, not under this shell's directory.
     let r: serde_json::Value = client
         .post(
             &format!("/v1/vms/{name}/checkpoint"),
@@ -274,7 +279,8 @@ async fn restore(
     dir: PathBuf,
     json: bool,
 ) -> anyhow::Result<()> {
-    let dir = std::path::absolute(&dir)?;
+    // Sent as given: the daemon resolves a relative path under its
+    // checkpoint root, not under this shell's directory.
     let vm: VmInfo = client
         .post(
             &format!("/v1/vms/{name}/restore"),

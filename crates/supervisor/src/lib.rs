@@ -27,7 +27,7 @@ mod vm;
 /// A VM's identity ([`GuestPort::uuid`], [`Supervisor::create_with_uuid`]).
 pub use uuid::Uuid;
 pub use vm::{
-    CheckpointDisk, CheckpointManifest, CheckpointReport, CheckpointWindow, DeviceStateJob,
-    ExitCause, GuestPort, NicPorts, Supervisor, SupervisorConfig, SupervisorError,
+    confine_checkpoint_dir, CheckpointDisk, CheckpointManifest, CheckpointReport, CheckpointWindow,
+    DeviceStateJob, ExitCause, GuestPort, NicPorts, Supervisor, SupervisorConfig, SupervisorError,
     CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
 };

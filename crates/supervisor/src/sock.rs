@@ -129,6 +129,21 @@ pub fn create_socket_dir(dir: &Path, mode: u32, group: Option<u32>) -> std::io::
     Ok(true)
 }
 
+/// A group's id, from its name or its number.
+pub fn group_id(group: &str) -> std::io::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no group named `{group}`"),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The supplementary groups of the process at the other end of a
 /// connected unix socket, as they were when it connected
 /// (`SO_PEERGROUPS`, Linux 4.13).
@@ -236,6 +251,14 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(!create_socket_dir(&dir, 0o700, None).unwrap());
         assert_eq!(mode(&dir), 0o755);
+    }
+
+    #[test]
+    fn groups_are_found_by_name_or_number() {
+        assert_eq!(group_id("0").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        let e = group_id("no-such-group-tandem").unwrap_err();
+        assert!(e.to_string().contains("no group named"), "{e}");
     }
 
     #[test]

@@ -82,7 +82,9 @@ async fn checkpoint(
     Path(name): Path<String>,
     Json(req): Json<tandem_api::CheckpointRequest>,
 ) -> ApiResult<tandem_supervisor::CheckpointReport> {
-    Ok(Json(s.checkpoint_to(&name, &req.dir).await?))
+    // Only under the checkpoint root (audit M5), checked before anything.
+    let dir = s.checkpoint_dir(&req.dir, false)?;
+    Ok(Json(s.checkpoint_to(&name, &dir).await?))
 }
 
 async fn restore(
@@ -90,7 +92,8 @@ async fn restore(
     Path(name): Path<String>,
     Json(req): Json<tandem_api::CheckpointRequest>,
 ) -> ApiResult<tandem_api::VmInfo> {
-    Ok(Json(s.restore_from(&name, &req.dir).await?))
+    let dir = s.checkpoint_dir(&req.dir, true)?;
+    Ok(Json(s.restore_from(&name, &dir).await?))
 }
 
 #[derive(Deserialize)]

@@ -80,6 +80,7 @@ impl From<SupervisorError> for HttpError {
             SupervisorError::BadState { .. } => ErrorKind::BadState,
             SupervisorError::Start { .. } | SupervisorError::Qmp { .. } => ErrorKind::Qemu,
             SupervisorError::Checkpoint { .. } => ErrorKind::Checkpoint,
+            SupervisorError::Refused(_) => ErrorKind::Invalid,
             SupervisorError::Io { .. } => ErrorKind::Internal,
         };
         if let SupervisorError::InvalidSpec(spec) = e {
@@ -234,6 +235,14 @@ mod tests {
             (
                 SupervisorError::InvalidSpec(spec).into(),
                 ErrorKind::InvalidSpec,
+            ),
+            (
+                SupervisorError::Refused("outside the root".into()).into(),
+                ErrorKind::Invalid,
+            ),
+            (
+                HttpError::new(ErrorKind::Forbidden, "not root"),
+                ErrorKind::Forbidden,
             ),
             (InvalidDocument(vec![]).into(), ErrorKind::InvalidDocument),
             (

@@ -7,6 +7,7 @@
 //! `tandemd shim …` is the per-VM shim mode (see `tandem_supervisor::shim`).
 
 mod api;
+mod apisock;
 mod error;
 mod ft;
 mod ftdisk;
@@ -22,7 +23,6 @@ use clap::{Parser, Subcommand};
 use tandem_supervisor::shim::{run_shim, ShimLauncher};
 use tandem_supervisor::{Supervisor, SupervisorConfig};
 use tandem_switch::host::SwitchHost;
-use tokio::net::UnixListener;
 use tracing::info;
 
 #[derive(Parser, Debug)]
@@ -39,9 +39,28 @@ struct Args {
     #[arg(long, env = "TANDEM_STATE_DIR", default_value = "/var/lib/tandem")]
     state_dir: PathBuf,
 
-    /// The API socket.
+    /// The API socket (read-write): root's alone (0600), or also the
+    /// `--api-group`'s (0660). Its directory, if tandemd creates it, is
+    /// 0700 (0750).
     #[arg(long, env = "TANDEM_SOCKET", default_value = tandem_api::DEFAULT_SOCKET)]
     socket: PathBuf,
+
+    /// A group (name or gid) whose members may use the read-write API
+    /// socket besides root. Anyone else is refused (403), whatever the
+    /// socket's mode. Default: root only.
+    #[arg(long, env = "TANDEM_API_GROUP")]
+    api_group: Option<String>,
+
+    /// Also serve a read-only API socket here (0666): reads of status
+    /// (GET) for any local user who can reach it; no changes, no console.
+    #[arg(long, env = "TANDEM_API_RO_SOCKET")]
+    api_ro_socket: Option<PathBuf>,
+
+    /// Checkpoints asked for over the API (`vm checkpoint`, `vm restore`)
+    /// are written and read only under this directory (default:
+    /// STATE_DIR/checkpoints, created 0700).
+    #[arg(long, env = "TANDEM_CHECKPOINT_ROOT")]
+    checkpoint_root: Option<PathBuf>,
 
     /// Directory for guest RAM files; must be a shared-memory file system.
     #[arg(long, default_value = "/dev/shm")]
@@ -168,6 +187,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let cfg = SupervisorConfig {
         state_dir: args.state_dir.clone(),
         ram_dir: args.ram_dir.clone(),
+        checkpoint_root: args
+            .checkpoint_root
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("checkpoints")),
         qemu_binary: qemu,
         qboot_rom: args.qboot_rom.clone(),
         shim: ShimLauncher {
@@ -179,7 +202,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         switch_dir,
         nic_ports: Some(Arc::new(switch::SwitchPorts(switch.clone()))),
     };
-    let listener = bind_socket(&args.socket).await?;
+    let api_group = match &args.api_group {
+        Some(g) => Some(apisock::ApiGroup {
+            gid: tandem_supervisor::sock::group_id(g)
+                .with_context(|| format!("--api-group {g}"))?,
+            name: g.clone(),
+        }),
+        None => None,
+    };
+    let sockets = apisock::bind(&args.socket, api_group, args.api_ro_socket.as_deref()).await?;
     let sup = Supervisor::open(cfg).await.context("loading VM records")?;
     info!(socket = %args.socket.display(), state_dir = %args.state_dir.display(), "tandemd ready");
 
@@ -219,11 +250,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let app = api::router(Arc::clone(&sup))
         .merge(ft::router(ft))
         .merge(switch::router(switch.clone()));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the API")?;
-    let _ = std::fs::remove_file(&args.socket);
+    apisock::serve(sockets, app, shutdown_signal()).await?;
     tokio::task::block_in_place(|| switch.shutdown());
     info!("tandemd stopped; VMs keep running and will be re-attached by the next tandemd");
     Ok(())
@@ -240,24 +267,6 @@ fn resolve_binary(p: &std::path::Path) -> PathBuf {
                 .find(|c| c.is_file())
         })
         .unwrap_or_else(|| p.to_path_buf())
-}
-
-/// Binds the API socket, refusing to steal it from a live tandemd.
-async fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("another tandemd is already serving {}", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
 }
 
 async fn shutdown_signal() {

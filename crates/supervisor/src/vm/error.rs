@@ -28,6 +28,11 @@ pub enum SupervisorError {
     Checkpoint { name: String, message: String },
     #[error("QMP error on `{name}`: {source}")]
     Qmp { name: String, source: QmpError },
+    /// A request the supervisor will not carry out as asked (a checkpoint
+    /// directory outside the checkpoint root, a manifest naming files
+    /// outside its checkpoint); the message says why.
+    #[error("{0}")]
+    Refused(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -41,8 +41,8 @@ pub use error::SupervisorError;
 pub use exit::ExitCause;
 pub use guest_port::{CheckpointWindow, DeviceStateJob, GuestPort};
 pub use snapshot::{
-    CheckpointDisk, CheckpointManifest, CheckpointReport, CHECKPOINT_DEVICE_STATE,
-    CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
+    confine_checkpoint_dir, CheckpointDisk, CheckpointManifest, CheckpointReport,
+    CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
 };
 
 use error::io_err;
@@ -60,6 +60,9 @@ pub struct SupervisorConfig {
     /// directory (`tandem-<instance>/`, 0700) of guest RAM files and fence
     /// leases.
     pub ram_dir: PathBuf,
+    /// Where checkpoints asked for over the API are written and restored
+    /// from ([`Supervisor::checkpoint_dir`]); created 0700 if missing.
+    pub checkpoint_root: PathBuf,
     pub qemu_binary: PathBuf,
     pub qboot_rom: PathBuf,
     pub shim: ShimLauncher,
@@ -137,6 +140,18 @@ impl Supervisor {
             .map_err(io_err(format!("creating {}", vms_dir.display())))?;
         std::fs::create_dir_all(&cfg.ram_dir)
             .map_err(io_err(format!("creating {}", cfg.ram_dir.display())))?;
+        if !cfg.checkpoint_root.exists() {
+            // Checkpoints hold guests' memory: a root we make is root's alone.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&cfg.checkpoint_root)
+                .and_then(|()| make_private(&cfg.checkpoint_root))
+                .map_err(io_err(format!(
+                    "creating {}",
+                    cfg.checkpoint_root.display()
+                )))?;
+        }
         let sup = Arc::new(Supervisor {
             qemu_version: qemu_version(&cfg.qemu_binary),
             instance_tag: format!("{:08x}", fnv1a(&cfg.state_dir.to_string_lossy()) as u32),
@@ -183,6 +198,20 @@ impl Supervisor {
             }
         }
         Ok(sup)
+    }
+
+    /// The directory a checkpoint (or restore) asked for over the API may
+    /// use: `requested` resolved under the checkpoint root (a relative one
+    /// is taken from there), or `Refused` when it leads outside the root
+    /// (see [`snapshot::confine_checkpoint_dir`]). `existing`: a restore's
+    /// directory, which must exist; otherwise a new one's.
+    pub fn checkpoint_dir(
+        &self,
+        requested: &Path,
+        existing: bool,
+    ) -> Result<PathBuf, SupervisorError> {
+        snapshot::confine_checkpoint_dir(&self.cfg.checkpoint_root, requested, existing)
+            .map_err(SupervisorError::Refused)
     }
 
     /// tandemd's private directory (0700) of guest RAM files and fence

@@ -37,6 +37,13 @@ impl Supervisor {
                     io_err("parsing the checkpoint manifest")(std::io::Error::other(e))
                 })
             })?;
+        // Nothing the manifest names may lead out of the checkpoint.
+        manifest.validate().map_err(|why| {
+            SupervisorError::Refused(format!(
+                "the checkpoint manifest in {} is refused: {why}",
+                dir.display()
+            ))
+        })?;
         let device_state = std::fs::read(dir.join(CHECKPOINT_DEVICE_STATE))
             .map_err(io_err("reading the checkpoint's device state"))?;
         let vm = self.get(name).await?;
@@ -176,6 +183,87 @@ pub struct CheckpointManifest {
     pub disks: Vec<CheckpointDisk>,
 }
 
+impl CheckpointManifest {
+    /// Checks what a restore takes from the manifest: every disk's `file`
+    /// is a plain file name, so it names a file inside the checkpoint
+    /// directory and nothing else (no `/`, no `..`, not absolute: audit
+    /// M5, where `/etc/shadow` in `file` became the restored VM's disk).
+    pub fn validate(&self) -> Result<(), String> {
+        for d in &self.disks {
+            if !is_plain_file_name(&d.file) {
+                return Err(format!(
+                    "disk `{}` names file {:?}, which is not a plain file name in the checkpoint directory",
+                    d.name, d.file
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A name of a file directly inside a directory: not empty, not `.` or
+/// `..`, without `/` or NUL.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+/// Where a checkpoint asked for over the API may be (audit M5): under
+/// `root` (tandemd's `--checkpoint-root`), and nowhere else, so the API
+/// cannot write the guest's memory into, or restore a VM from, any
+/// directory of the host. A relative `requested` is taken under `root`;
+/// `..` is refused outright, and symlinks are resolved before the check.
+/// For a new checkpoint (`existing` false) the parent must exist and the
+/// directory itself is created later; for a restore it must exist.
+/// Returns the resolved path to use.
+pub fn confine_checkpoint_dir(
+    root: &Path,
+    requested: &Path,
+    existing: bool,
+) -> Result<PathBuf, String> {
+    use std::path::Component;
+    if requested
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(format!(
+            "{}: `..` is not allowed in a checkpoint directory",
+            requested.display()
+        ));
+    }
+    let full = if requested.is_absolute() {
+        requested.to_path_buf()
+    } else {
+        root.join(requested)
+    };
+    let root_c = root
+        .canonicalize()
+        .map_err(|e| format!("the checkpoint root {} is unusable: {e}", root.display()))?;
+    let outside = || {
+        format!(
+            "{} is outside the checkpoint root {}; checkpoints are written and restored only under it (tandemd --checkpoint-root)",
+            requested.display(),
+            root_c.display()
+        )
+    };
+    let resolved = if existing {
+        full.canonicalize()
+            .map_err(|e| format!("no checkpoint at {}: {e}", full.display()))?
+    } else {
+        let Some(Component::Normal(name)) = full.components().next_back() else {
+            return Err(outside());
+        };
+        let parent = full.parent().unwrap_or(&root_c);
+        parent
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", parent.display()))?
+            .join(name)
+    };
+    if resolved == root_c || !resolved.starts_with(&root_c) {
+        return Err(outside());
+    }
+    Ok(resolved)
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointDisk {
     pub name: String,
@@ -209,4 +297,118 @@ pub(super) fn place_ram_file(from: &Path, to: &Path) -> Result<(), SupervisorErr
     copy_private_replace(from, to)
         .map_err(io_err(format!("copying RAM from {}", from.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_config(dir: &Path) -> crate::SupervisorConfig {
+        crate::SupervisorConfig {
+            state_dir: dir.join("state"),
+            ram_dir: dir.join("ram"),
+            checkpoint_root: dir.join("checkpoints"),
+            qemu_binary: dir.join("no-qemu"),
+            qboot_rom: dir.join("no-rom"),
+            shim: crate::shim::ShimLauncher {
+                program: dir.join("no-tandemd"),
+            },
+            image_dir: dir.join("no-images"),
+            probe_timeout: Duration::from_secs(1),
+            start_timeout: Duration::from_secs(1),
+            switch_dir: dir.join("switch"),
+            nic_ports: None,
+        }
+    }
+
+    fn manifest(files: &[&str]) -> CheckpointManifest {
+        CheckpointManifest {
+            vm: "v".into(),
+            taken_at: 0,
+            ram_bytes: 0,
+            device_state_bytes: 0,
+            disks: files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| CheckpointDisk {
+                    name: format!("d{i}"),
+                    file: f.to_string(),
+                    format: DiskFormat::Raw,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_names_only_files_inside_its_checkpoint() {
+        assert!(manifest(&["disk-data.qcow2", "disk-x.raw", "..x"])
+            .validate()
+            .is_ok());
+        for bad in ["../x", "/etc/shadow", "a/b", "..", ".", "", "x\0"] {
+            let e = manifest(&["ok.raw", bad]).validate().unwrap_err();
+            assert!(e.contains("not a plain file name"), "{bad:?}: {e}");
+        }
+    }
+
+    /// A restore reads the manifest, and refuses it, before anything is
+    /// copied: the file it names is never read.
+    #[tokio::test]
+    async fn restore_refuses_a_manifest_that_leads_out() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = d.path().join("ck");
+        std::fs::create_dir(&ck).unwrap();
+        std::fs::write(ck.join(CHECKPOINT_DEVICE_STATE), b"").unwrap();
+        for bad in ["../secret", "/etc/passwd"] {
+            atomic_write_json(&ck.join(CHECKPOINT_MANIFEST), &manifest(&[bad])).unwrap();
+            let sup = Supervisor::open(test_config(d.path())).await.unwrap();
+            let e = sup.restore_from("nobody", &ck).await.unwrap_err();
+            assert!(matches!(e, SupervisorError::Refused(_)), "{e}");
+            assert!(e.to_string().contains("not a plain file name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_dirs_stay_under_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("checkpoints");
+        std::fs::create_dir(&root).unwrap();
+        let root_c = root.canonicalize().unwrap();
+        // New checkpoints: relative names and absolute paths under the root.
+        assert_eq!(
+            confine_checkpoint_dir(&root, Path::new("nightly"), false).unwrap(),
+            root_c.join("nightly")
+        );
+        assert_eq!(
+            confine_checkpoint_dir(&root, &root.join("a"), false).unwrap(),
+            root_c.join("a")
+        );
+        // Outside, up and out, the root itself, through a symlink.
+        let outside = d.path().join("elsewhere");
+        std::fs::create_dir(&outside).unwrap();
+        for (req, why) in [
+            (outside.join("ck"), "outside the checkpoint root"),
+            (PathBuf::from("/tmp/ck"), "outside the checkpoint root"),
+            (root.join("../elsewhere/ck"), "`..` is not allowed"),
+            (PathBuf::from("../ck"), "`..` is not allowed"),
+            (root.clone(), "outside the checkpoint root"),
+            (PathBuf::from("/"), "outside the checkpoint root"),
+        ] {
+            let e = confine_checkpoint_dir(&root, &req, false).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", req.display());
+        }
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let e = confine_checkpoint_dir(&root, Path::new("link/ck"), false).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        // Restores: the directory must exist, under the root.
+        std::fs::create_dir(root.join("ck")).unwrap();
+        assert_eq!(
+            confine_checkpoint_dir(&root, Path::new("ck"), true).unwrap(),
+            root_c.join("ck")
+        );
+        assert!(confine_checkpoint_dir(&root, Path::new("none"), true).is_err());
+        let e = confine_checkpoint_dir(&root, Path::new("link"), true).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        let e = confine_checkpoint_dir(&root, &outside, true).unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+    }
 }
