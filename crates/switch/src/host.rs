@@ -290,7 +290,7 @@ impl SwitchHost {
             }
         }
         if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| HostError::Io {
+            create_socket_dir(dir).map_err(|source| HostError::Io {
                 op: "creating",
                 path: dir.into(),
                 source,
@@ -407,6 +407,24 @@ impl SwitchHost {
     }
 }
 
+/// Creates the directory of VM ports' sockets if missing: 0700, whatever
+/// the umask (only root's QEMUs connect to them). An existing directory
+/// (the operator's `--switch-dir`) is left as it is.
+fn create_socket_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn save(path: &Path, doc: &SwitchDocument) -> Result<(), HostError> {
     let io = |op: &'static str, p: &Path| {
         let path = p.to_path_buf();
@@ -451,5 +469,23 @@ fn housekeeping(sw: Arc<Switch>, ports: Arc<Mutex<Ports>>, stop: Arc<AtomicBool>
             sw.age();
             last_age = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_dir_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_socket_dir_is_made_private_and_an_existing_one_left_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state").join("switch");
+        create_socket_dir(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o700);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        create_socket_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o750);
     }
 }

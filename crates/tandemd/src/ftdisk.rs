@@ -738,10 +738,17 @@ pub async fn start_with(
     work: &Path,
     settings: MirrorSettings,
 ) -> Result<Vec<Arc<MirroredDisk>>, MirrorError> {
-    std::fs::create_dir_all(work).map_err(|source| MirrorError::WorkDir {
-        path: work.to_path_buf(),
-        source,
-    })?;
+    // tandemd's own per-VM directory: the NBD sockets and the mirror
+    // copies (whole disks) in it are root's alone, whatever the umask.
+    std::fs::create_dir_all(work)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| MirrorError::WorkDir {
+            path: work.to_path_buf(),
+            source,
+        })?;
     let nodes = port
         .qmp("query-named-block-nodes", json!({"flat": true}))
         .await?;
