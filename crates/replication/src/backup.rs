@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::assembler::{CompleteEpoch, EpochAssembler};
 use crate::link::BoxStream;
-use crate::replica::ReplicaStore;
+use crate::replica::{self, check_layout, ReplicaError, ReplicaStore, StoreFaults};
 use crate::wire::{self, Frame, FrameKind, Hello, WireError, OLDEST_ANSWERED, PAGE_SIZE, VERSION};
 
 #[derive(Debug, Clone)]
@@ -127,9 +127,41 @@ struct Replica {
     /// so the primary's silence is not counted (its heartbeats wait in the
     /// socket; the backup's own keep flowing to it).
     applying: bool,
-    /// Held while an epoch is applied and by a takeover before it starts
-    /// the VM, so the two never touch the replica at once.
+    /// Held while the replica's files are opened, recovered, read or
+    /// written (a connection's open and applies, its digest, the scan at
+    /// start) and by a takeover before it starts the VM, so no two of
+    /// them touch the replica at once.
     store_lock: Arc<tokio::sync::Mutex<()>>,
+    /// An apply failed after its commit point: the files are torn until
+    /// the journal is finished, which a takeover does first.
+    needs_recovery: bool,
+    /// Found on disk at start: armed (for automatic takeover) only once
+    /// the primary is heard again.
+    rearm_when_heard: bool,
+}
+
+impl Replica {
+    fn new(vm: &str) -> Self {
+        Replica {
+            status: FtStatus {
+                vm: vm.to_string(),
+                role: Some(FtRole::Backup),
+                state: FtState::Syncing,
+                tracker: "-".into(),
+                ..Default::default()
+            },
+            last_heard: Instant::now(),
+            suspected: None,
+            armed: false,
+            conn_id: 0,
+            instance: 0,
+            active_conn: false,
+            applying: false,
+            store_lock: Arc::new(tokio::sync::Mutex::new(())),
+            needs_recovery: false,
+            rearm_when_heard: false,
+        }
+    }
 }
 
 pub struct Backup {
@@ -162,6 +194,80 @@ impl Backup {
         self.cfg.root.join(vm)
     }
 
+    /// Finds the replicas a previous run of this backup left under its
+    /// root, finishes any epoch a crash left in a journal, and registers
+    /// each, so `ft status` shows it and `tandem failover` can start it
+    /// before its primary reconnects (a primary lost while this host
+    /// restarted). Call once at start, before serving connections. Returns
+    /// how many replicas were registered.
+    ///
+    /// A replica found this way is armed for a manual failover only: this
+    /// process has not heard its primary, so it cannot tell how long the
+    /// primary has been silent, or whether it ended protection (`BYE`)
+    /// while nobody listened. It arms for automatic takeover once the
+    /// primary is heard again. A replica this host took over before (its
+    /// identity's generation is past its hello's) is listed as stopped.
+    pub async fn recover_replicas(self: &Arc<Self>) -> usize {
+        if self.fault_skip_replica_scan() {
+            return 0;
+        }
+        let root = self.cfg.root.clone();
+        let found = tokio::task::spawn_blocking(move || list_replicas(&root))
+            .await
+            .unwrap_or_default();
+        let mut registered = 0;
+        for vm in found {
+            let (lock, conn_id) = {
+                let mut reps = self.replicas();
+                let r = reps.entry(vm.clone()).or_insert_with(|| Replica::new(&vm));
+                if r.active_conn {
+                    continue; // its primary got here first: it opened it
+                }
+                (r.store_lock.clone(), r.conn_id)
+            };
+            let _scanning = lock.lock_owned().await;
+            let dir = self.replica_dir(&vm);
+            let scanned = tokio::task::spawn_blocking(move || scan_replica(&dir))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            let mut reps = self.replicas();
+            let Some(r) = reps.get_mut(&vm).filter(|r| r.conn_id == conn_id) else {
+                continue;
+            };
+            registered += 1;
+            r.armed = false;
+            match scanned {
+                Ok(Scanned::TakenOver { generation }) => {
+                    r.status.state = FtState::Stopped;
+                    r.status.detail = format!(
+                        "taken over by this host before it restarted (generation {generation})"
+                    );
+                }
+                Ok(Scanned::Replica { epoch, consistent }) => {
+                    r.status.last_committed = epoch;
+                    if consistent {
+                        r.status.state = FtState::Standby;
+                        r.rearm_when_heard = true;
+                        r.status.detail = format!(
+                            "found at start at epoch {epoch}: manual failover only until the primary is heard again"
+                        );
+                    } else {
+                        r.status.state = FtState::Syncing;
+                        r.status.detail =
+                            format!("found at start at epoch {epoch}, which is not resumable");
+                    }
+                }
+                Err(e) => {
+                    r.status.state = FtState::Syncing;
+                    r.status.detail = format!("found at start, but cannot be opened: {e}");
+                }
+            }
+            info!(%vm, state = %r.status.state.as_str(), "replica found at start: {}", r.status.detail);
+        }
+        registered
+    }
+
     /// Handles one connection from a primary until it ends: hello, the
     /// replica opened and its digest sent, then epochs applied in order
     /// until the link ends; a crash report ends in a takeover.
@@ -183,7 +289,7 @@ impl Backup {
                 return;
             }
         };
-        let store = match self.open_replica(&hello, stored).await {
+        let store = match self.open_replica(&hello, stored, conn_id).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(%vm, "{e}");
@@ -238,23 +344,9 @@ impl Backup {
     fn register_conn(&self, hello: &Hello, peer: &str) -> Result<u64, Refusal> {
         let vm = hello.vm.as_str();
         let mut reps = self.replicas();
-        let r = reps.entry(vm.to_string()).or_insert_with(|| Replica {
-            status: FtStatus {
-                vm: vm.to_string(),
-                role: Some(FtRole::Backup),
-                state: FtState::Syncing,
-                tracker: "-".into(),
-                ..Default::default()
-            },
-            last_heard: Instant::now(),
-            suspected: None,
-            armed: false,
-            conn_id: 0,
-            instance: 0,
-            active_conn: false,
-            applying: false,
-            store_lock: Arc::new(tokio::sync::Mutex::new(())),
-        });
+        let r = reps
+            .entry(vm.to_string())
+            .or_insert_with(|| Replica::new(vm));
         if r.status.state.is_taken_over() {
             return Err(Refusal::Running { vm: vm.to_string() });
         }
@@ -291,6 +383,41 @@ impl Backup {
         false
     }
 
+    fn fault_open_outside_store_lock(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.open_outside_store_lock;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_keep_armed_on_apply_error(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.keep_armed_on_apply_error;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_skip_replica_scan(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.skip_replica_scan;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_resize_on_hello(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.resize_on_hello;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn store_faults(&self) -> StoreFaults {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.store;
+        #[cfg(not(feature = "fault-injection"))]
+        StoreFaults::default()
+    }
+
     /// Whether `hello` may write the replica of its VM here: its identity
     /// must be the replica's, and its generation not older. Read only: a
     /// refused hello opens no replica file for writing.
@@ -298,12 +425,26 @@ impl Backup {
         if hello.uuid.is_empty() {
             return Err(Refusal::NoIdentity);
         }
+        // Disk names become file names, sizes file lengths and sums.
+        if let Err(e) = check_layout(hello.ram_size, &hello.disks) {
+            let escapes =
+                matches!(&e, ReplicaError::Layout(why) if why.contains("not a valid disk name"));
+            if !(escapes && self.store_faults().any_disk_name) {
+                return Err(Refusal::Layout {
+                    vm: hello.vm.clone(),
+                    why: e.to_string(),
+                });
+            }
+        }
         let dir = self.replica_dir(&hello.vm);
-        let stored = tokio::task::spawn_blocking(move || read_identity(&dir))
-            .await
-            .map_err(|e| Refusal::Io(e.to_string()))?
-            .map_err(|e| Refusal::Io(e.to_string()))?;
+        let h = hello.clone();
+        let (stored, space) =
+            tokio::task::spawn_blocking(move || (read_identity(&dir), space_check(&dir, &h)))
+                .await
+                .map_err(|e| Refusal::Io(e.to_string()))?;
+        let stored = stored.map_err(|e| Refusal::Io(e.to_string()))?;
         let Some(id) = stored else {
+            space?;
             return Ok(None);
         };
         if id.uuid != hello.uuid && !self.fault_ignore_identity() {
@@ -320,38 +461,83 @@ impl Backup {
                 replica: id.generation,
             });
         }
+        space?;
         Ok(Some(id))
     }
 
-    /// Creates or opens the replica directory for `hello` (off the runtime),
-    /// and records its identity there when it is new (or newer).
+    /// Creates or opens the replica directory for `hello` (off the runtime,
+    /// under the replica's lock), finishing an epoch a crash or a failed
+    /// apply left half done, and records the hello and identity there when
+    /// they are new (or newer). A replica of another shape (the VM was
+    /// re-defined) is discarded first: it could never be resumed as the
+    /// VM now is, and resizing it under its commit would pair the commit's
+    /// device state with RAM and disks it never saw.
     async fn open_replica(
         &self,
         hello: &Hello,
         stored: Option<ReplicaIdentity>,
+        conn_id: u64,
     ) -> Result<ReplicaStore, String> {
-        let dir = self.replica_dir(&hello.vm);
-        let hello = hello.clone();
-        let opened = tokio::task::spawn_blocking(move || -> Result<ReplicaStore, String> {
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            write_hello(&dir, &hello).map_err(|e| e.to_string())?;
-            let store = ReplicaStore::open(&dir, hello.ram_size, &hello.disks)
-                .map_err(|e| e.to_string())?;
-            let id = ReplicaIdentity {
-                uuid: hello.uuid.clone(),
-                generation: hello.generation,
-            };
-            if stored.as_ref() != Some(&id) {
-                write_identity(&dir, &id).map_err(|e| format!("recording its identity: {e}"))?;
+        let vm = hello.vm.clone();
+        let superseded = || "superseded by a newer connection".to_string();
+        // The store lock keeps a superseded connection's apply (or a
+        // takeover) out while this one recovers the journal and reads the
+        // commit: two stores must never work on one replica at once.
+        let guard = if self.fault_open_outside_store_lock() {
+            None
+        } else {
+            let lock = self.begin_apply(&vm, conn_id).ok_or_else(superseded)?;
+            let guard = lock.lock_owned().await;
+            if !self.is_current(&vm, conn_id) {
+                self.end_apply(&vm, conn_id);
+                return Err(superseded());
             }
-            Ok(store)
-        })
-        .await;
-        match opened {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(format!("cannot open replica: {e}")),
-            Err(e) => Err(format!("replica task failed: {e}")),
+            Some(guard)
+        };
+        let dir = self.replica_dir(&vm);
+        let h = hello.clone();
+        let resize = self.fault_resize_on_hello();
+        let faults = self.store_faults();
+        let opened =
+            tokio::task::spawn_blocking(move || prepare_replica(&dir, &h, stored, resize, faults))
+                .await;
+        if guard.is_some() {
+            self.end_apply(&vm, conn_id);
         }
+        drop(guard);
+        let (store, fresh) = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("cannot open replica: {e}")),
+            Err(e) => return Err(format!("replica task failed: {e}")),
+        };
+        let committed = store.committed_epoch().unwrap_or(0);
+        let consistent = store.is_consistent();
+        if let Some(why) = &fresh {
+            warn!(%vm, "{why}");
+        }
+        self.update(&vm, |r| {
+            if r.conn_id != conn_id {
+                return;
+            }
+            r.status.last_committed = committed;
+            let recovered = std::mem::take(&mut r.needs_recovery);
+            if let Some(why) = fresh {
+                r.armed = false;
+                r.rearm_when_heard = false;
+                r.status.state = FtState::Syncing;
+                r.status.detail = why;
+            } else if !consistent {
+                r.armed = false;
+                r.rearm_when_heard = false;
+                r.status.state = FtState::Syncing;
+            } else if recovered {
+                // Finished from the journal: resumable again, and armed
+                // once this primary is heard.
+                r.status.state = FtState::Standby;
+                r.rearm_when_heard = true;
+            }
+        });
+        Ok(store)
     }
 
     /// What the replica RAM holds, page by page, so the primary's running
@@ -371,6 +557,11 @@ impl Backup {
             return None;
         };
         let _reading = store_lock.lock().await;
+        if !self.is_current(vm, conn_id) {
+            self.end_apply(vm, conn_id);
+            self.end_conn(vm, conn_id, false, "superseded".into());
+            return None;
+        }
         let t = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let d = store.ram_digest();
@@ -540,7 +731,32 @@ impl Backup {
         conn.store = store.into();
         if let Err(e) = res {
             warn!(%vm, epoch, "cannot commit epoch: {e}");
-            return Err(conn.resync(format!("cannot commit epoch {epoch}: {e}")));
+            let torn = conn.store.needs_recovery();
+            let mut end = conn.resync(format!("cannot commit epoch {epoch}: {e}"));
+            if !self.fault_keep_armed_on_apply_error() {
+                // Whatever failed, this replica is not known to be what it
+                // was a moment ago: no automatic takeover from it. A failure
+                // after the commit point leaves the epoch to finish from its
+                // journal, which the next open, or a takeover, does.
+                self.update(&vm, |r| {
+                    if r.conn_id != conn_id {
+                        return;
+                    }
+                    r.armed = false;
+                    r.rearm_when_heard = false;
+                    if torn {
+                        r.needs_recovery = true;
+                        r.status.state = FtState::Syncing;
+                    }
+                });
+                if torn {
+                    // The status detail (the connection's end).
+                    end.reason.push_str(
+                        "; committed but not in place: finished from its journal before any takeover",
+                    );
+                }
+            }
+            return Err(end);
         }
         let consistent = conn.store.is_consistent();
         self.update(&vm, |r| {
@@ -598,6 +814,11 @@ impl Backup {
                 if r.suspected.take().is_some() {
                     info!(%vm, "the suspected primary was heard again");
                     r.status.detail.clear();
+                }
+                if std::mem::take(&mut r.rearm_when_heard) && r.status.state == FtState::Standby {
+                    r.armed = self.cfg.auto_failover;
+                    r.status.detail.clear();
+                    info!(%vm, armed = r.armed, "the primary of a replica found at start is heard again");
                 }
             }
         }
@@ -740,7 +961,10 @@ impl Backup {
                     state: r.status.state,
                 });
             }
-            if r.status.state != FtState::Standby {
+            // A torn replica (an apply failed after its commit point) may
+            // be resumable once its journal is finished: an operator may
+            // try; the watchdog never does (it is disarmed).
+            if r.status.state != FtState::Standby && !r.needs_recovery {
                 return Err(TakeoverError::NotConsistent {
                     vm: vm.to_string(),
                     state: r.status.state,
@@ -755,11 +979,38 @@ impl Backup {
         // An apply already under way finishes first (no new one starts: the
         // connection is stale now); then the replica is the VM's alone.
         let _replica = store_lock.lock_owned().await;
-        let epoch = self
-            .replicas()
-            .get(vm)
-            .map(|r| r.status.last_committed)
-            .unwrap_or(0);
+        // The VM starts from the files, not from what this process believes
+        // of them: finish whatever the journal holds, check the commit is
+        // resumable, and write its device state out for the restore.
+        let dir = self.replica_dir(vm);
+        let skip_recovery = self.fault_keep_armed_on_apply_error();
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare_takeover(&dir, skip_recovery)).await;
+        let epoch = match prepared {
+            Ok(Ok(Some(epoch))) => epoch,
+            Ok(Ok(None)) => {
+                self.update(vm, |r| {
+                    r.needs_recovery = false;
+                    r.status.state = FtState::Syncing;
+                    r.status.detail =
+                        "takeover refused: the replica's commit has no device state".into();
+                });
+                return Err(TakeoverError::NotConsistent {
+                    vm: vm.to_string(),
+                    state: FtState::Syncing,
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(self.takeover_failed(vm, format!("preparing the replica: {e}").into()))
+            }
+            Err(e) => {
+                return Err(self.takeover_failed(vm, format!("replica task failed: {e}").into()))
+            }
+        };
+        self.update(vm, |r| {
+            r.needs_recovery = false;
+            r.status.last_committed = epoch;
+        });
         warn!(%vm, epoch, "taking over: {reason}");
         let dir = self.replica_dir(vm);
         let result = self.activate.activate(vm.to_string(), dir).await;
@@ -797,19 +1048,81 @@ impl Backup {
                 });
                 Ok(report)
             }
-            Err(e) => {
-                warn!(%vm, "takeover failed: {e}");
-                self.update(vm, |r| {
-                    r.status.state = FtState::Standby;
-                    r.status.detail = format!("takeover failed: {e}");
-                });
-                Err(TakeoverError::Activate {
-                    vm: vm.to_string(),
-                    source: e,
-                })
-            }
+            Err(e) => Err(self.takeover_failed(vm, e)),
         }
     }
+
+    /// A takeover that could not start the VM: back to standby (an
+    /// operator may retry), and why.
+    fn takeover_failed(&self, vm: &str, e: ActivateError) -> TakeoverError {
+        warn!(%vm, "takeover failed: {e}");
+        self.update(vm, |r| {
+            r.status.state = FtState::Standby;
+            r.status.detail = format!("takeover failed: {e}");
+        });
+        TakeoverError::Activate {
+            vm: vm.to_string(),
+            source: e,
+        }
+    }
+}
+
+/// What [`Backup::recover_replicas`] found in one replica directory.
+enum Scanned {
+    TakenOver { generation: u64 },
+    Replica { epoch: u64, consistent: bool },
+}
+
+/// The replica directories under `root`: a VM's name, with an identity
+/// (a directory of a version-1 backup has none, and no way to tell whose
+/// it is).
+fn list_replicas(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut vms: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|vm| valid_vm_name(vm).is_ok() && root.join(vm).join(IDENTITY_FILE).exists())
+        .collect();
+    vms.sort();
+    vms
+}
+
+/// Opens one replica found at start (finishing its journal), or tells it
+/// was taken over here.
+fn scan_replica(dir: &Path) -> Result<Scanned, String> {
+    let hello = read_hello(dir).map_err(|e| format!("reading its hello: {e}"))?;
+    let id = read_identity(dir)
+        .map_err(|e| format!("reading its identity: {e}"))?
+        .ok_or("it has no identity")?;
+    // A takeover records generation + 1; a primary's hello since then
+    // would carry it.
+    if id.generation > hello.generation {
+        return Ok(Scanned::TakenOver {
+            generation: id.generation,
+        });
+    }
+    let store = ReplicaStore::open(dir, hello.ram_size, &hello.disks).map_err(|e| e.to_string())?;
+    Ok(Scanned::Replica {
+        epoch: store.committed_epoch().unwrap_or(0),
+        consistent: store.is_consistent(),
+    })
+}
+
+/// Makes the replica in `dir` ready to run from (under its lock): opened
+/// with the sizes of its hello, which finishes a journal left by a crash
+/// or a failed apply, and its committed device state written out. The
+/// committed epoch, or `None` if it is not resumable. `skip_recovery` is
+/// the fault hook that reads the files as they are.
+fn prepare_takeover(dir: &Path, skip_recovery: bool) -> Result<Option<u64>, String> {
+    if skip_recovery {
+        return replica::export_device_state_unrecovered(dir).map_err(|e| e.to_string());
+    }
+    let hello = read_hello(dir).map_err(|e| format!("reading its hello: {e}"))?;
+    let store = ReplicaStore::open(dir, hello.ram_size, &hello.disks).map_err(|e| e.to_string())?;
+    store.export_device_state().map_err(|e| e.to_string())
 }
 
 /// VM names become directory names: keep them to a safe alphabet.
@@ -836,6 +1149,78 @@ fn write_hello(dir: &Path, hello: &Hello) -> std::io::Result<()> {
 pub fn read_hello(dir: &Path) -> std::io::Result<Hello> {
     let b = std::fs::read(dir.join("hello.json"))?;
     serde_json::from_slice(&b).map_err(std::io::Error::other)
+}
+
+/// The blocking part of [`Backup::open_replica`], under the replica's
+/// lock. Returns the store, and why the replica was started afresh when it
+/// was. With `resize` (the fault hook), a replica of another shape is
+/// resized in place as before audit M3.
+fn prepare_replica(
+    dir: &Path,
+    hello: &Hello,
+    stored: Option<ReplicaIdentity>,
+    resize: bool,
+    faults: StoreFaults,
+) -> Result<(ReplicaStore, Option<String>), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut fresh = None;
+    if !resize {
+        if let Some(why) = replica::layout_mismatch(dir, hello.ram_size, &hello.disks)
+            .map_err(|e| e.to_string())?
+        {
+            let had = replica::read_commit_record(dir).ok().flatten();
+            replica::discard(dir).map_err(|e| format!("discarding the old replica: {e}"))?;
+            if let Some(rec) = had {
+                fresh = Some(format!(
+                    "the VM was re-defined ({why}): its replica (committed epoch {}) was discarded and is copied afresh",
+                    rec.epoch
+                ));
+            }
+        }
+    }
+    // Only when it changed: every write is a window in which a crash
+    // leaves the old one, and the takeover reads it.
+    if read_hello(dir).ok().as_ref() != Some(hello) {
+        write_hello(dir, hello).map_err(|e| format!("recording its hello: {e}"))?;
+    }
+    let mut faults = faults;
+    faults.resize_committed = resize;
+    let store = ReplicaStore::open_with(dir, hello.ram_size, &hello.disks, faults)
+        .map_err(|e| e.to_string())?;
+    let id = ReplicaIdentity {
+        uuid: hello.uuid.clone(),
+        generation: hello.generation,
+    };
+    if stored.as_ref() != Some(&id) {
+        write_identity(dir, &id).map_err(|e| format!("recording its identity: {e}"))?;
+    }
+    Ok((store, fresh))
+}
+
+/// Refuses a replica the filesystem has no room for, before any of it is
+/// allocated (a half-reserved RAM file would hold the space it got). The
+/// reservation itself still fails cleanly if space runs out meanwhile.
+fn space_check(dir: &Path, hello: &Hello) -> Result<(), Refusal> {
+    let too_big = || Refusal::Layout {
+        vm: hello.vm.clone(),
+        why: "its RAM and disk sizes add up to more than 2^64 bytes".into(),
+    };
+    let needed = replica::space_needed(dir, hello.ram_size, &hello.disks).ok_or_else(too_big)?;
+    if needed == 0 {
+        return Ok(());
+    }
+    match replica::free_space(dir) {
+        Ok(free) if needed > free => Err(Refusal::NoSpace {
+            vm: hello.vm.clone(),
+            needed,
+            free,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(vm = %hello.vm, "cannot tell the free space for the replica: {e}");
+            Ok(())
+        }
+    }
 }
 
 /// One primary's connection, as the epoch loop of [`Backup::serve`] holds it.
@@ -970,12 +1355,10 @@ async fn read_hello_frame<R: tokio::io::AsyncRead + Unpin, W: tokio::io::AsyncWr
 /// An epoch carries at most every disk once over (a resync), plus the
 /// log's per-record overhead.
 fn disk_limit(hello: &Hello) -> u64 {
-    hello
-        .disks
-        .iter()
-        .map(|d| d.size.saturating_mul(2))
-        .sum::<u64>()
-        + (1 << 20)
+    // Sizes come from the peer: saturate rather than wrap (or panic).
+    hello.disks.iter().fold(1 << 20, |sum: u64, d| {
+        sum.saturating_add(d.size.saturating_mul(2))
+    })
 }
 
 /// Frames the reader may queue ahead of the apply.
@@ -1060,6 +1443,10 @@ pub enum Refusal {
     SecondPrimary { vm: String, peer: String },
     #[error("this host already runs `{vm}`")]
     Running { vm: String },
+    #[error("the primary's replica of `{vm}` cannot be laid out here: {why}")]
+    Layout { vm: String, why: String },
+    #[error("No space left on device for the replica of `{vm}`: it needs {needed} more bytes, the backup has {free} free")]
+    NoSpace { vm: String, needed: u64, free: u64 },
     #[error("reading the replica's identity: {0}")]
     Io(String),
 }
@@ -1102,4 +1489,46 @@ pub struct BackupFaults {
     /// Let a second primary instance supersede a live one (the version-1
     /// behaviour).
     pub allow_second_primary: bool,
+    /// Open and recover a new connection's replica without its lock, while
+    /// a superseded connection may still be applying (before audit H4).
+    pub open_outside_store_lock: bool,
+    /// A failed apply leaves the replica armed and in standby, and a
+    /// takeover starts the VM from the files without finishing a journal
+    /// first (before audit H5).
+    pub keep_armed_on_apply_error: bool,
+    /// Resize an existing replica to a hello's sizes instead of checking
+    /// them against it (before audit M3).
+    pub resize_on_hello: bool,
+    /// Leave the replica root unscanned at start: replicas are known only
+    /// once their primary reconnects (before audit M2).
+    pub skip_replica_scan: bool,
+    /// Hooks of every replica store a connection opens.
+    pub store: StoreFaults,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_limit_saturates_on_sizes_from_the_peer() {
+        let mut hello = Hello {
+            vm: "vm".into(),
+            uuid: "u".into(),
+            generation: 0,
+            instance: 0,
+            ram_size: 0,
+            page_size: PAGE_SIZE as u64,
+            spec_toml: String::new(),
+            disks: vec![],
+        };
+        assert_eq!(disk_limit(&hello), 1 << 20);
+        hello.disks = ["a", "b"]
+            .map(|name| wire::HelloDisk {
+                name: name.into(),
+                size: u64::MAX / 2,
+            })
+            .to_vec();
+        assert_eq!(disk_limit(&hello), u64::MAX);
+    }
 }

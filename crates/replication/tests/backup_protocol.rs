@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_replication::assembler::EpochBuilder;
-use tandem_replication::backup::{read_identity, Activate, ActivateError, Backup, BackupConfig};
+use tandem_replication::backup::{
+    read_identity, Activate, ActivateError, Backup, BackupConfig, TakeoverError,
+};
 use tandem_replication::link::{self, Endpoint, Listener};
-use tandem_replication::replica::{ReplicaStore, RAM_FILE};
+use tandem_replication::replica::{
+    FailPoint, ReplicaStore, StoreFaults, DEVICE_STATE_FILE, RAM_FILE,
+};
 use tandem_replication::wire::{self, Frame, FrameKind, Hello, HelloDisk, PAGE_SIZE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -96,6 +100,8 @@ async fn rig_at(
     let mut cfg = BackupConfig::new(root.clone());
     set(&mut cfg);
     let backup = Backup::new(cfg, activate);
+    // As tandemd does at start, before it listens.
+    backup.recover_replicas().await;
     let ep = Endpoint::Unix(tmp.path().join("repl.sock"));
     let listener = Listener::bind(&ep).await.unwrap();
     let b = backup.clone();
@@ -130,21 +136,14 @@ impl Conn {
     /// Connects as the primary `who`; `Err` with the backup's reason when
     /// the hello is refused.
     async fn open_as(ep: &Endpoint, who: &Primary) -> Result<(Conn, u64, Vec<u64>), String> {
+        Conn::open_hello(ep, &hello_of(who)).await
+    }
+
+    /// Connects with `hello`; `Err` with the backup's reason when it is
+    /// refused.
+    async fn open_hello(ep: &Endpoint, hello: &Hello) -> Result<(Conn, u64, Vec<u64>), String> {
         let mut s = link::connect(ep).await.unwrap();
-        let hello = Hello {
-            vm: "vm1".into(),
-            uuid: who.uuid.into(),
-            generation: who.generation,
-            instance: who.instance,
-            ram_size: RAM,
-            page_size: PAGE_SIZE as u64,
-            spec_toml: "name = \"vm1\"".into(),
-            disks: vec![HelloDisk {
-                name: "data".into(),
-                size: 1 << 20,
-            }],
-        };
-        let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(&hello).unwrap());
+        let f = Frame::new(FrameKind::Hello, 0, 0, serde_json::to_vec(hello).unwrap());
         s.write_all(&f.encode()).await.unwrap();
         let mut c = Conn { s };
         let answer = tokio::time::timeout(Duration::from_secs(5), c.next_any())
@@ -208,6 +207,23 @@ impl Conn {
             assert_eq!(f.kind, kind, "unexpected {f:?}");
             return Some(f);
         }
+    }
+}
+
+/// The hello of vm1 (64 pages of RAM, a 1 MiB disk `data`) from `who`.
+fn hello_of(who: &Primary) -> Hello {
+    Hello {
+        vm: "vm1".into(),
+        uuid: who.uuid.into(),
+        generation: who.generation,
+        instance: who.instance,
+        ram_size: RAM,
+        page_size: PAGE_SIZE as u64,
+        spec_toml: "name = \"vm1\"".into(),
+        disks: vec![HelloDisk {
+            name: "data".into(),
+            size: 1 << 20,
+        }],
     }
 }
 
@@ -696,4 +712,503 @@ async fn a_primary_of_the_previous_protocol_is_told_both_versions() {
         "{why}"
     );
     assert!(!r.root.join("vm1").exists(), "nothing was created for it");
+}
+
+// ------------------------------------------------- the replica store's driving
+
+/// What a takeover resumed: the bytes of RAM pages 1, 7 and 63 and the
+/// device state, as the replica directory held them when the VM started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resumed {
+    pages: [u8; 3],
+    state: Vec<u8>,
+}
+
+/// A takeover that starts nothing but records what it would resume.
+#[derive(Default, Clone)]
+struct Recorder(Arc<std::sync::Mutex<Vec<Resumed>>>);
+
+impl Recorder {
+    fn resumed(&self) -> Vec<Resumed> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Activate for Recorder {
+    fn activate(
+        &self,
+        _vm: String,
+        dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>
+    {
+        let me = self.clone();
+        Box::pin(async move {
+            let ram = std::fs::read(dir.join(RAM_FILE))?;
+            let state = std::fs::read(dir.join(DEVICE_STATE_FILE))?;
+            let pages = [1, 7, 63].map(|p: usize| ram[p * PAGE_SIZE]);
+            me.0.lock().unwrap().push(Resumed { pages, state });
+            Ok(())
+        })
+    }
+}
+
+/// Short timeouts for the tests that wait for (or out) a takeover.
+fn quick(cfg: &mut BackupConfig) {
+    cfg.auto_failover = true;
+    cfg.heartbeat = Duration::from_millis(50);
+    cfg.suspect_after = Duration::from_millis(200);
+    cfg.takeover_timeout = Duration::from_millis(500);
+}
+
+fn data_disk() -> Vec<HelloDisk> {
+    vec![HelloDisk {
+        name: "data".into(),
+        size: 1 << 20,
+    }]
+}
+
+/// The replica of vm1 in `root`, reopened (which finishes a journal):
+/// committed epoch, pages 1, 7, 63, device state.
+fn reopened(root: &std::path::Path) -> (Option<u64>, [u8; 3], Option<Vec<u8>>) {
+    let s = ReplicaStore::open(&root.join("vm1"), RAM, &data_disk()).unwrap();
+    let pages = [1, 7, 63].map(|p| ram_page(root, p));
+    (s.committed_epoch(), pages, s.read_device_state().unwrap())
+}
+
+/// Connection A's apply of epoch 2 stalls just before its commit point
+/// (journal durable, marker not yet), then crashes after writing one RAM
+/// page in place; meanwhile its primary reconnects as B. Returns B's base
+/// and the replica as reopened afterwards.
+async fn reconnect_during_an_apply(
+    open_outside_lock: bool,
+) -> (u64, (Option<u64>, [u8; 3], Option<Vec<u8>>)) {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.open_outside_store_lock = open_outside_lock;
+        cfg.faults.store = StoreFaults {
+            fail: FailPoint::MidApply,
+            epoch: 2,
+            stall_before_commit_point: Some(Duration::from_millis(800)),
+            ..StoreFaults::default()
+        };
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    a.send(&epoch(2, 0x22)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (b, base) = Conn::open(&r.ep).await;
+    drop(a);
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    (base, reopened(&r.root))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_waits_for_the_apply_under_way_and_finishes_its_journal() {
+    let (base, (committed, pages, state)) = reconnect_during_an_apply(false).await;
+    // B opened only once A's apply had ended, and finished epoch 2 from
+    // its journal (committed before A's crash).
+    assert_eq!(base, 2);
+    assert_eq!(committed, Some(2));
+    assert_eq!(pages, [0x22; 3]);
+    assert_eq!(state.as_deref(), Some(&b"state-2"[..]));
+}
+
+/// The same without the store lock around the new connection's open (the
+/// behaviour before audit H4): its recovery discards A's journal, A then
+/// reaches its commit point and crashes half-applied, and the replica says
+/// epoch 1 over RAM that is partly epoch 2's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_store_lock_a_reconnect_leaves_a_torn_replica() {
+    let (base, (committed, pages, state)) = reconnect_during_an_apply(true).await;
+    assert_eq!(base, 1);
+    assert_eq!(committed, Some(1));
+    assert_eq!(
+        pages,
+        [0x22, 0x11, 0x11],
+        "epoch 2's RAM under epoch 1's commit"
+    );
+    assert_eq!(state.as_deref(), Some(&b"state-1"[..]));
+}
+
+/// Epoch 1 commits; epoch 2's device state needs room the disk does not
+/// have. Then the primary goes silent. Returns the RESYNC reason, what
+/// was resumed automatically, and the backup's status after the wait.
+async fn full_disk_at_the_device_state(
+    layout_1: bool,
+) -> (String, Recorder, Rig, tandem_api::FtStatus) {
+    let rec = Recorder::default();
+    let r = rig_configured(Arc::new(rec.clone()), |cfg| {
+        quick(cfg);
+        cfg.faults.keep_armed_on_apply_error = layout_1;
+        cfg.faults.store = StoreFaults {
+            fail: FailPoint::NoSpaceForDeviceState,
+            epoch: 2,
+            allocate_after_commit_point: layout_1,
+            ..StoreFaults::default()
+        };
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    a.send(&epoch(2, 0x22)).await;
+    let why = a.next(FrameKind::Resync).await.unwrap().reason();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = r.backup.status().remove(0);
+    (why, rec, r, st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_the_device_state_rejects_the_epoch_and_disarms() {
+    let (why, rec, r, st) = full_disk_at_the_device_state(false).await;
+    assert!(why.contains("No space left"), "{why}");
+    // Rejected before its commit point: epoch 1 stands, whole, and is
+    // still resumable by hand; but no automatic takeover followed.
+    assert!(rec.resumed().is_empty(), "taken over from a failed apply");
+    assert_eq!(st.state, "standby", "{st:?}");
+    assert!(st.detail.contains("cannot commit epoch 2"), "{st:?}");
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 1);
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x11; 3],
+            state: b"state-1".to_vec()
+        }]
+    );
+}
+
+/// The same with layout 1's order (device state allocated after the
+/// commit point), a replica left armed after the failure and a takeover
+/// that does not recover first: the VM is resumed from epoch 2's RAM under
+/// epoch 1's device state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocating_after_the_commit_point_resumes_a_torn_replica() {
+    let (why, rec, _r, st) = full_disk_at_the_device_state(true).await;
+    assert!(why.contains("No space left"), "{why}");
+    assert_eq!(st.state, "failed-over", "{st:?}");
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x22; 3],
+            state: b"state-1".to_vec()
+        }]
+    );
+}
+
+/// Epoch 2's apply fails after its commit point, one RAM page in place
+/// (an I/O error, say). Then the primary goes silent.
+async fn apply_fails_after_the_commit_point(
+    keep_armed: bool,
+) -> (Recorder, Rig, tandem_api::FtStatus) {
+    let rec = Recorder::default();
+    let r = rig_configured(Arc::new(rec.clone()), |cfg| {
+        quick(cfg);
+        cfg.faults.keep_armed_on_apply_error = keep_armed;
+        cfg.faults.store = StoreFaults {
+            fail: FailPoint::MidApply,
+            epoch: 2,
+            ..StoreFaults::default()
+        };
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    a.send(&epoch(2, 0x22)).await;
+    assert!(a.next(FrameKind::Resync).await.is_some());
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let st = r.backup.status().remove(0);
+    (rec, r, st)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_apply_disarms_and_a_takeover_finishes_the_epoch_first() {
+    let (rec, r, st) = apply_fails_after_the_commit_point(false).await;
+    assert!(rec.resumed().is_empty(), "taken over from a torn replica");
+    assert_eq!(st.state, "syncing", "{st:?}");
+    assert!(st.detail.contains("journal"), "{st:?}");
+    // By hand: epoch 2 is finished from its journal, then resumed whole.
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 2);
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x22; 3],
+            state: b"state-2".to_vec()
+        }]
+    );
+}
+
+/// The same with the replica left armed and no recovery before the
+/// takeover (before audit H5): the watchdog resumes the torn files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_disarm_and_recovery_a_failed_apply_is_resumed_torn() {
+    let (rec, _r, st) = apply_fails_after_the_commit_point(true).await;
+    assert_eq!(st.state, "failed-over", "{st:?}");
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x22, 0x11, 0x11],
+            state: b"state-1".to_vec()
+        }]
+    );
+}
+
+/// vm1 commits epoch 1, and epoch 2 up to its commit point (the backup
+/// "crashes" there); then the backup restarts on the same directory, and
+/// its primary never comes back. Returns the restarted backup.
+async fn restart_after_a_crash(skip_scan: bool, rec: Recorder) -> Rig {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.store = StoreFaults {
+            fail: FailPoint::AfterCommitPoint,
+            epoch: 2,
+            ..StoreFaults::default()
+        };
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    a.send(&epoch(2, 0x22)).await;
+    assert!(a.next(FrameKind::Resync).await.is_some());
+    drop(a);
+    let root = r.root.clone();
+    // The test's temp dir lives as long as the first rig: keep it.
+    std::mem::forget(r);
+    rig_at(Some(root), Arc::new(rec), |cfg| {
+        quick(cfg);
+        cfg.faults.skip_replica_scan = skip_scan;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_backup_knows_its_replicas_and_fails_over_by_hand() {
+    let rec = Recorder::default();
+    let r = restart_after_a_crash(false, rec.clone()).await;
+    let st = r.backup.status();
+    assert_eq!(st.len(), 1, "{st:?}");
+    assert_eq!(st[0].state, "standby", "{st:?}");
+    assert_eq!(st[0].last_committed, 2, "the journal was finished at start");
+    assert!(st[0].detail.contains("manual failover only"), "{st:?}");
+    // Not armed: a primary this process never heard is not taken over
+    // automatically, however long it stays silent.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(rec.resumed().is_empty());
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 2);
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x22; 3],
+            state: b"state-2".to_vec()
+        }]
+    );
+}
+
+/// Without the scan at start (before audit M2) the restarted backup knows
+/// nothing of the replica until its primary reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_scan_a_restarted_backup_cannot_fail_over() {
+    let rec = Recorder::default();
+    let r = restart_after_a_crash(true, rec.clone()).await;
+    assert!(r.backup.status().is_empty());
+    let err = r.backup.failover("vm1", Duration::ZERO, "test").await;
+    assert!(matches!(err, Err(TakeoverError::NoReplica(_))), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_found_at_start_is_armed_once_its_primary_is_heard() {
+    let r = rig().await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rec = Recorder::default();
+    let restarted = rig_at(Some(r.root.clone()), Arc::new(rec.clone()), quick).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        rec.resumed().is_empty(),
+        "armed before the primary was heard"
+    );
+    // The primary reconnects, says one heartbeat, and falls silent.
+    let (mut b, base) = Conn::open(&restarted.ep).await;
+    assert_eq!(base, 1);
+    b.send(&[Frame::new(FrameKind::Heartbeat, 1, 0, vec![])])
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while rec.resumed().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        rec.resumed(),
+        [Resumed {
+            pages: [0x11; 3],
+            state: b"state-1".to_vec()
+        }]
+    );
+}
+
+/// vm1 commits epoch 1 (standby); then its primary says hello with twice
+/// the RAM (the VM was re-defined). Returns the answer and what the
+/// backup holds then.
+async fn redefined_vm(resize: bool) -> (u64, tandem_api::FtStatus, u64, bool) {
+    let r = rig_configured(Arc::new(NoopActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.resize_on_hello = resize;
+    })
+    .await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x11)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut hello = hello_of(&PRIMARY);
+    hello.ram_size = 2 * RAM;
+    let (_b, base, _) = Conn::open_hello(&r.ep, &hello).await.unwrap();
+    let st = r.backup.status().remove(0);
+    let ram = std::fs::metadata(r.root.join("vm1").join(RAM_FILE))
+        .unwrap()
+        .len();
+    let resumable = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .is_ok();
+    (base, st, ram, resumable)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redefined_vm_gets_a_fresh_replica_not_a_resized_armed_one() {
+    let (base, st, ram, resumable) = redefined_vm(false).await;
+    assert_eq!(base, 0, "started afresh");
+    assert_eq!(st.state, "syncing", "{st:?}");
+    assert!(st.detail.contains("re-defined"), "{st:?}");
+    assert_eq!(ram, 2 * RAM);
+    assert!(!resumable, "a fresh replica is not resumable");
+}
+
+/// The same with the replica resized in place (before audit M3): it stays
+/// in standby at epoch 1, and a takeover would resume epoch 1's device
+/// state over RAM of another size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resizing_on_hello_keeps_an_armed_replica_that_no_longer_fits() {
+    let (base, st, ram, resumable) = redefined_vm(true).await;
+    assert_eq!(base, 1);
+    assert_eq!(st.state, "standby", "{st:?}");
+    assert_eq!(ram, 2 * RAM);
+    assert!(resumable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_hello_is_not_written_again() {
+    use std::os::unix::fs::MetadataExt;
+    let r = rig().await;
+    let (a, _) = Conn::open(&r.ep).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let inode = |f: &str| std::fs::metadata(r.root.join("vm1").join(f)).unwrap().ino();
+    let before = (inode("hello.json"), inode("identity.json"));
+    let (_a, _) = Conn::open(&r.ep).await;
+    assert_eq!((inode("hello.json"), inode("identity.json")), before);
+    // A changed one is.
+    let mut hello = hello_of(&PRIMARY);
+    hello.spec_toml = "name = \"vm1\"\nvcpus = 2".into();
+    drop(_a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _b = Conn::open_hello(&r.ep, &hello).await.unwrap();
+    assert_ne!(inode("hello.json"), before.0);
+}
+
+/// A hello whose disk name climbs out of the replica directory (a
+/// `disk-..` directory there makes the path resolve). Returns the answer
+/// and whether a file appeared in the replica root, outside any replica.
+async fn disk_name_escape(any_name: bool) -> (Result<u64, String>, bool) {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| {
+        cfg.auto_failover = false;
+        cfg.faults.store.any_disk_name = any_name;
+    })
+    .await;
+    std::fs::create_dir_all(r.root.join("vm1").join("disk-..")).unwrap();
+    let mut hello = hello_of(&PRIMARY);
+    hello.disks = vec![HelloDisk {
+        name: "../../../escape".into(),
+        size: 4096,
+    }];
+    let answer = Conn::open_hello(&r.ep, &hello)
+        .await
+        .map(|(_, base, _)| base);
+    (answer, r.root.join("escape.raw").exists())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_name_that_is_not_a_file_name_is_refused() {
+    let (answer, escaped) = disk_name_escape(false).await;
+    let why = answer.expect_err("refused");
+    assert!(why.contains("not a valid disk name"), "{why}");
+    assert!(!escaped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_check_a_disk_name_escapes_the_replica() {
+    let (answer, escaped) = disk_name_escape(true).await;
+    assert_eq!(answer, Ok(0));
+    assert!(escaped, "no file outside the replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_larger_than_the_free_space_is_refused_before_anything_is_created() {
+    let r = rig().await;
+    let mut hello = hello_of(&PRIMARY);
+    hello.ram_size = 1 << 50;
+    let why = Conn::open_hello(&r.ep, &hello)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        why.contains("No space left on device") && why.contains("needs"),
+        "{why}"
+    );
+    assert!(!r.root.join("vm1").join(RAM_FILE).exists());
+    // Sizes that overflow any sum are refused too, not wrapped.
+    hello.ram_size = RAM;
+    hello.disks = vec![
+        HelloDisk {
+            name: "a".into(),
+            size: i64::MAX as u64,
+        },
+        HelloDisk {
+            name: "b".into(),
+            size: i64::MAX as u64,
+        },
+        HelloDisk {
+            name: "c".into(),
+            size: i64::MAX as u64,
+        },
+    ];
+    let why = Conn::open_hello(&r.ep, &hello)
+        .await
+        .err()
+        .expect("refused");
+    assert!(why.contains("2^64"), "{why}");
 }
