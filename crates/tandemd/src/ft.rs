@@ -308,6 +308,12 @@ impl Ft {
                 ft_root: settings.replica_root.with_file_name("ft"),
             }),
         );
+        // Before the listener: a replica is known (and a manual failover
+        // possible) whether or not its primary comes back.
+        let found = backup.recover_replicas().await;
+        if found > 0 {
+            info!(replicas = found, "replicas found from before this start");
+        }
         if let Some(ep) = &settings.listen {
             let listener = Listener::bind(ep).await?;
             info!(endpoint = %ep, "accepting replication streams");
