@@ -321,6 +321,12 @@ impl Backup {
         };
         let ended = self.receive_epochs(frames, &mut conn, base).await;
         reader.abort();
+        if ended.bye {
+            // Disarmed before the primary hears it: from the ack on, its
+            // guest may run on without a fence.
+            self.end_conn(&vm, conn_id, true, ended.reason.clone());
+            let _ = conn.out.send(Frame::new(FrameKind::ByeAck, 0, 0, vec![]));
+        }
         drop(conn.out);
         let mut writer = writer;
         if tokio::time::timeout(Duration::from_secs(1), &mut writer)
@@ -374,6 +380,17 @@ impl Backup {
         return self.cfg.faults.ignore_identity;
         #[cfg(not(feature = "fault-injection"))]
         false
+    }
+
+    /// The silence after which the watchdog takes over: the takeover
+    /// timeout, or (the fault hook) as soon as the primary is suspected,
+    /// without waiting for its fence.
+    fn takeover_after(&self) -> Duration {
+        #[cfg(feature = "fault-injection")]
+        if self.cfg.faults.take_over_on_suspicion {
+            return self.cfg.suspect_after;
+        }
+        self.cfg.takeover_timeout
     }
 
     fn fault_second_primary(&self) -> bool {
@@ -898,14 +915,14 @@ impl Backup {
                     );
                     warn!(%vm, silence_ms = silence.as_millis() as u64, "primary suspected");
                 }
-                if silence >= self.cfg.takeover_timeout {
+                if silence >= self.takeover_after() {
                     due.push((vm.clone(), silence));
                 }
             }
             for (vm, silent) in due {
                 let b = self.clone();
                 let reason = format!("no word from the primary for {silent:?}");
-                let quiet = self.cfg.takeover_timeout;
+                let quiet = self.takeover_after();
                 tokio::spawn(async move {
                     let _ = b.take_over(&vm, silent, &reason, Some(quiet)).await;
                 });
@@ -1489,6 +1506,9 @@ pub struct BackupFaults {
     /// Let a second primary instance supersede a live one (the version-1
     /// behaviour).
     pub allow_second_primary: bool,
+    /// Take over as soon as the primary is suspected (its fencing
+    /// timeout), without waiting for the margin that lets its fence land.
+    pub take_over_on_suspicion: bool,
     /// Open and recover a new connection's replica without its lock, while
     /// a superseded connection may still be applying (before audit H4).
     pub open_outside_store_lock: bool,

@@ -17,6 +17,8 @@ pub mod link;
 pub mod primary;
 pub mod ram;
 pub mod replica;
+#[cfg(test)]
+mod sim;
 pub mod stats;
 pub mod tracker;
 pub mod wire;

@@ -48,7 +48,9 @@ pub enum FrameKind {
     EpochEnd = 5,
     /// Backup → primary: the epoch is applied and durable.
     Committed = 6,
-    /// Either way: liveness; payload is the sender's monotonic time in ms.
+    /// Either way: liveness. From the primary, the epoch field is its stamp
+    /// (ms since the session's hello); from the backup, the newest primary
+    /// stamp it has read (the echo the primary's fence depends on).
     Heartbeat = 7,
     /// Backup → primary: discard what is in flight and resend from the
     /// epoch after the one named (the last committed).
@@ -66,6 +68,10 @@ pub enum FrameKind {
     /// replica RAM's per-page hashes ([`ReplicaDigest`]), so the running
     /// copy sends only pages that differ.
     ReplicaDigest = 12,
+    /// Backup → primary: the `Bye` is recorded and the replica disarmed,
+    /// so the primary's guest may run on unprotected (without it, a
+    /// primary that ends protection keeps its guest fenced).
+    ByeAck = 13,
 }
 
 impl FrameKind {
@@ -83,6 +89,7 @@ impl FrameKind {
             10 => FrameKind::Bye,
             11 => FrameKind::GuestLost,
             12 => FrameKind::ReplicaDigest,
+            13 => FrameKind::ByeAck,
             _ => return None,
         })
     }

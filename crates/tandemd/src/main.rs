@@ -221,12 +221,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    if args.ft_takeover_timeout_ms < args.ft_fence_timeout_ms + 2 * args.ft_heartbeat_ms {
+    let min_takeover = tandem_replication::primary::min_takeover_timeout(
+        Duration::from_millis(args.ft_fence_timeout_ms),
+        Duration::from_millis(args.ft_heartbeat_ms),
+    );
+    if Duration::from_millis(args.ft_takeover_timeout_ms) < min_takeover {
         bail!(
-            "--ft-takeover-timeout-ms ({}) must exceed --ft-fence-timeout-ms ({}) by two heartbeats ({} ms): \
-             otherwise a partition could leave the VM running on both hosts",
+            "--ft-takeover-timeout-ms ({}) must be at least {} ms: the fencing timeout ({} ms), \
+             the shim lease's grace and poll ({} ms) and two heartbeats ({} ms); \
+             otherwise a partition, or a primary whose tandemd died, could leave the VM running on both hosts",
             args.ft_takeover_timeout_ms,
+            min_takeover.as_millis(),
             args.ft_fence_timeout_ms,
+            (min_takeover.as_millis() as u64)
+                .saturating_sub(args.ft_fence_timeout_ms + 2 * args.ft_heartbeat_ms),
             2 * args.ft_heartbeat_ms
         );
     }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_api::{FtState, FtStatus};
-use tokio::sync::watch;
 use tracing::warn;
 
 use super::guest::Guest;
@@ -120,7 +119,7 @@ impl Contact {
 
     /// Arms → fenced (the guest is about to be paused). Returns whether
     /// the caller must now pause it.
-    fn begin_fence(&self) -> bool {
+    pub(crate) fn begin_fence(&self) -> bool {
         let mut f = self.fence.lock();
         let begin = *f == Fence::Armed;
         if begin {
@@ -129,7 +128,7 @@ impl Contact {
         begin
     }
 
-    fn fenced(&self, outcome: Fence) {
+    pub(crate) fn fenced(&self, outcome: Fence) {
         *self.fence.lock() = outcome;
     }
 
@@ -152,7 +151,20 @@ impl Contact {
 /// Extra time the shim's lease allows beyond the engine's own fencing, so
 /// the clean path (QMP stop) normally wins and the shim's SIGSTOP is only
 /// the backstop for a dead or stuck tandemd.
-pub(crate) const LEASE_GRACE: Duration = Duration::from_millis(200);
+pub const LEASE_GRACE: Duration = Duration::from_millis(200);
+
+/// How often the shim reads its lease (`tandem_supervisor::shim`).
+const SHIM_POLL: Duration = Duration::from_millis(20);
+
+/// The shortest takeover timeout that is safe with these primary
+/// settings. When tandemd itself dies, only the shim's lease stops the
+/// guest: at the fencing timeout plus [`LEASE_GRACE`], seen within one
+/// shim poll; two heartbeats more cover the stamp the backup last echoed
+/// being older than the last frame it read. (The simulation found a
+/// takeover at fence + 2 heartbeats racing a dead tandemd's lease.)
+pub fn min_takeover_timeout(fence_timeout: Duration, heartbeat: Duration) -> Duration {
+    fence_timeout + LEASE_GRACE + SHIM_POLL + heartbeat * 2
+}
 
 /// How often the watchdog looks. The lease is rewritten only when contact
 /// moved it by more than this, so a healthy link costs a few small writes
@@ -167,15 +179,13 @@ pub(crate) async fn fence_watchdog<G: Guest>(
     contact: Arc<Contact>,
     timeout: Duration,
     status: Arc<Mutex<FtStatus>>,
-    stop: watch::Receiver<bool>,
 ) {
+    // It runs until the engine ends, also while protection is ending: the
+    // guest may run on unfenced only once the backup has confirmed `Bye`.
     let mut tick = tokio::time::interval(TICK);
     let mut lease_written: Option<u64> = None;
     loop {
         tick.tick().await;
-        if *stop.borrow() {
-            return;
-        }
         match contact.fence() {
             Fence::Fenced { .. } | Fence::Frozen => {
                 // Until the engine lifts the fence (or for good).

@@ -41,6 +41,7 @@ use crate::tracker::{self, TrackerChoice, TrackerContext};
 use crate::wire::PAGE_SIZE;
 use crate::{DiskSource, EpochObserver};
 use fence::{fence_watchdog, Contact};
+pub use fence::{min_takeover_timeout, LEASE_GRACE};
 use io::AbortOnDrop;
 
 #[derive(Clone)]
@@ -87,6 +88,10 @@ pub struct PrimaryFaults {
     /// version-2 behaviour): an asymmetric partition that leaves the
     /// backup→primary direction open keeps the primary from fencing.
     pub one_way_liveness: bool,
+    /// Protection ends and the guest runs on without the backup having
+    /// confirmed `Bye` (the version-2 behaviour): an unprotect during a
+    /// partition leaves the guest running while the backup takes over.
+    pub unconfirmed_bye: bool,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -192,6 +197,14 @@ impl Primary {
         self.task.is_finished()
     }
 
+    /// Ends the protection as a crash of tandemd would: every task stops
+    /// at once, nothing is said to the backup, and the guest is left under
+    /// whatever lease it had (the simulation's primary-host crash).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
     /// Ends protection: tells the backup (so it does not take over) and
     /// waits for the loop to finish.
     pub async fn stop(self) {
@@ -244,7 +257,10 @@ fn new_instance() -> u64 {
 
 /// How one connection ended.
 enum Ended {
-    Stopped,
+    /// Protection ends; whether the backup confirmed `Bye`.
+    Stopped {
+        bye_confirmed: bool,
+    },
     Fenced,
     Lost(String),
     GuestGone,
@@ -254,6 +270,13 @@ impl<G: Guest> Engine<G> {
     fn heartbeats_only_when_idle(&self) -> bool {
         #[cfg(feature = "fault-injection")]
         return self.cfg.faults.heartbeats_only_when_idle;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_unconfirmed_bye(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.unconfirmed_bye;
         #[cfg(not(feature = "fault-injection"))]
         false
     }
@@ -307,9 +330,10 @@ impl<G: Guest> Engine<G> {
             contact.clone(),
             self.cfg.fence_timeout,
             self.status.clone(),
-            self.stop.clone(),
         ));
         let _watchdog = AbortOnDrop(watchdog);
+        // Whether the backup confirmed `Bye` on the way out.
+        let mut confirmed = false;
         loop {
             if *self.stop.borrow() {
                 break;
@@ -319,7 +343,10 @@ impl<G: Guest> Engine<G> {
                 Err(e) => Ended::Lost(format!("cannot reach the backup {}: {e}", self.cfg.backup)),
             };
             match ended {
-                Ended::Stopped => break,
+                Ended::Stopped { bye_confirmed } => {
+                    confirmed = bye_confirmed;
+                    break;
+                }
                 Ended::GuestGone => {
                     if let Some(o) = &self.cfg.observer {
                         o.abandoned();
@@ -333,12 +360,12 @@ impl<G: Guest> Engine<G> {
                 }
                 Ended::Fenced => {
                     if !self.after_fence(&contact).await {
-                        return;
+                        break;
                     }
                 }
                 Ended::Lost(_) if contact.is_fenced() => {
                     if !self.after_fence(&contact).await {
-                        return;
+                        break;
                     }
                 }
                 Ended::Lost(why) => {
@@ -363,14 +390,96 @@ impl<G: Guest> Engine<G> {
                 }
             }
         }
-        self.port.clear_lease();
-        if let Some(o) = &self.cfg.observer {
-            o.ended();
+        self.end_protection(confirmed, &contact).await;
+    }
+
+    /// Protection ends (asked to, or tandemd is going away). The guest may
+    /// run on unprotected only if the backup cannot resume it: it has
+    /// confirmed `Bye` (and disarmed), or it never held anything
+    /// resumable. Otherwise the guest stays fenced, as it would for a
+    /// silent backup, and its held output is dropped: the backup may take
+    /// over from the last commit. (Releasing the guest unconfirmed was a
+    /// split brain the simulation found: an unprotect during a partition,
+    /// then the backup's takeover.)
+    async fn end_protection(&mut self, confirmed: bool, contact: &Arc<Contact>) {
+        let confirmed =
+            confirmed || self.fault_unconfirmed_bye() || self.confirm_bye(contact).await;
+        if confirmed {
+            if contact.fence() == (fence::Fence::Fenced { paused: true }) {
+                if let Err(e) = self.port.unfence().await {
+                    warn!(vm = %self.port.name(), "resuming the guest after protection ended: {e}");
+                }
+            }
+            contact.disarm();
+            self.port.clear_lease();
+            if let Some(o) = &self.cfg.observer {
+                o.ended();
+            }
+            self.set(|s| {
+                s.state = FtState::Stopped;
+                s.detail = "protection ended".into();
+            });
+            return;
         }
+        if let Some(o) = &self.cfg.observer {
+            o.abandoned();
+        }
+        if matches!(contact.fence(), fence::Fence::Fenced { .. }) {
+            // Paused through QMP: the shim's lease is not needed for it.
+            self.port.clear_lease();
+        }
+        let why = self
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no answer".into());
+        warn!(vm = %self.port.name(), "protection ended without the backup's confirmation ({why}); the guest stays fenced");
         self.set(|s| {
             s.state = FtState::Stopped;
-            s.detail = "protection ended".into();
+            s.detail = format!(
+                "protection ended, but the backup did not confirm it ({why}) and may take over: the guest stays paused; resume it (`tandem vm resume {name}`) only once it does not run on the backup",
+                name = self.port.name()
+            );
         });
+    }
+
+    /// Tells the backup that protection ends, over a connection of its
+    /// own, until it confirms or the guest is fenced (the watchdog fences
+    /// a backup that stays silent, as during protection).
+    async fn confirm_bye(&mut self, contact: &Arc<Contact>) -> bool {
+        if contact.fence() == fence::Fence::Disarmed {
+            // Nothing the backup holds is resumable.
+            return true;
+        }
+        let give_up = Instant::now() + self.cfg.fence_timeout * 4;
+        loop {
+            if contact.fence() == fence::Fence::Frozen {
+                return false;
+            }
+            match tokio::time::timeout(self.cfg.fence_timeout, self.cfg.backup.connect()).await {
+                Ok(Ok(conn)) => match self.say_bye(conn, contact).await {
+                    Ok(()) => return true,
+                    Err(why) => self.last_error = Some(why),
+                },
+                Ok(Err(e)) => self.last_error = Some(format!("cannot reach the backup: {e}")),
+                Err(_) => self.last_error = Some("cannot reach the backup: timed out".into()),
+            }
+            if contact.is_fenced() {
+                return false;
+            }
+            if Instant::now() >= give_up {
+                // A backup that answers but never confirms: fence here
+                // rather than let the guest run beside a possible takeover.
+                if contact.begin_fence() {
+                    let outcome = match self.port.fence("protection ended unconfirmed").await {
+                        Ok(paused) => fence::Fence::Fenced { paused },
+                        Err(_) => fence::Fence::Frozen,
+                    };
+                    contact.fenced(outcome);
+                }
+                return false;
+            }
+            tokio::time::sleep(self.cfg.heartbeat).await;
+        }
     }
 
     /// The guest is fenced and the session over: held output is dropped

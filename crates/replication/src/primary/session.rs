@@ -249,7 +249,9 @@ impl<G: Guest> Engine<G> {
                 };
                 wr.set_idle(false);
                 if owner_gone {
-                    return Ended::Stopped;
+                    return Ended::Stopped {
+                        bye_confirmed: self.bye(wr, acks).await.is_ok(),
+                    };
                 }
                 continue;
             }
@@ -286,6 +288,46 @@ impl<G: Guest> Engine<G> {
         }
     }
 
+    /// Says `Bye` and waits for the backup to confirm it (it has disarmed
+    /// its replica), within the fencing timeout.
+    async fn bye(
+        &self,
+        wr: &LinkWriter,
+        acks: &mut mpsc::UnboundedReceiver<FromBackup>,
+    ) -> Result<(), String> {
+        let bound = self.cfg.fence_timeout;
+        wr.send_one(Frame::new(FrameKind::Bye, 0, 0, vec![]), bound)
+            .await
+            .map_err(|e| format!("sending bye: {e}"))?;
+        let deadline = Instant::now() + bound;
+        loop {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some(Ok(f))) if f.kind == FrameKind::ByeAck => return Ok(()),
+                Ok(Some(Ok(f))) if f.kind == FrameKind::Resync => {
+                    return Err(format!("backup refused: {}", f.reason()))
+                }
+                // The replica digest, an ack in flight: not the answer.
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err("backup closed the connection".into()),
+                Err(_) => return Err("the backup did not confirm bye".into()),
+            }
+        }
+    }
+
+    /// A connection only to end protection: hello, then `Bye`.
+    pub(super) async fn say_bye(
+        &mut self,
+        conn: BoxStream,
+        contact: &Arc<Contact>,
+    ) -> Result<(), String> {
+        let (rd, wr) = split(conn);
+        let origin = Instant::now();
+        let wr = LinkWriter::spawn(wr, self.cfg.heartbeat, origin, false);
+        let mut opened = self.open(&wr, rd, contact, origin).await?;
+        self.bye(&wr, &mut opened.acks).await
+    }
+
     /// Whatever ends the session before the next step: a resync or error
     /// from the backup, a fence, a stop, or the guest gone.
     async fn interrupted(
@@ -310,9 +352,13 @@ impl<G: Guest> Engine<G> {
             return Some(Ended::Fenced);
         }
         if *self.stop.borrow() {
-            let bye = Frame::new(FrameKind::Bye, 0, 0, vec![]);
-            let _ = wr.send_one(bye, write_bound).await;
-            return Some(Ended::Stopped);
+            let bye = self.bye(wr, acks).await;
+            if let Err(why) = &bye {
+                self.last_error = Some(why.clone());
+            }
+            return Some(Ended::Stopped {
+                bye_confirmed: bye.is_ok(),
+            });
         }
         if self.port.is_closed() {
             return Some(self.guest_gone(wr, write_bound).await);

@@ -649,7 +649,19 @@ async fn unprotect_says_bye_and_clears_the_lease() {
         loop {
             match backup.epoch().await {
                 Ok((e, _)) => backup.commit(e).await,
-                Err(f) => return f,
+                Err(f) => {
+                    if f.as_ref().is_some_and(|f| f.kind == FrameKind::Bye) {
+                        let ack = Frame::new(FrameKind::ByeAck, 0, 0, vec![]);
+                        backup
+                            .wr
+                            .lock()
+                            .await
+                            .write_all(&ack.encode())
+                            .await
+                            .unwrap();
+                    }
+                    return f;
+                }
             }
         }
     });
@@ -658,6 +670,29 @@ async fn unprotect_says_bye_and_clears_the_lease() {
     assert_eq!(told.kind, FrameKind::Bye);
     assert_eq!(guest.with(|s| s.lease), None);
     assert!(guest.running());
+    assert_eq!(guest.fences(), 0);
+}
+
+/// Unprotect while the backup is armed but does not confirm `Bye` (it
+/// reads, but nothing comes back): it may take over, so the guest must
+/// not run on. It ends fenced, as for any silence, and says why.
+#[tokio::test(start_paused = true)]
+async fn an_unconfirmed_unprotect_leaves_the_guest_fenced() {
+    let guest = FakeGuest::new();
+    let (primary, mut accepted) = start(&guest, vec![]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    backup.deaf.store(true, Ordering::SeqCst);
+    backup.mute.store(true, Ordering::SeqCst);
+    let status = primary.status.clone();
+    primary.stop().await;
+    assert_eq!(guest.fences(), 1, "{:?}", guest.events());
+    assert!(!guest.running());
+    let s = status.lock().clone();
+    assert_eq!(s.state, FtState::Stopped);
+    assert!(s.detail.contains("did not confirm"), "{}", s.detail);
+    drop(backup);
 }
 
 #[test]

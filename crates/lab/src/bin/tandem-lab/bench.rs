@@ -168,8 +168,9 @@ pub struct FailoverArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// tandemd's failure-detection settings for both hosts (its
-    /// defaults: 100 / 1500 / 2500). Detection is the takeover timeout,
-    /// which must exceed the fence timeout by two heartbeats.
+    /// defaults: 100 / 1500 / 2500). The takeover timeout must be at least
+    /// the fence timeout + 220 ms (the shim lease's grace and poll) + two
+    /// heartbeats.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
     #[arg(long, default_value_t = 1500)]
