@@ -336,6 +336,9 @@ struct Inner {
     flows: HashMap<FlowKey, FlowAcks>,
     counters: GateCounters,
     latency: [u64; LATENCY_BUCKETS],
+    /// Protection degraded on purpose (the backup holds nothing it could
+    /// resume): frames pass unheld until the next session.
+    unprotected: bool,
 }
 
 /// One protected VM's gate, shared by all its NIC ports. `check` runs on
@@ -406,7 +409,7 @@ impl Gate {
         let Some(meta) = packet::parse(frame) else {
             return self.hold(&cfg, port, epoch, now, frame, None);
         };
-        if cfg.mode == GateMode::Off {
+        if cfg.mode == GateMode::Off || self.lock().unprotected {
             self.count_pass(frame.len(), false);
             return GateDecision::Pass;
         }
@@ -538,6 +541,12 @@ impl Gate {
         flow: Option<FlowKey>,
     ) -> GateDecision {
         let mut g = self.lock();
+        if g.unprotected {
+            // Raced with `unprotected`: nothing waits any more.
+            drop(g);
+            self.count_pass(frame.len(), false);
+            return GateDecision::Pass;
+        }
         if g.queue.len() >= cfg.max_frames || g.queued_bytes + frame.len() > cfg.max_bytes {
             match cfg.overflow {
                 OverflowPolicy::DropNewest => {
@@ -575,6 +584,7 @@ impl Gate {
     /// `base` is forgotten.
     pub fn session_started(&self, base: u64, first: u64) {
         let mut g = self.lock();
+        g.unprotected = false;
         for h in g.queue.iter_mut() {
             h.epoch = first;
         }
@@ -655,6 +665,17 @@ impl Gate {
         out
     }
 
+    /// Protection degraded on purpose: the backup confirmed it holds
+    /// nothing it could resume, so no failover can contradict what the VM
+    /// says. Returns every held frame to send, and lets frames pass unheld
+    /// until the next [`Gate::session_started`].
+    pub fn unprotected(&self) -> Vec<(PortId, Vec<u8>)> {
+        let mut g = self.lock();
+        g.unprotected = true;
+        drop(g);
+        self.release_all()
+    }
+
     pub fn counters(&self) -> GateCounters {
         let g = self.lock();
         let mut c = g.counters.clone();
@@ -717,6 +738,23 @@ mod tests {
             (c.held_frames, c.released_frames, c.queued_frames),
             (2, 2, 0)
         );
+    }
+
+    #[test]
+    fn a_degraded_protection_releases_what_is_held_and_holds_again_in_the_next_session() {
+        let g = gate(GateMode::Classified, Profile::Conservative.rules());
+        let f = seg(1, TCP_ACK | TCP_PSH, b"OK 1\n");
+        assert_eq!(g.check(3, &f), GateDecision::Hold);
+        assert_eq!(g.unprotected(), vec![(3, f.clone())]);
+        let f2 = seg(1, TCP_ACK | TCP_PSH, b"OK 2\n");
+        assert_eq!(
+            g.check(3, &f2),
+            GateDecision::Pass,
+            "nothing waits while unprotected"
+        );
+        g.session_started(0, 1);
+        assert_eq!(g.check(3, &f2), GateDecision::Hold, "protection is back");
+        assert_eq!(g.commit(1), vec![(3, f2)]);
     }
 
     #[test]

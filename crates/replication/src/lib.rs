@@ -76,4 +76,10 @@ pub trait EpochObserver: Send + Sync {
     fn abandoned(&self);
     /// Protection ended on purpose; the guest runs on, unprotected.
     fn ended(&self);
+    /// The backup has confirmed it holds nothing it could resume (the
+    /// degrade policy ended its protection): held output may go out, and
+    /// output passes unheld until the next [`session_started`].
+    ///
+    /// [`session_started`]: EpochObserver::session_started
+    fn unprotected(&self);
 }

@@ -31,6 +31,9 @@ pub struct FtSettings {
     pub heartbeat: Duration,
     pub fence_timeout: Duration,
     pub takeover_timeout: Duration,
+    /// Primary: how long a reachable backup may go without committing
+    /// before protection degrades on purpose (`None`: hold output).
+    pub degrade_after: Option<Duration>,
     pub auto_failover: bool,
     /// Default dirty-page tracker for protections that do not name one.
     pub tracker: tandem_replication::tracker::TrackerChoice,
@@ -418,6 +421,7 @@ impl Ft {
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
+        cfg.degrade_after = self.settings.degrade_after;
         cfg.tracker = tracker;
         cfg.external_writers = external_writers;
         if let (Some(log), Some(sw)) = (&write_log, &self.switch) {

@@ -110,9 +110,18 @@ struct Args {
     ft_fence_timeout_ms: u64,
 
     /// Backup: take over after this long without word from the primary.
-    /// Must exceed the primary's fencing timeout (by at least 2 heartbeats).
+    /// At least the fencing timeout plus the shim lease's grace, its poll
+    /// and two heartbeats (tandemd names the minimum if it is less).
     #[arg(long, default_value_t = 2500)]
     ft_takeover_timeout_ms: u64,
+
+    /// Primary: when the backup stays reachable but commits nothing for
+    /// this long (its disk is full, its applies fail), have it disarm,
+    /// release the VM's held output and run unprotected while protection
+    /// is retried. 0 holds the output until the backup commits or
+    /// protection is ended by hand.
+    #[arg(long, default_value_t = 10_000)]
+    ft_degrade_after_ms: u64,
 
     /// Backup: never take over on its own; only `tandem failover` does.
     #[arg(long)]
@@ -246,6 +255,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             heartbeat: Duration::from_millis(args.ft_heartbeat_ms),
             fence_timeout: Duration::from_millis(args.ft_fence_timeout_ms),
             takeover_timeout: Duration::from_millis(args.ft_takeover_timeout_ms),
+            degrade_after: (args.ft_degrade_after_ms > 0)
+                .then(|| Duration::from_millis(args.ft_degrade_after_ms)),
             auto_failover: !args.no_auto_failover,
             tracker: args.ft_tracker,
             disk_log_cap: args.ft_disk_log_cap_mib.saturating_mul(1 << 20),

@@ -262,4 +262,10 @@ impl EpochObserver for VmOutput {
         self.send(frames);
         self.uninstall();
     }
+
+    fn unprotected(&self) {
+        let frames = self.gate.unprotected();
+        info!(vm = %self.vm, frames = frames.len(), "protection degraded: held output released, output passes unheld until protection is back");
+        self.send(frames);
+    }
 }

@@ -72,6 +72,15 @@ pub struct PrimaryConfig {
     /// than its replica's for a VM this host took over. The backup refuses
     /// a primary older than its replica.
     pub generation: u64,
+    /// The backup stays reachable but commits nothing for this long (its
+    /// disk is full, its applies fail, it is stuck): end protection on
+    /// purpose rather than hold the VM's output for ever. The backup is
+    /// told first (`Bye`, confirmed, so it disarms and cannot resume an
+    /// older checkpoint), then held output goes out, the guest runs on
+    /// unprotected, and protection is tried again from a full copy. `None`
+    /// holds output until the backup commits or an operator ends
+    /// protection.
+    pub degrade_after: Option<Duration>,
     #[cfg(feature = "fault-injection")]
     pub faults: PrimaryFaults,
 }
@@ -92,6 +101,10 @@ pub struct PrimaryFaults {
     /// confirmed `Bye` (the version-2 behaviour): an unprotect during a
     /// partition leaves the guest running while the backup takes over.
     pub unconfirmed_bye: bool,
+    /// The degrade policy releases output and stops fencing without the
+    /// backup's confirmed `Bye`: the backup stays armed on an older
+    /// checkpoint and may resume it.
+    pub degrade_without_bye: bool,
 }
 
 impl std::fmt::Debug for PrimaryConfig {
@@ -107,6 +120,7 @@ impl std::fmt::Debug for PrimaryConfig {
             .field("external_writers", &self.external_writers)
             .field("external_log", &self.external_log.is_some())
             .field("generation", &self.generation)
+            .field("degrade_after", &self.degrade_after)
             .finish()
     }
 }
@@ -131,6 +145,7 @@ impl PrimaryConfig {
             external_log: None,
             clock: Arc::new(SystemClock),
             generation: 0,
+            degrade_after: None,
             #[cfg(feature = "fault-injection")]
             faults: PrimaryFaults::default(),
         }
@@ -174,6 +189,7 @@ impl Primary {
             instance: new_instance(),
             sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             disk_failure: None,
+            progress: (0, Instant::now()),
         };
         let task = tokio::spawn(engine.run());
         Primary {
@@ -242,6 +258,9 @@ struct Engine<G: Guest> {
     /// A disk whose log lost writes, as last checked: shown until the disk
     /// has been copied again.
     disk_failure: Option<crate::DiskFailure>,
+    /// The newest commit seen and when it was seen: how long the backup has
+    /// gone without committing (the degrade policy's clock).
+    progress: (u64, Instant),
 }
 
 /// A random instance number (the process's hasher keys are random; the
@@ -263,6 +282,9 @@ enum Ended {
     },
     Fenced,
     Lost(String),
+    /// The backup answers but has committed nothing for the degrade
+    /// timeout.
+    Stalled(String),
     GuestGone,
 }
 
@@ -277,6 +299,13 @@ impl<G: Guest> Engine<G> {
     fn fault_unconfirmed_bye(&self) -> bool {
         #[cfg(feature = "fault-injection")]
         return self.cfg.faults.unconfirmed_bye;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
+    fn fault_degrade_without_bye(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.degrade_without_bye;
         #[cfg(not(feature = "fault-injection"))]
         false
     }
@@ -365,6 +394,16 @@ impl<G: Guest> Engine<G> {
                 }
                 Ended::Lost(_) if contact.is_fenced() => {
                     if !self.after_fence(&contact).await {
+                        break;
+                    }
+                }
+                Ended::Stalled(why) => {
+                    if !self.degrade(why, &contact).await {
+                        break;
+                    }
+                }
+                Ended::Lost(why) if self.stalled() => {
+                    if !self.degrade(why, &contact).await {
                         break;
                     }
                 }
@@ -480,6 +519,60 @@ impl<G: Guest> Engine<G> {
             }
             tokio::time::sleep(self.cfg.heartbeat).await;
         }
+    }
+
+    /// Whether the backup has gone without committing for the degrade
+    /// timeout.
+    fn stalled(&self) -> bool {
+        self.cfg
+            .degrade_after
+            .is_some_and(|after| self.progress.1.elapsed() >= after)
+    }
+
+    /// Notes the backup's newest commit (the degrade policy's clock).
+    fn note_progress(&mut self, committed: u64) {
+        if committed != self.progress.0 {
+            self.progress = (committed, Instant::now());
+        }
+    }
+
+    /// The degrade policy: the backup has committed nothing for the degrade
+    /// timeout. Once it confirms `Bye` it holds nothing it could resume, so
+    /// nothing the guest says can be contradicted by a failover: held
+    /// output goes out and the guest runs on, unprotected, while
+    /// protection is tried again from a full copy. A backup that does not
+    /// confirm is handled as a silent one (the guest is fenced). Returns
+    /// whether to keep trying.
+    async fn degrade(&mut self, why: String, contact: &Arc<Contact>) -> bool {
+        let after = self.cfg.degrade_after.unwrap_or_default();
+        if !self.fault_degrade_without_bye() && !self.confirm_bye(contact).await {
+            return self.after_fence(contact).await;
+        }
+        contact.disarm();
+        for d in &self.disks {
+            d.resync_all();
+        }
+        if let Some(o) = &self.cfg.observer {
+            o.unprotected();
+        }
+        let detail = format!(
+            "unprotected: the backup committed nothing for {:.1} s ({why}); output is no longer held, and protection is being retried",
+            after.as_secs_f64()
+        );
+        warn!(vm = %self.port.name(), "{detail}");
+        self.last_error = Some(detail.clone());
+        self.set(|s| {
+            s.state = FtState::Degraded;
+            s.detail = detail;
+        });
+        self.progress.1 = Instant::now();
+        // Retry no sooner than a heartbeat, and no more than once per
+        // degrade timeout: each retry is a full copy.
+        let owner_gone = tokio::select! {
+            _ = tokio::time::sleep(after.max(self.cfg.heartbeat)) => false,
+            r = self.stop.changed() => r.is_err(),
+        };
+        !owner_gone && !*self.stop.borrow()
     }
 
     /// The guest is fenced and the session over: held output is dropped

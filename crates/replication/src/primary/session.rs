@@ -234,6 +234,12 @@ impl<G: Guest> Engine<G> {
                 return ended;
             }
             let inflight = self.refresh_status(contact, epoch);
+            if inflight > 0 && self.stalled() {
+                return Ended::Stalled(format!(
+                    "{inflight} epoch(s) sent, none committed; last commit {}",
+                    *self.committed_tx.borrow()
+                ));
+            }
             let now = Instant::now();
             if now < next_epoch || inflight >= self.cfg.max_inflight {
                 // Heartbeats go out from the link's writer meanwhile.
@@ -370,6 +376,7 @@ impl<G: Guest> Engine<G> {
     /// flight. `epoch` is the next one to send.
     fn refresh_status(&mut self, contact: &Contact, epoch: u64) -> u64 {
         let committed = *self.committed_tx.borrow();
+        self.note_progress(committed);
         // Once the backup has committed an epoch without device state (this
         // session's running copy, or an epoch after a disk lost writes), and
         // no epoch with device state has been sent since, it holds nothing

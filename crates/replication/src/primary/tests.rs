@@ -902,3 +902,98 @@ async fn an_asymmetric_partition_fences_the_primary() {
 async fn with_one_way_liveness_an_asymmetric_partition_does_not_fence() {
     assert!(!fences_in_an_asymmetric_partition(true).await);
 }
+
+/// What the primary told output commit, in order.
+#[derive(Default)]
+struct SeenByOutput(Mutex<Vec<&'static str>>);
+
+impl crate::EpochObserver for SeenByOutput {
+    fn epoch_opened(&self, _epoch: u64) {}
+    fn session_started(&self, _base: u64, _first: u64) {
+        self.0.lock().push("session");
+    }
+    fn committed(&self, _epoch: u64) {}
+    fn abandoned(&self) {
+        self.0.lock().push("abandoned");
+    }
+    fn ended(&self) {
+        self.0.lock().push("ended");
+    }
+    fn unprotected(&self) {
+        self.0.lock().push("unprotected");
+    }
+}
+
+/// A backup that stays reachable (it reads and echoes) but stops
+/// committing once protection is established, for two seconds. Returns
+/// what output commit was told, the status, and whether the backup was
+/// asked to disarm (`Bye` on a new connection, confirmed).
+async fn a_backup_that_stops_committing(
+    degrade_after: Option<Duration>,
+) -> (Vec<&'static str>, tandem_api::FtStatus, bool) {
+    let guest = FakeGuest::new();
+    let seen = Arc::new(SeenByOutput::default());
+    let observer = seen.clone();
+    let (primary, mut accepted) = start_with(&guest, vec![], move |cfg| {
+        cfg.observer = Some(observer);
+        cfg.degrade_after = degrade_after;
+    });
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    let base = backup.commit_until_consistent().await;
+    until(FENCE, || primary.status().state == FtState::Protected).await;
+    // Stuck: epochs are read, none is committed; heartbeats are echoed.
+    let stuck = tokio::spawn(async move { while backup.epoch().await.is_ok() {} });
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut told_bye = false;
+    while let Ok(Some(conn)) = tokio::time::timeout_at(end, accepted.recv()).await {
+        let mut again = Backup::handshake(conn, base).await;
+        if let Err(Some(f)) = again.epoch().await {
+            if f.kind == FrameKind::Bye {
+                let ack = Frame::new(FrameKind::ByeAck, 0, 0, vec![]);
+                again
+                    .wr
+                    .lock()
+                    .await
+                    .write_all(&ack.encode())
+                    .await
+                    .unwrap();
+                told_bye = true;
+                break;
+            }
+        }
+    }
+    // The status once the primary has acted on the answer (or not).
+    if told_bye {
+        until(FENCE, || seen.0.lock().contains(&"unprotected")).await;
+    }
+    let status = primary.status();
+    assert!(guest.running(), "{:?}", guest.events());
+    assert_eq!(guest.fences(), 0, "{:?}", guest.events());
+    stuck.abort();
+    drop(primary);
+    let calls = seen.0.lock().clone();
+    (calls, status, told_bye)
+}
+
+/// Audit M12: a backup that answers but cannot commit (full disk) would
+/// hold the VM's output for ever. After the degrade timeout the primary
+/// has the backup disarm, releases the output and says it is unprotected.
+#[tokio::test(start_paused = true)]
+async fn a_backup_that_stops_committing_ends_protection_after_the_degrade_timeout() {
+    let (calls, status, told_bye) =
+        a_backup_that_stops_committing(Some(Duration::from_millis(500))).await;
+    assert!(told_bye, "the backup is told to disarm first");
+    assert!(calls.contains(&"unprotected"), "{calls:?}");
+    assert!(!calls.contains(&"abandoned"), "{calls:?}");
+    assert_eq!(status.state, FtState::Degraded);
+    assert!(status.detail.contains("unprotected"), "{}", status.detail);
+}
+
+/// The twin: without the policy, the output stays held as long as the
+/// backup answers.
+#[tokio::test(start_paused = true)]
+async fn without_a_degrade_timeout_a_stuck_backup_holds_output_for_ever() {
+    let (calls, _status, told_bye) = a_backup_that_stops_committing(None).await;
+    assert!(!told_bye);
+    assert!(!calls.contains(&"unprotected"), "{calls:?}");
+}

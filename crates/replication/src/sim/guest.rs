@@ -31,6 +31,8 @@ pub(super) struct World {
     /// The backup runs the VM (it took over).
     pub(super) backup_active: AtomicBool,
     pub(super) takeovers: AtomicU64,
+    /// Times the degrade policy released the output.
+    pub(super) degrades: AtomicU64,
     /// The highest counter any client has seen a reply for.
     pub(super) released: AtomicU64,
     pub(super) replies_released: AtomicU64,
@@ -318,6 +320,9 @@ struct OutputState {
     held: Vec<(u64, u64)>,
     /// Protection ended: output flows unprotected.
     ended: bool,
+    /// The degrade policy released the output: replies go out unheld
+    /// (and count as seen by clients) until the next session.
+    passthrough: bool,
 }
 
 /// Output commit as the switch's gate does it, for the guest's replies.
@@ -331,6 +336,14 @@ impl Output {
     fn reply(&self, counter: u64) {
         let mut s = self.state.lock();
         if s.ended {
+            return;
+        }
+        if s.passthrough {
+            drop(s);
+            if self.watched {
+                self.world.released.fetch_max(counter, Ordering::SeqCst);
+                self.world.replies_released.fetch_add(1, Ordering::SeqCst);
+            }
             return;
         }
         let open = s.open;
@@ -362,6 +375,7 @@ impl EpochObserver for Output {
     }
     fn session_started(&self, _base: u64, first: u64) {
         let mut s = self.state.lock();
+        s.passthrough = false;
         for (epoch, _) in s.held.iter_mut() {
             *epoch = (*epoch).max(first);
         }
@@ -377,6 +391,13 @@ impl EpochObserver for Output {
         let mut s = self.state.lock();
         s.ended = true;
         s.held.clear();
+    }
+    fn unprotected(&self) {
+        if self.watched {
+            self.world.degrades.fetch_add(1, Ordering::SeqCst);
+        }
+        self.release(u64::MAX);
+        self.state.lock().passthrough = true;
     }
 }
 

@@ -123,6 +123,7 @@ pub(crate) struct Bugs {
     /// heartbeats, without the shim lease's grace.
     pub(crate) takeover_without_lease_grace: bool,
     pub(crate) unconfirmed_bye: bool,
+    pub(crate) degrade_without_bye: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +134,9 @@ pub(crate) struct Schedule {
     fence: Duration,
     takeover: Duration,
     faults: Vec<(Duration, Fault)>,
+    /// The primary's degrade policy (half the schedules): short, so that
+    /// latency and slow checks trip it.
+    degrade_after: Option<Duration>,
 }
 
 /// How long faults may start after the beginning, and how long the pair
@@ -182,6 +186,8 @@ impl Schedule {
             faults.push((at, fault));
         }
         faults.sort_by_key(|(at, _)| *at);
+        // Drawn last, so a seed's faults are what they were before.
+        let degrade_after = (r.below(2) == 0).then(|| r.ms(100, 800));
         Schedule {
             seed,
             epoch,
@@ -189,6 +195,7 @@ impl Schedule {
             fence,
             takeover,
             faults,
+            degrade_after,
         }
     }
 
@@ -204,6 +211,7 @@ pub(crate) struct Outcome {
     pub(crate) committed: u64,
     pub(crate) replies: u64,
     pub(crate) takeovers: u64,
+    pub(crate) degrades: u64,
 }
 
 /// Runs `schedule` with `bugs` on a fresh paused runtime.
@@ -259,6 +267,7 @@ fn protect(
     cfg.epoch = s.epoch;
     cfg.heartbeat = s.heartbeat;
     cfg.fence_timeout = s.fence;
+    cfg.degrade_after = s.degrade_after;
     cfg.tracker = TrackerChoice::Scan;
     cfg.observer = Some(guest.0.output.clone());
     cfg.clock = clock.clone();
@@ -266,6 +275,7 @@ fn protect(
         heartbeats_only_when_idle: bugs.heartbeats_only_when_idle,
         one_way_liveness: bugs.one_way_liveness,
         unconfirmed_bye: bugs.unconfirmed_bye,
+        degrade_without_bye: bugs.degrade_without_bye,
     };
     Primary::spawn(guest.clone(), cfg, vec![disk as Arc<dyn DiskSource>])
 }
@@ -439,6 +449,7 @@ async fn scenario(s: &Schedule, bugs: Bugs, dir: &std::path::Path) -> Outcome {
         committed,
         replies: world.replies_released.load(Ordering::SeqCst),
         takeovers,
+        degrades: world.degrades.load(Ordering::SeqCst),
     }
 }
 

@@ -18,6 +18,7 @@ struct Totals {
     committed: u64,
     replies: u64,
     takeovers: u64,
+    degrades: u64,
 }
 
 /// Runs seeds `from..to` on two threads; every violation with its seed.
@@ -43,6 +44,7 @@ fn explore(
                         t.committed += out.committed;
                         t.replies += out.replies;
                         t.takeovers += out.takeovers;
+                        t.degrades += out.degrades;
                     }
                     if !out.violations.is_empty() {
                         found.lock().push((seed, out.violations));
@@ -64,13 +66,14 @@ fn the_protocol_holds_under_thousands_of_adversarial_schedules() {
     let t = std::time::Instant::now();
     let (totals, found) = explore(0, n, Bugs::default(), false);
     eprintln!(
-        "simulation: {} schedules in {:.1} s, {} with a violation; {} epochs committed, {} replies released, {} takeovers",
+        "simulation: {} schedules in {:.1} s, {} with a violation; {} epochs committed, {} replies released, {} takeovers, {} degrades",
         totals.ran,
         t.elapsed().as_secs_f64(),
         found.len(),
         totals.committed,
         totals.replies,
         totals.takeovers,
+        totals.degrades,
     );
     if let Some((seed, v)) = found.first() {
         panic!(
@@ -159,6 +162,20 @@ fn it_finds_an_unconfirmed_unprotect() {
         ..Bugs::default()
     });
     assert!(v.iter().any(|v| v.contains("two running copies")), "{v:?}");
+}
+
+/// The degrade policy releasing output while the backup is still armed.
+#[test]
+fn it_finds_a_degrade_without_the_backups_word() {
+    let (_, v) = finds(Bugs {
+        degrade_without_bye: true,
+        ..Bugs::default()
+    });
+    assert!(
+        v.iter()
+            .any(|v| v.contains("two running copies") || v.contains("committed output lost")),
+        "{v:?}"
+    );
 }
 
 /// Replays one seed (`TANDEM_SIM_SEED`), printing its schedule and outcome.
