@@ -438,7 +438,16 @@ fn save(path: &Path, doc: &SwitchDocument) -> Result<(), HostError> {
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(io("syncing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("replacing", path))
+    std::fs::rename(&tmp, path).map_err(io("replacing", path))?;
+    // The rename is durable only once the directory is (audit L9): a
+    // power loss must not bring back the configuration before the change.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))
 }
 
 /// Ages the MAC table and follows VM ports' frontends coming and going:
