@@ -816,3 +816,482 @@ fn a_cancelled_disk_mirror_degrades_protection_until_it_is_restarted() {
         eprintln!("{l}");
     }
 }
+
+/// Where the backup keeps `vm`'s replica.
+fn replica_dir(b: &Daemon, vm: &str) -> std::path::PathBuf {
+    b.state_dir.join("replicas").join(vm)
+}
+
+/// A digest of `bytes`: std's SipHash with fixed keys (optimised code even
+/// in this unoptimised test binary), enough to tell two copies apart.
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// The first `len` bytes of `path`, holes and anything past its end read
+/// as zeros (a replica's RAM file may be shorter, or sparse).
+fn read_padded(path: &std::path::Path, len: usize) -> Vec<u8> {
+    let mut b = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    b.resize(len, 0);
+    b
+}
+
+/// Every file under `dir` (recursively) as (relative path, length, mtime,
+/// inode, content digest): a write, a truncation, a rename over it or a
+/// new or removed file all change it.
+fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+                continue;
+            }
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            out.push((rel, m.len(), m.modified().unwrap(), m.ino(), digest(&bytes)));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// An inotify watch on a replica directory and its subdirectories, for
+/// every change a writer can make: opening a file for writing shows as
+/// `IN_CLOSE_WRITE` once it is closed, even if nothing was written.
+struct ReplicaWatch {
+    fd: std::os::fd::OwnedFd,
+    dirs: Vec<(i32, std::path::PathBuf)>,
+}
+
+impl ReplicaWatch {
+    const MASK: u32 = libc::IN_MODIFY
+        | libc::IN_ATTRIB
+        | libc::IN_CLOSE_WRITE
+        | libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MOVED_FROM
+        | libc::IN_MOVED_TO
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF;
+
+    fn new(dir: &std::path::Path) -> ReplicaWatch {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: inotify_init1 returns a new descriptor (or -1) that
+        // becomes ours alone.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mut dirs = vec![dir.to_path_buf()];
+        dirs.extend(
+            std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+        let dirs = dirs
+            .into_iter()
+            .map(|d| {
+                let c = std::ffi::CString::new(d.as_os_str().as_bytes()).unwrap();
+                // SAFETY: a valid descriptor and a NUL-terminated path.
+                let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), Self::MASK) };
+                assert!(
+                    wd >= 0,
+                    "watching {}: {}",
+                    d.display(),
+                    std::io::Error::last_os_error()
+                );
+                (wd, d)
+            })
+            .collect();
+        ReplicaWatch { fd, dirs }
+    }
+
+    /// The changes since the last call, as "path: mask" (non-blocking).
+    fn events(&self) -> Vec<(String, u32)> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            // SAFETY: reads into a buffer we own, of the length given.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock,
+                    "inotify read: {e}"
+                );
+                return out;
+            }
+            let mut at = 0;
+            while at + 16 <= n as usize {
+                let word =
+                    |o: usize| u32::from_ne_bytes(buf[at + o..at + o + 4].try_into().unwrap());
+                let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
+                let name = String::from_utf8_lossy(&buf[at + 16..at + 16 + len]);
+                let name = name.trim_end_matches('\0');
+                assert_eq!(
+                    mask & libc::IN_Q_OVERFLOW,
+                    0,
+                    "inotify queue overflowed: changes were lost"
+                );
+                let dir = self
+                    .dirs
+                    .iter()
+                    .find(|(w, _)| *w == wd)
+                    .map(|(_, d)| d.display().to_string())
+                    .unwrap_or_default();
+                out.push((format!("{dir}/{name}"), mask));
+                at += 16 + len;
+            }
+        }
+    }
+}
+
+/// The descriptors of process `pid` open for writing on files under
+/// `dir`, as "fd -> path (flags)".
+fn write_fds_under(pid: u32, dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in fds.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.starts_with(dir) {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            out.push(format!("{fd} -> {} (flags {flags:o})", target.display()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// How many hellos carrying `uuid` the backup `b` has refused so far.
+fn refusals(b: &Daemon, uuid: &str) -> usize {
+    b.log()
+        .lines()
+        .filter(|l| l.contains("refusing replica") && l.contains(uuid))
+        .count()
+}
+
+/// Issue 13, end to end: host A protects `web` to backup B; host C, with a
+/// different VM that is also called `web` (its own UUID, given at create
+/// time), protects it to the same B. C is refused, naming both VMs, while
+/// A stays protected; the refused hellos open none of the replica's files
+/// for writing; and once A's paused guest's last epoch is committed, the
+/// replica's RAM and disk equal the primary's, byte for byte.
+///
+/// Two phases of refusal, because of what stands in C's way in each:
+/// - while A's session is live, a hello of another instance would be
+///   refused as a second primary even without the identity check; what
+///   proves the identity check here is the reason C is given ("belongs to
+///   VM <A's UUID>, not to this primary's VM <C's UUID>"; without the check
+///   C is told "another primary for `web` is connected and alive" and the
+///   wait for the identity refusal fails);
+/// - once A has ended protection (bye confirmed, no live session), the
+///   identity check is the only guard: C's VM has the same shape, so
+///   without the check C's hello would be admitted, `prepare_replica`
+///   would record C's identity and hello, and C's running copy would write
+///   C's RAM into `ram`. The inotify watch, the before/after fingerprint of
+///   every replica file, the wait for further refusals and the final RAM
+///   digest each fail then (the crate-level twin that switches the check
+///   off through `fault-injection` is
+///   `backup_protocol::without_the_identity_check_the_same_name_test_sees_the_damage`).
+#[test]
+#[ignore = "pausing a protected VM breaks its protection (QEMU refuses a second checkpoint from `postmigrate`): remove once fixed"]
+fn a_same_name_vm_from_another_host_is_refused_and_the_replica_stays_the_first_vms() {
+    let _g = serial_guard();
+    let t0 = Instant::now();
+    let vm = "web";
+    let p = pair();
+    // The first VM, with its data disk (replicated through the NBD mirror).
+    p.a.create_guest(vm, "");
+    p.a.cli_ok(&["vm", "start", vm]);
+    p.a.wait_console(vm, READY, BOOT);
+    p.a.cli_ok(&["protect", vm, "--backup", &p.endpoint, "--epoch-ms", "50"]);
+    wait_ft(&p.a, vm, "protection", Duration::from_secs(60), |s| {
+        s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= 5
+    });
+    wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
+        s["state"] == "standby"
+    });
+    let a_uuid = p.a.info(vm)["uuid"].as_str().expect("uuid").to_string();
+    let replica = replica_dir(&p.b, vm);
+    let identity: Value =
+        serde_json::from_slice(&std::fs::read(replica.join("identity.json")).unwrap()).unwrap();
+    assert_eq!(identity["uuid"], a_uuid.as_str(), "{identity}");
+
+    // Host C: its own VM called `web`, created there, so another UUID.
+    let c = Daemon::start();
+    c.create_guest(vm, "");
+    c.cli_ok(&["vm", "start", vm]);
+    let c_uuid = c.info(vm)["uuid"].as_str().expect("uuid").to_string();
+    assert!(
+        !c_uuid.is_empty() && c_uuid != a_uuid,
+        "{a_uuid} / {c_uuid}"
+    );
+    let why = format!("belongs to VM {a_uuid}, not to this primary's VM {c_uuid}");
+    let c_refused = |s: &Value| {
+        s["state"] == "degraded"
+            && s["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("backup refused the replica") && d.contains(&why))
+    };
+
+    // Phase 1: C says hello again and again while A streams its epochs.
+    // A's session writes RAM, slots and commit records all the time; the
+    // files only a hello writes are its identity and hello.
+    let hello_files = ["identity.json", "hello.json"];
+    let only = |fp: Vec<(String, u64, std::time::SystemTime, u64, u64)>| {
+        fp.into_iter()
+            .filter(|f| hello_files.contains(&f.0.as_str()))
+            .collect::<Vec<_>>()
+    };
+    let watch = ReplicaWatch::new(&replica);
+    let hellos_before = only(fingerprint(&replica));
+    assert_eq!(hellos_before.len(), 2, "{hellos_before:?}");
+    let a_committed = ft(&p.a, vm)["last_committed"].as_u64().unwrap();
+    let degraded = |d: &Daemon| d.log().matches("protection degraded").count();
+    let a_degraded = degraded(&p.a);
+    c.cli_ok(&["protect", vm, "--backup", &p.endpoint, "--epoch-ms", "50"]);
+    let mut hello_writes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let c_st = loop {
+        // A is never superseded, degraded or resynced by C's attempts.
+        let a = ft(&p.a, vm);
+        assert_eq!(a["state"], "protected", "while C was refused: {a:#}");
+        hello_writes.extend(
+            watch
+                .events()
+                .into_iter()
+                .filter(|(path, _)| hello_files.iter().any(|f| path.ends_with(f))),
+        );
+        let s = ft(&c, vm);
+        if c_refused(&s) && refusals(&p.b, &c_uuid) >= 3 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C not refused as another VM three times: {s:#}\nbackup log:\n{}",
+            tandem_tests::tail(&p.b.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("C while A is live: {}", c_st["detail"]);
+    let a = ft(&p.a, vm);
+    assert_eq!(a["state"], "protected", "{a:#}");
+    assert!(
+        a["last_committed"].as_u64().unwrap() > a_committed,
+        "A's epochs stopped committing: {a:#}"
+    );
+    assert_eq!(
+        degraded(&p.a),
+        a_degraded,
+        "A's session was disturbed:\n{}",
+        tandem_tests::tail(&p.a.log(), 30)
+    );
+    let b = ft(&p.b, vm);
+    assert_eq!(b["state"], "standby", "{b:#}");
+    assert!(hello_writes.is_empty(), "{hello_writes:?}");
+    assert_eq!(only(fingerprint(&replica)), hellos_before);
+    drop(watch);
+
+    // Pause A's guest and let an epoch that captured it paused commit:
+    // every epoch from `open_epoch` on starts after the pause. A paused
+    // guest stays protected (its replica resumable) however long it stays
+    // paused: watched for 4 s, 80 epoch periods, and longer than a failing
+    // checkpoint takes to surface (about 2 s, see below).
+    p.a.cli_ok(&["vm", "pause", vm]);
+    let stopped = |info: &Value| {
+        // A checkpoint of a paused guest is a migration of a stopped VM,
+        // after which QEMU says `postmigrate`: stopped all the same.
+        info["state"] == "paused"
+            && (info["qmp_status"] == "paused" || info["qmp_status"] == "postmigrate")
+    };
+    let info = p.a.info(vm);
+    assert!(stopped(&info), "{info:#}");
+    let paused_at = Instant::now();
+    let open = ft(&p.a, vm)["open_epoch"].as_u64().unwrap();
+    let a_last = loop {
+        let s = ft(&p.a, vm);
+        // Seen 2026-12-05 (QEMU 10.0): the first checkpoint after the pause
+        // leaves QEMU in `postmigrate`, the next `migrate` is refused
+        // ("Can't migrate the vm that was paused due to previous
+        // migration"), and protection loops through degraded and a fresh
+        // running copy every ~2.5 s, each committed without device state:
+        // the replica of a paused VM is not resumable.
+        assert_eq!(
+            s["state"],
+            "protected",
+            "pausing the protected VM broke its protection: {s:#}\n{}",
+            tandem_tests::tail(&p.a.log(), 20)
+        );
+        let committed = s["last_committed"].as_u64().unwrap_or(0);
+        if committed >= open && paused_at.elapsed() >= Duration::from_secs(4) {
+            break s;
+        }
+        assert!(
+            paused_at.elapsed() < Duration::from_secs(30),
+            "no commit of epoch {open} (after the pause) within 30 s: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        degraded(&p.a),
+        a_degraded,
+        "{}",
+        tandem_tests::tail(&p.a.log(), 20)
+    );
+    eprintln!(
+        "A paused at open epoch {open}; committed {}, last epoch dirtied {} pages",
+        a_last["last_committed"], a_last["dirty_pages_last"]
+    );
+    // End protection: the backup applies every epoch sent before the bye
+    // and then confirms it, and from then on nothing writes the replica (a
+    // paused guest is otherwise still checkpointed every epoch).
+    p.a.cli_ok(&["unprotect", vm]);
+    let b = wait_ft(&p.b, vm, "backup stopped", Duration::from_secs(10), |s| {
+        s["state"] == "stopped"
+    });
+    let (last, len) = replica_commit(&replica).expect("a commit");
+    assert!(len > 0, "the last commit carries no device state");
+    assert_eq!(b["last_committed"].as_u64(), Some(last), "{b:#}");
+    assert!(
+        last >= a_last["last_committed"].as_u64().unwrap(),
+        "replica at {last}, A had {a_last:#}"
+    );
+
+    // Phase 2: nothing writes the replica now. C's hellos go on (it
+    // retries every heartbeat); each is refused and must leave every file
+    // as it is, and open none for writing.
+    let watch = ReplicaWatch::new(&replica);
+    let files_before = fingerprint(&replica);
+    let fds_before = write_fds_under(p.b.pid(), &replica);
+    let seen = refusals(&p.b, &c_uuid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refusals(&p.b, &c_uuid) < seen + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "C's hellos stopped being refused after A's bye: {:#}\nbackup log:\n{}",
+            ft(&c, vm),
+            tandem_tests::tail(&p.b.log(), 30)
+        );
+        assert_eq!(write_fds_under(p.b.pid(), &replica), fds_before);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = ft(&c, vm);
+    assert!(c_refused(&s), "{s:#}");
+    let changes = watch.events();
+    assert!(
+        changes.is_empty(),
+        "refused hellos changed the replica: {changes:?}"
+    );
+    assert_eq!(fingerprint(&replica), files_before);
+    assert_eq!(write_fds_under(p.b.pid(), &replica), fds_before);
+    eprintln!(
+        "backup's write descriptors on the replica after bye: {fds_before:?}; refusals of C: {}",
+        refusals(&p.b, &c_uuid)
+    );
+    assert_eq!(replica_commit(&replica), Some((last, len)));
+
+    // The replica, as last committed, against the paused primary.
+    let info = p.a.info(vm);
+    assert!(stopped(&info), "{info:#}");
+    let ram_size = (info["spec_toml"]
+        .as_str()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memory_mib = "))
+                .and_then(|m| m.trim().parse::<usize>().ok())
+        })
+        .expect("memory_mib in the spec"))
+        << 20;
+    let primary_ram = read_padded(
+        std::path::Path::new(info["ram_file"].as_str().expect("ram_file")),
+        ram_size,
+    );
+    let replica_ram = read_padded(&replica.join("ram"), ram_size);
+    let differing: Vec<usize> = primary_ram
+        .chunks(4096)
+        .zip(replica_ram.chunks(4096))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "replica RAM (epoch {last}) differs from the paused primary's in {} of {} pages, first {:?}; digests {:016x} / {:016x}",
+        differing.len(),
+        ram_size / 4096,
+        &differing[..differing.len().min(16)],
+        digest(&primary_ram),
+        digest(&replica_ram)
+    );
+    eprintln!(
+        "RAM: {ram_size} bytes, digest {:016x} on both (epoch {last})",
+        digest(&primary_ram)
+    );
+    drop((primary_ram, replica_ram));
+
+    // The disk: the primary's qcow2 as the guest sees it (QEMU flushed it
+    // when the guest was paused; -U as QEMU still holds it).
+    let qcow2 = p.a.dir.path().join(format!("{vm}-data.qcow2"));
+    let raw = p.a.dir.path().join(format!("{vm}-data.raw"));
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let primary_disk = std::fs::read(&raw).unwrap();
+    let replica_disk = read_padded(&replica.join("disk-data.raw"), primary_disk.len());
+    let differing = primary_disk
+        .chunks(4096)
+        .zip(replica_disk.chunks(4096))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differing,
+        0,
+        "replica disk `data` differs in {differing} blocks; digests {:016x} / {:016x}",
+        digest(&primary_disk),
+        digest(&replica_disk)
+    );
+    eprintln!(
+        "disk data: {} bytes, digest {:016x} on both; test took {:?}",
+        primary_disk.len(),
+        digest(&primary_disk),
+        t0.elapsed()
+    );
+}
