@@ -1024,7 +1024,6 @@ fn refusals(b: &Daemon, uuid: &str) -> usize {
 ///   off through `fault-injection` is
 ///   `backup_protocol::without_the_identity_check_the_same_name_test_sees_the_damage`).
 #[test]
-#[ignore = "pausing a protected VM breaks its protection (QEMU refuses a second checkpoint from `postmigrate`): remove once fixed"]
 fn a_same_name_vm_from_another_host_is_refused_and_the_replica_stays_the_first_vms() {
     let _g = serial_guard();
     let t0 = Instant::now();

@@ -10,7 +10,9 @@
 //! The stream goes through a unix socket owned by tandem, never through a
 //! file QEMU writes, so tandem sees every byte and knows when it is whole.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -94,12 +96,31 @@ pub async fn save_device_state_from(
     let listener = bind_private(socket)?;
     let _cleanup = RemoveOnDrop(socket.to_path_buf());
     let deadline = Instant::now() + timeout;
-    qmp.execute_raw(
-        "migrate",
-        json!({"uri": format!("unix:{}", socket.display())}),
-        QMP_TIMEOUT,
-    )
-    .await?;
+    // Whatever happens next, the previous save no longer stands for the
+    // guest's state unless QEMU proves it does (below).
+    let previous = last_saved().remove(socket);
+    if let Err(e) = qmp
+        .execute_raw(
+            "migrate",
+            json!({"uri": format!("unix:{}", socket.display())}),
+            QMP_TIMEOUT,
+        )
+        .await
+    {
+        // A save of a guest that was already paused leaves QEMU in
+        // `postmigrate`, where it refuses another migration. The state
+        // is then still the one the last save captured: `postmigrate` is
+        // left only by running the guest, and no migration can happen in
+        // it. So a paused, protected (or twice checkpointed) guest keeps
+        // its checkpoints.
+        if let Some(state) = previous {
+            if query_status(qmp).await.is_ok_and(|s| s == "postmigrate") {
+                last_saved().insert(socket.to_path_buf(), state.clone());
+                return Ok(state);
+            }
+        }
+        return Err(e.into());
+    }
 
     let read = async {
         let mut conn = accept_from(&listener, qemu_pid).await?;
@@ -124,7 +145,28 @@ pub async fn save_device_state_from(
         .await
         .map_err(|_| CheckpointError::Timeout(timeout, "the device-state stream"))??;
     wait_migration(qmp, deadline, timeout).await?;
+    last_saved().insert(socket.to_path_buf(), stream.clone());
     Ok(stream)
+}
+
+/// The last device state each QEMU saved, by its checkpoint socket (one
+/// per VM): what a guest left in `postmigrate` still holds.
+fn last_saved() -> std::sync::MutexGuard<'static, HashMap<PathBuf, Vec<u8>>> {
+    static LAST_SAVED: OnceLock<Mutex<HashMap<PathBuf, Vec<u8>>>> = OnceLock::new();
+    LAST_SAVED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+async fn query_status(qmp: &QmpClient) -> Result<String, QmpError> {
+    let v = qmp
+        .execute_raw("query-status", json!({}), QMP_TIMEOUT)
+        .await?;
+    Ok(v.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// Feeds a device-state stream to a QEMU started with `-incoming defer`
