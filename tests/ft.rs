@@ -513,6 +513,14 @@ fn backup_disk_full_degrades_protection_and_the_vm_keeps_running() {
         s["state"] == "degraded" && s["detail"].as_str().unwrap_or("").contains("No space left")
     });
     eprintln!("primary: {}", st["detail"]);
+    // The backup answers but commits nothing: after the degrade timeout
+    // (tandemd's default, 10 s) the primary has it disarm and stops holding
+    // output, and says so (audit M12).
+    let st = wait_ft(&p.a, "full", "unprotected", Duration::from_secs(60), |s| {
+        let d = s["detail"].as_str().unwrap_or("");
+        s["state"] == "degraded" && d.contains("unprotected") && d.contains("No space left")
+    });
+    eprintln!("primary: {}", st["detail"]);
     // Protection is degraded, the guest runs on, and nothing was half-applied.
     let n = *ticks(&p.a.console("full")).last().unwrap();
     p.a.wait_console(
