@@ -389,6 +389,40 @@ impl ClusterCa {
         self.identity(node)?.qemu_tls_dir(out)
     }
 
+    /// A CRL (PEM, `X509 CRL`) signed by this CA naming `serials` (as
+    /// [`crate::RevocationList::serials`] gives them), with CRL number
+    /// `number` (use the list's generation). For QEMU, which reads it as
+    /// `ca-crl.pem` ([`Identity::qemu_crl`]); tandem's own TLS asks
+    /// [`crate::Revocations`] instead. Its nextUpdate is the CA's expiry:
+    /// an out-of-date CRL can make GnuTLS flag every peer, and a host cut
+    /// off from the manager should keep its last list, not risk QEMU TLS.
+    pub fn crl_pem(&self, number: u64, serials: &[String]) -> Result<String, PkiError> {
+        let now = SystemTime::now();
+        let this_update = offset_from_system(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
+        let mut revoked_certs = Vec::with_capacity(serials.len());
+        for s in serials {
+            let bytes = crate::revocation::normalize_serial(s)
+                .and_then(|hex| hex_bytes(&hex))
+                .ok_or_else(|| PkiError::InvalidSerial(crate::truncate_for_message(s)))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: this_update,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update: offset_from_system(self.info.not_after)?,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        Ok(cert::encode_pem("X509 CRL", crl.der()))
+    }
+
     /// Writes the CA (certificate and key) to the single file `to`, mode
     /// 0600, never over an existing file. With a passphrase the key is
     /// encrypted (PBKDF2-HMAC-SHA256, 600 000 rounds, then AES-256-GCM);
@@ -473,6 +507,16 @@ impl ClusterCa {
         ca.persist_new(dir)?;
         Ok(ca)
     }
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn pbkdf2_key(pass: &[u8], salt: &[u8], iterations: u32) -> Result<[u8; 32], ()> {

@@ -224,6 +224,19 @@ pub(crate) fn check_signed_by(leaf: &[u8], ca: &[u8]) -> Result<(), PkiError> {
     })
 }
 
+/// Checks that `crl` (DER) is a CRL signed by the CA whose certificate is `ca`.
+pub(crate) fn check_crl_signed_by(crl: &[u8], ca: &[u8]) -> Result<(), PkiError> {
+    let (rest, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(crl)
+        .map_err(|e| PkiError::Certificate(format!("unreadable CRL: {e}")))?;
+    if !rest.is_empty() {
+        return Err(PkiError::Certificate("trailing bytes after the CRL".into()));
+    }
+    let ca = parse_der(ca)?;
+    parsed
+        .verify_signature(ca.public_key())
+        .map_err(|_| PkiError::Certificate("the CRL was not issued by this cluster's CA".into()))
+}
+
 /// All PEM blocks of `text`, tagged `what` in errors.
 pub(crate) fn pem_blocks(text: &str, what: &str) -> Result<Vec<pem::Pem>, PkiError> {
     pem::parse_many(text).map_err(|e| PkiError::Pem {

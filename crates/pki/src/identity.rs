@@ -22,6 +22,7 @@ pub const QEMU_SERVER_CERT: &str = "server-cert.pem";
 pub const QEMU_SERVER_KEY: &str = "server-key.pem";
 pub const QEMU_CLIENT_CERT: &str = "client-cert.pem";
 pub const QEMU_CLIENT_KEY: &str = "client-key.pem";
+pub const QEMU_CA_CRL: &str = "ca-crl.pem";
 
 /// A node's credentials: checked on construction (the key is the
 /// certificate's, the certificate was issued by the CA, both name the same
@@ -247,5 +248,30 @@ impl Identity {
         fsutil::replace(&out.join(QEMU_SERVER_CERT), cert.as_bytes(), CERT_MODE)?;
         fsutil::replace(&out.join(QEMU_CLIENT_KEY), key.as_bytes(), KEY_MODE)?;
         fsutil::replace(&out.join(QEMU_CLIENT_CERT), cert.as_bytes(), CERT_MODE)
+    }
+
+    /// Writes (replaces) `ca-crl.pem` in the QEMU directory `out`: a CRL
+    /// from [`crate::ClusterCa::crl_pem`], checked to be signed by this
+    /// identity's CA. QEMU reads it when a `tls-creds-x509` object is
+    /// created and then refuses the certificates it lists.
+    pub fn qemu_crl(&self, out: &Path, crl_pem: &str) -> Result<(), PkiError> {
+        let blocks = cert::pem_blocks(crl_pem, "CRL")?;
+        let [block] = <[_; 1]>::try_from(blocks).map_err(|_| PkiError::Pem {
+            what: "CRL".into(),
+            reason: "expected exactly one PEM block".into(),
+        })?;
+        if block.tag() != "X509 CRL" {
+            return Err(PkiError::Pem {
+                what: "CRL".into(),
+                reason: format!("{} is not an X509 CRL", block.tag()),
+            });
+        }
+        cert::check_crl_signed_by(block.contents(), &self.ca)?;
+        fsutil::private_dir(out)?;
+        fsutil::replace(
+            &out.join(QEMU_CA_CRL),
+            cert::encode_pem("X509 CRL", block.contents()).as_bytes(),
+            CERT_MODE,
+        )
     }
 }

@@ -18,6 +18,7 @@
 //!                                           file, in a tracing warning and in BackupInfo::warning()
 //! ClusterCa::restore(from, dir, pass)       the inverse; same no-overwrite rule as create
 //! ca.qemu_tls_dir(out, &issued)             ca-cert.pem, server-{cert,key}.pem, client-{cert,key}.pem
+//! ca.crl_pem(generation, &serials)          a signed CRL for QEMU; identity.qemu_crl(out, pem) -> ca-crl.pem
 //!
 //! Identity::{from_issued, from_pem, load(dir), save(dir)}   dir/identity.pem (0600), one atomic file
 //! identity.{name, role, cluster_id, serial, not_after, expires_within, as_peer, qemu_tls_dir}
@@ -105,8 +106,8 @@ pub use ca::{
     MIN_PASSPHRASE_LEN,
 };
 pub use identity::{
-    Identity, IDENTITY_FILE, QEMU_CA_CERT, QEMU_CLIENT_CERT, QEMU_CLIENT_KEY, QEMU_SERVER_CERT,
-    QEMU_SERVER_KEY,
+    Identity, IDENTITY_FILE, QEMU_CA_CERT, QEMU_CA_CRL, QEMU_CLIENT_CERT, QEMU_CLIENT_KEY,
+    QEMU_SERVER_CERT, QEMU_SERVER_KEY,
 };
 pub use revocation::{normalize_serial, NoRevocations, RevocationList, Revocations};
 pub use standalone::{

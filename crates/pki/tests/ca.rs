@@ -4,9 +4,11 @@
 mod common;
 
 use std::fs;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
+use x509_parser::prelude::FromDer;
 
 use common::{none, pair, Cluster, DAY};
 use tandem_pki::{
@@ -403,4 +405,36 @@ fn garbage_pem_is_an_error_not_a_panic() {
     assert!(Identity::load(dir.path()).is_err());
     fs::write(dir.path().join(IDENTITY_FILE), vec![b'a'; 2 << 20]).unwrap();
     assert!(Identity::load(dir.path()).is_err());
+}
+
+#[test]
+fn crls_name_the_revoked_serials_and_must_come_from_our_ca() {
+    let c = Cluster::new("prod");
+    let other = Cluster::new("prod");
+    let a = c.identity("host-a", Role::Host);
+    let serials = vec![a.serial().to_string(), "0a:bc".to_string()];
+    let crl = c.ca.crl_pem(7, &serials).unwrap();
+    assert!(crl.starts_with("-----BEGIN X509 CRL-----\n"));
+    let der = pem::parse(&crl).unwrap().into_contents();
+    let (_, parsed) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+    let mut listed: Vec<String> = parsed
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    listed.sort();
+    let mut want = vec![a.serial().to_string(), "0abc".to_string()];
+    want.sort();
+    assert_eq!(listed, want);
+    assert_eq!(parsed.crl_number().unwrap().to_string(), "7");
+
+    let out = c.dir.path().join("q");
+    a.qemu_crl(&out, &crl).unwrap();
+    assert_eq!(mode(&out.join("ca-crl.pem")), 0o644);
+    // Another cluster's CRL, a certificate, or garbage: refused.
+    let theirs = other.ca.crl_pem(1, &[]).unwrap();
+    assert!(a.qemu_crl(&out, &theirs).is_err());
+    assert!(a.qemu_crl(&out, &a.cert_pem()).is_err());
+    assert!(a.qemu_crl(&out, "junk").is_err());
+    assert!(c.ca.crl_pem(1, &["xyz".to_string()]).is_err());
 }

@@ -86,6 +86,7 @@ fn qemu_accepts_our_credentials_and_refuses_others() {
             .arg(&sock)
             .arg(&img)
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("qemu-nbd.log")).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -131,11 +132,97 @@ fn qemu_accepts_our_credentials_and_refuses_others() {
         .unwrap();
     let e = nbd_list_over_tls(&sock, std::sync::Arc::new(cfg)).unwrap_err();
     eprintln!("QEMU refused the intruder: {e}");
+    server_logged(d, "known issuer");
 
     eprintln!(
         "QEMU's client refused a wrong name: {}",
         String::from_utf8_lossy(&wrong_name.stderr).trim()
     );
+}
+
+/// qemu-nbd serving a 1 MiB image on `sock` over TLS with the server
+/// credentials in `dir`, requiring client certificates.
+fn serve(d: &Path, dir: &Path, sock: &Path) -> Kill {
+    let img = d.join("disk.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let server = Kill(
+        Command::new("qemu-nbd")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                dir.display()
+            ))
+            .args([
+                "--tls-creds",
+                "tls0",
+                "--persistent",
+                "--read-only",
+                "-f",
+                "raw",
+            ])
+            .arg("--socket")
+            .arg(sock)
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("qemu-nbd.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+#[test]
+fn qemu_refuses_a_certificate_the_crl_revokes() {
+    if !have("qemu-nbd") {
+        eprintln!("SKIPPED: qemu-nbd not installed");
+        return;
+    }
+    let c = Cluster::new("prod");
+    let d = c.dir.path();
+    let a = c.identity("host-a", Role::Host);
+    let b = c.identity("host-b", Role::Host);
+    let e = c.identity("host-e", Role::Host);
+    let server_dir = d.join("qemu-a");
+    a.qemu_tls_dir(&server_dir).unwrap();
+
+    let list = tandem_pki::RevocationList::new();
+    list.revoke(b.serial()).unwrap();
+    let crl = c.ca.crl_pem(list.generation(), &list.serials()).unwrap();
+    a.qemu_crl(&server_dir, &crl).unwrap();
+    assert!(server_dir.join("ca-crl.pem").exists());
+
+    let sock = d.join("nbd.sock");
+    let _server = serve(d, &server_dir, &sock);
+    let cfg = |id: &tandem_pki::Identity| {
+        let none: std::sync::Arc<dyn tandem_pki::Revocations> =
+            std::sync::Arc::new(tandem_pki::NoRevocations);
+        tandem_pki::client_config(id, none).unwrap()
+    };
+    nbd_list_over_tls(&sock, cfg(&e)).expect("QEMU refused a host the CRL does not name");
+    let err = nbd_list_over_tls(&sock, cfg(&b)).unwrap_err();
+    eprintln!("QEMU refused the revoked host: {err}");
+    server_logged(d, "The certificate has been revoked");
+}
+
+/// Waits for qemu-nbd (started by [`serve`] in `d`) to log `what`.
+fn server_logged(d: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(d.join("qemu-nbd.log")).unwrap_or_default();
+        if log.contains(what) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-nbd never logged {what:?}: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// NBD fixed-newstyle negotiation up to STARTTLS, a TLS handshake with
