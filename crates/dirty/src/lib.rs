@@ -2,7 +2,7 @@
 //!
 //! This crate owns the question "which 4 KiB pages of guest RAM changed
 //! since the last checkpoint?". [`DirtyTracker`] is the one interface the
-//! epoch loop uses; two trackers sit behind it:
+//! epoch loop uses; three trackers sit behind it:
 //!
 //! - [`ScanTracker`] works everywhere: a 64-bit xxh3 hash per page, compared
 //!   in parallel. Pages that are holes in the RAM file ([`PageSet`] from
@@ -12,10 +12,16 @@
 //!   mapping of the RAM file (`/proc/PID/pagemap`) and clears them
 //!   (`/proc/PID/clear_refs`), on kernels with `CONFIG_MEM_SOFT_DIRTY`.
 //!   [`soft_dirty_support`] says whether this kernel has it.
+//! - [`UffdTracker`] reads and re-arms userfaultfd asynchronous
+//!   write-protect over QEMU's mapping with one `PAGEMAP_SCAN` (Linux ≥
+//!   6.7, no soft-dirty needed); guest RAM is registered inside QEMU by the
+//!   `tandem-uffd-preload` library, which shares [`uffd::sys`] with this
+//!   crate.
 //!
 //! Writes that do not go through QEMU's page tables (a vhost-user backend
-//! in another process) are invisible to soft-dirty; they are reported with
-//! [`DirtyTracker::note_external_writes`] and always included.
+//! in another process) are invisible to the page-table trackers; they are
+//! reported with [`DirtyTracker::note_external_writes`] and always
+//! included.
 //!
 //! Everything that decides is pure and tested without a kernel feature;
 //! [`softdirty`] splits the `/proc` reading from the decision for that
@@ -27,12 +33,14 @@ pub mod procfs;
 mod residency;
 mod scan;
 pub mod softdirty;
+pub mod uffd;
 
 pub use pagelog::{PageLog, Poisoned};
 pub use pageset::PageSet;
 pub use residency::{data_pages, data_pages_at};
 pub use scan::ScanTracker;
 pub use softdirty::{soft_dirty_support, CollectTiming, SoftDirtyTracker, SoftDirtyUnsupported};
+pub use uffd::{UffdTracker, UffdUnavailable};
 
 /// Guest pages are tracked at 4 KiB, whatever backs them.
 pub const PAGE_SIZE: usize = 4096;
@@ -92,6 +100,8 @@ pub fn is_zeroed(bytes: &[u8]) -> bool {
 pub enum TrackError {
     #[error("soft-dirty tracking is not available: {0}")]
     Unsupported(#[from] SoftDirtyUnsupported),
+    #[error("uffd tracking is not available: {0}")]
+    Uffd(#[from] UffdUnavailable),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -280,7 +280,7 @@ impl PunchWatch {
     }
 
     /// Whether the file may have lost pages since the last call.
-    fn since_last(&mut self, file: &File) -> Result<bool, TrackError> {
+    pub(crate) fn since_last(&mut self, file: &File) -> Result<bool, TrackError> {
         match self {
             PunchWatch::Ctime(last) => {
                 let now = ctime_of(file)?;
