@@ -5,6 +5,11 @@
 //! QEMU, records its pid, waits for it and writes its exit status to a file.
 //! So a VM survives a restart of tandemd, and its exit status is still known
 //! even when it ends while no tandemd is running. This is the conmon model.
+//!
+//! The shim also gives QEMU tandem's userfaultfd preload (when it is
+//! installed): the library in `LD_PRELOAD` and a listening socket made
+//! here, beside the RAM file, over which tandemd later asks QEMU to
+//! register guest RAM for dirty tracking ([`UffdHandoff`], docs/dirty.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +37,15 @@ pub const FENCE_LEASE_FILE: &str = "fence-lease";
 pub const LEASE_ENV: &str = "TANDEM_FENCE_LEASE";
 /// Written by the shim when it fenced QEMU.
 pub const FENCED_FILE: &str = "fenced.json";
+/// Where the userfaultfd preload library is (tandemd's environment, which
+/// the shim inherits); `none` starts QEMU without it. Unset: the library
+/// beside the tandemd executable ([`UFFD_PRELOAD_FILE`]).
+pub const UFFD_PRELOAD_ENV: &str = "TANDEM_UFFD_PRELOAD";
+/// The preload library's file name (the `tandem-uffd-preload` crate).
+pub const UFFD_PRELOAD_FILE: &str = "libtandem_uffd_preload.so";
+/// Tells the preload, inside QEMU, which inherited descriptor is its
+/// listening socket. The preload removes it from QEMU's environment.
+pub const UFFD_FD_ENV: &str = "TANDEM_UFFD_FD";
 const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// What the shim records when QEMU ends.
@@ -86,7 +100,24 @@ fn run_shim_with_lease(run_dir: &Path, lease: &Path, qemu: &Path, args: &[String
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    let mut child = match cmd.spawn() {
+    // Dirty tracking by userfaultfd needs guest RAM registered inside
+    // QEMU: its preload gets a listening socket beside the RAM file (and
+    // the lease), served from inside QEMU, whether or not the VM is ever
+    // protected (a protection can start at any time; unasked, the preload
+    // does nothing).
+    let handoff = find_uffd_preload().and_then(|lib| {
+        UffdHandoff::bind(&uffd_socket(lease), &lib)
+            .map_err(|e| eprintln!("tandem shim: QEMU starts without the uffd preload: {e}"))
+            .ok()
+    });
+    if let Some(h) = &handoff {
+        h.apply(&mut cmd);
+    }
+    let spawned = cmd.spawn();
+    // QEMU holds the listening socket now; the shim's copy goes (the
+    // socket file stays until QEMU ends).
+    let socket_file = handoff.map(UffdHandoff::into_socket_file);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let exit = ShimExit {
@@ -108,6 +139,7 @@ fn run_shim_with_lease(run_dir: &Path, lease: &Path, qemu: &Path, args: &[String
         eprintln!("tandem shim: cannot record QEMU pid: {e}");
     }
     let status = wait_enforcing_lease(&mut child, run_dir, lease);
+    drop(socket_file);
     let exit = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
@@ -228,6 +260,109 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The socket through which tandemd asks QEMU's uffd preload to register
+/// guest RAM: beside a runtime file of the VM, named after it
+/// (`NAME.uffd` beside `NAME.ram` and `NAME.lease` in tandemd's private
+/// RAM directory). The shim derives it from the lease path, the tracker
+/// from the RAM file's: both live in that directory under the VM's name.
+pub fn uffd_socket(runtime_file: &Path) -> PathBuf {
+    runtime_file.with_extension("uffd")
+}
+
+/// The preload library: [`UFFD_PRELOAD_ENV`] if set (`none`: no library),
+/// else [`UFFD_PRELOAD_FILE`] beside this executable, if it is there.
+pub fn find_uffd_preload() -> Option<PathBuf> {
+    match std::env::var_os(UFFD_PRELOAD_ENV) {
+        Some(v) if v == "none" => None,
+        Some(v) if !v.is_empty() => Some(PathBuf::from(v)),
+        _ => std::env::current_exe()
+            .ok()?
+            .parent()
+            .map(|d| d.join(UFFD_PRELOAD_FILE))
+            .filter(|p| p.is_file()),
+    }
+}
+
+/// QEMU's end of the uffd preload: a listening unix socket made by the
+/// shim (so QEMU needs no right to create files, and only root can
+/// connect: the file is 0600 in a private directory), which QEMU inherits
+/// with the library in `LD_PRELOAD`.
+pub struct UffdHandoff {
+    listener: std::os::unix::net::UnixListener,
+    library: PathBuf,
+    socket: SocketFile,
+}
+
+/// A socket file, removed when dropped.
+pub struct SocketFile(PathBuf);
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl UffdHandoff {
+    /// Binds `socket` (replacing a stale one), 0600, for `library`. Fails
+    /// if the library is not an absolute path to a file: the dynamic
+    /// loader would ignore anything else with only a warning.
+    pub fn bind(socket: &Path, library: &Path) -> std::io::Result<UffdHandoff> {
+        use std::os::unix::fs::PermissionsExt;
+        if !library.is_absolute() || !library.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no preload library at {}", library.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(socket);
+        let listener = std::os::unix::net::UnixListener::bind(socket)?;
+        let socket = SocketFile(socket.to_path_buf());
+        std::fs::set_permissions(socket.path(), std::fs::Permissions::from_mode(0o600))?;
+        Ok(UffdHandoff {
+            listener,
+            library: library.to_path_buf(),
+            socket,
+        })
+    }
+
+    /// Makes `cmd` load the library and inherit the listening socket.
+    pub fn apply(&self, cmd: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = self.listener.as_raw_fd();
+        let mut preload = self.library.as_os_str().to_os_string();
+        if let Some(more) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+            preload.push(":");
+            preload.push(more);
+        }
+        cmd.env("LD_PRELOAD", preload)
+            .env(UFFD_FD_ENV, fd.to_string());
+        // SAFETY: runs between fork and exec; fcntl(2) is
+        // async-signal-safe, allocates nothing and only clears the
+        // close-on-exec flag of the listening socket, which the child
+        // inherited from us, so that QEMU keeps it across exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+                fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                Ok(())
+            });
+        }
+    }
+
+    /// Closes this process's copy of the listening socket and keeps the
+    /// file, to be removed when the returned value drops.
+    pub fn into_socket_file(self) -> SocketFile {
+        self.socket
+    }
+}
+
 /// How tandemd starts a shim.
 #[derive(Debug, Clone)]
 pub struct ShimLauncher {
@@ -323,6 +458,43 @@ mod tests {
         assert_eq!(shim.join().unwrap(), 0);
         let exit = read_exit(run.path()).expect("exit recorded");
         assert_eq!(exit.signal, Some(9));
+    }
+
+    /// QEMU is started with the preload library in `LD_PRELOAD` and the
+    /// listening socket inherited (named in `TANDEM_UFFD_FD`); the socket
+    /// file is root's alone, and goes when QEMU's end does.
+    #[test]
+    fn qemu_inherits_the_uffd_socket_and_loads_the_library() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libfake.so");
+        std::fs::write(&lib, b"").unwrap();
+        let socket = uffd_socket(&dir.path().join("vm.lease"));
+        assert_eq!(socket, dir.path().join("vm.uffd"));
+        assert_eq!(uffd_socket(&dir.path().join("vm.ram")), socket);
+        assert!(UffdHandoff::bind(&socket, Path::new("libfake.so")).is_err());
+        let h = UffdHandoff::bind(&socket, &lib).unwrap();
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args([
+            "-c",
+            "echo \"$TANDEM_UFFD_FD\"; echo \"$LD_PRELOAD\"; readlink /proc/$$/fd/$TANDEM_UFFD_FD",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+        h.apply(&mut cmd);
+        let out = cmd.output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines[0].parse::<i32>().is_ok_and(|fd| fd > 2), "{out}");
+        assert!(lines[1].starts_with(lib.to_str().unwrap()), "{out}");
+        assert!(lines[2].starts_with("socket:"), "{out}");
+        let file = h.into_socket_file();
+        assert!(file.path().exists());
+        drop(file);
+        assert!(!socket.exists());
     }
 
     /// The lease is on the boot clock: a deadline is compared with
