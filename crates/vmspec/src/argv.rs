@@ -65,6 +65,11 @@ pub fn disk_node_name(disk: &str) -> String {
     format!("disk-{disk}")
 }
 
+/// QEMU's seccomp sandbox as `sandbox = true` asks for it: on, with the
+/// optional groups denied as libvirt denies them. tandem's own code inside
+/// QEMU (the uffd preload's thread) makes none of those calls.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Builds the full argv (without the binary itself) for `spec`.
 ///
 /// The guest starts paused (`-S`): the supervisor connects QMP first and then
@@ -79,6 +84,9 @@ pub fn build_argv(spec: &VmSpec, rt: &RuntimePaths) -> Vec<String> {
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
     push(&["-msg", "timestamp=on"]);
+    if spec.sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&["-accel", rt.accel.as_str()]);
     if rt.accel == Accel::Kvm {
         push(&["-cpu", "host"]);
@@ -223,6 +231,19 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_is_off_unless_asked_for() {
+        let spec = parse_and_validate(SPEC, |_| true).unwrap();
+        assert!(!spec.sandbox);
+        assert!(value_after(&build_argv(&spec, &rt(Accel::Tcg)), "-sandbox").is_empty());
+        let text = format!("sandbox = true\n{SPEC}");
+        let spec = parse_and_validate(&text, |_| true).unwrap();
+        assert_eq!(
+            value_after(&build_argv(&spec, &rt(Accel::Tcg)), "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+    }
+
+    #[test]
     fn incoming_waits_for_a_checkpoint() {
         let spec = parse_and_validate(SPEC, |_| true).unwrap();
         let plain = build_argv(&spec, &rt(Accel::Tcg));
@@ -332,6 +353,7 @@ mod injection {
         "-name",
         "-display",
         "-msg",
+        "-sandbox",
         "-accel",
         "-cpu",
         "-smp",
@@ -352,7 +374,8 @@ mod injection {
     ];
     /// Flags whose value QEMU reads as `[type,]key=value,…`.
     const KEYED: &[&str] = &[
-        "-name", "-msg", "-object", "-machine", "-chardev", "-mon", "-device", "-netdev",
+        "-name", "-msg", "-sandbox", "-object", "-machine", "-chardev", "-mon", "-device",
+        "-netdev",
     ];
 
     /// Splits an option value the way QEMU does (QemuOpts and keyval alike):
@@ -434,6 +457,19 @@ mod injection {
                     prop_assert_eq!(value(&opts, "guest"), spec.name.as_str());
                 }
                 "-msg" => prop_assert_eq!(&k, &["timestamp"]),
+                "-sandbox" => {
+                    prop_assert!(spec.sandbox);
+                    prop_assert_eq!(
+                        &k,
+                        &[
+                            "",
+                            "obsolete",
+                            "elevateprivileges",
+                            "spawn",
+                            "resourcecontrol"
+                        ]
+                    );
+                }
                 "-mon" => prop_assert_eq!(&k, &["chardev", "mode"]),
                 "-object" => {
                     prop_assert_eq!(&k, &["", "id", "size", "mem-path", "share"]);
@@ -642,7 +678,7 @@ mod injection {
 
     fn spec() -> impl Strategy<Value = VmSpec> {
         (
-            (name(), 1u32..4, 32u64..1024, machine()),
+            (name(), 1u32..4, 32u64..1024, machine(), any::<bool>()),
             (
                 any::<bool>(),
                 path(),
@@ -654,7 +690,7 @@ mod injection {
         )
             .prop_map(
                 |(
-                    (name, vcpus, memory_mib, machine),
+                    (name, vcpus, memory_mib, machine, sandbox),
                     (by_kernel, kernel, initrd, cmdline),
                     disks,
                     nics,
@@ -683,6 +719,7 @@ mod injection {
                         accelerator: Accelerator::Auto,
                         machine,
                         shutdown_timeout_s: 30,
+                        sandbox,
                         boot,
                         disks,
                         nics,
