@@ -8,6 +8,7 @@
 //! It holds no policy about *which* VMs are protected; tandemd decides that.
 
 pub mod assembler;
+pub mod authority;
 pub mod backup;
 pub mod clock;
 pub mod disklog;

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+
+pub use crate::authority::PeerIdentity;
 
 use tandem_supervisor::sock::{bind_unix, remove_stale_socket, SocketPerms};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -94,6 +97,102 @@ pub async fn connect(ep: &Endpoint) -> std::io::Result<BoxStream> {
     })
 }
 
+/// A backup reached over mutual TLS: the TCP endpoint, and the name its
+/// cluster certificate must carry (the host this primary means to protect
+/// to, not whoever answers at the address).
+#[derive(Clone)]
+pub struct TlsEndpoint {
+    pub endpoint: Endpoint,
+    pub peer_name: String,
+    pub client: Arc<tandem_pki::rustls::ClientConfig>,
+}
+
+impl std::fmt::Display for TlsEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{} (TLS)", self.peer_name, self.endpoint)
+    }
+}
+
+/// A handshake that stalls (a peer that connects and says nothing) must not
+/// hold a connection slot.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Connect for TlsEndpoint {
+    fn connect(&self) -> BoxFuture<'_, std::io::Result<BoxStream>> {
+        Box::pin(async move {
+            let Endpoint::Tcp(addr) = &self.endpoint else {
+                return Err(std::io::Error::other(
+                    "TLS is for TCP links; a unix socket is this host's own",
+                ));
+            };
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {CONNECT_TIMEOUT:?}"),
+                    )
+                })??;
+            tcp.set_nodelay(true)?;
+            let (tls, peer) = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tandem_pki::connect(self.client.clone(), &self.peer_name, tcp),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("TLS with {}: {e}", self.peer_name),
+                )
+            })?;
+            peer.require_role(&[tandem_pki::Role::Host]).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} answered with a {} certificate, not a host's",
+                        peer.name, peer.role
+                    ),
+                )
+            })?;
+            Ok(Box::pin(tls) as BoxStream)
+        })
+    }
+}
+
+/// Authenticates an accepted connection: with `tls`, a mutual-TLS
+/// handshake (bounded in time) whose certificate names the peer; without,
+/// the peer is what its transport says (a local socket, or an address).
+pub async fn authenticate(
+    conn: BoxStream,
+    addr: String,
+    tls: Option<&Arc<tandem_pki::rustls::ServerConfig>>,
+) -> Result<(BoxStream, PeerIdentity), String> {
+    let Some(cfg) = tls else {
+        let who = if addr.starts_with("unix:") {
+            PeerIdentity::Local(addr)
+        } else {
+            PeerIdentity::Unauthenticated(addr)
+        };
+        return Ok((conn, who));
+    };
+    if addr.starts_with("unix:") {
+        return Ok((conn, PeerIdentity::Local(addr)));
+    }
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tandem_pki::accept(cfg.clone(), conn)).await {
+        Ok(Ok((tls, peer))) => Ok((Box::pin(tls), PeerIdentity::Certified { addr, peer })),
+        Ok(Err(e)) => Err(format!("{addr}: TLS refused: {e}")),
+        Err(_) => Err(format!(
+            "{addr}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+        )),
+    }
+}
+
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
@@ -112,6 +211,14 @@ impl Listener {
                 Listener::Unix(UnixListener::from_std(l)?, p.clone())
             }
         })
+    }
+
+    /// The TCP address bound (port 0 binds an ephemeral one).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
     }
 
     /// Accepts one connection and says who it is from.
@@ -159,6 +266,131 @@ mod tests {
         );
         for bad in ["", "unix:", "host", "host:port", ":80", "h:99999"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
+        }
+    }
+
+    mod tls {
+        use super::super::*;
+        use std::time::Duration;
+        use tandem_pki::{ClusterCa, NoRevocations, Role};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        struct Cluster {
+            _dir: tempfile::TempDir,
+            ca: ClusterCa,
+        }
+
+        fn cluster(name: &str) -> Cluster {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = ClusterCa::create(&dir.path().join("ca"), name).unwrap();
+            Cluster { _dir: dir, ca }
+        }
+
+        fn identity(c: &Cluster, name: &str, role: Role) -> tandem_pki::Identity {
+            let issued = c.ca.issue(name, role, Duration::from_secs(3600)).unwrap();
+            c.ca.identity(&issued).unwrap()
+        }
+
+        fn client(id: &tandem_pki::Identity) -> Arc<tandem_pki::rustls::ClientConfig> {
+            tandem_pki::client_config(id, Arc::new(NoRevocations)).unwrap()
+        }
+
+        /// A backup `host-b` listening with TLS; the peer each accepted
+        /// connection authenticated as (or why not) comes back on the channel.
+        async fn backup(
+            c: &Cluster,
+        ) -> (
+            Endpoint,
+            tokio::sync::mpsc::UnboundedReceiver<Result<PeerIdentity, String>>,
+        ) {
+            let id = identity(c, "host-b", Role::Host);
+            let cfg = tandem_pki::server_config(&id, Arc::new(NoRevocations)).unwrap();
+            let l = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".into()))
+                .await
+                .unwrap();
+            let ep = Endpoint::Tcp(l.local_addr().unwrap().to_string());
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Ok((conn, addr)) = l.accept().await {
+                    let cfg = cfg.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        match authenticate(conn, addr, Some(&cfg)).await {
+                            Ok((mut s, who)) => {
+                                let _ = tx.send(Ok(who));
+                                let mut b = [0u8; 5];
+                                if s.read_exact(&mut b).await.is_ok() {
+                                    let _ = s.write_all(&b).await;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                            }
+                        }
+                    });
+                }
+            });
+            (ep, rx)
+        }
+
+        #[tokio::test]
+        async fn a_host_of_the_cluster_is_known_by_its_certificate() {
+            let c = cluster("prod");
+            let (ep, mut seen) = backup(&c).await;
+            let to = TlsEndpoint {
+                endpoint: ep,
+                peer_name: "host-b".into(),
+                client: client(&identity(&c, "host-a", Role::Host)),
+            };
+            let mut s = to.connect().await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            let mut b = [0u8; 5];
+            s.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"hello");
+            match seen.recv().await.unwrap().unwrap() {
+                PeerIdentity::Certified { peer, .. } => {
+                    assert_eq!((peer.name.as_str(), peer.role), ("host-a", Role::Host));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        #[tokio::test]
+        async fn another_clusters_host_and_a_plain_peer_are_refused() {
+            let c = cluster("prod");
+            let (ep, mut seen) = backup(&c).await;
+            let stranger = cluster("prod");
+            let to = TlsEndpoint {
+                endpoint: ep.clone(),
+                peer_name: "host-b".into(),
+                client: client(&identity(&stranger, "host-a", Role::Host)),
+            };
+            // The stranger does not trust our backup either.
+            assert!(to.connect().await.is_err());
+            let e = seen.recv().await.unwrap().unwrap_err();
+            assert!(e.contains("TLS refused"), "{e}");
+
+            // Plain TCP, as a version without TLS would speak.
+            let Endpoint::Tcp(addr) = &ep else {
+                unreachable!()
+            };
+            let mut plain = TcpStream::connect(addr).await.unwrap();
+            plain.write_all(&[0u8; 64]).await.unwrap();
+            let e = seen.recv().await.unwrap().unwrap_err();
+            assert!(e.contains("TLS refused"), "{e}");
+        }
+
+        #[tokio::test]
+        async fn a_backup_answering_under_another_name_is_refused() {
+            let c = cluster("prod");
+            let (ep, _seen) = backup(&c).await;
+            let to = TlsEndpoint {
+                endpoint: ep,
+                peer_name: "host-c".into(),
+                client: client(&identity(&c, "host-a", Role::Host)),
+            };
+            let e = to.connect().await.err().unwrap();
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
         }
     }
 
