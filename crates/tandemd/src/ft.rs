@@ -398,13 +398,13 @@ impl Ft {
             )));
         }
         // The switch writes guest RAM through tandemd's own mapping, which
-        // soft-dirty bits cannot see: where soft-dirty may be used, the
-        // VM's switch ports record their writes for the tracker. (A scan
-        // sees every write; then the ports are spared the bookkeeping.)
+        // page-table trackers (uffd, soft-dirty) cannot see: where one may
+        // be used, the VM's switch ports record their writes for the
+        // tracker. (A scan sees every write; then the ports are spared the
+        // bookkeeping.)
         let write_log = (switch_nics
             && self.switch.is_some()
-            && tracker != TrackerChoice::Scan
-            && soft_dirty.is_ok())
+            && tandem_replication::tracker::needs_write_log(tracker))
         .then(|| {
             Arc::new(tandem_dirty::PageLog::new(
                 port.ram_size() / tandem_dirty::PAGE_SIZE as u64,

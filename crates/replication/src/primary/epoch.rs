@@ -302,13 +302,14 @@ impl<G: Guest> Engine<G> {
                 // The tracker can no longer vouch for anything: copy all of
                 // RAM in this pause and scan from now on.
                 warn!(vm = %name, "dirty tracking failed, falling back to scan: {e}");
+                let failed = tracker.name();
                 let mut scan = ScanTracker::new(live.len() / PAGE_SIZE, 0);
                 let d = scan.scan(RamView {
                     bytes: live,
                     data: data.as_ref(),
                 });
                 *tracker = Box::new(scan);
-                self.set(|s| s.tracker = format!("scan (soft-dirty failed: {e})"));
+                self.set(|s| s.tracker = format!("scan ({failed} failed: {e})"));
                 d
             }
         }
