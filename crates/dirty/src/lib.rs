@@ -137,6 +137,12 @@ pub trait DirtyTracker: Send {
     fn tracks_moments(&self) -> bool {
         false
     }
+    /// Whether [`DirtyTracker::collect`] wants [`RamView::data`] (finding
+    /// the RAM file's holes costs up to a few ms per GiB). A tracker that
+    /// says no finds them itself in the rare collect that needs them.
+    fn wants_data_pages(&self) -> bool {
+        true
+    }
 }
 
 /// The hash of an all-zero page: what a hole reads as.

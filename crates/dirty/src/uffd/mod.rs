@@ -372,6 +372,12 @@ impl DirtyTracker for UffdTracker {
     fn tracks_moments(&self) -> bool {
         true
     }
+
+    /// Only a collect after a punch, or one that reports everything,
+    /// reads zero-ness; it finds the holes itself then.
+    fn wants_data_pages(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

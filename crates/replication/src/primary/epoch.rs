@@ -223,7 +223,9 @@ impl<G: Guest> Engine<G> {
         let overlap = !tracker.tracks_moments();
         let mut device_state =
             (with_state && overlap).then(|| window.spawn_device_state(ds_timeout));
+        let collect_started = Instant::now();
         let dirty = self.collect_dirty(ram, tracker);
+        let collect_us = collect_started.elapsed().as_micros() as u64;
         if with_state && device_state.is_none() {
             device_state = Some(window.spawn_device_state(ds_timeout));
         }
@@ -237,6 +239,7 @@ impl<G: Guest> Engine<G> {
         tracing::debug!(
             epoch,
             stop_us = (stopped_at - started).as_micros() as u64,
+            collect_us,
             scan_us = (scanned_at - stopped_at).as_micros() as u64,
             device_state_wait_us = scanned_at.elapsed().as_micros() as u64,
             "epoch captured"
@@ -289,7 +292,10 @@ impl<G: Guest> Engine<G> {
             }
         }
         let collect = || {
-            let data = ram.data_pages();
+            let data = tracker
+                .wants_data_pages()
+                .then(|| ram.data_pages())
+                .flatten();
             let view = RamView {
                 bytes: live,
                 data: data.as_ref(),
@@ -303,6 +309,7 @@ impl<G: Guest> Engine<G> {
                 // RAM in this pause and scan from now on.
                 warn!(vm = %name, "dirty tracking failed, falling back to scan: {e}");
                 let failed = tracker.name();
+                let data = data.or_else(|| ram.data_pages());
                 let mut scan = ScanTracker::new(live.len() / PAGE_SIZE, 0);
                 let d = scan.scan(RamView {
                     bytes: live,
