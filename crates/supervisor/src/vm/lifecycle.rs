@@ -10,7 +10,10 @@ use tandem_vmspec::{build_argv, RuntimePaths};
 use tracing::{info, warn};
 
 use super::exit::{describe, ExitHint};
-use super::snapshot::{place_ram_file, RestoreSource, CHECKPOINT_SOCKET};
+use super::record::BaseDir;
+use super::snapshot::{
+    place_ram_file, DirOwner, RestoreRam, RestoreSource, CHECKPOINT_SOCKET, OWNER_FILE,
+};
 use super::{
     io_err, qemu_marker, wait_exited, Supervisor, SupervisorError, Vm, QMP_SOCKET, SERIAL_LOG,
     TAIL_LINES,
@@ -38,6 +41,12 @@ enum StartFailure {
     Prepare(#[source] CheckpointError),
     #[error("loading the checkpoint's device state: {0}")]
     LoadDeviceState(#[source] CheckpointError),
+    #[error("making {dir} the VM's own before it runs: {source}")]
+    Claim {
+        dir: String,
+        #[source]
+        source: SupervisorError,
+    },
     #[error("cont: {0}")]
     Cont(#[source] QmpError),
     #[error("{0}")]
@@ -68,6 +77,13 @@ impl Supervisor {
                         d.format = *format;
                     }
                 }
+                if let RestoreRam::InPlace { dir, .. } = &src.ram {
+                    // Lent, not owned, until the guest runs from it.
+                    r.base = Some(BaseDir {
+                        dir: dir.clone(),
+                        owned: false,
+                    });
+                }
             })?;
         }
         let spec = vm.record().spec;
@@ -88,9 +104,18 @@ impl Supervisor {
         }
         // Records and logs (the guest's console among them) are root's alone.
         make_private(&vm.dir).map_err(io_err(format!("securing {}", vm.dir.display())))?;
-        let files = vm.next_runtime.clone();
-        let private = files.ram_file.parent().unwrap_or(&files.ram_file);
+        let mut files = vm.next_runtime.clone();
+        let private = files.lease_file.parent().unwrap_or(&files.lease_file);
         ensure_private_dir(private).map_err(io_err("preparing the private RAM directory"))?;
+        // A RAM file used in place is a replica's until the guest runs from
+        // it: nothing here may remove or create it.
+        let in_place = match restore.as_ref().map(|r| &r.ram) {
+            Some(RestoreRam::InPlace { file, .. }) => {
+                files.ram_file = file.clone();
+                true
+            }
+            _ => false,
+        };
 
         for f in [
             shim::PID_FILE,
@@ -110,17 +135,24 @@ impl Supervisor {
         // The last QEMU's files (possibly where an older tandemd kept
         // them), then whatever is at the new paths.
         if let Some(last) = vm.record().runtime {
-            let _ = std::fs::remove_file(&last.ram_file);
-            let _ = std::fs::remove_file(&last.lease_file);
+            vm.remove_runtime_files(&last);
         }
-        let _ = std::fs::remove_file(&files.ram_file);
+        if !in_place {
+            let _ = std::fs::remove_file(&files.ram_file);
+        }
         let _ = std::fs::remove_file(&files.lease_file);
         // tandemd makes the RAM file itself, private and sized, before QEMU
         // runs; QEMU opens the existing file.
-        match &restore {
-            Some(src) => place_ram_file(&src.ram_file, &files.ram_file)?,
+        match restore.as_ref().map(|r| &r.ram) {
+            Some(RestoreRam::Copy(from)) => place_ram_file(from, &files.ram_file)?,
+            Some(RestoreRam::InPlace { file, .. }) => check_ram_file(file, spec.memory_mib << 20)?,
             None => create_ram_file(&files.ram_file, spec.memory_mib << 20)?,
         }
+        let discard_ram = |files: &super::record::RuntimeFiles| {
+            if !in_place {
+                let _ = std::fs::remove_file(&files.ram_file);
+            }
+        };
         *vm.exit_hint.lock() = None;
         let prepared = vm.update(|r| {
             r.runtime = Some(files.clone());
@@ -132,7 +164,7 @@ impl Supervisor {
             r.stop_requested = false;
         });
         if let Err(e) = prepared {
-            let _ = std::fs::remove_file(&files.ram_file);
+            discard_ram(&files);
             return Err(e);
         }
 
@@ -152,7 +184,7 @@ impl Supervisor {
         let mut shim_child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_file(&files.ram_file);
+                discard_ram(&files);
                 return Err(io_err("starting the QEMU shim")(e));
             }
         };
@@ -176,8 +208,12 @@ impl Supervisor {
 
         let outcome = match started {
             Ok(()) => {
-                self.finish_start(&vm, restore.as_ref().map(|r| r.device_state.as_slice()))
-                    .await
+                let device_state = restore.as_ref().map(|r| r.device_state.as_slice());
+                let claim = restore.as_ref().and_then(|r| match &r.ram {
+                    RestoreRam::InPlace { dir, .. } => Some(dir.as_path()),
+                    RestoreRam::Copy(_) => None,
+                });
+                self.finish_start(&vm, device_state, claim).await
             }
             Err(e) => Err(StartFailure::Persist(e)),
         };
@@ -202,10 +238,14 @@ impl Supervisor {
     }
 
     /// Waits for QEMU to come up, connects QMP and lets the guest run.
+    /// `claim`: the directory an in-place restore runs from, which becomes
+    /// the VM's own just before `cont` (and stays the replica it was if
+    /// anything fails before).
     async fn finish_start(
         &self,
         vm: &Vm,
         device_state: Option<&[u8]>,
+        claim: Option<&std::path::Path>,
     ) -> Result<QmpClient, StartFailure> {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let pid = loop {
@@ -259,9 +299,22 @@ impl Supervisor {
             .map_err(StartFailure::LoadDeviceState)?;
             info!(vm = %vm.name, ms = t.elapsed().as_millis() as u64, "device state loaded");
         }
-        qmp.execute(qmp::cont {})
-            .await
-            .map_err(StartFailure::Cont)?;
+        if let Some(dir) = claim {
+            claim_base(vm, dir).map_err(|source| StartFailure::Claim {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+        }
+        if let Err(e) = qmp.execute(qmp::cont {}).await {
+            if let (Some(dir), QmpError::Qemu { .. }) = (claim, &e) {
+                // QEMU refused `cont`: the guest never ran, and the
+                // directory is still the replica it was. (Any other
+                // failure leaves it unknown whether the guest ran: then it
+                // stays the VM's, never resumed again.)
+                release_base(vm, dir);
+            }
+            return Err(StartFailure::Cont(e));
+        }
         if device_state.is_some() {
             // The guest now lives somewhere new: have QEMU announce its MACs
             // (gratuitous ARP/RARP) so switches learn the new port at once.
@@ -374,9 +427,21 @@ impl Supervisor {
         if vm.state().is_active() {
             return Err(vm.bad_state("destroy"));
         }
-        let files = vm.runtime();
-        let _ = std::fs::remove_file(&files.ram_file);
-        let _ = std::fs::remove_file(&files.lease_file);
+        vm.remove_runtime_files(&vm.runtime());
+        // The base the VM ran from in place is its own: it goes first (a
+        // crash after leaves the record, and a second destroy finishes).
+        let rec = vm.record();
+        if let Some(base) = rec.base.filter(|b| b.owned) {
+            let ours = super::snapshot::dir_owner(&base.dir)
+                .ok()
+                .flatten()
+                .is_some_and(|o| o.uuid == rec.uuid.to_string());
+            if ours {
+                std::fs::remove_dir_all(&base.dir)
+                    .map_err(io_err(format!("removing {}", base.dir.display())))?;
+                info!(vm = %name, dir = %base.dir.display(), "removed the base the VM ran from");
+            }
+        }
         std::fs::remove_dir_all(&vm.dir)
             .map_err(io_err(format!("removing {}", vm.dir.display())))?;
         if let Some(ports) = &self.cfg.nic_ports {
@@ -412,6 +477,58 @@ fn create_ram_file(path: &std::path::Path, bytes: u64) -> Result<(), SupervisorE
         return Err(io_err(context())(e));
     }
     Ok(())
+}
+
+/// The RAM file an in-place restore maps: a regular file (not a symlink)
+/// of exactly the guest's RAM size. Nothing is changed.
+fn check_ram_file(path: &std::path::Path, bytes: u64) -> Result<(), SupervisorError> {
+    let m = std::fs::symlink_metadata(path)
+        .map_err(io_err(format!("the RAM file {}", path.display())))?;
+    if !m.file_type().is_file() || m.len() != bytes {
+        return Err(SupervisorError::Refused(format!(
+            "{} is not a RAM file of {bytes} bytes (the guest's RAM) to run from in place",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Makes `dir` the VM's own, durably, before its guest first runs from
+/// it: the record first (so a destroy knows it), then the marker in the
+/// directory (so nobody resumes or writes it again). A crash between the
+/// two leaves a record naming a directory without the marker, which a
+/// destroy leaves alone.
+fn claim_base(vm: &Vm, dir: &std::path::Path) -> Result<(), SupervisorError> {
+    vm.update(|r| {
+        r.base = Some(BaseDir {
+            dir: dir.to_path_buf(),
+            owned: true,
+        })
+    })?;
+    let owner = DirOwner {
+        vm: vm.name.clone(),
+        uuid: vm.rec.lock().uuid.to_string(),
+        since: now_unix(),
+    };
+    let marked = crate::util::atomic_write_json(&dir.join(OWNER_FILE), &owner);
+    if let Err(e) = marked {
+        release_base(vm, dir);
+        return Err(io_err(format!(
+            "writing {}",
+            dir.join(OWNER_FILE).display()
+        ))(e));
+    }
+    Ok(())
+}
+
+/// Undoes [`claim_base`] for a guest that never ran: the marker first.
+fn release_base(vm: &Vm, dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join(OWNER_FILE));
+    vm.update_logged(|r| {
+        if let Some(b) = r.base.as_mut().filter(|b| b.dir == dir) {
+            b.owned = false;
+        }
+    });
 }
 
 /// A start failed: make sure the QEMU it launched (if any) does not live

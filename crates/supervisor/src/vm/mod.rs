@@ -41,8 +41,8 @@ pub use error::SupervisorError;
 pub use exit::ExitCause;
 pub use guest_port::{CheckpointWindow, DeviceStateJob, GuestPort};
 pub use snapshot::{
-    confine_checkpoint_dir, CheckpointDisk, CheckpointManifest, CheckpointReport,
-    CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM,
+    confine_checkpoint_dir, dir_owner, CheckpointDisk, CheckpointManifest, CheckpointReport,
+    DirOwner, CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM, OWNER_FILE,
 };
 
 use error::io_err;
@@ -318,6 +318,7 @@ impl Supervisor {
             last_exit: None,
             exit_cause: None,
             runtime: None,
+            base: None,
         };
         self.attach_nics(&rec.spec).map_err(|e| {
             SpecError::Invalid(vec![tandem_vmspec::FieldError {

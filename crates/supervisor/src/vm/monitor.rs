@@ -112,11 +112,10 @@ impl Supervisor {
             serial_tail: tail_lines(&vm.serial_log(), TAIL_LINES),
             qemu_log_tail: tail_lines(&vm.dir.join(shim::QEMU_LOG), TAIL_LINES),
         };
-        // The guest's memory goes with its QEMU, and so does the lease
-        // (the shim that read it is gone).
-        let files = vm.runtime();
-        let _ = std::fs::remove_file(&files.ram_file);
-        let _ = std::fs::remove_file(&files.lease_file);
+        // The guest's memory goes with its QEMU (unless it is a replica's
+        // the guest never ran from), and so does the lease (the shim that
+        // read it is gone).
+        vm.remove_runtime_files(&vm.runtime());
         *vm.live.lock() = None;
         match state {
             VmState::Crashed => warn!(vm = %vm.name, reason = %info.reason, "VM crashed"),

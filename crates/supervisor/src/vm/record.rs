@@ -53,6 +53,23 @@ pub(super) struct VmRecord {
     /// records from before they were kept, and before the first start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) runtime: Option<RuntimeFiles>,
+    /// The directory the VM was last restored from in place (a replica a
+    /// takeover ran it from, see [`BaseDir`]). Absent for every other VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) base: Option<BaseDir>,
+}
+
+/// A directory a VM runs from in place: its RAM file (while the QEMU
+/// restored from it runs) and the backing files of its disks' overlays.
+/// Until the guest has run from it (`owned` false) it is still someone
+/// else's (a replica, resumable again): nothing of the VM's lifecycle
+/// removes or writes it. Once the guest ran, it is the VM's own: marked so
+/// in the directory ([`super::snapshot::OWNER_FILE`]) and removed with the
+/// VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct BaseDir {
+    pub(super) dir: PathBuf,
+    pub(super) owned: bool,
 }
 
 /// Where one QEMU of a VM keeps its RAM, and where its shim reads the fence
@@ -165,6 +182,22 @@ impl Vm {
             .clone()
             .unwrap_or_else(|| self.next_runtime.clone())
     }
+    /// Removes the RAM file and fence lease of a QEMU of this VM that is
+    /// gone (or never ran). A RAM file used in place is left alone while
+    /// its directory is not the VM's own ([`BaseDir`]): it is a replica's,
+    /// resumable again after a failed start.
+    pub(super) fn remove_runtime_files(&self, files: &RuntimeFiles) {
+        let lent = self
+            .rec
+            .lock()
+            .base
+            .as_ref()
+            .is_some_and(|b| !b.owned && files.ram_file.starts_with(&b.dir));
+        if !lent {
+            let _ = std::fs::remove_file(&files.ram_file);
+        }
+        let _ = std::fs::remove_file(&files.lease_file);
+    }
     /// Changes the record and persists it atomically. Writes are serialised
     /// in the order of the changes, so the file always ends with the latest
     /// record, never a torn or an older one. The change stays in memory
@@ -239,6 +272,7 @@ initrd = "/i"
             }),
             exit_cause: None,
             runtime: None,
+            base: None,
         }
     }
 

@@ -22,30 +22,18 @@ impl Supervisor {
     /// by [`Supervisor::checkpoint_to`] (or by the replication backup): its
     /// RAM, device state and disks. The disks are copied into the VM's
     /// directory and *become* its disks: the spec on record points at them.
+    ///
+    /// A checkpoint must stay restorable (and may be restored into several
+    /// VMs, or deleted by its operator later), so nothing of it is used in
+    /// place: this costs a copy of RAM and every disk. The backup's
+    /// takeover, whose replica is used once, uses
+    /// [`Supervisor::restore_in_place`] instead.
     pub async fn restore_from(
         self: &Arc<Self>,
         name: &str,
         dir: &Path,
     ) -> Result<VmInfo, SupervisorError> {
-        let manifest: CheckpointManifest = std::fs::read(dir.join(CHECKPOINT_MANIFEST))
-            .map_err(io_err(format!(
-                "reading the checkpoint in {}",
-                dir.display()
-            )))
-            .and_then(|b| {
-                serde_json::from_slice(&b).map_err(|e| {
-                    io_err("parsing the checkpoint manifest")(std::io::Error::other(e))
-                })
-            })?;
-        // Nothing the manifest names may lead out of the checkpoint.
-        manifest.validate().map_err(|why| {
-            SupervisorError::Refused(format!(
-                "the checkpoint manifest in {} is refused: {why}",
-                dir.display()
-            ))
-        })?;
-        let device_state = std::fs::read(dir.join(CHECKPOINT_DEVICE_STATE))
-            .map_err(io_err("reading the checkpoint's device state"))?;
+        let (manifest, device_state) = read_checkpoint(dir)?;
         let vm = self.get(name).await?;
         if vm.state().is_active() {
             return Err(vm.bad_state("restore"));
@@ -62,11 +50,83 @@ impl Supervisor {
             disks.push((d.name.clone(), to, d.format));
         }
         let source = RestoreSource {
-            ram_file: dir.join(CHECKPOINT_RAM),
+            ram: RestoreRam::Copy(dir.join(CHECKPOINT_RAM)),
             device_state,
             disks,
         };
         self.start_with(name, Some(source)).await
+    }
+
+    /// Starts a VM that is not running from a checkpoint directory *in
+    /// place*, copying nothing: the backup's takeover from its replica.
+    /// Its QEMU maps the directory's RAM file itself (shared, as every
+    /// guest's RAM is), and each disk becomes a new qcow2 overlay in the
+    /// VM's directory backed by the directory's disk file, which QEMU
+    /// opens read-only. So the time to resume does not grow with RAM or
+    /// disk size.
+    ///
+    /// Nothing writes the directory before the guest runs: QEMU starts
+    /// with `-incoming defer`, and with `x-ignore-shared` the device-state
+    /// stream carries no page of the shared RAM block (QEMU refuses one
+    /// for an ignored block), and the overlays take every disk write. A
+    /// start that fails before `cont` leaves the directory as it was, to
+    /// be resumed again. Just before `cont` the directory becomes the VM's
+    /// own ([`OWNER_FILE`], [`dir_owner`]): from then on it is the VM's
+    /// live RAM and the base of its disks, never a replica again, and it
+    /// is removed when the VM is destroyed. A directory that already has
+    /// an owner is refused.
+    pub async fn restore_in_place(
+        self: &Arc<Self>,
+        name: &str,
+        dir: &Path,
+    ) -> Result<VmInfo, SupervisorError> {
+        let dir = dir
+            .canonicalize()
+            .map_err(io_err(format!("resolving {}", dir.display())))?;
+        if let Some(owner) = dir_owner(&dir).map_err(io_err("reading the directory's owner"))? {
+            return Err(SupervisorError::Refused(format!(
+                "{} is already the RAM and disk base of VM `{}` (uuid {}): it cannot be resumed again",
+                dir.display(),
+                owner.vm,
+                owner.uuid
+            )));
+        }
+        let (manifest, device_state) = read_checkpoint(&dir)?;
+        let vm = self.get(name).await?;
+        if vm.state().is_active() {
+            return Err(vm.bad_state("restore"));
+        }
+        let qemu_img = self.qemu_img();
+        let mut disks = Vec::new();
+        for d in &manifest.disks {
+            let overlay = vm.dir.join(overlay_file_name(&d.name));
+            create_overlay(&qemu_img, &dir.join(&d.file), d.format, &overlay).map_err(|e| {
+                SupervisorError::Io {
+                    context: format!("creating the overlay of disk {} on {}", d.name, d.file),
+                    source: e,
+                }
+            })?;
+            disks.push((d.name.clone(), overlay, DiskFormat::Qcow2));
+        }
+        let source = RestoreSource {
+            ram: RestoreRam::InPlace {
+                file: dir.join(CHECKPOINT_RAM),
+                dir,
+            },
+            device_state,
+            disks,
+        };
+        self.start_with(name, Some(source)).await
+    }
+
+    /// `qemu-img` beside the QEMU binary, else the one on `PATH`.
+    fn qemu_img(&self) -> PathBuf {
+        self.cfg
+            .qemu_binary
+            .parent()
+            .map(|d| d.join("qemu-img"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("qemu-img"))
     }
 
     /// Writes a consistent checkpoint of a running or paused VM into `dir`
@@ -135,7 +195,9 @@ impl Supervisor {
         .map_err(ck)?;
         // The migration has flushed and inactivated the disks, so their files
         // are consistent with the device state until `cont`.
-        let spec = vm.record().spec;
+        let rec = vm.record();
+        let spec = rec.spec;
+        let spec_base = rec.base.map(|b| b.dir);
         let mut disks = Vec::new();
         for d in &spec.disks {
             let ext = match d.format {
@@ -143,8 +205,16 @@ impl Supervisor {
                 DiskFormat::Raw => "raw",
             };
             let file = format!("disk-{}.{ext}", d.name);
-            copy_private(&d.path, &dir.join(&file))
-                .map_err(io_err(format!("copying disk {}", d.path.display())))?;
+            let to = dir.join(&file);
+            if is_overlay_of(&spec_base, &d.path) {
+                // An overlay over the base a takeover left: the checkpoint
+                // gets the whole disk, so it never depends on that base
+                // (which goes with the VM).
+                flatten_copy(&self.qemu_img(), &d.path, &to)
+            } else {
+                copy_private(&d.path, &to).map(|_| ())
+            }
+            .map_err(io_err(format!("copying disk {}", d.path.display())))?;
             disks.push(CheckpointDisk {
                 name: d.name.clone(),
                 file,
@@ -284,9 +354,156 @@ pub struct CheckpointReport {
 
 /// Where a restore takes the guest from.
 pub(super) struct RestoreSource {
-    pub(super) ram_file: PathBuf,
+    pub(super) ram: RestoreRam,
     pub(super) device_state: Vec<u8>,
     pub(super) disks: Vec<(String, PathBuf, DiskFormat)>,
+}
+
+/// How a restore gets the guest's RAM.
+pub(super) enum RestoreRam {
+    /// Copied into the VM's private RAM file: the checkpoint stays
+    /// restorable.
+    Copy(PathBuf),
+    /// `file` of the directory `dir`, mapped by QEMU itself; `dir` becomes
+    /// the VM's own just before the guest runs.
+    InPlace { file: PathBuf, dir: PathBuf },
+}
+
+/// Reads and checks a checkpoint directory's manifest and device state.
+fn read_checkpoint(dir: &Path) -> Result<(CheckpointManifest, Vec<u8>), SupervisorError> {
+    let manifest: CheckpointManifest = std::fs::read(dir.join(CHECKPOINT_MANIFEST))
+        .map_err(io_err(format!(
+            "reading the checkpoint in {}",
+            dir.display()
+        )))
+        .and_then(|b| {
+            serde_json::from_slice(&b)
+                .map_err(|e| io_err("parsing the checkpoint manifest")(std::io::Error::other(e)))
+        })?;
+    // Nothing the manifest names may lead out of the checkpoint.
+    manifest.validate().map_err(|why| {
+        SupervisorError::Refused(format!(
+            "the checkpoint manifest in {} is refused: {why}",
+            dir.display()
+        ))
+    })?;
+    let device_state = std::fs::read(dir.join(CHECKPOINT_DEVICE_STATE))
+        .map_err(io_err("reading the checkpoint's device state"))?;
+    Ok((manifest, device_state))
+}
+
+/// The marker that makes a directory a VM's own base: written (durably)
+/// by the supervisor just before a guest restored in place from it runs.
+/// A directory with it is never resumed again, and the replication backup
+/// never treats it as a replica (never writes it, never offers it).
+pub const OWNER_FILE: &str = "owned-by-vm.json";
+
+/// What [`OWNER_FILE`] says: the VM that runs from the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirOwner {
+    pub vm: String,
+    pub uuid: String,
+    /// When the guest was first let run from it (Unix seconds).
+    pub since: u64,
+}
+
+/// The VM that owns `dir` (see [`OWNER_FILE`]), if any.
+pub fn dir_owner(dir: &Path) -> std::io::Result<Option<DirOwner>> {
+    match std::fs::read(dir.join(OWNER_FILE)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The overlay of disk `disk` in a VM's directory after an in-place
+/// restore.
+pub(super) fn overlay_file_name(disk: &str) -> String {
+    format!("overlay-{disk}.qcow2")
+}
+
+/// Whether `path` is one of the overlays an in-place restore made over
+/// `base`.
+fn is_overlay_of(base: &Option<PathBuf>, path: &Path) -> bool {
+    base.is_some()
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("overlay-") && n.ends_with(".qcow2"))
+}
+
+/// Creates (replacing whatever was there, atomically) a qcow2 overlay at
+/// `overlay` backed by `base` (of `format`), of the base's size, 0600.
+/// `qemu-img create -u` never opens the base: nothing touches it.
+pub(super) fn create_overlay(
+    qemu_img: &Path,
+    base: &Path,
+    format: DiskFormat,
+    overlay: &Path,
+) -> std::io::Result<()> {
+    let size = std::fs::metadata(base)?.len();
+    let fmt = match format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+    };
+    if format == DiskFormat::Qcow2 {
+        // A qcow2 base's virtual size is not its file's length.
+        return Err(std::io::Error::other(
+            "an in-place restore takes raw disks only",
+        ));
+    }
+    let tmp = overlay.with_extension("qcow2.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let out = std::process::Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-u", "-b"])
+        .arg(base)
+        .arg(&tmp)
+        .arg(size.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::other(format!(
+            "{} create failed ({}): {}",
+            qemu_img.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, overlay));
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed
+}
+
+/// Copies the whole disk an overlay shows (its base's data included) into
+/// a new standalone qcow2 at `to` (0600; `to` must not exist).
+fn flatten_copy(qemu_img: &Path, overlay: &Path, to: &Path) -> std::io::Result<()> {
+    // Made private before qemu-img writes into it.
+    drop(crate::util::create_private_file(to)?);
+    let out = std::process::Command::new(qemu_img)
+        // The guest is stopped and its disks flushed; QEMU still holds
+        // the image, so read it without taking its lock.
+        .args(["convert", "-U", "-q", "-f", "qcow2", "-O", "qcow2"])
+        .arg(overlay)
+        .arg(to)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(to);
+        return Err(std::io::Error::other(format!(
+            "{} convert failed ({}): {}",
+            qemu_img.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Copies a checkpoint's RAM file into the VM's RAM path (in tandemd's
@@ -302,6 +519,7 @@ pub(super) fn place_ram_file(from: &Path, to: &Path) -> Result<(), SupervisorErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uuid::Uuid;
 
     fn test_config(dir: &Path) -> crate::SupervisorConfig {
         crate::SupervisorConfig {
@@ -365,6 +583,128 @@ mod tests {
             assert!(matches!(e, SupervisorError::Refused(_)), "{e}");
             assert!(e.to_string().contains("not a plain file name"), "{e}");
         }
+    }
+
+    /// A replica directory as a takeover finds it: RAM, one raw disk,
+    /// device state and the manifest naming the disk.
+    fn replica_dir(root: &Path, ram_mib: u64) -> PathBuf {
+        let dir = root.join("replicas").join("v");
+        std::fs::create_dir_all(&dir).unwrap();
+        let ram: Vec<u8> = (0..ram_mib << 20).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.join(CHECKPOINT_RAM), ram).unwrap();
+        let disk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        std::fs::write(dir.join("disk-data.raw"), disk).unwrap();
+        std::fs::write(dir.join(CHECKPOINT_DEVICE_STATE), b"QEVM").unwrap();
+        let mut m = manifest(&["disk-data.raw"]);
+        m.disks[0].name = "data".into();
+        atomic_write_json(&dir.join(CHECKPOINT_MANIFEST), &m).unwrap();
+        dir
+    }
+
+    fn digest(dir: &Path) -> Vec<(String, u64, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                let meta = std::fs::metadata(&p).unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    meta.len(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn qemu_img_available() -> bool {
+        std::process::Command::new("qemu-img")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// The takeover's restore copies nothing: the VM's disk is a qcow2
+    /// overlay backed by the replica's disk, and its RAM file is the
+    /// replica's. A start that fails (here: no shim to run QEMU) leaves
+    /// the replica byte for byte as it was, unowned, and restorable again;
+    /// deleting the VM leaves it too. A directory with an owner is refused.
+    #[tokio::test]
+    async fn an_in_place_restore_copies_nothing_and_a_failed_one_leaves_the_replica() {
+        if !qemu_img_available() {
+            eprintln!("skipped: no qemu-img");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let rep = replica_dir(d.path(), 32).canonicalize().unwrap();
+        for f in ["k", "i"] {
+            std::fs::write(d.path().join(f), b"x").unwrap();
+        }
+        let spec = format!(
+            "name = \"v\"\nmemory_mib = 32\naccelerator = \"tcg\"\n[boot]\nkernel = \"{k}\"\ninitrd = \"{i}\"\n[[disks]]\nname = \"data\"\npath = \"{disk}\"\nformat = \"raw\"\n",
+            k = d.path().join("k").display(),
+            i = d.path().join("i").display(),
+            disk = rep.join("disk-data.raw").display(),
+        );
+        let sup = Supervisor::open(test_config(d.path())).await.unwrap();
+        sup.create(&spec).await.unwrap();
+        let before = digest(&rep);
+        for attempt in 1..=2 {
+            let e = sup.restore_in_place("v", &rep).await.unwrap_err();
+            assert!(
+                e.to_string().contains("QEMU shim"),
+                "attempt {attempt}: {e}"
+            );
+            assert_eq!(
+                digest(&rep),
+                before,
+                "attempt {attempt} changed the replica"
+            );
+            assert_eq!(dir_owner(&rep).unwrap(), None);
+        }
+        let info = sup.info("v").await.unwrap();
+        assert_eq!(
+            info.ram_file,
+            rep.join(CHECKPOINT_RAM).display().to_string()
+        );
+        let overlay = d.path().join("state/vms/v").join(overlay_file_name("data"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        let img: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(img["format"], "qcow2", "{img}");
+        assert_eq!(img["virtual-size"], 1u64 << 20, "{img}");
+        assert_eq!(
+            img["backing-filename"],
+            rep.join("disk-data.raw").display().to_string(),
+            "{img}"
+        );
+        assert_eq!(img["backing-filename-format"], "raw", "{img}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&overlay).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A VM that never ran from it does not own it: deleting the VM
+        // leaves the replica.
+        sup.destroy("v").await.unwrap();
+        assert_eq!(digest(&rep), before);
+
+        // Owned by a VM: never resumed again.
+        let owner = DirOwner {
+            vm: "w".into(),
+            uuid: Uuid::new_v4().to_string(),
+            since: 1,
+        };
+        atomic_write_json(&rep.join(OWNER_FILE), &owner).unwrap();
+        sup.create(&spec).await.unwrap();
+        let e = sup.restore_in_place("v", &rep).await.unwrap_err();
+        assert!(matches!(e, SupervisorError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("VM `w`"), "{e}");
+        assert_eq!(dir_owner(&rep).unwrap(), Some(owner));
     }
 
     #[test]
