@@ -30,7 +30,10 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use crate::model::{AuthorityRecord, Health, HealthState, HostRecord, Inventory};
+pub use crate::model::{
+    AuthorityRecord, CertRef, Datastore, DatastoreKind, Health, HealthState, HostRecord, Inventory,
+    MemoryInfo, Neighbour, PortGroupInfo, QemuInfo, Uplink,
+};
 
 /// The ALPN protocol a joining host offers. A connection that offers it is
 /// served the join endpoint only, with server-authenticated TLS (the host

@@ -140,9 +140,12 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let (tcp, remote) = tokio::select! {
             () = &mut shutdown => break,
+            // Reap finished connections.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -160,7 +163,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let watcher = graceful.watcher();
         let (api, join_api, tls) = (api.clone(), join_api.clone(), Arc::clone(&tls));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let _permit = permit;
             if let Err(e) = connection(tcp, remote, &tls, api, join_api, watcher).await {
                 debug!(%remote, "connection: {e}");
@@ -175,6 +178,10 @@ pub async fn serve(
     {
         warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
+    // Connections still in their handshake, and any left over: when this
+    // returns, nothing holds the manager (or its store) any more.
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
     Ok(())
 }
 
