@@ -9,6 +9,9 @@ use crate::print_json;
 pub enum HostCmd {
     /// QEMU version, accelerator decision and its evidence.
     Info,
+    /// The cluster's hosts, through the manager: join, list, show, remove.
+    #[command(flatten)]
+    Member(crate::cluster::MemberCmd),
 }
 
 pub async fn run(client: &tandem_api::Client, cmd: HostCmd, json: bool) -> anyhow::Result<()> {
@@ -21,6 +24,7 @@ pub async fn run(client: &tandem_api::Client, cmd: HostCmd, json: bool) -> anyho
             print_host(&h);
             Ok(())
         }
+        HostCmd::Member(c) => crate::cluster::run_member(c, json).await,
     }
 }
 

@@ -1,13 +1,17 @@
 //! `tandem`: the command-line tool for tandemd.
 //!
 //! Human-readable output by default; `--json` prints the API's JSON for
-//! scripts. Exit status is non-zero on any error.
+//! scripts. Exit status is non-zero on any error: 1 in general, 2 for
+//! usage, and for the cluster commands 3 not found, 4 refused, 5
+//! conflict, 6 manager unreachable (see [`cluster`]).
 //!
-//! One module per noun ([`vm`], [`host`], [`ft`], [`switch`]); this file
-//! holds the top level, the dispatch and the output helpers. `tandem drill`
-//! and `tandem bench` are external commands: [`external`] runs
-//! `tandem-lab` for them, so this binary links only tandemd's API types.
+//! One module per noun ([`vm`], [`host`], [`ft`], [`switch`], [`cluster`]
+//! for the manager's commands); this file holds the top level, the
+//! dispatch and the output helpers. `tandem drill` and `tandem bench` are
+//! external commands: [`external`] runs `tandem-lab` for them, so this
+//! binary links only the API types and the manager's client.
 
+mod cluster;
 mod external;
 mod ft;
 mod host;
@@ -41,7 +45,7 @@ enum Cmd {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm::VmCmd),
-    /// This host.
+    /// This host (tandemd), and the cluster's hosts (through the manager).
     #[command(subcommand)]
     Host(host::HostCmd),
     /// Protect a running VM: replicate it in epochs to a backup host.
@@ -56,6 +60,12 @@ enum Cmd {
     /// The host's virtual switch.
     #[command(subcommand)]
     Switch(switch::SwitchCmd),
+    /// The cluster: init, status, backup, restore, VM authority.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// Join tokens for new hosts.
+    #[command(subcommand)]
+    Token(cluster::TokenCmd),
     /// Benchmarks (timing lives here, not in tests). Runs `tandem-lab
     /// bench`: see `tandem bench --help`.
     #[command(disable_help_flag = true)]
@@ -87,7 +97,7 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(cluster::exit_code(&e));
     }
 }
 
@@ -101,6 +111,8 @@ async fn run(cmd: Cmd, socket: &std::path::Path, json: bool) -> anyhow::Result<(
         Cmd::Failover { name } => ft::failover(&client, &name, json).await,
         Cmd::Ft(c) => ft::run(&client, c, json).await,
         Cmd::Switch(c) => switch::run(&client, c, json).await,
+        Cmd::Cluster(c) => cluster::run_cluster(c, json).await,
+        Cmd::Token(c) => cluster::run_token(c, json).await,
         Cmd::Bench(_) | Cmd::Drill(_) => {
             anyhow::bail!("external commands run outside the async runtime")
         }

@@ -1,0 +1,302 @@
+//! The cluster commands end to end: the real `tandem` binary against a
+//! manager served in this process over TLS on 127.0.0.1, and the exit
+//! codes scripts rely on.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_manager::clock::SystemClock;
+use tandem_manager::server::{serve, ManagerTls};
+use tandem_manager::state::{manager_identity, StateDir};
+use tandem_manager::store::{RedbStore, Store};
+use tandem_manager::{Manager, Settings};
+use tokio::sync::oneshot;
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+const BOUND: Duration = Duration::from_secs(30);
+
+struct Served {
+    addr: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(state: &Path) -> Served {
+    let dir = StateDir::new(state);
+    let config = dir.config().unwrap();
+    let ca = dir.load_ca().unwrap();
+    let (identity, _) = manager_identity(&dir, &ca, &config.manager_name).unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.db_path()).unwrap());
+    let m = Manager::open(
+        store,
+        ca,
+        &config.manager_name,
+        Arc::new(SystemClock),
+        Settings::default(),
+    )
+    .await
+    .unwrap();
+    let tls = Arc::new(ManagerTls::new(identity, m.revocation_list()).unwrap());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        serve(l, m, tls, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Served { addr, stop, task }
+}
+
+async fn stop(s: Served) {
+    let _ = s.stop.send(());
+    tokio::time::timeout(BOUND, s.task)
+        .await
+        .expect("manager stops")
+        .unwrap();
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
+    }
+}
+
+/// Runs `tandem ARGS`, bounded.
+async fn tandem(args: &[&str]) -> Out {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(TANDEM)
+            .args(&args)
+            .env_remove("TANDEM_MANAGER")
+            .env_remove("TANDEM_IDENTITY")
+            .env_remove("TANDEM_JOIN_TOKEN")
+            .output()
+            .unwrap()
+    });
+    let o = tokio::time::timeout(BOUND, run)
+        .await
+        .expect("tandem finishes")
+        .unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_join_list_remove_backup_restore() {
+    let d = tempfile::tempdir().unwrap();
+    let state: PathBuf = d.path().join("manager");
+    let op = state.join("operator");
+
+    let out = tandem(&[
+        "--json",
+        "cluster",
+        "init",
+        "--state-dir",
+        s(&state),
+        "--name",
+        "lab",
+    ])
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json()["cluster_name"], "lab");
+    // Twice: refused, nothing overwritten.
+    let again = tandem(&["cluster", "init", "--state-dir", s(&state)]).await;
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains("refusing to overwrite"),
+        "{}",
+        again.stderr
+    );
+
+    let served = start(&state).await;
+    let addr = served.addr.clone();
+    let m = ["--identity", s(&op), "--manager", &addr];
+    let with = |args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(m.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |v: Vec<String>| async move {
+        let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        tandem(&r).await
+    };
+
+    let t = run(with(&["--json", "token", "create"])).await;
+    assert_eq!(t.code, 0, "{}", t.stderr);
+    let token = t.json()["token"].as_str().unwrap().to_string();
+
+    let host_state = d.path().join("host-a");
+    let j = tandem(&[
+        "--json",
+        "host",
+        "join",
+        &addr,
+        "--token",
+        &token,
+        "--name",
+        "host-a",
+        "--state-dir",
+        s(&host_state),
+    ])
+    .await;
+    assert_eq!(j.code, 0, "{}", j.stderr);
+    assert_eq!(j.json()["name"], "host-a");
+    assert!(host_state.join("identity/identity.pem").exists());
+    assert!(host_state.join("identity/manager.json").exists());
+    // The same token again (another host): refused, exit 4.
+    let j2 = tandem(&[
+        "host",
+        "join",
+        &addr,
+        "--token",
+        &token,
+        "--name",
+        "host-b",
+        "--state-dir",
+        s(&d.path().join("host-b")),
+    ])
+    .await;
+    assert_eq!(j2.code, 4, "{}", j2.stderr);
+    // A second host with a fresh token, read from a file.
+    let t2 = run(with(&["--json", "token", "create", "--host", "host-b"])).await;
+    let tf = d.path().join("token");
+    std::fs::write(&tf, t2.json()["token"].as_str().unwrap()).unwrap();
+    let j3 = tandem(&[
+        "host",
+        "join",
+        &addr,
+        "--token-file",
+        s(&tf),
+        "--name",
+        "host-b",
+        "--state-dir",
+        s(&d.path().join("host-b")),
+    ])
+    .await;
+    assert_eq!(j3.code, 0, "{}", j3.stderr);
+
+    let list = run(with(&["--json", "host", "list"])).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let names: Vec<String> = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["host-a", "host-b"]);
+    let human = run(with(&["host", "list"])).await;
+    assert!(human.stdout.contains("host-a") && human.stdout.contains("CONNECTION"));
+    let show = run(with(&["host", "show", "host-a"])).await;
+    assert_eq!(show.code, 0);
+    assert!(show.stdout.contains("certificate:"), "{}", show.stdout);
+    assert_eq!(run(with(&["host", "show", "host-z"])).await.code, 3);
+
+    let rm = run(with(&["--json", "host", "remove", "host-a"])).await;
+    assert_eq!(rm.code, 0, "{}", rm.stderr);
+    assert_eq!(rm.json()["revoked"].as_array().unwrap().len(), 1);
+    assert_eq!(run(with(&["host", "remove", "host-a"])).await.code, 3);
+
+    let st = run(with(&["--json", "cluster", "status"])).await;
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    assert_eq!(st.json()["hosts"], 1);
+    assert_eq!(run(with(&["cluster", "status"])).await.code, 0);
+    assert_eq!(
+        run(with(&["--json", "cluster", "vms"])).await.json(),
+        serde_json::json!([])
+    );
+
+    // Backup while the manager runs: the records come over its API.
+    let backup = d.path().join("backup");
+    let no_choice = run(with(&[
+        "cluster",
+        "backup",
+        s(&backup),
+        "--state-dir",
+        s(&state),
+    ]))
+    .await;
+    assert_eq!(no_choice.code, 1);
+    assert!(
+        no_choice.stderr.contains("--passphrase-file"),
+        "{}",
+        no_choice.stderr
+    );
+    let pass = d.path().join("pass");
+    std::fs::write(&pass, "correct horse battery\n").unwrap();
+    let b = run(with(&[
+        "--json",
+        "cluster",
+        "backup",
+        s(&backup),
+        "--state-dir",
+        s(&state),
+        "--passphrase-file",
+        s(&pass),
+    ]))
+    .await;
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    assert_eq!(b.json()["encrypted"], true);
+    for f in ["ca.backup", "store.json", "cluster.json"] {
+        assert!(backup.join(f).exists(), "{f}");
+    }
+    stop(served).await;
+
+    // Unreachable manager: exit 6.
+    let gone = tandem(&["host", "list", "--identity", s(&op), "--manager", &addr]).await;
+    assert_eq!(gone.code, 6, "{}", gone.stderr);
+
+    // Restore into a new state directory; the cluster comes back.
+    let state2 = d.path().join("manager2");
+    let r = tandem(&[
+        "--json",
+        "cluster",
+        "restore",
+        s(&backup),
+        "--state-dir",
+        s(&state2),
+        "--passphrase-file",
+        s(&pass),
+    ])
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let served = start(&state2).await;
+    let op2 = state2.join("operator");
+    let list = tandem(&[
+        "--json",
+        "host",
+        "list",
+        "--identity",
+        s(&op2),
+        "--manager",
+        &served.addr,
+    ])
+    .await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let hosts = list.json();
+    assert_eq!(hosts.as_array().unwrap().len(), 1);
+    assert_eq!(hosts[0]["name"], "host-b");
+    stop(served).await;
+
+    // Usage errors are 2.
+    assert_eq!(tandem(&["host", "show"]).await.code, 2);
+}
