@@ -7,6 +7,7 @@
 //! identity/manager.json    where the manager is and its certificate name
 //! identity/revoked         the cluster's revocation list (tandem-pki format)
 //! identity/authority.json  this host's VM authority records, as last fetched
+//! identity/crl.pem         the revocation list as a CRL, for QEMU's TLS directories
 //! ```
 //!
 //! Every tick (default every 5 s) the agent sends a heartbeat with the
@@ -41,6 +42,9 @@ use crate::state::{read_json, write_json, StateError, MANAGER_FILE};
 pub const HOST_IDENTITY_DIR: &str = "identity";
 pub const REVOCATIONS_FILE: &str = "revoked";
 pub const AUTHORITY_FILE: &str = "authority.json";
+/// The revocation list as a CRL signed by the cluster CA, for QEMU
+/// (`tandem_pki::Identity::qemu_crl`).
+pub const CRL_FILE: &str = "crl.pem";
 
 /// Saves what a join gave: the identity and `manager.json`.
 pub fn save_joined(dir: &Path, joined: &Joined) -> Result<(), StateError> {
@@ -257,6 +261,10 @@ impl HostAgent {
             .await?;
         if hb.revocation_generation > self.revocations.generation() {
             let list: Revocations = self.client.get("/v1/revocations").await?;
+            // The CRL first: the list's generation is what says "done".
+            if let Some(crl) = &list.crl_pem {
+                crate::state::write_atomic(&self.cfg.dir.join(CRL_FILE), crl.as_bytes(), 0o644)?;
+            }
             if self.revocations.replace(list.generation, &list.serials)? {
                 info!(
                     generation = list.generation,

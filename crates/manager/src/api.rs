@@ -181,6 +181,11 @@ pub struct Revocations {
     pub generation: u64,
     /// Lowercase hex serials.
     pub serials: Vec<String>,
+    /// The same list as a CRL signed by the cluster CA (CRL number =
+    /// `generation`), for QEMU's `tls-creds-x509` directories
+    /// (`tandem_pki::Identity::qemu_crl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_pem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

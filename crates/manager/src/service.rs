@@ -121,6 +121,8 @@ pub struct Manager {
     started_at: SystemTime,
     /// The manager's own certificate's expiry (unix seconds), for status.
     manager_cert_not_after: AtomicU64,
+    /// The CRL of the list at a generation: signed once per generation.
+    crl: Mutex<Option<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -185,6 +187,7 @@ impl Manager {
             presence: Mutex::new(HashMap::new()),
             started_at: clock.now(),
             manager_cert_not_after: AtomicU64::new(0),
+            crl: Mutex::new(None),
         }))
     }
 
@@ -800,9 +803,35 @@ impl Manager {
     }
 
     pub fn revocation_snapshot(&self) -> Revocations {
+        // Read the serials and generation together: the list may change in
+        // between, so retry until both come from the same generation.
+        let (generation, serials) = loop {
+            let g = self.revocations.generation();
+            let s = self.revocations.serials();
+            if self.revocations.generation() == g {
+                break (g, s);
+            }
+        };
+        let crl_pem = {
+            let mut cache = self.crl.lock();
+            match &*cache {
+                Some((g, pem)) if *g == generation => Some(pem.clone()),
+                _ => match self.ca.crl_pem(generation, &serials) {
+                    Ok(pem) => {
+                        *cache = Some((generation, pem.clone()));
+                        Some(pem)
+                    }
+                    Err(e) => {
+                        warn!("signing the CRL at generation {generation}: {e}");
+                        None
+                    }
+                },
+            }
+        };
         Revocations {
-            generation: self.revocations.generation(),
-            serials: self.revocations.serials(),
+            generation,
+            serials,
+            crl_pem,
         }
     }
 

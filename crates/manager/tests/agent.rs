@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::Harness;
 use tandem_manager::agent::{
     renew_at, save_joined, AgentConfig, AgentError, CachedAuthority, HostAgent, Reporter,
-    AUTHORITY_FILE, REVOCATIONS_FILE,
+    AUTHORITY_FILE, CRL_FILE, REVOCATIONS_FILE,
 };
 use tandem_manager::api::{
     AuthorityRecord, CreateVmRequest, Datastore, DatastoreKind, Health, HealthState, HostView,
@@ -108,6 +108,13 @@ async fn the_agent_reports_caches_and_renews_and_survives_the_manager_going_away
     );
     let on_disk = RevocationList::open(&dir.join(REVOCATIONS_FILE)).unwrap();
     assert!(on_disk.is_revoked(b.identity.serial()));
+    // And the CRL for QEMU, signed by the cluster CA.
+    let crl = std::fs::read_to_string(dir.join(CRL_FILE)).unwrap();
+    handle
+        .identity
+        .borrow()
+        .qemu_crl(&h.path("qemu-tls"), &crl)
+        .unwrap();
 
     // Renewal: a new certificate, saved, published, and used from then on.
     let before = handle.identity.borrow().serial().to_string();
