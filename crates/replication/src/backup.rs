@@ -27,7 +27,7 @@ use tandem_api::{FailoverReport, FtRole, FtState, FtStatus};
 use tandem_supervisor::util::atomic_write_json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::assembler::{CompleteEpoch, EpochAssembler};
 use crate::link::BoxStream;
@@ -138,6 +138,12 @@ struct Replica {
     /// Found on disk at start: armed (for automatic takeover) only once
     /// the primary is heard again.
     rearm_when_heard: bool,
+    /// Takeovers that failed since the last one that succeeded (or the
+    /// last connection): the watchdog retries an armed replica after a
+    /// backoff that grows with them.
+    takeover_failures: u32,
+    /// No automatic takeover before this (the backoff after a failure).
+    retry_at: Option<Instant>,
 }
 
 impl Replica {
@@ -160,6 +166,8 @@ impl Replica {
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
             needs_recovery: false,
             rearm_when_heard: false,
+            takeover_failures: 0,
+            retry_at: None,
         }
     }
 }
@@ -238,6 +246,13 @@ impl Backup {
             registered += 1;
             r.armed = false;
             match scanned {
+                Ok(Scanned::Owned { owner }) => {
+                    r.status.state = FtState::FailedOver;
+                    r.status.detail = format!(
+                        "taken over by this host before it restarted: VM `{}` runs from this directory (its RAM and disk base), not a replica any more",
+                        owner.vm
+                    );
+                }
                 Ok(Scanned::TakenOver { generation }) => {
                     r.status.state = FtState::Stopped;
                     r.status.detail = format!(
@@ -353,6 +368,14 @@ impl Backup {
         let r = reps
             .entry(vm.to_string())
             .or_insert_with(|| Replica::new(vm));
+        if r.status.state == FtState::FailedOver && !self.replica_dir(vm).exists() {
+            // The VM that took it over was deleted here, and its directory
+            // with it: a new replica, from scratch; connection ids go on
+            // counting.
+            let conn_id = r.conn_id;
+            *r = Replica::new(vm);
+            r.conn_id = conn_id;
+        }
         if r.status.state.is_taken_over() {
             return Err(Refusal::Running { vm: vm.to_string() });
         }
@@ -369,6 +392,10 @@ impl Backup {
         r.conn_id += 1;
         r.instance = hello.instance;
         r.active_conn = true;
+        // A primary that answers is alive: a failed takeover's backoff is
+        // over (the next silence is a new failure, taken over at once).
+        r.takeover_failures = 0;
+        r.retry_at = None;
         r.last_heard = Instant::now();
         r.status.peer = peer.to_string();
         r.status.detail.clear();
@@ -414,6 +441,13 @@ impl Backup {
         false
     }
 
+    fn fault_disarm_on_failed_takeover(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.disarm_on_failed_takeover;
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+
     fn fault_skip_replica_scan(&self) -> bool {
         #[cfg(feature = "fault-injection")]
         return self.cfg.faults.skip_replica_scan;
@@ -455,10 +489,28 @@ impl Backup {
         }
         let dir = self.replica_dir(&hello.vm);
         let h = hello.clone();
-        let (stored, space) =
-            tokio::task::spawn_blocking(move || (read_identity(&dir), space_check(&dir, &h)))
-                .await
-                .map_err(|e| Refusal::Io(e.to_string()))?;
+        let (owner, stored, space) = tokio::task::spawn_blocking(move || {
+            (
+                tandem_supervisor::dir_owner(&dir),
+                read_identity(&dir),
+                space_check(&dir, &h),
+            )
+        })
+        .await
+        .map_err(|e| Refusal::Io(e.to_string()))?;
+        // The directory a VM took over here is that VM's live RAM and disk
+        // base: never a replica again, whoever asks.
+        match owner {
+            Ok(None) => {}
+            Ok(Some(o)) => {
+                return Err(Refusal::Owned {
+                    vm: hello.vm.clone(),
+                    owner: o.vm,
+                    uuid: o.uuid,
+                })
+            }
+            Err(e) => return Err(Refusal::Io(format!("reading its owner: {e}"))),
+        }
         let stored = stored.map_err(|e| Refusal::Io(e.to_string()))?;
         let Some(id) = stored else {
             space?;
@@ -900,6 +952,9 @@ impl Backup {
                 if !r.armed || r.applying {
                     continue;
                 }
+                if r.retry_at.is_some_and(|t| Instant::now() < t) {
+                    continue; // backing off after a failed takeover
+                }
                 let silence = r.last_heard.elapsed();
                 let fresh = r.suspected.is_none_or(|s| s.heard != r.last_heard);
                 if silence >= self.cfg.suspect_after && fresh {
@@ -955,9 +1010,17 @@ impl Backup {
         still_silent: Option<Duration>,
     ) -> Result<FailoverReport, TakeoverError> {
         let decided = Instant::now();
+        if self.owned(vm) {
+            // A VM runs (or ran) from it here: it is nobody's replica.
+            return Err(TakeoverError::AlreadyRunning {
+                vm: vm.to_string(),
+                state: FtState::FailedOver,
+            });
+        }
         // Detection, and the wait for the primary's fence that followed it.
         let mut detection = silent_for;
         let mut fence_wait = Duration::ZERO;
+        let was_armed;
         let store_lock = {
             let mut reps = self.replicas();
             let r = reps
@@ -987,7 +1050,9 @@ impl Backup {
                     state: r.status.state,
                 });
             }
+            was_armed = r.armed;
             r.armed = false;
+            r.retry_at = None;
             r.conn_id += 1; // any live connection is now stale
             r.status.state = FtState::TakingOver;
             r.status.detail = reason.to_string();
@@ -1018,10 +1083,18 @@ impl Backup {
                 });
             }
             Ok(Err(e)) => {
-                return Err(self.takeover_failed(vm, format!("preparing the replica: {e}").into()))
+                return Err(self.takeover_failed(
+                    vm,
+                    format!("preparing the replica: {e}").into(),
+                    was_armed,
+                ))
             }
             Err(e) => {
-                return Err(self.takeover_failed(vm, format!("replica task failed: {e}").into()))
+                return Err(self.takeover_failed(
+                    vm,
+                    format!("replica task failed: {e}").into(),
+                    was_armed,
+                ))
             }
         };
         self.update(vm, |r| {
@@ -1062,32 +1135,97 @@ impl Backup {
                 self.update(vm, |r| {
                     r.status.state = FtState::FailedOver;
                     r.status.failover = Some(report.clone());
+                    r.status.detail = "the VM runs here from the replica directory, which is its own now (live RAM and disk base): not a replica any more".into();
+                    r.takeover_failures = 0;
+                    r.retry_at = None;
                 });
                 Ok(report)
             }
-            Err(e) => Err(self.takeover_failed(vm, e)),
+            Err(e) => Err(self.takeover_failed(vm, e, was_armed)),
         }
     }
 
-    /// A takeover that could not start the VM: back to standby (an
-    /// operator may retry), and why.
-    fn takeover_failed(&self, vm: &str, e: ActivateError) -> TakeoverError {
-        warn!(%vm, "takeover failed: {e}");
+    /// A takeover that could not start the VM (audit H9). Unless the guest
+    /// ran from the replica before the start failed (the directory has an
+    /// owner then, and is not a replica any more), the replica is as it
+    /// was (an in-place start writes nothing into it before the guest
+    /// runs): back to standby, armed as before, so the watchdog retries an
+    /// armed one after a backoff, and an operator may retry any. Said
+    /// loudly, in the log and in `ft status`.
+    fn takeover_failed(&self, vm: &str, e: ActivateError, was_armed: bool) -> TakeoverError {
+        let was_armed = was_armed && !self.fault_disarm_on_failed_takeover();
+        let owner = tandem_supervisor::dir_owner(&self.replica_dir(vm));
+        let mut detail = String::new();
         self.update(vm, |r| {
-            r.status.state = FtState::Standby;
-            r.status.detail = format!("takeover failed: {e}");
+            r.takeover_failures += 1;
+            let n = r.takeover_failures;
+            match &owner {
+                Ok(Some(o)) => {
+                    r.armed = false;
+                    r.status.state = FtState::Stopped;
+                    detail = format!(
+                        "takeover failed after the guest ran from the replica: {e}; the directory is VM `{}`'s now (its RAM and disk base), not a replica: start the VM by hand",
+                        o.vm
+                    );
+                }
+                _ => {
+                    r.armed = was_armed;
+                    r.status.state = FtState::Standby;
+                    if was_armed {
+                        let delay = takeover_backoff(n);
+                        r.retry_at = Some(Instant::now() + delay);
+                        detail = format!(
+                            "takeover attempt {n} failed: {e}; the replica is intact and armed: retrying in {} s",
+                            delay.as_secs()
+                        );
+                    } else {
+                        detail = format!(
+                            "takeover attempt {n} failed: {e}; the replica is intact (not armed: retry with `tandem failover`)"
+                        );
+                    }
+                }
+            }
+            r.status.detail = detail.clone();
         });
+        error!(%vm, "{detail}");
         TakeoverError::Activate {
             vm: vm.to_string(),
             source: e,
         }
     }
+
+    /// Whether `vm`'s replica directory is a VM's own now (see
+    /// [`tandem_supervisor::OWNER_FILE`]): never written, opened as a
+    /// replica, or offered for a takeover again.
+    fn owned(&self, vm: &str) -> bool {
+        // Unreadable counts as owned: never write what might be a VM's.
+        !matches!(
+            tandem_supervisor::dir_owner(&self.replica_dir(vm)),
+            Ok(None)
+        )
+    }
+}
+
+/// The wait before the watchdog retries a failed takeover: 1 s, doubling
+/// per failure, at most 30 s.
+fn takeover_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 
 /// What [`Backup::recover_replicas`] found in one replica directory.
 enum Scanned {
-    TakenOver { generation: u64 },
-    Replica { epoch: u64, consistent: bool },
+    /// A VM took it over and owns it: its files are that VM's, never
+    /// opened as a replica.
+    Owned {
+        owner: tandem_supervisor::DirOwner,
+    },
+    TakenOver {
+        generation: u64,
+    },
+    Replica {
+        epoch: u64,
+        consistent: bool,
+    },
 }
 
 /// The replica directories under `root`: a VM's name, with an identity
@@ -1110,6 +1248,11 @@ fn list_replicas(root: &Path) -> Vec<String> {
 /// Opens one replica found at start (finishing its journal), or tells it
 /// was taken over here.
 fn scan_replica(dir: &Path) -> Result<Scanned, String> {
+    if let Some(owner) =
+        tandem_supervisor::dir_owner(dir).map_err(|e| format!("reading its owner: {e}"))?
+    {
+        return Ok(Scanned::Owned { owner });
+    }
     let hello = read_hello(dir).map_err(|e| format!("reading its hello: {e}"))?;
     let id = read_identity(dir)
         .map_err(|e| format!("reading its identity: {e}"))?
@@ -1460,6 +1603,12 @@ pub enum Refusal {
     SecondPrimary { vm: String, peer: String },
     #[error("this host already runs `{vm}`")]
     Running { vm: String },
+    #[error("the replica directory of `{vm}` here is the live RAM and disk base of VM `{owner}` (uuid {uuid}), which took it over on this host: it is never written as a replica again. Delete that VM on this host (`tandem vm destroy {owner}`; it is a stale copy if the VM runs elsewhere now) to make this host a backup of `{vm}` again")]
+    Owned {
+        vm: String,
+        owner: String,
+        uuid: String,
+    },
     #[error("the primary's replica of `{vm}` cannot be laid out here: {why}")]
     Layout { vm: String, why: String },
     #[error("No space left on device for the replica of `{vm}`: it needs {needed} more bytes, the backup has {free} free")]
@@ -1522,6 +1671,9 @@ pub struct BackupFaults {
     /// Leave the replica root unscanned at start: replicas are known only
     /// once their primary reconnects (before audit M2).
     pub skip_replica_scan: bool,
+    /// A takeover that fails leaves the replica disarmed and never
+    /// retries it (before audit H9).
+    pub disarm_on_failed_takeover: bool,
     /// Hooks of every replica store a connection opens.
     pub store: StoreFaults,
 }

@@ -1212,3 +1212,319 @@ async fn a_replica_larger_than_the_free_space_is_refused_before_anything_is_crea
         .expect("refused");
     assert!(why.contains("2^64"), "{why}");
 }
+
+// ------------------------------------------------- takeover failures (audit H9)
+
+/// A takeover whose first `fail` attempts fail (a QEMU that would not
+/// start), then succeed; each attempt records what the replica held when
+/// it began. A success marks the directory the VM's own, as the
+/// supervisor's in-place restore does just before the guest runs.
+#[derive(Clone)]
+struct Flaky {
+    fail: usize,
+    #[allow(clippy::type_complexity)]
+    seen: Arc<std::sync::Mutex<Vec<Vec<(String, Vec<u8>, ())>>>>,
+}
+
+impl Flaky {
+    fn new(fail: usize) -> Flaky {
+        Flaky {
+            fail,
+            seen: Default::default(),
+        }
+    }
+    fn attempts(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+impl Activate for Flaky {
+    fn activate(
+        &self,
+        vm: String,
+        dir: PathBuf,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>
+    {
+        let me = self.clone();
+        Box::pin(async move {
+            let root = dir.parent().unwrap().to_path_buf();
+            let n = {
+                let mut seen = me.seen.lock().unwrap();
+                seen.push(takeover_fingerprint(&root));
+                seen.len()
+            };
+            if n <= me.fail {
+                return Err(format!("QEMU for `{vm}` failed to start (attempt {n})").into());
+            }
+            own(&dir, &vm);
+            Ok(())
+        })
+    }
+}
+
+/// What the replica's files hold, as each takeover finds them. Times are
+/// left out: every takeover opens the store again, which re-reserves the
+/// files' space (`fallocate` stamps them) and exports the committed
+/// device state anew (`device-state`, same bytes, a new file).
+fn takeover_fingerprint(root: &std::path::Path) -> Vec<(String, Vec<u8>, ())> {
+    replica_fingerprint(root)
+        .into_iter()
+        .map(|(name, bytes, _)| (name, bytes, ()))
+        .collect()
+}
+
+/// The names of the files that differ between two fingerprints.
+fn diff_names<B: PartialEq, T: PartialEq + std::fmt::Debug>(
+    a: &[(String, B, T)],
+    b: &[(String, B, T)],
+) -> Vec<String> {
+    let mut names: Vec<String> = a.iter().chain(b).map(|f| f.0.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| {
+            let x = a.iter().find(|f| &f.0 == n);
+            let y = b.iter().find(|f| &f.0 == n);
+            match (x, y) {
+                (Some(x), Some(y)) => x.1 != y.1 || x.2 != y.2,
+                _ => true,
+            }
+        })
+        .collect()
+}
+
+/// Marks `dir` as VM `vm`'s own, as the supervisor does.
+fn own(dir: &std::path::Path, vm: &str) {
+    let owner = tandem_supervisor::DirOwner {
+        vm: vm.into(),
+        uuid: VM1_UUID.into(),
+        since: 1,
+    };
+    tandem_supervisor::util::atomic_write_json(&dir.join(tandem_supervisor::OWNER_FILE), &owner)
+        .unwrap();
+}
+
+/// vm1 commits epoch 1, then its primary falls silent; the watchdog takes
+/// over with `activate`. Returns the rig (and keeps the connection open).
+async fn silent_after_epoch_1(activate: Arc<dyn Activate>, disarm_on_failure: bool) -> (Rig, Conn) {
+    let r = rig_configured(activate, |cfg| {
+        quick(cfg);
+        cfg.faults.disarm_on_failed_takeover = disarm_on_failure;
+    })
+    .await;
+    let (mut c, _) = Conn::open(&r.ep).await;
+    c.send(&epoch(1, 0x31)).await;
+    assert_eq!(c.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    (r, c)
+}
+
+async fn wait_status(
+    r: &Rig,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&tandem_api::FtStatus) -> bool,
+) -> tandem_api::FtStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let st = r.backup.status().remove(0);
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not within {timeout:?}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Audit H9: a takeover that fails leaves the replica armed and as it was,
+/// says so, and is retried after a backoff until it succeeds. Every
+/// attempt finds the replica exactly as the first did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_takeover_is_retried_with_the_replica_armed_and_intact() {
+    let flaky = Flaky::new(2);
+    let (r, _c) = silent_after_epoch_1(Arc::new(flaky.clone()), false).await;
+    let st = wait_status(&r, "the first failure", Duration::from_secs(5), |s| {
+        s.detail.contains("attempt 1 failed")
+    })
+    .await;
+    assert_eq!(st.state, "standby", "{st:?}");
+    assert!(
+        st.detail.contains("(attempt 1)")
+            && st.detail.contains("intact and armed: retrying in 1 s"),
+        "{st:?}"
+    );
+    let st = wait_status(&r, "the second failure", Duration::from_secs(5), |s| {
+        s.detail.contains("attempt 2 failed")
+    })
+    .await;
+    assert!(st.detail.contains("retrying in 2 s"), "{st:?}");
+    let st = wait_status(&r, "the takeover", Duration::from_secs(5), |s| {
+        s.state == "failed-over"
+    })
+    .await;
+    assert_eq!(st.failover.as_ref().unwrap().epoch, 1, "{st:?}");
+    assert_eq!(flaky.attempts(), 3);
+    let seen = flaky.seen.lock().unwrap().clone();
+    for f in &seen[1..] {
+        assert!(
+            f == &seen[0],
+            "the replica changed between attempts: {:?}",
+            diff_names(&seen[0], f)
+        );
+    }
+    assert_eq!(ram_page(&r.root, 7), 0x31);
+}
+
+/// The twin (before audit H9): the failed takeover disarms the replica,
+/// and the VM stays down however long the primary is silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_rearm_a_failed_takeover_is_never_retried() {
+    let flaky = Flaky::new(1);
+    let (r, _c) = silent_after_epoch_1(Arc::new(flaky.clone()), true).await;
+    wait_status(&r, "the first failure", Duration::from_secs(5), |s| {
+        s.detail.contains("attempt 1 failed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(flaky.attempts(), 1, "retried");
+    assert_eq!(r.backup.status()[0].state, "standby");
+}
+
+/// A manual failover that fails is reported to the operator, leaves an
+/// unarmed replica unarmed (no automatic retry) and intact, and can be
+/// run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_manual_failover_can_be_run_again() {
+    let flaky = Flaky::new(1);
+    let r = rig_with(Arc::new(flaky.clone())).await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x41)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("failed to start"), "{err}");
+    let st = r.backup.status().remove(0);
+    assert_eq!(st.state, "standby", "{st:?}");
+    assert!(st.detail.contains("retry with `tandem failover`"), "{st:?}");
+    let report = r
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    assert_eq!(report.epoch, 1);
+    let seen = flaky.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[0] == seen[1],
+        "the replica changed between attempts: {:?}",
+        diff_names(&seen[0], &seen[1])
+    );
+}
+
+/// Once a VM runs from the replica directory it is that VM's RAM and disk
+/// base: no primary may write it again, whatever its generation, no
+/// takeover may start from it, and a restarted backup lists it as taken
+/// over without opening it as a replica. When the VM is deleted (its
+/// directory with it), the name is free for a new replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_a_vm_runs_from_is_never_written_or_offered_again() {
+    let r = rig_with(Arc::new(Flaky::new(0))).await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x51)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await
+        .unwrap();
+    let before = replica_fingerprint(&r.root);
+    // The VM that took over here, protected from elsewhere since (a newer
+    // generation), is refused: this directory is not a replica.
+    let newer = Primary {
+        generation: 5,
+        instance: 9,
+        ..PRIMARY
+    };
+    let check = |why: String| {
+        assert!(why.contains("live RAM and disk base of VM `vm1`"), "{why}");
+        assert!(why.contains("tandem vm destroy vm1"), "{why}");
+    };
+    let why = Conn::open_as(&r.ep, &newer).await.err().expect("refused");
+    check(why);
+    let again = r.backup.failover("vm1", Duration::ZERO, "test").await;
+    assert!(
+        matches!(again, Err(TakeoverError::AlreadyRunning { .. })),
+        "{again:?}"
+    );
+    // A restarted backup: listed as taken over, not opened, still refused.
+    let restarted = rig_on(&r.root, Arc::new(NeverActivate)).await;
+    let st = restarted.backup.status().remove(0);
+    assert_eq!(st.state, "failed-over", "{st:?}");
+    assert!(st.detail.contains("runs from this directory"), "{st:?}");
+    let why = Conn::open_as(&restarted.ep, &newer)
+        .await
+        .err()
+        .expect("refused");
+    check(why);
+    let again = restarted
+        .backup
+        .failover("vm1", Duration::ZERO, "test")
+        .await;
+    assert!(
+        matches!(again, Err(TakeoverError::AlreadyRunning { .. })),
+        "{again:?}"
+    );
+    assert!(
+        replica_fingerprint(&r.root) == before,
+        "the VM's files changed"
+    );
+
+    // The VM is deleted here, its base with it: the backup takes a new
+    // replica again.
+    std::fs::remove_dir_all(r.root.join("vm1")).unwrap();
+    let (mut b, base, _) = Conn::open_as(&r.ep, &newer).await.expect("accepted");
+    assert_eq!(base, 0);
+    b.send(&epoch(1, 0x52)).await;
+    assert_eq!(b.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    drop(b);
+}
+
+/// A takeover that failed after its guest ran (the directory has an owner
+/// by then) leaves nothing to retry: the replica is consumed, and it says
+/// so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_failed_after_the_guest_ran_is_not_retried() {
+    struct RanThenFailed(Arc<std::sync::atomic::AtomicUsize>);
+    impl Activate for RanThenFailed {
+        fn activate(
+            &self,
+            vm: String,
+            dir: PathBuf,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActivateError>> + Send>>
+        {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                own(&dir, &vm);
+                Err("persisting the record failed after cont".into())
+            })
+        }
+    }
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, _c) = silent_after_epoch_1(Arc::new(RanThenFailed(calls.clone())), false).await;
+    let st = wait_status(&r, "the failure", Duration::from_secs(5), |s| {
+        s.state == "stopped"
+    })
+    .await;
+    assert!(st.detail.contains("after the guest ran"), "{st:?}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -233,7 +233,11 @@ fn spec_on_replica(spec: &mut tandem_vmspec::VmSpec, dir: &std::path::Path) -> V
 }
 
 /// Defines the VM here (if needed) with its disks pointing at the replica,
-/// and starts it from the replica's committed checkpoint.
+/// and starts it from the replica's committed checkpoint, in place: its
+/// QEMU maps the replica's RAM file and its disks are overlays backed by
+/// the replica's (see [`Supervisor::restore_in_place`]), so nothing is
+/// copied. A start that fails before the guest runs leaves the replica as
+/// it was; once the guest runs, the replica directory is the VM's own.
 async fn activate(
     sup: &Arc<Supervisor>,
     vm: &str,
@@ -289,7 +293,7 @@ async fn activate(
             None => sup.create(&toml).await?,
         };
     }
-    sup.restore_from(vm, dir).await?;
+    sup.restore_in_place(vm, dir).await?;
     Ok(())
 }
 
