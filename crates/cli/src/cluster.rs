@@ -138,6 +138,20 @@ pub enum ClusterCmd {
         /// Your operator certificate's lifetime.
         #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
         operator_validity: Duration,
+        /// No manager: a standalone pair of hosts A and B. Makes an offline
+        /// CA in STATE_DIR/ca and both hosts' identities (valid one year) in
+        /// STATE_DIR/hosts/A and STATE_DIR/hosts/B, to copy to each host's
+        /// identity directory.
+        #[arg(long, num_args = 2, value_names = ["A", "B"])]
+        standalone: Option<Vec<String>>,
+    },
+    /// Standalone pairs: new certificates (another year) for every host
+    /// under STATE_DIR/hosts. A managed cluster's hosts renew by themselves.
+    Renew {
+        #[arg(long, required = true)]
+        standalone: bool,
+        #[arg(long, env = "TANDEM_MANAGER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// The cluster as the manager sees it.
     Status {
@@ -288,7 +302,14 @@ pub async fn run_cluster(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             advertise,
             operator_name,
             operator_validity,
+            standalone,
         } => {
+            if let Some(pair) = standalone {
+                let [a, b] = <[String; 2]>::try_from(pair)
+                    .map_err(|_| anyhow::anyhow!("--standalone takes two host names"))?;
+                let p = tandem_pki::standalone_pair(&state_dir, &a, &b)?;
+                return print_standalone(&p, json);
+            }
             let report = state::init(
                 &StateDir::new(&state_dir),
                 &InitOptions {
@@ -327,6 +348,16 @@ pub async fn run_cluster(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             );
             println!("  tandem token create                  # then on each host: tandem host join MANAGER --token …");
             Ok(())
+        }
+        ClusterCmd::Renew {
+            standalone,
+            state_dir,
+        } => {
+            if !standalone {
+                bail!("only standalone pairs are renewed by hand (--standalone)");
+            }
+            let p = tandem_pki::standalone_renew(&state_dir)?;
+            print_standalone(&p, json)
         }
         ClusterCmd::Status { m } => {
             let s: ClusterStatus = m.client()?.get("/v1/cluster").await?;
@@ -468,6 +499,28 @@ pub async fn run_cluster(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_standalone(p: &tandem_pki::StandalonePair, json: bool) -> anyhow::Result<()> {
+    let not_after = tandem_manager::clock::unix(p.not_after);
+    if json {
+        return print_json(&serde_json::json!({
+            "cluster_id": p.cluster_id,
+            "ca_dir": p.ca_dir,
+            "hosts": p.hosts.iter().map(|(n, d)| serde_json::json!({"name": n, "identity": d})).collect::<Vec<_>>(),
+            "not_after": not_after,
+        }));
+    }
+    println!(
+        "standalone pair, cluster {} (CA in {}: keep it offline)",
+        p.cluster_id,
+        p.ca_dir.display()
+    );
+    for (n, d) in &p.hosts {
+        println!("  {n}: {} (copy to its identity directory)", d.display());
+    }
+    println!("certificates valid until {}", rfc3339(not_after));
+    Ok(())
 }
 
 /// A path segment the user typed: only characters that need no escaping.

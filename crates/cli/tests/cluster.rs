@@ -300,3 +300,36 @@ async fn init_join_list_remove_backup_restore() {
     // Usage errors are 2.
     assert_eq!(tandem(&["host", "show"]).await.code, 2);
 }
+
+#[tokio::test]
+async fn standalone_pair_init_and_renew() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("pair");
+    let out = tandem(&[
+        "--json",
+        "cluster",
+        "init",
+        "--standalone",
+        "host-a",
+        "host-b",
+        "--state-dir",
+        s(&dir),
+    ])
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let first = tandem_pki::Identity::load(&dir.join("hosts/host-a")).unwrap();
+    assert_eq!(first.role(), tandem_pki::Role::Host);
+    assert!(dir.join("hosts/host-b/identity.pem").exists());
+    let renew = tandem(&["cluster", "renew", "--standalone", "--state-dir", s(&dir)]).await;
+    assert_eq!(renew.code, 0, "{}", renew.stderr);
+    let second = tandem_pki::Identity::load(&dir.join("hosts/host-a")).unwrap();
+    assert_ne!(first.serial(), second.serial());
+    assert_eq!(first.cluster_id(), second.cluster_id());
+    // Without --standalone: usage.
+    assert_eq!(
+        tandem(&["cluster", "renew", "--state-dir", s(&dir)])
+            .await
+            .code,
+        2
+    );
+}
