@@ -1104,12 +1104,6 @@ fn check_inventory(inv: &Inventory) -> Result<()> {
     Ok(())
 }
 
-/// When a certificate valid until `not_after` for `validity` should be
-/// renewed: at 2/3 of its life.
-pub fn renew_at(not_after: SystemTime, validity: Duration) -> SystemTime {
-    not_after.checked_sub(validity / 3).unwrap_or(not_after)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,9 +98,12 @@ impl Harness {
         .unwrap();
         manager.set_manager_cert_not_after(identity.not_after());
         let tls = Arc::new(ManagerTls::new(identity, manager.revocation_list()).unwrap());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
+        // The same port after a restart if it is still free; clients take
+        // the address from `addr()` either way.
+        let listener = match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
         let addr = listener.local_addr().unwrap();
         self.port = addr.port();
         let (stop, stopped) = oneshot::channel::<()>();
