@@ -49,7 +49,7 @@ impl std::fmt::Display for PeerIdentity {
 
 /// Decides whether a peer may replicate the VM its hello names to this
 /// host. `Err` is the refusal, sent to the peer and logged.
-pub trait Authority: Send + Sync {
+pub trait Authority: Send + Sync + std::fmt::Debug {
     fn admit_primary(&self, peer: &PeerIdentity, hello: &Hello) -> Result<(), String>;
 }
 

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::assembler::{CompleteEpoch, EpochAssembler};
+use crate::authority::PeerIdentity;
 use crate::link::BoxStream;
 use crate::replica::{self, check_layout, ReplicaError, ReplicaStore, StoreFaults};
 use crate::wire::{self, Frame, FrameKind, Hello, WireError, OLDEST_ANSWERED, PAGE_SIZE, VERSION};
@@ -49,6 +50,9 @@ pub struct BackupConfig {
     pub suspect_after: Duration,
     /// Take over automatically; when false, only `tandem failover` does.
     pub auto_failover: bool,
+    /// Which peers may replicate which VMs here, checked at hello before
+    /// the replica is touched (see [`crate::authority`]).
+    pub authority: Arc<dyn crate::authority::Authority>,
     #[cfg(feature = "fault-injection")]
     pub faults: BackupFaults,
 }
@@ -61,6 +65,7 @@ impl BackupConfig {
             takeover_timeout: Duration::from_millis(2500),
             suspect_after: Duration::from_millis(1500),
             auto_failover: true,
+            authority: Arc::new(crate::authority::Unrestricted),
             #[cfg(feature = "fault-injection")]
             faults: BackupFaults::default(),
         }
@@ -287,11 +292,31 @@ impl Backup {
     /// replica opened and its digest sent, then epochs applied in order
     /// until the link ends; a crash report ends in a takeover.
     pub async fn serve(self: Arc<Self>, conn: BoxStream, peer: String) {
+        let who = if peer.starts_with("unix:") {
+            PeerIdentity::Local(peer)
+        } else {
+            PeerIdentity::Unauthenticated(peer)
+        };
+        self.serve_peer(conn, who).await
+    }
+
+    /// [`Backup::serve`] for a peer authenticated by the listener
+    /// ([`crate::link::authenticate`]): the authority decides at hello
+    /// whether it may replicate the VM it names here.
+    pub async fn serve_peer(self: Arc<Self>, conn: BoxStream, who: PeerIdentity) {
+        let peer = who.to_string();
         let (mut rd, mut wr) = tokio::io::split(conn);
         let Some(hello) = read_hello_frame(&mut rd, &mut wr, &peer).await else {
             return;
         };
         let vm = hello.vm.clone();
+        if !self.fault_skip_authority() {
+            if let Err(why) = self.cfg.authority.admit_primary(&who, &hello) {
+                warn!(%peer, %vm, "refusing replica: {why}");
+                refuse(&mut wr, VERSION, &why).await;
+                return;
+            }
+        }
         let admitted = match self.admit(&hello).await {
             Ok(id) => self.register_conn(&hello, &peer).map(|c| (c, id)),
             Err(refusal) => Err(refusal),
@@ -400,6 +425,13 @@ impl Backup {
         r.status.peer = peer.to_string();
         r.status.detail.clear();
         Ok(r.conn_id)
+    }
+
+    fn fault_skip_authority(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return self.cfg.faults.skip_authority;
+        #[cfg(not(feature = "fault-injection"))]
+        false
     }
 
     fn fault_ignore_identity(&self) -> bool {
@@ -1649,6 +1681,10 @@ pub fn write_identity(dir: &Path, id: &ReplicaIdentity) -> std::io::Result<()> {
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BackupFaults {
+    /// Admit any peer, whatever the authority says (before the cluster
+    /// identity): a certified host that is not the VM's recorded primary
+    /// writes into its replica.
+    pub skip_authority: bool,
     /// Accept any primary's hello whatever its identity or generation (the
     /// version-1 behaviour).
     pub ignore_identity: bool,
