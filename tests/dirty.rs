@@ -333,8 +333,12 @@ host_forwards = [{{ host_port = {PORT}, guest_port = 7070 }}]
                     .expect("bind the uffd socket");
             let log = File::create(work.path().join("qemu.log")).unwrap();
             let (qemu, socket) = ns.within(move || {
-                let mut cmd = Command::new("/usr/bin/qemu-system-x86_64");
-                cmd.args(&argv)
+                // Through a wrapper that execs QEMU (as the pause bench and
+                // numactl-style wrappers do): the preload loads in both,
+                // and the socket must end up served by QEMU.
+                let mut cmd = Command::new("/bin/sh");
+                cmd.args(["-c", "exec \"$0\" \"$@\"", "/usr/bin/qemu-system-x86_64"])
+                    .args(&argv)
                     .uid(QEMU_UID)
                     .gid(QEMU_UID)
                     .stdin(Stdio::null())

@@ -8,6 +8,9 @@
 //! the VM's RAM file). Its constructor then starts one thread, with every
 //! signal blocked (QEMU's signals are QEMU's), that serves that socket:
 //!
+//! (A wrapper that execs QEMU passes the socket on: the thread that serves
+//! it is the one in the last program of the exec chain.)
+//!
 //! 1. tandemd connects (only root or QEMU's own user are answered) and
 //!    names the RAM file (device and inode);
 //! 2. the first time, the thread creates a userfaultfd
@@ -41,15 +44,18 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use sys::{Reply, Request};
 
 /// The environment variable through which the shim names the listening
-/// socket's descriptor. Removed from the environment at load, so QEMU's
-/// children never see it.
+/// socket's descriptor.
 pub const FD_ENV: &str = "TANDEM_UFFD_FD";
+
+/// The listening socket, once taken (-1 before).
+static LISTENER: AtomicI32 = AtomicI32::new(-1);
 
 const PAGE: usize = 4096;
 
@@ -84,10 +90,15 @@ fn start() {
 }
 
 /// The listening socket the shim handed over, if it is one.
+///
+/// The process that serves it is the last one in an exec chain: a wrapper
+/// that execs QEMU (`sh -c 'exec qemu …'`, numactl, taskset) loads this
+/// library too and starts serving, but its thread ends at the exec and the
+/// descriptor and variable pass on, unchanged, to QEMU. A process QEMU
+/// forks (a network helper) gets the descriptor close-on-exec (a fork
+/// handler), so it never reaches a program QEMU runs.
 fn take_listener() -> Option<OwnedFd> {
     let value = std::env::var(FD_ENV).ok()?;
-    // Still single-threaded here (a constructor, before QEMU's main).
-    std::env::remove_var(FD_ENV);
     let fd: RawFd = value.parse().ok()?;
     if fd < 3 {
         return None;
@@ -105,13 +116,25 @@ fn take_listener() -> Option<OwnedFd> {
         eprintln!("tandem-uffd: descriptor {fd} is not a listening unix socket; not serving");
         return None;
     }
-    // SAFETY: the shim passed this descriptor for this library alone (and
-    // named it in a variable now removed); it is a listening socket, so no
-    // other code of QEMU's uses it.
+    // SAFETY: the shim passed this descriptor for this library alone; it is
+    // a listening socket, so no other code of QEMU's uses it.
     let listener = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: F_SETFD on a descriptor we own.
-    unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    LISTENER.store(fd, Ordering::SeqCst);
+    // SAFETY: registers a handler that runs in a forked child; the handler
+    // only calls fcntl(2), which is async-signal-safe.
+    unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
     Some(listener)
+}
+
+/// In a child QEMU forks: the listening socket is not the child's to pass
+/// on to what it runs.
+extern "C" fn forked_child() {
+    let fd = LISTENER.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: F_SETFD on the descriptor the child inherited; no memory
+        // is touched.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
 }
 
 fn sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> Option<libc::c_int> {
