@@ -502,6 +502,20 @@ fn protect_with(
     epoch_ms: u64,
     rules: Vec<String>,
 ) -> anyhow::Result<()> {
+    protect_with_tracker(a, b, repl, opts, epoch_ms, rules, None)
+}
+
+/// [`protect_with`] naming the dirty-page tracker (`None`: tandemd's
+/// default).
+fn protect_with_tracker(
+    a: &Host,
+    b: &Host,
+    repl: &str,
+    opts: &DrillOptions,
+    epoch_ms: u64,
+    rules: Vec<String>,
+    tracker: Option<&str>,
+) -> anyhow::Result<()> {
     let _: FtStatus = block_on(a.api().post(
         "/v1/vms/drill/protect",
         &tandem_api::ProtectRequest {
@@ -512,7 +526,7 @@ fn protect_with(
             rules: Some(rules),
             hold_max_frames: None,
             hold_max_bytes: None,
-            tracker: None,
+            tracker: tracker.map(str::to_string),
             unsafe_no_clamp: opts.unsafe_no_clamp,
         },
     ))?;

@@ -6,7 +6,9 @@
 //! exit path):
 //!
 //! - **tandem**: two tandemds (primary and backup, replication over a unix
-//!   socket), the guest protected with the `scan` tracker. tandemd's QEMU is
+//!   socket), the guest protected with each tracker asked for in turn
+//!   (`--tracker`); the collect inside each pause comes from tandemd's
+//!   per-epoch debug line (`collect_us`). tandemd's QEMU is
 //!   started through a wrapper that adds a second QMP monitor, so the bench
 //!   sees QEMU's own events without disturbing tandemd's connection.
 //! - **COLO**: a primary QEMU and a secondary QEMU (`-incoming`), capability
@@ -71,6 +73,9 @@ pub struct PauseOptions {
     pub colo_shim: Option<PathBuf>,
     pub image_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// tandem's dirty-page trackers (`scan`, `soft-dirty`, `uffd`, `auto`):
+    /// tandem runs once per tracker in each cell, COLO once.
+    pub trackers: Vec<String>,
 }
 
 /// One system in one cell.
@@ -99,12 +104,24 @@ pub struct SideResult {
     pub reported_p99_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reported_epochs_per_s: Option<f64>,
+    /// tandem only: the dirty-page collect inside each pause (tandemd's
+    /// `collect_us`), p50 and p99 over the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collect_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collect_p99_ms: Option<f64>,
+    /// tandem only: the tracker as `ft status` names it, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracker_note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PauseRow {
     pub memory_mib: u32,
     pub dirty_mib_s: u64,
+    /// tandem's tracker in this row (the cell's COLO result is shared by
+    /// its rows).
+    pub tracker: String,
     /// `tandem` or `colo`: which ran first in this cell.
     pub first: String,
     pub tandem: SideResult,
@@ -218,8 +235,12 @@ fn check_prerequisites(o: &PauseOptions) -> anyhow::Result<()> {
             );
         }
     }
-    if o.seconds == 0 || o.memory_mib.is_empty() || o.dirty_mib_s.is_empty() {
-        bail!("nothing to measure: give --seconds, --memory-mib and --dirty");
+    if o.seconds == 0
+        || o.memory_mib.is_empty()
+        || o.dirty_mib_s.is_empty()
+        || o.trackers.is_empty()
+    {
+        bail!("nothing to measure: give --seconds, --memory-mib, --dirty and --tracker");
     }
     if !(10..=1000).contains(&o.epoch_ms) {
         bail!("--epoch-ms {} is outside 10..=1000", o.epoch_ms);
@@ -263,7 +284,7 @@ pub fn pause_vs_colo(o: &PauseOptions, mut say: impl FnMut(&str)) -> anyhow::Res
                 mem,
                 dirty,
             };
-            report.rows.push(cell.run(o, colo_first, &mut say)?);
+            report.rows.extend(cell.run(o, colo_first, &mut say)?);
         }
     }
     guard.keep = report.rows.iter().any(|r| {
@@ -289,59 +310,72 @@ struct Cell<'a> {
 }
 
 impl Cell<'_> {
-    /// Both systems, one after the other, `colo_first` choosing the order.
+    /// Both systems, one after the other, `colo_first` choosing the order;
+    /// tandem once per tracker. One row per tracker.
     fn run(
         &self,
         o: &PauseOptions,
         colo_first: bool,
         say: &mut dyn FnMut(&str),
-    ) -> anyhow::Result<PauseRow> {
+    ) -> anyhow::Result<Vec<PauseRow>> {
         let (mem, dirty) = (self.mem, self.dirty);
         say(&format!(
             "{mem} MiB guest, dirty {dirty} MiB/s: {} first",
             if colo_first { "COLO" } else { "tandem" }
         ));
-        let (tandem, colo) = if colo_first {
-            let c = self.side(o, true, say)?;
-            (self.side(o, false, say)?, c)
-        } else {
-            let t = self.side(o, false, say)?;
-            (t, self.side(o, true, say)?)
+        let mut colo = None;
+        if colo_first {
+            colo = Some(self.side(o, None, say)?);
+        }
+        let mut tandem = Vec::new();
+        for t in &o.trackers {
+            tandem.push((t.clone(), self.side(o, Some(t), say)?));
+        }
+        let colo = match colo {
+            Some(c) => c,
+            None => self.side(o, None, say)?,
         };
-        say(&format!(
-            "  tandem p50 {:.1} ms p99 {:.1} ms {:.1}/s | COLO p50 {:.1} ms p99 {:.1} ms {:.1}/s",
-            tandem.pause_p50_ms,
-            tandem.pause_p99_ms,
-            tandem.checkpoints_per_s,
-            colo.pause_p50_ms,
-            colo.pause_p99_ms,
-            colo.checkpoints_per_s
-        ));
-        Ok(PauseRow {
-            memory_mib: mem,
-            dirty_mib_s: dirty,
-            first: if colo_first { "colo" } else { "tandem" }.to_string(),
-            ratio_p50: tandem.pause_p50_ms / colo.pause_p50_ms,
-            ratio_p99: tandem.pause_p99_ms / colo.pause_p99_ms,
-            tandem,
-            colo,
-        })
+        let mut rows = Vec::new();
+        for (tracker, tandem) in tandem {
+            say(&format!(
+                "  tandem ({tracker}) p50 {:.1} ms p99 {:.1} ms {:.1}/s, collect p50 {:.2} ms | COLO p50 {:.1} ms p99 {:.1} ms {:.1}/s",
+                tandem.pause_p50_ms,
+                tandem.pause_p99_ms,
+                tandem.checkpoints_per_s,
+                tandem.collect_p50_ms.unwrap_or(f64::NAN),
+                colo.pause_p50_ms,
+                colo.pause_p99_ms,
+                colo.checkpoints_per_s
+            ));
+            rows.push(PauseRow {
+                memory_mib: mem,
+                dirty_mib_s: dirty,
+                tracker,
+                first: if colo_first { "colo" } else { "tandem" }.to_string(),
+                ratio_p50: tandem.pause_p50_ms / colo.pause_p50_ms,
+                ratio_p99: tandem.pause_p99_ms / colo.pause_p99_ms,
+                tandem,
+                colo: colo.clone(),
+            });
+        }
+        Ok(rows)
     }
 
     /// One system. A system that fails in one cell is reported there; the
     /// run goes on (an interrupt still ends it).
+    /// `tracker`: tandem with that tracker; `None`: COLO.
     fn side(
         &self,
         o: &PauseOptions,
-        colo: bool,
+        tracker: Option<&str>,
         say: &mut dyn FnMut(&str),
     ) -> anyhow::Result<SideResult> {
         let mut say = |m: &str| say(m);
         let (ns, work, mem, dirty) = (self.ns, self.work, self.mem, self.dirty);
-        let r = if colo {
-            colo::run_colo_retried(o, ns, work, mem, dirty, &mut say)
-        } else {
-            tandem::run_tandem(o, ns, work, mem, dirty, &mut say)
+        let colo = tracker.is_none();
+        let r = match tracker {
+            None => colo::run_colo_retried(o, ns, work, mem, dirty, &mut say),
+            Some(t) => tandem::run_tandem(o, ns, work, mem, dirty, t, &mut say),
         };
         match r {
             Ok(r) => Ok(r),

@@ -1,6 +1,6 @@
 //! The tandem side of a cell: two tandemds (primary and backup,
 //! replication over a unix socket) in the run's namespace, the guest
-//! protected with the `scan` tracker, its QEMU watched through a second
+//! protected with the tracker asked for, its QEMU watched through a second
 //! QMP monitor.
 
 use std::os::unix::fs::PermissionsExt;
@@ -23,10 +23,11 @@ pub(super) fn run_tandem(
     work: &Path,
     mem: u32,
     dirty: u64,
+    tracker: &str,
     say: &mut impl FnMut(&str),
 ) -> anyhow::Result<SideResult> {
     let dir = work.join(format!(
-        "{}-t{mem}-{dirty}",
+        "{}-t{mem}-{dirty}-{tracker}",
         work.file_name().and_then(|n| n.to_str()).unwrap_or("tcolo")
     ));
     std::fs::create_dir_all(&dir)?;
@@ -81,7 +82,15 @@ pub(super) fn run_tandem(
     a_args.extend(["--qemu", wrapper_s.as_str(), "--qboot-rom", qboot.as_str()]);
     // Drop order (reverse of declaration): A (the primary) goes first.
     let b = Host::start_with_switch("b", ns, "", &opts, &dir, &b_args)?;
-    let a = Host::start_with_switch("a", ns, "", &opts, &dir, &a_args)?;
+    // The primary logs each pause's parts (`collect_us`): its collect is
+    // read from there.
+    std::env::set_var(
+        "TANDEM_LOG",
+        "info,tandem_replication::primary::epoch=debug",
+    );
+    let a = Host::start_with_switch("a", ns, "", &opts, &dir, &a_args);
+    std::env::remove_var("TANDEM_LOG");
+    let a = a?;
     let spec = format!(
         r#"name = "drill"
 memory_mib = {mem}
@@ -113,14 +122,17 @@ host_forwards = [{{ host_port = {TANDEM_PORT}, guest_port = 7070 }}]
     })
     .with_context(|| format!("tandemd A's log:\n{}", log_tail(&a.log, 6)))?;
     warm_up(ns, TANDEM_PORT)?;
-    say("  tandem: protecting (scan tracker)");
-    crate::protect_with(&a, &b, &repl, &opts, o.epoch_ms, Vec::new())
+    say(&format!("  tandem: protecting ({tracker} tracker)"));
+    crate::protect_with_tracker(&a, &b, &repl, &opts, o.epoch_ms, Vec::new(), Some(tracker))
         .with_context(|| format!("protecting; tandemd A's log:\n{}", log_tail(&a.log, 6)))?;
+    let log_from = std::fs::metadata(&a.log).map(|m| m.len()).unwrap_or(0);
     // Connected only now and read without pause from here on: an unread
     // monitor must not be able to hold QEMU up.
     let mut qmp = Qmp::connect(&events, Duration::from_secs(10), "tandem's QEMU")?;
     let (pauses, window, pages) = measure(&mut qmp, ns, TANDEM_PORT, o, dirty)?;
     drop(qmp);
+    let log_to = std::fs::metadata(&a.log).map(|m| m.len()).unwrap_or(0);
+    let mut collects = collect_times(&a.log, log_from, log_to);
     let st = crate::ft_primary(&a)?;
     if st.state.as_str() != "protected" {
         bail!(
@@ -143,15 +155,43 @@ host_forwards = [{{ host_port = {TANDEM_PORT}, guest_port = 7070 }}]
     r.reported_p50_ms = Some(st.pause_p50_ms);
     r.reported_p99_ms = Some(st.pause_p99_ms);
     r.reported_epochs_per_s = Some(st.epochs_per_s);
+    r.tracker_note = Some(st.tracker.clone());
+    if !collects.is_empty() {
+        r.collect_p50_ms = Some(crate::stats_ms(&mut collects, 50.0));
+        r.collect_p99_ms = Some(crate::stats_ms(&mut collects, 99.0));
+    }
     drop(a);
     drop(b);
     Ok(r)
 }
 
+/// The collects (ms) tandemd's epoch debug lines report between two
+/// offsets of its log (`collect_us=N`, colour codes stripped).
+fn collect_times(log: &Path, from: u64, to: u64) -> Vec<f64> {
+    let Ok(bytes) = std::fs::read(log) else {
+        return Vec::new();
+    };
+    let end = (to as usize).min(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[(from as usize).min(end)..end]);
+    strip_colour(&text)
+        .lines()
+        .filter(|l| l.contains("epoch captured"))
+        .filter_map(|l| {
+            let v = l.split("collect_us=").nth(1)?;
+            let n: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
+            n.parse::<f64>().ok().map(|us| us / 1000.0)
+        })
+        .collect()
+}
+
 /// The last `n` lines of a daemon log, without terminal colour codes.
 fn log_tail(path: &Path, n: usize) -> String {
+    strip_colour(&tail(path, n))
+}
+
+/// `text` without terminal colour codes (CSI sequences).
+fn strip_colour(text: &str) -> String {
     let mut out = String::new();
-    let text = tail(path, n);
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' && chars.peek() == Some(&'[') {
@@ -177,6 +217,19 @@ mod tests {
         let p = std::env::temp_dir().join(format!("colobench-tail-{}", std::process::id()));
         std::fs::write(&p, "a\n\u{1b}[2mtime\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x\n").unwrap();
         assert_eq!(log_tail(&p, 1), "time  WARN x");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn collect_times_are_read_from_the_epoch_lines() {
+        let p = std::env::temp_dir().join(format!("colobench-collect-{}", std::process::id()));
+        let before = "x DEBUG epoch captured \u{1b}[3mcollect_us\u{1b}[0m\u{1b}[2m=\u{1b}[0m9999\n";
+        let text = format!(
+            "{before}a DEBUG tandem_replication::primary::epoch: epoch captured epoch=3 stop_us=10 \u{1b}[3mcollect_us\u{1b}[0m\u{1b}[2m=\u{1b}[0m512 scan_us=900\nb INFO other collect_us=7\nc DEBUG epoch captured epoch=4 collect_us=1500 scan_us=1\n"
+        );
+        std::fs::write(&p, &text).unwrap();
+        let got = collect_times(&p, before.len() as u64, text.len() as u64);
+        assert_eq!(got, [0.512, 1.5]);
         let _ = std::fs::remove_file(&p);
     }
 }

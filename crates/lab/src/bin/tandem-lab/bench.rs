@@ -34,11 +34,12 @@ pub enum BenchCmd {
     /// Failover time and epoch pause, side by side for several guest RAM
     /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
     Failover(FailoverArgs),
-    /// Epoch pause, tandem (scan tracker) against QEMU's own COLO
-    /// checkpointing on the same guest, one after the other per cell:
-    /// p50/p99 from the primary QEMU's STOP/RESUME events, and checkpoints
-    /// per second. Needs root and qemu-scripts/colo-qemu.sh (COLO is broken
-    /// in QEMU 10.0; it unpacks Debian's 7.2 privately).
+    /// Epoch pause, tandem (per dirty-page tracker, `--tracker`) against
+    /// QEMU's own COLO checkpointing on the same guest, one after the other
+    /// per cell: p50/p99 from the primary QEMU's STOP/RESUME events,
+    /// checkpoints per second, and tandem's collect inside the pause.
+    /// Needs root and qemu-scripts/colo-qemu.sh (COLO is broken in QEMU
+    /// 10.0; it unpacks Debian's 7.2 privately).
     Pause(PauseArgs),
 }
 
@@ -214,6 +215,10 @@ pub struct PauseArgs {
     /// The QEMU tandemd runs the guest on.
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: PathBuf,
+    /// tandem's dirty-page trackers, each measured in every cell (COLO
+    /// once): scan, soft-dirty, uffd or auto.
+    #[arg(long, value_delimiter = ',', default_value = "scan")]
+    tracker: Vec<String>,
     #[arg(
         long,
         env = "TANDEM_IMAGE_DIR",
@@ -554,6 +559,13 @@ fn tracker(a: TrackerArgs, json: bool) -> anyhow::Result<()> {
 }
 
 fn pause(a: PauseArgs, json: bool) -> anyhow::Result<()> {
+    for t in &a.tracker {
+        if !["scan", "soft-dirty", "uffd", "auto"].contains(&t.as_str()) {
+            anyhow::bail!(
+                "--tracker: unknown tracker {t:?} (expected scan, soft-dirty, uffd or auto)"
+            );
+        }
+    }
     let opts = colobench::PauseOptions {
         memory_mib: a.memory_mib.clone(),
         epoch_ms: a.epoch_ms,
@@ -566,6 +578,7 @@ fn pause(a: PauseArgs, json: bool) -> anyhow::Result<()> {
         colo_shim: (a.colo_shim != "none").then(|| PathBuf::from(&a.colo_shim)),
         image_dir: a.image_dir.clone(),
         work_dir: PathBuf::from("/tmp"),
+        trackers: a.tracker.clone(),
     };
     let r = colobench::pause_vs_colo(&opts, say)?;
     if json {
@@ -583,7 +596,8 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
         ..
     } = a;
     println!(
-        "\nepoch pause, tandem (scan) vs QEMU COLO, epoch = x-checkpoint-delay = {epoch_ms} ms, {seconds} s per system and cell"
+        "\nepoch pause, tandem ({}) vs QEMU COLO, epoch = x-checkpoint-delay = {epoch_ms} ms, {seconds} s per system and cell",
+        a.tracker.join(", ")
     );
     println!("tandem: {}", r.tandem_qemu);
     println!(
@@ -595,9 +609,11 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
             .unwrap_or_default()
     );
     println!(
-        "{:>5} {:>6} | {:>27} {:>8} {:>8} | {:>27} {:>8} {:>8} | {:>16}",
+        "{:>5} {:>6} {:>10} | {:>17} | {:>27} {:>8} {:>8} | {:>27} {:>8} {:>8} | {:>16}",
         "RAM",
         "dirty",
+        "tracker",
+        "collect p50 / p99",
         "tandem pause p50 / p99 ms",
         "ckpt/s",
         "dirtied",
@@ -607,10 +623,16 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
         "tandem/COLO p50, p99"
     );
     for row in &r.rows {
+        let collect = match (row.tandem.collect_p50_ms, row.tandem.collect_p99_ms) {
+            (Some(p50), Some(p99)) => format!("{p50:>7.2} / {p99:>7.2}"),
+            _ => "-".to_string(),
+        };
         println!(
-            "{:>5} {:>6} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>8.2}, {:>6.2}",
+            "{:>5} {:>6} {:>10} | {:>17} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>13.2} / {:>11.2} {:>8.1} {:>8.1} | {:>8.2}, {:>6.2}",
             row.memory_mib,
             row.dirty_mib_s,
+            row.tracker,
+            collect,
             row.tandem.pause_p50_ms,
             row.tandem.pause_p99_ms,
             row.tandem.checkpoints_per_s,
@@ -623,7 +645,15 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
             row.ratio_p99
         );
     }
-    println!("(RAM in MiB; dirty: offered MiB/s; dirtied: MiB/s the guest got done; pause from the primary QEMU's STOP/RESUME events)");
+    println!("(RAM in MiB; dirty: offered MiB/s; dirtied: MiB/s the guest got done; pause from the primary QEMU's STOP/RESUME events; collect: the dirty-page collect inside tandem's pause, ms, from tandemd's epoch log; each cell's COLO run is shared by its tracker rows)");
+    for row in &r.rows {
+        if let Some(note) = &row.tandem.tracker_note {
+            println!(
+                "{} MiB / {} MiB/s, tracker {}: {note}",
+                row.memory_mib, row.dirty_mib_s, row.tracker
+            );
+        }
+    }
     for row in &r.rows {
         for (name, side) in [("tandem", &row.tandem), ("COLO", &row.colo)] {
             if let Some(e) = &side.error {
@@ -643,9 +673,10 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
         }
     }
     println!(
-        "reproduce: tandem bench pause --memory-mib {} --epoch-ms {epoch_ms} --dirty {} --seconds {seconds} --seed {seed}",
+        "reproduce: tandem bench pause --memory-mib {} --epoch-ms {epoch_ms} --dirty {} --tracker {} --seconds {seconds} --seed {seed}",
         join(&a.memory_mib),
-        join(&a.dirty)
+        join(&a.dirty),
+        a.tracker.join(",")
     );
 }
 
