@@ -39,6 +39,9 @@ pub struct FtSettings {
     pub tracker: tandem_replication::tracker::TrackerChoice,
     /// Cap on a protected disk's write log between two epochs, in bytes.
     pub disk_log_cap: u64,
+    /// This host's cluster identity: mutual TLS on TCP replication links
+    /// and the authority over who may replicate here.
+    pub cluster: Option<Arc<crate::cluster::ClusterLink>>,
 }
 
 struct Protected {
@@ -308,6 +311,9 @@ impl Ft {
         bcfg.takeover_timeout = settings.takeover_timeout;
         bcfg.suspect_after = settings.fence_timeout;
         bcfg.auto_failover = settings.auto_failover;
+        if let Some(c) = &settings.cluster {
+            bcfg.authority = c.authority();
+        }
         let backup = Backup::new(
             bcfg,
             Arc::new(SupervisorActivate {
@@ -325,6 +331,7 @@ impl Ft {
             let listener = Listener::bind(ep).await?;
             info!(endpoint = %ep, "accepting replication streams");
             let b = backup.clone();
+            let cluster = settings.cluster.clone();
             // Each connection may hold a frame buffer of up to 8 MiB: bound
             // how many there are (far more than protected VMs on a host).
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REPLICATION_CONNECTIONS));
@@ -337,8 +344,27 @@ impl Ft {
                                 continue;
                             };
                             let b = b.clone();
+                            let tls = match &cluster {
+                                Some(c) => match c.replication_server() {
+                                    Ok(cfg) => Some(cfg),
+                                    Err(e) => {
+                                        warn!(%peer, "refusing a replication connection: {e:#}");
+                                        continue;
+                                    }
+                                },
+                                None => None,
+                            };
                             tokio::spawn(async move {
-                                b.serve(conn, peer).await;
+                                match tandem_replication::link::authenticate(
+                                    conn,
+                                    peer,
+                                    tls.as_ref(),
+                                )
+                                .await
+                                {
+                                    Ok((conn, who)) => b.serve_peer(conn, who).await,
+                                    Err(why) => warn!("refusing a replication connection: {why}"),
+                                }
                                 drop(slot);
                             });
                         }
@@ -359,8 +385,47 @@ impl Ft {
         }))
     }
 
+    /// How to reach the backup a protect request names: `HOST:PORT` or
+    /// `unix:PATH`, and on a host with a cluster identity `NAME@HOST:PORT`,
+    /// where NAME is the certificate name the backup must present (mutual
+    /// TLS; a TCP backup without a name is refused there).
+    fn backup_link(
+        &self,
+        spec: &str,
+    ) -> Result<Arc<dyn tandem_replication::link::Connect>, HttpError> {
+        let (name, addr) = match spec.split_once('@') {
+            Some((n, a)) => (Some(n), a),
+            None => (None, spec),
+        };
+        let endpoint: Endpoint = addr.parse()?;
+        match (&self.settings.cluster, name, &endpoint) {
+            (_, None, Endpoint::Unix(_)) => Ok(Arc::new(endpoint)),
+            (Some(_), Some(_), Endpoint::Unix(_)) => Err(HttpError::invalid(
+                "a unix-socket backup is on this host: name no certificate for it",
+            )),
+            (Some(c), Some(n), Endpoint::Tcp(_)) => {
+                tandem_pki::validate_name(n).map_err(|e| HttpError::invalid(e.to_string()))?;
+                let client = c
+                    .client()
+                    .map_err(|e| HttpError::invalid(format!("{e:#}")))?;
+                Ok(Arc::new(tandem_replication::link::TlsEndpoint {
+                    endpoint,
+                    peer_name: n.to_string(),
+                    client,
+                }))
+            }
+            (Some(_), None, Endpoint::Tcp(_)) => Err(HttpError::invalid(format!(
+                "this host replicates over mutual TLS: name the backup's certificate, as NAME@{addr}"
+            ))),
+            (None, Some(_), _) => Err(HttpError::invalid(
+                "this host has no cluster identity, so it cannot check the backup's name (tandem cluster init --standalone, or tandem host join)",
+            )),
+            (None, None, Endpoint::Tcp(_)) => Ok(Arc::new(endpoint)),
+        }
+    }
+
     async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, HttpError> {
-        let backup: Endpoint = req.backup.parse()?;
+        let backup = self.backup_link(&req.backup)?;
         let epoch_ms = req.epoch_ms.unwrap_or(50);
         if !(10..=1000).contains(&epoch_ms) {
             return Err(HttpError::invalid(format!(
@@ -420,7 +485,7 @@ impl Ft {
             log_cap: self.settings.disk_log_cap,
         };
         let disks = crate::ftdisk::start_with(&port, &work, mirror).await?;
-        let mut cfg = PrimaryConfig::new(backup);
+        let mut cfg = PrimaryConfig::over(backup);
         cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm);
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;

@@ -8,6 +8,7 @@
 
 mod api;
 mod apisock;
+mod cluster;
 mod error;
 mod ft;
 mod ftdisk;
@@ -122,6 +123,17 @@ struct Args {
     /// protection is ended by hand.
     #[arg(long, default_value_t = 10_000)]
     ft_degrade_after_ms: u64,
+
+    /// This host's cluster identity (`identity.pem`, from `tandem host
+    /// join` or `tandem cluster init --standalone`); default STATE/identity.
+    /// With one, TCP replication links are mutual TLS both ways.
+    #[arg(long)]
+    identity_dir: Option<PathBuf>,
+
+    /// Standalone pair: who may protect which VMs to this host (a TOML
+    /// list of certificate names and VM UUIDs); needs an identity.
+    #[arg(long)]
+    repl_peers: Option<PathBuf>,
 
     /// Backup: never take over on its own; only `tandem failover` does.
     #[arg(long)]
@@ -247,6 +259,25 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             2 * args.ft_heartbeat_ms
         );
     }
+    let identity_dir = args.identity_dir.clone().unwrap_or_else(|| {
+        args.state_dir
+            .join(tandem_manager::agent::HOST_IDENTITY_DIR)
+    });
+    let qemu_for_inventory = resolve_binary(&args.qemu);
+    let cluster = cluster::start(&identity_dir, args.repl_peers.as_deref(), || {
+        cluster::HostReporter {
+            state_dir: args.state_dir.clone(),
+            image_dir: Some(args.image_dir.clone()),
+            qemu: cluster::HostReporter::probe_qemu(&qemu_for_inventory),
+            switch: switch.clone(),
+        }
+    })?;
+    if cluster.is_none() && matches!(listen, Some(tandem_replication::link::Endpoint::Tcp(_))) {
+        tracing::warn!(
+            "the replication listener accepts unauthenticated TCP: this host has no cluster identity \
+             (tandem cluster init --standalone, or tandem host join)"
+        );
+    }
     let ft = ft::Ft::start(
         sup.clone(),
         ft::FtSettings {
@@ -260,6 +291,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             auto_failover: !args.no_auto_failover,
             tracker: args.ft_tracker,
             disk_log_cap: args.ft_disk_log_cap_mib.saturating_mul(1 << 20),
+            cluster,
         },
         Some(switch.clone()),
     )

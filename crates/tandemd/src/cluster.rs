@@ -1,0 +1,311 @@
+//! tandemd's place in a cluster: its certificate, who may replicate to it,
+//! and, for a host that joined a manager, the agent that keeps both
+//! current.
+//!
+//! A host with an identity (`STATE/identity/identity.pem`, from `tandem
+//! host join` or `tandem cluster init --standalone`) speaks mutual TLS on
+//! every TCP replication link, in both directions, and admits a primary
+//! only as its authority says: the manager's records as last fetched
+//! (cached on disk, so a manager outage changes nothing), or for a
+//! standalone pair the optional `--repl-peers` list (without one, any host
+//! certificate of the pair's own CA may protect any VM). A host without
+//! an identity keeps the behaviour from before the cluster, and says at
+//! start that its TCP listener authenticates nobody.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use parking_lot::RwLock;
+use tandem_manager::agent::{AgentConfig, HostAgent, Reporter};
+use tandem_manager::api::HostAuthority;
+use tandem_manager::model::host::{
+    Datastore, DatastoreKind, Health, HealthState, Inventory, MemoryInfo, PortGroupInfo, QemuInfo,
+    Uplink,
+};
+use tandem_pki::rustls::{ClientConfig, ServerConfig};
+use tandem_pki::{Identity, NoRevocations, Revocations, Role};
+use tandem_replication::authority::{
+    AllowList, Authority, PeerIdentity, RecordedPrimaries, Unrestricted, VmAuthority,
+};
+use tandem_replication::wire::Hello;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// This host's cluster identity and the rules that go with it.
+pub struct ClusterLink {
+    identity: watch::Receiver<Arc<Identity>>,
+    revocations: Arc<dyn Revocations>,
+    authority: Arc<CurrentAuthority>,
+    /// "manager" or "standalone".
+    pub mode: &'static str,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("name", &self.name())
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterLink {
+    /// This host's certificate name.
+    pub fn name(&self) -> String {
+        self.identity.borrow().name().to_string()
+    }
+
+    /// The replication listener's TLS: only host certificates of this
+    /// cluster, checked against the current revocation list. Built per
+    /// connection from the current identity, so a renewal takes effect at
+    /// once.
+    pub fn replication_server(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        let id = self.identity.borrow().clone();
+        tandem_pki::server_config_for_roles(&id, self.revocations.clone(), &[Role::Host])
+            .context("building the replication listener's TLS")
+    }
+
+    /// TLS for dialling another host of the cluster.
+    pub fn client(&self) -> anyhow::Result<Arc<ClientConfig>> {
+        let id = self.identity.borrow().clone();
+        tandem_pki::client_config(&id, self.revocations.clone())
+            .context("building the replication link's TLS")
+    }
+
+    pub fn authority(&self) -> Arc<dyn Authority> {
+        self.authority.clone()
+    }
+}
+
+/// The authority in force, replaced when the manager's records change.
+#[derive(Debug)]
+struct CurrentAuthority(RwLock<Arc<dyn Authority>>);
+
+impl Authority for CurrentAuthority {
+    fn admit_primary(&self, peer: &PeerIdentity, hello: &Hello) -> Result<(), String> {
+        let current = self.0.read().clone();
+        current.admit_primary(peer, hello)
+    }
+}
+
+fn recorded(a: &HostAuthority) -> RecordedPrimaries {
+    RecordedPrimaries {
+        this_host: a.host.clone(),
+        vms: a
+            .vms
+            .iter()
+            .map(|r| {
+                (
+                    r.uuid.hyphenated().to_string(),
+                    VmAuthority {
+                        name: r.name.clone(),
+                        primary: r.primary.clone(),
+                        backup: r.backup.clone().unwrap_or_default(),
+                        generation: r.generation,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// What tandemd reports to the manager about this host.
+pub struct HostReporter {
+    pub state_dir: PathBuf,
+    pub image_dir: Option<PathBuf>,
+    pub qemu: QemuInfo,
+    pub switch: Arc<tandem_switch::host::SwitchHost>,
+}
+
+impl HostReporter {
+    /// Asks the QEMU binary for its version and machine types once.
+    pub fn probe_qemu(binary: &Path) -> QemuInfo {
+        let run = |args: &[&str]| {
+            std::process::Command::new(binary)
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let version = run(&["--version"])
+            .split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        let machine_types = run(&["-machine", "help"])
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        QemuInfo {
+            version,
+            machine_types,
+        }
+    }
+
+    fn datastore(path: &Path) -> Option<Datastore> {
+        let st = nix::sys::statvfs::statvfs(path).ok()?;
+        let unit = st.fragment_size() as u64;
+        Some(Datastore {
+            path: path.display().to_string(),
+            total_bytes: (st.blocks() as u64).saturating_mul(unit),
+            free_bytes: (st.blocks_available() as u64).saturating_mul(unit),
+            kind: DatastoreKind::Local,
+        })
+    }
+
+    fn memory() -> MemoryInfo {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+                .map_or(0, |kib| kib.saturating_mul(1024))
+        };
+        MemoryInfo {
+            total_bytes: field("MemTotal:"),
+            free_bytes: field("MemAvailable:"),
+        }
+    }
+}
+
+impl Reporter for HostReporter {
+    fn health(&self) -> Health {
+        let mut problems = Vec::new();
+        if let Some(ds) = Self::datastore(&self.state_dir) {
+            // Below 1 GiB free, replicas and checkpoints start failing.
+            if ds.free_bytes < 1 << 30 {
+                problems.push(format!("{} has {} MiB free", ds.path, ds.free_bytes >> 20));
+            }
+        }
+        Health {
+            state: if problems.is_empty() {
+                HealthState::Ok
+            } else {
+                HealthState::Degraded
+            },
+            problems,
+        }
+    }
+
+    fn inventory(&self) -> Inventory {
+        let doc = self.switch.document();
+        let mut datastores: Vec<Datastore> = std::iter::once(self.state_dir.as_path())
+            .chain(self.image_dir.as_deref())
+            .filter_map(Self::datastore)
+            .collect();
+        datastores.dedup_by(|a, b| a.path == b.path);
+        Inventory {
+            datastores,
+            qemu: self.qemu.clone(),
+            memory: Self::memory(),
+            port_groups: doc
+                .port_groups
+                .iter()
+                .map(|g| PortGroupInfo {
+                    name: g.name.clone(),
+                    vlan: g.vlan,
+                    trunk: g.allowed_vlans.clone(),
+                })
+                .collect(),
+            uplinks: doc
+                .uplinks
+                .iter()
+                .flat_map(|u| u.interfaces.iter())
+                .map(|i| Uplink {
+                    name: i.clone(),
+                    declared_neighbour: None,
+                    lldp_neighbour: None,
+                })
+                .collect(),
+            tandem_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+/// Sets up this host's cluster identity, if it has one: the manager agent
+/// (joined hosts) or the standalone rules. `None`: no identity.
+pub fn start(
+    identity_dir: &Path,
+    peers: Option<&Path>,
+    reporter: impl FnOnce() -> HostReporter,
+) -> anyhow::Result<Option<Arc<ClusterLink>>> {
+    if !tandem_manager::agent::has_identity(identity_dir) {
+        if peers.is_some() {
+            anyhow::bail!(
+                "--repl-peers needs a cluster identity in {} (tandem cluster init --standalone, or tandem host join)",
+                identity_dir.display()
+            );
+        }
+        return Ok(None);
+    }
+    let joined = identity_dir
+        .join(tandem_manager::state::MANAGER_FILE)
+        .exists();
+    if joined {
+        let (agent, handle) = HostAgent::open(AgentConfig::new(identity_dir))
+            .with_context(|| format!("opening the host identity in {}", identity_dir.display()))?;
+        let initial: Arc<dyn Authority> = Arc::new(recorded(&handle.authority.borrow()));
+        let authority = Arc::new(CurrentAuthority(RwLock::new(initial)));
+        let mut changes = handle.authority.clone();
+        let current = authority.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let next: Arc<dyn Authority> = Arc::new(recorded(&changes.borrow()));
+                *current.0.write() = next;
+                info!("VM authority records updated from the manager");
+            }
+        });
+        let reporter: Arc<dyn Reporter> = Arc::new(reporter());
+        tokio::spawn(agent.run(reporter, std::future::pending()));
+        let link = ClusterLink {
+            identity: handle.identity.clone(),
+            revocations: handle.revocations.clone(),
+            authority,
+            mode: "manager",
+        };
+        info!(host = %link.name(), "cluster member: mutual TLS on replication links, the manager's authority");
+        return Ok(Some(Arc::new(link)));
+    }
+    let identity = Identity::load(identity_dir)
+        .with_context(|| format!("loading the host identity in {}", identity_dir.display()))?;
+    if identity.role() != Role::Host {
+        anyhow::bail!(
+            "{} holds a {} certificate; tandemd needs a host certificate",
+            identity_dir.display(),
+            identity.role()
+        );
+    }
+    if identity.expires_within(std::time::Duration::from_secs(30 * 86_400)) {
+        warn!(
+            "this host's certificate expires within 30 days: renew it (tandem cluster renew --standalone)"
+        );
+    }
+    let rule: Arc<dyn Authority> = match peers {
+        Some(p) => Arc::new(
+            AllowList::load(p).with_context(|| format!("loading the peer list {}", p.display()))?,
+        ),
+        None => {
+            info!(
+                "no --repl-peers: any host certificate of this pair's CA may protect any VM here"
+            );
+            Arc::new(Unrestricted)
+        }
+    };
+    let (_keep, identity) = watch::channel(Arc::new(identity));
+    // The sender is dropped: a standalone identity changes only at restart.
+    let link = ClusterLink {
+        identity,
+        revocations: Arc::new(NoRevocations),
+        authority: Arc::new(CurrentAuthority(RwLock::new(rule))),
+        mode: "standalone",
+    };
+    info!(host = %link.name(), "standalone pair: mutual TLS on replication links");
+    Ok(Some(Arc::new(link)))
+}
