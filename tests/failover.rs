@@ -26,10 +26,10 @@ fn wait_ft(
         let out = d.cli(&["--json", "ft", "status", vm]);
         if out.status.success() {
             let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            if let Some(s) = v.as_array().and_then(|a| a.first()) {
-                if pred(s) {
-                    return s.clone();
-                }
+            // A host can be the VM's backup and its primary at once (after
+            // a failover, protecting it onwards): any entry that matches.
+            if let Some(s) = v.as_array().and_then(|a| a.iter().find(|s| pred(s))) {
+                return s.clone();
             }
         }
         if Instant::now() >= deadline {
@@ -299,6 +299,30 @@ fn a_takeover_runs_the_vm_on_its_replica_in_place_and_copies_nothing() {
         std::fs::read(replica.join("disk-data.raw")).unwrap() == base_disk,
         "the guest wrote into the replica's disk"
     );
+
+    // The next protection from this host, to a third one: the tracker
+    // reads the RAM file where it is (on disk), and the disk mirror copies
+    // the whole overlay chain.
+    let (_link_c, ep_c) = endpoint();
+    let c = Daemon::start_with(&["--repl-listen", &ep_c]);
+    b.cli_ok(&["protect", vm, "--backup", &ep_c, "--epoch-ms", "50"]);
+    wait_ft(&b, vm, "protection from B", Duration::from_secs(90), |s| {
+        s["role"] == "primary"
+            && s["state"] == "protected"
+            && s["last_committed"].as_u64().unwrap_or(0) >= 3
+    });
+    wait_ft(&c, vm, "C's standby", Duration::from_secs(20), |s| {
+        s["state"] == "standby"
+    });
+    let c_disk =
+        std::fs::read(c.state_dir.join("replicas").join(vm).join("disk-data.raw")).unwrap();
+    assert_eq!(
+        c_disk.len() as u64,
+        img["virtual-size"].as_u64().unwrap(),
+        "C's replica of the disk"
+    );
+    b.cli_ok(&["unprotect", vm]);
+    drop(c);
 
     // A cold restart on B boots from the overlay over the replica: the
     // guest reads every record back from its disk. The replica's RAM file

@@ -68,6 +68,17 @@ impl Supervisor {
         if vm.state().is_active() {
             return Err(vm.bad_state("start"));
         }
+        if let Some(b) = vm.record().base.filter(|b| !b.owned && restore.is_none()) {
+            // Its disks are overlays over a replica that is still one (the
+            // backup may write it): booting them would run a second copy
+            // of the guest on a base that changes under it.
+            return Err(SupervisorError::Refused(format!(
+                "the disks of `{}` are overlays over {}, which is still a replica (a takeover into this VM did not complete): resume it with `tandem failover {}`, or destroy this VM",
+                vm.name,
+                b.dir.display(),
+                vm.name
+            )));
+        }
         if let Some(src) = &restore {
             // The checkpoint's disks replace the spec's from now on.
             vm.update(|r| {
@@ -77,12 +88,20 @@ impl Supervisor {
                         d.format = *format;
                     }
                 }
-                if let RestoreRam::InPlace { dir, .. } = &src.ram {
+                match &src.ram {
                     // Lent, not owned, until the guest runs from it.
-                    r.base = Some(BaseDir {
-                        dir: dir.clone(),
-                        owned: false,
-                    });
+                    RestoreRam::InPlace { dir, .. } => {
+                        r.base = Some(BaseDir {
+                            dir: dir.clone(),
+                            owned: false,
+                        })
+                    }
+                    // Its disks are copies now: a lent base is not its.
+                    RestoreRam::Copy(_) => {
+                        if r.base.as_ref().is_some_and(|b| !b.owned) {
+                            r.base = None;
+                        }
+                    }
                 }
             })?;
         }

@@ -688,6 +688,11 @@ mod tests {
         let mode = std::fs::metadata(&overlay).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
+        // Its disks are overlays over what is still a replica: it is not
+        // booted on them (a takeover must complete, or the VM go).
+        let e = sup.start("v").await.unwrap_err();
+        assert!(matches!(e, SupervisorError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("still a replica"), "{e}");
         // A VM that never ran from it does not own it: deleting the VM
         // leaves the replica.
         sup.destroy("v").await.unwrap();
