@@ -9,6 +9,8 @@ use tandem_lab::{colobench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundR
 
 use crate::{print_json, tandemd_beside_lab};
 
+mod restore;
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// The switch alone between two VM ports: DPDK testpmd (virtio-user)
@@ -34,6 +36,11 @@ pub enum BenchCmd {
     /// Failover time and epoch pause, side by side for several guest RAM
     /// sizes, over repeated drills (kill mode qemu). Reports median and p99.
     Failover(FailoverArgs),
+    /// Failover restore (takeover decision → guest running on the backup)
+    /// side by side for guests of several RAM and disk sizes, and the
+    /// guest's work in the seconds after the failover against before.
+    /// Median and p99 over fresh rounds (the primary's QEMU is killed).
+    Restore(RestoreArgs),
     /// Epoch pause, tandem (per dirty-page tracker, `--tracker`) against
     /// QEMU's own COLO checkpointing on the same guest, one after the other
     /// per cell: p50/p99 from the primary QEMU's STOP/RESUME events,
@@ -185,6 +192,29 @@ pub struct FailoverArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Guest sizes, `RAM[+DISK]` in MiB (DISK: a raw `bulk` disk of that
+    /// size, filled with data, beside the guest's data disk).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024+4096")]
+    sizes: Vec<restore::Size>,
+    /// Rounds per size (each a fresh pair of tandemds and a full copy).
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Seconds of guest work timed after each failover (and once per size
+    /// before protection); 0 times none.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    #[arg(long, default_value_t = 50)]
+    epoch_ms: u64,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct PauseArgs {
     /// Guest RAM sizes, in MiB.
     #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
@@ -237,6 +267,7 @@ pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
         BenchCmd::Tracker(a) => tracker(a, json),
         // Its table is printed with `--json` too, as it always was.
         BenchCmd::Failover(a) => failover(a),
+        BenchCmd::Restore(a) => restore_bench(a, json),
         BenchCmd::Pause(a) => pause(a, json),
     }
 }
@@ -678,6 +709,65 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
         join(&a.dirty),
         a.tracker.join(",")
     );
+}
+
+fn restore_bench(a: RestoreArgs, json: bool) -> anyhow::Result<()> {
+    let opts = restore::Options {
+        sizes: a.sizes.clone(),
+        rounds: a.rounds,
+        seconds: a.seconds,
+        epoch_ms: a.epoch_ms,
+        tandemd: tandemd_beside_lab()?,
+        image_dir: a.image_dir.clone(),
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let rows = restore::run(&opts, say)?;
+    if json {
+        return print_json(&rows);
+    }
+    let RestoreArgs {
+        rounds,
+        seconds,
+        epoch_ms,
+        ..
+    } = a;
+    println!(
+        "\nfailover restore (takeover decision -> guest running on the backup), {rounds} rounds per size; guest work: DIRTY (MiB/s written, wall time), {seconds} s"
+    );
+    println!(
+        "{:>10} {:>12} {:>12} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "RAM+disk",
+        "restore p50",
+        "restore p99",
+        "detection p50",
+        "copy s p50",
+        "before MiB/s",
+        "after MiB/s",
+        "1st request ms"
+    );
+    for r in &rows {
+        let p50 = |f: &dyn Fn(&restore::Round) -> f64| {
+            let mut v: Vec<f64> = r.rounds.iter().map(f).collect();
+            tandem_lab::stats_ms(&mut v, 50.0)
+        };
+        println!(
+            "{:>10} {:>9.0} ms {:>9.0} ms {:>11.0} ms {:>14.1} {:>14.1} {:>14.1} {:>16.0}",
+            r.size.to_string(),
+            r.restore_p50_ms,
+            r.restore_p99_ms,
+            p50(&|x| x.detection_ms),
+            p50(&|x| x.protect_s),
+            r.before_mib_s,
+            r.after_p50_mib_s,
+            r.first_request_p50_ms
+        );
+    }
+    println!("(copy s: protect -> the backup stands by, the initial copy; before: the guest on the primary before protection, RAM on tmpfs; after: on the backup after the failover, RAM in the replica's file, p50 over rounds)");
+    println!(
+        "reproduce: tandem bench restore --sizes {} --rounds {rounds} --seconds {seconds} --epoch-ms {epoch_ms}",
+        join(&a.sizes)
+    );
+    Ok(())
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<()> {
