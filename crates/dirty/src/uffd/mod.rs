@@ -190,12 +190,13 @@ impl Decider {
 
     /// Dirty pages, ascending: the written ones, the external writes, and
     /// after a possible punch every page that reads as zeroes where the
-    /// replica holds something else. `ram.data` should be given when
-    /// `punched` (or everything is pending): a hole read through a shared
-    /// mapping of tmpfs would allocate it.
+    /// replica may hold something else. Only such an epoch, or one that
+    /// reports everything, reads RAM; `ram.data` should be given then: a
+    /// hole read through a shared mapping of tmpfs would allocate it.
     pub fn decide(&mut self, ram: RamView<'_>, written: &PageSet, punched: bool) -> Vec<u64> {
         let pages = self.pages.min(ram.bytes.len() / PAGE_SIZE);
-        let mut dirty = if std::mem::take(&mut self.all_dirty) {
+        let all = std::mem::take(&mut self.all_dirty);
+        let mut dirty = if all {
             PageSet::full(pages)
         } else {
             let mut d = PageSet::new(pages);
@@ -215,9 +216,15 @@ impl Decider {
             }
         }
         let out: Vec<u64> = dirty.iter().map(|p| p as u64).collect();
+        // `zero` only ever claims what is known: a page is put in it when
+        // it is reported and read as zeroes. An ordinary epoch reads no
+        // page (that would cost a cache miss per written page) and only
+        // takes its reported pages out; a punch epoch (rare) may then
+        // re-send a page that is zero on both sides.
+        let read = all || punched;
         for &p in &out {
             let p = p as usize;
-            if ram.is_zero_page(p) {
+            if read && ram.is_zero_page(p) {
                 self.zero.insert(p);
             } else {
                 self.zero.remove(p);
