@@ -490,3 +490,63 @@ fn a_scan_of_an_unregistered_range_fails_rather_than_says_nothing() {
     let err = UffdTracker::new(reg, &ram.file, 4).err().expect("refused");
     assert!(err.to_string().contains("PAGEMAP_SCAN"), "{err}");
 }
+
+#[test]
+fn addresses_become_file_pages_through_the_areas_offset() {
+    let a = Area {
+        start: 0x7f00_0000_0000,
+        end: 0x7f00_0001_0000,
+        offset: 8 * PAGE_SIZE as u64,
+    };
+    let first = a.offset / PAGE_SIZE as u64;
+    assert_eq!(file_page(&a, a.start, first), 8);
+    assert_eq!(file_page(&a, a.start + 3 * PAGE_SIZE as u64, first), 11);
+    assert_eq!(file_page(&a, a.end, first), 24);
+}
+
+/// QEMU may map the RAM file in pieces, from an offset (memory above
+/// 4 GiB is the file's tail): a write through a piece is reported at its
+/// page of the file, and pages past the file's end are never reported.
+#[test]
+fn a_mapping_from_an_offset_reports_file_pages() {
+    const N: usize = 32;
+    let ram = Ram::new(N, "offset");
+    // A second "QEMU" mapping: file pages 20..32, registered alone.
+    // SAFETY: a new shared mapping of the test's file; unmapped below.
+    let piece = unsafe {
+        mmap(
+            None,
+            NonZeroUsize::new(12 * PAGE_SIZE).unwrap(),
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            &ram.file,
+            (20 * PAGE_SIZE) as i64,
+        )
+    }
+    .expect("mmap")
+    .as_ptr()
+    .cast::<u8>();
+    let mut reg = ram.register();
+    sys::uffd_register_wp(reg.uffd.as_fd(), piece as u64, 12 * PAGE_SIZE as u64).unwrap();
+    reg.areas = vec![Area {
+        start: piece as u64,
+        end: piece as u64 + 12 * PAGE_SIZE as u64,
+        offset: 20 * PAGE_SIZE as u64,
+    }];
+    // The tracker is told of 24 pages only: 24..32 lie past its end.
+    let mut t = UffdTracker::new(reg, &ram.file, 24).unwrap();
+    assert_eq!(t.collect(RamView::dense(ram.view())).unwrap().len(), 24);
+    for p in [0, 3, 5, 11] {
+        // SAFETY: inside the 12-page piece.
+        unsafe { std::ptr::write_volatile(piece.add(p * PAGE_SIZE + 1), 7) };
+    }
+    assert_eq!(t.collect(RamView::dense(ram.view())).unwrap(), [20, 23]);
+    // SAFETY: the mapping made above.
+    unsafe {
+        munmap(
+            std::ptr::NonNull::new(piece).unwrap().cast(),
+            12 * PAGE_SIZE,
+        )
+    }
+    .unwrap();
+}
