@@ -35,8 +35,8 @@ pub struct ProtectArgs {
     /// Bound on held output, in bytes (default 16 MiB).
     #[arg(long)]
     hold_max_bytes: Option<usize>,
-    /// Dirty-page tracker: auto (tandemd's --ft-tracker), scan or
-    /// soft-dirty.
+    /// Dirty-page tracker: auto (tandemd's --ft-tracker), scan,
+    /// soft-dirty or uffd.
     #[arg(long)]
     tracker: Option<String>,
 }

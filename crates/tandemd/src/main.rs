@@ -140,8 +140,8 @@ struct Args {
     no_auto_failover: bool,
 
     /// Primary: dirty-page tracker when `protect` names none: `auto`
-    /// (soft-dirty where the kernel has it and the VM has no switch NIC,
-    /// else scan), `scan` or `soft-dirty`.
+    /// (uffd where QEMU's preload registers guest RAM, else soft-dirty
+    /// where the kernel has it, else scan), `scan`, `soft-dirty` or `uffd`.
     #[arg(long, default_value = "auto")]
     ft_tracker: tandem_replication::tracker::TrackerChoice,
 
