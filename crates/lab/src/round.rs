@@ -413,7 +413,8 @@ fn verify_resumed_vm(
 /// Every acknowledged record must be on the replica disk as committed.
 /// Records acknowledged before the kill must be in the replica exactly as
 /// committed; those B acknowledged after failover, on the disk the resumed
-/// guest runs on (a copy of the replica it has written since).
+/// guest runs on: a qcow2 overlay backed by the replica (the takeover runs
+/// the VM in place), read as a whole through `qemu-img convert`.
 fn check_disks(
     b: &Host,
     work: &Path,
@@ -428,13 +429,29 @@ fn check_disks(
         Err(e) => bail!("reading the replica disk: {e:#}"),
     }
     if !after_kill.is_empty() {
-        let live = find_file(&b.state.join("vms"), "restored-disk-data.raw").ok_or_else(|| {
+        let overlay = find_file(&b.state.join("vms"), "overlay-data.qcow2").ok_or_else(|| {
             anyhow!(
-                "B's running copy of the disk is not under {}",
+                "B's running disk (an overlay on the replica) is not under {}",
                 b.state.display()
             )
         })?;
-        match read_records(&live, work) {
+        let live = work.join("b-running-disk.raw");
+        let converted = Command::new("qemu-img")
+            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+            .arg(&overlay)
+            .arg(&live)
+            .output()
+            .context("running qemu-img convert")?;
+        if !converted.status.success() {
+            bail!(
+                "reading B's running disk {}: {}",
+                overlay.display(),
+                String::from_utf8_lossy(&converted.stderr).trim()
+            );
+        }
+        let read = read_records(&live, work);
+        let _ = std::fs::remove_file(&live);
+        match read {
             Ok(log) => violations.extend(checker::check_disk(after_kill, &log)),
             Err(e) => bail!("reading B's running disk: {e:#}"),
         }

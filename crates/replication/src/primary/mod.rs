@@ -190,6 +190,7 @@ impl Primary {
             sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             disk_failure: None,
             progress: (0, Instant::now()),
+            last_failure: None,
         };
         let task = tokio::spawn(engine.run());
         Primary {
@@ -261,6 +262,9 @@ struct Engine<G: Guest> {
     /// The newest commit seen and when it was seen: how long the backup has
     /// gone without committing (the degrade policy's clock).
     progress: (u64, Instant),
+    /// Why the last session with the backup failed (its own words where it
+    /// gave them): named when protection degrades on a stall.
+    last_failure: Option<String>,
 }
 
 /// A random instance number (the process's hasher keys are random; the
@@ -398,16 +402,22 @@ impl<G: Guest> Engine<G> {
                     }
                 }
                 Ended::Stalled(why) => {
+                    let why = match &self.last_failure {
+                        Some(f) => format!("{why}; before that: {f}"),
+                        None => why,
+                    };
                     if !self.degrade(why, &contact).await {
                         break;
                     }
                 }
                 Ended::Lost(why) if self.stalled() => {
+                    self.last_failure = Some(why.clone());
                     if !self.degrade(why, &contact).await {
                         break;
                     }
                 }
                 Ended::Lost(why) => {
+                    self.last_failure = Some(why.clone());
                     for d in &self.disks {
                         d.resync_all();
                     }
@@ -533,6 +543,8 @@ impl<G: Guest> Engine<G> {
     fn note_progress(&mut self, committed: u64) {
         if committed != self.progress.0 {
             self.progress = (committed, Instant::now());
+            // Commits again: an older failure explains no later stall.
+            self.last_failure = None;
         }
     }
 
