@@ -553,6 +553,24 @@ host_forwards = [{{ host_port = {PORT}, guest_port = 7070 }}]
         let _serial = serial_guard();
         let mut vm = Vm::start();
         let pages = ((MIB << 20) / PAGE_SIZE as u64) as usize;
+        // `auto`, as the primary runs it, picks uffd for this QEMU.
+        {
+            use tandem_replication::tracker::{choose, TrackerChoice, TrackerContext};
+            let ctx = TrackerContext {
+                qemu_pid: Some(vm.qemu.id()),
+                ram_file: &vm.ram,
+                pages,
+                external_writers: false,
+            };
+            let (auto, note) = choose(TrackerChoice::Auto, &ctx).expect("auto");
+            eprintln!("auto: {note}");
+            assert_eq!(auto.name(), "uffd", "{note}");
+            assert!(
+                note.starts_with("uffd (auto; registered inside QEMU")
+                    && note.contains(&format!("uid {QEMU_UID})")),
+                "{note}"
+            );
+        }
         let socket = uffd_socket(&vm.ram_dir.join("vm.ram"));
         let mut t = UffdTracker::connect(&socket, &vm.ram, pages).expect("registration");
         eprintln!("registration: {}", t.registration());
