@@ -144,6 +144,82 @@ fn auto_picks_uffd_for_a_sandboxed_qemu_and_says_why() {
     drop(b);
 }
 
+/// The primary's (or backup's) `ft status` once `pred` holds.
+fn wait_ft(
+    d: &tandem_tests::Daemon,
+    vm: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = d.cli_json(&["ft", "status", vm]);
+        let s = v
+            .as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .unwrap_or_default();
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} not reached: {s:#}\n{}",
+            tandem_tests::tail(&d.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// After a failover the guest runs on the backup on the replica's RAM file
+/// in place (not beside its fence lease, where the shim puts the preload's
+/// socket): protecting it onwards still finds the socket and tracks by
+/// uffd.
+#[test]
+fn the_onward_protection_after_a_failover_tracks_by_uffd() {
+    let _serial = serial_guard();
+    let link = |tag: &str| {
+        let d = tempfile::Builder::new().prefix(tag).tempdir().unwrap();
+        let ep = format!("unix:{}/repl.sock", d.path().display());
+        (d, ep)
+    };
+    let (_lb, ep_b) = link("tandem-uffd-b-");
+    let (_lc, ep_c) = link("tandem-uffd-c-");
+    let b = tandem_tests::Daemon::start_with(&["--repl-listen", &ep_b]);
+    let a = tandem_tests::Daemon::start();
+    let spec = a.guest_spec("uf3", "");
+    let path = a.dir.path().join("uf3.toml");
+    std::fs::write(&path, spec).unwrap();
+    a.cli_ok(&["vm", "create", path.to_str().unwrap()]);
+    a.cli_ok(&["vm", "start", "uf3"]);
+    a.wait_console("uf3", READY, BOOT);
+    a.cli_ok(&["protect", "uf3", "--backup", &ep_b, "--epoch-ms", "50"]);
+    wait_ft(&a, "uf3", "protection", |s| {
+        s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= 5
+    });
+    wait_ft(&b, "uf3", "standby", |s| s["state"] == "standby");
+    let pid = a.info("uf3")["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) of the QEMU this test's daemon started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_ft(&b, "uf3", "takeover", |s| s["state"] == "failed-over");
+    let c = tandem_tests::Daemon::start_with(&["--repl-listen", &ep_c]);
+    b.cli_ok(&["protect", "uf3", "--backup", &ep_c, "--epoch-ms", "50"]);
+    let st = wait_ft(&b, "uf3", "protection from B", |s| {
+        s["role"] == "primary"
+            && s["state"] == "protected"
+            && s["last_committed"].as_u64().unwrap_or(0) >= 3
+    });
+    let tracker = st["tracker"].as_str().unwrap_or_default();
+    eprintln!("onward: {tracker}");
+    assert!(
+        tracker.starts_with("uffd (auto; registered inside QEMU"),
+        "{st:#}"
+    );
+    b.cli_ok(&["unprotect", "uf3"]);
+    b.cli_ok(&["vm", "stop", "uf3", "--force"]);
+    drop(c);
+}
+
 /// The value of `key=` in a `key=value …` summary.
 fn field_str<'a>(summary: &'a str, key: &str) -> &'a str {
     summary
@@ -557,6 +633,7 @@ host_forwards = [{{ host_port = {PORT}, guest_port = 7070 }}]
         {
             use tandem_replication::tracker::{choose, TrackerChoice, TrackerContext};
             let ctx = TrackerContext {
+                uffd_socket: Some(uffd_socket(&vm.ram_dir.join("vm.ram"))),
                 qemu_pid: Some(vm.qemu.id()),
                 ram_file: &vm.ram,
                 pages,

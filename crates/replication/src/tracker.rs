@@ -61,6 +61,9 @@ impl std::fmt::Display for TrackerChoice {
 
 /// What the primary knows when it picks a tracker.
 pub struct TrackerContext<'a> {
+    /// Where QEMU's uffd preload listens (the shim's socket beside the
+    /// fence lease). `None`: beside the RAM file.
+    pub uffd_socket: Option<std::path::PathBuf>,
     pub qemu_pid: Option<u32>,
     pub ram_file: &'a std::fs::File,
     pub pages: usize,
@@ -69,10 +72,11 @@ pub struct TrackerContext<'a> {
     pub external_writers: bool,
 }
 
-/// Where QEMU's uffd preload listens for this RAM file: beside it (see
-/// [`tandem_supervisor::shim::uffd_socket`]). The path comes from the open
-/// file, so the context needs nothing more.
-fn uffd_socket(ram_file: &std::fs::File) -> Result<std::path::PathBuf, String> {
+/// Where QEMU's uffd preload listens when the context does not say: beside
+/// the RAM file (see [`tandem_supervisor::shim::uffd_socket`]; the shim
+/// names it after the lease, which sits beside the RAM file unless QEMU
+/// runs on a replica's RAM in place).
+fn uffd_socket_beside(ram_file: &std::fs::File) -> Result<std::path::PathBuf, String> {
     let path = std::fs::read_link(format!("/proc/self/fd/{}", ram_file.as_raw_fd()))
         .map_err(|e| format!("the RAM file's path: {e}"))?;
     Ok(tandem_supervisor::shim::uffd_socket(&path))
@@ -96,7 +100,10 @@ pub fn choose(
         if ctx.external_writers {
             return Err(UNLOGGED.into());
         }
-        let socket = uffd_socket(ctx.ram_file)?;
+        let socket = match &ctx.uffd_socket {
+            Some(s) => s.clone(),
+            None => uffd_socket_beside(ctx.ram_file)?,
+        };
         let t = UffdTracker::connect(&socket, ctx.ram_file, ctx.pages).map_err(|e| match e {
             TrackError::Uffd(why) => why.to_string(),
             e => e.to_string(),
@@ -170,6 +177,7 @@ mod tests {
     fn auto_never_tracks_by_page_tables_past_a_switch_port() {
         let f = tempfile::tempfile().unwrap();
         let ctx = TrackerContext {
+            uffd_socket: None,
             qemu_pid: Some(std::process::id()),
             ram_file: &f,
             pages: 4,
@@ -194,6 +202,7 @@ mod tests {
         let f = std::fs::File::create(&path).unwrap();
         f.set_len(4 * 4096).unwrap();
         let ctx = TrackerContext {
+            uffd_socket: None,
             qemu_pid: None,
             ram_file: &f,
             pages: 4,
@@ -212,6 +221,14 @@ mod tests {
                 .starts_with("uffd tracking unavailable: QEMU was started without"),
             "{err}"
         );
+        // A socket the context names is the one asked (QEMU on a
+        // replica's RAM in place: the shim's socket is beside the lease).
+        let ctx = TrackerContext {
+            uffd_socket: Some(dir.path().join("elsewhere.uffd")),
+            ..ctx
+        };
+        let err = choose(TrackerChoice::Uffd, &ctx).err().unwrap();
+        assert!(err.to_string().contains("elsewhere.uffd"), "{err}");
     }
 
     #[test]

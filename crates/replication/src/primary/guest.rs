@@ -62,6 +62,10 @@ pub trait Guest: Clone + Send + Sync + 'static {
     fn ram_size(&self) -> u64;
     /// QEMU's pid while it runs (page-table trackers read its pagemap).
     fn qemu_pid(&self) -> Option<u32>;
+    /// Where QEMU's uffd preload listens, if this guest has one.
+    fn uffd_socket(&self) -> Option<std::path::PathBuf> {
+        None
+    }
     /// The spec as the user wrote it, for defining the VM on the backup.
     fn spec_toml(&self) -> String;
     /// QEMU's monitor connection is gone.
@@ -117,6 +121,9 @@ impl Guest for GuestPort {
     }
     fn qemu_pid(&self) -> Option<u32> {
         GuestPort::qemu_pid(self)
+    }
+    fn uffd_socket(&self) -> Option<std::path::PathBuf> {
+        Some(GuestPort::uffd_socket(self))
     }
     fn spec_toml(&self) -> String {
         GuestPort::spec_toml(self)

@@ -338,6 +338,7 @@ impl<G: Guest> Engine<G> {
         };
         let pages = (self.port.ram_size() / PAGE_SIZE as u64) as usize;
         let ctx = TrackerContext {
+            uffd_socket: self.port.uffd_socket(),
             qemu_pid: self.port.qemu_pid(),
             ram_file: ram.file(),
             pages,

@@ -161,6 +161,11 @@ impl GuestPort {
             _ => None,
         }
     }
+    /// Where this QEMU's uffd preload listens (the shim made it beside
+    /// the fence lease; see [`shim::uffd_socket`]).
+    pub fn uffd_socket(&self) -> PathBuf {
+        shim::uffd_socket(&self.lease_file)
+    }
     /// QEMU's pid, while it runs.
     pub fn qemu_pid(&self) -> Option<u32> {
         self.vm.record().qemu_pid
