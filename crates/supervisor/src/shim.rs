@@ -261,10 +261,12 @@ pub fn now_unix_ms() -> u64 {
 }
 
 /// The socket through which tandemd asks QEMU's uffd preload to register
-/// guest RAM: beside a runtime file of the VM, named after it
-/// (`NAME.uffd` beside `NAME.ram` and `NAME.lease` in tandemd's private
-/// RAM directory). The shim derives it from the lease path, the tracker
-/// from the RAM file's: both live in that directory under the VM's name.
+/// guest RAM: beside the VM's fence lease, named after it (`NAME.uffd`
+/// beside `NAME.lease`, and normally `NAME.ram`, in tandemd's private RAM
+/// directory). The shim derives it from the lease it is given, tandemd
+/// from the same lease (`GuestPort::uffd_socket`): after an in-place
+/// takeover QEMU runs on the replica's RAM file elsewhere, the lease and
+/// the socket stay here.
 pub fn uffd_socket(runtime_file: &Path) -> PathBuf {
     runtime_file.with_extension("uffd")
 }
