@@ -8,7 +8,7 @@
 //!
 //! The shim also gives QEMU tandem's userfaultfd preload (when it is
 //! installed): the library in `LD_PRELOAD` and a listening socket made
-//! here, beside the RAM file, over which tandemd later asks QEMU to
+//! here, beside the fence lease, over which tandemd later asks QEMU to
 //! register guest RAM for dirty tracking ([`UffdHandoff`], docs/dirty.md).
 
 use std::path::{Path, PathBuf};
@@ -101,8 +101,8 @@ fn run_shim_with_lease(run_dir: &Path, lease: &Path, qemu: &Path, args: &[String
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
     // Dirty tracking by userfaultfd needs guest RAM registered inside
-    // QEMU: its preload gets a listening socket beside the RAM file (and
-    // the lease), served from inside QEMU, whether or not the VM is ever
+    // QEMU: its preload gets a listening socket beside the lease (and
+    // normally the RAM file), served from inside QEMU, whether or not the VM is ever
     // protected (a protection can start at any time; unasked, the preload
     // does nothing).
     let handoff = find_uffd_preload().and_then(|lib| {

@@ -5,7 +5,7 @@
 //! so guest RAM must be registered from inside QEMU. This library does
 //! nothing unless the shim handed it a listening unix socket (descriptor
 //! number in `TANDEM_UFFD_FD`; the socket file is the shim's, 0600, beside
-//! the VM's RAM file). Its constructor then starts one thread, with every
+//! the VM's fence lease). Its constructor then starts one thread, with every
 //! signal blocked (QEMU's signals are QEMU's), that serves that socket:
 //!
 //! (A wrapper that execs QEMU passes the socket on: the thread that serves
