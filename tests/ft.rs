@@ -852,9 +852,19 @@ fn fingerprint(dir: &std::path::Path) -> Vec<(String, u64, std::time::SystemTime
     let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
-            let e = e.unwrap();
-            let m = std::fs::symlink_metadata(e.path()).unwrap();
+        // While a session applies epochs, journals come and go under the
+        // listing: a file that is gone by the time it is looked at is not
+        // in the fingerprint (a quiescent replica has none such).
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            Err(e) => panic!("{}: {e}", d.display()),
+        };
+        for e in entries {
+            let Ok(e) = e else { continue };
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
             if m.is_dir() {
                 todo.push(e.path());
                 continue;
