@@ -318,12 +318,14 @@ impl Supervisor {
             .map_err(StartFailure::LoadDeviceState)?;
             info!(vm = %vm.name, ms = t.elapsed().as_millis() as u64, "device state loaded");
         }
+        let t = Instant::now();
         if let Some(dir) = claim {
             claim_base(vm, dir).map_err(|source| StartFailure::Claim {
                 dir: dir.display().to_string(),
                 source,
             })?;
         }
+        let claimed = t.elapsed();
         if let Err(e) = qmp.execute(qmp::cont {}).await {
             if let (Some(dir), QmpError::Qemu { .. }) = (claim, &e) {
                 // QEMU refused `cont`: the guest never ran, and the
@@ -333,6 +335,14 @@ impl Supervisor {
                 release_base(vm, dir);
             }
             return Err(StartFailure::Cont(e));
+        }
+        if claim.is_some() {
+            info!(
+                vm = %vm.name,
+                claim_ms = claimed.as_millis() as u64,
+                cont_ms = (t.elapsed() - claimed).as_millis() as u64,
+                "the guest runs in place"
+            );
         }
         if device_state.is_some() {
             // The guest now lives somewhere new: have QEMU announce its MACs

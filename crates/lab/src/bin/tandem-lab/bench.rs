@@ -206,6 +206,11 @@ pub struct RestoreArgs {
     seconds: u64,
     #[arg(long, default_value_t = 50)]
     epoch_ms: u64,
+    /// Kill the primary right after the backup stands by, while the
+    /// backup's filesystem still writes back the initial copy (by default
+    /// it is flushed first: a backup in its steady state).
+    #[arg(long)]
+    no_settle: bool,
     #[arg(
         long,
         env = "TANDEM_IMAGE_DIR",
@@ -717,6 +722,7 @@ fn restore_bench(a: RestoreArgs, json: bool) -> anyhow::Result<()> {
         rounds: a.rounds,
         seconds: a.seconds,
         epoch_ms: a.epoch_ms,
+        settle: !a.no_settle,
         tandemd: tandemd_beside_lab()?,
         image_dir: a.image_dir.clone(),
         work_dir: PathBuf::from("/tmp"),
@@ -729,10 +735,16 @@ fn restore_bench(a: RestoreArgs, json: bool) -> anyhow::Result<()> {
         rounds,
         seconds,
         epoch_ms,
+        no_settle,
         ..
     } = a;
     println!(
-        "\nfailover restore (takeover decision -> guest running on the backup), {rounds} rounds per size; guest work: DIRTY (MiB/s written, wall time), {seconds} s"
+        "\nfailover restore (takeover decision -> guest running on the backup), {rounds} rounds per size, {}; guest work: DIRTY (MiB/s written, wall time), {seconds} s",
+        if no_settle {
+            "killed right after the backup stood by"
+        } else {
+            "killed once the backup's initial copy was written back"
+        }
     );
     println!(
         "{:>10} {:>12} {:>12} {:>14} {:>14} {:>14} {:>14} {:>16}",
@@ -764,8 +776,9 @@ fn restore_bench(a: RestoreArgs, json: bool) -> anyhow::Result<()> {
     }
     println!("(copy s: protect -> the backup stands by, the initial copy; before: the guest on the primary before protection, RAM on tmpfs; after: on the backup after the failover, RAM in the replica's file, p50 over rounds)");
     println!(
-        "reproduce: tandem bench restore --sizes {} --rounds {rounds} --seconds {seconds} --epoch-ms {epoch_ms}",
-        join(&a.sizes)
+        "reproduce: tandem bench restore --sizes {} --rounds {rounds} --seconds {seconds} --epoch-ms {epoch_ms}{}",
+        join(&a.sizes),
+        if no_settle { " --no-settle" } else { "" }
     );
     Ok(())
 }

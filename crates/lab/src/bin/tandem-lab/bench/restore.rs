@@ -57,6 +57,11 @@ pub struct Options {
     /// failover (0: none).
     pub seconds: u64,
     pub epoch_ms: u64,
+    /// Before the kill, flush what the backup's filesystem still has to
+    /// write back of the initial copy (`sync -f`), so the takeover meets a
+    /// backup in its steady state rather than one still writing back the
+    /// GiBs it just received (its durable writes then queue behind them).
+    pub settle: bool,
     pub tandemd: PathBuf,
     pub image_dir: PathBuf,
     pub work_dir: PathBuf,
@@ -383,13 +388,17 @@ fn round(
     std::fs::create_dir_all(dir)?;
     let repl = format!("unix:{}", dir.join("repl.sock").display());
     // Generous fencing: a busy 2-core machine applying a multi-GiB initial
-    // copy must not be taken for a dead primary. Detection is not what
-    // this measures (the primary reports its QEMU's crash).
+    // copy (one epoch carries the whole disk) must not be taken for a dead
+    // primary, nor have protection degrade and start the copy over.
+    // Detection is not what this measures (the primary reports its QEMU's
+    // crash).
     let timeouts = [
         "--ft-fence-timeout-ms",
-        "5000",
+        "60000",
         "--ft-takeover-timeout-ms",
-        "7500",
+        "65000",
+        "--ft-degrade-after-ms",
+        "0",
     ];
     let mut b_args = timeouts.to_vec();
     b_args.extend(["--repl-listen", repl.as_str()]);
@@ -460,6 +469,12 @@ path = "{d}"
         (b.ft("backup")?["state"] == "standby").then_some(())
     })?;
     let protect_s = t.elapsed().as_secs_f64();
+    if o.settle {
+        let synced = Command::new("sync").arg("-f").arg(&b.state).status()?;
+        if !synced.success() {
+            bail!("sync -f {}: {synced}", b.state.display());
+        }
+    }
     let pid = a.get(&format!("/v1/vms/{VM}"))?["pid"]
         .as_i64()
         .context("the primary's QEMU pid")?;
