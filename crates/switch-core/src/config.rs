@@ -228,6 +228,17 @@ impl SwitchDocument {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// What this configuration is, in 64 hex digits: the SHA-256 of its
+    /// canonical JSON (fields in declaration order, defaults spelled out),
+    /// so two documents that configure the same switch have the same
+    /// digest however their TOML was written. The manager and the hosts
+    /// compare running configurations by it.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let d = ring::digest::digest(&ring::digest::SHA256, &json);
+        d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn port_group(&self, name: &str) -> Option<&PortGroup> {
         self.port_groups.iter().find(|g| g.name == name)
     }
@@ -508,6 +519,20 @@ fn check_ifname(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_names_the_configuration_not_its_spelling() {
+        let a = SwitchDocument::from_toml("[[port_group]]\nname = \"web\"\nvlan = 10\n").unwrap();
+        let b = SwitchDocument::from_toml(
+            "[switch]\nmac_aging_s = 300\n\n[[port_group]]\nvlan = 10\nname = \"web\"\n",
+        )
+        .unwrap();
+        assert_eq!(a.digest(), b.digest());
+        assert_eq!(a.digest().len(), 64);
+        let mut c = a.clone();
+        c.port_groups[0].vlan = Some(20);
+        assert_ne!(a.digest(), c.digest());
+    }
 
     const GOOD: &str = r#"
 [switch]
