@@ -39,13 +39,22 @@ pub enum ErrorKind {
     /// 409: the switch could not apply a valid document; the previous
     /// configuration is still in effect.
     Switch,
+    /// 409: a switch transaction is pending on this host; one at a time.
+    Busy,
+    /// 409: a commit for a transaction other than the pending one (an old
+    /// one's commit, delayed): ignored, the pending one keeps its deadline.
+    StaleTxid,
+    /// 409: a commit when nothing is pending: the transaction was rolled
+    /// back at its deadline (a late commit) or never existed. Nothing
+    /// changes.
+    UnknownTxid,
     /// 500: anything else (the host's file system, a task that died).
     Internal,
 }
 
 impl ErrorKind {
     /// Every kind, in the order the documentation lists them.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::NotFound,
         ErrorKind::Conflict,
         ErrorKind::BadState,
@@ -57,6 +66,9 @@ impl ErrorKind {
         ErrorKind::Checkpoint,
         ErrorKind::Failover,
         ErrorKind::Switch,
+        ErrorKind::Busy,
+        ErrorKind::StaleTxid,
+        ErrorKind::UnknownTxid,
         ErrorKind::Internal,
     ];
 
@@ -74,6 +86,9 @@ impl ErrorKind {
             ErrorKind::Checkpoint => "checkpoint",
             ErrorKind::Failover => "failover",
             ErrorKind::Switch => "switch",
+            ErrorKind::Busy => "busy",
+            ErrorKind::StaleTxid => "stale-txid",
+            ErrorKind::UnknownTxid => "unknown-txid",
             ErrorKind::Internal => "internal",
         }
     }
@@ -84,7 +99,12 @@ impl ErrorKind {
             ErrorKind::InvalidSpec | ErrorKind::InvalidDocument | ErrorKind::Invalid => 400,
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
-            ErrorKind::Conflict | ErrorKind::BadState | ErrorKind::Switch => 409,
+            ErrorKind::Conflict
+            | ErrorKind::BadState
+            | ErrorKind::Switch
+            | ErrorKind::Busy
+            | ErrorKind::StaleTxid
+            | ErrorKind::UnknownTxid => 409,
             ErrorKind::Failover | ErrorKind::Internal => 500,
             ErrorKind::Qemu | ErrorKind::Checkpoint => 502,
         }

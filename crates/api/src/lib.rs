@@ -430,3 +430,107 @@ pub struct SwitchDocumentBody {
     /// The whole switch configuration document, TOML.
     pub document_toml: String,
 }
+
+/// The shortest, default and longest time a switch transaction may wait
+/// for its commit (seed 000: about 30 s, 5 to 60 s allowed).
+pub const TXN_TIMEOUT_MIN_S: u32 = 5;
+pub const TXN_TIMEOUT_DEFAULT_S: u32 = 30;
+pub const TXN_TIMEOUT_MAX_S: u32 = 60;
+
+/// Body of `POST /v1/switch/txn`: apply `document_toml` provisionally;
+/// unless `POST /v1/switch/commit` names `txid` within `timeout_s`, the
+/// host restores the configuration it ran before, by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchTxnRequest {
+    /// Chosen by the caller (the manager), unique per transaction.
+    pub txid: String,
+    pub document_toml: String,
+    /// Default [`TXN_TIMEOUT_DEFAULT_S`]; outside
+    /// [`TXN_TIMEOUT_MIN_S`]..=[`TXN_TIMEOUT_MAX_S`] it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+}
+
+/// The answer to `POST /v1/switch/txn` (the seed's "return" message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchTxnApplied {
+    pub txid: String,
+    /// [`tandem_switch_core::config::SwitchDocument::digest`] of the
+    /// configuration now running.
+    pub digest: String,
+    /// Milliseconds left until the host rolls back by itself.
+    pub deadline_in_ms: u64,
+}
+
+/// Body of `POST /v1/switch/commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchCommitRequest {
+    pub txid: String,
+}
+
+/// The answer to `POST /v1/switch/commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchCommitted {
+    pub txid: String,
+    pub digest: String,
+}
+
+/// How a switch transaction ended on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TxnOutcome {
+    Committed,
+    /// No commit by the deadline: the saved configuration runs again.
+    RolledBack,
+    /// Restored at start: tandemd found the transaction pending when it
+    /// started (it had been killed), and restored before serving.
+    RestoredAtStart,
+    /// The saved configuration could not be applied either: the host runs
+    /// its built-in management-only configuration, and raises an alarm.
+    Fallback,
+}
+
+/// Where a transaction came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TxnOrigin {
+    /// `POST /v1/switch/txn` (the manager, or an operator over the host API).
+    Manager,
+    /// `tandem switch apply` on a managed host, confirmed by `tandem switch
+    /// confirm`.
+    Local,
+}
+
+/// A pending transaction, as `GET /v1/switch/txn` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingTxn {
+    pub txid: String,
+    pub origin: TxnOrigin,
+    pub deadline_in_ms: u64,
+    /// Digest of the configuration it restores at the deadline.
+    pub saved_digest: String,
+}
+
+/// The last transaction that ended on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndedTxn {
+    pub txid: String,
+    pub outcome: TxnOutcome,
+    /// What ran after it ended.
+    pub digest: String,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `GET /v1/switch/txn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchTxnStatus {
+    pub running_digest: String,
+    pub pending: Option<PendingTxn>,
+    pub last: Option<EndedTxn>,
+    /// Set while the host runs its fallback configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alarm: Option<String>,
+}
