@@ -16,6 +16,20 @@ pub enum SwitchCmd {
     /// input). It is validated completely first; an invalid document, or a
     /// port that cannot be created, changes nothing.
     Apply { document: PathBuf },
+    /// Apply a document provisionally: unless `tandem switch confirm TXID`
+    /// follows within the timeout, the host restores its configuration
+    /// from before by itself (for a change that may cut you off). On a
+    /// host a manager manages, this is the only local change allowed.
+    Try {
+        document: PathBuf,
+        /// Seconds to confirm in (5 to 60).
+        #[arg(long, default_value_t = tandem_api::TXN_TIMEOUT_DEFAULT_S)]
+        timeout: u32,
+    },
+    /// Confirm a provisional change (`tandem switch try`).
+    Confirm { txid: String },
+    /// The pending transaction, the last one that ended, any alarm.
+    Txn,
     /// Ports, their counters and drops by reason, uplink members, MAC table.
     Stats,
 }
@@ -33,6 +47,82 @@ pub async fn run(client: &tandem_api::Client, cmd: SwitchCmd, json: bool) -> any
             Ok(())
         }
         SwitchCmd::Apply { document } => apply(client, &document, json).await,
+        SwitchCmd::Try { document, timeout } => {
+            let document_toml = read_document(&document)?;
+            let txid = format!(
+                "local-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or(0)
+            );
+            let r: tandem_api::SwitchTxnApplied = client
+                .post(
+                    "/v1/switch/txn",
+                    &tandem_api::SwitchTxnRequest {
+                        txid,
+                        document_toml,
+                        timeout_s: Some(timeout),
+                    },
+                )
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "applied provisionally as {txid}; it rolls back in {s} s unless confirmed:\n  tandem switch confirm {txid}",
+                txid = r.txid,
+                s = r.deadline_in_ms.div_ceil(1000)
+            );
+            Ok(())
+        }
+        SwitchCmd::Confirm { txid } => {
+            let r: tandem_api::SwitchCommitted = client
+                .post(
+                    "/v1/switch/commit",
+                    &tandem_api::SwitchCommitRequest { txid },
+                )
+                .await?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "committed {} (configuration {})",
+                r.txid,
+                &r.digest[..12.min(r.digest.len())]
+            );
+            Ok(())
+        }
+        SwitchCmd::Txn => {
+            let st: tandem_api::SwitchTxnStatus = client.get("/v1/switch/txn").await?;
+            if json {
+                return print_json(&st);
+            }
+            println!("running configuration {}", st.running_digest);
+            match &st.pending {
+                Some(p) => println!(
+                    "pending: {} ({:?}), rolls back in {} ms to {}",
+                    p.txid, p.origin, p.deadline_in_ms, p.saved_digest
+                ),
+                None => println!("pending: none"),
+            }
+            if let Some(l) = &st.last {
+                println!(
+                    "last: {} {:?}{}",
+                    l.txid,
+                    l.outcome,
+                    l.detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Some(a) = &st.alarm {
+                println!("ALARM: {a}");
+            }
+            Ok(())
+        }
         SwitchCmd::Stats => {
             let st: SwitchStats = client.get("/v1/switch/stats").await?;
             if json {
@@ -49,12 +139,7 @@ async fn apply(
     document: &std::path::Path,
     json: bool,
 ) -> anyhow::Result<()> {
-    let document_toml = if document.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())?
-    } else {
-        std::fs::read_to_string(document)
-            .with_context(|| format!("reading {}", document.display()))?
-    };
+    let document_toml = read_document(document)?;
     let r: ApplyReport = client
         .post(
             "/v1/switch/apply",
@@ -77,6 +162,14 @@ async fn apply(
         println!("  - {n}");
     }
     Ok(())
+}
+
+fn read_document(document: &std::path::Path) -> anyhow::Result<String> {
+    if document.as_os_str() == "-" {
+        Ok(std::io::read_to_string(std::io::stdin())?)
+    } else {
+        std::fs::read_to_string(document).with_context(|| format!("reading {}", document.display()))
+    }
 }
 
 fn print_switch_stats(st: &SwitchStats) {

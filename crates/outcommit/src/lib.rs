@@ -16,6 +16,11 @@
 //! ([`GateConfig::skip_clamp`]), exists only with the `fault-injection`
 //! feature.
 
+/// Whether this build carries the project's test-only hooks (the
+/// `fault-injection` feature, which the end-to-end tests turn on): tandemd
+/// asks here, so one feature switches every hook of one build.
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
 pub mod gate;
 pub mod packet;
 pub mod rules;

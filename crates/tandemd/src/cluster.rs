@@ -13,7 +13,7 @@
 //! start that its TCP listener authenticates nobody.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use parking_lot::RwLock;
@@ -32,6 +32,8 @@ use tandem_replication::wire::Hello;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::switchtxn::SwitchTxns;
+
 /// This host's cluster identity and the rules that go with it.
 pub struct ClusterLink {
     identity: watch::Receiver<Arc<Identity>>,
@@ -39,6 +41,9 @@ pub struct ClusterLink {
     authority: Arc<CurrentAuthority>,
     /// "manager" or "standalone".
     pub mode: &'static str,
+    /// The switch's transactions, once tandemd made them (after the
+    /// cluster link: they need to know whether a manager manages the host).
+    txns: Arc<OnceLock<Arc<SwitchTxns>>>,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -66,6 +71,19 @@ impl ClusterLink {
             .context("building the replication listener's TLS")
     }
 
+    /// The host API's TLS: the cluster's manager and operators only (never
+    /// another host), checked against the current revocation list; built
+    /// per connection like the replication listener's.
+    pub fn host_api_server(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        let id = self.identity.borrow().clone();
+        tandem_pki::server_config_for_roles(
+            &id,
+            self.revocations.clone(),
+            &[Role::Manager, Role::Operator],
+        )
+        .context("building the host API's TLS")
+    }
+
     /// TLS for dialling another host of the cluster.
     pub fn client(&self) -> anyhow::Result<Arc<ClientConfig>> {
         let id = self.identity.borrow().clone();
@@ -75,6 +93,22 @@ impl ClusterLink {
 
     pub fn authority(&self) -> Arc<dyn Authority> {
         self.authority.clone()
+    }
+
+    /// Lets the agent report the switch's transactions (status in every
+    /// heartbeat, host-syncs after a rollback).
+    pub fn attach_switch_txns(&self, txns: Arc<SwitchTxns>) {
+        txns.set_sync(Arc::new(|s: crate::switchtxn::HostSync| {
+            info!(
+                txid = s.txid.as_deref().unwrap_or("-"),
+                outcome = ?s.outcome,
+                digest = %s.running_digest,
+                alarm = s.alarm.as_deref().unwrap_or("-"),
+                bytes = s.document_toml.len(),
+                "host-sync"
+            );
+        }));
+        let _ = self.txns.set(txns);
     }
 }
 
@@ -112,6 +146,9 @@ fn recorded(a: &HostAuthority) -> RecordedPrimaries {
 
 /// What tandemd reports to the manager about this host.
 pub struct HostReporter {
+    /// Where the manager reaches this host's API (`--host-api`).
+    pub host_api: Option<String>,
+    pub txns: Arc<OnceLock<Arc<SwitchTxns>>>,
     pub state_dir: PathBuf,
     pub image_dir: Option<PathBuf>,
     pub qemu: QemuInfo,
@@ -178,6 +215,9 @@ impl HostReporter {
 impl Reporter for HostReporter {
     fn health(&self) -> Health {
         let mut problems = Vec::new();
+        if let Some(alarm) = self.txns.get().and_then(|t| t.status().alarm) {
+            problems.push(alarm);
+        }
         if let Some(ds) = Self::datastore(&self.state_dir) {
             // Below 1 GiB free, replicas and checkpoints start failing.
             if ds.free_bytes < 1 << 30 {
@@ -234,8 +274,9 @@ impl Reporter for HostReporter {
 pub fn start(
     identity_dir: &Path,
     peers: Option<&Path>,
-    reporter: impl FnOnce() -> HostReporter,
+    reporter: impl FnOnce(Arc<OnceLock<Arc<SwitchTxns>>>) -> HostReporter,
 ) -> anyhow::Result<Option<Arc<ClusterLink>>> {
+    let txns = Arc::new(OnceLock::new());
     if !tandem_manager::agent::has_identity(identity_dir) {
         if peers.is_some() {
             anyhow::bail!(
@@ -262,13 +303,18 @@ pub fn start(
                 info!("VM authority records updated from the manager");
             }
         });
-        let reporter: Arc<dyn Reporter> = Arc::new(reporter());
+        let reporter = reporter(txns.clone());
+        if let Some(a) = &reporter.host_api {
+            info!(host_api = %a, "reporting the host API's address to the manager");
+        }
+        let reporter: Arc<dyn Reporter> = Arc::new(reporter);
         tokio::spawn(agent.run(reporter, std::future::pending()));
         let link = ClusterLink {
             identity: handle.identity.clone(),
             revocations: handle.revocations.clone(),
             authority,
             mode: "manager",
+            txns,
         };
         info!(host = %link.name(), "cluster member: mutual TLS on replication links, the manager's authority");
         return Ok(Some(Arc::new(link)));
@@ -305,6 +351,7 @@ pub fn start(
         revocations: Arc::new(NoRevocations),
         authority: Arc::new(CurrentAuthority(RwLock::new(rule))),
         mode: "standalone",
+        txns,
     };
     info!(host = %link.name(), "standalone pair: mutual TLS on replication links");
     Ok(Some(Arc::new(link)))

@@ -12,8 +12,10 @@ mod cluster;
 mod error;
 mod ft;
 mod ftdisk;
+mod hostapi;
 mod output;
 mod switch;
+mod switchtxn;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -130,6 +132,18 @@ struct Args {
     #[arg(long)]
     identity_dir: Option<PathBuf>,
 
+    /// Serve the host API on the management network at HOST:PORT, over
+    /// mutual TLS for the cluster's manager and operators (needs an
+    /// identity). `0.0.0.0:PORT` follows the host port's address through
+    /// switch changes.
+    #[arg(long, env = "TANDEM_HOST_API")]
+    host_api: Option<std::net::SocketAddr>,
+
+    /// The address the manager reaches the host API at, when `--host-api`
+    /// listens on a wildcard (default: `--host-api` itself).
+    #[arg(long, env = "TANDEM_HOST_API_ADVERTISE")]
+    host_api_advertise: Option<String>,
+
     /// Standalone pair: who may protect which VMs to this host (a TOML
     /// list of certificate names and VM UUIDs); needs an identity.
     #[arg(long)]
@@ -203,6 +217,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .switch_config
         .clone()
         .unwrap_or_else(|| args.state_dir.join("switch.toml"));
+    // A switch transaction left pending by a tandemd that died is rolled
+    // back before the switch, or anything else, starts.
+    let recovered = switchtxn::recover_at_start(&args.state_dir, &switch_config)
+        .context("recovering a pending switch transaction")?;
     let switch = SwitchHost::start(&switch_config)
         .with_context(|| format!("starting the switch with {}", switch_config.display()))?;
     let cfg = SupervisorConfig {
@@ -264,14 +282,40 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             .join(tandem_manager::agent::HOST_IDENTITY_DIR)
     });
     let qemu_for_inventory = resolve_binary(&args.qemu);
-    let cluster = cluster::start(&identity_dir, args.repl_peers.as_deref(), || {
+    let host_api_advertise = args
+        .host_api_advertise
+        .clone()
+        .or_else(|| args.host_api.map(|a| a.to_string()));
+    let cluster = cluster::start(&identity_dir, args.repl_peers.as_deref(), |txns| {
         cluster::HostReporter {
+            host_api: host_api_advertise,
+            txns,
             state_dir: args.state_dir.clone(),
             image_dir: Some(args.image_dir.clone()),
             qemu: cluster::HostReporter::probe_qemu(&qemu_for_inventory),
             switch: switch.clone(),
         }
     })?;
+    let managed = cluster.as_ref().is_some_and(|c| c.mode == "manager");
+    let txns = switchtxn::SwitchTxns::new(switch.clone(), &args.state_dir, managed, recovered);
+    if let Some(c) = &cluster {
+        c.attach_switch_txns(txns.clone());
+    }
+    let host_api = match (args.host_api, &cluster) {
+        (None, _) => None,
+        (Some(addr), None) => bail!(
+            "--host-api {addr} needs a cluster identity in {} (tandem host join, or tandem cluster init --standalone): \
+             the host API admits only the cluster's manager and operators",
+            identity_dir.display()
+        ),
+        (Some(addr), Some(c)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--host-api: binding {addr}"))?;
+            info!(%addr, "host API: mutual TLS, manager and operator certificates");
+            Some((listener, c.clone()))
+        }
+    };
     if cluster.is_none() && matches!(listen, Some(tandem_replication::link::Endpoint::Tcp(_))) {
         tracing::warn!(
             "the replication listener accepts unauthenticated TCP: this host has no cluster identity \
@@ -300,8 +344,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let app = api::router(Arc::clone(&sup))
         .merge(ft::router(ft))
-        .merge(switch::router(switch.clone()));
+        .merge(switch::router(switch.clone(), txns.clone()))
+        .merge(switchtxn::router(txns));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let host_api_task = host_api.map(|(listener, c)| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(hostapi::serve(listener, c, app.clone(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
     apisock::serve(sockets, app, shutdown_signal()).await?;
+    let _ = stop_tx.send(true);
+    if let Some(t) = host_api_task {
+        let _ = t.await;
+    }
     tokio::task::block_in_place(|| switch.shutdown());
     info!("tandemd stopped; VMs keep running and will be re-attached by the next tandemd");
     Ok(())

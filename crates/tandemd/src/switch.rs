@@ -14,6 +14,7 @@ use tandem_switch::frame::Mac;
 use tandem_switch::host::{ApplyReport, SwitchHost, SwitchStats};
 
 use crate::error::HttpError;
+use crate::switchtxn::SwitchTxns;
 
 /// Adapts the switch to the supervisor's [`NicPorts`].
 #[derive(Debug)]
@@ -40,29 +41,37 @@ impl NicPorts for SwitchPorts {
     }
 }
 
-pub fn router(host: Arc<SwitchHost>) -> Router {
+#[derive(Clone)]
+struct Routes {
+    host: Arc<SwitchHost>,
+    txns: Arc<SwitchTxns>,
+}
+
+pub fn router(host: Arc<SwitchHost>, txns: Arc<SwitchTxns>) -> Router {
     Router::new()
         .route("/v1/switch", get(show))
         .route("/v1/switch/apply", post(apply))
         .route("/v1/switch/stats", get(stats))
-        .with_state(host)
+        .with_state(Routes { host, txns })
 }
 
-async fn show(State(h): State<Arc<SwitchHost>>) -> Json<SwitchDocumentBody> {
+async fn show(State(r): State<Routes>) -> Json<SwitchDocumentBody> {
     Json(SwitchDocumentBody {
-        document_toml: h.document().to_toml(),
+        document_toml: r.host.document().to_toml(),
     })
 }
 
-async fn stats(State(h): State<Arc<SwitchHost>>) -> Json<SwitchStats> {
-    Json(tokio::task::block_in_place(|| h.stats()))
+async fn stats(State(r): State<Routes>) -> Json<SwitchStats> {
+    Json(tokio::task::block_in_place(|| r.host.stats()))
 }
 
 async fn apply(
-    State(h): State<Arc<SwitchHost>>,
+    State(r): State<Routes>,
     Json(body): Json<SwitchDocumentBody>,
 ) -> Result<Json<ApplyReport>, HttpError> {
     let doc = SwitchDocument::from_toml(&body.document_toml)?;
     // Creating ports touches sockets and taps; keep it off the reactor.
-    Ok(Json(tokio::task::block_in_place(|| h.apply(doc))?))
+    Ok(Json(tokio::task::block_in_place(|| {
+        r.txns.apply_plain(doc)
+    })?))
 }
