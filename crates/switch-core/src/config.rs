@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +20,18 @@ pub const DEFAULT_AGING_S: u64 = 300;
 pub const DEFAULT_QUEUE_FRAMES: usize = 1024;
 /// The VLAN an access port group uses when it names none.
 pub const DEFAULT_VLAN: u16 = 1;
+/// The smallest MTU an interface may be given: IPv4's minimum.
+pub const MIN_MTU: u32 = 68;
+/// The smallest MTU of an interface that carries IPv6 (RFC 8200); below
+/// it the kernel takes IPv6 off the interface.
+pub const MIN_MTU_V6: u32 = 1280;
+/// The largest MTU a port may be given: the payload of the largest frame
+/// the switch carries ([`crate::port::MAX_FRAME`] less the Ethernet
+/// header and two tags). A larger MTU would let the host send frames the
+/// switch can only drop.
+pub const MAX_MTU: u32 = 1500;
+/// Most addresses on one host port.
+pub const MAX_HOST_ADDRESSES: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +120,16 @@ pub struct PortGroup {
     /// Most addresses learned on one port (0: only the table's limit).
     #[serde(default)]
     pub learn_limit: usize,
+    /// Every port of the group (VM ports, host ports, uplinks) forwards
+    /// nothing, either way; what it would have sent or received is counted
+    /// as a `blocked` drop. Left out of the serialized form when false, so
+    /// documents written before the field keep their digest.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub blocked: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl PortGroup {
@@ -121,6 +145,7 @@ impl PortGroup {
             allow_mac_change: false,
             allow_promiscuous: false,
             learn_limit: 0,
+            blocked: false,
         }
     }
 
@@ -159,6 +184,11 @@ pub struct UplinkSpec {
     /// carries the traffic.
     pub interfaces: Vec<String>,
     pub port_group: String,
+    /// MTU tandem sets on every member interface ([`MIN_MTU`]..=[`MAX_MTU`]);
+    /// `None` leaves the interfaces' MTU as it is (and gives back what
+    /// tandem changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +198,95 @@ pub struct HostPortSpec {
     /// The tap interface tandem creates for the host's stack.
     pub tap: String,
     pub port_group: String,
+    /// Addresses tandem assigns to the tap, in CIDR form (`10.0.0.1/24`,
+    /// `fd00::1/64`); an apply adds and removes addresses to match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The tap's MTU; `None` keeps the kernel's default (1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+impl HostPortSpec {
+    /// The addresses, parsed; the ones that do not parse (which a
+    /// validated document has none of) are left out.
+    pub fn cidrs(&self) -> Vec<Cidr> {
+        self.addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+}
+
+impl UplinkSpec {
+    /// Whether `other` is the same uplink but for its MTU: it can be
+    /// changed in place instead of being recreated.
+    pub fn same_but_mtu(&self, other: &UplinkSpec) -> bool {
+        self.name == other.name
+            && self.interfaces == other.interfaces
+            && self.port_group == other.port_group
+    }
+}
+
+impl HostPortSpec {
+    /// Whether `other` is the same host port but for its addresses and
+    /// MTU: the tap can be reconfigured in place instead of recreated.
+    pub fn same_but_addressing(&self, other: &HostPortSpec) -> bool {
+        self.name == other.name && self.tap == other.tap && self.port_group == other.port_group
+    }
+}
+
+/// An interface address with its prefix length, `ADDR/LEN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    fn max_prefix(addr: &IpAddr) -> u8 {
+        if addr.is_ipv4() {
+            32
+        } else {
+            128
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    /// `ADDR/LEN` with a usable host address: not unspecified, loopback,
+    /// multicast or the IPv4 broadcast address.
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not ADDRESS/PREFIX-LENGTH"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IPv4 or IPv6 address"))?;
+        let max = Cidr::max_prefix(&addr);
+        let prefix: u8 = match p.parse() {
+            Ok(n) if (1..=max).contains(&n) && !p.starts_with(['+', '0']) => n,
+            _ => return Err(format!("prefix length `{p}` is not 1..={max}")),
+        };
+        let unusable = match addr {
+            IpAddr::V4(v4) => {
+                v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()
+            }
+            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback() || v6.is_multicast(),
+        };
+        if unusable {
+            return Err(format!("{addr} cannot be an interface's address"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
 }
 
 /// One problem in a document, located by its field path.
@@ -278,6 +397,8 @@ struct Checker<'a> {
     port_names: BTreeMap<&'a str, String>,
     /// Interface name → the field that used it first.
     ifaces: BTreeMap<&'a str, String>,
+    /// Host port address → the field that assigned it first.
+    addresses: BTreeMap<IpAddr, String>,
 }
 
 fn vid_ok(v: u16) -> bool {
@@ -463,6 +584,26 @@ impl<'a> Checker<'a> {
             self.iface(format!("uplink[{i}].interfaces[{j}]"), ifname);
         }
         self.known_group(at("port_group"), &u.port_group);
+        if let Some(mtu) = u.mtu {
+            self.mtu(at("mtu"), mtu, false);
+        }
+    }
+
+    fn mtu(&mut self, field: String, mtu: u32, has_v6: bool) {
+        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+            self.bad(
+                field,
+                format!(
+                    "MTU {mtu} is out of range ({MIN_MTU}..={MAX_MTU}; the switch carries \
+                     frames of at most {MAX_MTU} bytes of payload)"
+                ),
+            );
+        } else if has_v6 && mtu < MIN_MTU_V6 {
+            self.bad(
+                field,
+                format!("MTU {mtu} is below {MIN_MTU_V6}, the least an interface with an IPv6 address needs"),
+            );
+        }
     }
 
     fn host_port(&mut self, i: usize, h: &'a HostPortSpec) {
@@ -470,6 +611,37 @@ impl<'a> Checker<'a> {
         self.port_name(&at, &h.name);
         self.iface(at("tap"), &h.tap);
         self.known_group(at("port_group"), &h.port_group);
+        if h.addresses.len() > MAX_HOST_ADDRESSES {
+            self.bad(
+                at("addresses"),
+                format!(
+                    "{} addresses; at most {MAX_HOST_ADDRESSES}",
+                    h.addresses.len()
+                ),
+            );
+        }
+        let mut has_v6 = false;
+        for (j, a) in h.addresses.iter().enumerate() {
+            let field = format!("host_port[{i}].addresses[{j}]");
+            match a.parse::<Cidr>() {
+                Ok(c) => {
+                    has_v6 |= c.addr.is_ipv6();
+                    match self.addresses.get(&c.addr) {
+                        Some(prev) => {
+                            let m = format!("address {} is already on {prev}", c.addr);
+                            self.bad(field, m);
+                        }
+                        None => {
+                            self.addresses.insert(c.addr, field);
+                        }
+                    }
+                }
+                Err(m) => self.bad(field, m),
+            }
+        }
+        if let Some(mtu) = h.mtu {
+            self.mtu(at("mtu"), mtu, has_v6);
+        }
     }
 
     fn user(&mut self, u: &PortGroupUser) {
@@ -621,6 +793,157 @@ port_group = "web"
         }];
         let e = d.validate(&users).unwrap_err();
         assert!(e.to_string().contains("vm a nic 0"), "{e}");
+    }
+
+    /// Digests computed by the code before `blocked`, `addresses` and
+    /// `mtu` existed: documents that do not use them keep their digest.
+    #[test]
+    fn documents_without_the_new_fields_keep_their_digest() {
+        let d = SwitchDocument::from_toml(GOOD).unwrap();
+        assert_eq!(
+            d.digest(),
+            "849b3e4c9a9a750876941ecfe3d963f296c788b2f4272d86f562e908e1eacdb2"
+        );
+        assert_eq!(
+            SwitchDocument::default().digest(),
+            "3084657577d70a8f4fbaa8fafade77615b0c0fe157b97ad4b3c72d09ab09b038"
+        );
+        // Spelling the new fields with their defaults changes nothing.
+        let text = GOOD
+            .replace("vlan = 10\n", "vlan = 10\nblocked = false\n")
+            .replace(
+                "port_group = \"web\"\n",
+                "port_group = \"web\"\naddresses = []\n",
+            );
+        let spelled = SwitchDocument::from_toml(&text).unwrap();
+        assert_eq!(spelled.digest(), d.digest());
+        assert!(!d.to_toml().contains("blocked"), "{}", d.to_toml());
+    }
+
+    proptest::proptest! {
+        /// Serializing a document without the new fields writes none of
+        /// them, whatever else it holds: the canonical JSON (and so the
+        /// digest) is what it was before they existed.
+        #[test]
+        fn the_new_fields_stay_out_of_documents_that_do_not_use_them(
+            vlans in proptest::collection::vec(1u16..4095, 0..4),
+            promisc in proptest::prelude::any::<bool>(),
+            learn in 0usize..10,
+            ifaces in proptest::collection::vec("[a-z]{1,8}", 1..3),
+        ) {
+            let mut d = SwitchDocument::default();
+            for (i, v) in vlans.iter().enumerate() {
+                let mut g = PortGroup::named(&format!("g{i}"));
+                g.vlan = Some(*v);
+                g.allow_promiscuous = promisc;
+                g.learn_limit = learn;
+                d.port_groups.push(g);
+            }
+            d.uplinks.push(UplinkSpec {
+                name: "up".into(),
+                interfaces: ifaces,
+                port_group: "default".into(),
+                mtu: None,
+            });
+            d.host_ports.push(HostPortSpec {
+                name: "h".into(),
+                tap: "t".into(),
+                port_group: "default".into(),
+                addresses: vec![],
+                mtu: None,
+            });
+            let json = serde_json::to_string(&d).unwrap();
+            for field in ["blocked", "addresses", "mtu"] {
+                // As a key: an interface may be called `mtu`.
+                let key = format!("\"{field}\":");
+                proptest::prop_assert!(!json.contains(&key), "{json}");
+            }
+            let again = SwitchDocument::from_toml(&d.to_toml()).unwrap();
+            proptest::prop_assert_eq!(again.digest(), d.digest());
+        }
+    }
+
+    #[test]
+    fn the_new_fields_parse_round_trip_and_count_in_the_digest() {
+        let text = GOOD.replace(
+            "tap = \"tdm-mgmt\"\n",
+            "tap = \"tdm-mgmt\"\naddresses = [\"10.1.0.5/24\", \"fd00::5/64\"]\nmtu = 1400\n",
+        ) + "\n[[port_group]]\nname = \"cut\"\nblocked = true\n";
+        let text = text.replace(
+            "interfaces = [\"eth1\", \"eth2\"]\n",
+            "interfaces = [\"eth1\", \"eth2\"]\nmtu = 1500\n",
+        );
+        let d = SwitchDocument::from_toml(&text).unwrap();
+        d.validate(&[]).unwrap();
+        assert_eq!(d.host_ports[0].mtu, Some(1400));
+        assert_eq!(d.uplinks[0].mtu, Some(1500));
+        assert!(d.port_group("cut").unwrap().blocked);
+        let cidrs = d.host_ports[0].cidrs();
+        assert_eq!(cidrs.len(), 2);
+        assert_eq!(cidrs[0].to_string(), "10.1.0.5/24");
+        assert_eq!(cidrs[1].prefix, 64);
+        assert_eq!(SwitchDocument::from_toml(&d.to_toml()).unwrap(), d);
+        let base = SwitchDocument::from_toml(GOOD).unwrap();
+        assert_ne!(d.digest(), base.digest());
+        let mut b = base.clone();
+        b.port_groups[0].blocked = true;
+        assert_ne!(b.digest(), base.digest());
+    }
+
+    #[test]
+    fn bad_addresses_and_mtus_are_named() {
+        let with = |addrs: &str, mtu: &str, up_mtu: &str| {
+            let text = GOOD
+                .replace(
+                    "tap = \"tdm-mgmt\"\n",
+                    &format!("tap = \"tdm-mgmt\"\naddresses = {addrs}\n{mtu}"),
+                )
+                .replace(
+                    "interfaces = [\"eth1\", \"eth2\"]\n",
+                    &format!("interfaces = [\"eth1\", \"eth2\"]\n{up_mtu}"),
+                );
+            SwitchDocument::from_toml(&text).unwrap().validate(&[])
+        };
+        with(r#"["10.0.0.1/32", "fe80::1/64"]"#, "mtu = 1280\n", "").unwrap();
+        let e = with(
+            r#"["10.0.0.1", "10.0.0.1/33", "300.0.0.1/24", "fd00::1/129", "fd00::1/0", "127.0.0.1/8", "224.0.0.1/4", "::/64", "x/1", "10.0.0.2/24", "10.0.0.2/16", "10.0.0.3/+8"]"#,
+            "mtu = 67\n",
+            "mtu = 1501\n",
+        )
+        .unwrap_err();
+        let f = fields(e.clone());
+        let want: Vec<String> = (0..12)
+            .filter(|&j| j != 9)
+            .map(|j| format!("host_port[0].addresses[{j}]"))
+            .chain(["host_port[0].mtu".to_string()])
+            .collect();
+        let mut want = want;
+        want.insert(0, "uplink[0].mtu".into());
+        assert_eq!(f, want, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("already on host_port[0].addresses[9]"),
+            "{msg}"
+        );
+        assert!(msg.contains("prefix length `33` is not 1..=32"), "{msg}");
+        assert!(msg.contains("MTU 1501 is out of range"), "{msg}");
+
+        // IPv6 needs an MTU of 1280.
+        let e = with(r#"["fd00::1/64"]"#, "mtu = 1279\n", "").unwrap_err();
+        assert_eq!(fields(e.clone()), vec!["host_port[0].mtu"]);
+        assert!(e.to_string().contains("1280"), "{e}");
+        with(r#"["10.0.0.1/24"]"#, "mtu = 576\n", "mtu = 68\n").unwrap();
+
+        // One address on two host ports.
+        let text = GOOD.replace(
+            "tap = \"tdm-mgmt\"\n",
+            "tap = \"tdm-mgmt\"\naddresses = [\"10.0.0.1/24\"]\n",
+        ) + "\n[[host_port]]\nname = \"m2\"\ntap = \"tdm-m2\"\nport_group = \"web\"\naddresses = [\"10.0.0.1/16\"]\n";
+        let e = SwitchDocument::from_toml(&text)
+            .unwrap()
+            .validate(&[])
+            .unwrap_err();
+        assert_eq!(fields(e), vec!["host_port[1].addresses[0]"]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use tandem_outcommit::PortId;
 
 /// Largest Ethernet frame a port accepts or emits, without FCS: 1500 bytes
 /// of payload, 14 of header and two 802.1Q tags. Anything larger is
-/// dropped as `oversize`.
+/// dropped as `malformed`.
 pub const MAX_FRAME: usize = 1522;
 /// Smallest frame that carries an Ethernet header.
 pub const MIN_FRAME: usize = 14;
@@ -52,6 +52,10 @@ pub enum DropReason {
     Gate,
     /// The guest posted no RX buffer in time, or the port is down.
     NoBuffer,
+    /// The port's group is blocked: it forwards nothing either way.
+    Blocked,
+    /// Larger than the port's MTU (an uplink's or host port's `mtu`).
+    Mtu,
 }
 
 /// Per-port counters. All relaxed atomics: they are statistics, read while
@@ -71,6 +75,8 @@ pub struct PortCounters {
     pub drop_learn_limit: AtomicU64,
     pub drop_gate: AtomicU64,
     pub drop_no_buffer: AtomicU64,
+    pub drop_blocked: AtomicU64,
+    pub drop_mtu: AtomicU64,
 }
 
 /// A point-in-time copy of [`PortCounters`]. `rx` is what the port received
@@ -96,11 +102,16 @@ pub struct DropSnapshot {
     pub learn_limit: u64,
     pub gate: u64,
     pub no_buffer: u64,
+    // Defaults: a snapshot from a tandemd older than these reasons parses.
+    #[serde(default)]
+    pub blocked: u64,
+    #[serde(default)]
+    pub mtu: u64,
 }
 
 impl DropSnapshot {
     /// Drops for every reason, by the name `switch stats` prints.
-    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 11] {
         [
             ("malformed", self.malformed),
             ("bad-descriptor", self.bad_descriptor),
@@ -111,6 +122,8 @@ impl DropSnapshot {
             ("learn-limit", self.learn_limit),
             ("gate", self.gate),
             ("no-buffer", self.no_buffer),
+            ("blocked", self.blocked),
+            ("mtu", self.mtu),
         ]
     }
 
@@ -132,6 +145,8 @@ impl PortCounters {
             DropReason::LearnLimit => &self.drop_learn_limit,
             DropReason::Gate => &self.drop_gate,
             DropReason::NoBuffer => &self.drop_no_buffer,
+            DropReason::Blocked => &self.drop_blocked,
+            DropReason::Mtu => &self.drop_mtu,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -163,6 +178,8 @@ impl PortCounters {
                 learn_limit: g(&self.drop_learn_limit),
                 gate: g(&self.drop_gate),
                 no_buffer: g(&self.drop_no_buffer),
+                blocked: g(&self.drop_blocked),
+                mtu: g(&self.drop_mtu),
             },
         }
     }

@@ -60,6 +60,10 @@ impl Switch {
                 }
             };
             if wanted && p.up.load(Ordering::Relaxed) {
+                if g.blocked {
+                    p.counters.dropped(DropReason::Blocked);
+                    continue;
+                }
                 targets.push((p.as_ref(), tag));
             }
         }
@@ -121,8 +125,27 @@ impl Port {
         self.has_shaper_out.load(Ordering::Acquire)
     }
 
+    /// Whether `packet` fits the port's MTU, once segmented if it is a
+    /// TSO packet; a port without an MTU of its own takes anything the
+    /// switch carries.
+    fn fits_mtu(&self, frame: &[u8], off: &Offload) -> bool {
+        let mtu = self.mtu.load(Ordering::Relaxed) as usize;
+        if mtu == 0 {
+            return true;
+        }
+        // Cheap test first: most frames are well under any MTU.
+        if frame.len() <= mtu + frame::ETH_HDR {
+            return true;
+        }
+        l3_len(frame, off) <= mtu
+    }
+
     /// Shapes and queues one packet leaving this port.
     fn send(&self, packet: Packet, now: Instant) {
+        if !self.fits_mtu(&packet.frame, &packet.offload) {
+            self.counters.dropped(DropReason::Mtu);
+            return;
+        }
         if self.shaped_out() {
             if let Some(b) = self.shaper_out.lock().as_mut() {
                 if !b.admit(packet.frame.len(), now) {
@@ -193,6 +216,16 @@ impl Ingress for Switch {
             p.counters.dropped(DropReason::Vlan);
             return;
         };
+        if g.blocked {
+            p.counters.dropped(DropReason::Blocked);
+            return;
+        }
+        // The kernel keeps a port's own interface within its MTU; this
+        // holds the switch to it whatever the device let through.
+        if !p.fits_mtu(frame, &off) {
+            p.counters.dropped(DropReason::Mtu);
+            return;
+        }
         // A VM port's guest was shaped before its frame was taken from
         // the ring (`reserve_tx`); other senders can only be policed.
         if !p.is_vm() {
@@ -254,6 +287,9 @@ impl Switch {
             return 0;
         };
         let Some(ug) = up.group() else { return 0 };
+        if ug.blocked {
+            return 0;
+        }
         let now = Instant::now();
         let ports = self.ports.read();
         let mut sent = 0;
@@ -264,6 +300,9 @@ impl Switch {
             let (Some(mac), Some(g)) = (p.mac, p.group()) else {
                 continue;
             };
+            if g.blocked {
+                continue;
+            }
             let Some(vlan) = g.classify(None) else {
                 continue;
             };
@@ -313,4 +352,32 @@ impl Switch {
         };
         self.forward(id, p, vlan, Packet::plain(out), now);
     }
+}
+
+/// The L3 length of the largest frame `frame` is on a wire: the frame
+/// without its Ethernet header and 802.1Q/802.1ad tags, and for a TSO
+/// packet one full segment (headers plus one MSS).
+fn l3_len(f: &[u8], off: &Offload) -> usize {
+    let mut l2 = frame::ETH_HDR;
+    while l2 + 4 <= f.len()
+        && l2 < frame::ETH_HDR + 8
+        && matches!(
+            u16::from_be_bytes([f[l2 - 2], f[l2 - 1]]),
+            frame::TPID_8021Q | frame::TPID_8021AD
+        )
+    {
+        l2 += 4;
+    }
+    let wire = match off.gso {
+        Some(g) => {
+            let hdr = usize::from(offload::rx_header(f, off).hdr_len);
+            if hdr == 0 {
+                f.len()
+            } else {
+                (hdr + usize::from(g.size)).min(f.len())
+            }
+        }
+        None => f.len(),
+    };
+    wire.saturating_sub(l2)
 }

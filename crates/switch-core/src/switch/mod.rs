@@ -92,6 +92,9 @@ struct Port {
     has_shaper_in: AtomicBool,
     has_shaper_out: AtomicBool,
     up: AtomicBool,
+    /// The largest L3 payload the port carries either way (the document's
+    /// `mtu` of an uplink or host port); 0 for no limit of its own.
+    mtu: AtomicU32,
 }
 
 impl Port {
@@ -112,7 +115,30 @@ impl Port {
             .store(policy_in.is_some(), Ordering::Release);
         self.has_shaper_out
             .store(policy_out.is_some(), Ordering::Release);
+        let mtu = match self.kind {
+            PortKind::Host => doc
+                .host_ports
+                .iter()
+                .find(|h| h.name == self.name)
+                .and_then(|h| h.mtu),
+            PortKind::Uplink => doc
+                .uplinks
+                .iter()
+                .find(|u| u.name == self.name)
+                .and_then(|u| u.mtu),
+            PortKind::Vm { .. } => None,
+        };
+        self.mtu.store(mtu.unwrap_or(0), Ordering::Relaxed);
+        let blocked = g.as_ref().is_some_and(|g| g.blocked);
         *self.group.write() = g;
+        if blocked {
+            // Frames queued before the block would otherwise still leave:
+            // once the document is in place the port forwards nothing.
+            let n = self.egress.clear();
+            for _ in 0..n {
+                self.counters.dropped(DropReason::Blocked);
+            }
+        }
     }
 }
 
@@ -255,6 +281,7 @@ impl Switch {
             has_shaper_in: AtomicBool::new(false),
             has_shaper_out: AtomicBool::new(false),
             up: AtomicBool::new(false),
+            mtu: AtomicU32::new(0),
         });
         port.resolve(&doc, Instant::now());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +319,11 @@ impl Switch {
             return;
         };
         let Some(vlan) = g.classify(None) else { return };
+        if g.blocked {
+            // The binding waits for the unblock: a blocked port's MAC is
+            // not announced, nor taken from where it may be reachable.
+            return;
+        }
         let moved_from = self.fdb.lock().pin(vlan, mac, id, Instant::now());
         if let Some(from) = moved_from {
             tracing::info!(port = %p.name, %mac, from, "MAC moved to this port");
@@ -330,6 +362,10 @@ impl Switch {
     pub fn release(&self, id: PortId, frame: &[u8]) {
         let Some(p) = self.port(id) else { return };
         let Some(g) = p.group() else { return };
+        if g.blocked {
+            p.counters.dropped(DropReason::Blocked);
+            return;
+        }
         let Some(info) = frame::parse(frame) else {
             return;
         };

@@ -312,3 +312,156 @@ fn shaping_in_makes_a_guest_wait_and_polices_an_uplink() {
     );
     assert!(r.q["up"].2.snapshot().drops.shaped >= 90);
 }
+
+#[test]
+fn a_blocked_group_forwards_nothing_either_way_until_unblocked() {
+    let r = Rig::new();
+    let ids: Vec<PortId> = ["vm1", "vm2", "vm3", "vm4", "up"]
+        .iter()
+        .map(|n| r.q[n].0)
+        .collect();
+    let blocked = |port: &str| r.q[port].2.snapshot().drops.blocked;
+    // A frame already waiting to leave vm2 does not leave after the block.
+    assert!(r.q["vm2"].1.push(eth(mac(2), mac(9))));
+
+    let mut d = doc();
+    d.port_groups[0].blocked = true; // web: vm1..vm3
+    r.sw.set_document(d).unwrap();
+    assert!(r.take("vm2").is_empty(), "queued before the block");
+    assert_eq!(blocked("vm2"), 1);
+
+    // Out of a blocked port: nothing, counted on the sender.
+    r.send("vm1", &eth(Mac::BROADCAST, mac(1)));
+    r.send("vm1", &eth(mac(4), mac(1)));
+    assert_eq!(blocked("vm1"), 2);
+    for p in ["vm2", "vm3", "vm4", "up"] {
+        assert!(r.take(p).is_empty(), "{p} got a blocked port's frame");
+    }
+    // Into blocked ports: nothing, counted on each of them; the other
+    // VLAN of the trunk still works.
+    let b10 = frame::push_tag(&eth(Mac::BROADCAST, mac(20)), 10);
+    r.send("up", &b10);
+    for p in ["vm1", "vm2", "vm3"] {
+        assert!(r.take(p).is_empty(), "{p} is blocked");
+    }
+    assert_eq!((blocked("vm1"), blocked("vm3")), (3, 1));
+    assert!(r.take("vm4").is_empty(), "VLAN 20");
+    let b20 = frame::push_tag(&eth(Mac::BROADCAST, mac(21)), 20);
+    r.send("up", &b20);
+    assert_eq!(r.take("vm4").len(), 1, "db is not blocked");
+    // Unicast to a pinned MAC behind a blocked port is not flooded
+    // elsewhere either.
+    r.send("up", &frame::push_tag(&eth(mac(1), mac(20)), 10));
+    assert_eq!(blocked("vm1"), 4);
+    // A blocked port's frame held by the gate is not released into the
+    // switch either.
+    r.sw.release(r.q["vm2"].0, &eth(Mac::BROADCAST, mac(2)));
+    assert!(r.take("vm3").is_empty() && r.take("up").is_empty());
+    // A blocked uplink: nothing in, nothing out, no announcements.
+    let mut d = doc();
+    d.port_groups[2].blocked = true; // trunk: up
+    r.sw.set_document(d).unwrap();
+    r.send("up", &b20);
+    assert!(r.take("vm4").is_empty());
+    assert_eq!(blocked("up"), 1);
+    r.send("vm4", &eth(Mac::BROADCAST, mac(4)));
+    assert!(r.take("up").is_empty());
+    assert_eq!(blocked("up"), 2);
+    r.sw.uplink_active_changed(r.q["up"].0);
+    assert!(r.take("up").is_empty(), "no RARPs out of a blocked uplink");
+
+    // Unblocked: the same ports (nothing recreated) forward again.
+    r.sw.set_document(doc()).unwrap();
+    let again: Vec<PortId> = ["vm1", "vm2", "vm3", "vm4", "up"]
+        .iter()
+        .map(|n| r.sw.port_id(n).unwrap())
+        .collect();
+    assert_eq!(again, ids);
+    let f = eth(Mac::BROADCAST, mac(1));
+    r.send("vm1", &f);
+    assert_eq!(r.take("vm2"), vec![f.clone()]);
+    assert_eq!(r.take("vm3"), vec![f.clone()]);
+    assert_eq!(r.take("up"), vec![frame::push_tag(&f, 10)]);
+    r.send("up", &b20);
+    assert_eq!(r.take("vm4").len(), 1);
+}
+
+#[test]
+fn frames_over_a_ports_mtu_are_dropped_both_ways() {
+    use crate::config::UplinkSpec;
+    use crate::offload::{self, RxOffloads, TxOffloads, VnetHdr};
+    let r = Rig::new();
+    let with_mtu = |mtu: Option<u32>| {
+        let mut d = doc();
+        d.uplinks.push(UplinkSpec {
+            name: "up".into(),
+            interfaces: vec!["eth9".into()],
+            port_group: "trunk".into(),
+            mtu,
+        });
+        d
+    };
+    r.sw.set_document(with_mtu(Some(1000))).unwrap();
+    let sized = |l3: usize| {
+        let mut f = eth(Mac::BROADCAST, mac(1));
+        f.resize(14 + l3, 0x5a);
+        f
+    };
+    // 1000 bytes of payload fit (the uplink's tag does not count)…
+    r.send("vm1", &sized(1000));
+    assert_eq!(r.take("up").len(), 1);
+    // …1001 do not leave the uplink, and still reach the VMs, which
+    // have no MTU of their own.
+    r.send("vm1", &sized(1001));
+    assert!(r.take("up").is_empty());
+    assert_eq!(r.take("vm2").len(), 2);
+    let up = |r: &Rig| r.q["up"].2.snapshot().drops.mtu;
+    assert_eq!(up(&r), 1);
+    // In from the uplink: the same limit.
+    let mut t = frame::push_tag(&sized(1001), 10);
+    t[6..12].copy_from_slice(&mac(30).0);
+    r.send("up", &t);
+    assert_eq!(up(&r), 2);
+    assert!(r.take("vm2").is_empty());
+    let mut t = frame::push_tag(&sized(1000), 10);
+    t[6..12].copy_from_slice(&mac(31).0);
+    r.send("up", &t);
+    assert_eq!(r.take("vm2").len(), 1);
+    assert_eq!(up(&r), 2);
+
+    // A TSO packet handed over whole is judged by its segments.
+    r.q["up"].1.set_accepts(RxOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+    });
+    let mut f = offload::tso_packet(false, false, &[7; 4000], 0x18);
+    f[..6].copy_from_slice(&Mac::BROADCAST.0);
+    f[6..12].copy_from_slice(&mac(1).0);
+    let h = VnetHdr {
+        flags: offload::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        gso_type: offload::VIRTIO_NET_HDR_GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+    };
+    let all = TxOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+    };
+    let off = offload::from_tx(&h, &f, all).unwrap();
+    r.sw.ingress_offloaded(r.q["vm1"].0, &f, off);
+    assert!(r.take("up").is_empty(), "1488-byte segments over MTU 1000");
+    assert_eq!(up(&r), 3);
+    r.sw.set_document(with_mtu(Some(1500))).unwrap();
+    r.sw.ingress_offloaded(r.q["vm1"].0, &f, off);
+    let whole: Vec<_> = std::iter::from_fn(|| r.q["up"].1.pop()).collect();
+    assert_eq!(whole.len(), 1, "segments of 1488 fit 1500");
+    // No MTU in the document: no limit of the port's own.
+    r.sw.set_document(with_mtu(None)).unwrap();
+    r.send("vm1", &sized(1500));
+    assert_eq!(r.take("up").len(), 1);
+    assert_eq!(up(&r), 3);
+}
