@@ -1,6 +1,11 @@
-//! HTTP/1.1 client over tandemd's unix socket.
+//! HTTP/1.1 client for tandemd: over its unix socket, or over any stream a
+//! [`Connector`] opens (the CLI's mutual-TLS connection to a host's API on
+//! the management network; this crate stays free of TLS).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
@@ -20,6 +25,9 @@ pub enum ApiError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Opening a connector's stream failed (TCP, or its TLS handshake).
+    #[error("cannot reach tandemd at {target}: {detail}")]
+    Remote { target: String, detail: String },
     #[error("tandemd did not answer {what} within {after:?}")]
     Timeout { what: String, after: Duration },
     #[error("HTTP error talking to tandemd: {0}")]
@@ -49,11 +57,26 @@ impl ApiError {
     }
 }
 
+/// A byte stream to tandemd that a [`Connector`] opened.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What [`Connector::connect`] returns.
+pub type Connecting = Pin<Box<dyn Future<Output = Result<Box<dyn Stream>, String>> + Send>>;
+
+/// Opens one connection to a tandemd that is not on a local socket.
+pub trait Connector: std::fmt::Debug + Send + Sync {
+    fn connect(&self) -> Connecting;
+    /// Where it connects, for messages.
+    fn target(&self) -> String;
+}
+
 /// A client for one tandemd. Each request uses a fresh connection, which
 /// keeps the client trivially safe to share and retry.
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    remote: Option<Arc<dyn Connector>>,
     timeout: Duration,
 }
 
@@ -61,6 +84,16 @@ impl Client {
     pub fn new(socket: impl AsRef<Path>) -> Self {
         Client {
             socket: socket.as_ref().to_path_buf(),
+            remote: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// A client that reaches tandemd through `connector` (a host's API).
+    pub fn remote(connector: Arc<dyn Connector>) -> Self {
+        Client {
+            socket: PathBuf::new(),
+            remote: Some(connector),
             timeout: Duration::from_secs(120),
         }
     }
@@ -113,13 +146,18 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ApiError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ApiError::Connect {
+        let stream: Box<dyn Stream> = match &self.remote {
+            Some(c) => c.connect().await.map_err(|detail| ApiError::Remote {
+                target: c.target(),
+                detail,
+            })?,
+            None => Box::new(UnixStream::connect(&self.socket).await.map_err(|source| {
+                ApiError::Connect {
                     path: self.socket.clone(),
                     source,
-                })?;
+                }
+            })?),
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ApiError::Http(e.to_string()))?;

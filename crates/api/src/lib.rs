@@ -8,7 +8,7 @@
 mod client;
 mod error;
 
-pub use client::{ApiError, Client};
+pub use client::{ApiError, Client, Connecting, Connector, Stream};
 pub use error::{ErrorKind, UnknownErrorKind};
 
 use serde::{Deserialize, Serialize};

@@ -15,6 +15,7 @@ mod cluster;
 mod external;
 mod ft;
 mod host;
+mod remote;
 mod switch;
 mod vm;
 
@@ -36,6 +37,13 @@ struct Cli {
     /// Print JSON instead of human-readable output.
     #[arg(long, global = true)]
     json: bool,
+    /// Talk to another host's tandemd over its host API (mutual TLS with
+    /// the operator identity) instead of the local socket: NAME@HOST:PORT.
+    #[arg(long, global = true, env = "TANDEM_REMOTE")]
+    remote: Option<remote::RemoteHost>,
+    /// The identity `--remote` presents (an operator's).
+    #[arg(long = "remote-identity", global = true, env = "TANDEM_REMOTE_IDENTITY", default_value_t = format!("{}/operator", tandem_manager::state::DEFAULT_STATE_DIR))]
+    remote_identity: String,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -88,7 +96,13 @@ fn main() {
             .enable_all()
             .build()
         {
-            Ok(rt) => rt.block_on(run(cmd, &cli.socket, cli.json)),
+            Ok(rt) => rt.block_on(async {
+                let client = match cli.remote {
+                    Some(host) => remote::client(host, &cli.remote_identity)?,
+                    None => tandem_api::Client::new(&cli.socket),
+                };
+                run(cmd, client, cli.json).await
+            }),
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(1);
@@ -101,8 +115,7 @@ fn main() {
     }
 }
 
-async fn run(cmd: Cmd, socket: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let client = tandem_api::Client::new(socket);
+async fn run(cmd: Cmd, client: tandem_api::Client, json: bool) -> anyhow::Result<()> {
     match cmd {
         Cmd::Vm(c) => vm::run(&client, c, json).await,
         Cmd::Host(c) => host::run(&client, c, json).await,

@@ -1,0 +1,89 @@
+//! `tandem --remote NAME@HOST:PORT …`: the host commands against another
+//! host's tandemd, over its host API (mutual TLS with an operator
+//! certificate), instead of the local unix socket.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tandem_api::{Connecting, Connector};
+use tandem_pki::rustls::ClientConfig;
+use tandem_pki::{Identity, NoRevocations, Role};
+
+/// A host's API: its certificate name and address.
+#[derive(Debug, Clone)]
+pub struct RemoteHost {
+    pub name: String,
+    pub address: String,
+}
+
+impl std::str::FromStr for RemoteHost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, address) = s.split_once('@').ok_or_else(|| {
+            format!("`{s}`: give the host as NAME@HOST:PORT (its certificate name, and where its --host-api listens)")
+        })?;
+        if name.is_empty() || address.is_empty() {
+            return Err(format!("`{s}`: NAME@HOST:PORT, both parts"));
+        }
+        Ok(RemoteHost {
+            name: name.into(),
+            address: address.into(),
+        })
+    }
+}
+
+/// Dials the host and completes mutual TLS, checking that the server is
+/// the named host of our cluster with a host certificate.
+struct TlsConnector {
+    host: RemoteHost,
+    config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector for TlsConnector {
+    fn connect(&self) -> Connecting {
+        let (host, config) = (self.host.clone(), self.config.clone());
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(&host.address)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let (tls, peer) = tandem_pki::connect(config, &host.name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            if peer.role != Role::Host {
+                return Err(format!(
+                    "{} answered with a {} certificate, not a host's",
+                    peer.name, peer.role
+                ));
+            }
+            Ok(Box::new(tls) as Box<dyn tandem_api::Stream>)
+        })
+    }
+
+    fn target(&self) -> String {
+        format!("{}@{}", self.host.name, self.host.address)
+    }
+}
+
+/// A client for `host`'s API, presenting the identity in `identity_dir`.
+pub fn client(host: RemoteHost, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
+    let id = Identity::load(std::path::Path::new(identity_dir)).with_context(|| {
+        format!("loading the identity for --remote from {identity_dir} (--identity names another)")
+    })?;
+    // The server's revocation is the manager's to enforce; an operator's
+    // CLI has no list of its own.
+    let config = tandem_pki::client_config(&id, Arc::new(NoRevocations))
+        .context("building TLS for --remote")?;
+    Ok(tandem_api::Client::remote(Arc::new(TlsConnector {
+        host,
+        config,
+    })))
+}
