@@ -19,8 +19,18 @@
 //! When the manager cannot be reached, nothing changes: the host keeps
 //! its certificate (until it expires), its revocation list and its cached
 //! authority, and tries again next tick.
+//!
+//! The heartbeat also carries where the manager reaches this host's API
+//! ([`Reporter::host_api`]) and the switch's transaction status
+//! ([`Reporter::switch_status`]: the digest it runs, any pending
+//! transaction), so the manager always knows what each host runs. When a
+//! switch transaction ends on the host without a commit, tandemd hands
+//! the agent a host-sync message ([`AgentHandle::switch_sync`]); the agent
+//! sends it at once and again with backoff until the manager acknowledges
+//! it (a host that just rolled back may reach the manager only a moment
+//! later), for at most [`SWITCH_SYNC_GIVE_UP`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +43,7 @@ use tracing::{info, warn};
 
 use crate::api::{
     AuthorityRecord, Credentials, Health, HeartbeatRequest, HeartbeatResponse, HostAuthority,
-    Inventory, Revocations,
+    HostSwitchSync, Inventory, Revocations,
 };
 use crate::client::{ClientError, Joined, ManagerClient, ManagerEndpoint};
 use crate::state::{read_json, write_json, StateError, MANAGER_FILE};
@@ -72,6 +82,35 @@ pub fn renew_at(id: &Identity) -> SystemTime {
 pub trait Reporter: Send + Sync + 'static {
     fn health(&self) -> Health;
     fn inventory(&self) -> Inventory;
+
+    /// `HOST:PORT` where the manager reaches this host's API over mutual
+    /// TLS (tandemd's `--host-api`); `None`: the manager cannot call it.
+    fn host_api(&self) -> Option<String> {
+        None
+    }
+
+    /// The switch's transaction status (`GET /v1/switch/txn`), sent with
+    /// every heartbeat.
+    fn switch_status(&self) -> Option<tandem_api::SwitchTxnStatus> {
+        None
+    }
+}
+
+/// How many host-sync messages may wait for the manager; more are refused.
+pub const SWITCH_SYNC_QUEUE: usize = 64;
+/// A host-sync message not acknowledged within this long is dropped (the
+/// heartbeat's switch status tells the manager the same, later).
+pub const SWITCH_SYNC_GIVE_UP: Duration = Duration::from_secs(600);
+/// The first retry's delay; it doubles up to [`SWITCH_SYNC_MAX_BACKOFF`].
+const SWITCH_SYNC_FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const SWITCH_SYNC_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A host-sync message on its way.
+struct QueuedSync {
+    msg: HostSwitchSync,
+    queued: Instant,
+    attempts: u32,
+    next_try: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +227,24 @@ pub struct AgentHandle {
     /// configuration tandemd builds.
     pub revocations: Arc<RevocationList>,
     pub status: watch::Receiver<AgentStatus>,
+    switch_sync: tokio::sync::mpsc::Sender<HostSwitchSync>,
+}
+
+impl AgentHandle {
+    /// Queues a host-sync message: a switch transaction ended here without
+    /// a commit (rolled back, restored at start, fallback). The agent
+    /// sends it to the manager, retrying with backoff until acknowledged.
+    /// Refused only when the queue is full or the agent has stopped.
+    pub fn switch_sync(&self, msg: HostSwitchSync) -> Result<(), String> {
+        self.switch_sync.try_send(msg).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => format!(
+                "{SWITCH_SYNC_QUEUE} host-sync messages are already waiting for the manager"
+            ),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                "the manager agent has stopped".into()
+            }
+        })
+    }
 }
 
 pub struct HostAgent {
@@ -199,6 +256,8 @@ pub struct HostAgent {
     status: watch::Sender<AgentStatus>,
     client: ManagerClient,
     last_inventory: Option<Instant>,
+    sync_rx: tokio::sync::mpsc::Receiver<HostSwitchSync>,
+    syncs: VecDeque<QueuedSync>,
 }
 
 impl HostAgent {
@@ -223,11 +282,13 @@ impl HostAgent {
         let (id_tx, id_rx) = watch::channel(Arc::new(identity));
         let (auth_tx, auth_rx) = watch::channel(Arc::new(authority));
         let (st_tx, st_rx) = watch::channel(AgentStatus::default());
+        let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(SWITCH_SYNC_QUEUE);
         let handle = AgentHandle {
             identity: id_rx,
             authority: auth_rx,
             revocations: Arc::clone(&revocations),
             status: st_rx,
+            switch_sync: sync_tx,
         };
         Ok((
             HostAgent {
@@ -239,6 +300,8 @@ impl HostAgent {
                 status: st_tx,
                 client,
                 last_inventory: None,
+                sync_rx,
+                syncs: VecDeque::new(),
             },
             handle,
         ))
@@ -256,6 +319,8 @@ impl HostAgent {
                 "/v1/host/heartbeat",
                 &HeartbeatRequest {
                     health: reporter.health(),
+                    host_api: reporter.host_api(),
+                    switch: reporter.switch_status(),
                 },
             )
             .await?;
@@ -324,11 +389,92 @@ impl HostAgent {
         Ok(())
     }
 
-    /// Ticks every `heartbeat` until `shutdown`. Errors are logged when the
-    /// state changes (reachable ↔ not) and otherwise kept in the status.
+    /// Sends the queued host-sync messages that are due, oldest first;
+    /// stops at the first that fails (it is retried after its backoff).
+    pub async fn deliver_switch_syncs(&mut self) {
+        let now = Instant::now();
+        while let Some(q) = self.syncs.front_mut() {
+            if q.next_try > now {
+                return;
+            }
+            let sent: Result<crate::api::Ack, ClientError> =
+                self.client.post("/v1/host/switch-sync", &q.msg).await;
+            match sent {
+                Ok(_) => {
+                    info!(txid = ?q.msg.txid, outcome = ?q.msg.outcome, attempts = q.attempts + 1, "switch host-sync delivered to the manager");
+                    self.syncs.pop_front();
+                }
+                // The manager read it and refused it: sending it again
+                // cannot help.
+                Err(
+                    e @ ClientError::Server {
+                        status: 400..=499, ..
+                    },
+                ) => {
+                    warn!(txid = ?q.msg.txid, "the manager refused the switch host-sync: {e}");
+                    self.syncs.pop_front();
+                }
+                Err(e) => {
+                    q.attempts += 1;
+                    if q.queued.elapsed() >= SWITCH_SYNC_GIVE_UP {
+                        warn!(txid = ?q.msg.txid, attempts = q.attempts, "giving up on the switch host-sync (the heartbeat still reports the switch): {e}");
+                        self.syncs.pop_front();
+                        continue;
+                    }
+                    let backoff = SWITCH_SYNC_FIRST_BACKOFF
+                        .saturating_mul(1 << q.attempts.min(8))
+                        .min(SWITCH_SYNC_MAX_BACKOFF);
+                    q.next_try = Instant::now() + backoff;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Host-sync messages not yet acknowledged.
+    pub fn switch_syncs_waiting(&self) -> usize {
+        self.syncs.len()
+    }
+
+    /// Takes what tandemd queued since (without waiting).
+    fn take_queued_syncs(&mut self) {
+        while let Ok(msg) = self.sync_rx.try_recv() {
+            self.queue_sync(msg);
+        }
+    }
+
+    fn queue_sync(&mut self, msg: HostSwitchSync) {
+        let now = Instant::now();
+        self.syncs.push_back(QueuedSync {
+            msg,
+            queued: now,
+            attempts: 0,
+            next_try: now,
+        });
+    }
+
+    /// Ticks every `heartbeat` until `shutdown`, and sends host-sync
+    /// messages as they come. Errors are logged when the state changes
+    /// (reachable ↔ not) and otherwise kept in the status.
     pub async fn run(mut self, reporter: Arc<dyn Reporter>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut next_tick = Instant::now();
         loop {
+            self.take_queued_syncs();
+            self.deliver_switch_syncs().await;
+            if Instant::now() < next_tick {
+                let wake = self
+                    .syncs
+                    .front()
+                    .map_or(next_tick, |q| q.next_try.min(next_tick));
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    Some(msg) = self.sync_rx.recv() => self.queue_sync(msg),
+                    () = tokio::time::sleep_until(wake.into()) => {}
+                }
+                continue;
+            }
+            next_tick = Instant::now() + self.cfg.heartbeat;
             let result = self.tick(reporter.as_ref()).await;
             let was = self.status.borrow().clone();
             let now = match result {
@@ -352,10 +498,6 @@ impl HostAgent {
                 }
             }
             self.status.send_replace(now);
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = tokio::time::sleep(self.cfg.heartbeat) => {}
-            }
         }
     }
 }

@@ -26,6 +26,12 @@
 //! | `POST /v1/vms/{uuid}/handover` | operator | [`HandoverRequest`] → [`AuthorityRecord`] (generation + 1) |
 //! | `DELETE /v1/vms/{uuid}?generation=N` | operator | → [`Ack`] |
 //! | `GET /v1/cluster/dump` | operator | → [`Dump`]: every record, for `tandem cluster backup` |
+//! | `POST /v1/host/switch-sync` | host | [`HostSwitchSync`] → [`Ack`]: the host's switch transaction ended there (rolled back, restored at start, fallback) |
+//! | `GET /v1/dvs` | operator | → [`DvsView`]: the distributed switch, its revision and each host's state |
+//! | `POST /v1/dvs/apply` | operator | [`DvsApplyRequest`] → [`DvsApplyReport`] (when the rollout has ended) |
+//! | `POST /v1/dvs/rollback` | operator | [`DvsRollbackRequest`] → [`DvsApplyReport`]: an old revision's document as a new revision |
+//! | `GET /v1/dvs/history` | operator | → `[DvsRevision]` (newest first, without documents) |
+//! | `GET /v1/dvs/revisions/{n}` | operator | → [`DvsRevision`] with its document |
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -113,6 +119,17 @@ pub struct ErrorBody {
     /// manager adds.
     pub kind: String,
     pub message: String,
+    /// Every problem of an invalid document, by field path (also what
+    /// tandemd's host API sends with `invalid-document`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldProblem>,
+}
+
+/// One problem of a document, by its field path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
 }
 
 /// An empty success.
@@ -162,6 +179,14 @@ impl std::fmt::Debug for Credentials {
 pub struct HeartbeatRequest {
     #[serde(default)]
     pub health: Health,
+    /// `HOST:PORT` where the manager reaches this host's API (tandemd's
+    /// mutual-TLS listener, `--host-api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_api: Option<String>,
+    /// The host's switch: the digest it runs and any transaction pending,
+    /// so that the manager always knows what each host runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<tandem_api::SwitchTxnStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,3 +381,132 @@ pub struct DumpEntry {
     pub key: String,
     pub value: serde_json::Value,
 }
+
+/// Body of `POST /v1/host/switch-sync`: a switch transaction ended on the
+/// host other than by a commit (seed 000's "host synchronization"), sent
+/// once the host reaches the manager over its restored configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSwitchSync {
+    /// The transaction that ended; `None` if the host cannot tell.
+    #[serde(default)]
+    pub txid: Option<String>,
+    pub outcome: tandem_api::TxnOutcome,
+    /// What it runs now (`SwitchDocument::digest`).
+    pub running_digest: String,
+    /// The document it runs, TOML.
+    pub document_toml: String,
+}
+
+/// Body of `POST /v1/dvs/apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsApplyRequest {
+    /// The whole distributed switch document, TOML.
+    pub document_toml: String,
+    /// Each host's transaction timeout, seconds: 5..=60, default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+    /// The host that goes first, alone (default: the first host of the
+    /// document whose configuration changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+}
+
+/// Body of `POST /v1/dvs/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsRollbackRequest {
+    /// The revision whose document to apply again (as a new revision).
+    pub revision: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+}
+
+/// One host's part in a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsHostOutcome {
+    pub host: String,
+    /// `canary`, `wave` or `unchanged`.
+    pub role: String,
+    /// `committed`, `not-applied`, `out-of-sync`; `skipped` (the rollout
+    /// stopped before it), `unchanged` (already ran it).
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txid: Option<String>,
+    /// Its revert to the previous revision, if it had committed and the
+    /// rollout failed elsewhere: `committed`, `not-applied`, `out-of-sync`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_detail: Option<String>,
+    /// Its state when the rollout ended (`in-sync`, `out-of-sync`, …).
+    pub state: String,
+}
+
+/// The answer to an apply or a rollback, once the rollout has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsApplyReport {
+    /// The revision this change was recorded as.
+    pub revision: u64,
+    /// `completed`, `rolled-back` or `revert-incomplete`.
+    pub outcome: tandem_dvs::RolloutOutcome,
+    /// The distributed switch's revision now: `revision` if completed,
+    /// the previous one otherwise.
+    pub current_revision: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+    pub hosts: Vec<DvsHostOutcome>,
+    /// From the request to the end of the rollout.
+    pub elapsed_ms: u64,
+}
+
+/// One host of the distributed switch as `dvs show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsHostView {
+    pub host: String,
+    /// Is it in the current revision's document?
+    pub in_document: bool,
+    /// `in-sync`, `pending`, `out-of-sync`, `resynced`, `failed`.
+    pub state: String,
+    /// The revision it runs, as far as the manager knows (`None`: an
+    /// unknown configuration, or never configured by the manager).
+    #[serde(default)]
+    pub revision: Option<u64>,
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The current revision's rendering for it.
+    #[serde(default)]
+    pub expected_digest: Option<String>,
+    /// It runs the current revision's rendering.
+    pub matches_current: bool,
+    #[serde(default)]
+    pub last_txid: Option<String>,
+    /// Unix seconds of its last change of state.
+    pub since: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The address the manager reaches its API at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_api: Option<String>,
+}
+
+/// `GET /v1/dvs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DvsView {
+    /// The current revision (0: none yet).
+    pub revision: u64,
+    #[serde(default)]
+    pub document_toml: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<u64>,
+    #[serde(default)]
+    pub updated_by: Option<String>,
+    /// A rollout running now, by revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_in_progress: Option<u64>,
+    pub hosts: Vec<DvsHostView>,
+}
+
+pub use crate::model::dvs::DvsRevision;

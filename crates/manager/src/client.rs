@@ -1,6 +1,8 @@
 //! Talking to the manager: [`ManagerClient`] over mutual TLS (hosts and
 //! operators), and [`join`], which a host runs once, before it has a
-//! certificate, pinning the cluster CA by the hash in its token.
+//! certificate, pinning the cluster CA by the hash in its token. The same
+//! client type ([`ClusterClient`]) is how the manager talks to a host's API
+//! ([`ClusterClient::to_host`]): only the expected server role differs.
 //!
 //! Each request uses a fresh connection (a full handshake, so a revoked
 //! certificate on either side is noticed at once); requests are few
@@ -49,29 +51,46 @@ const MAX_RESPONSE: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the manager at {address}: {detail}")]
-    Connect { address: String, detail: String },
+    /// Nothing was sent: the TCP connection failed.
+    #[error("cannot reach {server} at {address}: {detail}")]
+    Connect {
+        address: String,
+        detail: String,
+        /// `the manager`, `host host-a`.
+        server: String,
+    },
     /// The TLS handshake failed or was refused: a certificate one side
     /// does not accept (no certificate, another cluster's, expired,
     /// revoked, a CA that is not the pinned one).
-    #[error("TLS with the manager at {address} failed: {detail}")]
-    Tls { address: String, detail: String },
-    #[error("the manager at {address} did not answer {what} within {after:?}")]
+    #[error("TLS with {server} at {address} failed: {detail}")]
+    Tls {
+        address: String,
+        detail: String,
+        server: String,
+    },
+    #[error("{server} at {address} did not answer {what} within {after:?}")]
     Timeout {
         address: String,
         what: String,
         after: Duration,
+        server: String,
     },
-    #[error("HTTP with the manager: {0}")]
-    Http(String),
-    #[error("the manager's answer to {what} is not valid: {detail}")]
-    Decode { what: String, detail: String },
-    /// The manager answered with an error.
+    #[error("HTTP with {server}: {detail}")]
+    Http { detail: String, server: String },
+    #[error("the answer of {server} to {what} is not valid: {detail}")]
+    Decode {
+        what: String,
+        detail: String,
+        server: String,
+    },
+    /// The server answered with an error.
     #[error("{message}")]
     Server {
         status: u16,
         kind: String,
         message: String,
+        /// An invalid document's problems, by field path.
+        fields: Vec<crate::api::FieldProblem>,
     },
     #[error("{0}")]
     Local(String),
@@ -82,6 +101,15 @@ impl ClientError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             ClientError::Server { kind, .. } => ErrorKind::parse(kind),
+            _ => None,
+        }
+    }
+
+    /// The server's error kind as it said it (also kinds this crate does
+    /// not know, such as a host's `unknown-txid`).
+    pub fn kind_str(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { kind, .. } => Some(kind),
             _ => None,
         }
     }
@@ -115,23 +143,33 @@ fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
-/// A client of the manager's mutual-TLS API, as a host or an operator.
+/// A mutual-TLS client of a cluster peer's HTTP API: one request per
+/// fresh connection, the server checked by name, cluster, revocation and
+/// role.
 #[derive(Clone)]
-pub struct ManagerClient {
+pub struct ClusterClient {
+    /// Where the server is and its certificate name (`cluster_id` may be
+    /// empty: the TLS configuration checks the cluster).
     endpoint: ManagerEndpoint,
+    /// The role the server's certificate must have.
+    role: Role,
     config: Arc<ClientConfig>,
     timeout: Duration,
 }
 
-impl std::fmt::Debug for ManagerClient {
+/// The client of the manager's API, as a host or an operator.
+pub type ManagerClient = ClusterClient;
+
+impl std::fmt::Debug for ClusterClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagerClient")
+        f.debug_struct("ClusterClient")
             .field("endpoint", &self.endpoint)
+            .field("role", &self.role)
             .finish_non_exhaustive()
     }
 }
 
-impl ManagerClient {
+impl ClusterClient {
     /// Presents `identity`; accepts the server only if it is the manager
     /// named in `endpoint`, of the same cluster, and not in `revocations`.
     pub fn new(
@@ -139,11 +177,34 @@ impl ManagerClient {
         identity: &Identity,
         revocations: Arc<dyn Revocations>,
     ) -> Result<Self, PkiError> {
-        Ok(ManagerClient {
+        Ok(ClusterClient {
             endpoint,
+            role: Role::Manager,
             config: client_config(identity, revocations)?,
             timeout: Duration::from_secs(30),
         })
+    }
+
+    /// A client of host `name`'s API at `address` (`HOST:PORT`), with a
+    /// configuration from `tandem_pki::client_config` (built once and
+    /// shared by every host's client). The server must present host
+    /// `name`'s certificate.
+    pub fn to_host(address: &str, name: &str, config: Arc<ClientConfig>) -> Self {
+        ClusterClient {
+            endpoint: ManagerEndpoint {
+                address: address.to_string(),
+                name: name.to_string(),
+                cluster_id: String::new(),
+            },
+            role: Role::Host,
+            config,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How errors name the server: `the manager`, `host host-a`.
+    fn server(&self) -> String {
+        describe_server(self.role, &self.endpoint.name)
     }
 
     /// Bounds each whole request (connect, handshake, answer).
@@ -188,56 +249,80 @@ impl ManagerClient {
     ) -> Result<T, ClientError> {
         let what = format!("{method} {path}");
         let address = self.endpoint.address.clone();
+        let server = self.server();
         let run = async {
-            let tcp = tcp_connect(&address).await?;
+            let tcp = tcp_connect(&address, &server).await?;
             let (tls, peer) = connect(Arc::clone(&self.config), &self.endpoint.name, tcp)
                 .await
                 .map_err(|e| ClientError::Tls {
                     address: address.clone(),
                     detail: e.to_string(),
+                    server: server.clone(),
                 })?;
-            check_manager(&peer, &address)?;
-            exchange(tls, &address, method, path, body).await
+            check_role(&peer, self.role, &address, &server)?;
+            let to = Server {
+                address: &address,
+                host_header: &self.endpoint.name,
+                label: &server,
+            };
+            exchange(tls, &to, method, path, body).await
         };
         match tokio::time::timeout(self.timeout, run).await {
             Ok(r) => r,
             Err(_) => Err(ClientError::Timeout {
-                address,
+                address: address.clone(),
                 what,
                 after: self.timeout,
+                server: server.clone(),
             }),
         }
     }
 }
 
-fn check_manager(peer: &Peer, address: &str) -> Result<(), ClientError> {
-    if peer.role != Role::Manager {
+fn describe_server(role: Role, name: &str) -> String {
+    match role {
+        Role::Manager => "the manager".to_string(),
+        other => format!("{other} {name}"),
+    }
+}
+
+fn check_role(peer: &Peer, want: Role, address: &str, server: &str) -> Result<(), ClientError> {
+    if peer.role != want {
         return Err(ClientError::Tls {
             address: address.to_string(),
             detail: format!(
-                "the server is {} with a {} certificate, not the manager",
+                "the server is {} with a {} certificate, not {server}",
                 peer.name, peer.role
             ),
+            server: server.to_string(),
         });
     }
     Ok(())
 }
 
-async fn tcp_connect(address: &str) -> Result<TcpStream, ClientError> {
+async fn tcp_connect(address: &str, server: &str) -> Result<TcpStream, ClientError> {
     let tcp = TcpStream::connect(address)
         .await
         .map_err(|e| ClientError::Connect {
             address: address.to_string(),
             detail: e.to_string(),
+            server: server.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
 }
 
+/// Whom a request goes to, for the Host header and for errors.
+struct Server<'a> {
+    address: &'a str,
+    host_header: &'a str,
+    label: &'a str,
+}
+
 /// One HTTP/1.1 request on an established TLS stream.
 async fn exchange<IO, B, T>(
     io: IO,
-    address: &str,
+    to: &Server<'_>,
     method: Method,
     path: &str,
     body: Option<&B>,
@@ -247,12 +332,18 @@ where
     B: Serialize,
     T: DeserializeOwned,
 {
+    let address = to.address;
+    let server = || to.label.to_string();
     let http_err = |e: hyper::Error| match tls_cause(&e) {
         Some(detail) => ClientError::Tls {
             address: address.to_string(),
             detail,
+            server: server(),
         },
-        None => ClientError::Http(e.to_string()),
+        None => ClientError::Http {
+            detail: e.to_string(),
+            server: server(),
+        },
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
@@ -265,10 +356,13 @@ where
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "tandem-manager")
+        .header("host", to.host_header)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
+        .map_err(|e| ClientError::Http {
+            detail: e.to_string(),
+            server: server(),
+        })?;
     let resp = sender.send_request(req).await.map_err(http_err)?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_RESPONSE)
@@ -278,8 +372,12 @@ where
             Some(detail) => ClientError::Tls {
                 address: address.to_string(),
                 detail,
+                server: server(),
             },
-            None => ClientError::Http(e.to_string()),
+            None => ClientError::Http {
+                detail: e.to_string(),
+                server: server(),
+            },
         })?
         .to_bytes();
     conn_task.abort();
@@ -287,19 +385,22 @@ where
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
             what: path.to_string(),
             detail: e.to_string(),
+            server: server(),
         })
     } else {
-        let (kind, message) = match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(b) => (b.kind, b.message),
+        let (kind, message, fields) = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) => (b.kind, b.message, b.fields),
             Err(_) => (
                 "http".to_string(),
                 format!("HTTP {status}: {}", String::from_utf8_lossy(&body)),
+                Vec::new(),
             ),
         };
         Err(ClientError::Server {
             status: status.as_u16(),
             kind,
             message,
+            fields,
         })
     }
 }
@@ -333,8 +434,9 @@ pub async fn join(
     name: &str,
     timeout: Duration,
 ) -> Result<Joined, ClientError> {
+    let label = describe_server(Role::Manager, "");
     let run = async {
-        let tcp = tcp_connect(address).await?;
+        let tcp = tcp_connect(address, &label).await?;
         let config = pinned_config(token.ca_sha256())?;
         // The name is not checked (the pinned CA is): any valid DNS name.
         let server = ServerName::try_from("tandem-manager")
@@ -345,18 +447,24 @@ pub async fn join(
             .map_err(|e| ClientError::Tls {
                 address: address.to_string(),
                 detail: tls_cause(&e).unwrap_or_else(|| e.to_string()),
+                server: label.clone(),
             })?;
         let peer = peer_of(tls.get_ref().1).map_err(|e| ClientError::Tls {
             address: address.to_string(),
             detail: e.to_string(),
+            server: label.clone(),
         })?;
-        check_manager(&peer, address)?;
+        check_role(&peer, Role::Manager, address, &label)?;
         let req = JoinRequest {
             token: token.to_string(),
             name: name.to_string(),
         };
-        let creds: Credentials =
-            exchange(tls, address, Method::POST, "/v1/join", Some(&req)).await?;
+        let to = Server {
+            address,
+            host_header: "tandem-manager",
+            label: &label,
+        };
+        let creds: Credentials = exchange(tls, &to, Method::POST, "/v1/join", Some(&req)).await?;
         Ok::<_, ClientError>((creds, peer))
     };
     let (credentials, peer) =
@@ -366,6 +474,7 @@ pub async fn join(
                 address: address.to_string(),
                 what: "the join".into(),
                 after: timeout,
+                server: label.clone(),
             })??;
     let ca = tandem_pki::rustls::pki_types::pem::PemObject::from_pem_slice(
         credentials.ca_pem.as_bytes(),
@@ -374,6 +483,7 @@ pub async fn join(
         |e: tandem_pki::rustls::pki_types::pem::Error| ClientError::Decode {
             what: "the join's CA certificate".into(),
             detail: e.to_string(),
+            server: label.clone(),
         },
     )
     .map(|c: CertificateDer<'static>| c)?;
@@ -381,6 +491,7 @@ pub async fn join(
         return Err(ClientError::Tls {
             address: address.to_string(),
             detail: "the CA certificate in the answer is not the one the token pins".into(),
+            server: label.clone(),
         });
     }
     let identity = Identity::from_pem(
@@ -391,10 +502,12 @@ pub async fn join(
     .map_err(|e| ClientError::Decode {
         what: "the join's certificate".into(),
         detail: e.to_string(),
+        server: label.clone(),
     })?;
     if identity.name() != name || identity.role() != Role::Host {
         return Err(ClientError::Decode {
             what: "the join's certificate".into(),
+            server: label.clone(),
             detail: format!(
                 "it is for {} {}, not host {name}",
                 identity.role(),

@@ -24,9 +24,12 @@ use uuid::Uuid;
 
 use crate::api::{
     Ack, AuthorityRecord, ClusterStatus, CreateTokenRequest, CreateVmRequest, CreatedToken,
-    Credentials, DeleteVmQuery, Dump, ErrorBody, ErrorKind, HandoverRequest, HeartbeatRequest,
-    HeartbeatResponse, HostAuthority, HostView, Inventory, JoinRequest, RemovedHost, Revocations,
-    RevokeRequest, TokenInfo,
+    Credentials, DeleteVmQuery, Dump, ErrorBody, ErrorKind, FieldProblem, HandoverRequest,
+    HeartbeatRequest, HeartbeatResponse, HostAuthority, HostView, Inventory, JoinRequest,
+    RemovedHost, Revocations, RevokeRequest, TokenInfo,
+};
+use crate::api::{
+    DvsApplyReport, DvsApplyRequest, DvsRevision, DvsRollbackRequest, DvsView, HostSwitchSync,
 };
 use crate::service::{Manager, ManagerError};
 
@@ -43,6 +46,7 @@ pub struct ConnInfo {
 pub struct HttpError {
     pub kind: ErrorKind,
     pub message: String,
+    pub fields: Vec<FieldProblem>,
 }
 
 impl HttpError {
@@ -50,6 +54,7 @@ impl HttpError {
         HttpError {
             kind,
             message: message.to_string(),
+            fields: Vec::new(),
         }
     }
 
@@ -63,7 +68,11 @@ impl From<ManagerError> for HttpError {
         if e.kind() == ErrorKind::Internal {
             tracing::error!("request failed: {e}");
         }
-        HttpError::new(e.kind(), e)
+        let fields = e.fields();
+        HttpError {
+            fields,
+            ..HttpError::new(e.kind(), e)
+        }
     }
 }
 
@@ -74,6 +83,7 @@ impl IntoResponse for HttpError {
         let body = ErrorBody {
             kind: self.kind.as_str().to_string(),
             message: self.message,
+            fields: self.fields,
         };
         (status, Json(body)).into_response()
     }
@@ -183,6 +193,12 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/host/inventory", put(inventory))
         .route("/v1/host/authority", get(host_authority))
         .route("/v1/host/renew", post(renew))
+        .route("/v1/host/switch-sync", post(switch_sync))
+        .route("/v1/dvs", get(dvs_show))
+        .route("/v1/dvs/apply", post(dvs_apply))
+        .route("/v1/dvs/rollback", post(dvs_rollback))
+        .route("/v1/dvs/history", get(dvs_history))
+        .route("/v1/dvs/revisions/{revision}", get(dvs_revision))
         .route("/v1/revocations", get(revocations).post(revoke))
         .route("/v1/cluster", get(status))
         .route("/v1/cluster/dump", get(dump))
@@ -384,4 +400,59 @@ async fn delete_vm(
         .delete_vm(parse_uuid(&uuid)?, q.generation)
         .await?;
     Ok(Json(Ack {}))
+}
+
+async fn switch_sync(
+    State(s): State<AppState>,
+    HostCaller(c): HostCaller,
+    Body(msg): Body<HostSwitchSync>,
+) -> HttpResult<Ack> {
+    s.manager.switch_sync(&c.peer, msg).await?;
+    Ok(Json(Ack {}))
+}
+
+async fn dvs_show(
+    State(s): State<AppState>,
+    OperatorCaller(_): OperatorCaller,
+) -> HttpResult<DvsView> {
+    Ok(Json(s.manager.dvs_view().await?))
+}
+
+/// Answers when the rollout has ended: at most a few transaction timeouts
+/// (canary, wave, reverts), each bounded by the request's `timeout_s`.
+async fn dvs_apply(
+    State(s): State<AppState>,
+    OperatorCaller(c): OperatorCaller,
+    Body(req): Body<DvsApplyRequest>,
+) -> HttpResult<DvsApplyReport> {
+    Ok(Json(s.manager.dvs_apply(req, &c.peer).await?))
+}
+
+async fn dvs_rollback(
+    State(s): State<AppState>,
+    OperatorCaller(c): OperatorCaller,
+    Body(req): Body<DvsRollbackRequest>,
+) -> HttpResult<DvsApplyReport> {
+    Ok(Json(s.manager.dvs_rollback(req, &c.peer).await?))
+}
+
+async fn dvs_history(
+    State(s): State<AppState>,
+    OperatorCaller(_): OperatorCaller,
+) -> HttpResult<Vec<DvsRevision>> {
+    Ok(Json(s.manager.dvs_history().await?))
+}
+
+async fn dvs_revision(
+    State(s): State<AppState>,
+    OperatorCaller(_): OperatorCaller,
+    Path(revision): Path<String>,
+) -> HttpResult<DvsRevision> {
+    let n: u64 = revision.parse().map_err(|_| {
+        HttpError::new(
+            ErrorKind::Invalid,
+            format!("{revision:?} is not a revision number"),
+        )
+    })?;
+    Ok(Json(s.manager.dvs_revision(n).await?))
 }

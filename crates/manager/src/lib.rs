@@ -17,6 +17,8 @@
 //! - [`http`]: routes and per-role authorisation;
 //! - [`server`]: TLS listener (mutual TLS, plus the join connection);
 //! - [`client`]: the mTLS client and the pinned-CA join client;
+//! - [`dvs`]: the distributed switch: revisions, history, rollouts to the
+//!   hosts' APIs, and each host's switch state;
 //! - [`agent`]: the loop a host runs (heartbeat, inventory, revocations,
 //!   authority cache, renewal at 2/3 of the certificate's life);
 //! - [`state`]: the manager's state directory and `cluster init`.
@@ -27,6 +29,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod clock;
+pub mod dvs;
 pub mod http;
 pub mod model;
 pub mod server;

@@ -109,6 +109,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     manager.set_manager_cert_not_after(identity.not_after());
+    // The same certificate dials hosts' APIs (the distributed switch).
+    manager.set_identity(&identity)?;
     let tls = Arc::new(ManagerTls::new(identity, manager.revocation_list())?);
     let listen = args.listen.unwrap_or(config.listen.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -148,6 +150,9 @@ async fn housekeeping(manager: Arc<Manager>, tls: Arc<ManagerTls>, dir: StateDir
         match manager_identity(&dir, manager.ca(), &name) {
             Ok((id, true)) => {
                 manager.set_manager_cert_not_after(id.not_after());
+                if let Err(e) = manager.set_identity(&id) {
+                    warn!("dialling hosts with the renewed manager certificate: {e}");
+                }
                 if let Err(e) = tls.replace(id) {
                     warn!("switching to the renewed manager certificate: {e}");
                 }

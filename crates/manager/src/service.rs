@@ -48,6 +48,12 @@ pub enum ManagerError {
     Store(#[from] StoreError),
     #[error("certificate authority: {0}")]
     Pki(#[from] PkiError),
+    /// A document with problems, each by its field path.
+    #[error("{message}")]
+    InvalidDocument {
+        message: String,
+        fields: Vec<crate::api::FieldProblem>,
+    },
 }
 
 impl ManagerError {
@@ -57,8 +63,16 @@ impl ManagerError {
             ManagerError::Conflict(_) => ErrorKind::Conflict,
             ManagerError::Forbidden(_) => ErrorKind::Forbidden,
             ManagerError::Unauthorized(_) => ErrorKind::Unauthorized,
-            ManagerError::Invalid(_) => ErrorKind::Invalid,
+            ManagerError::Invalid(_) | ManagerError::InvalidDocument { .. } => ErrorKind::Invalid,
             ManagerError::Store(_) | ManagerError::Pki(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// An invalid document's problems (empty for every other error).
+    pub fn fields(&self) -> Vec<crate::api::FieldProblem> {
+        match self {
+            ManagerError::InvalidDocument { fields, .. } => fields.clone(),
+            _ => Vec::new(),
         }
     }
 }
@@ -99,6 +113,8 @@ impl Default for Settings {
 struct Presence {
     last_seen: SystemTime,
     address: Option<String>,
+    /// Where its API is, as its heartbeats say.
+    host_api: Option<String>,
     health: Health,
     /// When `last_seen` was last written to the store.
     persisted: Option<SystemTime>,
@@ -123,6 +139,9 @@ pub struct Manager {
     manager_cert_not_after: AtomicU64,
     /// The CRL of the list at a generation: signed once per generation.
     crl: Mutex<Option<(u64, String)>>,
+    /// The distributed switch's in-memory part: TLS to hosts, the rollout
+    /// lock, hosts' switch states (see [`crate::dvs`]).
+    pub(crate) dvs: crate::dvs::DvsState,
 }
 
 impl std::fmt::Debug for Manager {
@@ -188,6 +207,7 @@ impl Manager {
             started_at: clock.now(),
             manager_cert_not_after: AtomicU64::new(0),
             crl: Mutex::new(None),
+            dvs: crate::dvs::DvsState::default(),
         }))
     }
 
@@ -218,8 +238,44 @@ impl Manager {
             .store(unix(t), Ordering::Relaxed);
     }
 
-    fn now(&self) -> u64 {
+    pub(crate) fn now(&self) -> u64 {
         unix(self.clock.now())
+    }
+
+    /// Unix milliseconds on the manager's clock.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Where host `name`'s API is: its last heartbeat's report, else the
+    /// stored one.
+    pub(crate) async fn host_api_of(&self, name: &str) -> Result<Option<String>> {
+        if let Some(a) = self
+            .presence
+            .lock()
+            .get(name)
+            .and_then(|p| p.host_api.clone())
+        {
+            return Ok(Some(a));
+        }
+        Ok(
+            typed::get::<HostRecord>(self.store.as_ref(), &host_key(name))
+                .await?
+                .and_then(|r| r.value.host_api),
+        )
+    }
+
+    /// The member hosts' names.
+    pub(crate) async fn host_names(&self) -> Result<Vec<String>> {
+        Ok(typed::list::<HostRecord>(self.store.as_ref(), HOSTS_PREFIX)
+            .await?
+            .into_iter()
+            .map(|v| v.value.name)
+            .collect())
     }
 
     // ---- tokens ----------------------------------------------------------
@@ -387,6 +443,7 @@ impl Manager {
             joined_at: now,
             last_seen: Some(now),
             address: address.clone(),
+            host_api: None,
             health: Health::default(),
             inventory: None,
             inventory_at: None,
@@ -412,6 +469,7 @@ impl Manager {
             Presence {
                 last_seen: self.clock.now(),
                 address: address.clone(),
+                host_api: None,
                 health: Health::default(),
                 persisted: Some(self.clock.now()),
                 inventory_seen: false,
@@ -532,13 +590,16 @@ impl Manager {
             let p = presence.entry(peer.name.clone()).or_insert(Presence {
                 last_seen: now,
                 address: None,
+                host_api: None,
                 health: rec.value.health.clone(),
                 persisted: None,
                 inventory_seen: false,
             });
-            let changed = p.health != req.health || p.address != address;
+            let changed =
+                p.health != req.health || p.address != address || p.host_api != req.host_api;
             p.last_seen = now;
             p.address = address.clone();
+            p.host_api = req.host_api.clone();
             p.health = req.health.clone();
             let due = match p.persisted {
                 None => true,
@@ -547,7 +608,10 @@ impl Manager {
                         >= self.settings.persist_last_seen_every
                 }
             };
-            let persist = changed || due || rec.value.health != req.health;
+            let persist = changed
+                || due
+                || rec.value.health != req.health
+                || rec.value.host_api != req.host_api;
             if persist {
                 p.persisted = Some(now);
             }
@@ -565,10 +629,14 @@ impl Manager {
                     r.last_seen = Some(secs);
                     r.health = req.health.clone();
                     r.address = address.clone();
+                    r.host_api = req.host_api.clone();
                     Ok(Change::Put(r))
                 },
             )
             .await?;
+        }
+        if let Some(status) = &req.switch {
+            self.observe_switch(&peer.name, status).await?;
         }
         Ok(HeartbeatResponse {
             revocation_generation: self.revocations.generation(),
@@ -606,6 +674,7 @@ impl Manager {
         let p = presence.entry(peer.name.clone()).or_insert(Presence {
             last_seen: now,
             address: address.clone(),
+            host_api: None,
             health: Health::default(),
             persisted: Some(now),
             inventory_seen: true,
@@ -643,6 +712,9 @@ impl Manager {
                 rec.health = p.health;
                 if p.address.is_some() {
                     rec.address = p.address;
+                }
+                if p.host_api.is_some() {
+                    rec.host_api = p.host_api;
                 }
             }
         }

@@ -27,6 +27,11 @@ const OPERATOR_CALLS: &[(&str, &str)] = &[
     ("GET", "/v1/vms"),
     ("DELETE", "/v1/hosts/host-a"),
     ("GET", "/v1/cluster/dump"),
+    ("GET", "/v1/dvs"),
+    ("POST", "/v1/dvs/apply"),
+    ("POST", "/v1/dvs/rollback"),
+    ("GET", "/v1/dvs/history"),
+    ("GET", "/v1/dvs/revisions/1"),
 ];
 
 /// The host endpoints.
@@ -35,6 +40,7 @@ const HOST_CALLS: &[(&str, &str)] = &[
     ("PUT", "/v1/host/inventory"),
     ("GET", "/v1/host/authority"),
     ("POST", "/v1/host/renew"),
+    ("POST", "/v1/host/switch-sync"),
 ];
 
 fn all_calls() -> impl Iterator<Item = &'static (&'static str, &'static str)> {

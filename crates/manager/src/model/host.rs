@@ -161,6 +161,10 @@ pub struct HostRecord {
     /// The address it last called from.
     #[serde(default)]
     pub address: Option<String>,
+    /// Where the manager reaches its API (`HOST:PORT`, tandemd's
+    /// `--host-api`), as its heartbeats report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_api: Option<String>,
     #[serde(default)]
     pub health: Health,
     /// The last inventory it reported, and when (unix seconds).
@@ -239,6 +243,7 @@ mod tests {
             joined_at: 0,
             last_seen: None,
             address: None,
+            host_api: None,
             health: Health::default(),
             inventory: None,
             inventory_at: None,

@@ -7,11 +7,15 @@
 //! | `tokens/<id>` | [`TokenRecord`]: an unused join token (hashed) |
 //! | `vms/<uuid>` | [`AuthorityRecord`]: primary, backup and generation of a VM |
 //! | `revocations` | [`RevocationRecord`]: revoked serials and the list's generation |
+//! | `dvs` | [`dvs::DvsRecord`]: the distributed switch's current document and revision |
+//! | `dvs/revisions/<n>` | [`dvs::DvsRevision`]: every revision applied, its author, time and outcome |
+//! | `dvs/hosts/<name>` | [`dvs::HostSwitchRecord`]: what the manager knows a host's switch runs |
 //!
 //! Every value is JSON in the versioned envelope of [`crate::store::typed`].
 
 pub mod authority;
 pub mod cluster;
+pub mod dvs;
 pub mod host;
 pub mod revocation;
 pub mod token;

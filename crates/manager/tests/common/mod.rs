@@ -97,6 +97,7 @@ impl Harness {
         .await
         .unwrap();
         manager.set_manager_cert_not_after(identity.not_after());
+        manager.set_identity(&identity).unwrap();
         let tls = Arc::new(ManagerTls::new(identity, manager.revocation_list()).unwrap());
         // The same port after a restart if it is still free; clients take
         // the address from `addr()` either way.
