@@ -17,6 +17,8 @@
 //! | 4 | refused: not allowed (wrong role, revoked, expired or foreign certificate, bad join token) |
 //! | 5 | conflict (exists already, generation moved on) |
 //! | 6 | the manager cannot be reached or did not answer in time |
+//! | 7 | a distributed switch change did not complete: rolled back, or hosts out of sync (`tandem dvs`) |
+//! | 8 | the manager refused the request as invalid (a document's problems are listed by field) |
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -43,9 +45,16 @@ pub const EXIT_NOT_FOUND: i32 = 3;
 pub const EXIT_REFUSED: i32 = 4;
 pub const EXIT_CONFLICT: i32 = 5;
 pub const EXIT_UNREACHABLE: i32 = 6;
+pub const EXIT_NOT_SYNCHRONIZED: i32 = 7;
+pub const EXIT_INVALID: i32 = 8;
 
 /// The exit status for an error (see the module's table).
 pub fn exit_code(e: &anyhow::Error) -> i32 {
+    if e.chain()
+        .any(|c| c.downcast_ref::<crate::dvs::NotSynchronized>().is_some())
+    {
+        return EXIT_NOT_SYNCHRONIZED;
+    }
     let Some(c) = e.chain().find_map(|c| c.downcast_ref::<ClientError>()) else {
         return 1;
     };
@@ -54,6 +63,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
             Some(ErrorKind::NotFound) => EXIT_NOT_FOUND,
             Some(ErrorKind::Forbidden | ErrorKind::Unauthorized) => EXIT_REFUSED,
             Some(ErrorKind::Conflict) => EXIT_CONFLICT,
+            Some(ErrorKind::Invalid) => EXIT_INVALID,
             _ => 1,
         },
         ClientError::Tls { .. } => EXIT_REFUSED,
@@ -67,20 +77,20 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 pub struct ManagerOpts {
     /// The manager, HOST:PORT (default: manager.json beside the identity).
     #[arg(long, env = "TANDEM_MANAGER")]
-    manager: Option<String>,
+    pub(crate) manager: Option<String>,
     /// The manager's certificate name (default: manager.json's).
     #[arg(long, env = "TANDEM_MANAGER_NAME")]
-    manager_name: Option<String>,
+    pub(crate) manager_name: Option<String>,
     /// The operator identity directory (identity.pem, manager.json).
     #[arg(long, env = "TANDEM_IDENTITY", default_value_t = format!("{DEFAULT_STATE_DIR}/operator"))]
-    identity: String,
+    pub(crate) identity: String,
     /// Give up on a request after this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl ManagerOpts {
-    fn client(&self) -> anyhow::Result<ManagerClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<ManagerClient> {
         let dir = Path::new(&self.identity);
         let id = Identity::load(dir).with_context(|| {
             format!(
@@ -761,6 +771,10 @@ fn print_host(h: &HostView) {
             .as_deref()
             .map(|a| format!(" (from {a})"))
             .unwrap_or_default()
+    );
+    println!(
+        "host API:     {}",
+        r.host_api.as_deref().unwrap_or("- (not reported)")
     );
     println!(
         "last seen:    {}",

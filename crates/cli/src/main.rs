@@ -3,15 +3,17 @@
 //! Human-readable output by default; `--json` prints the API's JSON for
 //! scripts. Exit status is non-zero on any error: 1 in general, 2 for
 //! usage, and for the cluster commands 3 not found, 4 refused, 5
-//! conflict, 6 manager unreachable (see [`cluster`]).
+//! conflict, 6 manager unreachable, 7 a distributed switch change not
+//! completed, 8 invalid (see [`cluster`]).
 //!
 //! One module per noun ([`vm`], [`host`], [`ft`], [`switch`], [`cluster`]
-//! for the manager's commands); this file holds the top level, the
+//! and [`dvs`] for the manager's commands); this file holds the top level, the
 //! dispatch and the output helpers. `tandem drill` and `tandem bench` are
 //! external commands: [`external`] runs `tandem-lab` for them, so this
 //! binary links only the API types and the manager's client.
 
 mod cluster;
+mod dvs;
 mod external;
 mod ft;
 mod host;
@@ -71,6 +73,10 @@ enum Cmd {
     /// The cluster: init, status, backup, restore, VM authority.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// The distributed switch across the cluster's hosts (through the
+    /// manager): show, apply, history, rollback.
+    #[command(subcommand)]
+    Dvs(dvs::DvsCmd),
     /// Join tokens for new hosts.
     #[command(subcommand)]
     Token(cluster::TokenCmd),
@@ -126,6 +132,7 @@ async fn run(cmd: Cmd, client: tandem_api::Client, json: bool) -> anyhow::Result
         Cmd::Switch(c) => switch::run(&client, c, json).await,
         Cmd::Cluster(c) => cluster::run_cluster(c, json).await,
         Cmd::Token(c) => cluster::run_token(c, json).await,
+        Cmd::Dvs(c) => dvs::run(c, json).await,
         Cmd::Bench(_) | Cmd::Drill(_) => {
             anyhow::bail!("external commands run outside the async runtime")
         }

@@ -38,6 +38,7 @@ async fn start(state: &Path) -> Served {
     )
     .await
     .unwrap();
+    m.set_identity(&identity).unwrap();
     let tls = Arc::new(ManagerTls::new(identity, m.revocation_list()).unwrap());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -332,4 +333,83 @@ async fn standalone_pair_init_and_renew() {
             .code,
         2
     );
+}
+
+/// `tandem dvs`: an invalid document is exit 8 with its field paths; a
+/// change no host could take is exit 7, recorded in the history, and the
+/// switch stays where it was. (Changes that commit need real tandemd
+/// hosts: the workspace's end-to-end tests.)
+#[tokio::test]
+async fn dvs_apply_show_history_and_exit_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let state: PathBuf = d.path().join("manager");
+    let op = state.join("operator");
+    let init = tandem(&["cluster", "init", "--state-dir", s(&state)]).await;
+    assert_eq!(init.code, 0, "{}", init.stderr);
+    let served = start(&state).await;
+    let addr = served.addr.clone();
+    let m = ["--identity", s(&op), "--manager", addr.as_str()];
+    let run = |args: Vec<&str>| {
+        let mut v = args;
+        v.extend(m);
+        let v: Vec<String> = v.into_iter().map(String::from).collect();
+        async move {
+            let r: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+            tandem(&r).await
+        }
+    };
+    let t = run(vec!["--json", "token", "create"]).await;
+    let token = t.json()["token"].as_str().unwrap().to_string();
+    let host_state = d.path().join("host-a");
+    let j = tandem(&[
+        "host",
+        "join",
+        &addr,
+        "--token",
+        &token,
+        "--name",
+        "host-a",
+        "--state-dir",
+        s(&host_state),
+    ])
+    .await;
+    assert_eq!(j.code, 0, "{}", j.stderr);
+
+    let doc = |host: &str| {
+        format!(
+            "[[port_group]]\nname = \"mgmt\"\nvlan = 10\n\n[[host]]\nname = \"{host}\"\n[[host.host_port]]\nname = \"mgmt\"\ntap = \"tdm-mgmt\"\nport_group = \"mgmt\"\n"
+        )
+    };
+    let bad = d.path().join("bad.toml");
+    std::fs::write(&bad, doc("host-x")).unwrap();
+    let o = run(vec!["dvs", "apply", s(&bad), "--timeout", "5"]).await;
+    assert_eq!(o.code, 8, "{}", o.stderr);
+    assert!(o.stderr.contains("host[0].name"), "{}", o.stderr);
+    let good = d.path().join("good.toml");
+    std::fs::write(&good, doc("host-a")).unwrap();
+    let o = run(vec!["dvs", "apply", s(&good), "--timeout", "4"]).await;
+    assert_eq!(o.code, 8, "{}", o.stderr);
+
+    // host-a never reported its API address: the canary is not applied.
+    let o = run(vec!["dvs", "apply", s(&good), "--timeout", "5"]).await;
+    assert_eq!(o.code, 7, "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("rolled-back"), "{}", o.stdout);
+    assert!(o.stdout.contains("not-applied"), "{}", o.stdout);
+    let o = run(vec!["--json", "dvs", "apply", s(&good), "--timeout", "5"]).await;
+    assert_eq!(o.code, 7, "{}", o.stderr);
+    assert_eq!(o.json()["revision"], 2);
+    assert_eq!(o.json()["outcome"], "rolled-back");
+
+    let show = run(vec!["--json", "dvs", "show"]).await;
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    assert_eq!(show.json()["revision"], 0);
+    assert_eq!(show.json()["hosts"][0]["state"], "failed");
+    let human = run(vec!["dvs", "show"]).await;
+    assert!(human.stdout.contains("host-a"), "{}", human.stdout);
+    let h = run(vec!["--json", "dvs", "history"]).await;
+    assert_eq!(h.code, 0, "{}", h.stderr);
+    assert_eq!(h.json().as_array().unwrap().len(), 2);
+    let r = run(vec!["dvs", "rollback", "9", "--timeout", "5"]).await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    stop(served).await;
 }
