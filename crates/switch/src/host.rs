@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::config::{HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
+use crate::config::{FieldProblem, HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
 use crate::frame::Mac;
-use crate::hostport::{HostPortConfig, HostPortHandle};
+use crate::hostport::{HostPortConfig, HostPortError, HostPortHandle};
+use crate::netsys;
 use crate::port::{Ingress, PortId};
 use crate::switch::{PortKind, Switch, SwitchError};
 use crate::uplink::{UplinkConfig, UplinkHandle};
@@ -33,6 +34,21 @@ pub enum HostError {
     },
     #[error(transparent)]
     Switch(#[from] SwitchError),
+    /// A port's field could not be put in place (an address, an MTU);
+    /// `field` is its path in the document (`host_port[0].addresses[1]`).
+    #[error("{port}: {field}: {why}")]
+    Field {
+        port: String,
+        field: String,
+        why: String,
+    },
+}
+
+/// A port changed in place by an apply, with what it was before, so a
+/// failed apply can put it back.
+enum Retuned {
+    Uplink(UplinkSpec),
+    Host(HostPortSpec),
 }
 
 pub use tandem_switch_core::switch::{ApplyReport, SwitchStats};
@@ -117,33 +133,63 @@ impl SwitchHost {
     }
 
     /// Makes `doc` the switch's configuration, all or nothing: it is
-    /// validated completely first; then the policy of every port changes at
-    /// once, uplinks and host ports are created and removed to match, and
-    /// the document is saved. If a port cannot be created, everything is
-    /// put back as it was and the error names the port.
+    /// validated completely first (including that the interfaces of the
+    /// uplinks it creates exist); then the policy of every port changes at
+    /// once, uplinks and host ports are created and removed to match, host
+    /// ports' addresses and MTU and uplinks' MTU are set (in place when
+    /// nothing else about the port changed), and the document is saved. If
+    /// a port cannot be created or configured, everything is put back as it
+    /// was and the error names the port (and the field).
     pub fn apply(&self, doc: SwitchDocument) -> Result<ApplyReport, HostError> {
         doc.validate(&self.sw.port_group_users())?;
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         let prev = self.sw.document();
         let mut report = ApplyReport::default();
 
+        // A port whose interfaces, tap or port group change is recreated;
+        // one whose addresses or MTU alone change is changed in place.
         let stale_uplinks: Vec<String> = ports
             .uplinks
             .iter()
-            .filter(|(n, (spec, _, _))| !doc.uplinks.iter().any(|u| &u.name == *n && u == spec))
+            .filter(|(_, (spec, _, _))| !doc.uplinks.iter().any(|u| u.same_but_mtu(spec)))
             .map(|(n, _)| n.clone())
             .collect();
         let stale_hosts: Vec<String> = ports
             .host_ports
             .iter()
-            .filter(|(n, (spec, _, _))| !doc.host_ports.iter().any(|h| &h.name == *n && h == spec))
+            .filter(|(_, (spec, _, _))| !doc.host_ports.iter().any(|h| h.same_but_addressing(spec)))
             .map(|(n, _)| n.clone())
             .collect();
+        let retune_uplinks: Vec<UplinkSpec> = doc
+            .uplinks
+            .iter()
+            .filter(|u| {
+                ports
+                    .uplinks
+                    .get(&u.name)
+                    .is_some_and(|(s, _, _)| s.same_but_mtu(u) && s != *u)
+            })
+            .cloned()
+            .collect();
+        let retune_hosts: Vec<HostPortSpec> = doc
+            .host_ports
+            .iter()
+            .filter(|h| {
+                ports
+                    .host_ports
+                    .get(&h.name)
+                    .is_some_and(|(s, _, _)| s.same_but_addressing(h) && s != *h)
+            })
+            .cloned()
+            .collect();
+        check_new_uplinks(&doc, &ports)?;
+
         // Stale ports go first: a changed port is recreated under its name
         // (and a tap under its interface name), which must be free.
         let mut removed_uplinks = Vec::new();
         for n in &stale_uplinks {
             if let Some((spec, id, h)) = ports.uplinks.remove(n) {
+                // Gives the members back the MTU they had.
                 h.shutdown();
                 self.sw.remove_port(id);
                 removed_uplinks.push(spec);
@@ -161,9 +207,21 @@ impl SwitchHost {
         }
         self.sw.set_document(doc.clone())?;
 
-        let result = self.create_ports(&mut ports, &doc.uplinks, &doc.host_ports, &mut report);
+        let mut retuned = Vec::new();
+        let result = self
+            .create_ports(&mut ports, &doc.uplinks, &doc.host_ports, &mut report)
+            .and_then(|()| {
+                self.retune(
+                    &mut ports,
+                    &retune_uplinks,
+                    &retune_hosts,
+                    &mut retuned,
+                    &mut report,
+                )
+            });
         if let Err(e) = result {
             warn!("switch apply failed, restoring the previous configuration: {e}");
+            self.undo_retunes(&mut ports, retuned);
             for n in &report.added {
                 if let Some((_, id, h)) = ports.uplinks.remove(n) {
                     h.shutdown();
@@ -183,23 +241,120 @@ impl SwitchHost {
             }
             return Err(e);
         }
-        for u in &doc.uplinks {
-            if !report.added.contains(&u.name) {
-                report.unchanged.push(u.name.clone());
-            }
-        }
-        for h in &doc.host_ports {
-            if !report.added.contains(&h.name) {
-                report.unchanged.push(h.name.clone());
+        for name in doc
+            .uplinks
+            .iter()
+            .map(|u| &u.name)
+            .chain(doc.host_ports.iter().map(|h| &h.name))
+        {
+            if !report.added.contains(name) && !report.changed.contains(name) {
+                report.unchanged.push(name.clone());
             }
         }
         save(&self.doc_path, &doc)?;
         info!(
             added = ?report.added,
             removed = ?report.removed,
+            changed = ?report.changed,
             "switch configuration applied"
         );
         Ok(report)
+    }
+
+    /// Changes ports in place: uplinks' MTU, host ports' addresses and
+    /// MTU. What each was before goes to `done` before it is touched, so a
+    /// port that fails half-way is put back too.
+    fn retune(
+        &self,
+        ports: &mut Ports,
+        uplinks: &[UplinkSpec],
+        hosts: &[HostPortSpec],
+        done: &mut Vec<Retuned>,
+        report: &mut ApplyReport,
+    ) -> Result<(), HostError> {
+        for u in uplinks {
+            let Some((spec, _, h)) = ports.uplinks.get_mut(&u.name) else {
+                continue;
+            };
+            done.push(Retuned::Uplink(spec.clone()));
+            h.set_mtu(u.mtu).map_err(|e| HostError::Field {
+                port: format!("uplink `{}`", u.name),
+                field: self.field_of_uplink(&u.name, "mtu"),
+                why: e.to_string(),
+            })?;
+            *spec = u.clone();
+            report.changed.push(u.name.clone());
+        }
+        for hp in hosts {
+            let Some((spec, _, h)) = ports.host_ports.get_mut(&hp.name) else {
+                continue;
+            };
+            done.push(Retuned::Host(spec.clone()));
+            h.configure(&hp.cidrs(), hp.mtu)
+                .map_err(|e| self.host_field_error(&hp.name, e))?;
+            *spec = hp.clone();
+            report.changed.push(hp.name.clone());
+        }
+        Ok(())
+    }
+
+    /// Puts ports changed in place back as they were, last change first.
+    fn undo_retunes(&self, ports: &mut Ports, done: Vec<Retuned>) {
+        for r in done.into_iter().rev() {
+            match r {
+                Retuned::Uplink(old) => {
+                    if let Some((spec, _, h)) = ports.uplinks.get_mut(&old.name) {
+                        if let Err(e) = h.set_mtu(old.mtu) {
+                            warn!(uplink = %old.name, "restoring the MTU: {e}");
+                        }
+                        *spec = old;
+                    }
+                }
+                Retuned::Host(old) => {
+                    if let Some((spec, _, h)) = ports.host_ports.get_mut(&old.name) {
+                        if let Err(e) = h.configure(&old.cidrs(), old.mtu) {
+                            warn!(port = %old.name, "restoring addresses and MTU: {e}");
+                        }
+                        *spec = old;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `uplink[I].FIELD` in the document the switch has now.
+    fn field_of_uplink(&self, name: &str, field: &str) -> String {
+        let doc = self.sw.document();
+        match doc.uplinks.iter().position(|u| u.name == name) {
+            Some(i) => format!("uplink[{i}].{field}"),
+            None => field.to_string(),
+        }
+    }
+
+    /// A host port's configuration error, named by its field in the
+    /// document the switch has now.
+    fn host_field_error(&self, name: &str, e: HostPortError) -> HostError {
+        let doc = self.sw.document();
+        let at = doc.host_ports.iter().position(|h| h.name == name);
+        match (e, at) {
+            (
+                HostPortError::Configure {
+                    field,
+                    what,
+                    source,
+                    ..
+                },
+                Some(i),
+            ) => HostError::Field {
+                port: format!("host port `{name}`"),
+                field: format!("host_port[{i}].{field}"),
+                why: format!("{what}: {source}"),
+            },
+            (e, _) => HostError::Port {
+                what: format!("host port `{name}`"),
+                why: e.to_string(),
+            },
+        }
     }
 
     fn create_ports(
@@ -221,12 +376,8 @@ impl SwitchHost {
                 name: u.name.clone(),
                 interfaces: u.interfaces.clone(),
             };
-            match UplinkHandle::spawn(cfg, egress, counters, ingress.clone()) {
-                Ok(h) => {
-                    self.sw.port_up(id);
-                    ports.uplinks.insert(u.name.clone(), (u.clone(), id, h));
-                    report.added.push(u.name.clone());
-                }
+            let h = match UplinkHandle::spawn(cfg, egress, counters, ingress.clone()) {
+                Ok(h) => h,
                 Err(e) => {
                     self.sw.remove_port(id);
                     return Err(HostError::Port {
@@ -234,7 +385,22 @@ impl SwitchHost {
                         why: e.to_string(),
                     });
                 }
+            };
+            if u.mtu.is_some() {
+                if let Err(e) = h.set_mtu(u.mtu) {
+                    // Shutting down gives the members their MTU back.
+                    h.shutdown();
+                    self.sw.remove_port(id);
+                    return Err(HostError::Field {
+                        port: format!("uplink `{}`", u.name),
+                        field: self.field_of_uplink(&u.name, "mtu"),
+                        why: e.to_string(),
+                    });
+                }
             }
+            self.sw.port_up(id);
+            ports.uplinks.insert(u.name.clone(), (u.clone(), id, h));
+            report.added.push(u.name.clone());
         }
         for hp in hosts {
             if ports.host_ports.contains_key(&hp.name) {
@@ -247,14 +413,8 @@ impl SwitchHost {
                 name: hp.name.clone(),
                 tap: hp.tap.clone(),
             };
-            match HostPortHandle::spawn(cfg, egress, counters, ingress.clone()) {
-                Ok(h) => {
-                    self.sw.port_up(id);
-                    ports
-                        .host_ports
-                        .insert(hp.name.clone(), (hp.clone(), id, h));
-                    report.added.push(hp.name.clone());
-                }
+            let h = match HostPortHandle::spawn(cfg, egress, counters, ingress.clone()) {
+                Ok(h) => h,
                 Err(e) => {
                     self.sw.remove_port(id);
                     return Err(HostError::Port {
@@ -262,7 +422,18 @@ impl SwitchHost {
                         why: e.to_string(),
                     });
                 }
+            };
+            if let Err(e) = h.configure(&hp.cidrs(), hp.mtu) {
+                // The tap, and what was configured on it, goes with it.
+                h.shutdown();
+                self.sw.remove_port(id);
+                return Err(self.host_field_error(&hp.name, e));
             }
+            self.sw.port_up(id);
+            ports
+                .host_ports
+                .insert(hp.name.clone(), (hp.clone(), id, h));
+            report.added.push(hp.name.clone());
         }
         Ok(())
     }
@@ -404,6 +575,56 @@ impl SwitchHost {
                 p.handle.shutdown();
             }
         }
+    }
+}
+
+/// Refuses a document that would create an uplink on an interface that
+/// does not exist (in the calling thread's namespace, where the uplink
+/// would be created): it names the member by its field. An interface
+/// without carrier is fine, the uplink waits for it. Uplinks the apply
+/// keeps (or only changes the MTU of) are not checked: a member of theirs
+/// that went away is their failover's business, and a document that
+/// merely keeps them (a rollback, say) must still apply.
+fn check_new_uplinks(doc: &SwitchDocument, ports: &Ports) -> Result<(), HostError> {
+    let new: Vec<(usize, &UplinkSpec)> = doc
+        .uplinks
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| {
+            !ports
+                .uplinks
+                .get(&u.name)
+                .is_some_and(|(s, _, _)| s.same_but_mtu(u))
+        })
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let ctl = netsys::control_socket().map_err(|source| HostError::Io {
+        op: "opening",
+        path: "a control socket".into(),
+        source,
+    })?;
+    let mut problems = Vec::new();
+    for (i, u) in new {
+        for (j, ifname) in u.interfaces.iter().enumerate() {
+            match netsys::ifindex(&ctl, ifname) {
+                Ok(Some(_)) => {}
+                Ok(None) => problems.push(FieldProblem {
+                    field: format!("uplink[{i}].interfaces[{j}]"),
+                    message: format!("interface `{ifname}` does not exist"),
+                }),
+                Err(e) => problems.push(FieldProblem {
+                    field: format!("uplink[{i}].interfaces[{j}]"),
+                    message: format!("cannot look up interface `{ifname}`: {e}"),
+                }),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidDocument(problems).into())
     }
 }
 

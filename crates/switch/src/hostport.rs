@@ -4,8 +4,12 @@
 //! The port creates a non-persistent tap (`IFF_TAP | IFF_NO_PI`) and sets
 //! it up; the tap vanishes when the port closes it. What the host stack
 //! sends on the tap reaches the switch; what the switch sends to the port
-//! is written to the tap and received by the host stack. Addresses on the
-//! tap are configured by whoever uses it, not here.
+//! is written to the tap and received by the host stack.
+//!
+//! [`HostPortHandle::configure`] gives the tap the document's addresses
+//! and MTU. The port keeps the sockets it does this with from its
+//! creation, so it configures the tap in the tap's own network namespace
+//! whichever thread asks later.
 //!
 //! The tap offers no receive offloads unless asked (`TUNSETOFFLOAD`, never
 //! done here), so frames read from it carry finished checksums and are at
@@ -14,7 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -24,7 +28,8 @@ use nix::sys::stat::Mode;
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::netsys::{self, SendFn, TxState, Worker, BATCH, TX_RETRY};
+use crate::config::Cidr;
+use crate::netsys::{self, Rtnl, SendFn, TxState, Worker, BATCH, TX_RETRY};
 use crate::offload::Offload;
 use crate::port::{DropReason, EgressQueue, Ingress, PortCounters, PortId};
 
@@ -69,13 +74,49 @@ pub enum HostPortError {
         #[source]
         source: io::Error,
     },
+    /// Configuring the tap failed; `field` is the spec's field
+    /// (`addresses[1]`, `mtu`).
+    #[error("host port `{port}`: {field}: {what}: {source}")]
+    Configure {
+        port: String,
+        field: String,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl HostPortError {
+    /// The host port's field that could not be configured, if that is
+    /// what failed.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            HostPortError::Configure { field, .. } => Some(field),
+            _ => None,
+        }
+    }
 }
 
 /// A running host port. Dropping it stops it like
 /// [`HostPortHandle::shutdown`].
 pub struct HostPortHandle {
+    name: String,
     tap: String,
     worker: Worker,
+    /// Interface ioctls and rtnetlink, in the tap's namespace.
+    ctl: OwnedFd,
+    addressing: Mutex<Addressing>,
+}
+
+/// What [`HostPortHandle::configure`] has done to the tap.
+struct Addressing {
+    rtnl: Rtnl,
+    /// The addresses tandem put on the tap (and will take off when the
+    /// document drops them); addresses others added are left alone.
+    addresses: Vec<Cidr>,
+    /// The MTU the tap was created with, given back when the document
+    /// stops setting one.
+    default_mtu: u32,
 }
 
 impl HostPortHandle {
@@ -131,6 +172,14 @@ impl HostPortHandle {
             ));
         }
         netsys::set_up(&ctl, &tap).map_err(|e| create("setting it up", e))?;
+        let default_mtu = netsys::mtu(&ctl, &tap)
+            .map_err(|e| create("reading its MTU", e))?
+            .unwrap_or(1500);
+        let rtnl = Rtnl::new().map_err(|e| HostPortError::Setup {
+            port: port.clone(),
+            what: "rtnetlink socket",
+            source: e,
+        })?;
 
         let stop = Worker::stop_fd().map_err(|e| HostPortError::Setup {
             port: port.clone(),
@@ -158,7 +207,80 @@ impl HostPortHandle {
             source: e,
         })?;
         info!(port = %port, tap = %tap, "host port started");
-        Ok(HostPortHandle { tap, worker })
+        Ok(HostPortHandle {
+            name: port,
+            tap,
+            worker,
+            ctl,
+            addressing: Mutex::new(Addressing {
+                rtnl,
+                addresses: Vec::new(),
+                default_mtu,
+            }),
+        })
+    }
+
+    /// Makes the tap's addresses and MTU what the document says: removes
+    /// the addresses tandem added that `addresses` no longer holds, sets
+    /// the MTU (`None`: the tap's default), adds what is missing, and
+    /// sets the tap up. On error the tap may be half-way; configuring it
+    /// again with the previous values puts it back, which is what an
+    /// apply that fails does.
+    pub fn configure(&self, addresses: &[Cidr], mtu: Option<u32>) -> Result<(), HostPortError> {
+        let mut a = self.addressing.lock().unwrap_or_else(|p| p.into_inner());
+        let fail = |field: String, what: String, source: io::Error| HostPortError::Configure {
+            port: self.name.clone(),
+            field,
+            what,
+            source,
+        };
+        let index = netsys::ifindex(&self.ctl, &self.tap)
+            .and_then(|i| i.ok_or_else(|| io::Error::from(Errno::ENODEV)))
+            .map_err(|e| fail("tap".into(), format!("looking up `{}`", self.tap), e))?;
+        // Old addresses go first: a prefix that changes is a removal and
+        // an addition of the same address.
+        let stale: Vec<Cidr> = a
+            .addresses
+            .iter()
+            .filter(|c| !addresses.contains(c))
+            .copied()
+            .collect();
+        for c in stale {
+            a.rtnl
+                .del_address(index, &c)
+                .map_err(|e| fail("addresses".into(), format!("removing {c}"), e))?;
+            a.addresses.retain(|x| *x != c);
+            info!(port = %self.name, tap = %self.tap, address = %c, "address removed");
+        }
+        // Before the additions: IPv6 addresses need the MTU of 1280 that
+        // validation asked for, and the kernel takes IPv6 off an
+        // interface below it.
+        let want = mtu.unwrap_or(a.default_mtu);
+        let have = netsys::mtu(&self.ctl, &self.tap)
+            .map_err(|e| fail("mtu".into(), "reading the MTU".into(), e))?;
+        if have != Some(want) {
+            netsys::set_mtu(&self.ctl, &self.tap, want).map_err(|e| {
+                fail(
+                    "mtu".into(),
+                    format!("setting MTU {want} on `{}`", self.tap),
+                    e,
+                )
+            })?;
+            info!(port = %self.name, tap = %self.tap, mtu = want, "MTU set");
+        }
+        for (j, c) in addresses.iter().enumerate() {
+            if a.addresses.contains(c) {
+                continue;
+            }
+            a.rtnl
+                .add_address(index, c)
+                .map_err(|e| fail(format!("addresses[{j}]"), format!("adding {c}"), e))?;
+            a.addresses.push(*c);
+            info!(port = %self.name, tap = %self.tap, address = %c, "address added");
+        }
+        netsys::set_up(&self.ctl, &self.tap)
+            .map_err(|e| fail("tap".into(), format!("setting `{}` up", self.tap), e))?;
+        Ok(())
     }
 
     /// The tap interface's name.

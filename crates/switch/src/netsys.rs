@@ -10,6 +10,7 @@
 use std::ffi::{c_char, c_int, c_short};
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::mpsc;
@@ -27,6 +28,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::Cidr;
 use crate::offload::Offload;
 use crate::port::{DropReason, EgressQueue, PortCounters, MAX_FRAME, MIN_FRAME};
 
@@ -107,6 +109,18 @@ mod ioctls {
         /// ethtool command, which the kernel reads and writes.
         siocethtool,
         libc::SIOCETHTOOL,
+        libc::ifreq
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `SIOCGIFMTU`: reads the name, writes `ifru_mtu`.
+        siocgifmtu,
+        libc::SIOCGIFMTU,
+        libc::ifreq
+    );
+    nix::ioctl_write_ptr_bad!(
+        /// `SIOCSIFMTU`: reads the name and `ifru_mtu`.
+        siocsifmtu,
+        libc::SIOCSIFMTU,
         libc::ifreq
     );
 }
@@ -272,6 +286,170 @@ pub(crate) fn set_up(ctl: &OwnedFd, name: &str) -> io::Result<()> {
     // one.
     unsafe { ioctls::siocsifflags(ctl.as_raw_fd(), &req) }?;
     Ok(())
+}
+
+/// The MTU of interface `name`, `None` if there is no such interface.
+pub(crate) fn mtu(ctl: &OwnedFd, name: &str) -> io::Result<Option<u32>> {
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFMTU reads and writes one `struct ifreq`, and `req` is
+    // a valid, exclusively borrowed one.
+    match unsafe { ioctls::siocgifmtu(ctl.as_raw_fd(), &mut req) } {
+        // SAFETY: SIOCGIFMTU succeeded, so the kernel filled `ifru_mtu`.
+        Ok(_) => Ok(u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).ok()),
+        Err(Errno::ENODEV | Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets the MTU of interface `name` (the kernel refuses values outside
+/// the device's own range with `EINVAL`).
+pub(crate) fn set_mtu(ctl: &OwnedFd, name: &str, mtu: u32) -> io::Result<()> {
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_mtu = c_int::try_from(mtu).map_err(|_| io::Error::from(Errno::EINVAL))?;
+    // SAFETY: SIOCSIFMTU reads one `struct ifreq`, and `req` is a valid
+    // one.
+    unsafe { ioctls::siocsifmtu(ctl.as_raw_fd(), &req) }?;
+    Ok(())
+}
+
+/// rtnetlink requests the kernel acknowledges: adding and removing
+/// interface addresses. Acts in the namespace the socket was created in,
+/// so a port keeps configuring its own interface whatever thread asks.
+pub(crate) struct Rtnl {
+    fd: OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+const IFADDRMSG_LEN: usize = 8;
+
+impl Rtnl {
+    pub(crate) fn new() -> io::Result<Rtnl> {
+        let fd = socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        // Acknowledgements come at once; the time-out only guards against
+        // a kernel that never answers.
+        socket::setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(1, 0))?;
+        Ok(Rtnl {
+            fd,
+            seq: 0,
+            buf: vec![0; 8 * 1024],
+        })
+    }
+
+    /// Adds `addr` to interface `index`; an address already there is
+    /// success (an apply makes the interface match, whoever added it).
+    pub(crate) fn add_address(&mut self, index: c_int, addr: &Cidr) -> io::Result<()> {
+        // libc: nix has no rtnetlink message constants.
+        let flags = libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+        match self.request(libc::RTM_NEWADDR, flags, &addr_message(index, addr)) {
+            Err(e) if e.raw_os_error() == Some(Errno::EEXIST as i32) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Removes `addr` from interface `index`; an address that is not there
+    /// (or an interface whose IPv6 the kernel took away) is success.
+    pub(crate) fn del_address(&mut self, index: c_int, addr: &Cidr) -> io::Result<()> {
+        match self.request(libc::RTM_DELADDR, 0, &addr_message(index, addr)) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error().map(Errno::from_raw),
+                    Some(Errno::EADDRNOTAVAIL | Errno::ENXIO | Errno::ENODEV)
+                ) =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Sends one request and waits for its acknowledgement.
+    fn request(&mut self, kind: u16, flags: c_int, body: &[u8]) -> io::Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = NLMSG_HDRLEN + body.len();
+        let mut req = Vec::with_capacity(len);
+        req.extend_from_slice(&(len as u32).to_ne_bytes());
+        req.extend_from_slice(&kind.to_ne_bytes());
+        // libc: nix has no rtnetlink message constants.
+        let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK | flags) as u16;
+        req.extend_from_slice(&flags.to_ne_bytes());
+        req.extend_from_slice(&self.seq.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.extend_from_slice(body);
+        let kernel = NetlinkAddr::new(0, 0);
+        socket::sendto(self.fd.as_raw_fd(), &req, &kernel, MsgFlags::empty())?;
+        // Answers to earlier requests that timed out may come first.
+        for _ in 0..8 {
+            let n = socket::recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+            if let Some(answer) = parse_ack(&self.buf[..n.min(self.buf.len())], self.seq) {
+                return answer;
+            }
+        }
+        Err(io::Error::other("no rtnetlink acknowledgement"))
+    }
+}
+
+/// An `ifaddrmsg` for `addr` on interface `index`, with `IFA_LOCAL` and
+/// `IFA_ADDRESS` (and for IPv4 the subnet's broadcast address, as
+/// `ip address add … brd +` sets it).
+fn addr_message(index: c_int, addr: &Cidr) -> Vec<u8> {
+    let (family, bytes, broadcast) = match addr.addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let host_mask = u32::MAX.checked_shr(u32::from(addr.prefix)).unwrap_or(0);
+            // /31 and /32 have no broadcast address (RFC 3021).
+            let brd = (addr.prefix <= 30).then(|| (bits | host_mask).to_be_bytes().to_vec());
+            (libc::AF_INET, a.octets().to_vec(), brd)
+        }
+        IpAddr::V6(a) => (libc::AF_INET6, a.octets().to_vec(), None),
+    };
+    let mut m = Vec::with_capacity(IFADDRMSG_LEN + 3 * 20);
+    // ifaddrmsg: family, prefix length, flags, scope (universe; the
+    // kernel picks link scope for fe80::/10 itself), index.
+    m.extend_from_slice(&[family as u8, addr.prefix, 0, 0]);
+    m.extend_from_slice(&index.to_ne_bytes());
+    // libc: nix has no rtnetlink attribute constants.
+    rtattr(&mut m, libc::IFA_LOCAL, &bytes);
+    rtattr(&mut m, libc::IFA_ADDRESS, &bytes);
+    if let Some(b) = broadcast {
+        rtattr(&mut m, libc::IFA_BROADCAST, &b);
+    }
+    m
+}
+
+/// Appends one `rtattr` (length, type, data, padding to 4 bytes).
+fn rtattr(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+/// Looks through one datagram of rtnetlink messages for the
+/// acknowledgement of request `seq`. `None` if it holds none.
+fn parse_ack(mut b: &[u8], seq: u32) -> Option<io::Result<()>> {
+    while b.len() >= NLMSG_HDRLEN {
+        let len = ne_u32(b, 0)? as usize;
+        if len < NLMSG_HDRLEN || len > b.len() {
+            return None;
+        }
+        let kind = u16::from_ne_bytes([b[4], b[5]]);
+        // libc: nix has no rtnetlink message constants.
+        if ne_u32(b, 8)? == seq && kind == libc::NLMSG_ERROR as u16 {
+            let errno = ne_u32(b, NLMSG_HDRLEN)? as i32;
+            return Some(match errno {
+                0 => Ok(()),
+                e => Err(io::Error::from_raw_os_error(e.saturating_neg())),
+            });
+        }
+        b = b.get((len + 3) & !3..)?;
+    }
+    None
 }
 
 /// `TUNSETIFF` on an open `/dev/net/tun` with `flags`; returns the name
@@ -809,7 +987,48 @@ mod tests {
         assert!(!link_is_up(0x31043), "dormant");
     }
 
+    #[test]
+    fn address_messages_and_acks() {
+        let a: Cidr = "10.1.2.3/24".parse().unwrap();
+        let m = addr_message(7, &a);
+        assert_eq!(&m[..4], &[libc::AF_INET as u8, 24, 0, 0]);
+        assert_eq!(&m[4..8], &7i32.to_ne_bytes());
+        // IFA_LOCAL, IFA_ADDRESS, IFA_BROADCAST: 8 bytes each.
+        assert_eq!(m.len(), IFADDRMSG_LEN + 3 * 8);
+        assert_eq!(&m[m.len() - 4..], &[10, 1, 2, 255]);
+        let m = addr_message(7, &"10.1.2.3/31".parse().unwrap());
+        assert_eq!(m.len(), IFADDRMSG_LEN + 2 * 8, "no broadcast on a /31");
+        let m = addr_message(7, &"fd00::1/64".parse().unwrap());
+        assert_eq!(m[0], libc::AF_INET6 as u8);
+        assert_eq!(m.len(), IFADDRMSG_LEN + 2 * 20);
+
+        let ack = |seq: u32, errno: i32| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&36u32.to_ne_bytes());
+            m.extend_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m.extend_from_slice(&errno.to_ne_bytes());
+            m.extend_from_slice(&[0; 16]);
+            m
+        };
+        assert!(parse_ack(&ack(3, 0), 3).unwrap().is_ok());
+        let e = parse_ack(&ack(3, -(Errno::EEXIST as i32)), 3)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(Errno::EEXIST as i32));
+        assert!(parse_ack(&ack(2, 0), 3).is_none(), "another request's");
+        assert!(parse_ack(&ack(3, 0)[..20], 3).is_none(), "truncated");
+        assert!(parse_ack(&ack(3, i32::MIN), 3).unwrap().is_err());
+    }
+
     proptest::proptest! {
+        #[test]
+        fn ack_parsing_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), seq in 0u32..4) {
+            let _ = parse_ack(&b, seq);
+        }
+
         #[test]
         fn link_reply_parsing_never_panics(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), seq in 0u32..4) {
             let _ = parse_link_reply(&b, seq);

@@ -31,10 +31,19 @@
 //! Frames sent by this host on a member (`PACKET_OUTGOING`) are ignored,
 //! so nothing the switch transmits comes back in.
 //!
+//! # MTU
+//!
+//! [`UplinkHandle::set_mtu`] sets the document's MTU on every member.
+//! The uplink remembers each member's MTU from before it first changed
+//! it and gives it back when the document stops setting one or the
+//! uplink goes away; a member that disappears and comes back gets the
+//! document's MTU again when its socket is reopened.
+//!
 //! Not handled: receive offloads that merge frames (GRO/LRO) produce
 //! frames larger than [`MAX_FRAME`], which are dropped as `Malformed`; a
 //! member with GRO on is warned about at spawn.
 
+use std::collections::BTreeMap;
 use std::ffi::c_int;
 use std::io::{self, IoSlice};
 use std::ops::Range;
@@ -112,8 +121,55 @@ pub enum UplinkError {
 
 /// A running uplink. Dropping it stops it like [`UplinkHandle::shutdown`].
 pub struct UplinkHandle {
+    name: String,
+    members: Vec<String>,
     active: Arc<Mutex<Option<String>>>,
     worker: Worker,
+    /// Interface ioctls in the uplink's namespace.
+    ctl: OwnedFd,
+    mtu: Arc<Mutex<MtuState>>,
+}
+
+/// The MTU the document gives the members, shared with the I/O thread.
+#[derive(Default)]
+struct MtuState {
+    want: Option<u32>,
+    /// Member → its MTU before the uplink first changed it.
+    original: BTreeMap<String, u32>,
+}
+
+impl MtuState {
+    /// Sets the wanted MTU on `member` if there is one, remembering what
+    /// it had; `Ok(false)` if the member does not exist.
+    fn apply(&mut self, ctl: &OwnedFd, member: &str) -> io::Result<bool> {
+        let Some(want) = self.want else {
+            return Ok(true);
+        };
+        let Some(have) = netsys::mtu(ctl, member)? else {
+            return Ok(false);
+        };
+        if have != want {
+            self.original.entry(member.to_owned()).or_insert(have);
+            netsys::set_mtu(ctl, member, want)?;
+        }
+        Ok(true)
+    }
+
+    /// Gives every member the MTU it had before the uplink changed it.
+    fn restore(&mut self, ctl: &OwnedFd, uplink: &str) -> Result<(), (String, io::Error)> {
+        while let Some((member, mtu)) = self.original.pop_first() {
+            match netsys::set_mtu(ctl, &member, mtu) {
+                Ok(()) => info!(uplink = %uplink, member = %member, mtu, "MTU given back"),
+                // Gone: there is nothing to give it back to.
+                Err(e) if e.raw_os_error() == Some(Errno::ENODEV as i32) => {}
+                Err(e) => {
+                    self.original.insert(member.clone(), mtu);
+                    return Err((member, e));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl UplinkHandle {
@@ -151,6 +207,8 @@ impl UplinkHandle {
             source,
         };
         let ctl = netsys::control_socket().map_err(|e| setup("control socket", e))?;
+        let handle_ctl = netsys::control_socket().map_err(|e| setup("control socket", e))?;
+        let mtu = Arc::new(Mutex::new(MtuState::default()));
         // The packet sockets take a vnet header: the kernel finishes
         // checksums and segments TSO packets, so a guest's 64 KiB segments
         // leave as they are.
@@ -202,6 +260,7 @@ impl UplinkHandle {
             active: None,
             shared_active: active.clone(),
             ctl,
+            mtu: mtu.clone(),
             links,
             egress,
             counters,
@@ -225,7 +284,54 @@ impl UplinkHandle {
             move || core.run(),
         )
         .map_err(|e| setup("spawning the I/O thread", e))?;
-        Ok(UplinkHandle { active, worker })
+        Ok(UplinkHandle {
+            name: uplink,
+            members: cfg.interfaces,
+            active,
+            worker,
+            ctl: handle_ctl,
+            mtu,
+        })
+    }
+
+    /// The members that do not exist (in the uplink's namespace) now.
+    pub fn missing_members(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| !matches!(netsys::ifindex(&self.ctl, m), Ok(Some(_))))
+            .cloned()
+            .collect()
+    }
+
+    /// Sets `mtu` on every member, or with `None` gives each the MTU it
+    /// had before the uplink changed it. A member that does not exist now
+    /// gets it when it comes back. On error some members may have the new
+    /// MTU; setting the previous value puts them back.
+    pub fn set_mtu(&self, mtu: Option<u32>) -> Result<(), UplinkError> {
+        let mut st = self.mtu.lock().unwrap_or_else(|p| p.into_inner());
+        st.want = mtu;
+        let fail = |interface: String, source| UplinkError::Interface {
+            uplink: self.name.clone(),
+            interface,
+            what: "setting the MTU",
+            source,
+        };
+        if mtu.is_none() {
+            return st
+                .restore(&self.ctl, &self.name)
+                .map_err(|(m, e)| fail(m, e));
+        }
+        for m in &self.members {
+            match st.apply(&self.ctl, m) {
+                Ok(true) => {}
+                Ok(false) => {
+                    debug!(uplink = %self.name, member = %m, "member missing; MTU set when it comes back")
+                }
+                Err(e) => return Err(fail(m.clone(), e)),
+            }
+        }
+        info!(uplink = %self.name, mtu = ?mtu, "uplink MTU set");
+        Ok(())
     }
 
     /// The member interface currently carrying traffic, `None` if no member
@@ -237,10 +343,22 @@ impl UplinkHandle {
             .clone()
     }
 
-    /// Stops the I/O thread and closes the sockets; waits at most
-    /// [`netsys::STOP_TIMEOUT`].
+    /// Stops the I/O thread and closes the sockets, and gives the members
+    /// back the MTU they had; waits at most [`netsys::STOP_TIMEOUT`].
     pub fn shutdown(mut self) {
         self.worker.stop();
+        // Drop gives the MTUs back.
+    }
+}
+
+impl Drop for UplinkHandle {
+    fn drop(&mut self) {
+        self.worker.stop();
+        let mut st = self.mtu.lock().unwrap_or_else(|p| p.into_inner());
+        st.want = None;
+        if let Err((member, e)) = st.restore(&self.ctl, &self.name) {
+            warn!(uplink = %self.name, member = %member, error = %e, "cannot give the member its MTU back");
+        }
     }
 }
 
@@ -261,6 +379,7 @@ struct Uplink {
     active: Option<usize>,
     shared_active: Arc<Mutex<Option<String>>>,
     ctl: OwnedFd,
+    mtu: Arc<Mutex<MtuState>>,
     links: LinkQuery,
     egress: Arc<EgressQueue>,
     counters: Arc<PortCounters>,
@@ -440,6 +559,12 @@ impl Uplink {
                                 info!(uplink = %self.name, member = %m.name, "member interface (re)opened");
                                 m.sock = Some(s);
                                 m.reopen_failed = false;
+                                // A member that came back has the MTU
+                                // its new device was made with.
+                                let mut st = self.mtu.lock().unwrap_or_else(|p| p.into_inner());
+                                if let Err(e) = st.apply(&self.ctl, &m.name) {
+                                    warn!(uplink = %self.name, member = %m.name, error = %e, "cannot set the MTU on the member");
+                                }
                             }
                             Err(e) => {
                                 if !m.reopen_failed {

@@ -169,6 +169,10 @@ pub struct ApplyReport {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Ports changed in place: a host port's addresses or MTU, an
+    /// uplink's MTU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
 }
 
 pub struct Switch {
