@@ -274,7 +274,7 @@ impl FromStr for Cidr {
         let max = Cidr::max_prefix(&addr);
         let prefix: u8 = match p.parse() {
             Ok(n) if (1..=max).contains(&n) && !p.starts_with(['+', '0']) => n,
-            _ => return Err(format!("prefix length `{p}` is not 1..={max}")),
+            _ => return Err(format!("prefix length {p} is not 1..={max}")),
         };
         let unusable = match addr {
             IpAddr::V4(v4) => {
@@ -925,7 +925,7 @@ port_group = "web"
             msg.contains("already on host_port[0].addresses[9]"),
             "{msg}"
         );
-        assert!(msg.contains("prefix length `33` is not 1..=32"), "{msg}");
+        assert!(msg.contains("prefix length 33 is not 1..=32"), "{msg}");
         assert!(msg.contains("MTU 1501 is out of range"), "{msg}");
 
         // IPv6 needs an MTU of 1280.
