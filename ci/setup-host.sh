@@ -25,7 +25,7 @@ fi
 for p in qemu-system-x86 qemu-utils; do have "$p" || need+=("$p"); done
 bp=("${need[@]}")
 need=()
-for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump; do
+for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump nftables iputils-ping; do
   have "$p" || need+=("$p")
 done
 

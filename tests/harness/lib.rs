@@ -69,6 +69,8 @@ pub fn serial_guard() -> SerialGuard {
     SerialGuard { _lock: f }
 }
 
+pub mod fabric;
+
 static DAEMON_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A tandemd with its own state directory, socket and RAM directory.
@@ -194,6 +196,11 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Replaces the extra arguments the next (re)start passes.
+    pub fn set_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
     }
 
     /// Kills tandemd and starts a new one on the same state.

@@ -44,6 +44,8 @@ pub struct ClusterLink {
     /// The switch's transactions, once tandemd made them (after the
     /// cluster link: they need to know whether a manager manages the host).
     txns: Arc<OnceLock<Arc<SwitchTxns>>>,
+    /// Where host-syncs go (a joined host's agent).
+    agent: Option<tandem_manager::agent::AgentHandle>,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -98,15 +100,25 @@ impl ClusterLink {
     /// Lets the agent report the switch's transactions (status in every
     /// heartbeat, host-syncs after a rollback).
     pub fn attach_switch_txns(&self, txns: Arc<SwitchTxns>) {
-        txns.set_sync(Arc::new(|s: crate::switchtxn::HostSync| {
+        let agent = self.agent.clone();
+        txns.set_sync(Arc::new(move |s: crate::switchtxn::HostSync| {
             info!(
                 txid = s.txid.as_deref().unwrap_or("-"),
                 outcome = ?s.outcome,
                 digest = %s.running_digest,
                 alarm = s.alarm.as_deref().unwrap_or("-"),
-                bytes = s.document_toml.len(),
                 "host-sync"
             );
+            let Some(agent) = &agent else { return };
+            let msg = tandem_manager::api::HostSwitchSync {
+                txid: s.txid,
+                outcome: s.outcome,
+                running_digest: s.running_digest,
+                document_toml: s.document_toml,
+            };
+            if let Err(e) = agent.switch_sync(msg) {
+                warn!("host-sync not queued for the manager: {e} (its heartbeats carry the switch's state)");
+            }
         }));
         let _ = self.txns.set(txns);
     }
@@ -213,6 +225,14 @@ impl HostReporter {
 }
 
 impl Reporter for HostReporter {
+    fn host_api(&self) -> Option<String> {
+        self.host_api.clone()
+    }
+
+    fn switch_status(&self) -> Option<tandem_api::SwitchTxnStatus> {
+        self.txns.get().map(|t| t.status())
+    }
+
     fn health(&self) -> Health {
         let mut problems = Vec::new();
         if let Some(alarm) = self.txns.get().and_then(|t| t.status().alarm) {
@@ -315,6 +335,7 @@ pub fn start(
             authority,
             mode: "manager",
             txns,
+            agent: Some(handle.clone()),
         };
         info!(host = %link.name(), "cluster member: mutual TLS on replication links, the manager's authority");
         return Ok(Some(Arc::new(link)));
@@ -352,6 +373,7 @@ pub fn start(
         authority: Arc::new(CurrentAuthority(RwLock::new(rule))),
         mode: "standalone",
         txns,
+        agent: None,
     };
     info!(host = %link.name(), "standalone pair: mutual TLS on replication links");
     Ok(Some(Arc::new(link)))
