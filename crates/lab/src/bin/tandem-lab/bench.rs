@@ -9,7 +9,9 @@ use tandem_lab::{colobench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundR
 
 use crate::{print_json, tandemd_beside_lab};
 
+mod cluster;
 mod restore;
+mod tls;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -48,6 +50,17 @@ pub enum BenchCmd {
     /// Needs root and qemu-scripts/colo-qemu.sh (COLO is broken in QEMU
     /// 10.0; it unpacks Debian's 7.2 privately).
     Pause(PauseArgs),
+    /// A tandem-manager and N light hosts (tandemds without VMs) on
+    /// 127.0.0.1: join time per host, time to the first report, the
+    /// manager's CPU and RSS at steady state, and how soon a host's changed
+    /// inventory is visible (periodic, and after a manager restart).
+    /// Median and p99. Needs root.
+    Cluster(ClusterArgs),
+    /// The replication link, plain TCP vs mutual TLS on 127.0.0.1, side by
+    /// side in one run with the same guest and dirty rates: epoch pause
+    /// p50/p99 (the primary QEMU's STOP/RESUME events), link and guest
+    /// throughput, tandemd CPU, and the initial copy. Needs root.
+    Tls(TlsArgs),
 }
 
 // The argument groups carry no doc comments: a group's doc would become
@@ -262,6 +275,57 @@ pub struct PauseArgs {
     image_dir: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Hosts to join and run (1..=256).
+    #[arg(long, default_value_t = 32)]
+    hosts: usize,
+    /// Seconds of steady state measured (only the agents' heartbeats).
+    #[arg(long, default_value_t = 30)]
+    window_s: u64,
+    /// Bound on each inventory measurement, seconds (the agent sends its
+    /// inventory every 60 s).
+    #[arg(long, default_value_t = 90)]
+    refresh_timeout_s: u64,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TlsArgs {
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    #[arg(long, default_value_t = 50)]
+    epoch_ms: u64,
+    /// Guest memory dirtied per second, MiB/s (0: idle): one `DIRTY`
+    /// request per epoch.
+    #[arg(long, value_delimiter = ',', default_value = "0,16,64")]
+    dirty: Vec<u64>,
+    /// Seconds measured per link and dirty rate (per round).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds; the order of the links alternates.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
+    /// The links compared: tcp (no identity) and tls (a standalone pair).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,tls")]
+    link: Vec<tls::Link>,
+    /// The QEMU tandemd runs the guest on.
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
 /// Benchmarks drive their own runtimes and processes: no async runtime here.
 pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -274,6 +338,8 @@ pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
         BenchCmd::Failover(a) => failover(a),
         BenchCmd::Restore(a) => restore_bench(a, json),
         BenchCmd::Pause(a) => pause(a, json),
+        BenchCmd::Cluster(a) => cluster_bench(a, json),
+        BenchCmd::Tls(a) => tls_bench(a, json),
     }
 }
 
@@ -714,6 +780,44 @@ fn print_pause(a: &PauseArgs, r: &colobench::PauseReport) {
         join(&a.dirty),
         a.tracker.join(",")
     );
+}
+
+fn cluster_bench(a: ClusterArgs, json: bool) -> anyhow::Result<()> {
+    let o = cluster::Options {
+        hosts: a.hosts,
+        window_s: a.window_s,
+        refresh_timeout_s: a.refresh_timeout_s,
+        tandemd: tandemd_beside_lab()?,
+        image_dir: a.image_dir,
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let r = cluster::run(&o, say)?;
+    if json {
+        return print_json(&r);
+    }
+    cluster::print(&o, &r);
+    Ok(())
+}
+
+fn tls_bench(a: TlsArgs, json: bool) -> anyhow::Result<()> {
+    let o = tls::Options {
+        memory_mib: a.memory_mib,
+        epoch_ms: a.epoch_ms,
+        dirty_mib_s: a.dirty,
+        seconds: a.seconds,
+        rounds: a.rounds,
+        links: a.link,
+        qemu: a.qemu,
+        tandemd: tandemd_beside_lab()?,
+        image_dir: a.image_dir,
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let r = tls::run(&o, say)?;
+    if json {
+        return print_json(&r);
+    }
+    tls::print(&o, &r);
+    Ok(())
 }
 
 fn restore_bench(a: RestoreArgs, json: bool) -> anyhow::Result<()> {
