@@ -85,6 +85,125 @@ fn host_view(m: &ManagerProc, name: &str) -> Value {
     m.json(&["host", "show", name])
 }
 
+/// One host's part of a distributed switch document.
+struct Part<'a> {
+    name: &'a str,
+    ip: &'a str,
+    /// The uplink's `interfaces` list, TOML.
+    uplink: &'a str,
+    /// Its management host port (absent: removed).
+    host_port: bool,
+    /// More TOML in the host's table (another uplink, say).
+    extra: &'a str,
+}
+
+fn part<'a>(h: &'a Host) -> Part<'a> {
+    Part {
+        name: h.name,
+        ip: h.ip,
+        uplink: r#"["up0"]"#,
+        host_port: true,
+        extra: "",
+    }
+}
+
+/// The fabric's distributed switch: `mgmt` (with `mgmt` TOML lines, e.g.
+/// `vlan = 10`), the trunk uplink group, `shared` more port groups, and
+/// each host's uplink and management host port.
+fn dvs_doc(mgmt: &str, shared: &str, parts: &[Part]) -> String {
+    let mut d = format!(
+        "[[port_group]]\nname = \"mgmt\"\n{mgmt}\n\n[[port_group]]\nname = \"trunk\"\nvlan_mode = \"trunk\"\nnative_vlan = 10\nallowed_vlans = [30]\n{shared}\n"
+    );
+    for p in parts {
+        d.push_str(&format!(
+            "\n[[host]]\nname = \"{}\"\n[[host.uplink]]\nname = \"up\"\ninterfaces = {}\nport_group = \"trunk\"\n",
+            p.name, p.uplink
+        ));
+        if p.host_port {
+            d.push_str(&format!(
+                "[[host.host_port]]\nname = \"mgmt\"\ntap = \"mgmt0\"\nport_group = \"mgmt\"\naddresses = [\"{}/24\"]\n",
+                p.ip
+            ));
+        }
+        d.push_str(p.extra);
+    }
+    d
+}
+
+/// `tandem --json dvs apply` of `doc` with `timeout` s and `canary`:
+/// exit code and report.
+fn dvs_apply(
+    m: &ManagerProc,
+    dir: &std::path::Path,
+    doc: &str,
+    timeout: u32,
+    canary: &str,
+) -> (i32, Value) {
+    let f = dir.join("dvs.toml");
+    std::fs::write(&f, doc).unwrap();
+    let t = timeout.to_string();
+    let out = m.tandem(&[
+        "--json",
+        "dvs",
+        "apply",
+        f.to_str().unwrap(),
+        "--timeout",
+        &t,
+        "--canary",
+        canary,
+    ]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "dvs apply printed no report ({e}): {}\nmanager log:\n{}",
+            text(&out),
+            tandem_tests::tail(&m.log(), 40)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn dvs_host(m: &ManagerProc, host: &str) -> Value {
+    let v = m.json(&["dvs", "show"]);
+    v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn outcome<'a>(report: &'a Value, host: &str) -> &'a Value {
+    report["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap_or_else(|| panic!("{host} not in {report}"))
+}
+
+impl Host {
+    /// Waits for the host's own word that `txid` ended with `outcome`.
+    fn wait_ended(&self, txid: &str, outcome: &str, timeout: Duration) -> Value {
+        wait_for(
+            &format!("{}: {txid} ended {outcome}", self.name),
+            timeout,
+            || {
+                let st = self.daemon.cli_json(&["switch", "txn"]);
+                (st["last"]["txid"] == txid
+                    && st["last"]["outcome"] == outcome
+                    && st["pending"].is_null())
+                .then_some(st)
+            },
+        )
+    }
+
+    fn arm(&self, fault: Value) {
+        let (code, body) = self.daemon.api_post("/v1/faults/switch-txn", &fault);
+        assert_eq!(code, 200, "arming {fault}: {body}");
+    }
+}
+
 #[test]
 fn the_cluster_on_a_management_fabric() {
     let _g = serial_guard();
@@ -306,4 +425,269 @@ fn the_cluster_on_a_management_fabric() {
         committed,
         "the manager's restart changed no switch"
     );
+
+    // ================= the distributed switch (seed 000) =================
+    let work = tempfile::tempdir().unwrap();
+    let reach = |h: &Host| {
+        manager
+            .remote(h.name, h.ip, &["switch", "txn"])
+            .status
+            .success()
+    };
+    let base = dvs_doc(
+        "vlan = 10",
+        "\n[[port_group]]\nname = \"web\"\nvlan = 30\n",
+        &[part(&a), part(&b)],
+    );
+
+    // T000-1 (commit path, 30 s): both hosts commit; the commit disarmed
+    // each deadline (nothing pending, committed(txid) logged) without
+    // waiting for it.
+    let (code, r) = dvs_apply(&manager, work.path(), &base, 30, "ha");
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["outcome"], "completed", "{r}");
+    for h in [&a, &b] {
+        let o = outcome(&r, h.name);
+        assert_eq!(o["result"], "committed", "{r}");
+        let st = h.daemon.cli_json(&["switch", "txn"]);
+        assert!(st["pending"].is_null(), "{st}");
+        assert_eq!(st["last"]["outcome"], "committed");
+        let txid = o["txid"].as_str().unwrap();
+        assert!(h.daemon.log().contains(&format!("committed({txid})")));
+        assert!(!h.daemon.state_dir.join("switch.pending.json").exists());
+        let v = dvs_host(&manager, h.name);
+        assert_eq!(v["state"], "in-sync", "{v}");
+        assert_eq!(v["matches_current"], true, "{v}");
+        assert_eq!(
+            v["digest"], st["running_digest"],
+            "the manager's view is what the host runs"
+        );
+    }
+    let rev1 = r["revision"].as_u64().unwrap();
+    // A change of a port group that carries no management: commits.
+    let vmnet = dvs_doc(
+        "vlan = 10",
+        "\n[[port_group]]\nname = \"web\"\nvlan = 30\n\n[[port_group]]\nname = \"vmnet\"\nvlan = 30\n",
+        &[part(&a), part(&b)],
+    );
+    let (code, r) = dvs_apply(&manager, work.path(), &vmnet, 30, "ha");
+    assert_eq!((code, r["outcome"].as_str()), (0, Some("completed")), "{r}");
+    let good = r["revision"].as_u64().unwrap();
+    assert!(good > rev1);
+    let good_digest = [a.digest(), b.digest()];
+
+    // A cut, ended by the host's own rollback; the manager shows the host
+    // out of sync, then resynced, and the other host never got the change.
+    let cut_and_check = |label: &str, doc: &str, canary: &Host, other: &Host| {
+        let (code, r) = dvs_apply(&manager, work.path(), doc, 5, canary.name);
+        assert_eq!(code, 7, "{label}: {r}");
+        assert_eq!(r["outcome"], "rolled-back", "{label}: {r}");
+        assert_eq!(r["current_revision"].as_u64(), Some(good), "{label}: {r}");
+        let o = outcome(&r, canary.name);
+        assert_ne!(o["result"], "committed", "{label}: {r}");
+        let txid = o["txid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{label}: no txid: {r}"))
+            .to_string();
+        assert_eq!(outcome(&r, other.name)["result"], "skipped", "{label}: {r}");
+        canary.wait_ended(&txid, "rolled-back", Duration::from_secs(20));
+        let i = if canary.name == "ha" { 0 } else { 1 };
+        assert_eq!(canary.digest(), good_digest[i], "{label}: restored");
+        assert!(
+            reach(canary),
+            "{label}: the manager reaches {} again",
+            canary.name
+        );
+        wait_for(
+            &format!("{label}: {} resynced", canary.name),
+            Duration::from_secs(20),
+            || {
+                let v = dvs_host(&manager, canary.name);
+                (v["state"] == "resynced" && v["revision"].as_u64() == Some(good)).then_some(())
+            },
+        );
+        assert_eq!(
+            other.digest(),
+            good_digest[1 - i],
+            "{label}: the other host untouched"
+        );
+        txid
+    };
+
+    // T000-2: the management VLAN 10 -> 20.
+    let vlan20 = dvs_doc("vlan = 20", "", &[part(&a), part(&b)]);
+    let late = cut_and_check("VLAN cut", &vlan20, &a, &b);
+    // T000-6: the late commit is refused and changes nothing.
+    let l = manager.remote(a.name, a.ip, &["switch", "confirm", &late]);
+    assert!(
+        !l.status.success() && text(&l).contains("no switch transaction is pending"),
+        "{}",
+        text(&l)
+    );
+    assert_eq!(a.digest(), good_digest[0]);
+
+    // T000-10, the catalogue of cuts: a blocked management group, the host
+    // port's address moved, the host port removed, the uplink failing over
+    // to a member without carrier.
+    cut_and_check(
+        "blocked mgmt",
+        &dvs_doc("vlan = 10\nblocked = true", "", &[part(&a), part(&b)]),
+        &a,
+        &b,
+    );
+    cut_and_check(
+        "host port address",
+        &dvs_doc(
+            "vlan = 10",
+            "",
+            &[
+                Part {
+                    ip: "10.231.0.21",
+                    ..part(&a)
+                },
+                part(&b),
+            ],
+        ),
+        &a,
+        &b,
+    );
+    cut_and_check(
+        "host port removed",
+        &dvs_doc(
+            "vlan = 10",
+            "",
+            &[
+                part(&a),
+                Part {
+                    host_port: false,
+                    ..part(&b)
+                },
+            ],
+        ),
+        &b,
+        &a,
+    );
+    b.ns.run(&[
+        "ip", "link", "add", "dead0", "type", "veth", "peer", "name", "dead1",
+    ]);
+    b.ns.run(&["ip", "link", "set", "dead0", "up"]);
+    cut_and_check(
+        "uplink to a dead member",
+        &dvs_doc(
+            "vlan = 10",
+            "",
+            &[
+                part(&a),
+                Part {
+                    uplink: r#"["dead0"]"#,
+                    ..part(&b)
+                },
+            ],
+        ),
+        &b,
+        &a,
+    );
+
+    // T000-3: manager -> host lost right after the apply (a fault hook
+    // armed at the apply): the return arrives, the commit never does; the
+    // manager must not call it completed, and the host rolls back.
+    let harmless = dvs_doc(
+        "vlan = 10",
+        "\n[[port_group]]\nname = \"extra\"\nvlan = 30\n",
+        &[part(&a), part(&b)],
+    );
+    a.arm(serde_json::json!({"drop_from_peer": true, "peer": MANAGER_IP}));
+    let (code, r) = dvs_apply(&manager, work.path(), &harmless, 5, "ha");
+    assert_eq!(code, 7, "commit lost: {r}");
+    assert_ne!(r["outcome"], "completed", "{r}");
+    let o = outcome(&r, "ha");
+    assert_ne!(o["result"], "committed", "{r}");
+    let txid = o["txid"].as_str().unwrap().to_string();
+    a.wait_ended(&txid, "rolled-back", Duration::from_secs(20));
+    assert!(a
+        .daemon
+        .log()
+        .contains("FAULT INJECTION: management path cut"));
+    wait_for(
+        "ha resynced after the lost commit",
+        Duration::from_secs(20),
+        || (dvs_host(&manager, "ha")["state"] == "resynced").then_some(()),
+    );
+
+    // T000-4: host -> manager lost: the return never arrives; the manager
+    // times out and reverts its model; the host rolls back.
+    a.arm(serde_json::json!({"drop_to_peer": true, "peer": MANAGER_IP}));
+    let (code, r) = dvs_apply(&manager, work.path(), &harmless, 5, "ha");
+    assert_eq!(code, 7, "return lost: {r}");
+    assert_eq!(r["current_revision"].as_u64(), Some(good), "{r}");
+    let txid = outcome(&r, "ha")["txid"].as_str().unwrap().to_string();
+    a.wait_ended(&txid, "rolled-back", Duration::from_secs(20));
+    wait_for(
+        "ha resynced after the lost return",
+        Duration::from_secs(20),
+        || (dvs_host(&manager, "ha")["state"] == "resynced").then_some(()),
+    );
+
+    // Across hosts: the canary commits, the wave's host is cut; the
+    // manager stops and reverts the canary to the previous revision.
+    let wave_cut = dvs_doc(
+        "vlan = 10",
+        "\n[[port_group]]\nname = \"extra\"\nvlan = 30\n",
+        &[
+            part(&a),
+            Part {
+                ip: "10.231.0.22",
+                ..part(&b)
+            },
+        ],
+    );
+    let (code, r) = dvs_apply(&manager, work.path(), &wave_cut, 5, "ha");
+    assert_eq!(code, 7, "{r}");
+    assert_eq!(outcome(&r, "ha")["result"], "committed", "{r}");
+    assert_eq!(
+        outcome(&r, "ha")["revert"],
+        "committed",
+        "the canary reverted: {r}"
+    );
+    assert_ne!(outcome(&r, "hb")["result"], "committed", "{r}");
+    let txid = outcome(&r, "hb")["txid"].as_str().unwrap().to_string();
+    b.wait_ended(&txid, "rolled-back", Duration::from_secs(20));
+    assert_eq!(
+        a.digest(),
+        good_digest[0],
+        "canary back at the previous revision"
+    );
+    assert_eq!(b.digest(), good_digest[1]);
+    assert_eq!(
+        manager.json(&["dvs", "show"])["revision"].as_u64(),
+        Some(good)
+    );
+
+    // The mutation check: with the rollback disabled (fault hook), the same
+    // VLAN cut leaves the host cut off past its deadline, which is what
+    // the checks above would catch.
+    a.arm(serde_json::json!({"no_rollback": true}));
+    let (code, r) = dvs_apply(&manager, work.path(), &vlan20, 5, "ha");
+    assert_eq!(code, 7, "{r}");
+    let txid = outcome(&r, "ha")["txid"].as_str().unwrap().to_string();
+    wait_for(
+        "the deadline passes without a rollback",
+        Duration::from_secs(20),
+        || a.daemon.log().contains("rollback disabled").then_some(()),
+    );
+    assert_ne!(
+        a.digest(),
+        good_digest[0],
+        "without the rollback the cut stays"
+    );
+    assert!(!reach(&a), "without the rollback the host stays cut off");
+    // Repaired by hand on the host: confirm, then a local try of the good
+    // configuration, confirmed.
+    a.daemon.cli_ok(&["switch", "confirm", &txid]);
+    let fix = work.path().join("fix.toml");
+    std::fs::write(&fix, host_switch_doc(a.ip, "\n[[port_group]]\nname = \"web\"\nvlan = 30\n\n[[port_group]]\nname = \"vmnet\"\nvlan = 30\n")).unwrap();
+    let t = a.daemon.cli_json(&["switch", "try", fix.to_str().unwrap()]);
+    a.daemon
+        .cli_ok(&["switch", "confirm", t["txid"].as_str().unwrap()]);
+    assert!(reach(&a));
 }

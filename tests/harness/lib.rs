@@ -198,6 +198,33 @@ impl Daemon {
         }
     }
 
+    /// `POST path` with a JSON body on the daemon's socket (for routes the
+    /// CLI has no command for: the fault-injection hooks). Status and body.
+    pub fn api_post(&self, path: &str, body: &Value) -> (u16, String) {
+        use std::io::Read;
+        let body = body.to_string();
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("tandemd socket");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: tandemd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write request");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("read reply");
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
     /// Replaces the extra arguments the next (re)start passes.
     pub fn set_args(&mut self, extra_args: &[&str]) {
         self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
