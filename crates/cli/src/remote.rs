@@ -9,6 +9,9 @@ use tandem_api::{Connecting, Connector};
 use tandem_pki::rustls::ClientConfig;
 use tandem_pki::{Identity, NoRevocations, Role};
 
+/// How long connecting to a host's API may take (TCP and TLS each).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A host's API: its certificate name and address.
 #[derive(Debug, Clone)]
 pub struct RemoteHost {
@@ -51,13 +54,24 @@ impl Connector for TlsConnector {
     fn connect(&self) -> Connecting {
         let (host, config) = (self.host.clone(), self.config.clone());
         Box::pin(async move {
-            let tcp = tokio::net::TcpStream::connect(&host.address)
-                .await
-                .map_err(|e| e.to_string())?;
+            // A host cut off from the management network drops the SYN:
+            // say so after a while instead of waiting out the request's
+            // whole bound.
+            let tcp = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect(&host.address),
+            )
+            .await
+            .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
-            let (tls, peer) = tandem_pki::connect(config, &host.name, tcp)
-                .await
-                .map_err(|e| format!("TLS: {e}"))?;
+            let (tls, peer) = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tandem_pki::connect(config, &host.name, tcp),
+            )
+            .await
+            .map_err(|_| format!("no TLS handshake within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("TLS: {e}"))?;
             if peer.role != Role::Host {
                 return Err(format!(
                     "{} answered with a {} certificate, not a host's",
