@@ -712,4 +712,82 @@ fn the_cluster_on_a_management_fabric() {
     a.daemon
         .cli_ok(&["switch", "confirm", t["txid"].as_str().unwrap()]);
     assert!(reach(&a));
+
+    phase("a rollback that cannot restore falls back, with an alarm");
+    // ha runs a spare uplink; a cut removes it; while the cut is pending
+    // the spare's interface vanishes, so the saved configuration cannot be
+    // applied again: the host falls back to it without the vanished
+    // interface (management comes back), raises an alarm, and the manager
+    // shows the host failed.
+    a.ns.run(&[
+        "ip", "link", "add", "spare0", "type", "veth", "peer", "name", "spare1",
+    ]);
+    let spare = r#"[[host.uplink]]
+name = "spare"
+interfaces = ["spare0"]
+port_group = "web"
+"#;
+    let shared = "\n[[port_group]]\nname = \"web\"\nvlan = 30\n\n[[port_group]]\nname = \"vmnet\"\nvlan = 30\n";
+    let with_spare = dvs_doc(
+        "vlan = 10",
+        shared,
+        &[
+            Part {
+                extra: spare,
+                ..part(&a)
+            },
+            part(&b),
+        ],
+    );
+    let (code, r) = dvs_apply(&manager, work.path(), &with_spare, 30, "ha");
+    assert_eq!((code, r["outcome"].as_str()), (0, Some("completed")), "{r}");
+    let cut_without_spare = dvs_doc("vlan = 20", shared, &[part(&a), part(&b)]);
+    let (code, r) = std::thread::scope(|s| {
+        let apply = s.spawn(|| dvs_apply(&manager, work.path(), &cut_without_spare, 5, "ha"));
+        wait_for("the cut pending on ha", Duration::from_secs(10), || {
+            let st = a.daemon.cli_json(&["switch", "txn"]);
+            st["pending"].is_object().then_some(())
+        });
+        a.ns.run(&["ip", "link", "del", "spare0"]);
+        apply.join().unwrap()
+    });
+    assert_eq!(code, 7, "{r}");
+    let txid = outcome(&r, "ha")["txid"].as_str().unwrap().to_string();
+    let st = a.wait_ended(&txid, "fallback", Duration::from_secs(20));
+    assert!(
+        st["alarm"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be rolled back"),
+        "{st}"
+    );
+    assert!(
+        reach(&a),
+        "management is back on the fallback configuration"
+    );
+    wait_for(
+        "the manager shows ha failed",
+        Duration::from_secs(20),
+        || (dvs_host(&manager, "ha")["state"] == "failed").then_some(()),
+    );
+    wait_for(
+        "the alarm in ha's health (next heartbeat)",
+        Duration::from_secs(20),
+        || {
+            host_view(&manager, "ha")["health"]["problems"]
+                .as_array()
+                .is_some_and(|p| {
+                    p.iter().any(|x| {
+                        x.as_str()
+                            .unwrap_or("")
+                            .contains("could not be rolled back")
+                    })
+                })
+                .then_some(())
+        },
+    );
+    // Fixed by applying a good configuration: committed, alarm cleared.
+    let (code, r) = dvs_apply(&manager, work.path(), &vmnet, 30, "ha");
+    assert_eq!((code, r["outcome"].as_str()), (0, Some("completed")), "{r}");
+    assert!(a.daemon.cli_json(&["switch", "txn"])["alarm"].is_null());
 }
