@@ -300,6 +300,18 @@ fn the_cluster_on_a_management_fabric() {
     assert!(ok.status.success(), "{}", text(&ok));
     let st: Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert_eq!(st["running_digest"].as_str().unwrap(), a.digest());
+    // By name alone: the manager says where the host's API is.
+    let by_name = std::process::Command::new("ip")
+        .args(["netns", "exec", &fabric.mgr.name])
+        .arg(tandem_tests::bin("tandem"))
+        .args(["--remote", "hb", "--remote-identity"])
+        .arg(manager.operator())
+        .args(["--json", "switch", "txn"])
+        .output()
+        .unwrap();
+    assert!(by_name.status.success(), "{}", text(&by_name));
+    let st: Value = serde_json::from_slice(&by_name.stdout).unwrap();
+    assert_eq!(st["running_digest"].as_str().unwrap(), b.digest());
     let as_host = std::process::Command::new("ip")
         .args(["netns", "exec", &fabric.mgr.name])
         .arg(tandem_tests::bin("tandem"))

@@ -90,6 +90,17 @@ pub struct ManagerOpts {
 }
 
 impl ManagerOpts {
+    /// The defaults, with the identity in `identity` (its `manager.json`
+    /// says where the manager is).
+    pub(crate) fn with_identity(identity: &str) -> Self {
+        ManagerOpts {
+            manager: std::env::var("TANDEM_MANAGER").ok(),
+            manager_name: std::env::var("TANDEM_MANAGER_NAME").ok(),
+            identity: identity.to_string(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
     pub(crate) fn client(&self) -> anyhow::Result<ManagerClient> {
         let dir = Path::new(&self.identity);
         let id = Identity::load(dir).with_context(|| {

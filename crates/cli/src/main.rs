@@ -40,9 +40,10 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Talk to another host's tandemd over its host API (mutual TLS with
-    /// the operator identity) instead of the local socket: NAME@HOST:PORT.
+    /// the operator identity) instead of the local socket: NAME@HOST:PORT,
+    /// or NAME alone to ask the manager where its API is.
     #[arg(long, global = true, env = "TANDEM_REMOTE")]
-    remote: Option<remote::RemoteHost>,
+    remote: Option<remote::RemoteArg>,
     /// The identity `--remote` presents (an operator's).
     #[arg(long = "remote-identity", global = true, env = "TANDEM_REMOTE_IDENTITY", default_value_t = format!("{}/operator", tandem_manager::state::DEFAULT_STATE_DIR))]
     remote_identity: String,
@@ -104,7 +105,7 @@ fn main() {
         {
             Ok(rt) => rt.block_on(async {
                 let client = match cli.remote {
-                    Some(host) => remote::client(host, &cli.remote_identity)?,
+                    Some(host) => remote::client(host, &cli.remote_identity).await?,
                     None => tandem_api::Client::new(&cli.socket),
                 };
                 run(cmd, client, cli.json).await

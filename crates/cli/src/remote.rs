@@ -1,6 +1,8 @@
-//! `tandem --remote NAME@HOST:PORT …`: the host commands against another
+//! `tandem --remote NAME[@HOST:PORT] …`: the host commands against another
 //! host's tandemd, over its host API (mutual TLS with an operator
-//! certificate), instead of the local unix socket.
+//! certificate), instead of the local unix socket. Without an address, the
+//! manager says where the host's API is (the address its heartbeats
+//! report).
 
 use std::sync::Arc;
 
@@ -12,11 +14,35 @@ use tandem_pki::{Identity, NoRevocations, Role};
 /// How long connecting to a host's API may take (TCP and TLS each).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A host's API: its certificate name and address.
+/// A host's API: its certificate name and, if given, its address.
 #[derive(Debug, Clone)]
 pub struct RemoteHost {
     pub name: String,
     pub address: String,
+}
+
+/// What `--remote` names: a host and maybe where its API is.
+#[derive(Debug, Clone)]
+pub struct RemoteArg {
+    pub name: String,
+    pub address: Option<String>,
+}
+
+impl std::str::FromStr for RemoteArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('@') {
+            Some(_) => s.parse::<RemoteHost>().map(|h| RemoteArg {
+                name: h.name,
+                address: Some(h.address),
+            }),
+            None if !s.is_empty() => Ok(RemoteArg {
+                name: s.into(),
+                address: None,
+            }),
+            None => Err("--remote needs a host name".into()),
+        }
+    }
 }
 
 impl std::str::FromStr for RemoteHost {
@@ -87,8 +113,38 @@ impl Connector for TlsConnector {
     }
 }
 
-/// A client for `host`'s API, presenting the identity in `identity_dir`.
-pub fn client(host: RemoteHost, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
+/// A client for the host `arg` names, presenting the identity in
+/// `identity_dir`; asks the manager for the host's API address when `arg`
+/// has none.
+pub async fn client(arg: RemoteArg, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
+    let host = match arg.address {
+        Some(address) => RemoteHost {
+            name: arg.name,
+            address,
+        },
+        None => {
+            let manager = crate::cluster::ManagerOpts::with_identity(identity_dir).client()?;
+            let view: serde_json::Value = manager
+                .get(&format!("/v1/hosts/{}", arg.name))
+                .await
+                .with_context(|| format!("asking the manager where {} is", arg.name))?;
+            let address = view["host_api"].as_str().map(str::to_string).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the manager knows no host API address for {} (its tandemd runs without --host-api, or has not reported yet); give --remote {}@HOST:PORT",
+                    arg.name,
+                    arg.name
+                )
+            })?;
+            RemoteHost {
+                name: arg.name,
+                address,
+            }
+        }
+    };
+    connect_to(host, identity_dir)
+}
+
+fn connect_to(host: RemoteHost, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
     let id = Identity::load(std::path::Path::new(identity_dir)).with_context(|| {
         format!("loading the identity for --remote from {identity_dir} (--identity names another)")
     })?;
