@@ -193,6 +193,110 @@ pub async fn authenticate(
     }
 }
 
+/// A stream that fails (both ways) once its [`CutSwitch`] is thrown: how a
+/// connection whose peer's certificate is revoked mid-stream is ended. The
+/// code serving the stream sees an I/O error, exactly as if the peer had
+/// gone away, and handles it as it handles any disconnect (a backup never
+/// applies a partial epoch); nothing is cancelled mid-apply.
+pub struct CutOff {
+    inner: BoxStream,
+    cut: Option<tokio::sync::oneshot::Receiver<()>>,
+    thrown: bool,
+}
+
+/// Ends a [`CutOff`] stream; dropping it leaves the stream alone.
+pub struct CutSwitch(tokio::sync::oneshot::Sender<()>);
+
+impl CutSwitch {
+    pub fn throw(self) {
+        let _ = self.0.send(());
+    }
+
+    /// Completes when the stream is gone (its connection ended).
+    pub async fn stream_gone(&mut self) {
+        self.0.closed().await
+    }
+}
+
+/// Wraps `inner` so that [`CutSwitch::throw`] ends it.
+pub fn cut_off(inner: BoxStream) -> (BoxStream, CutSwitch) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (
+        Box::pin(CutOff {
+            inner,
+            cut: Some(rx),
+            thrown: false,
+        }),
+        CutSwitch(tx),
+    )
+}
+
+impl CutOff {
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.thrown {
+            if let Some(rx) = self.cut.as_mut() {
+                match std::future::Future::poll(Pin::new(rx), cx) {
+                    std::task::Poll::Ready(Ok(())) => self.thrown = true,
+                    // The switch was dropped: never cut.
+                    std::task::Poll::Ready(Err(_)) => self.cut = None,
+                    std::task::Poll::Pending => {}
+                }
+            }
+        }
+        if self.thrown {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the peer's certificate was revoked",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsyncRead for CutOff {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        self.inner.as_mut().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CutOff {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        self.inner.as_mut().poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        self.inner.as_mut().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.as_mut().poll_shutdown(cx)
+    }
+}
+
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
@@ -249,6 +353,38 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_thrown_cut_ends_a_read_that_waits_and_every_write() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(64);
+        let (mut s, switch) = cut_off(Box::pin(a));
+        b.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        // A read that waits for data the peer never sends ends when cut.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            let r = s.read(&mut buf).await;
+            (r, s)
+        });
+        tokio::task::yield_now().await;
+        switch.throw();
+        let (r, mut s) = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the cut wakes the reader")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionAborted);
+        assert!(s.write_all(b"y").await.is_err());
+        // A dropped switch never cuts.
+        let (c, mut d) = tokio::io::duplex(64);
+        let (mut s2, sw2) = cut_off(Box::pin(c));
+        drop(sw2);
+        s2.write_all(b"z").await.unwrap();
+        let mut z = [0u8; 1];
+        d.read_exact(&mut z).await.unwrap();
+        assert_eq!(&z, b"z");
+    }
 
     #[test]
     fn endpoints_parse() {

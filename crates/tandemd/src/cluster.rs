@@ -93,6 +93,11 @@ impl ClusterLink {
             .context("building the replication link's TLS")
     }
 
+    /// The revocation list every TLS configuration of this host checks.
+    pub fn revocations(&self) -> Arc<dyn Revocations> {
+        self.revocations.clone()
+    }
+
     pub fn authority(&self) -> Arc<dyn Authority> {
         self.authority.clone()
     }

@@ -11,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tandem_api::{FailoverReport, FtStatus, OutputRules, ProtectRequest, RulesChange};
+use tandem_replication::authority::PeerIdentity;
 use tandem_replication::backup::{read_hello, read_identity, Activate, Backup, BackupConfig};
 use tandem_replication::link::{Endpoint, Listener};
 use tandem_replication::primary::{Primary, PrimaryConfig};
@@ -344,6 +345,7 @@ impl Ft {
                                 continue;
                             };
                             let b = b.clone();
+                            let revocations = cluster.as_ref().map(|c| c.revocations());
                             let tls = match &cluster {
                                 Some(c) => match c.replication_server() {
                                     Ok(cfg) => Some(cfg),
@@ -362,7 +364,15 @@ impl Ft {
                                 )
                                 .await
                                 {
-                                    Ok((conn, who)) => b.serve_peer(conn, who).await,
+                                    Ok((conn, who)) => {
+                                        let conn = match (&who, &revocations) {
+                                            (PeerIdentity::Certified { peer, .. }, Some(r)) => {
+                                                cut_when_revoked(conn, peer, r.clone())
+                                            }
+                                            _ => conn,
+                                        };
+                                        b.serve_peer(conn, who).await
+                                    }
                                     Err(why) => warn!("refusing a replication connection: {why}"),
                                 }
                                 drop(slot);
@@ -731,4 +741,33 @@ format = "qcow2"
         let e = plan_takeover("db", "db", &spec, None, None).unwrap_err();
         assert!(e.to_string().contains("its spec"), "{e}");
     }
+}
+
+/// How often a certified replication stream's peer is looked up in the
+/// revocation list (the agent refreshes it from the manager).
+const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+
+/// Ends `conn` (as a disconnect) once `peer`'s certificate is revoked:
+/// `host remove` cuts a stream that is already open, not only new ones.
+fn cut_when_revoked(
+    conn: tandem_replication::link::BoxStream,
+    peer: &tandem_pki::Peer,
+    revocations: Arc<dyn tandem_pki::Revocations>,
+) -> tandem_replication::link::BoxStream {
+    let (conn, mut switch) = tandem_replication::link::cut_off(conn);
+    let (name, serial) = (peer.name.clone(), peer.serial.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = switch.stream_gone() => return,
+                () = tokio::time::sleep(REVOCATION_CHECK) => {}
+            }
+            if revocations.is_revoked(&serial) {
+                warn!(peer = %name, %serial, "the replication peer's certificate was revoked: cutting its stream");
+                switch.throw();
+                return;
+            }
+        }
+    });
+    conn
 }
