@@ -659,6 +659,35 @@ async fn failover(
         .map_err(HttpError::from)
 }
 
+/// How often a certified replication stream's peer is looked up in the
+/// revocation list (the agent refreshes it from the manager).
+const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+
+/// Ends `conn` (as a disconnect) once `peer`'s certificate is revoked:
+/// `host remove` cuts a stream that is already open, not only new ones.
+fn cut_when_revoked(
+    conn: tandem_replication::link::BoxStream,
+    peer: &tandem_pki::Peer,
+    revocations: Arc<dyn tandem_pki::Revocations>,
+) -> tandem_replication::link::BoxStream {
+    let (conn, mut switch) = tandem_replication::link::cut_off(conn);
+    let (name, serial) = (peer.name.clone(), peer.serial.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = switch.stream_gone() => return,
+                () = tokio::time::sleep(REVOCATION_CHECK) => {}
+            }
+            if revocations.is_revoked(&serial) {
+                warn!(peer = %name, %serial, "the replication peer's certificate was revoked: cutting its stream");
+                switch.throw();
+                return;
+            }
+        }
+    });
+    conn
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,33 +770,4 @@ format = "qcow2"
         let e = plan_takeover("db", "db", &spec, None, None).unwrap_err();
         assert!(e.to_string().contains("its spec"), "{e}");
     }
-}
-
-/// How often a certified replication stream's peer is looked up in the
-/// revocation list (the agent refreshes it from the manager).
-const REVOCATION_CHECK: Duration = Duration::from_secs(1);
-
-/// Ends `conn` (as a disconnect) once `peer`'s certificate is revoked:
-/// `host remove` cuts a stream that is already open, not only new ones.
-fn cut_when_revoked(
-    conn: tandem_replication::link::BoxStream,
-    peer: &tandem_pki::Peer,
-    revocations: Arc<dyn tandem_pki::Revocations>,
-) -> tandem_replication::link::BoxStream {
-    let (conn, mut switch) = tandem_replication::link::cut_off(conn);
-    let (name, serial) = (peer.name.clone(), peer.serial.clone());
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = switch.stream_gone() => return,
-                () = tokio::time::sleep(REVOCATION_CHECK) => {}
-            }
-            if revocations.is_revoked(&serial) {
-                warn!(peer = %name, %serial, "the replication peer's certificate was revoked: cutting its stream");
-                switch.throw();
-                return;
-            }
-        }
-    });
-    conn
 }
