@@ -5,6 +5,9 @@
 //! - Every such record is on the replica's disk.
 //! - The resumed VM's record numbering continues (no record it reports
 //!   contradicts one the client saw).
+//!
+//! And, for the cluster steps, what a client may see of a change that is
+//! not supposed to touch its path ([`service_window`], [`check_service`]).
 
 use std::collections::BTreeMap;
 
@@ -123,6 +126,102 @@ pub fn check_disk(delivered: &[Delivered], log: &str) -> Vec<Violation> {
     out
 }
 
+/// One request of a probe client: when its answer came (ms from a common
+/// start), how long it took, and whether it was answered at all.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Probe {
+    pub at_ms: f64,
+    pub latency_ms: f64,
+    pub ok: bool,
+}
+
+/// How a service behaved for a probe client before a window (a switch
+/// change, say) and during it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ServiceWindow {
+    pub before_answered: usize,
+    pub before_p50_ms: f64,
+    pub before_max_ms: f64,
+    pub during_answered: usize,
+    pub during_failed: usize,
+    pub during_p50_ms: f64,
+    pub during_max_ms: f64,
+    /// The longest stretch of the window without an answer (its edges
+    /// count: nothing answered at all is the whole window).
+    pub during_longest_gap_ms: f64,
+    /// Failed requests over the whole run, window or not.
+    pub failed_total: usize,
+}
+
+/// A stretch with no answer that a client would notice as an outage
+/// rather than as latency: longer than TCP's first retransmissions and a
+/// slow fsync in a TCG guest put together.
+pub const ALLOWED_GAP_MS: f64 = 3000.0;
+
+/// Summarises `probes` around the window `[from_ms, to_ms]`. A request is
+/// in the window if any part of it (sent to answered) overlaps it.
+pub fn service_window(probes: &[Probe], from_ms: f64, to_ms: f64) -> ServiceWindow {
+    let mut before: Vec<f64> = probes
+        .iter()
+        .filter(|p| p.ok && p.at_ms < from_ms)
+        .map(|p| p.latency_ms)
+        .collect();
+    let inside: Vec<&Probe> = probes
+        .iter()
+        .filter(|p| p.at_ms >= from_ms && p.at_ms - p.latency_ms <= to_ms)
+        .collect();
+    let mut during: Vec<f64> = inside
+        .iter()
+        .filter(|p| p.ok)
+        .map(|p| p.latency_ms)
+        .collect();
+    let mut answers: Vec<f64> = inside
+        .iter()
+        .filter(|p| p.ok)
+        .map(|p| p.at_ms.min(to_ms))
+        .collect();
+    answers.sort_by(f64::total_cmp);
+    let mut gap: f64 = 0.0;
+    let mut last = from_ms;
+    for t in answers.iter().copied().chain(std::iter::once(to_ms)) {
+        gap = gap.max(t - last);
+        last = t;
+    }
+    ServiceWindow {
+        before_answered: before.len(),
+        before_p50_ms: crate::stats_ms(&mut before, 50.0),
+        before_max_ms: before.last().copied().unwrap_or(0.0),
+        during_answered: during.len(),
+        during_failed: inside.iter().filter(|p| !p.ok).count(),
+        during_p50_ms: crate::stats_ms(&mut during, 50.0),
+        during_max_ms: during.last().copied().unwrap_or(0.0),
+        during_longest_gap_ms: gap,
+        failed_total: probes.iter().filter(|p| !p.ok).count(),
+    }
+}
+
+/// What the drill allows of a service during a change away from its path:
+/// no request failed, and answers kept coming (no gap above
+/// [`ALLOWED_GAP_MS`]). Latency alone is reported, not judged.
+pub fn check_service(w: &ServiceWindow) -> Vec<String> {
+    let mut out = Vec::new();
+    if w.failed_total > 0 {
+        out.push(format!(
+            "{} client request(s) failed ({} during the change)",
+            w.failed_total, w.during_failed
+        ));
+    }
+    if w.during_answered == 0 {
+        out.push("the guest answered no request during the change".to_string());
+    } else if w.during_longest_gap_ms > ALLOWED_GAP_MS {
+        out.push(format!(
+            "the guest answered nothing for {:.0} ms during the change (allowed: {ALLOWED_GAP_MS:.0} ms)",
+            w.during_longest_gap_ms
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +262,48 @@ mod tests {
         );
         let v = check_disk(&delivered, "1 a\n");
         assert_eq!(v.len(), 2);
+    }
+
+    fn probe(at_ms: f64, latency_ms: f64, ok: bool) -> Probe {
+        Probe {
+            at_ms,
+            latency_ms,
+            ok,
+        }
+    }
+
+    #[test]
+    fn a_steady_service_passes_and_a_stall_or_a_failure_is_caught() {
+        let steady: Vec<Probe> = (0..100)
+            .map(|i| probe(i as f64 * 100.0, 20.0, true))
+            .collect();
+        let w = service_window(&steady, 2000.0, 8000.0);
+        assert_eq!(w.before_answered, 20);
+        assert_eq!(w.during_answered, 61);
+        assert!((w.during_longest_gap_ms - 100.0).abs() < 1e-9, "{w:?}");
+        assert!(check_service(&w).is_empty(), "{w:?}");
+
+        // Nothing answered between 3 s and 7 s: a 4 s gap.
+        let stalled: Vec<Probe> = steady
+            .iter()
+            .copied()
+            .filter(|p| !(3000.0..7000.0).contains(&p.at_ms))
+            .collect();
+        let w = service_window(&stalled, 2000.0, 8000.0);
+        assert!(w.during_longest_gap_ms >= 4000.0, "{w:?}");
+        assert_eq!(check_service(&w).len(), 1);
+
+        // A failed request anywhere fails the check.
+        let mut failed = steady.clone();
+        failed.push(probe(9500.0, 5000.0, false));
+        let w = service_window(&failed, 2000.0, 8000.0);
+        assert_eq!(w.failed_total, 1);
+        assert_eq!(w.during_failed, 1, "it was in flight during the window");
+        assert_eq!(check_service(&w).len(), 1);
+
+        // Nothing at all during the window.
+        let w = service_window(&steady[..10], 2000.0, 8000.0);
+        assert_eq!(w.during_answered, 0);
+        assert!(!check_service(&w).is_empty());
     }
 }

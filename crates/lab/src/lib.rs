@@ -24,9 +24,16 @@
 //! drill checks ([`checker`]) that B took over, that every reply the client
 //! received is known to the resumed VM, that every acknowledged record is on
 //! the replica disk, and that the client continues.
+//!
+//! Before the rounds, [`cluster`] drills the cluster on the same kind of
+//! topology: a `tandem-manager` that reaches each host only through the
+//! host's switch, the hosts joined, a distributed switch change that
+//! commits, and a bad one that the canary host rolls back by itself while
+//! the guest serves.
 
 pub mod bench;
 pub mod checker;
+pub mod cluster;
 pub mod colobench;
 pub mod ppsbench;
 pub mod switchbench;
@@ -431,7 +438,19 @@ fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     b_args.extend(["--repl-listen", repl.as_str()]);
     let b = Host::start("b", &topo.b, UPLINK_B, opts, &work, &b_args)?;
     let a = Host::start("a", &topo.a, UPLINK_A, opts, &work, &timeouts)?;
+    boot_guest(&a, opts, &work)?;
+    Ok(Site {
+        work,
+        topo,
+        a,
+        b,
+        repl,
+    })
+}
 
+/// Creates the drill's guest on `host` (its data disk a fresh copy in
+/// `work`, its NIC in port group `vms`) and waits until its service is up.
+fn boot_guest(host: &Host, opts: &DrillOptions, work: &Path) -> anyhow::Result<()> {
     let disk = work.join("drill-data.qcow2");
     std::fs::copy(opts.image_dir.join("data.qcow2"), &disk)?;
     let spec = format!(
@@ -457,7 +476,7 @@ port_group = "vms"
         i = opts.image_dir.join("initrd.img").display(),
         d = disk.display(),
     );
-    let api_a = a.api();
+    let api_a = host.api();
     let _: VmInfo =
         block_on(api_a.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))?;
     let _: VmInfo = block_on(api_a.post("/v1/vms/drill/start", &()))?;
@@ -466,13 +485,7 @@ port_group = "vms"
             block_on(api_a.get("/v1/vms/drill/console?offset=0")).ok()?;
         c.data.contains("TANDEM-GUEST-READY").then_some(())
     })?;
-    Ok(Site {
-        work,
-        topo,
-        a,
-        b,
-        repl,
-    })
+    Ok(())
 }
 
 /// Protects the guest on A to B and waits until B holds a resumable replica.

@@ -11,6 +11,16 @@
 //! C learns its MAC's new port from QEMU's `announce-self` after failover.
 //! Every name carries a per-run tag, and [`Topology`] removes everything it
 //! made when dropped, on every exit path.
+//!
+//! The cluster steps add a manager namespace M on the same fabric
+//! ([`Topology::add_manager`]): `m0` (10.79.0.1) cabled to `br0`. A host's
+//! management address (10.79.0.11, .12) is on a host port of its tandem
+//! switch, so the manager reaches a host only through that switch and its
+//! uplink. The fabric is untagged (this kernel has neither 802.1Q
+//! interfaces nor VLAN-filtering bridges), so the management VLAN is the
+//! uplink trunk's native VLAN, shared with the guest's port group: a
+//! change that moves the management port group to another VLAN cuts the
+//! host off from the manager and leaves the guest's path alone.
 
 use std::process::Command;
 
@@ -26,11 +36,18 @@ pub const REPL_B: &str = "10.88.0.2";
 /// The switch uplink of each host, by host.
 pub const UPLINK_A: &str = "a-fab";
 pub const UPLINK_B: &str = "b-fab";
+/// The management network of the cluster steps (inside M, A and B only).
+pub const MANAGER_IP: &str = "10.79.0.1";
+pub const MGMT_A: &str = "10.79.0.11";
+pub const MGMT_B: &str = "10.79.0.12";
+pub const MANAGER_PORT: u16 = 7443;
+pub const HOST_API_PORT: u16 = 7444;
 
 pub struct Topology {
     pub a: String,
     pub b: String,
     pub c: String,
+    tag: String,
     made: Vec<String>,
 }
 
@@ -61,6 +78,7 @@ impl Topology {
             a: format!("tdrill-{tag}-a"),
             b: format!("tdrill-{tag}-b"),
             c: format!("tdrill-{tag}-c"),
+            tag: tag.to_string(),
             made: Vec::new(),
         };
         for ns in [t.a.clone(), t.b.clone(), t.c.clone()] {
@@ -111,6 +129,29 @@ impl Topology {
         in_ns(&a, &["link", "set", "a-repl", "up"])?;
         in_ns(&b, &["link", "set", "b-repl", "up"])?;
         Ok(t)
+    }
+
+    /// The manager's namespace on the fabric: `m0` with [`MANAGER_IP`],
+    /// its peer on the client namespace's bridge. Removed with the rest.
+    pub fn add_manager(&mut self) -> anyhow::Result<String> {
+        let m = format!("tdrill-{}-m", self.tag);
+        ip(&["netns", "add", &m])?;
+        self.made.push(m.clone());
+        in_ns(&m, &["link", "set", "lo", "up"])?;
+        let c = self.c.clone();
+        in_ns(
+            &m,
+            &[
+                "link", "add", "m0", "type", "veth", "peer", "name", "c-m", "netns", &c,
+            ],
+        )?;
+        in_ns(&c, &["link", "set", "c-m", "master", "br0", "up"])?;
+        in_ns(
+            &m,
+            &["addr", "add", &format!("{MANAGER_IP}/24"), "dev", "m0"],
+        )?;
+        in_ns(&m, &["link", "set", "m0", "up"])?;
+        Ok(m)
     }
 
     /// Cuts host A off every network: fabric and replication link.

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
+use serde::Serialize;
+use tandem_lab::cluster::{ClusterBins, ClusterReport, StepStatus};
 use tandem_lab::{DrillOptions, KillMode, RoundReport};
 
 use crate::{print_json, tandemd_beside_lab};
@@ -48,6 +50,20 @@ pub struct DrillArgs {
     /// The drill must then FAIL.
     #[arg(long, hide = true)]
     unsafe_no_clamp: bool,
+    /// Skip the cluster steps (manager, join, distributed switch commit
+    /// and self-rollback) that run before the failover rounds.
+    #[arg(long)]
+    no_cluster: bool,
+}
+
+/// `--json`: the cluster steps and the failover rounds.
+#[derive(Serialize)]
+struct Report<'a> {
+    seed: u64,
+    passed: bool,
+    /// Absent with `--no-cluster`.
+    cluster: Option<&'a ClusterReport>,
+    rounds: &'a [RoundReport],
 }
 
 /// The drill drives its own runtimes and processes: no async runtime here.
@@ -64,6 +80,7 @@ pub fn run(args: DrillArgs, json: bool) -> anyhow::Result<()> {
         output,
         profile,
         unsafe_no_clamp,
+        no_cluster,
     } = args;
     output
         .parse::<tandem_outcommit::GateMode>()
@@ -106,20 +123,88 @@ pub fn run(args: DrillArgs, json: bool) -> anyhow::Result<()> {
         eprintln!("WARNING: --unsafe-no-clamp: acknowledgements leave before commit; this drill is expected to FAIL");
     }
     eprintln!("drill: {rounds} round(s), seed {seed} (replay with --seed {seed})");
+    let cluster = if no_cluster {
+        None
+    } else {
+        let bins = ClusterBins {
+            tandem: beside_lab("tandem")?,
+            manager: beside_lab("tandem-manager")?,
+        };
+        Some(tandem_lab::cluster::run(&opts, &bins, |m| {
+            eprintln!("drill: {m}")
+        })?)
+    };
     let reports = tandem_lab::run(&opts, |m| eprintln!("drill: {m}"))?;
     let failed = reports.iter().filter(|r| !r.passed).count();
+    let cluster_failed = cluster.as_ref().is_some_and(|c| !c.passed);
     if json {
-        print_json(&reports)?;
+        print_json(&Report {
+            seed,
+            passed: failed == 0 && !cluster_failed,
+            cluster: cluster.as_ref(),
+            rounds: &reports,
+        })?;
     } else {
+        if let Some(c) = &cluster {
+            print_cluster(c);
+        }
         print_drill(&reports, seed);
     }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} drill round(s) violated an invariant",
-            reports.len()
-        );
+    match (failed, cluster_failed) {
+        (0, false) => Ok(()),
+        (0, true) => bail!("a cluster step of the drill failed"),
+        (n, c) => bail!(
+            "{n} of {} drill round(s) violated an invariant{}",
+            reports.len(),
+            if c { "; a cluster step failed too" } else { "" }
+        ),
     }
-    Ok(())
+}
+
+/// A binary installed next to this one (and so next to `tandem`).
+fn beside_lab(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::current_exe()?
+        .parent()
+        .map(|d| d.join(name))
+        .with_context(|| format!("locating {name}"))
+}
+
+fn print_cluster(c: &ClusterReport) {
+    println!("\ncluster drill (a tandem-manager reaching each host only through its switch)");
+    for s in &c.steps {
+        let verdict = match s.status {
+            StepStatus::Pass => "PASS",
+            StepStatus::Fail => "FAIL",
+            StepStatus::NotRun => "NOT RUN",
+        };
+        println!(
+            "step {} {:<9} {:<8} {:>6.1} s",
+            s.step,
+            s.name,
+            verdict,
+            s.elapsed_ms / 1e3
+        );
+        for t in &s.timings {
+            println!("       {:>8.0} ms  {}", t.ms, t.what);
+        }
+        for o in &s.observations {
+            println!("       {o}");
+        }
+        for v in &s.violations {
+            println!("       violation: {v}");
+        }
+    }
+    if let Some(e) = &c.evidence {
+        println!("       evidence kept in {}", e.display());
+    }
+    println!(
+        "cluster verdict: {}",
+        if c.passed {
+            "PASS — joined, committed, and the cut host restored itself and resynced"
+        } else {
+            "FAIL"
+        }
+    );
 }
 
 fn print_drill(reports: &[RoundReport], seed: u64) {
