@@ -32,6 +32,9 @@ pub const MIN_MTU_V6: u32 = 1280;
 pub const MAX_MTU: u32 = 1500;
 /// Most addresses on one host port.
 pub const MAX_HOST_ADDRESSES: usize = 64;
+/// Longest declared neighbour of an uplink, in bytes: LLDP's own limit for
+/// a system name.
+pub const MAX_NEIGHBOUR: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +192,13 @@ pub struct UplinkSpec {
     /// tandem changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// What the uplink's members connect to, in the operator's words
+    /// (`"tor-1 Ethernet12"`): reported in the host's inventory beside
+    /// what LLDP hears, and compared with it. Free-form, printable,
+    /// 1..=[`MAX_NEIGHBOUR`] bytes. Left out of the serialized form when
+    /// unset, so documents written before the field keep their digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,8 +229,9 @@ impl HostPortSpec {
 }
 
 impl UplinkSpec {
-    /// Whether `other` is the same uplink but for its MTU: it can be
-    /// changed in place instead of being recreated.
+    /// Whether `other` is the same uplink but for its MTU (and declared
+    /// neighbour, which only the inventory reads): it can be changed in
+    /// place instead of being recreated.
     pub fn same_but_mtu(&self, other: &UplinkSpec) -> bool {
         self.name == other.name
             && self.interfaces == other.interfaces
@@ -587,6 +598,11 @@ impl<'a> Checker<'a> {
         if let Some(mtu) = u.mtu {
             self.mtu(at("mtu"), mtu, false);
         }
+        if let Some(n) = &u.neighbour {
+            if let Err(m) = check_neighbour(n) {
+                self.bad(at("neighbour"), m);
+            }
+        }
     }
 
     fn mtu(&mut self, field: String, mtu: u32, has_v6: bool) {
@@ -667,6 +683,23 @@ fn check_name(name: &str, max: usize) -> Result<(), String> {
     {
         return Err(format!(
             "`{name}` may hold only letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// A declared neighbour goes into inventories and terminals: printable
+/// text with something in it, no longer than LLDP would carry.
+fn check_neighbour(text: &str) -> Result<(), String> {
+    if text.trim().is_empty() || text.len() > MAX_NEIGHBOUR {
+        return Err(format!(
+            "a neighbour is 1..={MAX_NEIGHBOUR} bytes of text, not only spaces"
+        ));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "a neighbour is printable text; it holds the control character {:?}",
+            c
         ));
     }
     Ok(())
@@ -844,6 +877,7 @@ port_group = "web"
                 interfaces: ifaces,
                 port_group: "default".into(),
                 mtu: None,
+                neighbour: None,
             });
             d.host_ports.push(HostPortSpec {
                 name: "h".into(),
@@ -853,7 +887,7 @@ port_group = "web"
                 mtu: None,
             });
             let json = serde_json::to_string(&d).unwrap();
-            for field in ["blocked", "addresses", "mtu"] {
+            for field in ["blocked", "addresses", "mtu", "neighbour"] {
                 // As a key: an interface may be called `mtu`.
                 let key = format!("\"{field}\":");
                 proptest::prop_assert!(!json.contains(&key), "{json}");
@@ -944,6 +978,42 @@ port_group = "web"
             .validate(&[])
             .unwrap_err();
         assert_eq!(fields(e), vec!["host_port[1].addresses[0]"]);
+    }
+
+    #[test]
+    fn a_declared_neighbour_is_printable_text_and_counts_in_the_digest() {
+        let with = |line: &str| {
+            let text = GOOD.replace(
+                "interfaces = [\"eth1\", \"eth2\"]\n",
+                &format!("interfaces = [\"eth1\", \"eth2\"]\n{line}\n"),
+            );
+            SwitchDocument::from_toml(&text).unwrap()
+        };
+        let d = with("neighbour = \"tor-1 Ethernet12\"");
+        d.validate(&[]).unwrap();
+        assert_eq!(d.uplinks[0].neighbour.as_deref(), Some("tor-1 Ethernet12"));
+        assert_eq!(SwitchDocument::from_toml(&d.to_toml()).unwrap(), d);
+        let base = SwitchDocument::from_toml(GOOD).unwrap();
+        assert_ne!(d.digest(), base.digest());
+        assert!(
+            d.uplinks[0].same_but_mtu(&base.uplinks[0]),
+            "changed in place"
+        );
+        with(&format!("neighbour = \"{}\"", "é".repeat(127)))
+            .validate(&[])
+            .unwrap();
+        for bad in [
+            "\"\"".to_string(),
+            "\"   \"".to_string(),
+            "\"tor-1\\u001b[2J\"".to_string(),
+            "\"tor-1\\nEthernet12\"".to_string(),
+            format!("\"{}\"", "x".repeat(256)),
+        ] {
+            let e = with(&format!("neighbour = {bad}"))
+                .validate(&[])
+                .unwrap_err();
+            assert_eq!(fields(e), vec!["uplink[0].neighbour"], "{bad}");
+        }
     }
 
     #[test]

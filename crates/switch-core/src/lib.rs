@@ -4,6 +4,8 @@
 //!
 //! - [`frame`]: Ethernet and 802.1Q parsing, tag push/pop, the [`frame::Mac`]
 //!   type every layer of tandem passes MAC addresses as;
+//! - [`lldp`]: reading (and writing) LLDPDUs, and an uplink's table of
+//!   the neighbours heard on its members;
 //! - [`fdb`]: the MAC table (learning, limits, aging, pinning);
 //! - [`shaper`]: token-bucket shaping;
 //! - [`offload`]: virtio-net checksum/TSO metadata and finishing it in
@@ -26,6 +28,7 @@
 pub mod config;
 pub mod fdb;
 pub mod frame;
+pub mod lldp;
 pub mod offload;
 pub mod port;
 pub mod shaper;

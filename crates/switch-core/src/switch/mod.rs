@@ -161,6 +161,11 @@ pub struct SwitchStats {
     /// Uplink name → the member interface carrying its traffic.
     pub uplinks_active: BTreeMap<String, Option<String>>,
     pub mac_table: Vec<FdbEntry>,
+    /// Every uplink member, with the LLDP neighbour heard on it (while its
+    /// TTL lasts) and its LLDP frame counts. Absent in stats from before
+    /// neighbours were heard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplink_neighbours: Vec<crate::lldp::UplinkNeighbour>,
 }
 
 /// What an apply changed.

@@ -398,6 +398,7 @@ fn frames_over_a_ports_mtu_are_dropped_both_ways() {
             interfaces: vec!["eth9".into()],
             port_group: "trunk".into(),
             mtu,
+            neighbour: None,
         });
         d
     };
