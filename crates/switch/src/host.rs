@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::config::{FieldProblem, HostPortSpec, InvalidDocument, SwitchDocument, UplinkSpec};
 use crate::frame::Mac;
 use crate::hostport::{HostPortConfig, HostPortError, HostPortHandle};
+use crate::lldp::UplinkNeighbour;
 use crate::netsys;
 use crate::port::{Ingress, PortId};
 use crate::switch::{PortKind, Switch, SwitchError};
@@ -548,7 +549,24 @@ impl SwitchHost {
                 .map(|(n, (_, _, h))| (n.clone(), h.active()))
                 .collect(),
             mac_table: self.sw.fdb_entries(),
+            uplink_neighbours: ports
+                .uplinks
+                .values()
+                .flat_map(|(_, _, h)| h.neighbours())
+                .collect(),
         }
+    }
+
+    /// Every member of every uplink (uplinks by name, members in failover
+    /// order), with the LLDP neighbour heard on it while its TTL lasts,
+    /// how long ago, and the member's LLDP frame counts.
+    pub fn uplink_neighbours(&self) -> Vec<UplinkNeighbour> {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports
+            .uplinks
+            .values()
+            .flat_map(|(_, _, h)| h.neighbours())
+            .collect()
     }
 
     /// Stops every port (tandemd shutting down). VM ports' sockets go away;

@@ -14,7 +14,7 @@
 //! here (vhost-user, sockets, taps), so it can be tested without QEMU. Its
 //! modules are re-exported under the same paths.
 
-pub use tandem_switch_core::{config, fdb, frame, offload, port, shaper, switch};
+pub use tandem_switch_core::{config, fdb, frame, lldp, offload, port, shaper, switch};
 
 #[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub mod fuzzing;

@@ -31,6 +31,16 @@
 //! Frames sent by this host on a member (`PACKET_OUTGOING`) are ignored,
 //! so nothing the switch transmits comes back in.
 //!
+//! # LLDP
+//!
+//! LLDP frames (ethertype 0x88cc to one of the three LLDP groups, tagged
+//! or not) are for the link, not for the switch: a bridge never forwards
+//! them. They are taken out of the receive path on *every* member, the
+//! standbys included (so a standby's cabling is checked too), and recorded
+//! in the uplink's [`NeighbourTable`]: per member, the last neighbour heard
+//! and when, until its TTL runs out. They count as LLDP frames of the
+//! member, not as frames the port received.
+//!
 //! # MTU
 //!
 //! [`UplinkHandle::set_mtu`] sets the document's MTU on every member.
@@ -60,6 +70,7 @@ use nix::sys::socket::{
 use tracing::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::lldp::{self, Heard, NeighbourTable, UplinkNeighbour};
 use crate::netsys::{self, LinkQuery, SendFn, TxOutcome, TxState, Worker, BATCH, TX_RETRY};
 use crate::offload::{
     self, complete_checksum, Offload, RxOffloads, VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -128,6 +139,7 @@ pub struct UplinkHandle {
     /// Interface ioctls in the uplink's namespace.
     ctl: OwnedFd,
     mtu: Arc<Mutex<MtuState>>,
+    neighbours: Arc<Mutex<NeighbourTable>>,
 }
 
 /// The MTU the document gives the members, shared with the I/O thread.
@@ -253,6 +265,7 @@ impl UplinkHandle {
 
         let stop = Worker::stop_fd().map_err(|e| setup("stop eventfd", e))?;
         let active = Arc::new(Mutex::new(None));
+        let neighbours = Arc::new(Mutex::new(NeighbourTable::new(&cfg.interfaces)));
         let mut core = Uplink {
             id: cfg.id,
             name: uplink.clone(),
@@ -261,6 +274,7 @@ impl UplinkHandle {
             shared_active: active.clone(),
             ctl,
             mtu: mtu.clone(),
+            neighbours: neighbours.clone(),
             links,
             egress,
             counters,
@@ -291,6 +305,7 @@ impl UplinkHandle {
             worker,
             ctl: handle_ctl,
             mtu,
+            neighbours,
         })
     }
 
@@ -343,6 +358,15 @@ impl UplinkHandle {
             .clone()
     }
 
+    /// Every member, with the LLDP neighbour heard on it if its TTL has not
+    /// run out, and its LLDP frame counts.
+    pub fn neighbours(&self) -> Vec<UplinkNeighbour> {
+        self.neighbours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot(&self.name, Instant::now())
+    }
+
     /// Stops the I/O thread and closes the sockets, and gives the members
     /// back the MTU they had; waits at most [`netsys::STOP_TIMEOUT`].
     pub fn shutdown(mut self) {
@@ -380,6 +404,7 @@ struct Uplink {
     shared_active: Arc<Mutex<Option<String>>>,
     ctl: OwnedFd,
     mtu: Arc<Mutex<MtuState>>,
+    neighbours: Arc<Mutex<NeighbourTable>>,
     links: LinkQuery,
     egress: Arc<EgressQueue>,
     counters: Arc<PortCounters>,
@@ -504,7 +529,24 @@ impl Uplink {
                     return;
                 }
             };
-            if meta.outgoing || self.active != Some(i) {
+            if meta.outgoing {
+                continue;
+            }
+            // The kernel took any tag off, so the bytes as received start
+            // with the LLDP ethertype whether the frame was tagged or not.
+            // A frame larger than the buffer is no LLDPDU (and is
+            // malformed below).
+            let raw = self.scratch.get(VLAN_HLEN..VLAN_HLEN + meta.info.len);
+            if let Some(frame) = raw.filter(|f| lldp::is_lldp(f)) {
+                let heard = self
+                    .neighbours
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .receive(i, frame, Instant::now());
+                self.log_lldp(i, heard);
+                continue;
+            }
+            if self.active != Some(i) {
                 continue;
             }
             match rebuild(&mut self.scratch, &meta.info) {
@@ -513,6 +555,24 @@ impl Uplink {
                     self.ingress.ingress(self.id, &self.scratch[r]);
                 }
                 None => self.counters.dropped(DropReason::Malformed),
+            }
+        }
+    }
+
+    fn log_lldp(&self, i: usize, heard: Heard) {
+        let member = &self.members[i].name;
+        match heard {
+            Heard::New(n) => {
+                info!(uplink = %self.name, member = %member, neighbour = %n, ttl_s = n.ttl_s, "LLDP neighbour heard")
+            }
+            Heard::Refreshed => {}
+            Heard::Withdrawn(Some(n)) => {
+                info!(uplink = %self.name, member = %member, neighbour = %n, "LLDP neighbour withdrew (TTL 0)")
+            }
+            Heard::Withdrawn(None) => {}
+            // Debug: whoever sends garbage would otherwise fill the log.
+            Heard::Invalid(e) => {
+                debug!(uplink = %self.name, member = %member, error = %e, "invalid LLDP frame")
             }
         }
     }
@@ -536,6 +596,14 @@ impl Uplink {
     /// Re-reads every member's existence and link state, reopens sockets of
     /// members that came back, and picks the active member.
     fn evaluate(&mut self) {
+        let gone = self
+            .neighbours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(Instant::now());
+        for (member, n) in gone {
+            info!(uplink = %self.name, member = %member, neighbour = %n, "LLDP neighbour not heard within its TTL; forgotten");
+        }
         for m in &mut self.members {
             let index = match netsys::ifindex(&self.ctl, &m.name) {
                 Ok(i) => i,
