@@ -671,3 +671,155 @@ fn idle_uplink_does_not_spin() {
     assert_eq!(rig.counters.snapshot().tx_frames, 50);
     timed_shutdown(up);
 }
+
+/// The whole switch (`SwitchHost`) in namespace A: uplink `up` on `ul0`
+/// (active) and `ul1` (standby), whose peers `pl0`/`pl1` are in B, and a
+/// host port (tap `tl0`) in the same VLAN. B plays a top-of-rack switch
+/// that speaks LLDP: its frames, written by the `lldp` module's encoder and
+/// sent through packet sockets, are heard on both members, shown with the
+/// document's declared neighbour, never reach the tap, and are forgotten
+/// when their 2 s TTL runs out.
+#[test]
+fn lldp_neighbours_are_heard_not_forwarded_and_expire() {
+    use tandem_switch::frame::Mac;
+    use tandem_switch::host::SwitchHost;
+    use tandem_switch::lldp::{self, LldpId, LldpNeighbour, UplinkNeighbour};
+
+    /// Stops the switch (and its tap) before the namespaces go.
+    struct Running(Arc<SwitchHost>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+
+    let (a, b) = (Netns::new(), Netns::new());
+    veth(&a, "ul0", &b, "pl0");
+    veth(&a, "ul1", &b, "pl1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switch.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[port_group]]
+name = "lan"
+vlan = 10
+
+[[uplink]]
+name = "up"
+interfaces = ["ul0", "ul1"]
+port_group = "lan"
+neighbour = "tor-1 Ethernet12"
+
+[[host_port]]
+name = "mgmt"
+tap = "tl0"
+port_group = "lan"
+"#,
+    )
+    .unwrap();
+    let host = in_netns(&a.path(), || SwitchHost::start(&path))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let host = Running(host);
+    let host = &*host.0;
+    assert_eq!(
+        host.document().uplinks[0].neighbour.as_deref(),
+        Some("tor-1 Ethernet12")
+    );
+    wait_until(WAIT, "ul0 active", || {
+        host.stats().uplinks_active.get("up") == Some(&Some("ul0".into()))
+    });
+    let member = |m: &str| -> UplinkNeighbour {
+        host.uplink_neighbours()
+            .into_iter()
+            .find(|n| n.uplink == "up" && n.member == m)
+            .unwrap_or_else(|| panic!("no member {m}"))
+    };
+    assert_eq!(member("ul0").neighbour, None);
+
+    let (wire0, wire1) = (Wire::open(&b, "pl0"), Wire::open(&b, "pl1"));
+    let tap = Wire::open(&a, "tl0");
+    // The path is open: a frame B sends reaches the host's tap.
+    wire0.send(&frame(1, &[], 60));
+    tap.recv_until(WAIT, |f| is_marker(f, 1))
+        .expect("the switch forwards from the uplink to the tap");
+
+    let tor = LldpNeighbour {
+        chassis_id: LldpId::Mac(Mac([0x02, 0x1c, 0x73, 0, 0, 1])),
+        port_id: LldpId::InterfaceName("Ethernet12".into()),
+        system_name: Some("tor-1".into()),
+        port_description: Some("host7 eth1".into()),
+        ttl_s: 2,
+    };
+    let src = Mac([0x02, 0x1c, 0x73, 0, 0, 0x12]);
+    let sent = Instant::now();
+    wire0.send(&lldp::encode_frame(src, &tor).unwrap());
+    // Sent after the LLDP frame along the same path: if the LLDP frame
+    // were forwarded it would reach the tap first.
+    wire0.send(&frame(2, &[], 60));
+    let standby = LldpNeighbour {
+        port_id: LldpId::InterfaceName("Ethernet13".into()),
+        ..tor.clone()
+    };
+    wire1.send(&lldp::encode_frame(src, &standby).unwrap());
+
+    wait_until(WAIT, "the neighbour on ul0", || {
+        member("ul0").neighbour.as_ref() == Some(&tor)
+    });
+    wait_until(WAIT, "the neighbour on the standby ul1", || {
+        member("ul1").neighbour.as_ref() == Some(&standby)
+    });
+    let first = tap
+        .recv_until(WAIT, |f| is_marker(f, 2) || lldp::is_lldp(f))
+        .expect("the frame sent after the LLDP frame");
+    assert!(!lldp::is_lldp(&first), "LLDP forwarded to the host port");
+    assert_eq!(
+        tap.recv_until(Duration::from_millis(300), lldp::is_lldp),
+        None,
+        "LLDP forwarded to the host port"
+    );
+    let m = member("ul0");
+    assert_eq!((m.lldp_frames, m.lldp_errors), (1, 0));
+    assert!(m.age_ms.is_some_and(|ms| ms < 2000), "{m:?}");
+    assert_eq!(
+        tor.to_string(),
+        "tor-1 Ethernet12 (chassis 02:1c:73:00:00:01)"
+    );
+
+    // `tandem switch stats` carries it.
+    let json = serde_json::to_value(host.stats()).unwrap();
+    let shown = json["uplink_neighbours"]
+        .as_array()
+        .expect("uplink_neighbours in the stats")
+        .iter()
+        .find(|n| n["member"] == "ul0")
+        .expect("ul0 in the stats")
+        .clone();
+    assert_eq!(shown["neighbour"]["system_name"], "tor-1", "{shown}");
+    assert_eq!(
+        shown["neighbour"]["port_id"]["interface-name"], "Ethernet12",
+        "{shown}"
+    );
+
+    // An LLDP frame that is not a valid LLDPDU is counted and changes
+    // nothing.
+    let mut bad = lldp::encode_frame(src, &tor).unwrap();
+    bad[14..16].copy_from_slice(&[0x06, 0x02]);
+    wire0.send(&bad);
+    wait_until(WAIT, "the invalid frame counted", || {
+        member("ul0").lldp_errors == 1
+    });
+    assert_eq!(member("ul0").neighbour.as_ref(), Some(&tor));
+
+    // Not heard again: gone once its TTL has run out, and not before.
+    wait_until(Duration::from_secs(6), "the neighbour to expire", || {
+        member("ul0").neighbour.is_none() && member("ul1").neighbour.is_none()
+    });
+    let gone_at = sent.elapsed();
+    assert!(
+        gone_at >= Duration::from_millis(1900),
+        "forgotten after {gone_at:?}, TTL 2 s"
+    );
+    assert_eq!(member("ul0").lldp_frames, 2);
+}
