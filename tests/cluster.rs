@@ -551,6 +551,74 @@ fn the_cluster_on_a_management_fabric() {
     );
     assert_eq!(a.digest(), good_digest[0]);
 
+    phase("T000-5: a stale commit is ignored; the pending one stays");
+    let running = work.path().join("running.toml");
+    std::fs::write(
+        &running,
+        a.daemon.cli_json(&["switch", "show"])["document_toml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let tried = manager.remote(
+        a.name,
+        a.ip,
+        &[
+            "--json",
+            "switch",
+            "try",
+            running.to_str().unwrap(),
+            "--timeout",
+            "30",
+        ],
+    );
+    assert!(tried.status.success(), "{}", text(&tried));
+    let txid = serde_json::from_slice::<Value>(&tried.stdout).unwrap()["txid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stale = manager.remote(a.name, a.ip, &["switch", "confirm", "m-older-txid"]);
+    assert!(!stale.status.success(), "{}", text(&stale));
+    assert!(
+        text(&stale).contains("not the pending one"),
+        "{}",
+        text(&stale)
+    );
+    let st = a.daemon.cli_json(&["switch", "txn"]);
+    assert_eq!(st["pending"]["txid"], txid.as_str(), "{st}");
+    assert_eq!(
+        st["pending"]["origin"], "manager",
+        "over the host API: {st}"
+    );
+    let ok = manager.remote(a.name, a.ip, &["switch", "confirm", &txid]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert_eq!(a.digest(), good_digest[0]);
+
+    phase("T000-8: timeouts outside 5..=60 s are refused");
+    for t in [4, 61] {
+        let (code, r) = {
+            let f = work.path().join("t8.toml");
+            std::fs::write(&f, &vmnet).unwrap();
+            let out = manager.tandem(&[
+                "dvs",
+                "apply",
+                f.to_str().unwrap(),
+                "--timeout",
+                &t.to_string(),
+            ]);
+            (out.status.code().unwrap_or(-1), text(&out))
+        };
+        assert_ne!(code, 0, "timeout {t}: {r}");
+        assert!(
+            r.contains("timeout") || r.contains("5..=60") || r.contains("60"),
+            "timeout {t}: {r}"
+        );
+    }
+    assert_eq!(
+        manager.json(&["dvs", "show"])["revision"].as_u64(),
+        Some(good)
+    );
+
     phase("T000-10, the catalogue of cuts: a blocked management group, ");
     // T000-10, the catalogue of cuts: a blocked management group, the host
     // port's address moved, the host port removed, the uplink failing over
