@@ -29,21 +29,31 @@
 //! sends it at once and again with backoff until the manager acknowledges
 //! it (a host that just rolled back may reach the manager only a moment
 //! later), for at most [`SWITCH_SYNC_GIVE_UP`].
+//!
+//! tandemd also calls the manager through the handle, with the agent's
+//! current identity: [`AgentHandle::register_primary`] before it protects
+//! a VM, [`AgentHandle::record_takeover`] after its backup role resumed
+//! one, and [`AgentHandle::refresh_authority`] when its backup refused a
+//! primary the cache may not know yet. Each refreshes the cached
+//! authority at once rather than at the next tick, so the replication
+//! authority sees the change within the same request.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tandem_pki::{Identity, RevocationList, CLOCK_SKEW, IDENTITY_FILE};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::api::{
     AuthorityRecord, Credentials, Health, HeartbeatRequest, HeartbeatResponse, HostAuthority,
-    HostSwitchSync, Inventory, Revocations,
+    HostSwitchSync, Inventory, RegisterPrimaryRequest, Revocations, TakeoverRequest,
 };
 use crate::client::{ClientError, Joined, ManagerClient, ManagerEndpoint};
 use crate::state::{read_json, write_json, StateError, MANAGER_FILE};
@@ -104,6 +114,62 @@ pub const SWITCH_SYNC_GIVE_UP: Duration = Duration::from_secs(600);
 /// The first retry's delay; it doubles up to [`SWITCH_SYNC_MAX_BACKOFF`].
 const SWITCH_SYNC_FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const SWITCH_SYNC_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How long a call tandemd makes through the handle may take: it holds
+/// a request of tandemd's own (protect) while it runs.
+pub const HANDLE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// [`AgentHandle::refresh_authority`] fetches at most this often: a
+/// primary knocking at every heartbeat must not turn into a request to
+/// the manager each time.
+pub const REFRESH_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// The authority cache, shared by the agent's loop and its handle.
+struct AuthorityCache {
+    dir: PathBuf,
+    tx: watch::Sender<Arc<HostAuthority>>,
+    /// Held across each fetch and its store, so that an answer older than
+    /// the one stored last never replaces it.
+    lock: tokio::sync::Mutex<()>,
+    last_refresh: parking_lot::Mutex<Option<Instant>>,
+    refreshing: AtomicBool,
+}
+
+impl AuthorityCache {
+    /// Fetches this host's records and keeps them if they changed.
+    async fn fetch(&self, client: &ManagerClient) -> Result<(), AgentError> {
+        let _one = self.lock.lock().await;
+        let authority: HostAuthority = client.get("/v1/host/authority").await?;
+        self.store(authority)
+    }
+
+    /// Durably first, then published: a restart never starts from less
+    /// than what the replication authority already admitted by.
+    fn store(&self, authority: HostAuthority) -> Result<(), AgentError> {
+        if **self.tx.borrow() == authority {
+            return Ok(());
+        }
+        write_json(
+            &self.dir.join(AUTHORITY_FILE),
+            &CachedAuthority::new(&authority, crate::clock::unix(SystemTime::now())),
+            0o600,
+        )?;
+        info!(vms = authority.vms.len(), "VM authority records updated");
+        self.tx.send_replace(Arc::new(authority));
+        Ok(())
+    }
+
+    /// Puts one record the manager just answered with into the cache,
+    /// when the fetch after it failed.
+    async fn merge(&self, rec: &AuthorityRecord) -> Result<(), AgentError> {
+        let _one = self.lock.lock().await;
+        let mut next = (**self.tx.borrow()).clone();
+        next.vms.retain(|v| v.uuid != rec.uuid);
+        if rec.involves(&next.host) {
+            next.vms.push(rec.clone());
+        }
+        self.store(next)
+    }
+}
 
 /// A host-sync message on its way.
 struct QueuedSync {
@@ -228,6 +294,8 @@ pub struct AgentHandle {
     pub revocations: Arc<RevocationList>,
     pub status: watch::Receiver<AgentStatus>,
     switch_sync: tokio::sync::mpsc::Sender<HostSwitchSync>,
+    endpoint: ManagerEndpoint,
+    cache: Arc<AuthorityCache>,
 }
 
 impl AgentHandle {
@@ -245,13 +313,126 @@ impl AgentHandle {
             }
         })
     }
+
+    /// A client of the manager as this host is now (a renewal replaced the
+    /// certificate since the agent started, perhaps).
+    fn client(&self) -> Result<ManagerClient, ClientError> {
+        let id = self.identity.borrow().clone();
+        Ok(
+            ManagerClient::new(self.endpoint.clone(), &id, self.revocations.clone())?
+                .with_timeout(HANDLE_REQUEST_TIMEOUT),
+        )
+    }
+
+    /// Records this host as the primary of VM `uuid`, replicating to
+    /// `backup` (`POST /v1/host/vms`), then refreshes the cached
+    /// authority. A `conflict` answer means another host is recorded as
+    /// its primary; a connect or timeout error, that the manager is out of
+    /// reach (the cache is unchanged then).
+    pub async fn register_primary(
+        &self,
+        uuid: Uuid,
+        name: &str,
+        backup: Option<&str>,
+    ) -> Result<AuthorityRecord, ClientError> {
+        let client = self.client()?;
+        let rec: AuthorityRecord = client
+            .post(
+                "/v1/host/vms",
+                &RegisterPrimaryRequest {
+                    uuid,
+                    name: name.to_string(),
+                    backup: backup.map(str::to_string),
+                },
+            )
+            .await?;
+        self.refresh_after(&client, &rec).await;
+        Ok(rec)
+    }
+
+    /// Records that this host, the VM's backup, took it over from the
+    /// record at `expected_generation` (`POST /v1/host/vms/{uuid}/takeover`),
+    /// then refreshes the cached authority.
+    pub async fn record_takeover(
+        &self,
+        uuid: Uuid,
+        expected_generation: u64,
+    ) -> Result<AuthorityRecord, ClientError> {
+        let client = self.client()?;
+        let rec: AuthorityRecord = client
+            .post(
+                &format!("/v1/host/vms/{}/takeover", uuid.hyphenated()),
+                &TakeoverRequest {
+                    expected_generation,
+                },
+            )
+            .await?;
+        self.refresh_after(&client, &rec).await;
+        Ok(rec)
+    }
+
+    async fn refresh_after(&self, client: &ManagerClient, rec: &AuthorityRecord) {
+        if let Err(e) = self.cache.fetch(client).await {
+            debug!(vm = %rec.uuid, "fetching the authority after a change: {e}; keeping the answer");
+            if let Err(e) = self.cache.merge(rec).await {
+                warn!(vm = %rec.uuid, "caching the VM's authority record: {e}");
+            }
+        }
+    }
+
+    /// This host's cached record of VM `uuid`, if any.
+    pub fn cached(&self, uuid: Uuid) -> Option<AuthorityRecord> {
+        self.authority
+            .borrow()
+            .vms
+            .iter()
+            .find(|v| v.uuid == uuid)
+            .cloned()
+    }
+
+    /// Fetches the authority now, in the background, instead of at the
+    /// next tick: the backup calls it when it refused a primary, so that a
+    /// VM just registered is admitted at the primary's next try. At most
+    /// once per [`REFRESH_AT_MOST_EVERY`] and one at a time; returns
+    /// whether a fetch was started.
+    pub fn refresh_authority(&self) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        {
+            let mut last = self.cache.last_refresh.lock();
+            if last.is_some_and(|t| t.elapsed() < REFRESH_AT_MOST_EVERY) {
+                return false;
+            }
+            if self.cache.refreshing.swap(true, Ordering::AcqRel) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(e) => {
+                self.cache.refreshing.store(false, Ordering::Release);
+                warn!("refreshing the VM authority: {e}");
+                return false;
+            }
+        };
+        let cache = self.cache.clone();
+        rt.spawn(async move {
+            if let Err(e) = cache.fetch(&client).await {
+                debug!("refreshing the VM authority: {e} (the next tick tries again)");
+            }
+            cache.refreshing.store(false, Ordering::Release);
+        });
+        true
+    }
 }
 
 pub struct HostAgent {
     cfg: AgentConfig,
     endpoint: ManagerEndpoint,
     identity: watch::Sender<Arc<Identity>>,
-    authority: watch::Sender<Arc<HostAuthority>>,
+    cache: Arc<AuthorityCache>,
     revocations: Arc<RevocationList>,
     status: watch::Sender<AgentStatus>,
     client: ManagerClient,
@@ -283,19 +464,28 @@ impl HostAgent {
         let (auth_tx, auth_rx) = watch::channel(Arc::new(authority));
         let (st_tx, st_rx) = watch::channel(AgentStatus::default());
         let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(SWITCH_SYNC_QUEUE);
+        let cache = Arc::new(AuthorityCache {
+            dir: cfg.dir.clone(),
+            tx: auth_tx,
+            lock: tokio::sync::Mutex::new(()),
+            last_refresh: parking_lot::Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+        });
         let handle = AgentHandle {
             identity: id_rx,
             authority: auth_rx,
             revocations: Arc::clone(&revocations),
             status: st_rx,
             switch_sync: sync_tx,
+            endpoint: endpoint.clone(),
+            cache: cache.clone(),
         };
         Ok((
             HostAgent {
                 cfg,
                 endpoint,
                 identity: id_tx,
-                authority: auth_tx,
+                cache,
                 revocations,
                 status: st_tx,
                 client,
@@ -338,16 +528,7 @@ impl HostAgent {
                 );
             }
         }
-        let authority: HostAuthority = self.client.get("/v1/host/authority").await?;
-        if **self.authority.borrow() != authority {
-            write_json(
-                &self.cfg.dir.join(AUTHORITY_FILE),
-                &CachedAuthority::new(&authority, crate::clock::unix(SystemTime::now())),
-                0o600,
-            )?;
-            info!(vms = authority.vms.len(), "VM authority records updated");
-            self.authority.send_replace(Arc::new(authority));
-        }
+        self.cache.fetch(&self.client).await?;
         let inventory_due = self
             .last_inventory
             .is_none_or(|t| t.elapsed() >= self.cfg.inventory_every);

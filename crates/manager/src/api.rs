@@ -11,6 +11,8 @@
 //! | `PUT /v1/host/inventory` | host | [`Inventory`] → [`Ack`] |
 //! | `GET /v1/host/authority` | host | → [`HostAuthority`]: the VMs it is primary or backup of |
 //! | `POST /v1/host/renew` | host | → [`Credentials`]: a new certificate and key |
+//! | `POST /v1/host/vms` | host | [`RegisterPrimaryRequest`] → [`AuthorityRecord`]: the caller records itself as a VM's primary (created at generation 1; a new backup bumps the generation; 409 if another host is primary) |
+//! | `POST /v1/host/vms/{uuid}/takeover` | host, the record's backup | [`TakeoverRequest`] → [`AuthorityRecord`]: the backup that resumed the VM becomes its primary, without backup, generation + 1 (409 unless at `expected_generation`) |
 //! | `GET /v1/revocations` | host, operator | → [`Revocations`] |
 //! | `GET /v1/cluster` | host, operator | → [`ClusterStatus`] |
 //! | `POST /v1/tokens` | operator | [`CreateTokenRequest`] → [`CreatedToken`] |
@@ -329,6 +331,28 @@ pub struct HandoverRequest {
     pub primary: String,
     #[serde(default)]
     pub backup: Option<String>,
+}
+
+/// Body of `POST /v1/host/vms`: the calling host (its certificate name)
+/// is the VM's primary, replicating to `backup`. Never moves a VM that
+/// another host is recorded to run: that is a handover (operator) or a
+/// takeover (the recorded backup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterPrimaryRequest {
+    pub uuid: Uuid,
+    pub name: String,
+    /// The backup's certificate name; `None`: unprotected.
+    #[serde(default)]
+    pub backup: Option<String>,
+}
+
+/// Body of `POST /v1/host/vms/{uuid}/takeover`: the recorded backup has
+/// resumed the VM and records itself as its primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverRequest {
+    /// The generation the backup replicated under; refused (409) if the
+    /// record is at another, so of two claimants only one wins.
+    pub expected_generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,7 +26,7 @@ use crate::api::{
     Ack, AuthorityRecord, ClusterStatus, CreateTokenRequest, CreateVmRequest, CreatedToken,
     Credentials, DeleteVmQuery, Dump, ErrorBody, ErrorKind, FieldProblem, HandoverRequest,
     HeartbeatRequest, HeartbeatResponse, HostAuthority, HostView, Inventory, JoinRequest,
-    RemovedHost, Revocations, RevokeRequest, TokenInfo,
+    RegisterPrimaryRequest, RemovedHost, Revocations, RevokeRequest, TakeoverRequest, TokenInfo,
 };
 use crate::api::{
     DvsApplyReport, DvsApplyRequest, DvsRevision, DvsRollbackRequest, DvsView, HostSwitchSync,
@@ -194,6 +194,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/host/authority", get(host_authority))
         .route("/v1/host/renew", post(renew))
         .route("/v1/host/switch-sync", post(switch_sync))
+        .route("/v1/host/vms", post(register_primary))
+        .route("/v1/host/vms/{uuid}/takeover", post(record_takeover))
         .route("/v1/dvs", get(dvs_show))
         .route("/v1/dvs/apply", post(dvs_apply))
         .route("/v1/dvs/rollback", post(dvs_rollback))
@@ -400,6 +402,29 @@ async fn delete_vm(
         .delete_vm(parse_uuid(&uuid)?, q.generation)
         .await?;
     Ok(Json(Ack {}))
+}
+
+// The caller's extractor comes before the body's: a wrong role is 403
+// whatever it sent.
+async fn register_primary(
+    State(s): State<AppState>,
+    HostCaller(c): HostCaller,
+    Body(req): Body<RegisterPrimaryRequest>,
+) -> HttpResult<AuthorityRecord> {
+    Ok(Json(s.manager.register_primary(&c.peer, req).await?))
+}
+
+async fn record_takeover(
+    State(s): State<AppState>,
+    HostCaller(c): HostCaller,
+    Path(uuid): Path<String>,
+    Body(req): Body<TakeoverRequest>,
+) -> HttpResult<AuthorityRecord> {
+    Ok(Json(
+        s.manager
+            .record_takeover(&c.peer, parse_uuid(&uuid)?, req)
+            .await?,
+    ))
 }
 
 async fn switch_sync(

@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::api::{
     ClusterStatus, Connection, CreateTokenRequest, CreateVmRequest, CreatedToken, Credentials,
     Dump, DumpEntry, ErrorKind, HandoverRequest, HeartbeatRequest, HeartbeatResponse,
-    HostAuthority, HostView, JoinRequest, RemovedHost, Revocations, RevokeRequest, TokenInfo,
-    DUMP_FORMAT,
+    HostAuthority, HostView, JoinRequest, RegisterPrimaryRequest, RemovedHost, Revocations,
+    RevokeRequest, TakeoverRequest, TokenInfo, DUMP_FORMAT,
 };
 use crate::clock::{rfc3339, unix, Clock};
 use crate::model::token::cert_sha256;
@@ -997,6 +997,128 @@ impl Manager {
         Ok(after.value)
     }
 
+    /// `POST /v1/host/vms`: the calling host records itself as the VM's
+    /// primary with `req.backup`. A new record starts at generation 1; a
+    /// record the caller is already primary of gets the new backup, one
+    /// generation up (so the old backup's cache stops admitting it), or
+    /// stays as it is. A VM recorded on another host is never taken this
+    /// way (409 naming it): moving it is a handover or a takeover.
+    pub async fn register_primary(
+        &self,
+        peer: &Peer,
+        req: RegisterPrimaryRequest,
+    ) -> Result<AuthorityRecord> {
+        self.member(peer).await?;
+        if req.name.is_empty() || req.name.len() > 128 {
+            return Err(ManagerError::Invalid("a VM name is 1 to 128 bytes".into()));
+        }
+        let me = peer.name.as_str();
+        self.check_placement(me, req.backup.as_deref()).await?;
+        let uuid = req.uuid;
+        let now = self.now();
+        let mut what = "unchanged";
+        let after = typed::update::<AuthorityRecord, ManagerError, _>(
+            self.store.as_ref(),
+            &vm_key(&uuid),
+            |cur| match cur {
+                None => {
+                    what = "created";
+                    Ok(Change::Put(AuthorityRecord {
+                        uuid,
+                        name: req.name.clone(),
+                        primary: me.to_string(),
+                        backup: req.backup.clone(),
+                        generation: 1,
+                        updated_at: now,
+                        updated_by: me.to_string(),
+                    }))
+                }
+                Some(rec) if rec.primary != me => Err(ManagerError::Conflict(format!(
+                    "VM {uuid} (`{}`) is recorded on host {} at generation {}: it is handed over by an operator (tandem cluster vm handover) or taken over by its backup, never claimed",
+                    rec.name, rec.primary, rec.generation
+                ))),
+                Some(rec) if rec.backup == req.backup => {
+                    what = "unchanged";
+                    Ok(Change::Keep)
+                }
+                Some(mut rec) => {
+                    what = "backup changed";
+                    rec.backup = req.backup.clone();
+                    rec.generation += 1;
+                    rec.updated_at = now;
+                    rec.updated_by = me.to_string();
+                    Ok(Change::Put(rec))
+                }
+            },
+        )
+        .await?
+        .ok_or_else(|| ManagerError::NotFound(format!("no VM {uuid}")))?;
+        if what != "unchanged" {
+            info!(vm = %uuid, name = %after.value.name, primary = %after.value.primary, backup = ?after.value.backup, generation = after.value.generation, "VM authority {what} by its primary");
+        }
+        Ok(after.value)
+    }
+
+    /// `POST /v1/host/vms/{uuid}/takeover`: the record's backup, having
+    /// resumed the VM, becomes its primary with no backup, one generation
+    /// up, if the record is still at `expected_generation`. Sent again
+    /// after a lost answer, it finds its own takeover and answers it.
+    pub async fn record_takeover(
+        &self,
+        peer: &Peer,
+        uuid: Uuid,
+        req: TakeoverRequest,
+    ) -> Result<AuthorityRecord> {
+        self.member(peer).await?;
+        let me = peer.name.as_str();
+        let now = self.now();
+        let mut done_before = false;
+        let after = typed::update::<AuthorityRecord, ManagerError, _>(
+            self.store.as_ref(),
+            &vm_key(&uuid),
+            |cur| {
+                let Some(mut rec) = cur else {
+                    return Err(ManagerError::NotFound(format!("no VM {uuid}")));
+                };
+                if rec.primary == me
+                    && rec.backup.is_none()
+                    && rec.generation == req.expected_generation.saturating_add(1)
+                    && rec.updated_by == me
+                {
+                    done_before = true;
+                    return Ok(Change::Keep);
+                }
+                if rec.backup.as_deref() != Some(me) {
+                    return Err(ManagerError::Forbidden(format!(
+                        "{me} is not the recorded backup of VM {uuid} (`{}`): primary {}, backup {}, generation {}",
+                        rec.name,
+                        rec.primary,
+                        rec.backup.as_deref().unwrap_or("none"),
+                        rec.generation
+                    )));
+                }
+                if rec.generation != req.expected_generation {
+                    return Err(ManagerError::Conflict(format!(
+                        "VM {uuid} is at generation {}, not {}: the record moved on (primary {})",
+                        rec.generation, req.expected_generation, rec.primary
+                    )));
+                }
+                rec.primary = me.to_string();
+                rec.backup = None;
+                rec.generation += 1;
+                rec.updated_at = now;
+                rec.updated_by = me.to_string();
+                Ok(Change::Put(rec))
+            },
+        )
+        .await?
+        .ok_or_else(|| ManagerError::NotFound(format!("no VM {uuid}")))?;
+        if !done_before {
+            warn!(vm = %uuid, generation = after.value.generation, primary = %me, "VM taken over by its backup");
+        }
+        Ok(after.value)
+    }
+
     pub async fn delete_vm(&self, uuid: Uuid, generation: u64) -> Result<()> {
         let mut found = false;
         typed::update::<AuthorityRecord, ManagerError, _>(
@@ -1464,6 +1586,153 @@ mod tests {
         );
         f.m.delete_vm(uuid, 3).await.unwrap();
         assert_eq!(f.m.vm(uuid).await.unwrap_err().kind(), ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_host_registers_itself_as_primary_and_its_backup_takes_over() {
+        let f = fixture().await;
+        let mut hosts = HashMap::new();
+        for h in ["host-a", "host-b", "host-c"] {
+            let c = join(&f, &token(&f, None).await, h).await.unwrap();
+            hosts.insert(h, host_peer(&c));
+        }
+        let (a, b, c) = (&hosts["host-a"], &hosts["host-b"], &hosts["host-c"]);
+        let uuid = Uuid::new_v4();
+        let reg = |backup: Option<&str>| RegisterPrimaryRequest {
+            uuid,
+            name: "web".into(),
+            backup: backup.map(String::from),
+        };
+        let r = f.m.register_primary(a, reg(Some("host-b"))).await.unwrap();
+        assert_eq!(
+            (r.primary.as_str(), r.backup.as_deref(), r.generation),
+            ("host-a", Some("host-b"), 1)
+        );
+        assert_eq!(r.updated_by, "host-a");
+        // Again with the same backup: unchanged (protect after a restart).
+        assert_eq!(
+            f.m.register_primary(a, reg(Some("host-b"))).await.unwrap(),
+            r
+        );
+        // Host B cannot take A's VM by registering it.
+        let e =
+            f.m.register_primary(b, reg(Some("host-c")))
+                .await
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(
+            e.to_string().contains("host-a") && e.to_string().contains("generation 1"),
+            "{e}"
+        );
+        assert_eq!(f.m.vm(uuid).await.unwrap(), r);
+        // Placement: a member backup, not the primary itself.
+        for bad in ["host-x", "host-a"] {
+            let e = f.m.register_primary(a, reg(Some(bad))).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Invalid, "{bad}: {e}");
+        }
+        // An operator certificate is no host.
+        let e =
+            f.m.register_primary(&f.op, reg(Some("host-b")))
+                .await
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Forbidden);
+        // A new backup: one generation up, so the old backup stops admitting.
+        let r2 = f.m.register_primary(a, reg(Some("host-c"))).await.unwrap();
+        assert_eq!((r2.backup.as_deref(), r2.generation), (Some("host-c"), 2));
+
+        // Only the recorded backup (now C) can take over.
+        let tk = |g| TakeoverRequest {
+            expected_generation: g,
+        };
+        for who in [b, a] {
+            let e = f.m.record_takeover(who, uuid, tk(2)).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Forbidden, "{}: {e}", who.name);
+        }
+        // At a stale generation: refused, nothing changes.
+        let e = f.m.record_takeover(c, uuid, tk(1)).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(f.m.vm(uuid).await.unwrap(), r2);
+        let t = f.m.record_takeover(c, uuid, tk(2)).await.unwrap();
+        assert_eq!(
+            (t.primary.as_str(), t.backup.as_deref(), t.generation),
+            ("host-c", None, 3)
+        );
+        // Sent again (its answer was lost): the same record, no new generation.
+        assert_eq!(f.m.record_takeover(c, uuid, tk(2)).await.unwrap(), t);
+        // The old primary can neither register it back nor take it over.
+        assert_eq!(
+            f.m.register_primary(a, reg(Some("host-b")))
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(
+            f.m.record_takeover(a, uuid, tk(3))
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Forbidden
+        );
+        // The new primary protects it onward.
+        let r4 = f.m.register_primary(c, reg(Some("host-a"))).await.unwrap();
+        assert_eq!((r4.primary.as_str(), r4.generation), ("host-c", 4));
+        assert_eq!(
+            f.m.record_takeover(c, Uuid::new_v4(), tk(1))
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn two_backups_claiming_one_takeover_one_wins() {
+        let f = fixture().await;
+        let mut hosts = HashMap::new();
+        for h in ["host-a", "host-b"] {
+            let c = join(&f, &token(&f, None).await, h).await.unwrap();
+            hosts.insert(h, host_peer(&c));
+        }
+        let uuid = Uuid::new_v4();
+        f.m.register_primary(
+            &hosts["host-a"],
+            RegisterPrimaryRequest {
+                uuid,
+                name: "web".into(),
+                backup: Some("host-b".into()),
+            },
+        )
+        .await
+        .unwrap();
+        let b = &hosts["host-b"];
+        let req = TakeoverRequest {
+            expected_generation: 1,
+        };
+        // The same host twice at once (a retry racing the first try): both
+        // see the takeover done, and the generation moves once.
+        let (x, y) = tokio::join!(
+            f.m.record_takeover(b, uuid, req.clone()),
+            f.m.record_takeover(b, uuid, req.clone())
+        );
+        assert_eq!(x.unwrap().generation, 2);
+        assert_eq!(y.unwrap().generation, 2);
+        // An operator handover in between makes a late claim lose.
+        f.m.handover(
+            uuid,
+            HandoverRequest {
+                expected_generation: 2,
+                primary: "host-a".into(),
+                backup: Some("host-b".into()),
+            },
+            &f.op,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            f.m.record_takeover(b, uuid, req).await.unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
     }
 
     #[tokio::test]

@@ -212,3 +212,64 @@ fn renewal_is_due_at_two_thirds_of_the_life() {
         "renews {left:?} before expiry"
     );
 }
+
+/// tandemd's calls through the handle: registering as primary and
+/// recording a takeover update the cache at once (no tick), and
+/// `refresh_authority` fetches now, at most once a second.
+#[tokio::test]
+async fn the_handle_registers_takes_over_and_refreshes_without_a_tick() {
+    let h = Harness::start().await;
+    let (da, db) = (h.path("host-a/identity"), h.path("host-b/identity"));
+    save_joined(&da, &h.join("host-a").await).unwrap();
+    save_joined(&db, &h.join("host-b").await).unwrap();
+    let (_agent_a, a) = HostAgent::open(AgentConfig::new(&da)).unwrap();
+    let (_agent_b, b) = HostAgent::open(AgentConfig::new(&db)).unwrap();
+    let uuid = Uuid::new_v4();
+
+    let r = common::bounded("register", a.register_primary(uuid, "web", Some("host-b")))
+        .await
+        .unwrap();
+    assert_eq!((r.primary.as_str(), r.generation), ("host-a", 1));
+    assert_eq!(a.cached(uuid), Some(r.clone()));
+    let file: CachedAuthority =
+        serde_json::from_slice(&std::fs::read(da.join(AUTHORITY_FILE)).unwrap()).unwrap();
+    assert_eq!(file.vms[&uuid.hyphenated().to_string()].backup, "host-b");
+
+    // B's cache learns of it when asked to refresh, not before.
+    assert_eq!(b.cached(uuid), None);
+    let mut changes = b.authority.clone();
+    assert!(b.refresh_authority());
+    // Within the second: not again.
+    assert!(!b.refresh_authority());
+    common::bounded("the refresh", changes.changed())
+        .await
+        .unwrap();
+    assert_eq!(b.cached(uuid), Some(r.clone()));
+
+    // Another host's VM is not B's to register.
+    let e = b
+        .register_primary(uuid, "web", Some("host-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        Some(tandem_manager::api::ErrorKind::Conflict),
+        "{e}"
+    );
+
+    let t = common::bounded("takeover", b.record_takeover(uuid, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (t.primary.as_str(), t.backup.as_deref(), t.generation),
+        ("host-b", None, 2)
+    );
+    assert_eq!(b.cached(uuid), Some(t));
+    // The old primary's stale claim is refused.
+    let e = a.record_takeover(uuid, 1).await.unwrap_err();
+    assert_eq!(
+        e.kind(),
+        Some(tandem_manager::api::ErrorKind::Forbidden),
+        "{e}"
+    );
+}

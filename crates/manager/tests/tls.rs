@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use common::{bounded, raw_config, raw_request, Harness, BOUND};
 use tandem_manager::api::{
     Ack, AuthorityRecord, ClusterStatus, CreateVmRequest, ErrorKind, HandoverRequest,
-    HeartbeatRequest, HeartbeatResponse, HostAuthority, HostView, Inventory, RemovedHost,
-    Revocations, RevokeRequest,
+    HeartbeatRequest, HeartbeatResponse, HostAuthority, HostView, Inventory,
+    RegisterPrimaryRequest, RemovedHost, Revocations, RevokeRequest, TakeoverRequest,
 };
 use tandem_manager::client::{join, ClientError};
 use tandem_manager::model::JoinToken;
@@ -32,6 +32,11 @@ const OPERATOR_CALLS: &[(&str, &str)] = &[
     ("POST", "/v1/dvs/rollback"),
     ("GET", "/v1/dvs/history"),
     ("GET", "/v1/dvs/revisions/1"),
+    ("POST", "/v1/vms"),
+    (
+        "POST",
+        "/v1/vms/6f1c8a52-4a4e-4f4e-9d0c-3b1a2c3d4e5f/handover",
+    ),
 ];
 
 /// The host endpoints.
@@ -41,6 +46,11 @@ const HOST_CALLS: &[(&str, &str)] = &[
     ("GET", "/v1/host/authority"),
     ("POST", "/v1/host/renew"),
     ("POST", "/v1/host/switch-sync"),
+    ("POST", "/v1/host/vms"),
+    (
+        "POST",
+        "/v1/host/vms/6f1c8a52-4a4e-4f4e-9d0c-3b1a2c3d4e5f/takeover",
+    ),
 ];
 
 fn all_calls() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
@@ -526,4 +536,103 @@ async fn a_connection_opened_before_a_revocation_is_cut_off_at_its_next_request(
         .unwrap()
         .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("revoked"));
+}
+
+/// The host-role authority routes over TLS: a host records itself as a
+/// VM's primary, never another host's VM; only the recorded backup takes
+/// it over, at the generation it had.
+#[tokio::test]
+async fn hosts_register_their_vms_and_the_backup_records_its_takeover() {
+    let h = Harness::start().await;
+    let a = h.client(&h.join("host-a").await.identity);
+    let b = h.client(&h.join("host-b").await.identity);
+    let c = h.client(&h.join("host-c").await.identity);
+    let op = h.operator_client();
+    let uuid = Uuid::new_v4();
+    let reg = |backup: &str| RegisterPrimaryRequest {
+        uuid,
+        name: "web".into(),
+        backup: Some(backup.into()),
+    };
+    let r: AuthorityRecord = bounded("register", a.post("/v1/host/vms", &reg("host-b")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.primary.as_str(), r.backup.as_deref(), r.generation),
+        ("host-a", Some("host-b"), 1)
+    );
+    let seen: Vec<AuthorityRecord> = op.get("/v1/vms").await.unwrap();
+    assert_eq!(seen, vec![r.clone()]);
+
+    // B cannot take A's VM by registering it: 409 naming A.
+    let e = b
+        .post::<_, AuthorityRecord>("/v1/host/vms", &reg("host-c"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Conflict), "{e}");
+    assert!(e.to_string().contains("host-a"), "{e}");
+    // A backup that is not a member: invalid.
+    let e = a
+        .post::<_, AuthorityRecord>("/v1/host/vms", &reg("host-x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Invalid), "{e}");
+
+    let takeover = format!("/v1/host/vms/{uuid}/takeover");
+    let tk = |g| TakeoverRequest {
+        expected_generation: g,
+    };
+    // Only the recorded backup takes over.
+    for who in [&c, &a] {
+        let e = who
+            .post::<_, AuthorityRecord>(&takeover, &tk(1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
+    }
+    // At a stale generation: refused.
+    let e = b
+        .post::<_, AuthorityRecord>(&takeover, &tk(0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Conflict), "{e}");
+    let t: AuthorityRecord = b.post(&takeover, &tk(1)).await.unwrap();
+    assert_eq!(
+        (t.primary.as_str(), t.backup.as_deref(), t.generation),
+        ("host-b", None, 2)
+    );
+    let seen: AuthorityRecord = op.get(&format!("/v1/vms/{uuid}")).await.unwrap();
+    assert_eq!(seen, t);
+    // Not a UUID: invalid.
+    let e = b
+        .post::<_, AuthorityRecord>("/v1/host/vms/nope/takeover", &tk(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Invalid), "{e}");
+
+    // An operator certificate is refused on the host routes, and a host
+    // certificate on the operator's create and handover.
+    for (path, body) in [
+        ("/v1/host/vms", serde_json::to_value(reg("host-b")).unwrap()),
+        (takeover.as_str(), serde_json::to_value(tk(2)).unwrap()),
+    ] {
+        let e = op
+            .post::<_, AuthorityRecord>(path, &body)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{path}: {e}");
+    }
+    let e = a
+        .post::<_, AuthorityRecord>(
+            "/v1/vms",
+            &CreateVmRequest {
+                uuid: Uuid::new_v4(),
+                name: "x".into(),
+                primary: "host-a".into(),
+                backup: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Forbidden), "{e}");
 }
