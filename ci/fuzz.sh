@@ -13,9 +13,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 # The switch parses what guests and the wire send it (ingress, vhost_tx,
-# offload) and clamps acknowledgements (outcommit); replication parses what
-# the replication link delivers (replication_stream).
-for t in ingress vhost_tx offload outcommit replication_stream; do
+# offload, and lldp: what an uplink's neighbour says) and clamps
+# acknowledgements (outcommit); replication parses what the replication
+# link delivers (replication_stream).
+for t in ingress vhost_tx offload lldp outcommit replication_stream; do
   echo "[fuzz] $t for ${secs}s" >&2
   mkdir -p "corpus/$t"
   log=$(mktemp)

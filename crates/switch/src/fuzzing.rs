@@ -4,9 +4,11 @@
 //! `cfg(fuzzing)` (cargo-fuzz) or the `fault-injection` feature.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::{PortGroup, SwitchDocument, VlanMode};
 use crate::frame::{self, Mac};
+use crate::lldp::{self, Heard};
 use crate::offload::{self, RxOffloads, TxOffloads, VnetHdr};
 use crate::port::{Ingress, MAX_FRAME};
 use crate::switch::{PortKind, Switch};
@@ -157,6 +159,64 @@ pub fn offload_packet(data: &[u8]) {
     }
 }
 
+/// Bytes from the wire as an LLDPDU, on their own and behind an LLDP
+/// frame's header, through the parser and an uplink's neighbour table.
+/// Whatever parses keeps bounded, printable text, is what the table
+/// records, and reads back the same once written out again (when it can
+/// be: text whose invalid bytes were replaced may have outgrown 255
+/// bytes, and a MAC or address of the wrong length stays bytes under a
+/// subtype the encoder gives a type).
+pub fn lldp_frames(data: &[u8]) {
+    let pdu = lldp::parse_pdu(data);
+    let mut f = lldp::NEAREST_BRIDGE.0.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&lldp::ETHERTYPE_LLDP.to_be_bytes());
+    f.extend_from_slice(data);
+    assert!(lldp::is_lldp(&f));
+    assert_eq!(lldp::parse_frame(&f), pdu, "the header changes nothing");
+    // The same bytes as a whole frame, as an uplink might receive them.
+    if lldp::is_lldp(data) {
+        let _ = lldp::parse_frame(data);
+    } else {
+        assert_eq!(lldp::parse_frame(data), Err(lldp::LldpError::NotLldp));
+    }
+    if let Ok(n) = &pdu {
+        for t in [&n.system_name, &n.port_description].into_iter().flatten() {
+            assert!(!t.is_empty() && t.chars().count() <= lldp::MAX_TEXT);
+            assert!(!t.chars().any(char::is_control), "{t:?}");
+        }
+        for id in [&n.chassis_id, &n.port_id] {
+            let shown = id.to_string();
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert!(shown.len() <= 3 * lldp::MAX_TEXT + 16, "{shown:?}");
+        }
+        if let Ok(again) = lldp::encode_pdu(n) {
+            assert_eq!(lldp::parse_pdu(&again).as_ref(), Ok(n));
+        }
+    }
+    let mut table = lldp::NeighbourTable::new(&["m".into()]);
+    let now = Instant::now();
+    let heard = table.receive(0, &f, now);
+    let seen = table.snapshot("u", now).remove(0);
+    assert_eq!(seen.lldp_frames, 1);
+    match (&pdu, heard) {
+        (Ok(n), Heard::New(h)) => {
+            assert!(n.ttl_s > 0);
+            assert_eq!(&h, n);
+            assert_eq!(seen.neighbour.as_ref(), Some(n));
+        }
+        (Ok(n), Heard::Withdrawn(None)) => {
+            assert_eq!(n.ttl_s, 0);
+            assert_eq!(seen.neighbour, None);
+        }
+        (Err(_), Heard::Invalid(_)) => {
+            assert_eq!(seen.lldp_errors, 1);
+            assert_eq!(seen.neighbour, None);
+        }
+        (p, h) => panic!("parsed {p:?}, the table heard {h:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -166,6 +226,36 @@ mod tests {
         #[test]
         fn ingress_never_panics_or_leaks_vlans(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
             super::ingress_frames(&data);
+        }
+
+        #[test]
+        fn lldp_from_the_wire_is_refused_or_bounded(data in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            super::lldp_frames(&data);
+        }
+
+        /// Valid LLDPDUs with bytes overwritten, so the random test is not
+        /// only exercising the first TLV's refusal.
+        #[test]
+        fn lldp_damaged_in_places(
+            name in "[a-z0-9.-]{1,40}",
+            ttl in any::<u16>(),
+            hits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        ) {
+            use crate::lldp::{LldpId, LldpNeighbour};
+            let n = LldpNeighbour {
+                chassis_id: LldpId::Mac(crate::frame::Mac([2, 0, 0, 0, 0, 9])),
+                port_id: LldpId::Local(name.clone()),
+                system_name: Some(name),
+                port_description: None,
+                ttl_s: ttl,
+            };
+            let mut pdu = crate::lldp::encode_pdu(&n).unwrap();
+            super::lldp_frames(&pdu);
+            for (at, b) in hits {
+                let i = at.index(pdu.len());
+                pdu[i] = b;
+            }
+            super::lldp_frames(&pdu);
         }
 
         #[test]
