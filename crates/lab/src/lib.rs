@@ -435,7 +435,9 @@ fn bring_up(opts: &DrillOptions, tag: &str) -> anyhow::Result<Site> {
     let timeouts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let repl = format!("{REPL_B}:7400");
     let mut b_args = timeouts.to_vec();
-    b_args.extend(["--repl-listen", repl.as_str()]);
+    // The failover rounds' hosts have no cluster identity (the cluster
+    // steps use their own): an explicit opt-in to plain TCP.
+    b_args.extend(["--repl-listen", repl.as_str(), "--repl-unauthenticated"]);
     let b = Host::start("b", &topo.b, UPLINK_B, opts, &work, &b_args)?;
     let a = Host::start("a", &topo.a, UPLINK_A, opts, &work, &timeouts)?;
     boot_guest(&a, opts, &work)?;

@@ -144,6 +144,12 @@ struct Args {
     #[arg(long, env = "TANDEM_HOST_API_ADVERTISE")]
     host_api_advertise: Option<String>,
 
+    /// Accept replication streams on TCP from peers that present no
+    /// certificate: only for a lab, or a link you trust as much as this
+    /// host. Without it, a TCP `--repl-listen` needs a cluster identity.
+    #[arg(long)]
+    repl_unauthenticated: bool,
+
     /// Standalone pair: who may protect which VMs to this host (a TOML
     /// list of certificate names and VM UUIDs); needs an identity.
     #[arg(long)]
@@ -317,9 +323,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         }
     };
     if cluster.is_none() && matches!(listen, Some(tandem_replication::link::Endpoint::Tcp(_))) {
+        if !args.repl_unauthenticated {
+            bail!(
+                "--repl-listen on TCP needs a cluster identity in {}, so that only certified hosts of the cluster \
+                 can replicate here (tandem host join, or tandem cluster init --standalone); \
+                 --repl-unauthenticated accepts anyone who can reach the port (a lab only)",
+                identity_dir.display()
+            );
+        }
         tracing::warn!(
-            "the replication listener accepts unauthenticated TCP: this host has no cluster identity \
-             (tandem cluster init --standalone, or tandem host join)"
+            "--repl-unauthenticated: the replication listener accepts any TCP peer; this host has no cluster identity"
         );
     }
     let ft = ft::Ft::start(

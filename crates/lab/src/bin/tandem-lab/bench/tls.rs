@@ -626,6 +626,10 @@ fn one_link(
     ];
     let mut b_args: Vec<String> = timeouts.iter().map(|s| s.to_string()).collect();
     b_args.extend(["--repl-listen".into(), listen.clone()]);
+    if matches!(link, Link::Tcp) {
+        // The side-by-side baseline: plain TCP, by explicit opt-in.
+        b_args.push("--repl-unauthenticated".into());
+    }
     let mut a_args: Vec<String> = timeouts.iter().map(|s| s.to_string()).collect();
     a_args.extend(["--qemu".into(), wrapper_s]);
     let backup = match (link, pair) {
