@@ -29,8 +29,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use tandem_manager::agent::{has_identity, save_joined, HOST_IDENTITY_DIR};
 use tandem_manager::api::{
-    ClusterStatus, CreateTokenRequest, CreatedToken, Dump, ErrorKind, HostView, RemovedHost,
-    TokenInfo,
+    ClusterStatus, CreateTokenRequest, CreatedToken, Dump, ErrorKind, HandoverRequest, HostView,
+    RemovedHost, TokenInfo,
 };
 use tandem_manager::client::{join, ClientError, ManagerClient, ManagerEndpoint};
 use tandem_manager::clock::rfc3339;
@@ -214,6 +214,51 @@ pub enum ClusterCmd {
     Vms {
         /// One VM, by UUID.
         uuid: Option<String>,
+        #[command(flatten)]
+        m: ManagerOpts,
+    },
+    /// Change one VM authority record (a protecting host records its own
+    /// VMs; these are the operator's corrections).
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Record a VM's primary (and backup) at generation 1.
+    Create {
+        uuid: String,
+        /// The VM's name (informative).
+        #[arg(long)]
+        name: String,
+        /// The host that runs it (certificate name).
+        #[arg(long)]
+        primary: String,
+        /// The host that keeps its replica.
+        #[arg(long)]
+        backup: Option<String>,
+        #[command(flatten)]
+        m: ManagerOpts,
+    },
+    /// Move a VM's primary and/or backup, if its record is still at
+    /// --expected-generation (exit 5 otherwise); the generation goes up.
+    Handover {
+        uuid: String,
+        #[arg(long)]
+        expected_generation: u64,
+        #[arg(long)]
+        primary: String,
+        /// The new backup (none if omitted).
+        #[arg(long)]
+        backup: Option<String>,
+        #[command(flatten)]
+        m: ManagerOpts,
+    },
+    /// Delete a VM's record, if it is still at --generation.
+    Delete {
+        uuid: String,
+        #[arg(long)]
+        generation: u64,
         #[command(flatten)]
         m: ManagerOpts,
     },
@@ -503,23 +548,102 @@ pub async fn run_cluster(cmd: ClusterCmd, json: bool) -> anyhow::Result<()> {
             if json {
                 return print_json(&vms);
             }
-            println!(
-                "{:<36}  {:<16}  {:<16}  {:<16}  {:>4}",
-                "UUID", "NAME", "PRIMARY", "BACKUP", "GEN"
-            );
-            for v in vms {
-                println!(
-                    "{:<36}  {:<16}  {:<16}  {:<16}  {:>4}",
-                    v.uuid,
-                    v.name,
-                    v.primary,
-                    v.backup.as_deref().unwrap_or("-"),
-                    v.generation
-                );
-            }
+            print_vms(&vms);
             Ok(())
         }
+        ClusterCmd::Vm(cmd) => run_vm(cmd, json).await,
     }
+}
+
+fn print_vms(vms: &[AuthorityRecord]) {
+    println!(
+        "{:<36}  {:<16}  {:<16}  {:<16}  {:>4}",
+        "UUID", "NAME", "PRIMARY", "BACKUP", "GEN"
+    );
+    for v in vms {
+        println!(
+            "{:<36}  {:<16}  {:<16}  {:<16}  {:>4}",
+            v.uuid,
+            v.name,
+            v.primary,
+            v.backup.as_deref().unwrap_or("-"),
+            v.generation
+        );
+    }
+}
+
+/// A VM UUID as typed: hex digits and dashes only (the manager parses it).
+fn vm_uuid(s: &str) -> anyhow::Result<&str> {
+    if s.len() != 36 || !s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        bail!("{s:?} is not a VM UUID");
+    }
+    Ok(s)
+}
+
+async fn run_vm(cmd: VmCmd, json: bool) -> anyhow::Result<()> {
+    let (rec, verb): (AuthorityRecord, &str) = match cmd {
+        VmCmd::Create {
+            uuid,
+            name,
+            primary,
+            backup,
+            m,
+        } => {
+            // As JSON: the manager parses the UUID (this crate has no
+            // UUID type of its own).
+            let req = serde_json::json!({
+                "uuid": vm_uuid(&uuid)?,
+                "name": name,
+                "primary": primary,
+                "backup": backup,
+            });
+            (m.client()?.post("/v1/vms", &req).await?, "created")
+        }
+        VmCmd::Handover {
+            uuid,
+            expected_generation,
+            primary,
+            backup,
+            m,
+        } => {
+            let uuid = vm_uuid(&uuid)?;
+            let req = HandoverRequest {
+                expected_generation,
+                primary,
+                backup,
+            };
+            (
+                m.client()?
+                    .post(&format!("/v1/vms/{uuid}/handover"), &req)
+                    .await?,
+                "handed over",
+            )
+        }
+        VmCmd::Delete {
+            uuid,
+            generation,
+            m,
+        } => {
+            let uuid = vm_uuid(&uuid)?;
+            let _: tandem_manager::api::Ack = m
+                .client()?
+                .delete(&format!("/v1/vms/{uuid}?generation={generation}"))
+                .await?;
+            if json {
+                return print_json(
+                    &serde_json::json!({ "deleted": uuid, "generation": generation }),
+                );
+            }
+            println!("VM {uuid}: authority record deleted (it was at generation {generation})");
+            return Ok(());
+        }
+    };
+    if json {
+        return print_json(&rec);
+    }
+    println!("VM {} {verb}: generation {}", rec.uuid, rec.generation);
+    print_vms(std::slice::from_ref(&rec));
+    Ok(())
 }
 
 fn print_standalone(p: &tandem_pki::StandalonePair, json: bool) -> anyhow::Result<()> {
