@@ -20,8 +20,8 @@ use parking_lot::RwLock;
 use tandem_manager::agent::{AgentConfig, HostAgent, Reporter};
 use tandem_manager::api::HostAuthority;
 use tandem_manager::model::host::{
-    Datastore, DatastoreKind, Health, HealthState, Inventory, MemoryInfo, PortGroupInfo, QemuInfo,
-    Uplink,
+    Datastore, DatastoreKind, Health, HealthState, Inventory, MemoryInfo, Neighbour, PortGroupInfo,
+    QemuInfo, Uplink,
 };
 use tandem_pki::rustls::{ClientConfig, ServerConfig};
 use tandem_pki::{Identity, NoRevocations, Revocations, Role};
@@ -213,6 +213,41 @@ impl HostReporter {
         })
     }
 
+    /// One uplink member as the inventory reports it: the neighbour the
+    /// document declares for its uplink, the one LLDP hears on it (while
+    /// its TTL lasts), and, when they disagree, a line that says so. A
+    /// field of the uplink rather than a health problem: the uplink still
+    /// carries traffic, LLDP comes and goes with its TTL (health would
+    /// flap with it), and the manager and CLI show it beside the uplink
+    /// it concerns.
+    fn uplink(
+        member: &str,
+        declared: Option<&str>,
+        lldp: Option<&tandem_switch::lldp::LldpNeighbour>,
+    ) -> Uplink {
+        let mut u = Uplink {
+            name: member.to_string(),
+            declared_neighbour: declared.map(|d| Neighbour {
+                chassis: d.to_string(),
+                port: None,
+                chassis_id: None,
+            }),
+            lldp_neighbour: lldp.map(|n| Neighbour {
+                chassis: n
+                    .system_name
+                    .clone()
+                    .unwrap_or_else(|| n.chassis_id.to_string()),
+                port: Some(n.port_id.to_string()),
+                chassis_id: Some(n.chassis_id.to_string()),
+            }),
+            neighbour_mismatch: None,
+        };
+        if let (Some(d), Some(n), Some(false)) = (declared, lldp, u.neighbour_matches()) {
+            u.neighbour_mismatch = Some(format!("{member}: declared \"{d}\", LLDP hears {n}"));
+        }
+        u
+    }
+
     fn memory() -> MemoryInfo {
         let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let field = |name: &str| {
@@ -279,16 +314,20 @@ impl Reporter for HostReporter {
                     trunk: g.allowed_vlans.clone(),
                 })
                 .collect(),
-            uplinks: doc
-                .uplinks
-                .iter()
-                .flat_map(|u| u.interfaces.iter())
-                .map(|i| Uplink {
-                    name: i.clone(),
-                    declared_neighbour: None,
-                    lldp_neighbour: None,
-                })
-                .collect(),
+            uplinks: {
+                let heard = self.switch.uplink_neighbours();
+                doc.uplinks
+                    .iter()
+                    .flat_map(|u| u.interfaces.iter().map(move |i| (u, i)))
+                    .map(|(u, member)| {
+                        let lldp = heard
+                            .iter()
+                            .find(|h| h.uplink == u.name && h.member == *member)
+                            .and_then(|h| h.neighbour.as_ref());
+                        Self::uplink(member, u.neighbour.as_deref(), lldp)
+                    })
+                    .collect()
+            },
             tandem_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -382,4 +421,52 @@ pub fn start(
     };
     info!(host = %link.name(), "standalone pair: mutual TLS on replication links");
     Ok(Some(Arc::new(link)))
+}
+
+#[cfg(test)]
+mod inventory_tests {
+    use super::HostReporter;
+    use tandem_switch::frame::Mac;
+    use tandem_switch::lldp::{LldpId, LldpNeighbour};
+
+    #[test]
+    fn an_uplink_member_reports_both_neighbours_and_a_mismatch() {
+        let heard = |name: Option<&str>| LldpNeighbour {
+            chassis_id: LldpId::Mac(Mac([0x00, 0x1c, 0x73, 0xaa, 0xbb, 0xcc])),
+            port_id: LldpId::InterfaceName("Ethernet12".into()),
+            system_name: name.map(String::from),
+            port_description: None,
+            ttl_s: 120,
+        };
+        let tor1 = heard(Some("tor-1"));
+        let u = HostReporter::uplink("eth1", Some("tor-1 Ethernet12"), Some(&tor1));
+        let l = u.lldp_neighbour.as_ref().unwrap();
+        assert_eq!(l.chassis, "tor-1");
+        assert_eq!(l.port.as_deref(), Some("Ethernet12"));
+        assert_eq!(l.chassis_id.as_deref(), Some("00:1c:73:aa:bb:cc"));
+        assert_eq!(
+            u.declared_neighbour.as_ref().unwrap().chassis,
+            "tor-1 Ethernet12"
+        );
+        assert_eq!(
+            (u.neighbour_matches(), u.neighbour_mismatch),
+            (Some(true), None)
+        );
+
+        let u = HostReporter::uplink("eth1", Some("tor-2 Ethernet12"), Some(&tor1));
+        assert_eq!(u.neighbour_matches(), Some(false));
+        assert_eq!(
+            u.neighbour_mismatch.as_deref(),
+            Some("eth1: declared \"tor-2 Ethernet12\", LLDP hears tor-1 Ethernet12 (chassis 00:1c:73:aa:bb:cc)")
+        );
+        // Nothing to compare: no mismatch.
+        let anonymous = heard(None);
+        let u = HostReporter::uplink("eth1", Some("tor-2 Ethernet12"), Some(&anonymous));
+        assert_eq!(u.lldp_neighbour.unwrap().chassis, "00:1c:73:aa:bb:cc");
+        assert_eq!(u.neighbour_mismatch, None);
+        let u = HostReporter::uplink("eth2", None, Some(&tor1));
+        assert_eq!((u.declared_neighbour, u.neighbour_mismatch), (None, None));
+        let u = HostReporter::uplink("eth2", Some("tor-1"), None);
+        assert_eq!((u.lldp_neighbour, u.neighbour_mismatch), (None, None));
+    }
 }

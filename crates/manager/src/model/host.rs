@@ -93,11 +93,15 @@ pub struct PortGroupInfo {
 /// The other end of an uplink: a switch (chassis) and its port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Neighbour {
-    /// LLDP chassis id or system name; for a declared neighbour, the name
-    /// the operator gave.
+    /// LLDP system name, or its chassis id if it sent none; for a declared
+    /// neighbour, the operator's text (`tor-1 Ethernet12`) whole.
     pub chassis: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<String>,
+    /// LLDP only: the chassis id as text (`00:1c:73:aa:bb:cc`). When it
+    /// equals `chassis` the neighbour sent no system name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chassis_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,18 +114,60 @@ pub struct Uplink {
     /// What LLDP says it connects to, where a neighbour speaks LLDP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lldp_neighbour: Option<Neighbour>,
+    /// Set by the host when [`Uplink::neighbour_matches`] is `Some(false)`:
+    /// what was declared and what LLDP hears, in one line for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour_mismatch: Option<String>,
 }
 
 impl Uplink {
     /// `Some(false)` when both are known and disagree: a cabling mistake.
+    /// They agree when the declared text names LLDP's system as a word of
+    /// its own (any case; `tor-1` names `tor-1.dc1.example` too), and, if
+    /// the declared neighbour has a `port` of its own, that port is
+    /// LLDP's. `None` when either is unknown, or when LLDP gave no system
+    /// name and the declared text does not spell its chassis id: a
+    /// description rarely does, so that is no evidence of a mistake.
     pub fn neighbour_matches(&self) -> Option<bool> {
-        match (&self.declared_neighbour, &self.lldp_neighbour) {
-            (Some(d), Some(l)) => {
-                Some(d.chassis == l.chassis && (d.port.is_none() || d.port == l.port))
-            }
-            _ => None,
+        let (Some(d), Some(l)) = (&self.declared_neighbour, &self.lldp_neighbour) else {
+            return None;
+        };
+        let declared = match &d.port {
+            Some(p) => format!("{} {p}", d.chassis),
+            None => d.chassis.clone(),
+        };
+        let named = names(&declared, &l.chassis);
+        let anonymous = l.chassis_id.as_deref() == Some(l.chassis.as_str());
+        if anonymous && !named {
+            return None;
         }
+        Some(named && (d.port.is_none() || d.port == l.port))
     }
+}
+
+/// Whether free `text` names `name` as a word (split at whitespace and
+/// punctuation that does not occur in host names), ignoring case and,
+/// for host names, the domain.
+fn names(text: &str, name: &str) -> bool {
+    let name = name.trim().to_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    let text = text.to_lowercase();
+    if name.contains(char::is_whitespace) {
+        return text.contains(&name);
+    }
+    // An address's first label is no host name: 10.0.0.1 is not 10.0.0.2.
+    let host = |w: &str| -> String {
+        if w.parse::<std::net::IpAddr>().is_ok() {
+            w.to_string()
+        } else {
+            w.split('.').next().unwrap_or(w).to_string()
+        }
+    };
+    text.split(|c: char| c.is_whitespace() || ",;()[]{}<>\"'`|".contains(c))
+        .filter(|w| !w.is_empty())
+        .any(|w| w == name || host(w) == host(&name))
 }
 
 /// What a host reports about itself (`PUT /v1/host/inventory`).
@@ -207,11 +253,13 @@ mod tests {
         let n = |c: &str, p: Option<&str>| Neighbour {
             chassis: c.into(),
             port: p.map(String::from),
+            chassis_id: None,
         };
         let mut u = Uplink {
             name: "eth1".into(),
             declared_neighbour: Some(n("sw1", Some("1/1"))),
             lldp_neighbour: None,
+            neighbour_mismatch: None,
         };
         assert_eq!(u.neighbour_matches(), None);
         u.lldp_neighbour = Some(n("sw1", Some("1/1")));
@@ -220,6 +268,74 @@ mod tests {
         assert_eq!(u.neighbour_matches(), Some(false));
         u.declared_neighbour = Some(n("sw1", None));
         assert_eq!(u.neighbour_matches(), Some(true));
+    }
+
+    /// A declared neighbour is the operator's text; LLDP's is a system
+    /// name, a port id and a chassis id.
+    #[test]
+    fn declared_text_against_lldp() {
+        let lldp = |name: Option<&str>, port: &str| Neighbour {
+            chassis: name.unwrap_or("00:1c:73:aa:bb:cc").into(),
+            port: Some(port.into()),
+            chassis_id: Some("00:1c:73:aa:bb:cc".into()),
+        };
+        let check = |declared: &str, heard: Neighbour| {
+            Uplink {
+                name: "eth1".into(),
+                declared_neighbour: Some(Neighbour {
+                    chassis: declared.into(),
+                    port: None,
+                    chassis_id: None,
+                }),
+                lldp_neighbour: Some(heard),
+                neighbour_mismatch: None,
+            }
+            .neighbour_matches()
+        };
+        let tor1 = || lldp(Some("tor-1"), "Ethernet12");
+        assert_eq!(check("tor-1 Ethernet12", tor1()), Some(true));
+        assert_eq!(check("TOR-1, port 12", tor1()), Some(true));
+        assert_eq!(check("tor-1.dc1.example Et12", tor1()), Some(true));
+        assert_eq!(
+            check("tor-1 Et12", lldp(Some("tor-1.dc1.example"), "x")),
+            Some(true)
+        );
+        assert_eq!(
+            check("tor-2 Ethernet12 / tor-1 Ethernet12", tor1()),
+            Some(true)
+        );
+        assert_eq!(check("tor-2 Ethernet12", tor1()), Some(false));
+        assert_eq!(check("tor-10 Ethernet12", tor1()), Some(false), "a word");
+        assert_eq!(check("rack tor-1x", tor1()), Some(false));
+        assert_eq!(
+            check("core switch 7", lldp(Some("Core Switch"), "1")),
+            Some(true)
+        );
+        // No system name: only a declared chassis id says anything.
+        assert_eq!(check("tor-1 Ethernet12", lldp(None, "12")), None);
+        assert_eq!(
+            check("00:1C:73:AA:BB:CC port 12", lldp(None, "12")),
+            Some(true)
+        );
+        // Addresses are compared whole.
+        let by_ip = Neighbour {
+            chassis: "10.0.0.1".into(),
+            port: Some("1".into()),
+            chassis_id: Some("10.0.0.1".into()),
+        };
+        assert_eq!(check("10.0.0.2", by_ip.clone()), None);
+        assert_eq!(check("10.0.0.1 port 1", by_ip), Some(true));
+    }
+
+    /// Inventories from before the LLDP fields read as they did, and the
+    /// fields stay out of what an uplink without them writes.
+    #[test]
+    fn uplinks_read_and_write_compatibly() {
+        let old = r#"{"name":"eth1","declared_neighbour":{"chassis":"sw1","port":"1/1"}}"#;
+        let u: Uplink = serde_json::from_str(old).unwrap();
+        assert_eq!(u.declared_neighbour.as_ref().unwrap().chassis_id, None);
+        assert_eq!(u.neighbour_mismatch, None);
+        assert_eq!(serde_json::to_string(&u).unwrap(), old);
     }
 
     #[test]
