@@ -102,6 +102,11 @@ impl ClusterLink {
         self.authority.clone()
     }
 
+    /// The manager agent, on a host that joined a manager.
+    pub fn agent(&self) -> Option<&tandem_manager::agent::AgentHandle> {
+        self.agent.as_ref()
+    }
+
     /// Lets the agent report the switch's transactions (status in every
     /// heartbeat, host-syncs after a rollback).
     pub fn attach_switch_txns(&self, txns: Arc<SwitchTxns>) {
@@ -130,13 +135,47 @@ impl ClusterLink {
 }
 
 /// The authority in force, replaced when the manager's records change.
-#[derive(Debug)]
-struct CurrentAuthority(RwLock<Arc<dyn Authority>>);
+struct CurrentAuthority {
+    rule: RwLock<Arc<dyn Authority>>,
+    /// A joined host's agent: a refusal asks it to fetch the records now.
+    agent: Option<tandem_manager::agent::AgentHandle>,
+}
+
+impl std::fmt::Debug for CurrentAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurrentAuthority")
+            .field("rule", &self.rule.read())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CurrentAuthority {
+    fn new(rule: Arc<dyn Authority>, agent: Option<tandem_manager::agent::AgentHandle>) -> Self {
+        CurrentAuthority {
+            rule: RwLock::new(rule),
+            agent,
+        }
+    }
+}
 
 impl Authority for CurrentAuthority {
     fn admit_primary(&self, peer: &PeerIdentity, hello: &Hello) -> Result<(), String> {
-        let current = self.0.read().clone();
-        current.admit_primary(peer, hello)
+        let current = self.rule.read().clone();
+        let verdict = current.admit_primary(peer, hello);
+        // The cache may be older than the record the primary just made
+        // (a VM registered, a new backup): fetch it now, so that the
+        // primary's next try, a heartbeat later, meets the manager's
+        // record instead of waiting for this host's next tick. The agent
+        // rate-limits it, so a primary refused for good costs at most a
+        // request a second.
+        if verdict.is_err() && matches!(peer, PeerIdentity::Certified { .. }) {
+            if let Some(agent) = &self.agent {
+                if agent.refresh_authority() {
+                    info!(vm = %hello.vm, uuid = %hello.uuid, "refused a primary: fetching the VM authority from the manager now");
+                }
+            }
+        }
+        verdict
     }
 }
 
@@ -357,13 +396,13 @@ pub fn start(
         let (agent, handle) = HostAgent::open(AgentConfig::new(identity_dir))
             .with_context(|| format!("opening the host identity in {}", identity_dir.display()))?;
         let initial: Arc<dyn Authority> = Arc::new(recorded(&handle.authority.borrow()));
-        let authority = Arc::new(CurrentAuthority(RwLock::new(initial)));
+        let authority = Arc::new(CurrentAuthority::new(initial, Some(handle.clone())));
         let mut changes = handle.authority.clone();
         let current = authority.clone();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let next: Arc<dyn Authority> = Arc::new(recorded(&changes.borrow()));
-                *current.0.write() = next;
+                *current.rule.write() = next;
                 info!("VM authority records updated from the manager");
             }
         });
@@ -414,7 +453,7 @@ pub fn start(
     let link = ClusterLink {
         identity,
         revocations: Arc::new(NoRevocations),
-        authority: Arc::new(CurrentAuthority(RwLock::new(rule))),
+        authority: Arc::new(CurrentAuthority::new(rule, None)),
         mode: "standalone",
         txns,
         agent: None,

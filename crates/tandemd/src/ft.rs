@@ -21,7 +21,7 @@ use tandem_supervisor::{
 };
 use tandem_vmspec::DiskFormat;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::error::HttpError;
 
@@ -59,7 +59,12 @@ pub struct Ft {
     settings: FtSettings,
     primaries: Mutex<BTreeMap<String, Protected>>,
     backup: Arc<Backup>,
+    /// VMs this host took over whose authority record still names the old
+    /// primary (recording the takeover failed so far): why, by VM.
+    stale_records: StaleRecords,
 }
+
+type StaleRecords = Arc<parking_lot::Mutex<BTreeMap<String, String>>>;
 
 /// At most this many replication connections at once (see the listener).
 const MAX_REPLICATION_CONNECTIONS: usize = 64;
@@ -68,6 +73,9 @@ struct SupervisorActivate {
     sup: Arc<Supervisor>,
     /// tandemd's per-VM FT state (`STATE/ft/<vm>/`).
     ft_root: PathBuf,
+    /// A managed host records each takeover with the manager.
+    cluster: Option<Arc<crate::cluster::ClusterLink>>,
+    stale_records: StaleRecords,
 }
 
 /// This host's generation for `vm`: written when it takes the VM over (one
@@ -103,12 +111,88 @@ impl Activate for SupervisorActivate {
     > {
         let sup = self.sup.clone();
         let ft_root = self.ft_root.clone();
+        let cluster = self.cluster.clone();
+        let stale = self.stale_records.clone();
         Box::pin(async move {
-            activate(&sup, &vm, &dir, &ft_root)
-                .await
-                .map_err(Into::into)
+            let done = activate(&sup, &vm, &dir, &ft_root).await?;
+            let agent = cluster
+                .as_ref()
+                .and_then(|c| Some((c.name(), c.agent()?.clone())));
+            if let (Some((me, agent)), Some(uuid)) = (agent, done.uuid) {
+                // What this host replicated under: its cached record (it
+                // admitted the primary by it), else the replica's own.
+                let expected = agent
+                    .cached(uuid)
+                    .filter(|r| r.backup.as_deref() == Some(me.as_str()))
+                    .map_or(done.replica_generation, |r| r.generation);
+                // The VM runs here whatever the manager says: recording it
+                // must not hold the takeover up.
+                tokio::spawn(record_takeover(agent, vm, uuid, expected, stale));
+            }
+            Ok(())
         })
     }
+}
+
+/// The first retry's delay for recording a takeover; doubles up to
+/// [`TAKEOVER_RECORD_MAX_BACKOFF`].
+const TAKEOVER_RECORD_FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const TAKEOVER_RECORD_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Records this host's takeover of `vm` with the manager, retrying with
+/// backoff while the manager is out of reach. Until it succeeds the
+/// record names the old primary (so protecting the VM onward from here is
+/// refused): every failure is logged as an error and shown by `ft status`.
+async fn record_takeover(
+    agent: tandem_manager::agent::AgentHandle,
+    vm: String,
+    uuid: uuid::Uuid,
+    expected: u64,
+    stale: StaleRecords,
+) {
+    use tandem_manager::api::ErrorKind as M;
+    let mut wait = TAKEOVER_RECORD_FIRST_BACKOFF;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match agent.record_takeover(uuid, expected).await {
+            Ok(rec) => {
+                info!(%vm, %uuid, generation = rec.generation, attempts, "the manager records this host as the VM's primary after the takeover");
+                stale.lock().remove(&vm);
+                return;
+            }
+            Err(e) => {
+                // The manager read the request and said no: trying again
+                // cannot change its answer (an operator must hand over).
+                let refused = matches!(
+                    e.kind(),
+                    Some(M::Conflict | M::Forbidden | M::NotFound | M::Invalid)
+                );
+                let note = format!(
+                    "the manager's authority record still names the old primary: recording this host's takeover (from generation {expected}) {}: {e}",
+                    if refused {
+                        "was refused; an operator must hand the VM over (tandem cluster vm handover)"
+                    } else {
+                        "failed; retrying"
+                    }
+                );
+                error!(%vm, %uuid, attempts, "{note}");
+                stale.lock().insert(vm.clone(), note);
+                if refused {
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(TAKEOVER_RECORD_MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// What a takeover started: the VM's identity, and the generation the
+/// replica was written under (before the takeover's own).
+struct Activated {
+    uuid: Option<uuid::Uuid>,
+    replica_generation: u64,
 }
 
 /// Why the backup could not start a VM from its replica.
@@ -247,7 +331,7 @@ async fn activate(
     vm: &str,
     dir: &std::path::Path,
     ft_root: &std::path::Path,
-) -> Result<(), ActivateError> {
+) -> Result<Activated, ActivateError> {
     let hello = read_hello(dir).map_err(ActivateError::Hello)?;
     let identity = read_identity(dir).map_err(ActivateError::Hello)?;
     let mut spec: tandem_vmspec::VmSpec =
@@ -278,7 +362,8 @@ async fn activate(
     // The VM runs here from now on, one generation after the primary it
     // replaces: a protection from this host carries it, and a backup
     // refuses the old primary's.
-    let generation = identity.map_or(hello.generation, |id| id.generation) + 1;
+    let replica_generation = identity.map_or(hello.generation, |id| id.generation);
+    let generation = replica_generation + 1;
     write_generation(ft_root, vm, generation).map_err(ActivateError::Generation)?;
     let manifest = CheckpointManifest {
         vm: vm.to_string(),
@@ -298,7 +383,10 @@ async fn activate(
         };
     }
     sup.restore_in_place(vm, dir).await?;
-    Ok(())
+    Ok(Activated {
+        uuid: replica_uuid,
+        replica_generation,
+    })
 }
 
 impl Ft {
@@ -315,11 +403,14 @@ impl Ft {
         if let Some(c) = &settings.cluster {
             bcfg.authority = c.authority();
         }
+        let stale_records = StaleRecords::default();
         let backup = Backup::new(
             bcfg,
             Arc::new(SupervisorActivate {
                 sup: sup.clone(),
                 ft_root: settings.replica_root.with_file_name("ft"),
+                cluster: settings.cluster.clone(),
+                stale_records: stale_records.clone(),
             }),
         );
         // Before the listener: a replica is known (and a manual failover
@@ -392,7 +483,72 @@ impl Ft {
             settings,
             primaries: Mutex::new(BTreeMap::new()),
             backup,
+            stale_records,
         }))
+    }
+
+    /// On a host a manager manages, replicating to a named backup: records
+    /// this host as the VM's primary with that backup (the backup admits
+    /// only the recorded primary). Returns the record's generation, which
+    /// the primary's hello must carry at least. `None`: no record is
+    /// involved (no manager, or a backup on this host's own socket).
+    ///
+    /// The manager out of reach: protection goes on only if the cached
+    /// record already names this host as primary with that backup (hosts
+    /// keep working from their cache); otherwise it is refused, since the
+    /// backup would refuse this host anyway.
+    async fn register_primary(
+        &self,
+        vm: &str,
+        uuid: uuid::Uuid,
+        backup_spec: &str,
+    ) -> Result<Option<u64>, HttpError> {
+        use tandem_manager::api::ErrorKind as M;
+        let Some(cluster) = &self.settings.cluster else {
+            return Ok(None);
+        };
+        let Some(agent) = cluster.agent() else {
+            return Ok(None);
+        };
+        let Some((backup, _)) = backup_spec.split_once('@') else {
+            return Ok(None);
+        };
+        let me = cluster.name();
+        let e = match agent.register_primary(uuid, vm, Some(backup)).await {
+            Ok(rec) => {
+                info!(%vm, %uuid, backup, generation = rec.generation, "the manager records this host as the VM's primary");
+                return Ok(Some(rec.generation));
+            }
+            Err(e) => e,
+        };
+        let refused = |kind| {
+            HttpError::new(
+                kind,
+                format!("the manager refuses to record this host ({me}) as the primary of `{vm}` (uuid {uuid}) with backup {backup}: {e}"),
+            )
+        };
+        match e.kind() {
+            Some(M::Conflict) => return Err(refused(tandem_api::ErrorKind::Conflict)),
+            Some(M::Invalid) => return Err(refused(tandem_api::ErrorKind::Invalid)),
+            Some(M::Forbidden | M::Unauthorized) => {
+                return Err(refused(tandem_api::ErrorKind::Forbidden))
+            }
+            _ => {}
+        }
+        match agent.cached(uuid) {
+            Some(rec) if rec.primary == me && rec.backup.as_deref() == Some(backup) => {
+                warn!(%vm, %uuid, generation = rec.generation, "the manager is out of reach ({e}); protecting by the cached authority record, which names this host as primary and {backup} as backup");
+                Ok(Some(rec.generation))
+            }
+            _ => Err(HttpError::new(
+                tandem_api::ErrorKind::BadState,
+                format!(
+                    "cannot record this host ({me}) as the primary of `{vm}` (uuid {uuid}) with backup {backup}: {e}; \
+                     not protecting without an authority record ({backup} admits only the recorded primary), \
+                     and the cached records do not name this host as its primary with that backup"
+                ),
+            )),
+        }
     }
 
     /// How to reach the backup a protect request names: `HOST:PORT` or
@@ -459,6 +615,8 @@ impl Ft {
             }
         }
         let port = self.sup.guest_port(vm).await?;
+        // Before anything starts: a refusal leaves nothing to undo.
+        let recorded = self.register_primary(vm, port.uuid(), &req.backup).await?;
         let tracker = match &req.tracker {
             Some(t) => t.parse()?,
             None => self.settings.tracker,
@@ -496,7 +654,9 @@ impl Ft {
         };
         let disks = crate::ftdisk::start_with(&port, &work, mirror).await?;
         let mut cfg = PrimaryConfig::over(backup);
-        cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm);
+        // The backup refuses a hello older than the manager's record.
+        cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm)
+            .max(recorded.unwrap_or(0));
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
@@ -562,7 +722,17 @@ impl Ft {
                 st
             })
             .collect();
-        out.extend(self.backup.status());
+        let stale = self.stale_records.lock().clone();
+        out.extend(self.backup.status().into_iter().map(|mut st| {
+            if let Some(note) = stale.get(&st.vm) {
+                st.detail = if st.detail.is_empty() {
+                    note.clone()
+                } else {
+                    format!("{}; {note}", st.detail)
+                };
+            }
+            st
+        }));
         out
     }
 }
