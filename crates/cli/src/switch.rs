@@ -208,6 +208,21 @@ fn print_switch_stats(st: &SwitchStats) {
             active.as_deref().unwrap_or("none (no member has carrier)")
         );
     }
+    for n in &st.uplink_neighbours {
+        match &n.neighbour {
+            Some(nb) => println!(
+                "uplink {} member {}: LLDP neighbour {nb} (heard {} ms ago)",
+                n.uplink,
+                n.member,
+                n.age_ms.unwrap_or(0)
+            ),
+            None if n.lldp_frames > 0 => println!(
+                "uplink {} member {}: no LLDP neighbour now ({} frames, {} invalid)",
+                n.uplink, n.member, n.lldp_frames, n.lldp_errors
+            ),
+            None => {}
+        }
+    }
     println!("MAC table: {} entries", st.mac_table.len());
     for e in &st.mac_table {
         println!(
@@ -249,7 +264,9 @@ mod tests {
           "security": 0,
           "learn_limit": 0,
           "gate": 1,
-          "no_buffer": 0
+          "no_buffer": 0,
+          "blocked": 0,
+          "mtu": 0
         }
       }
     }
