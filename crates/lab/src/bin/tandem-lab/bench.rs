@@ -10,6 +10,7 @@ use tandem_lab::{colobench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundR
 use crate::{print_json, tandemd_beside_lab};
 
 mod cluster;
+mod dvs;
 mod restore;
 mod tls;
 
@@ -61,6 +62,13 @@ pub enum BenchCmd {
     /// p50/p99 (the primary QEMU's STOP/RESUME events), link and guest
     /// throughput, tandemd CPU, and the initial copy. Needs root.
     Tls(TlsArgs),
+    /// The distributed switch (issue 16): a cut change → the host
+    /// restored, reachable and resynced against the timeout (network
+    /// namespaces, management through the host's switch); a committed
+    /// change reaching N hosts; the manager down for a while with traffic
+    /// between two hosts (frames lost, switch drops, back online). Median
+    /// and p99. Needs root.
+    Dvs(DvsArgs),
 }
 
 // The argument groups carry no doc comments: a group's doc would become
@@ -296,6 +304,34 @@ pub struct ClusterArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DvsArgs {
+    /// Which measurements: cut, commit, down.
+    #[arg(long, value_delimiter = ',', default_value = "cut,commit,down")]
+    which: Vec<dvs::Which>,
+    /// Cut runs (each: a change that cuts the canary's management).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// The cut transaction's timeout, seconds (5..=60).
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u32,
+    /// Hosts joined for the commit measurement (1..=200).
+    #[arg(long, default_value_t = 32)]
+    hosts: usize,
+    /// Committed changes measured over all hosts.
+    #[arg(long, default_value_t = 10)]
+    changes: usize,
+    /// Seconds the manager is down (with traffic between two hosts).
+    #[arg(long, default_value_t = 60)]
+    down_s: u64,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
 pub struct TlsArgs {
     /// Guest RAM, MiB.
     #[arg(long, default_value_t = 256)]
@@ -340,6 +376,7 @@ pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
         BenchCmd::Pause(a) => pause(a, json),
         BenchCmd::Cluster(a) => cluster_bench(a, json),
         BenchCmd::Tls(a) => tls_bench(a, json),
+        BenchCmd::Dvs(a) => dvs_bench(a, json),
     }
 }
 
@@ -796,6 +833,26 @@ fn cluster_bench(a: ClusterArgs, json: bool) -> anyhow::Result<()> {
         return print_json(&r);
     }
     cluster::print(&o, &r);
+    Ok(())
+}
+
+fn dvs_bench(a: DvsArgs, json: bool) -> anyhow::Result<()> {
+    let o = dvs::Options {
+        which: a.which,
+        runs: a.runs,
+        timeout_s: a.timeout_s,
+        hosts: a.hosts,
+        changes: a.changes,
+        down_s: a.down_s,
+        tandemd: tandemd_beside_lab()?,
+        image_dir: a.image_dir,
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let r = dvs::run(&o, say)?;
+    if json {
+        return print_json(&r);
+    }
+    dvs::print(&o, &r);
     Ok(())
 }
 

@@ -289,23 +289,66 @@ fn now_unix() -> f64 {
 
 // ------------------------------------------------------------ the lab
 
-/// Everything this run started; stopped and removed on drop.
-struct Lab {
-    dir: PathBuf,
+/// Everything this run started; stopped and removed on drop. Shared with
+/// `bench dvs` (which runs the manager and hosts in network namespaces).
+pub(super) struct Lab {
+    pub(super) dir: PathBuf,
     ram_dir: PathBuf,
     tandem: PathBuf,
     manager_bin: PathBuf,
     manager: Option<Child>,
     manager_log: PathBuf,
-    addr: String,
-    hosts: Vec<HostProc>,
+    pub(super) addr: String,
+    /// The network namespace the manager and the operator's CLI run in
+    /// (`None`: this process's).
+    netns: Option<String>,
+    pub(super) hosts: Vec<HostProc>,
 }
 
-struct HostProc {
-    name: String,
-    state: PathBuf,
-    socket: PathBuf,
+pub(super) struct HostProc {
+    pub(super) name: String,
+    pub(super) state: PathBuf,
+    pub(super) socket: PathBuf,
+    /// The network namespace its tandemd (and its join) run in.
+    netns: Option<String>,
     child: Option<Child>,
+}
+
+/// `bin`, or `ip netns exec NS bin` (which execs it in place: the child's
+/// pid is the program's).
+pub(super) fn command_in(netns: Option<&str>, bin: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// Does a TCP connection to `addr` open, from `netns` (a thread that
+/// entered it) or from here?
+fn tcp_answers(netns: Option<&str>, addr: &str) -> bool {
+    let Ok(sa) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let connect = move || std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1)).is_ok();
+    match netns {
+        None => connect(),
+        Some(ns) => {
+            let path = format!("/var/run/netns/{ns}");
+            std::thread::spawn(move || {
+                let Ok(f) = std::fs::File::open(&path) else {
+                    return false;
+                };
+                // Only this fresh thread changes namespace.
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_ok() && connect()
+            })
+            .join()
+            .unwrap_or(false)
+        }
+    }
 }
 
 impl Drop for Lab {
@@ -333,26 +376,153 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    /// `tandem` as the cluster's operator.
-    fn cli(&self, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
-        let mut cmd = Command::new(&self.tandem);
-        cmd.env("TANDEM_IDENTITY", self.dir.join("manager/operator"))
-            .env_remove("TANDEM_MANAGER")
-            .env_remove("TANDEM_MANAGER_NAME")
-            .args(args);
-        let (st, out, err) = run_bounded(cmd, &self.dir, timeout)?;
+    /// A lab in `work_dir/TAG-PID` (RAM directory `/dev/shm/TAG-PID`):
+    /// the manager at `addr` (in `netns`), and `hosts` (name, namespace),
+    /// nothing started yet.
+    pub(super) fn new(
+        tag: &str,
+        work_dir: &Path,
+        addr: String,
+        netns: Option<String>,
+        hosts: Vec<(String, Option<String>)>,
+    ) -> anyhow::Result<Lab> {
+        let tandem = beside_lab("tandem")?;
+        let manager_bin = beside_lab("tandem-manager")?;
+        let dir = work_dir.join(format!("{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let lab = Lab {
+            ram_dir: PathBuf::from(format!("/dev/shm/{tag}-{}", std::process::id())),
+            tandem,
+            manager_bin,
+            manager: None,
+            manager_log: dir.join("manager.log"),
+            addr,
+            netns,
+            hosts: hosts
+                .into_iter()
+                .map(|(name, netns)| HostProc {
+                    state: dir.join(&name),
+                    socket: dir.join(format!("{name}.sock")),
+                    name,
+                    netns,
+                    child: None,
+                })
+                .collect(),
+            dir,
+        };
+        std::fs::create_dir_all(&lab.ram_dir)?;
+        Ok(lab)
+    }
+
+    /// `tandem` as the cluster's operator (in the manager's namespace).
+    pub(super) fn cli(&self, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        self.cli_in(self.netns.as_deref(), args, timeout)
+    }
+
+    /// `tandem` as the cluster's operator, in `netns`.
+    pub(super) fn cli_in(
+        &self,
+        netns: Option<&str>,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let (st, out, err) = self.cli_status(netns, args, timeout)?;
         if !st.success() {
             bail!("tandem {}: {st}: {}", args.join(" "), err.trim());
         }
         Ok(out)
     }
 
-    fn start_manager(&mut self) -> anyhow::Result<()> {
+    /// `tandem ARGS` as the operator in `netns`: exit status, stdout, stderr.
+    pub(super) fn cli_status(
+        &self,
+        netns: Option<&str>,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
+        let mut cmd = command_in(netns, &self.tandem);
+        cmd.env("TANDEM_IDENTITY", self.operator())
+            .env_remove("TANDEM_MANAGER")
+            .env_remove("TANDEM_MANAGER_NAME")
+            .args(args);
+        run_bounded(cmd, &self.dir, timeout)
+    }
+
+    /// The operator identity `cluster init` made.
+    pub(super) fn operator(&self) -> PathBuf {
+        self.dir.join("manager/operator")
+    }
+
+    /// The manager's (and the operator CLI's) network namespace.
+    pub(super) fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    pub(super) fn manager_log(&self) -> &Path {
+        &self.manager_log
+    }
+
+    /// `tandem cluster init` of cluster `name` for the manager's address.
+    pub(super) fn init_cluster(&self, name: &str) -> anyhow::Result<()> {
+        let mdir = self.dir.join("manager").to_string_lossy().into_owned();
+        self.cli(
+            &[
+                "cluster",
+                "init",
+                "--state-dir",
+                &mdir,
+                "--name",
+                name,
+                "--listen",
+                &self.addr,
+                "--advertise",
+                &self.addr,
+            ],
+            Duration::from_secs(60),
+        )?;
+        Ok(())
+    }
+
+    /// A token, then `tandem host join` from the host's namespace into its
+    /// state directory: (token ms, join ms).
+    pub(super) fn join_host(&self, i: usize) -> anyhow::Result<(f64, f64)> {
+        let t = Instant::now();
+        let token = self.cli(&["token", "create"], Duration::from_secs(30))?;
+        let token = token.trim().to_string();
+        let token_ms = t.elapsed().as_secs_f64() * 1e3;
+        let h = &self.hosts[i];
+        std::fs::create_dir_all(&h.state)?;
+        let t = Instant::now();
+        let state = h.state.to_string_lossy().into_owned();
+        self.cli_in(
+            h.netns.as_deref(),
+            &[
+                "host",
+                "join",
+                &self.addr,
+                "--token",
+                &token,
+                "--name",
+                &h.name,
+                "--state-dir",
+                &state,
+            ],
+            Duration::from_secs(60),
+        )?;
+        let id = h.state.join("identity/identity.pem");
+        if !id.is_file() {
+            bail!("{}: no certificate after the join", id.display());
+        }
+        Ok((token_ms, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    pub(super) fn start_manager(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.manager_log)?;
-        let child = Command::new(&self.manager_bin)
+        let child = command_in(self.netns.as_deref(), &self.manager_bin)
             .arg("--state-dir")
             .arg(self.dir.join("manager"))
             .arg("--listen")
@@ -364,6 +534,7 @@ impl Lab {
             .context("starting tandem-manager")?;
         self.manager = Some(child);
         let log = self.manager_log.clone();
+        let netns = self.netns.clone();
         let mgr = self.manager.as_mut().expect("just set");
         wait_for(
             "tandem-manager answering",
@@ -376,12 +547,17 @@ impl Lab {
                         tail(&log, 10)
                     )));
                 }
-                std::net::TcpStream::connect(&self.addr)
-                    .ok()
-                    .map(|_| Ok(()))
+                tcp_answers(netns.as_deref(), &self.addr).then_some(Ok(()))
             },
         )??;
         Ok(())
+    }
+
+    /// Stops the manager (SIGTERM, then SIGKILL after 15 s).
+    pub(super) fn stop_manager(&mut self) {
+        if let Some(mut m) = self.manager.take() {
+            stop_child(&mut m, Duration::from_secs(15));
+        }
     }
 
     fn manager_pid(&self) -> anyhow::Result<u32> {
@@ -391,12 +567,28 @@ impl Lab {
             .context("the manager is not running")
     }
 
-    fn start_host(&mut self, i: usize, tandemd: &Path, image_dir: &Path) -> anyhow::Result<()> {
+    /// Starts host `i`'s tandemd (in its namespace) on switch document
+    /// `doc`, with `extra` arguments; stops it first if it runs.
+    pub(super) fn start_host_with(
+        &mut self,
+        i: usize,
+        tandemd: &Path,
+        image_dir: &Path,
+        doc: &str,
+        extra: &[String],
+    ) -> anyhow::Result<()> {
         let h = &mut self.hosts[i];
+        if let Some(mut c) = h.child.take() {
+            stop_child(&mut c, Duration::from_secs(10));
+        }
+        std::fs::create_dir_all(&h.state)?;
         let switch = h.state.join("bench-switch.toml");
-        std::fs::write(&switch, switch_doc(&[]))?;
-        let log = self.dir.join(format!("{}.log", h.name));
-        let child = Command::new(tandemd)
+        std::fs::write(&switch, doc)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", h.name)))?;
+        let child = command_in(h.netns.as_deref(), tandemd)
             .arg("--state-dir")
             .arg(&h.state)
             .arg("--socket")
@@ -407,17 +599,49 @@ impl Lab {
             .arg(image_dir)
             .arg("--switch-config")
             .arg(&switch)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .stderr(Stdio::from(log))
             .spawn()
             .context("starting tandemd")?;
         h.child = Some(child);
         Ok(())
     }
 
+    fn start_host(&mut self, i: usize, tandemd: &Path, image_dir: &Path) -> anyhow::Result<()> {
+        self.start_host_with(i, tandemd, image_dir, &switch_doc(&[]), &[])
+    }
+
+    /// Waits (bounded) until host `i`'s tandemd answers on its socket.
+    pub(super) fn wait_host_socket(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let log = self.host_log(i);
+        let h = &mut self.hosts[i];
+        let (name, socket) = (h.name.clone(), h.socket.clone());
+        wait_for(
+            &format!("tandemd {name} listening"),
+            timeout,
+            Duration::from_millis(25),
+            || {
+                if let Some(Ok(Some(st))) = h.child.as_mut().map(|c| c.try_wait()) {
+                    return Some(Err(anyhow::anyhow!(
+                        "tandemd {name} exited ({st}): {}",
+                        tail(&log, 10)
+                    )));
+                }
+                std::os::unix::net::UnixStream::connect(&socket)
+                    .ok()
+                    .map(|_| Ok(()))
+            },
+        )?
+    }
+
+    pub(super) fn host_log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("{}.log", self.hosts[i].name))
+    }
+
     /// The manager's host list, by name.
-    fn host_list(&self) -> anyhow::Result<Vec<Value>> {
+    pub(super) fn host_list(&self) -> anyhow::Result<Vec<Value>> {
         let out = self.cli(
             &["--json", "host", "list", "--timeout", "10s"],
             Duration::from_secs(15),
@@ -514,34 +738,15 @@ pub fn run(o: &Options, mut say: impl FnMut(&str)) -> anyhow::Result<Report> {
         bail!("tandemd not found at {}", o.tandemd.display());
     }
     install_signal_handlers();
-    let tandem = beside_lab("tandem")?;
-    let manager_bin = beside_lab("tandem-manager")?;
-    let dir = o.work_dir.join(format!("tcluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
-    let mut lab = Lab {
-        ram_dir: PathBuf::from(format!("/dev/shm/tcluster-{}", std::process::id())),
-        tandem,
-        manager_bin,
-        manager: None,
-        manager_log: dir.join("manager.log"),
-        addr: addr.clone(),
-        hosts: (0..o.hosts)
-            .map(|i| {
-                let name = format!("h{i:03}");
-                HostProc {
-                    state: dir.join(&name),
-                    socket: dir.join(format!("{name}.sock")),
-                    name,
-                    child: None,
-                }
-            })
-            .collect(),
-        dir,
-    };
-    std::fs::create_dir_all(&lab.ram_dir)?;
+    let mut lab = Lab::new(
+        "tcluster",
+        &o.work_dir,
+        addr.clone(),
+        None,
+        (0..o.hosts).map(|i| (format!("h{i:03}"), None)).collect(),
+    )?;
     let mut r = Report {
         hosts: o.hosts,
         heartbeat_s: 5,
@@ -550,22 +755,7 @@ pub fn run(o: &Options, mut say: impl FnMut(&str)) -> anyhow::Result<Report> {
     };
 
     say(&format!("cluster init, manager on {addr}"));
-    let mdir = lab.dir.join("manager").to_string_lossy().into_owned();
-    lab.cli(
-        &[
-            "cluster",
-            "init",
-            "--state-dir",
-            &mdir,
-            "--name",
-            "bench",
-            "--listen",
-            &addr,
-            "--advertise",
-            &addr,
-        ],
-        Duration::from_secs(60),
-    )?;
+    lab.init_cluster("bench")?;
     lab.start_manager()?;
 
     // 1. Joins, one host after the other.
@@ -574,33 +764,9 @@ pub fn run(o: &Options, mut say: impl FnMut(&str)) -> anyhow::Result<Report> {
     let all = Instant::now();
     for i in 0..o.hosts {
         check_interrupted()?;
-        let t = Instant::now();
-        let token = lab.cli(&["token", "create"], Duration::from_secs(30))?;
-        let token = token.trim().to_string();
-        tokens.push(t.elapsed().as_secs_f64() * 1e3);
-        let h = &lab.hosts[i];
-        std::fs::create_dir_all(&h.state)?;
-        let t = Instant::now();
-        let state = h.state.to_string_lossy().into_owned();
-        lab.cli(
-            &[
-                "host",
-                "join",
-                &addr,
-                "--token",
-                &token,
-                "--name",
-                &h.name,
-                "--state-dir",
-                &state,
-            ],
-            Duration::from_secs(60),
-        )?;
-        let id = h.state.join("identity/identity.pem");
-        if !id.is_file() {
-            bail!("{}: no certificate after the join", id.display());
-        }
-        joins.push(t.elapsed().as_secs_f64() * 1e3);
+        let (t, j) = lab.join_host(i)?;
+        tokens.push(t);
+        joins.push(j);
     }
     r.join_total_s = all.elapsed().as_secs_f64();
     r.token_create = Dist::of(&tokens);
@@ -721,9 +887,7 @@ pub fn run(o: &Options, mut say: impl FnMut(&str)) -> anyhow::Result<Report> {
         change_switch(&h.socket, &switch_doc(&[g1(&h.name), g2(&h.name)]))?;
     }
     let t = Instant::now();
-    if let Some(mut m) = lab.manager.take() {
-        stop_child(&mut m, Duration::from_secs(15));
-    }
+    lab.stop_manager();
     lab.start_manager()?;
     r.manager_restart_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
