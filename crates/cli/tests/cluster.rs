@@ -3,99 +3,10 @@
 //! codes scripts rely on.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tandem_manager::clock::SystemClock;
-use tandem_manager::server::{serve, ManagerTls};
-use tandem_manager::state::{manager_identity, StateDir};
-use tandem_manager::store::{RedbStore, Store};
-use tandem_manager::{Manager, Settings};
-use tokio::sync::oneshot;
+mod common;
 
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-const BOUND: Duration = Duration::from_secs(30);
-
-struct Served {
-    addr: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start(state: &Path) -> Served {
-    let dir = StateDir::new(state);
-    let config = dir.config().unwrap();
-    let ca = dir.load_ca().unwrap();
-    let (identity, _) = manager_identity(&dir, &ca, &config.manager_name).unwrap();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.db_path()).unwrap());
-    let m = Manager::open(
-        store,
-        ca,
-        &config.manager_name,
-        Arc::new(SystemClock),
-        Settings::default(),
-    )
-    .await
-    .unwrap();
-    m.set_identity(&identity).unwrap();
-    let tls = Arc::new(ManagerTls::new(identity, m.revocation_list()).unwrap());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        serve(l, m, tls, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Served { addr, stop, task }
-}
-
-async fn stop(s: Served) {
-    let _ = s.stop.send(());
-    tokio::time::timeout(BOUND, s.task)
-        .await
-        .expect("manager stops")
-        .unwrap();
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
-    }
-}
-
-/// Runs `tandem ARGS`, bounded.
-async fn tandem(args: &[&str]) -> Out {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(TANDEM)
-            .args(&args)
-            .env_remove("TANDEM_MANAGER")
-            .env_remove("TANDEM_IDENTITY")
-            .env_remove("TANDEM_JOIN_TOKEN")
-            .output()
-            .unwrap()
-    });
-    let o = tokio::time::timeout(BOUND, run)
-        .await
-        .expect("tandem finishes")
-        .unwrap();
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
+use common::{start, stop, tandem};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -3,53 +3,10 @@
 //! against a manager served in this process, and their exit codes.
 
 use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
 
-use tandem_manager::clock::SystemClock;
-use tandem_manager::server::{serve, ManagerTls};
-use tandem_manager::state::{manager_identity, StateDir};
-use tandem_manager::store::{RedbStore, Store};
-use tandem_manager::{Manager, Settings};
+mod common;
 
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-const BOUND: Duration = Duration::from_secs(30);
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
-    }
-}
-
-/// Runs `tandem ARGS`, bounded.
-async fn tandem(args: Vec<String>) -> Out {
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(TANDEM)
-            .args(&args)
-            .env_remove("TANDEM_MANAGER")
-            .env_remove("TANDEM_IDENTITY")
-            .env_remove("TANDEM_JOIN_TOKEN")
-            .output()
-            .unwrap()
-    });
-    let o = tokio::time::timeout(BOUND, run)
-        .await
-        .expect("tandem finishes")
-        .unwrap();
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
-}
+use common::{start, tandem};
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
@@ -59,7 +16,7 @@ fn s(p: &Path) -> String {
 async fn operator_creates_hands_over_and_deletes_vm_records() {
     let d = tempfile::tempdir().unwrap();
     let state = d.path().join("manager");
-    let init = tandem(vec![
+    let init = tandem(&[
         "cluster".into(),
         "init".into(),
         "--state-dir".into(),
@@ -68,27 +25,9 @@ async fn operator_creates_hands_over_and_deletes_vm_records() {
     .await;
     assert_eq!(init.code, 0, "{}", init.stderr);
 
-    let dir = StateDir::new(&state);
-    let config = dir.config().unwrap();
-    let ca = dir.load_ca().unwrap();
-    let (identity, _) = manager_identity(&dir, &ca, &config.manager_name).unwrap();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.db_path()).unwrap());
-    let m = Manager::open(
-        store,
-        ca,
-        &config.manager_name,
-        Arc::new(SystemClock),
-        Settings::default(),
-    )
-    .await
-    .unwrap();
-    m.set_identity(&identity).unwrap();
-    let tls = Arc::new(ManagerTls::new(identity, m.revocation_list()).unwrap());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        let _ = serve(l, m, tls, std::future::pending::<()>()).await;
-    });
+    // Served until the test ends (dropping it stops the manager).
+    let served = start(&state).await;
+    let addr = served.addr.clone();
 
     let op = s(&state.join("operator"));
     let run = |args: &[&str]| {
@@ -99,13 +38,13 @@ async fn operator_creates_hands_over_and_deletes_vm_records() {
             "--manager".into(),
             addr.clone(),
         ]);
-        tandem(v)
+        tandem(&v)
     };
     for h in ["host-a", "host-b", "host-c"] {
         let t = run(&["--json", "token", "create"]).await;
         assert_eq!(t.code, 0, "{}", t.stderr);
         let token = t.json()["token"].as_str().unwrap().to_string();
-        let j = tandem(vec![
+        let j = tandem(&[
             "host".into(),
             "join".into(),
             addr.clone(),
