@@ -468,9 +468,8 @@ impl SwitchTxns {
             return;
         };
         let record = p.record.clone();
-        if let Some(f) = inner.active_fault.as_ref().filter(|f| f.no_rollback) {
+        if inner.active_fault.as_ref().is_some_and(|f| f.no_rollback) {
             error!(%txid, "FAULT INJECTION: rollback disabled; the unconfirmed change stays");
-            let _ = f;
             return;
         }
         if let Some(f) = inner.active_fault.take() {
@@ -687,7 +686,7 @@ pub fn router(txns: TxnState) -> Router {
 }
 
 async fn status(State(t): State<TxnState>) -> Json<SwitchTxnStatus> {
-    Json(tokio::task::block_in_place(|| t.status()))
+    Json(t.status())
 }
 
 async fn begin(
