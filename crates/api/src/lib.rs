@@ -534,3 +534,117 @@ pub struct SwitchTxnStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alarm: Option<String>,
 }
+
+/// Body of `POST /v1/migrations/incoming` on the destination: define the
+/// VM (with the source's identity) and start a QEMU that waits for its
+/// migration stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingMigrationRequest {
+    /// The VM's spec as the source has it (`VmInfo::spec_toml`).
+    pub spec_toml: String,
+    /// The source's UUID for the VM: a migrated VM keeps its identity.
+    pub uuid: String,
+    /// `HOST:PORT` the destination's QEMU listens on (port 0: any free).
+    pub listen: String,
+    /// Must match the source's `allow_postcopy` (QEMU needs the capability
+    /// on both ends before the stream starts).
+    #[serde(default)]
+    pub allow_postcopy: bool,
+    /// Seconds to wait for the source to connect before giving up and
+    /// removing the VM (default 60).
+    #[serde(default)]
+    pub accept_timeout_s: Option<u64>,
+}
+
+/// The destination is ready: the source migrates to `uri`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingMigrationReply {
+    pub vm: String,
+    /// QEMU's migration URI, e.g. `tcp:127.0.0.1:40123`.
+    pub uri: String,
+}
+
+/// Body of `POST /v1/vms/{name}/migrate` on the source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Where the destination's QEMU listens ([`IncomingMigrationReply::uri`]).
+    pub uri: String,
+    /// The downtime limit precopy starts with (default 300 ms, QEMU's).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// The most downtime the convergence ladder may raise the limit to
+    /// (default 2000 ms; equal to `downtime_ms` to disable that rung).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Bytes per second (default: QEMU's 128 MiB/s).
+    #[serde(default)]
+    pub bandwidth_bps: Option<u64>,
+    #[serde(default)]
+    pub allow_postcopy: bool,
+    /// Whether the throttle rung may slow the guest (default true).
+    #[serde(default)]
+    pub allow_throttle: Option<bool>,
+    /// No progress for this long is a stall (default 10 s).
+    #[serde(default)]
+    pub stall_s: Option<u64>,
+}
+
+/// Where an outgoing migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Sending RAM (precopy or postcopy).
+    Running,
+    /// QEMU finished: the source is paused and waits to be confirmed
+    /// (the destination runs: the source goes) or resumed.
+    AwaitingConfirm,
+    /// Confirmed: the VM now lives on the destination only.
+    Done,
+    /// The source resumed after a completed stream (the destination did
+    /// not take over).
+    Resumed,
+    Failed,
+    Cancelled,
+    /// The convergence ladder gave up.
+    Aborted,
+}
+
+impl MigrationPhase {
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            MigrationPhase::Running | MigrationPhase::AwaitingConfirm
+        )
+    }
+}
+
+/// `GET /v1/vms/{name}/migration`: the latest reading of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub phase: MigrationPhase,
+    /// The convergence ladder's rung (`precopy`, `downtime 565 ms`,
+    /// `throttle`, `postcopy`).
+    pub rung: String,
+    pub elapsed_ms: u64,
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub dirty_rate_bps: u64,
+    pub bandwidth_bps: u64,
+    pub iteration: u64,
+    pub expected_downtime_ms: Option<u64>,
+    pub cpu_throttle_pct: u64,
+    /// QEMU's measured downtime, once completed.
+    pub downtime_ms: Option<u64>,
+    /// Why it failed or was aborted.
+    pub message: Option<String>,
+}
+
+/// Body of `POST /v1/vms/{name}/migration/confirm`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationConfirm {
+    /// true: the destination runs the VM, so the source's copy goes.
+    /// false: it does not, so the source resumes.
+    pub destination_running: bool,
+}

@@ -17,6 +17,7 @@ mod dvs;
 mod external;
 mod ft;
 mod host;
+mod migrate;
 mod remote;
 mod switch;
 mod vm;
@@ -63,6 +64,9 @@ enum Cmd {
     Protect(ft::ProtectArgs),
     /// End protection of a VM (the backup is told; it will not take over).
     Unprotect { name: String },
+    /// Live-migrate a running VM to another tandemd, with progress and the
+    /// convergence ladder; `--cancel` stops a running migration.
+    Migrate(migrate::MigrateArgs),
     /// On the backup: run the VM here from its last committed epoch now.
     Failover { name: String },
     /// Fault tolerance.
@@ -128,6 +132,7 @@ async fn run(cmd: Cmd, client: tandem_api::Client, json: bool) -> anyhow::Result
         Cmd::Host(c) => host::run(&client, c, json).await,
         Cmd::Protect(a) => ft::protect(&client, a, json).await,
         Cmd::Unprotect { name } => ft::unprotect(&client, &name, json).await,
+        Cmd::Migrate(a) => migrate::run(&client, a, json).await,
         Cmd::Failover { name } => ft::failover(&client, &name, json).await,
         Cmd::Ft(c) => ft::run(&client, c, json).await,
         Cmd::Switch(c) => switch::run(&client, c, json).await,

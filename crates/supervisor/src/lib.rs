@@ -27,8 +27,8 @@ mod vm;
 /// A VM's identity ([`GuestPort::uuid`], [`Supervisor::create_with_uuid`]).
 pub use uuid::Uuid;
 pub use vm::{
-    confine_checkpoint_dir, dir_owner, CheckpointDisk, CheckpointManifest, CheckpointReport,
-    CheckpointWindow, DeviceStateJob, DirOwner, ExitCause, GuestPort, NicPorts, Supervisor,
-    SupervisorConfig, SupervisorError, CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST,
-    CHECKPOINT_RAM, OWNER_FILE,
+    confine_checkpoint_dir, dir_owner, ladder_config, CheckpointDisk, CheckpointManifest,
+    CheckpointReport, CheckpointWindow, DeviceStateJob, DirOwner, ExitCause, GuestPort,
+    IncomingPlan, NicPorts, Supervisor, SupervisorConfig, SupervisorError, CHECKPOINT_DEVICE_STATE,
+    CHECKPOINT_MANIFEST, CHECKPOINT_RAM, OWNER_FILE,
 };

@@ -27,6 +27,11 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/checkpoint", post(checkpoint))
         .route("/v1/vms/{name}/restore", post(restore))
+        .route("/v1/migrations/incoming", post(incoming))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migration", get(migration))
+        .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
+        .route("/v1/vms/{name}/migration/confirm", post(confirm_migration))
         .route("/metrics", get(metrics))
         .with_state(sup)
 }
@@ -94,6 +99,54 @@ async fn restore(
 ) -> ApiResult<tandem_api::VmInfo> {
     let dir = s.checkpoint_dir(&req.dir, true)?;
     Ok(Json(s.restore_from(&name, &dir).await?))
+}
+
+async fn incoming(
+    State(s): State<Sup>,
+    Json(req): Json<tandem_api::IncomingMigrationRequest>,
+) -> Result<(StatusCode, Json<tandem_api::IncomingMigrationReply>), HttpError> {
+    let plan = tandem_supervisor::IncomingPlan {
+        listen: req.listen.clone(),
+        allow_postcopy: req.allow_postcopy,
+        accept_timeout: std::time::Duration::from_secs(
+            req.accept_timeout_s.unwrap_or(60).clamp(1, 3600),
+        ),
+    };
+    let reply = s.prepare_incoming(&req.spec_toml, &req.uuid, plan).await?;
+    Ok((StatusCode::CREATED, Json(reply)))
+}
+
+async fn migrate(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::MigrateRequest>,
+) -> ApiResult<tandem_api::MigrationReport> {
+    let cfg = tandem_supervisor::ladder_config(&req);
+    Ok(Json(s.migrate_out(&name, &req.uri, cfg).await?))
+}
+
+async fn migration(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+) -> ApiResult<tandem_api::MigrationReport> {
+    Ok(Json(s.migration(&name).await?))
+}
+
+async fn cancel_migration(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+) -> ApiResult<tandem_api::MigrationReport> {
+    Ok(Json(s.cancel_migration(&name).await?))
+}
+
+async fn confirm_migration(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::MigrationConfirm>,
+) -> ApiResult<tandem_api::MigrationReport> {
+    Ok(Json(
+        s.confirm_migration(&name, req.destination_running).await?,
+    ))
 }
 
 #[derive(Deserialize)]

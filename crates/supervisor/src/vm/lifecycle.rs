@@ -28,7 +28,7 @@ use crate::util::{
 
 /// Why a started QEMU did not come up.
 #[derive(Debug, thiserror::Error)]
-enum StartFailure {
+pub(super) enum StartFailure {
     #[error("QEMU could not be executed")]
     NotExecuted,
     #[error("no QEMU pid within {0:?}")]
@@ -51,6 +51,8 @@ enum StartFailure {
     Cont(#[source] QmpError),
     #[error("{0}")]
     Persist(#[source] SupervisorError),
+    #[error("preparing the incoming migration: {0}")]
+    Incoming(String),
 }
 
 impl Supervisor {
@@ -63,6 +65,20 @@ impl Supervisor {
         name: &str,
         restore: Option<RestoreSource>,
     ) -> Result<VmInfo, SupervisorError> {
+        self.start_mode(name, restore, None)
+            .await
+            .map(|(info, _)| info)
+    }
+
+    /// Starts the VM's QEMU: booting, restoring (`restore`) or waiting
+    /// for an incoming migration (`incoming`: then the answer carries the
+    /// URI QEMU listens on, and the guest does not run yet).
+    pub(super) async fn start_mode(
+        self: &Arc<Self>,
+        name: &str,
+        restore: Option<RestoreSource>,
+        incoming: Option<&super::migrate::IncomingPlan>,
+    ) -> Result<(VmInfo, Option<String>), SupervisorError> {
         let vm = self.get(name).await?;
         let _op = vm.ops.lock().await;
         if vm.state().is_active() {
@@ -194,7 +210,7 @@ impl Supervisor {
             ram_file: files.ram_file.clone(),
             qboot_rom: self.cfg.qboot_rom.clone(),
             accel,
-            incoming: restore.is_some(),
+            incoming: restore.is_some() || incoming.is_some(),
             switch_dir: self.cfg.switch_dir.clone(),
         };
         let argv = build_argv(&spec, &rt);
@@ -232,15 +248,21 @@ impl Supervisor {
                     RestoreRam::InPlace { dir, .. } => Some(dir.as_path()),
                     RestoreRam::Copy(_) => None,
                 });
-                self.finish_start(&vm, device_state, claim).await
+                match incoming {
+                    Some(plan) => self.finish_incoming_start(&vm, plan).await,
+                    None => self
+                        .finish_start(&vm, device_state, claim)
+                        .await
+                        .map(|q| (q, None)),
+                }
             }
             Err(e) => Err(StartFailure::Persist(e)),
         };
         match outcome {
-            Ok(qmp) => {
+            Ok((qmp, uri)) => {
                 self.spawn_monitor(vm.clone(), qmp);
                 drop(_op);
-                Ok(self.info_of(&vm).await)
+                Ok((self.info_of(&vm).await, uri))
             }
             Err(failure) => {
                 let message = failure.to_string();
@@ -256,16 +278,8 @@ impl Supervisor {
         }
     }
 
-    /// Waits for QEMU to come up, connects QMP and lets the guest run.
-    /// `claim`: the directory an in-place restore runs from, which becomes
-    /// the VM's own just before `cont` (and stays the replica it was if
-    /// anything fails before).
-    async fn finish_start(
-        &self,
-        vm: &Vm,
-        device_state: Option<&[u8]>,
-        claim: Option<&std::path::Path>,
-    ) -> Result<QmpClient, StartFailure> {
+    /// Waits for a started QEMU's pid and its QMP socket.
+    pub(super) async fn connect_started(&self, vm: &Vm) -> Result<QmpClient, StartFailure> {
         let deadline = Instant::now() + self.cfg.start_timeout;
         let pid = loop {
             if let Some(pid) = shim::read_pid(&vm.dir) {
@@ -303,6 +317,20 @@ impl Supervisor {
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
+        Ok(qmp)
+    }
+
+    /// Waits for QEMU to come up, connects QMP and lets the guest run.
+    /// `claim`: the directory an in-place restore runs from, which becomes
+    /// the VM's own just before `cont` (and stays the replica it was if
+    /// anything fails before).
+    async fn finish_start(
+        &self,
+        vm: &Vm,
+        device_state: Option<&[u8]>,
+        claim: Option<&std::path::Path>,
+    ) -> Result<QmpClient, StartFailure> {
+        let qmp = self.connect_started(vm).await?;
         if let Some(state) = device_state {
             let t = Instant::now();
             checkpoint::prepare(&qmp)

@@ -12,6 +12,7 @@ mod error;
 mod exit;
 mod guest_port;
 mod lifecycle;
+mod migrate;
 mod monitor;
 mod pids;
 mod record;
@@ -40,6 +41,7 @@ use crate::util::{make_private, now_unix, read_from};
 pub use error::SupervisorError;
 pub use exit::ExitCause;
 pub use guest_port::{CheckpointWindow, DeviceStateJob, GuestPort};
+pub use migrate::{ladder_config, IncomingPlan};
 pub use snapshot::{
     confine_checkpoint_dir, dir_owner, CheckpointDisk, CheckpointManifest, CheckpointReport,
     DirOwner, CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM, OWNER_FILE,
@@ -104,6 +106,8 @@ pub struct Supervisor {
     /// Distinguishes this daemon's RAM files from another daemon's (several
     /// simulated hosts share one /dev/shm in tests and drills).
     instance_tag: String,
+    /// Outgoing migrations by VM name, finished ones kept until the next.
+    migrations: Mutex<BTreeMap<String, Arc<migrate::OutgoingJob>>>,
 }
 
 /// The marker of a VM's QEMU in its command line (and its shim's, which
@@ -158,6 +162,7 @@ impl Supervisor {
             cfg,
             vms: RwLock::new(BTreeMap::new()),
             accel_probe: AsyncMutex::new(None),
+            migrations: Mutex::new(BTreeMap::new()),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(io_err("reading VM records"))?;
         for entry in entries.flatten() {

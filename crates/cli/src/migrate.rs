@@ -1,0 +1,262 @@
+//! `tandem migrate`: live migration of a running VM to another tandemd.
+//!
+//! The CLI drives the two daemons the way libvirt's client drives a
+//! migration: the destination defines the VM with the source's identity
+//! and starts a QEMU that listens; the source migrates into it and walks
+//! the convergence ladder; when QEMU has finished, the source waits,
+//! paused, until the destination is seen running the guest, and only
+//! then removes its copy (or resumes, if the destination did not take
+//! it). Under `--json`, standard output carries one JSON object per line:
+//! the progress events, then the final report. Every failure leaves the VM running on the source and nothing on
+//! the destination.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tandem_api::{
+    Client, IncomingMigrationReply, IncomingMigrationRequest, MigrateRequest, MigrationConfirm,
+    MigrationPhase, MigrationReport, VmInfo, VmState,
+};
+use tandem_progress::{Event, Mode, Reporter, Tracker};
+
+/// Under `--json` the progress events are JSON lines on standard output;
+/// the final report is the last line, compact like them.
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The VM to migrate (on this host, or on `--remote`'s).
+    pub name: String,
+    /// The destination tandemd's API socket.
+    #[arg(long = "to-socket", required_unless_present = "cancel")]
+    pub to_socket: Option<PathBuf>,
+    /// Where the destination's QEMU listens for the stream: HOST:PORT
+    /// (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// The downtime limit precopy starts with (QEMU's default: 300).
+    #[arg(long)]
+    pub downtime_ms: Option<u64>,
+    /// The most downtime the convergence ladder may allow (default 2000;
+    /// equal to --downtime-ms to keep the limit fixed).
+    #[arg(long)]
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth in MiB/s (QEMU's default: 128).
+    #[arg(long)]
+    pub bandwidth: Option<u64>,
+    /// Allow the ladder's last rung, postcopy (the destination runs the
+    /// guest before all its memory has arrived).
+    #[arg(long)]
+    pub allow_postcopy: bool,
+    /// Never throttle the guest's vCPUs to make the migration converge.
+    #[arg(long)]
+    pub no_throttle: bool,
+    /// Seconds without progress that count as a stall (default 10).
+    #[arg(long)]
+    pub stall_s: Option<u64>,
+    /// Cancel the VM's running migration; the VM stays on the source.
+    #[arg(long)]
+    pub cancel: bool,
+}
+
+pub async fn run(src: &Client, a: MigrateArgs, json: bool) -> anyhow::Result<()> {
+    if a.cancel {
+        let r: MigrationReport = src
+            .post(&format!("/v1/vms/{}/migration/cancel", a.name), &())
+            .await?;
+        if json {
+            return print_json(&r);
+        }
+        println!("cancelling the migration of {}", a.name);
+        return Ok(());
+    }
+    let Some(to) = &a.to_socket else {
+        bail!("say where to: --to-socket PATH");
+    };
+    let dst = Client::new(to);
+    let info: VmInfo = src
+        .get(&format!("/v1/vms/{}", a.name))
+        .await
+        .with_context(|| format!("reading `{}` on the source", a.name))?;
+    if info.state != VmState::Running {
+        bail!("`{}` is {}: only a running VM migrates", a.name, info.state);
+    }
+    let ready: IncomingMigrationReply = dst
+        .post(
+            "/v1/migrations/incoming",
+            &IncomingMigrationRequest {
+                spec_toml: info.spec_toml.clone(),
+                uuid: info.uuid.clone(),
+                listen: a.listen.clone(),
+                allow_postcopy: a.allow_postcopy,
+                accept_timeout_s: None,
+            },
+        )
+        .await
+        .context("preparing the destination")?;
+    let req = MigrateRequest {
+        uri: ready.uri.clone(),
+        downtime_ms: a.downtime_ms,
+        max_downtime_ms: a.max_downtime_ms,
+        bandwidth_bps: a.bandwidth.map(|m| m.saturating_mul(1 << 20)),
+        allow_postcopy: a.allow_postcopy,
+        allow_throttle: Some(!a.no_throttle),
+        stall_s: a.stall_s,
+    };
+    let started: Result<MigrationReport, _> =
+        src.post(&format!("/v1/vms/{}/migrate", a.name), &req).await;
+    if let Err(e) = started {
+        remove_destination(&dst, &a.name).await;
+        return Err(e).context("starting the migration on the source");
+    }
+    let report = follow(src, &a.name, json).await;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            // The source is unreachable mid-migration: the destination
+            // removes its VM by itself when the stream breaks.
+            return Err(e);
+        }
+    };
+    match report.phase {
+        MigrationPhase::AwaitingConfirm => {}
+        phase => {
+            remove_destination(&dst, &a.name).await;
+            if json {
+                print_json(&report)?;
+            }
+            bail!(
+                "the migration of `{}` {}: {}; the VM runs on at the source",
+                a.name,
+                match phase {
+                    MigrationPhase::Cancelled => "was cancelled",
+                    MigrationPhase::Aborted => "was aborted",
+                    _ => "failed",
+                },
+                report.message.as_deref().unwrap_or("no reason given")
+            );
+        }
+    }
+    // QEMU finished: the source is paused. It goes only once the
+    // destination is seen running the guest.
+    let running = wait_running(&dst, &a.name, Duration::from_secs(30)).await;
+    let confirmed: MigrationReport = src
+        .post(
+            &format!("/v1/vms/{}/migration/confirm", a.name),
+            &MigrationConfirm {
+                destination_running: running,
+            },
+        )
+        .await
+        .context("confirming the migration on the source")?;
+    if !running {
+        remove_destination(&dst, &a.name).await;
+        bail!(
+            "the destination did not run `{}` after the stream completed; the source resumed it",
+            a.name
+        );
+    }
+    if json {
+        return print_json(&confirmed);
+    }
+    println!(
+        "migrated {} in {:.1} s: downtime {} ms, rung {}, {} sent",
+        a.name,
+        report.elapsed_ms as f64 / 1000.0,
+        report
+            .downtime_ms
+            .map_or_else(|| "?".to_string(), |d| d.to_string()),
+        report.rung,
+        tandem_progress::human_bytes(report.transferred)
+    );
+    Ok(())
+}
+
+/// Polls the source's report, showing progress, until the migration
+/// leaves `running`. Ctrl-C cancels it (the VM stays on the source).
+async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<MigrationReport> {
+    let mut reporter = Reporter::new(Mode::auto(json));
+    let mut tracker = Tracker::new();
+    let t0 = Instant::now();
+    let mut cancelled = false;
+    let mut failures = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::signal::ctrl_c(), if !cancelled => {
+                cancelled = true;
+                let _: Result<MigrationReport, _> = src
+                    .post(&format!("/v1/vms/{name}/migration/cancel"), &())
+                    .await;
+            }
+        }
+        let r: MigrationReport = match src.get(&format!("/v1/vms/{name}/migration")).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                if failures >= 20 {
+                    return Err(e).context("the source stopped answering mid-migration");
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        tracker.observe(tandem_progress::Sample {
+            done: r.transferred,
+            remaining: r.remaining,
+            at_ms: t0.elapsed().as_millis() as u64,
+        });
+        let state = match r.phase {
+            MigrationPhase::Running => "running",
+            MigrationPhase::AwaitingConfirm | MigrationPhase::Done => "done",
+            MigrationPhase::Cancelled | MigrationPhase::Aborted => "cancelled",
+            _ => "failed",
+        };
+        if state == "done" {
+            tracker.finish();
+        }
+        let mut event: Event = tracker.event(&format!("migrate {name}"), "memory");
+        event.state = state.to_string();
+        event.message = r.message.clone();
+        event.extra.insert("rung".into(), serde_json::json!(r.rung));
+        event
+            .extra
+            .insert("iteration".into(), serde_json::json!(r.iteration));
+        event
+            .extra
+            .insert("dirty_rate_bps".into(), serde_json::json!(r.dirty_rate_bps));
+        if let Some(d) = r.expected_downtime_ms {
+            event
+                .extra
+                .insert("expected_downtime_ms".into(), serde_json::json!(d));
+        }
+        reporter.emit(&event);
+        if r.phase != MigrationPhase::Running {
+            reporter.finish();
+            return Ok(r);
+        }
+    }
+}
+
+async fn wait_running(dst: &Client, name: &str, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if let Ok(v) = dst.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
+            if v.state == VmState::Running {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Removes the destination's VM (it may already be gone).
+async fn remove_destination(dst: &Client, name: &str) {
+    let _: Result<serde_json::Value, _> = dst.delete(&format!("/v1/vms/{name}")).await;
+}

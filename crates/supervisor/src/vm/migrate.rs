@@ -1,0 +1,494 @@
+//! Live migration of a VM between two supervisors: the destination's QEMU
+//! waiting for the stream, and the source's driver, which feeds QEMU's
+//! `query-migrate` to the convergence ladder (`tandem-migration`) and
+//! carries out what it decides.
+//!
+//! Neither side ever leaves a half-migrated VM behind: the destination
+//! removes its VM when the stream fails, is cancelled, or never comes; the
+//! source keeps running on every failure and, once QEMU has finished,
+//! stays paused until it is told whether the destination runs the guest
+//! (then it goes) or not (then it resumes).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tandem_api::{IncomingMigrationReply, MigrationPhase, MigrationReport, VmState};
+use tandem_migration::{setup, Action, Decision, Ladder, LadderConfig, Outcome, Sample, Status};
+use tandem_qmp::{qmp, QmpClient};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::lifecycle::StartFailure;
+use super::{Supervisor, SupervisorError, Vm};
+
+const QMP_CALL: Duration = Duration::from_secs(10);
+/// How often the source reads `query-migrate`: often enough that a stall
+/// window of a few seconds sees many samples, cheap for QEMU.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What the destination's QEMU is started with.
+#[derive(Debug, Clone)]
+pub struct IncomingPlan {
+    /// `HOST:PORT` to listen on (port 0: any free port).
+    pub listen: String,
+    pub allow_postcopy: bool,
+    /// How long the source may take to connect.
+    pub accept_timeout: Duration,
+}
+
+/// One outgoing migration.
+pub(super) struct OutgoingJob {
+    report: Mutex<MigrationReport>,
+    cancel: tokio::sync::Notify,
+    cancel_asked: std::sync::atomic::AtomicBool,
+}
+
+fn capabilities(caps: &[(&str, bool)]) -> Value {
+    json!({ "capabilities": caps.iter().map(|(c, on)| json!({"capability": c, "state": on})).collect::<Vec<_>>() })
+}
+
+async fn query(qmp: &QmpClient, started: Instant) -> Result<Sample, String> {
+    let v = qmp
+        .execute_raw("query-migrate", json!({}), QMP_CALL)
+        .await
+        .map_err(|e| format!("query-migrate: {e}"))?;
+    Sample::from_query_migrate(&v, started.elapsed().as_millis() as u64).map_err(|e| e.to_string())
+}
+
+impl Supervisor {
+    /// Defines the VM with the source's identity and starts a QEMU that
+    /// waits for its migration stream on `plan.listen`; answers with the
+    /// URI the source migrates to. In the background it lets the guest run
+    /// as soon as the stream completes (or postcopy starts), and removes
+    /// the VM if the stream fails or does not come within the plan's
+    /// accept timeout.
+    pub async fn prepare_incoming(
+        self: &Arc<Self>,
+        spec_toml: &str,
+        uuid: &str,
+        plan: IncomingPlan,
+    ) -> Result<IncomingMigrationReply, SupervisorError> {
+        let uuid = Uuid::parse_str(uuid)
+            .map_err(|e| SupervisorError::Refused(format!("the VM's uuid `{uuid}`: {e}")))?;
+        if uuid.is_nil() {
+            return Err(SupervisorError::Refused(
+                "a migrated VM keeps its identity: the nil uuid is not one".into(),
+            ));
+        }
+        let info = self.create_with_uuid(spec_toml, uuid).await?;
+        let name = info.name.clone();
+        match self.start_mode(&name, None, Some(&plan)).await {
+            Ok((_, Some(uri))) => {
+                info!(vm = %name, %uri, "waiting for the incoming migration");
+                let sup = self.clone();
+                let vm = self.get(&name).await?;
+                tokio::spawn(async move { sup.watch_incoming(vm, plan).await });
+                Ok(IncomingMigrationReply { vm: name, uri })
+            }
+            Ok((_, None)) => Err(SupervisorError::Refused(
+                "QEMU started without saying where it listens".into(),
+            )),
+            Err(e) => {
+                // Nothing of a destination that cannot listen stays.
+                if let Err(d) = self.destroy(&name).await {
+                    warn!(vm = %name, "removing the VM after a failed incoming start: {d}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The destination's side after `migrate-incoming`: run the guest when
+    /// it is whole, or remove the VM.
+    async fn watch_incoming(self: Arc<Self>, vm: Arc<Vm>, plan: IncomingPlan) {
+        let started = Instant::now();
+        let mut running = false;
+        let failure = loop {
+            tokio::time::sleep(POLL).await;
+            let Some(live) = vm.live() else {
+                break "QEMU ended".to_string();
+            };
+            let sample = match query(&live.qmp, started).await {
+                Ok(s) => s,
+                Err(e) => break e,
+            };
+            match sample.status {
+                Some(Status::Completed) => {
+                    if !running {
+                        if let Err(e) = self.run_incoming(&vm, &live.qmp).await {
+                            break e;
+                        }
+                    }
+                    info!(vm = %vm.name, ms = started.elapsed().as_millis() as u64, "incoming migration completed; the guest runs here");
+                    return;
+                }
+                Some(Status::Postcopy) if !running => {
+                    // The destination runs the guest from now on and pulls
+                    // what it lacks (QEMU does not start it itself under -S).
+                    if let Err(e) = self.run_incoming(&vm, &live.qmp).await {
+                        break e;
+                    }
+                    running = true;
+                }
+                Some(Status::Failed) => {
+                    break sample
+                        .error
+                        .unwrap_or_else(|| "the incoming stream failed".into())
+                }
+                Some(Status::Cancelled) => break "the migration was cancelled".into(),
+                Some(Status::None) | Some(Status::Setup)
+                    if started.elapsed() > plan.accept_timeout =>
+                {
+                    break format!("no migration stream within {:?}", plan.accept_timeout)
+                }
+                _ => {}
+            }
+        };
+        if running {
+            // Postcopy failed after the guest ran here: neither side has
+            // the whole guest any more. Leave the paused QEMU for the
+            // operator (postcopy recovery), never delete it.
+            warn!(vm = %vm.name, "postcopy failed: {failure}; the VM stays here, paused");
+            return;
+        }
+        warn!(vm = %vm.name, "incoming migration ended without the guest: {failure}; removing the VM");
+        if let Err(e) = self.destroy(&vm.name).await {
+            warn!(vm = %vm.name, "removing the VM: {e}");
+        }
+    }
+
+    async fn run_incoming(&self, vm: &Vm, qmp: &QmpClient) -> Result<(), String> {
+        let _op = vm.ops.lock().await;
+        qmp.execute(qmp::cont {})
+            .await
+            .map_err(|e| format!("cont: {e}"))?;
+        vm.update(|r| r.state = VmState::Running)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The start of an incoming QEMU, after its QMP answers: the
+    /// capabilities the stream needs, then `migrate-incoming`; answers with
+    /// the URI QEMU listens on (the real port when 0 was asked for).
+    pub(super) async fn finish_incoming_start(
+        &self,
+        vm: &Vm,
+        plan: &IncomingPlan,
+    ) -> Result<(QmpClient, Option<String>), StartFailure> {
+        let qmp = self.connect_started(vm).await?;
+        let mut caps = vec![("events", true)];
+        if plan.allow_postcopy {
+            caps.push(("postcopy-ram", true));
+        }
+        let fail =
+            |what: &str, e: tandem_qmp::QmpError| StartFailure::Incoming(format!("{what}: {e}"));
+        qmp.execute_raw("migrate-set-capabilities", capabilities(&caps), QMP_CALL)
+            .await
+            .map_err(|e| fail("migrate-set-capabilities", e))?;
+        qmp.execute_raw(
+            "migrate-incoming",
+            json!({ "uri": format!("tcp:{}", plan.listen) }),
+            QMP_CALL,
+        )
+        .await
+        .map_err(|e| fail("migrate-incoming", e))?;
+        let v = qmp
+            .execute_raw("query-migrate", json!({}), QMP_CALL)
+            .await
+            .map_err(|e| fail("query-migrate", e))?;
+        let addr = v
+            .get("socket-address")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let (Some(host), Some(port)) = (
+            addr.get("host").and_then(Value::as_str),
+            addr.get("port").and_then(Value::as_str),
+        ) else {
+            return Err(StartFailure::Incoming(format!(
+                "QEMU does not say where it listens: {v}"
+            )));
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        vm.update(|r| r.state = VmState::Paused)
+            .map_err(StartFailure::Persist)?;
+        Ok((qmp, Some(format!("tcp:{host}:{port}"))))
+    }
+
+    /// Starts migrating a running VM to `uri` (where a destination's
+    /// [`Supervisor::prepare_incoming`] listens) and drives it to its end in
+    /// the background; [`Supervisor::migration`] reads where it is.
+    pub async fn migrate_out(
+        self: &Arc<Self>,
+        name: &str,
+        uri: &str,
+        cfg: LadderConfig,
+    ) -> Result<MigrationReport, SupervisorError> {
+        cfg.validate()
+            .map_err(|e| SupervisorError::Refused(e.to_string()))?;
+        if !uri.starts_with("tcp:") || uri.len() > 512 || uri.contains(char::is_control) {
+            return Err(SupervisorError::Refused(format!(
+                "`{uri}` is not a migration URI of the form tcp:HOST:PORT"
+            )));
+        }
+        let vm = self.get(name).await?;
+        if let Some(job) = self.migrations.lock().get(name) {
+            if !job.report.lock().phase.is_final() {
+                return Err(SupervisorError::Refused(format!(
+                    "`{name}` is already migrating"
+                )));
+            }
+        }
+        // The VM's lifecycle lock is not held for the migration's length:
+        // a stop or destroy meanwhile ends QEMU, and the driver reports
+        // the migration failed (the destination then removes its VM).
+        let live = match (vm.state(), vm.live()) {
+            (VmState::Running, Some(live)) => live,
+            _ => return Err(vm.bad_state("migrate")),
+        };
+        let (caps, params) = setup(&cfg);
+        let qmp_err = vm.qmp_err();
+        live.qmp
+            .execute_raw("migrate-set-capabilities", capabilities(&caps), QMP_CALL)
+            .await
+            .map_err(qmp_err)?;
+        live.qmp
+            .execute_raw("migrate-set-parameters", params, QMP_CALL)
+            .await
+            .map_err(vm.qmp_err())?;
+        live.qmp
+            .execute_raw("migrate", json!({ "uri": uri }), QMP_CALL)
+            .await
+            .map_err(vm.qmp_err())?;
+        info!(vm = %name, %uri, "migration started");
+        let report = MigrationReport {
+            vm: name.to_string(),
+            phase: MigrationPhase::Running,
+            rung: "precopy".into(),
+            elapsed_ms: 0,
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            dirty_rate_bps: 0,
+            bandwidth_bps: 0,
+            iteration: 0,
+            expected_downtime_ms: None,
+            cpu_throttle_pct: 0,
+            downtime_ms: None,
+            message: None,
+        };
+        let job = Arc::new(OutgoingJob {
+            report: Mutex::new(report.clone()),
+            cancel: tokio::sync::Notify::new(),
+            cancel_asked: std::sync::atomic::AtomicBool::new(false),
+        });
+        self.migrations.lock().insert(name.to_string(), job.clone());
+        let sup = self.clone();
+        tokio::spawn(async move {
+            sup.drive_outgoing(vm, live.qmp, job, cfg).await;
+        });
+        Ok(report)
+    }
+
+    async fn drive_outgoing(
+        &self,
+        vm: Arc<Vm>,
+        qmp: QmpClient,
+        job: Arc<OutgoingJob>,
+        cfg: LadderConfig,
+    ) {
+        let started = Instant::now();
+        let mut ladder = Ladder::new(cfg, 0);
+        let mut abort_reason: Option<String> = None;
+        let mut cancel_sent = false;
+        let set_final = |phase: MigrationPhase, message: Option<String>| {
+            let mut r = job.report.lock();
+            r.phase = phase;
+            r.message = message;
+            r.elapsed_ms = started.elapsed().as_millis() as u64;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = job.cancel.notified() => {}
+            }
+            let wants_cancel = abort_reason.is_some()
+                || job.cancel_asked.load(std::sync::atomic::Ordering::SeqCst);
+            if wants_cancel && !cancel_sent {
+                cancel_sent = true;
+                if let Err(e) = qmp.execute_raw("migrate_cancel", json!({}), QMP_CALL).await {
+                    warn!(vm = %vm.name, "migrate_cancel: {e}");
+                }
+            }
+            let sample = match query(&qmp, started).await {
+                Ok(s) => s,
+                Err(e) => {
+                    set_final(MigrationPhase::Failed, Some(e));
+                    return;
+                }
+            };
+            {
+                let mut r = job.report.lock();
+                r.elapsed_ms = sample.at_ms;
+                r.transferred = sample.transferred;
+                r.remaining = sample.remaining;
+                r.total = sample.total;
+                r.dirty_rate_bps = sample.dirty_rate_bps();
+                r.bandwidth_bps = sample.bandwidth_bps();
+                r.iteration = sample.iteration;
+                r.expected_downtime_ms = sample.expected_downtime_ms;
+                r.cpu_throttle_pct = sample.cpu_throttle_pct;
+                r.downtime_ms = sample.downtime_ms;
+            }
+            let decision = ladder.observe(&sample);
+            job.report.lock().rung = ladder.rung().to_string();
+            match decision {
+                Decision::Continue => {}
+                Decision::Act(Action::Abort { reason }) => {
+                    warn!(vm = %vm.name, "{reason}");
+                    abort_reason = Some(reason);
+                    job.cancel.notify_one();
+                }
+                Decision::Act(action) => {
+                    info!(vm = %vm.name, ?action, "convergence ladder: next rung");
+                    if let Some((cmd, args)) = action.qmp() {
+                        if let Err(e) = qmp.execute_raw(cmd, args, QMP_CALL).await {
+                            warn!(vm = %vm.name, "{cmd}: {e}");
+                        }
+                    }
+                }
+                Decision::Finished(Outcome::Completed {
+                    rung,
+                    downtime_ms,
+                    total_ms,
+                }) => {
+                    info!(vm = %vm.name, %rung, ?downtime_ms, ?total_ms, "migration completed; the source waits to be confirmed");
+                    vm.update_logged(|r| r.state = VmState::Paused);
+                    set_final(MigrationPhase::AwaitingConfirm, None);
+                    return;
+                }
+                Decision::Finished(Outcome::Failed { reason }) => {
+                    self.keep_source_running(&vm, &qmp).await;
+                    set_final(MigrationPhase::Failed, Some(reason));
+                    return;
+                }
+                Decision::Finished(Outcome::Cancelled) => {
+                    self.keep_source_running(&vm, &qmp).await;
+                    match abort_reason.take() {
+                        Some(reason) => set_final(MigrationPhase::Aborted, Some(reason)),
+                        None => set_final(MigrationPhase::Cancelled, None),
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a failed or cancelled precopy QEMU runs the source on; make
+    /// sure, since the guest must never stay stopped by a migration.
+    async fn keep_source_running(&self, vm: &Vm, qmp: &QmpClient) {
+        let running = qmp
+            .execute(qmp::query_status {})
+            .await
+            .map(|s| s.running)
+            .unwrap_or(false);
+        if !running {
+            if let Err(e) = qmp.execute(qmp::cont {}).await {
+                warn!(vm = %vm.name, "resuming the source after the migration: {e}");
+            }
+        }
+        vm.update_logged(|r| r.state = VmState::Running);
+    }
+
+    /// Where the VM's last outgoing migration is.
+    pub async fn migration(&self, name: &str) -> Result<MigrationReport, SupervisorError> {
+        self.get(name).await?;
+        self.migrations
+            .lock()
+            .get(name)
+            .map(|j| j.report.lock().clone())
+            .ok_or_else(|| SupervisorError::Refused(format!("`{name}` has not migrated")))
+    }
+
+    /// Asks a running migration to stop; the source keeps running.
+    pub async fn cancel_migration(&self, name: &str) -> Result<MigrationReport, SupervisorError> {
+        let job = self
+            .migrations
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SupervisorError::Refused(format!("`{name}` is not migrating")))?;
+        if job.report.lock().phase != MigrationPhase::Running {
+            return Err(SupervisorError::Refused(format!(
+                "the migration of `{name}` is {:?}: too late to cancel (confirm or resume it instead)",
+                job.report.lock().phase
+            )));
+        }
+        job.cancel_asked
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        job.cancel.notify_one();
+        let report = job.report.lock().clone();
+        Ok(report)
+    }
+
+    /// Ends a completed migration: the destination runs the guest (the
+    /// source's VM is removed), or it does not (the source resumes).
+    pub async fn confirm_migration(
+        &self,
+        name: &str,
+        destination_running: bool,
+    ) -> Result<MigrationReport, SupervisorError> {
+        let job = self
+            .migrations
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| SupervisorError::Refused(format!("`{name}` is not migrating")))?;
+        if job.report.lock().phase != MigrationPhase::AwaitingConfirm {
+            return Err(SupervisorError::Refused(format!(
+                "the migration of `{name}` is {:?}, not waiting to be confirmed",
+                job.report.lock().phase
+            )));
+        }
+        if destination_running {
+            self.destroy(name).await?;
+            job.report.lock().phase = MigrationPhase::Done;
+            info!(vm = %name, "migrated away; the source's copy is gone");
+        } else {
+            let vm = self.get(name).await?;
+            let _op = vm.ops.lock().await;
+            let live = vm.live().ok_or_else(|| vm.bad_state("resume"))?;
+            live.qmp.execute(qmp::cont {}).await.map_err(vm.qmp_err())?;
+            vm.update(|r| r.state = VmState::Running)?;
+            job.report.lock().phase = MigrationPhase::Resumed;
+            info!(vm = %name, "the destination did not take the VM; the source runs on");
+        }
+        let report = job.report.lock().clone();
+        Ok(report)
+    }
+}
+
+/// The ladder an API request asks for: QEMU's and the ladder's defaults
+/// for what it leaves out.
+pub fn ladder_config(req: &tandem_api::MigrateRequest) -> LadderConfig {
+    let d = LadderConfig::default();
+    let downtime_ms = req.downtime_ms.unwrap_or(d.downtime_ms);
+    LadderConfig {
+        downtime_ms,
+        max_downtime_ms: req
+            .max_downtime_ms
+            .unwrap_or_else(|| d.max_downtime_ms.max(downtime_ms)),
+        allow_throttle: req.allow_throttle.unwrap_or(d.allow_throttle),
+        allow_postcopy: req.allow_postcopy,
+        bandwidth_bps: req.bandwidth_bps,
+        stall_ms: req.stall_s.map_or(d.stall_ms, |s| s.saturating_mul(1000)),
+        ..d
+    }
+}

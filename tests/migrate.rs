@@ -1,0 +1,228 @@
+//! Live migration between two tandemds on this machine (shared storage:
+//! both see the guest's disk at the same path): the guest moves and keeps
+//! counting; a cancelled migration, one the convergence ladder aborts and
+//! a destination that cannot listen leave the VM running on the source and
+//! nothing on the destination.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_tests::{bin, serial_guard, ticks, Daemon, READY};
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn vm_names(d: &Daemon) -> Vec<String> {
+    d.cli_json(&["vm", "list"])
+        .as_array()
+        .expect("vm list")
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// The destination holds nothing of the VM: no record, no QEMU.
+fn assert_destination_clean(dst: &Daemon, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names = vm_names(dst);
+        let qemus = dst.qemu_processes();
+        if names.is_empty() && qemus.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{why}: the destination kept VMs {names:?} and QEMUs {qemus:?}\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_running_guest_migrates_and_keeps_counting() {
+    let _g = serial_guard();
+    let src = Daemon::start();
+    let dst = Daemon::start();
+    src.create_guest("mg", "");
+    src.cli_ok(&["vm", "start", "mg"]);
+    src.wait_console("mg", READY, BOOT);
+    src.wait_console("mg", "tandem-guest: tick 3", BOOT);
+    let uuid = src.info("mg")["uuid"].as_str().unwrap().to_string();
+    let before = *ticks(&src.console("mg")).last().expect("ticks");
+
+    let out = src.cli_ok(&[
+        "--json",
+        "migrate",
+        "mg",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+    ]);
+    // JSON lines: progress events, the final report last.
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let report = lines.last().expect("a final report").clone();
+    assert!(lines.len() >= 2, "no progress events: {out}");
+    let fractions: Vec<f64> = lines[..lines.len() - 1]
+        .iter()
+        .map(|e| e["fraction"].as_f64().expect("fraction"))
+        .collect();
+    assert!(
+        fractions.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {fractions:?}"
+    );
+    assert_eq!(fractions.last(), Some(&1.0), "{out}");
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert!(report["transferred"].as_u64().unwrap() > 0, "{report:#}");
+
+    // The source's copy is gone, QEMU and all.
+    assert!(vm_names(&src).is_empty(), "{:?}", vm_names(&src));
+    assert!(src.qemu_processes().is_empty());
+    // The destination runs the same VM, resumed, not booted afresh.
+    let info = dst.info("mg");
+    assert_eq!(info["state"], "running", "{info:#}");
+    assert_eq!(info["uuid"], uuid.as_str());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Some(t) = ticks(&dst.console("mg")).first() {
+            break *t;
+        }
+        assert!(Instant::now() < deadline, "the migrated guest never ticked");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let console = dst.console("mg");
+    assert!(
+        !console.contains(READY),
+        "the destination booted the guest afresh:\n{console}"
+    );
+    assert!(
+        first > before,
+        "the migrated counter starts at {first}, the source had reached {before}"
+    );
+    dst.wait_console(
+        "mg",
+        &format!("tandem-guest: tick {}", first + 3),
+        Duration::from_secs(30),
+    );
+    // Its devices came over whole: the ACPI power button still works.
+    let stopped = dst.cli_json(&["vm", "stop", "mg"]);
+    assert_eq!(stopped["state"], "shutoff", "{stopped:#}");
+}
+
+#[test]
+fn failed_or_cancelled_migrations_leave_the_vm_on_the_source() {
+    let _g = serial_guard();
+    let src = Daemon::start();
+    let dst = Daemon::start();
+    src.create_guest("mc", "");
+    src.cli_ok(&["vm", "start", "mc"]);
+    src.wait_console("mc", READY, BOOT);
+
+    // A destination that cannot listen (the port is taken): refused before
+    // anything moves.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let out = src.cli(&[
+        "migrate",
+        "mc",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("preparing the destination"), "{err}");
+    assert_destination_clean(&dst, "a destination that could not listen");
+    assert_eq!(src.info("mc")["state"], "running");
+
+    // Bad input: an unknown VM, a VM that is not running.
+    let out = src.cli(&[
+        "migrate",
+        "nosuch",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+
+    // Cancel: at 1 MiB/s the migration is still sending when cancelled.
+    let mut child = Command::new(bin("tandem"))
+        .arg("--socket")
+        .arg(&src.socket)
+        .args(["migrate", "mc", "--bandwidth", "1", "--to-socket"])
+        .arg(&dst.socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = src.cli(&["migrate", "mc", "--cancel"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never became cancellable: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tandem migrate did not end after the cancel");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was cancelled"), "{err}");
+    assert_destination_clean(&dst, "a cancelled migration");
+    let info = src.info("mc");
+    assert_eq!(info["state"], "running", "{info:#}");
+    assert_eq!(info["qmp_status"], "running", "{info:#}");
+    let t = *ticks(&src.console("mc")).last().unwrap_or(&0);
+    src.wait_console(
+        "mc",
+        &format!("tandem-guest: tick {}", t + 2),
+        Duration::from_secs(30),
+    );
+
+    // The ladder gives up: a link far slower than the guest's memory
+    // (1 MiB/s), no throttle, no postcopy, a 50 ms bound: a stall within
+    // the 1 s window, no rung left, an abort with the numbers.
+    let out = src.cli(&[
+        "migrate",
+        "mc",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+        "--bandwidth",
+        "1",
+        "--no-throttle",
+        "--downtime-ms",
+        "50",
+        "--max-downtime-ms",
+        "50",
+        "--stall-s",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("was aborted") && err.contains("did not converge"),
+        "{err}"
+    );
+    assert!(err.contains("allow postcopy"), "{err}");
+    assert_destination_clean(&dst, "an aborted migration");
+    let info = src.info("mc");
+    assert_eq!(info["qmp_status"], "running", "{info:#}");
+}
