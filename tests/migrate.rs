@@ -226,3 +226,48 @@ fn failed_or_cancelled_migrations_leave_the_vm_on_the_source() {
     let info = src.info("mc");
     assert_eq!(info["qmp_status"], "running", "{info:#}");
 }
+
+#[test]
+fn postcopy_finishes_what_precopy_cannot() {
+    let _g = serial_guard();
+    let src = Daemon::start();
+    let dst = Daemon::start();
+    src.create_guest("mp", "");
+    src.cli_ok(&["vm", "start", "mp"]);
+    src.wait_console("mp", READY, BOOT);
+    let before = *ticks(&src.console("mp")).last().unwrap_or(&0);
+    // The settings that abort above, with postcopy allowed: the ladder's
+    // last rung switches to postcopy, which always finishes.
+    let out = src.cli_ok(&[
+        "--json",
+        "migrate",
+        "mp",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+        "--bandwidth",
+        "1",
+        "--no-throttle",
+        "--downtime-ms",
+        "50",
+        "--max-downtime-ms",
+        "50",
+        "--stall-s",
+        "1",
+        "--allow-postcopy",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a report")).expect("JSON");
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert_eq!(report["rung"], "postcopy", "{report:#}");
+    assert!(vm_names(&src).is_empty());
+    assert!(src.qemu_processes().is_empty());
+    let info = dst.info("mp");
+    assert_eq!(info["state"], "running", "{info:#}");
+    assert_eq!(info["qmp_status"], "running", "{info:#}");
+    dst.wait_console(
+        "mp",
+        &format!("tandem-guest: tick {}", before + 3),
+        Duration::from_secs(60),
+    );
+    assert!(!dst.console("mp").contains(READY));
+}
