@@ -271,3 +271,98 @@ fn postcopy_finishes_what_precopy_cannot() {
     );
     assert!(!dst.console("mp").contains(READY));
 }
+
+/// A guest on tandem's switch (vhost-user, so QEMU migrates only because
+/// the switch keeps the dirty log of what it writes into guest memory)
+/// migrates between two hosts in namespaces over their own link, and
+/// serves through the destination's switch afterwards.
+///
+/// ```text
+///  ns A: tandemd A, host port tap (10.20.0.50) ─ guest 10.20.0.5 (before)
+///  ns B: tandemd B, uplink up0 ── c0 10.20.0.100 in ns C   (guest after)
+///  A m0 10.21.0.1 ──── m1 10.21.0.2 B   (the migration stream)
+/// ```
+#[test]
+fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
+    let _g = serial_guard();
+    let a = tandem_tests::Netns::new("ma");
+    let b = tandem_tests::Netns::new("mb");
+    let c = tandem_tests::Netns::new("mc");
+    tandem_tests::sh(&format!(
+        "ip link add m0 netns {} type veth peer name m1 netns {}",
+        a.name, b.name
+    ));
+    tandem_tests::sh(&format!(
+        "ip link add up0 netns {} type veth peer name c0 netns {}",
+        b.name, c.name
+    ));
+    a.run(&["ip", "addr", "add", "10.21.0.1/24", "dev", "m0"]);
+    a.run(&["ip", "link", "set", "m0", "up"]);
+    b.run(&["ip", "addr", "add", "10.21.0.2/24", "dev", "m1"]);
+    b.run(&["ip", "link", "set", "m1", "up"]);
+    b.run(&["ip", "link", "set", "up0", "up"]);
+    c.run(&["ip", "addr", "add", "10.20.0.100/24", "dev", "c0"]);
+    c.run(&["ip", "link", "set", "c0", "up"]);
+
+    let src = Daemon::start_in_netns(&a.name, &[]);
+    let dst = Daemon::start_in_netns(&b.name, &[]);
+    let doc_a = "[[port_group]]\nname = \"v\"\n\n[[host_port]]\nname = \"h\"\ntap = \"tdmh0\"\nport_group = \"v\"\n";
+    let doc_b = "[[port_group]]\nname = \"v\"\n\n[[uplink]]\nname = \"up\"\ninterfaces = [\"up0\"]\nport_group = \"v\"\n";
+    for (d, doc) in [(&src, doc_a), (&dst, doc_b)] {
+        let path = d.dir.path().join("switch.toml");
+        std::fs::write(&path, doc).unwrap();
+        d.cli_ok(&["switch", "apply", path.to_str().unwrap()]);
+    }
+    a.run(&["ip", "addr", "add", "10.20.0.50/24", "dev", "tdmh0"]);
+    a.run(&["ip", "link", "set", "tdmh0", "up"]);
+
+    let spec = src
+        .guest_spec("ms", "")
+        .replace("tandem.ip=10.99.0.2/24", "tandem.ip=10.20.0.5/24")
+        .replace(
+            "backend = \"user\"",
+            "backend = \"switch\"\nport_group = \"v\"",
+        );
+    let path = src.dir.path().join("ms.toml");
+    std::fs::write(&path, spec).unwrap();
+    src.cli_ok(&["vm", "create", path.to_str().unwrap(), "--start"]);
+    src.wait_console("ms", READY, BOOT);
+    let ask = |ns: &tandem_tests::Netns| {
+        ns.within(|| {
+            tandem_tests::request("10.20.0.5:7070", "PING", Duration::from_secs(3))
+                .map_err(|e| e.to_string())
+        })
+    };
+    assert_eq!(ask(&a).as_deref(), Ok("PONG"), "before the migration");
+
+    let out = src.cli_ok(&[
+        "--json",
+        "migrate",
+        "ms",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+        "--listen",
+        "10.21.0.2:0",
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a report")).expect("JSON");
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert!(vm_names(&src).is_empty());
+    assert_eq!(dst.info("ms")["state"], "running");
+    // The destination's switch carries the guest now: a client that only
+    // reaches B's uplink is served (bounded retries: its first ARP may
+    // race the guest's rings coming up).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ask(&c) {
+            Ok(r) if r == "PONG" => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the migrated guest does not answer through the destination's switch: {other:?}\n{}",
+                dst.log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!dst.console("ms").contains(READY));
+}
