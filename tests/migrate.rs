@@ -275,7 +275,8 @@ fn postcopy_finishes_what_precopy_cannot() {
 /// A guest on tandem's switch (vhost-user, so QEMU migrates only because
 /// the switch keeps the dirty log of what it writes into guest memory)
 /// migrates between two hosts in namespaces over their own link, and
-/// serves through the destination's switch afterwards.
+/// serves through the destination's switch afterwards; the stream runs
+/// over TLS with the hosts' identities.
 ///
 /// ```text
 ///  ns A: tandemd A, host port tap (10.20.0.50) ─ guest 10.20.0.5 (before)
@@ -304,8 +305,25 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     c.run(&["ip", "addr", "add", "10.20.0.100/24", "dev", "c0"]);
     c.run(&["ip", "link", "set", "c0", "up"]);
 
-    let src = Daemon::start_in_netns(&a.name, &[]);
-    let dst = Daemon::start_in_netns(&b.name, &[]);
+    // A standalone pair's identities: QEMU's stream runs over TLS, each
+    // end checked against the pair's CA (the destination by its name).
+    let certs = tempfile::tempdir().expect("tempdir");
+    let made = Command::new(bin("tandem"))
+        .args([
+            "cluster",
+            "init",
+            "--standalone",
+            "host-a",
+            "host-b",
+            "--state-dir",
+        ])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let id = |h: &str| certs.path().join("hosts").join(h).display().to_string();
+    let src = Daemon::start_in_netns(&a.name, &["--identity-dir", &id("host-a")]);
+    let dst = Daemon::start_in_netns(&b.name, &["--identity-dir", &id("host-b")]);
     let doc_a = "[[port_group]]\nname = \"v\"\n\n[[host_port]]\nname = \"h\"\ntap = \"tdmh0\"\nport_group = \"v\"\n";
     let doc_b = "[[port_group]]\nname = \"v\"\n\n[[uplink]]\nname = \"up\"\ninterfaces = [\"up0\"]\nport_group = \"v\"\n";
     for (d, doc) in [(&src, doc_a), (&dst, doc_b)] {
@@ -335,6 +353,38 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     };
     assert_eq!(ask(&a).as_deref(), Ok("PONG"), "before the migration");
 
+    // A destination without an identity would take the stream in the
+    // clear: refused before anything moves, nothing left there.
+    let plain = Daemon::start_in_netns(&b.name, &[]);
+    let out = src.cli(&[
+        "migrate",
+        "ms",
+        "--to-socket",
+        plain.socket.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // (It also lacks the VM's port group: the spec check says so first.)
+    assert!(
+        !out.status.success() && err.contains("port group `v` does not exist"),
+        "{err}"
+    );
+    let path = plain.dir.path().join("switch.toml");
+    std::fs::write(&path, "[[port_group]]\nname = \"v\"\n").unwrap();
+    plain.cli_ok(&["switch", "apply", path.to_str().unwrap()]);
+    let out = src.cli(&[
+        "migrate",
+        "ms",
+        "--to-socket",
+        plain.socket.to_str().unwrap(),
+        "--listen",
+        "10.21.0.2:0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("over TLS"), "{err}");
+    assert_destination_clean(&plain, "a destination without an identity");
+    drop(plain);
+    assert_eq!(src.info("ms")["qmp_status"], "running");
+
     let out = src.cli_ok(&[
         "--json",
         "migrate",
@@ -349,6 +399,11 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     assert_eq!(report["phase"], "done", "{report:#}");
     assert!(vm_names(&src).is_empty());
     assert_eq!(dst.info("ms")["state"], "running");
+    assert!(
+        dst.log().contains("tls=true"),
+        "the stream was not TLS:\n{}",
+        dst.log()
+    );
     // The destination's switch carries the guest now: a client that only
     // reaches B's uplink is served (bounded retries: its first ARP may
     // race the guest's rings coming up).

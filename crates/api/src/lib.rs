@@ -562,6 +562,10 @@ pub struct IncomingMigrationReply {
     pub vm: String,
     /// QEMU's migration URI, e.g. `tcp:127.0.0.1:40123`.
     pub uri: String,
+    /// The destination's certificate name when its QEMU listens with TLS
+    /// (it has a cluster identity): the source's `tls_hostname`.
+    #[serde(default)]
+    pub tls_hostname: Option<String>,
 }
 
 /// Body of `POST /v1/vms/{name}/migrate` on the source.
@@ -569,6 +573,11 @@ pub struct IncomingMigrationReply {
 pub struct MigrateRequest {
     /// Where the destination's QEMU listens ([`IncomingMigrationReply::uri`]).
     pub uri: String,
+    /// The destination's certificate name ([`IncomingMigrationReply::tls_hostname`]):
+    /// required when this host has a cluster identity, whose stream then
+    /// runs over TLS and checks the destination by this name.
+    #[serde(default)]
+    pub tls_hostname: Option<String>,
     /// The downtime limit precopy starts with (default 300 ms, QEMU's).
     #[serde(default)]
     pub downtime_ms: Option<u64>,

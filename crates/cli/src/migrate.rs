@@ -101,6 +101,7 @@ pub async fn run(src: &Client, a: MigrateArgs, json: bool) -> anyhow::Result<()>
         .context("preparing the destination")?;
     let req = MigrateRequest {
         uri: ready.uri.clone(),
+        tls_hostname: ready.tls_hostname.clone(),
         downtime_ms: a.downtime_ms,
         max_downtime_ms: a.max_downtime_ms,
         bandwidth_bps: a.bandwidth.map(|m| m.saturating_mul(1 << 20)),

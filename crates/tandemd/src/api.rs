@@ -111,6 +111,7 @@ async fn incoming(
         accept_timeout: std::time::Duration::from_secs(
             req.accept_timeout_s.unwrap_or(60).clamp(1, 3600),
         ),
+        tls_dir: None,
     };
     let reply = s.prepare_incoming(&req.spec_toml, &req.uuid, plan).await?;
     Ok((StatusCode::CREATED, Json(reply)))
@@ -122,7 +123,10 @@ async fn migrate(
     Json(req): Json<tandem_api::MigrateRequest>,
 ) -> ApiResult<tandem_api::MigrationReport> {
     let cfg = tandem_supervisor::ladder_config(&req);
-    Ok(Json(s.migrate_out(&name, &req.uri, cfg).await?))
+    Ok(Json(
+        s.migrate_out(&name, &req.uri, req.tls_hostname.as_deref(), cfg)
+            .await?,
+    ))
 }
 
 async fn migration(

@@ -246,6 +246,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         start_timeout: Duration::from_millis(args.start_timeout_ms),
         switch_dir,
         nic_ports: Some(Arc::new(switch::SwitchPorts(switch.clone()))),
+        identity_dir: Some(args.identity_dir.clone().unwrap_or_else(|| {
+            args.state_dir
+                .join(tandem_manager::agent::HOST_IDENTITY_DIR)
+        })),
     };
     let api_group = match &args.api_group {
         Some(g) => Some(apisock::ApiGroup {

@@ -36,13 +36,32 @@ pub struct IncomingPlan {
     pub allow_postcopy: bool,
     /// How long the source may take to connect.
     pub accept_timeout: Duration,
+    /// Filled in by [`Supervisor::prepare_incoming`]: QEMU's credentials
+    /// directory when this host has a cluster identity.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
+
+/// The id of QEMU's `tls-creds-x509` object for a migration stream.
+const TLS_OBJECT: &str = "tandem-migration-tls";
+/// The VM's copy of this host's credentials, in QEMU's layout.
+const TLS_DIR: &str = "migration-tls";
 
 /// One outgoing migration.
 pub(super) struct OutgoingJob {
     report: Mutex<MigrationReport>,
     cancel: tokio::sync::Notify,
     cancel_asked: std::sync::atomic::AtomicBool,
+}
+
+fn tls_object(dir: &std::path::Path, endpoint: &str) -> Value {
+    json!({
+        "qom-type": "tls-creds-x509",
+        "id": TLS_OBJECT,
+        "dir": dir.display().to_string(),
+        "endpoint": endpoint,
+        // Both ends show a certificate of the cluster's CA.
+        "verify-peer": true,
+    })
 }
 
 fn capabilities(caps: &[(&str, bool)]) -> Value {
@@ -79,13 +98,26 @@ impl Supervisor {
         }
         let info = self.create_with_uuid(spec_toml, uuid).await?;
         let name = info.name.clone();
+        let vm = self.get(&name).await?;
+        let mut plan = plan;
+        let tls = match self.migration_tls(&vm) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.destroy(&name).await;
+                return Err(e);
+            }
+        };
+        plan.tls_dir = tls.as_ref().map(|(dir, _)| dir.clone());
         match self.start_mode(&name, None, Some(&plan)).await {
             Ok((_, Some(uri))) => {
-                info!(vm = %name, %uri, "waiting for the incoming migration");
+                info!(vm = %name, %uri, tls = tls.is_some(), "waiting for the incoming migration");
                 let sup = self.clone();
-                let vm = self.get(&name).await?;
                 tokio::spawn(async move { sup.watch_incoming(vm, plan).await });
-                Ok(IncomingMigrationReply { vm: name, uri })
+                Ok(IncomingMigrationReply {
+                    vm: name,
+                    uri,
+                    tls_hostname: tls.map(|(_, n)| n),
+                })
             }
             Ok((_, None)) => Err(SupervisorError::Refused(
                 "QEMU started without saying where it listens".into(),
@@ -187,6 +219,18 @@ impl Supervisor {
         qmp.execute_raw("migrate-set-capabilities", capabilities(&caps), QMP_CALL)
             .await
             .map_err(|e| fail("migrate-set-capabilities", e))?;
+        if let Some(dir) = &plan.tls_dir {
+            qmp.execute_raw("object-add", tls_object(dir, "server"), QMP_CALL)
+                .await
+                .map_err(|e| fail("adding the TLS credentials", e))?;
+            qmp.execute_raw(
+                "migrate-set-parameters",
+                json!({ "tls-creds": TLS_OBJECT }),
+                QMP_CALL,
+            )
+            .await
+            .map_err(|e| fail("migrate-set-parameters tls-creds", e))?;
+        }
         qmp.execute_raw(
             "migrate-incoming",
             json!({ "uri": format!("tcp:{}", plan.listen) }),
@@ -229,6 +273,7 @@ impl Supervisor {
         self: &Arc<Self>,
         name: &str,
         uri: &str,
+        tls_hostname: Option<&str>,
         cfg: LadderConfig,
     ) -> Result<MigrationReport, SupervisorError> {
         cfg.validate()
@@ -253,7 +298,28 @@ impl Supervisor {
             (VmState::Running, Some(live)) => live,
             _ => return Err(vm.bad_state("migrate")),
         };
-        let (caps, params) = setup(&cfg);
+        let (caps, mut params) = setup(&cfg);
+        if let Some((dir, _)) = self.migration_tls(&vm)? {
+            let Some(peer) = tls_hostname.filter(|h| !h.is_empty() && h.len() <= 253) else {
+                return Err(SupervisorError::Refused(
+                    "this host has a cluster identity, so its migrations run over TLS: the destination must name its certificate (tls_hostname); a destination without an identity cannot take the VM".into(),
+                ));
+            };
+            // A credentials object of an earlier attempt is replaced.
+            let _ = live
+                .qmp
+                .execute_raw("object-del", json!({ "id": TLS_OBJECT }), QMP_CALL)
+                .await;
+            live.qmp
+                .execute_raw("object-add", tls_object(&dir, "client"), QMP_CALL)
+                .await
+                .map_err(vm.qmp_err())?;
+            params["tls-creds"] = json!(TLS_OBJECT);
+            params["tls-hostname"] = json!(peer);
+        } else {
+            // A plain stream: clear what an earlier TLS attempt set.
+            params["tls-creds"] = json!("");
+        }
         let qmp_err = vm.qmp_err();
         live.qmp
             .execute_raw("migrate-set-capabilities", capabilities(&caps), QMP_CALL)
@@ -405,6 +471,31 @@ impl Supervisor {
             }
         }
         vm.update_logged(|r| r.state = VmState::Running);
+    }
+
+    /// QEMU's credentials for a migration of `vm`, from this host's
+    /// cluster identity (written into the VM's directory), and the
+    /// identity's name; `None` on a host without an identity.
+    fn migration_tls(
+        &self,
+        vm: &Vm,
+    ) -> Result<Option<(std::path::PathBuf, String)>, SupervisorError> {
+        let Some(dir) = &self.cfg.identity_dir else {
+            return Ok(None);
+        };
+        if !dir.join(tandem_pki::IDENTITY_FILE).exists() {
+            return Ok(None);
+        }
+        let refuse = |e: tandem_pki::PkiError| {
+            SupervisorError::Refused(format!(
+                "this host's cluster identity in {} cannot secure the migration: {e}",
+                dir.display()
+            ))
+        };
+        let id = tandem_pki::Identity::load(dir).map_err(refuse)?;
+        let out = vm.dir.join(TLS_DIR);
+        id.qemu_tls_dir(&out).map_err(refuse)?;
+        Ok(Some((out, id.name().to_string())))
     }
 
     /// Where the VM's last outgoing migration is.

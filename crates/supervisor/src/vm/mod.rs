@@ -79,6 +79,10 @@ pub struct SupervisorConfig {
     /// The host's switch, which serves switch NICs; `None` on a host
     /// without one (a VM with a switch NIC is then refused).
     pub nic_ports: Option<Arc<dyn NicPorts>>,
+    /// Where this host's cluster identity (`identity.pem`) is, if it has
+    /// one: live migration then runs QEMU's stream over TLS with it (both
+    /// ends verified against the cluster CA), and never in the clear.
+    pub identity_dir: Option<PathBuf>,
 }
 
 /// The switch side of a VM's switch NICs (`backend = "switch"`). The

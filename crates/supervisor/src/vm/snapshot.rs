@@ -536,6 +536,7 @@ mod tests {
             start_timeout: Duration::from_secs(1),
             switch_dir: dir.join("switch"),
             nic_ports: None,
+            identity_dir: None,
         }
     }
 
