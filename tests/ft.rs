@@ -138,6 +138,15 @@ fn boot_and_protect(p: &Pair, vm: &str) -> u64 {
     wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
         s["state"] == "standby"
     });
+    // Live migration of a protected VM would leave its backup able to
+    // take over a VM that runs on elsewhere: refused, with the way out.
+    let out =
+        p.a.cli(&["migrate", vm, "--to-socket", p.b.socket.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is protected") && err.contains("unprotect it"),
+        "{err}"
+    );
     *ticks(&p.a.console(vm)).last().expect("ticks")
 }
 

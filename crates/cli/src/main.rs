@@ -112,7 +112,7 @@ fn main() {
                     Some(host) => remote::client(host, &cli.remote_identity).await?,
                     None => tandem_api::Client::new(&cli.socket),
                 };
-                run(cmd, client, cli.json).await
+                run(cmd, client, cli.json, &cli.remote_identity).await
             }),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -126,13 +126,18 @@ fn main() {
     }
 }
 
-async fn run(cmd: Cmd, client: tandem_api::Client, json: bool) -> anyhow::Result<()> {
+async fn run(
+    cmd: Cmd,
+    client: tandem_api::Client,
+    json: bool,
+    identity: &str,
+) -> anyhow::Result<()> {
     match cmd {
         Cmd::Vm(c) => vm::run(&client, c, json).await,
         Cmd::Host(c) => host::run(&client, c, json).await,
         Cmd::Protect(a) => ft::protect(&client, a, json).await,
         Cmd::Unprotect { name } => ft::unprotect(&client, &name, json).await,
-        Cmd::Migrate(a) => migrate::run(&client, a, json).await,
+        Cmd::Migrate(a) => migrate::run(&client, a, json, identity).await,
         Cmd::Failover { name } => ft::failover(&client, &name, json).await,
         Cmd::Ft(c) => ft::run(&client, c, json).await,
         Cmd::Switch(c) => switch::run(&client, c, json).await,

@@ -32,13 +32,19 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 pub struct MigrateArgs {
     /// The VM to migrate (on this host, or on `--remote`'s).
     pub name: String,
-    /// The destination tandemd's API socket.
-    #[arg(long = "to-socket", required_unless_present = "cancel")]
+    /// The destination host of the cluster: NAME (the manager says where
+    /// its host API is) or NAME@HOST:PORT; reached over mutual TLS with the
+    /// operator identity (`--remote-identity`).
+    #[arg(long, required_unless_present_any = ["cancel", "to_socket"], conflicts_with = "to_socket")]
+    pub to: Option<crate::remote::RemoteArg>,
+    /// A destination tandemd's API socket on this machine instead.
+    #[arg(long = "to-socket")]
     pub to_socket: Option<PathBuf>,
     /// Where the destination's QEMU listens for the stream: HOST:PORT
-    /// (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
+    /// (port 0: any free port). Default: with `--to`, the destination's
+    /// host API address with port 0; with `--to-socket`, 127.0.0.1:0.
+    #[arg(long)]
+    pub listen: Option<String>,
     /// The downtime limit precopy starts with (QEMU's default: 300).
     #[arg(long)]
     pub downtime_ms: Option<u64>,
@@ -64,7 +70,12 @@ pub struct MigrateArgs {
     pub cancel: bool,
 }
 
-pub async fn run(src: &Client, a: MigrateArgs, json: bool) -> anyhow::Result<()> {
+pub async fn run(
+    src: &Client,
+    a: MigrateArgs,
+    json: bool,
+    identity_dir: &str,
+) -> anyhow::Result<()> {
     if a.cancel {
         let r: MigrationReport = src
             .post(&format!("/v1/vms/{}/migration/cancel", a.name), &())
@@ -75,10 +86,21 @@ pub async fn run(src: &Client, a: MigrateArgs, json: bool) -> anyhow::Result<()>
         println!("cancelling the migration of {}", a.name);
         return Ok(());
     }
-    let Some(to) = &a.to_socket else {
-        bail!("say where to: --to-socket PATH");
+    let (dst, listen) = match (&a.to, &a.to_socket) {
+        (Some(to), _) => {
+            let host = crate::remote::resolve(to.clone(), identity_dir).await?;
+            let listen = match &a.listen {
+                Some(l) => l.clone(),
+                None => format!("{}:0", listen_host(&host.address)),
+            };
+            (crate::remote::connect_to(host, identity_dir)?, listen)
+        }
+        (None, Some(socket)) => (
+            Client::new(socket),
+            a.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into()),
+        ),
+        (None, None) => bail!("say where to: --to HOST or --to-socket PATH"),
     };
-    let dst = Client::new(to);
     let info: VmInfo = src
         .get(&format!("/v1/vms/{}", a.name))
         .await
@@ -86,13 +108,26 @@ pub async fn run(src: &Client, a: MigrateArgs, json: bool) -> anyhow::Result<()>
     if info.state != VmState::Running {
         bail!("`{}` is {}: only a running VM migrates", a.name, info.state);
     }
+    // Checked before the destination is touched (the source checks again
+    // when asked to migrate).
+    if let Ok(ft) = src
+        .get::<Vec<serde_json::Value>>(&format!("/v1/ft/{}", a.name))
+        .await
+    {
+        if !ft.is_empty() {
+            bail!(
+                "`{}` is protected (fault tolerance): live migration of a protected VM is not supported yet; unprotect it, migrate it, and protect it again from its new host",
+                a.name
+            );
+        }
+    }
     let ready: IncomingMigrationReply = dst
         .post(
             "/v1/migrations/incoming",
             &IncomingMigrationRequest {
                 spec_toml: info.spec_toml.clone(),
                 uuid: info.uuid.clone(),
-                listen: a.listen.clone(),
+                listen,
                 allow_postcopy: a.allow_postcopy,
                 accept_timeout_s: None,
             },
@@ -255,6 +290,11 @@ async fn wait_running(dst: &Client, name: &str, bound: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// The host part of a `HOST:PORT` address (brackets kept for IPv6).
+fn listen_host(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(h, _)| h)
 }
 
 /// Removes the destination's VM (it may already be gone).

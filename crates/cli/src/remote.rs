@@ -117,7 +117,14 @@ impl Connector for TlsConnector {
 /// `identity_dir`; asks the manager for the host's API address when `arg`
 /// has none.
 pub async fn client(arg: RemoteArg, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
-    let host = match arg.address {
+    let host = resolve(arg, identity_dir).await?;
+    connect_to(host, identity_dir)
+}
+
+/// The host `arg` names, with its API address (the manager's record when
+/// `arg` has none).
+pub async fn resolve(arg: RemoteArg, identity_dir: &str) -> anyhow::Result<RemoteHost> {
+    Ok(match arg.address {
         Some(address) => RemoteHost {
             name: arg.name,
             address,
@@ -140,11 +147,10 @@ pub async fn client(arg: RemoteArg, identity_dir: &str) -> anyhow::Result<tandem
                 address,
             }
         }
-    };
-    connect_to(host, identity_dir)
+    })
 }
 
-fn connect_to(host: RemoteHost, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
+pub fn connect_to(host: RemoteHost, identity_dir: &str) -> anyhow::Result<tandem_api::Client> {
     let id = Identity::load(std::path::Path::new(identity_dir)).with_context(|| {
         format!("loading the identity for --remote from {identity_dir} (--identity names another)")
     })?;

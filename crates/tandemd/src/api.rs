@@ -28,7 +28,6 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/checkpoint", post(checkpoint))
         .route("/v1/vms/{name}/restore", post(restore))
         .route("/v1/migrations/incoming", post(incoming))
-        .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/migration", get(migration))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
         .route("/v1/vms/{name}/migration/confirm", post(confirm_migration))
@@ -115,18 +114,6 @@ async fn incoming(
     };
     let reply = s.prepare_incoming(&req.spec_toml, &req.uuid, plan).await?;
     Ok((StatusCode::CREATED, Json(reply)))
-}
-
-async fn migrate(
-    State(s): State<Sup>,
-    Path(name): Path<String>,
-    Json(req): Json<tandem_api::MigrateRequest>,
-) -> ApiResult<tandem_api::MigrationReport> {
-    let cfg = tandem_supervisor::ladder_config(&req);
-    Ok(Json(
-        s.migrate_out(&name, &req.uri, req.tls_hostname.as_deref(), cfg)
-            .await?,
-    ))
 }
 
 async fn migration(

@@ -591,6 +591,17 @@ impl Ft {
     }
 
     async fn protect(&self, vm: &str, req: ProtectRequest) -> Result<FtStatus, HttpError> {
+        if self
+            .sup
+            .migration(vm)
+            .await
+            .is_ok_and(|m| !m.phase.is_final())
+        {
+            return Err(tandem_supervisor::SupervisorError::Refused(format!(
+                "`{vm}` is migrating: protect it once the migration has ended (on the host it then runs on)"
+            ))
+            .into());
+        }
         let backup = self.backup_link(&req.backup)?;
         let epoch_ms = req.epoch_ms.unwrap_or(50);
         if !(10..=1000).contains(&epoch_ms) {
@@ -745,7 +756,31 @@ pub fn router(ft: Arc<Ft>) -> Router {
         .route("/v1/vms/{name}/protect", post(protect))
         .route("/v1/vms/{name}/unprotect", post(unprotect))
         .route("/v1/vms/{name}/failover", post(failover))
+        .route("/v1/vms/{name}/migrate", post(migrate))
         .with_state(ft)
+}
+
+/// Live migration starts here, beside protection, because a protected VM
+/// must not migrate yet: its backup would later take over a replica of a
+/// VM that runs on elsewhere (two running copies). Refused with the way
+/// out until the migration re-pairs the backup.
+async fn migrate(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::MigrateRequest>,
+) -> Result<Json<tandem_api::MigrationReport>, HttpError> {
+    if ft.status().await.iter().any(|s| s.vm == name) {
+        return Err(tandem_supervisor::SupervisorError::Refused(format!(
+            "`{name}` is protected (fault tolerance): live migration of a protected VM is not supported yet; unprotect it, migrate it, and protect it again from its new host"
+        ))
+        .into());
+    }
+    let cfg = tandem_supervisor::ladder_config(&req);
+    Ok(Json(
+        ft.sup
+            .migrate_out(&name, &req.uri, req.tls_hostname.as_deref(), cfg)
+            .await?,
+    ))
 }
 
 async fn list(State(ft): State<Arc<Ft>>) -> Json<Vec<FtStatus>> {
