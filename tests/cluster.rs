@@ -312,6 +312,37 @@ fn the_cluster_on_a_management_fabric() {
     assert!(by_name.status.success(), "{}", text(&by_name));
     let st: Value = serde_json::from_slice(&by_name.stdout).unwrap();
     assert_eq!(st["running_digest"].as_str().unwrap(), b.digest());
+
+    // Live migration by host names alone, as the operator: the manager
+    // says where each host's API is, both are reached over mutual TLS, and
+    // QEMU's stream runs over TLS with the hosts' certificates.
+    a.daemon.create_guest("mg", "");
+    a.daemon.cli_ok(&["vm", "start", "mg"]);
+    a.daemon
+        .wait_console("mg", tandem_tests::READY, Duration::from_secs(90));
+    let uuid = a.daemon.info("mg")["uuid"].as_str().unwrap().to_string();
+    let migrated = std::process::Command::new("ip")
+        .args(["netns", "exec", &fabric.mgr.name])
+        .arg(tandem_tests::bin("tandem"))
+        .args(["--remote", "ha", "--remote-identity"])
+        .arg(manager.operator())
+        .args(["--json", "migrate", "mg", "--to", "hb"])
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    let last = String::from_utf8_lossy(&migrated.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let report: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(report["phase"], "done", "{report}");
+    let moved = b.daemon.info("mg");
+    assert_eq!(moved["state"], "running", "{moved}");
+    assert_eq!(moved["uuid"], uuid.as_str());
+    assert!(b.daemon.log().contains("tls=true"));
+    assert!(!a.daemon.cli_ok(&["vm", "list"]).contains("mg"));
+    b.daemon.cli_ok(&["vm", "destroy", "mg"]);
     let as_host = std::process::Command::new("ip")
         .args(["netns", "exec", &fabric.mgr.name])
         .arg(tandem_tests::bin("tandem"))
