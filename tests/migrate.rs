@@ -225,6 +225,22 @@ fn failed_or_cancelled_migrations_leave_the_vm_on_the_source() {
     assert_destination_clean(&dst, "an aborted migration");
     let info = src.info("mc");
     assert_eq!(info["qmp_status"], "running", "{info:#}");
+
+    // A restored VM's disks are copies in the source's own directory for
+    // it, not shared storage: removing the source after a migration would
+    // delete them under the destination. Refused; nothing left there.
+    src.cli_ok(&["vm", "checkpoint", "mc", "mc-ck"]);
+    src.cli_ok(&["vm", "stop", "mc", "--force"]);
+    let ck = src.state_dir.join("checkpoints").join("mc-ck");
+    src.cli_ok(&["vm", "restore", "mc", ck.to_str().unwrap()]);
+    let out = src.cli(&["migrate", "mc", "--to-socket", dst.socket.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not shared storage"),
+        "{err}"
+    );
+    assert_destination_clean(&dst, "a VM whose disks are the source's own");
+    assert_eq!(src.info("mc")["qmp_status"], "running");
 }
 
 #[test]

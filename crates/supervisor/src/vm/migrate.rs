@@ -298,6 +298,24 @@ impl Supervisor {
             (VmState::Running, Some(live)) => live,
             _ => return Err(vm.bad_state("migrate")),
         };
+        // Only shared storage migrates today, and a disk in tandemd's own
+        // directory for this VM (a restored copy, an overlay over a
+        // taken-over replica) is this host's alone: removing the source
+        // after the migration would delete it under the destination.
+        let rec = vm.record();
+        if let Some(base) = &rec.base {
+            return Err(SupervisorError::Refused(format!(
+                "`{name}` runs from {} (a taken-over replica) on this host: its disks are not shared storage, and migrating it needs non-shared storage support, which tandem does not have yet",
+                base.dir.display()
+            )));
+        }
+        if let Some(d) = rec.spec.disks.iter().find(|d| d.path.starts_with(&vm.dir)) {
+            return Err(SupervisorError::Refused(format!(
+                "disk `{}` of `{name}` is {}, inside this host's own directory for the VM: not shared storage, and migrating it needs non-shared storage support, which tandem does not have yet",
+                d.name,
+                d.path.display()
+            )));
+        }
         let (caps, mut params) = setup(&cfg);
         if let Some((dir, _)) = self.migration_tls(&vm)? {
             let Some(peer) = tls_hostname.filter(|h| !h.is_empty() && h.len() <= 253) else {
