@@ -5,6 +5,8 @@
 //! - `monitor`: following QEMU's events and recording how it ended;
 //! - `snapshot`: checkpoints to a directory and restores from one;
 //! - `guest_port`: the replication engine's handle on a running VM;
+//! - `migrate`: live migration, the destination's incoming QEMU and the
+//!   source's driver of the convergence ladder;
 //! - `exit`: why QEMU ended ([`ExitCause`]), decided once per exit;
 //! - `error`: [`SupervisorError`].
 
