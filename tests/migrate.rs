@@ -437,3 +437,65 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     }
     assert!(!dst.console("ms").contains(READY));
 }
+
+/// The API's steps one by one: after QEMU completes, the source waits
+/// paused in QEMU's postmigrate state and cannot be resumed by hand (the
+/// destination may run the guest); only the confirm step ends it.
+#[test]
+fn a_completed_source_waits_for_its_confirm() {
+    let _g = serial_guard();
+    let src = Daemon::start();
+    let dst = Daemon::start();
+    src.create_guest("mw", "");
+    src.cli_ok(&["vm", "start", "mw"]);
+    src.wait_console("mw", READY, BOOT);
+    let info = src.info("mw");
+    let (code, body) = dst.api_post(
+        "/v1/migrations/incoming",
+        &serde_json::json!({
+            "spec_toml": info["spec_toml"],
+            "uuid": info["uuid"],
+            "listen": "127.0.0.1:0",
+        }),
+    );
+    assert_eq!(code, 201, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (code, body) = src.api_post(
+        "/v1/vms/mw/migrate",
+        &serde_json::json!({ "uri": ready["uri"] }),
+    );
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while {
+        let i = src.info("mw");
+        i["qmp_status"] != "postmigrate" || i["state"] != "paused"
+    } {
+        assert!(Instant::now() < deadline, "{:#}", src.info("mw"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = src.cli(&["vm", "resume", "mw"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("could run the guest twice"),
+        "{err}"
+    );
+    // A second migration of the waiting source is refused too.
+    let (code, _) = src.api_post(
+        "/v1/vms/mw/migrate",
+        &serde_json::json!({ "uri": ready["uri"] }),
+    );
+    assert_ne!(code, 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dst.info("mw")["state"] != "running" {
+        assert!(Instant::now() < deadline, "{:#}", dst.info("mw"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = src.api_post(
+        "/v1/vms/mw/migration/confirm",
+        &serde_json::json!({ "destination_running": true }),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"done\""), "{body}");
+    assert!(vm_names(&src).is_empty());
+    assert!(src.qemu_processes().is_empty());
+}

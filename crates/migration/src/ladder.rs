@@ -283,6 +283,8 @@ impl Ladder {
                 self.rung = Rung::Postcopy;
                 return Decision::Continue;
             }
+            // Not over until QEMU says cancelled.
+            Some(Status::Cancelling) => return Decision::Continue,
             Some(Status::Setup) | Some(Status::None) | None => {
                 // Nothing is sent yet: a slow connect is not a stall.
                 self.best_at_ms = now;

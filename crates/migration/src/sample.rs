@@ -26,7 +26,10 @@ pub enum Status {
     Completed,
     /// `failed`.
     Failed,
-    /// `cancelling`, `cancelled`.
+    /// `cancelling`: QEMU is still tearing the stream down; the source is
+    /// not free for another migration (or a checkpoint) yet.
+    Cancelling,
+    /// `cancelled`.
     Cancelled,
 }
 
@@ -42,7 +45,8 @@ impl Status {
             | "postcopy-recover" => Status::Postcopy,
             "completed" => Status::Completed,
             "failed" => Status::Failed,
-            "cancelling" | "cancelled" => Status::Cancelled,
+            "cancelling" => Status::Cancelling,
+            "cancelled" => Status::Cancelled,
             _ => return None,
         })
     }
@@ -194,7 +198,7 @@ mod tests {
             ("postcopy-recover", Status::Postcopy),
             ("completed", Status::Completed),
             ("failed", Status::Failed),
-            ("cancelling", Status::Cancelled),
+            ("cancelling", Status::Cancelling),
             ("cancelled", Status::Cancelled),
         ] {
             let got = Sample::from_query_migrate(&json!({ "status": s }), 0).unwrap();

@@ -408,6 +408,23 @@ impl Supervisor {
             (VmState::Paused, Some(live)) => live,
             _ => return Err(vm.bad_state("resume")),
         };
+        // A source whose migration completed waits paused in QEMU's
+        // postmigrate state; the destination may be running the guest.
+        // Only the migration's own confirm step may resume it.
+        let status = live
+            .qmp
+            .execute_raw(
+                "query-status",
+                serde_json::json!({}),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(vm.qmp_err())?;
+        if status["status"] == "postmigrate" {
+            return Err(SupervisorError::Refused(format!(
+                "`{name}` migrated away and may be running on its destination: resuming this copy could run the guest twice; end the migration with its confirm step (tandem migrate), or destroy this copy"
+            )));
+        }
         live.qmp.execute(qmp::cont {}).await.map_err(vm.qmp_err())?;
         vm.update(|r| r.state = VmState::Running)?;
         drop(_op);
