@@ -326,18 +326,23 @@ mod tests {
         let mut e = running();
         e.extra.insert("rung".into(), json!("precopy"));
         e.message = Some("a long note about what is going on".into());
-        // Everything: 112 characters.
         let full = render_bar(&e, 200);
-        assert_eq!(full.chars().count(), 112, "{full}");
-        assert_eq!(render_bar(&e, 112), full);
-        let cut = render_bar(&e, 111);
-        assert!(cut.ends_with("going ..."), "{cut}");
-        assert_eq!(cut.chars().count(), 111);
+        assert_eq!(full.chars().count(), 120, "{full}");
+        assert_eq!(render_bar(&e, 120), full);
+        // A field that does not fit is left out whole.
+        assert!(render_bar(&e, 119).ends_with("going on"));
+        // Text is cut and marked.
+        let cut = render_bar(&e, 100);
+        assert!(cut.ends_with("  a long note about what is..."), "{cut}");
+        assert_eq!(cut.chars().count(), 100);
         // The rate does not fit: neither it nor anything after it.
-        let bar = render_bar(&e, 48);
         assert_eq!(
-            bar, "migrate vm1 memory  [############----]   40.0%",
-            "{bar}"
+            render_bar(&e, 60),
+            "migrate vm1 memory  [######---------]   40.0%  40.0 MiB/s"
+        );
+        assert_eq!(
+            render_bar(&e, 55),
+            "migrate vm1 memory  [#####---------]   40.0%"
         );
         assert_eq!(render_bar(&e, 5), "mi...");
         assert_eq!(render_bar(&e, 3), "mig");
