@@ -84,7 +84,7 @@ fn extra_field(key: &str, v: &serde_json::Value) -> Option<String> {
 }
 
 /// The one-line form:
-/// `migrate vm1 memory  [########------------]  40.0%  412.0 MiB/s  ETA 3s  iteration 4, rung precopy`.
+/// `migrate vm1 memory  [########------------]   40.0%  412.0 MiB/s  ETA 3s  iteration 4, rung precopy`.
 /// Never longer than `width` characters, never a control character.
 pub fn render_bar(e: &Event, width: usize) -> String {
     let f = finite(e.fraction).clamp(0.0, 1.0);
@@ -110,7 +110,13 @@ pub fn render_bar(e: &Event, width: usize) -> String {
         &format!("[{}{}]", "#".repeat(filled), "-".repeat(cells - filled)),
         false,
     );
-    line.push("  ", &format!("{:5.1}%", f * 100.0), false);
+    // An event not from a Tracker may say 0.9999: that is not "100.0%".
+    let pct = if f < 1.0 {
+        (f * 100.0).min(99.9)
+    } else {
+        100.0
+    };
+    line.push("  ", &format!("{pct:5.1}%"), false);
     if e.is_final() {
         line.push("  ", &sanitize(&e.state), true);
     } else {
@@ -270,6 +276,9 @@ mod tests {
         let bar = render_bar(&t.event("j", ""), 80);
         assert!(bar.contains("[###################-]"), "{bar}");
         assert!(bar.contains(" 99.9%"), "{bar}");
+        let mut e = t.event("j", "");
+        e.fraction = 0.99999;
+        assert!(render_bar(&e, 80).contains(" 99.9%"));
         t.finish();
         let bar = render_bar(&t.event("j", ""), 80);
         assert!(
@@ -341,8 +350,8 @@ mod tests {
             "migrate vm1 memory  [######---------]   40.0%  40.0 MiB/s"
         );
         assert_eq!(
-            render_bar(&e, 55),
-            "migrate vm1 memory  [#####---------]   40.0%"
+            render_bar(&e, 54),
+            "migrate vm1 memory  [#####--------]   40.0%"
         );
         assert_eq!(render_bar(&e, 5), "mi...");
         assert_eq!(render_bar(&e, 3), "mig");
