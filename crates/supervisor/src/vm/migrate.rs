@@ -526,20 +526,38 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::Refused(format!("`{name}` has not migrated")))
     }
 
-    /// Asks a running migration to stop; the source keeps running.
-    pub async fn cancel_migration(&self, name: &str) -> Result<MigrationReport, SupervisorError> {
+    /// The VM's migration job, if it is in phase `want` (else refused,
+    /// saying `otherwise`).
+    fn job_in_phase(
+        &self,
+        name: &str,
+        want: MigrationPhase,
+        otherwise: &str,
+    ) -> Result<Arc<OutgoingJob>, SupervisorError> {
         let job = self
             .migrations
             .lock()
             .get(name)
             .cloned()
             .ok_or_else(|| SupervisorError::Refused(format!("`{name}` is not migrating")))?;
-        if job.report.lock().phase != MigrationPhase::Running {
+        let phase = job.report.lock().phase;
+        if phase != want {
+            let phase = serde_json::to_value(phase).unwrap_or(Value::Null);
             return Err(SupervisorError::Refused(format!(
-                "the migration of `{name}` is {:?}: too late to cancel (confirm or resume it instead)",
-                job.report.lock().phase
+                "the migration of `{name}` is {}: {otherwise}",
+                phase.as_str().unwrap_or("in another phase")
             )));
         }
+        Ok(job)
+    }
+
+    /// Asks a running migration to stop; the source keeps running.
+    pub async fn cancel_migration(&self, name: &str) -> Result<MigrationReport, SupervisorError> {
+        let job = self.job_in_phase(
+            name,
+            MigrationPhase::Running,
+            "too late to cancel (confirm or resume it instead)",
+        )?;
         job.cancel_asked
             .store(true, std::sync::atomic::Ordering::SeqCst);
         job.cancel.notify_one();
@@ -554,18 +572,11 @@ impl Supervisor {
         name: &str,
         destination_running: bool,
     ) -> Result<MigrationReport, SupervisorError> {
-        let job = self
-            .migrations
-            .lock()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| SupervisorError::Refused(format!("`{name}` is not migrating")))?;
-        if job.report.lock().phase != MigrationPhase::AwaitingConfirm {
-            return Err(SupervisorError::Refused(format!(
-                "the migration of `{name}` is {:?}, not waiting to be confirmed",
-                job.report.lock().phase
-            )));
-        }
+        let job = self.job_in_phase(
+            name,
+            MigrationPhase::AwaitingConfirm,
+            "not waiting to be confirmed",
+        )?;
         if destination_running {
             self.destroy(name).await?;
             job.report.lock().phase = MigrationPhase::Done;
