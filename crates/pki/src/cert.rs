@@ -122,6 +122,14 @@ fn out_of_range() -> PkiError {
 }
 
 fn parse_der<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, PkiError> {
+    // x509-parser reads past damage outside the signed part (the outer
+    // SEQUENCE tag, the signature algorithm's tags), so a certificate with
+    // flipped bytes there would pass our checks and then be refused by the
+    // peer's TLS stack. webpki's parser is the strict DER one rustls uses:
+    // refuse here what a handshake would refuse.
+    let strict = CertificateDer::from(der);
+    webpki::EndEntityCert::try_from(&strict)
+        .map_err(|e| PkiError::Certificate(format!("malformed certificate (strict DER): {e}")))?;
     let (rest, cert) = X509Certificate::from_der(der)
         .map_err(|e| PkiError::Certificate(format!("unreadable certificate: {e}")))?;
     if !rest.is_empty() {
