@@ -200,16 +200,20 @@ pub enum Decision {
 /// The QMP settings a migration starts with: capabilities (which QEMU
 /// accepts only before `migrate`) and parameters.
 pub fn setup(cfg: &LadderConfig) -> (Vec<(&'static str, bool)>, Value) {
-    let mut caps = vec![("events", true)];
+    // Every capability is set, off as well as on: QEMU keeps them between
+    // migrations, and a checkpoint or FT's device-state capture leaves
+    // `x-ignore-shared` on, which would skip the guest's (shared) RAM.
+    let caps = vec![
+        ("events", true),
+        ("x-ignore-shared", false),
+        ("auto-converge", cfg.allow_throttle),
+        ("postcopy-ram", cfg.allow_postcopy),
+    ];
     let mut params = json!({ "downtime-limit": cfg.downtime_ms });
     if cfg.allow_throttle {
-        caps.push(("auto-converge", true));
         // On, but capped at 1 % until the throttle rung (see the module doc).
         params["cpu-throttle-initial"] = json!(1);
         params["max-cpu-throttle"] = json!(1);
-    }
-    if cfg.allow_postcopy {
-        caps.push(("postcopy-ram", true));
     }
     if let Some(b) = cfg.bandwidth_bps {
         params["max-bandwidth"] = json!(b);
@@ -521,7 +525,15 @@ mod tests {
         let (a, t) = until_action(&mut l, 0, 700);
         assert!(matches!(a, Action::Abort { .. }), "{a:?}");
         assert_eq!(t, 10_000);
-        assert_eq!(setup(l.config()).0, vec![("events", true)]);
+        assert_eq!(
+            setup(l.config()).0,
+            vec![
+                ("events", true),
+                ("x-ignore-shared", false),
+                ("auto-converge", false),
+                ("postcopy-ram", false)
+            ]
+        );
     }
 
     #[test]
@@ -535,6 +547,7 @@ mod tests {
             caps,
             vec![
                 ("events", true),
+                ("x-ignore-shared", false),
                 ("auto-converge", true),
                 ("postcopy-ram", true)
             ]
