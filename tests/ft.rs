@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_tests::{serial_guard, ticks, Daemon, READY};
+use tandem_tests::{serial_guard, ticks, Daemon, SmallFs, READY};
 
 const BOOT: Duration = Duration::from_secs(90);
 
@@ -445,41 +445,6 @@ fn backup_restart_mid_stream_resumes_protection() {
         std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0),
         0
     );
-}
-
-/// A tmpfs of a fixed size, unmounted on drop.
-struct SmallFs(std::path::PathBuf);
-impl SmallFs {
-    fn new(size: &str) -> SmallFs {
-        let dir = tempfile::Builder::new()
-            .prefix("tandem-smallfs-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tandem-smallfs",
-            ])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mounting a tmpfs (needs root)");
-        SmallFs(dir)
-    }
-}
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The backup's last commit in the replica directory `dir`, as (epoch,

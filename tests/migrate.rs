@@ -1,13 +1,13 @@
 //! Live migration between two tandemds on this machine (shared storage:
-//! both see the guest's disk at the same path): the guest moves and keeps
-//! counting; a cancelled migration, one the convergence ladder aborts and
+//! both see the guest's disk at the same path; copied with
+//! `--copy-storage`): the guest moves and keeps counting; a cancelled migration, one the convergence ladder aborts and
 //! a destination that cannot listen leave the VM running on the source and
 //! nothing on the destination.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tandem_tests::{bin, serial_guard, ticks, Daemon, READY};
+use tandem_tests::{bin, serial_guard, ticks, Daemon, SmallFs, READY};
 
 const BOOT: Duration = Duration::from_secs(90);
 
@@ -108,6 +108,18 @@ fn a_running_guest_migrates_and_keeps_counting() {
     // Its devices came over whole: the ACPI power button still works.
     let stopped = dst.cli_json(&["vm", "stop", "mg"]);
     assert_eq!(stopped["state"], "shutoff", "{stopped:#}");
+    // Shared storage (the destination read the source's probe beside the
+    // disk): the disk was used in place, and no probe is left behind.
+    let spec = dst.info("mg")["spec_toml"].as_str().unwrap().to_string();
+    let disk = src.dir.path().join("mg-data.qcow2");
+    assert!(spec.contains(&disk.display().to_string()), "{spec}");
+    let probes: Vec<_> = std::fs::read_dir(src.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("probe"))
+        .map(|e| e.path())
+        .collect();
+    assert!(probes.is_empty(), "probes left behind: {probes:?}");
 }
 
 #[test]
@@ -226,21 +238,47 @@ fn failed_or_cancelled_migrations_leave_the_vm_on_the_source() {
     let info = src.info("mc");
     assert_eq!(info["qmp_status"], "running", "{info:#}");
 
-    // A restored VM's disks are copies in the source's own directory for
-    // it, not shared storage: removing the source after a migration would
-    // delete them under the destination. Refused; nothing left there.
+    // A restored VM runs from copies in the source's own directory for
+    // it: never taken for shared storage, they are copied. A destination
+    // without room for the copies refuses before anything is made there.
     src.cli_ok(&["vm", "checkpoint", "mc", "mc-ck"]);
     src.cli_ok(&["vm", "stop", "mc", "--force"]);
     let ck = src.state_dir.join("checkpoints").join("mc-ck");
     src.cli_ok(&["vm", "restore", "mc", ck.to_str().unwrap()]);
-    let out = src.cli(&["migrate", "mc", "--to-socket", dst.socket.to_str().unwrap()]);
+    let small = SmallFs::new("48m");
+    let cramped = Daemon::start_in(Some(small.0.join("state")), &[]);
+    let out = src.cli(&[
+        "migrate",
+        "mc",
+        "--to-socket",
+        cramped.socket.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("not shared storage"),
+        !out.status.success() && err.contains("no room for the disks' copies"),
         "{err}"
     );
-    assert_destination_clean(&dst, "a VM whose disks are the source's own");
+    assert_destination_clean(&cramped, "a destination without room");
+    let leftovers: Vec<_> = std::fs::read_dir(small.0.join("state/vms"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     assert_eq!(src.info("mc")["qmp_status"], "running");
+    drop(cramped);
+
+    // (The checkpoint also left QEMU's x-ignore-shared on, which would
+    // skip the guest's RAM: the migration's setup turns it off.)
+    let t = *ticks(&src.console("mc")).last().unwrap_or(&0);
+    let out = src.cli(&["migrate", "mc", "--to-socket", dst.socket.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", src.log());
+    assert!(err.contains("copying disk data"), "{err}");
+    assert!(vm_names(&src).is_empty());
+    dst.wait_console(
+        "mc",
+        &format!("tandem-guest: tick {}", t + 2),
+        Duration::from_secs(30),
+    );
 }
 
 #[test]
@@ -368,6 +406,20 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
         })
     };
     assert_eq!(ask(&a).as_deref(), Ok("PONG"), "before the migration");
+    // Durable records, on the disk the migration copies.
+    let say = |ns: &tandem_tests::Netns, line: &str| {
+        let line = line.to_string();
+        ns.within(move || {
+            tandem_tests::request("10.20.0.5:7070", &line, Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+        })
+    };
+    for i in 1..=5 {
+        assert_eq!(
+            say(&a, &format!("PUT record-{i}")).as_deref(),
+            Ok(format!("OK {i}").as_str())
+        );
+    }
 
     // A destination without an identity would take the stream in the
     // clear: refused before anything moves, nothing left there.
@@ -401,6 +453,10 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     drop(plain);
     assert_eq!(src.info("ms")["qmp_status"], "running");
 
+    // The two hosts share this machine's files, so only `--copy-storage`
+    // makes it copy the disk: over NBD with TLS, the destination admitting
+    // only host-a's certificate (on the NBD server and on the stream).
+    let source_disk = src.dir.path().join("ms-data.qcow2");
     let out = src.cli_ok(&[
         "--json",
         "migrate",
@@ -409,16 +465,59 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
         dst.socket.to_str().unwrap(),
         "--listen",
         "10.21.0.2:0",
+        "--copy-storage",
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(out.lines().last().expect("a report")).expect("JSON");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let report = lines.last().expect("a report").clone();
     assert_eq!(report["phase"], "done", "{report:#}");
+    // The disk was copied, then memory; progress per phase never goes
+    // backwards (a small disk may be copied before the first reading).
+    assert!(report["storage_bytes"].as_u64().unwrap() > 0, "{report:#}");
+    assert!(report["storage_ms"].as_u64().is_some(), "{report:#}");
+    for phase in ["storage", "memory"] {
+        let f: Vec<f64> = lines[..lines.len() - 1]
+            .iter()
+            .filter(|e| e["phase"] == phase)
+            .map(|e| e["fraction"].as_f64().expect("fraction"))
+            .collect();
+        assert!(
+            phase == "storage" || !f.is_empty(),
+            "no {phase} progress: {out}"
+        );
+        assert!(
+            f.windows(2).all(|w| w[0] <= w[1]),
+            "{phase} went backwards: {f:?}"
+        );
+    }
     assert!(vm_names(&src).is_empty());
     assert_eq!(dst.info("ms")["state"], "running");
     assert!(
         dst.log().contains("tls=true"),
         "the stream was not TLS:\n{}",
         dst.log()
+    );
+    // The destination runs on its own copy, equal to the source's disk.
+    let spec = dst.info("ms")["spec_toml"].as_str().unwrap().to_string();
+    let copy = dst.state_dir.join("vms/ms/disks/data.qcow2");
+    assert!(
+        spec.contains(&copy.display().to_string()),
+        "the destination's spec does not use its copy {}:\n{spec}",
+        copy.display()
+    );
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&source_disk)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "the copy differs from the source's disk: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
     );
     // The destination's switch carries the guest now: a client that only
     // reaches B's uplink is served (bounded retries: its first ARP may
@@ -436,6 +535,15 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!dst.console("ms").contains(READY));
+    // Every fsync'd record survived, and the copy takes new ones.
+    assert_eq!(say(&c, "LAST").as_deref(), Ok("LAST 5"));
+    for i in 1..=5 {
+        assert_eq!(
+            say(&c, &format!("GET {i}")).as_deref(),
+            Ok(format!("REC {i} record-{i}").as_str())
+        );
+    }
+    assert_eq!(say(&c, "PUT after").as_deref(), Ok("OK 6"));
 }
 
 /// The API's steps one by one: after QEMU completes, the source waits

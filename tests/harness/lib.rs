@@ -536,6 +536,41 @@ pub fn request(addr: &str, line: &str, timeout: Duration) -> anyhow::Result<Stri
     Ok(reply.trim_end().to_string())
 }
 
+/// A tmpfs of a fixed size, unmounted on drop.
+pub struct SmallFs(pub std::path::PathBuf);
+impl SmallFs {
+    pub fn new(size: &str) -> SmallFs {
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-smallfs-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tandem-smallfs",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs (needs root)");
+        SmallFs(dir)
+    }
+}
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

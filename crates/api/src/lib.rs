@@ -554,6 +554,73 @@ pub struct IncomingMigrationRequest {
     /// removing the VM (default 60).
     #[serde(default)]
     pub accept_timeout_s: Option<u64>,
+    /// The VM's disks as the source describes them
+    /// (`POST /v1/vms/{name}/migration/disks`). Empty: every disk is on
+    /// storage both hosts share at the same path (the destination checks
+    /// nothing). Otherwise the destination uses a disk in place only where
+    /// it finds the source's probe file, and makes and exports a disk of
+    /// its own for every other one.
+    #[serde(default)]
+    pub disks: Vec<MigrationDisk>,
+    /// [`MigrationSource::tls_name`]: when set, only that host's
+    /// certificate may connect to the destination's QEMU.
+    #[serde(default)]
+    pub source_tls_name: Option<String>,
+}
+
+/// One disk of a VM about to migrate, as its source sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationDisk {
+    pub name: String,
+    /// `qcow2` or `raw`: the destination's own copy has the same format.
+    pub format: String,
+    /// The guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the image takes on the source's storage: what a copy needs
+    /// free on the destination.
+    pub allocated: u64,
+    /// A file the source wrote beside the disk, holding `nonce`: a
+    /// destination that reads it there sees the same storage. Absent when
+    /// the disk is this host's alone (it lives in tandemd's own directory
+    /// for the VM) or a copy was asked for.
+    #[serde(default)]
+    pub probe: Option<StorageProbe>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageProbe {
+    pub path: String,
+    pub nonce: String,
+}
+
+/// `POST /v1/vms/{name}/migration/disks`: what the destination needs to
+/// know of the source before it prepares.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationSource {
+    /// The source's certificate name when it has a cluster identity: the
+    /// destination lets only this host's certificate feed its QEMU
+    /// (QEMU's `tls-authz` on the stream and on the NBD server).
+    #[serde(default)]
+    pub tls_name: Option<String>,
+    pub disks: Vec<MigrationDisk>,
+}
+
+/// Body of `POST /v1/vms/{name}/migration/disks` on the source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationDisksRequest {
+    /// Copy every disk, even one the destination could share.
+    #[serde(default)]
+    pub copy_all: bool,
+}
+
+/// Where the source mirrors the disks the destination does not share:
+/// the destination QEMU's NBD server and its export names (the disks'
+/// names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCopyTarget {
+    /// `HOST:PORT` of the destination QEMU's NBD server.
+    pub nbd: String,
+    pub disks: Vec<String>,
 }
 
 /// The destination is ready: the source migrates to `uri`.
@@ -566,6 +633,9 @@ pub struct IncomingMigrationReply {
     /// (it has a cluster identity): the source's `tls_hostname`.
     #[serde(default)]
     pub tls_hostname: Option<String>,
+    /// The disks the source must copy, and where to.
+    #[serde(default)]
+    pub copy_storage: Option<StorageCopyTarget>,
 }
 
 /// Body of `POST /v1/vms/{name}/migrate` on the source.
@@ -596,13 +666,19 @@ pub struct MigrateRequest {
     /// No progress for this long is a stall (default 10 s).
     #[serde(default)]
     pub stall_s: Option<u64>,
+    /// The destination's answer for storage it does not share
+    /// ([`IncomingMigrationReply::copy_storage`]): mirrored first, and the
+    /// memory stream starts once every copy has caught up.
+    #[serde(default)]
+    pub copy_storage: Option<StorageCopyTarget>,
 }
 
 /// Where an outgoing migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
-    /// Sending RAM (precopy or postcopy).
+    /// Copying disks the destination does not share, then sending RAM
+    /// (precopy or postcopy); `rung` says which (`storage` first).
     Running,
     /// QEMU finished: the source is paused and waits to be confirmed
     /// (the destination runs: the source goes) or resumed.
@@ -648,6 +724,12 @@ pub struct MigrationReport {
     pub downtime_ms: Option<u64>,
     /// Why it failed or was aborted.
     pub message: Option<String>,
+    /// Bytes of disk the source mirrored to the destination (disks the two
+    /// hosts do not share), and how long the copies took to catch up.
+    #[serde(default)]
+    pub storage_bytes: u64,
+    #[serde(default)]
+    pub storage_ms: Option<u64>,
 }
 
 /// Body of `POST /v1/vms/{name}/migration/confirm`.

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tandem_api::{
     Client, IncomingMigrationReply, IncomingMigrationRequest, MigrateRequest, MigrationConfirm,
-    MigrationPhase, MigrationReport, VmInfo, VmState,
+    MigrationDisksRequest, MigrationPhase, MigrationReport, MigrationSource, VmInfo, VmState,
 };
 use tandem_progress::{Event, Mode, Reporter, Tracker};
 
@@ -68,6 +68,11 @@ pub struct MigrateArgs {
     /// Cancel the VM's running migration; the VM stays on the source.
     #[arg(long)]
     pub cancel: bool,
+    /// Copy every disk to the destination, even one it could share. By
+    /// default a disk is copied only where the destination does not see
+    /// the source's probe file beside it (storage not shared).
+    #[arg(long)]
+    pub copy_storage: bool,
 }
 
 pub async fn run(
@@ -121,6 +126,15 @@ pub async fn run(
             );
         }
     }
+    let source: MigrationSource = src
+        .post(
+            &format!("/v1/vms/{}/migration/disks", a.name),
+            &MigrationDisksRequest {
+                copy_all: a.copy_storage,
+            },
+        )
+        .await
+        .with_context(|| format!("reading the disks of `{}` on the source", a.name))?;
     let ready: IncomingMigrationReply = dst
         .post(
             "/v1/migrations/incoming",
@@ -130,10 +144,21 @@ pub async fn run(
                 listen,
                 allow_postcopy: a.allow_postcopy,
                 accept_timeout_s: None,
+                disks: source.disks,
+                source_tls_name: source.tls_name,
             },
         )
         .await
         .context("preparing the destination")?;
+    if let Some(c) = &ready.copy_storage {
+        if !json {
+            eprintln!(
+                "copying disk{} {} to the destination (its storage is not shared with the source)",
+                if c.disks.len() == 1 { "" } else { "s" },
+                c.disks.join(", ")
+            );
+        }
+    }
     let req = MigrateRequest {
         uri: ready.uri.clone(),
         tls_hostname: ready.tls_hostname.clone(),
@@ -143,6 +168,7 @@ pub async fn run(
         allow_postcopy: a.allow_postcopy,
         allow_throttle: Some(!a.no_throttle),
         stall_s: a.stall_s,
+        copy_storage: ready.copy_storage.clone(),
     };
     let started: Result<MigrationReport, _> =
         src.post(&format!("/v1/vms/{}/migrate", a.name), &req).await;
@@ -178,9 +204,19 @@ pub async fn run(
             );
         }
     }
-    // QEMU finished: the source is paused. It goes only once the
-    // destination is seen running the guest.
-    let running = wait_running(&dst, &a.name, Duration::from_secs(30)).await;
+    // QEMU finished: the source is paused. Copied disks are whole now
+    // (the source ended its mirrors), which the destination waits to hear
+    // before it runs the guest. The source goes only once the destination
+    // is seen running it.
+    let released = match &ready.copy_storage {
+        Some(_) => dst
+            .post::<(), ()>(&format!("/v1/vms/{}/migration/run", a.name), &())
+            .await
+            .map_err(|e| eprintln!("telling the destination to run the guest: {e:#}"))
+            .is_ok(),
+        None => true,
+    };
+    let running = released && wait_running(&dst, &a.name, Duration::from_secs(30)).await;
     let confirmed: MigrationReport = src
         .post(
             &format!("/v1/vms/{}/migration/confirm", a.name),
@@ -218,6 +254,9 @@ pub async fn run(
 async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<MigrationReport> {
     let mut reporter = Reporter::new(Mode::auto(json));
     let mut tracker = Tracker::new();
+    // Disks first (when copied), then memory: each phase its own bar, so
+    // that neither goes backwards.
+    let mut phase = "storage";
     let t0 = Instant::now();
     let mut cancelled = false;
     let mut failures = 0;
@@ -242,6 +281,10 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
             }
         };
         failures = 0;
+        if phase == "storage" && r.rung != "storage" {
+            phase = "memory";
+            tracker = Tracker::new();
+        }
         tracker.observe(tandem_progress::Sample {
             done: r.transferred,
             remaining: r.remaining,
@@ -256,7 +299,7 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
         if state == "done" {
             tracker.finish();
         }
-        let mut event: Event = tracker.event(&format!("migrate {name}"), "memory");
+        let mut event: Event = tracker.event(&format!("migrate {name}"), phase);
         event.state = state.to_string();
         event.message = r.message.clone();
         event.extra.insert("rung".into(), serde_json::json!(r.rung));

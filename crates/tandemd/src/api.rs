@@ -31,6 +31,8 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/migration", get(migration))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
         .route("/v1/vms/{name}/migration/confirm", post(confirm_migration))
+        .route("/v1/vms/{name}/migration/disks", post(migration_disks))
+        .route("/v1/vms/{name}/migration/run", post(run_incoming))
         .route("/metrics", get(metrics))
         .with_state(sup)
 }
@@ -111,9 +113,28 @@ async fn incoming(
             req.accept_timeout_s.unwrap_or(60).clamp(1, 3600),
         ),
         tls_dir: None,
+        source_tls_name: req.source_tls_name.clone(),
+        copied_disks: Vec::new(),
     };
-    let reply = s.prepare_incoming(&req.spec_toml, &req.uuid, plan).await?;
+    let reply = s
+        .prepare_incoming(&req.spec_toml, &req.uuid, plan, &req.disks)
+        .await?;
     Ok((StatusCode::CREATED, Json(reply)))
+}
+
+/// The source, before the destination prepares: its disks and name.
+async fn migration_disks(
+    State(s): State<Sup>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::MigrationDisksRequest>,
+) -> ApiResult<tandem_api::MigrationSource> {
+    Ok(Json(s.migration_source(&name, req.copy_all).await?))
+}
+
+/// The destination, told by the source that the disks' copies are whole.
+async fn run_incoming(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<()> {
+    s.release_incoming(&name).await?;
+    Ok(Json(()))
 }
 
 async fn migration(

@@ -778,7 +778,13 @@ async fn migrate(
     let cfg = tandem_supervisor::ladder_config(&req);
     Ok(Json(
         ft.sup
-            .migrate_out(&name, &req.uri, req.tls_hostname.as_deref(), cfg)
+            .migrate_out(
+                &name,
+                &req.uri,
+                req.tls_hostname.as_deref(),
+                cfg,
+                req.copy_storage.as_ref(),
+            )
             .await?,
     ))
 }

@@ -14,19 +14,25 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tandem_api::{IncomingMigrationReply, MigrationPhase, MigrationReport, VmState};
+use tandem_api::{
+    IncomingMigrationReply, MigrationPhase, MigrationReport, StorageCopyTarget, VmState,
+};
 use tandem_migration::{setup, Action, Decision, Ladder, LadderConfig, Outcome, Sample, Status};
 use tandem_qmp::{qmp, QmpClient};
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::lifecycle::StartFailure;
+use super::migrate_storage::StorageMirror;
 use super::{Supervisor, SupervisorError, Vm};
 
 const QMP_CALL: Duration = Duration::from_secs(10);
 /// How often the source reads `query-migrate`: often enough that a stall
 /// window of a few seconds sees many samples, cheap for QEMU.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a destination with copied disks waits, its stream complete,
+/// for the source to say the copies are whole.
+const GO_WAIT: Duration = Duration::from_secs(60);
 
 /// What the destination's QEMU is started with.
 #[derive(Debug, Clone)]
@@ -39,10 +45,16 @@ pub struct IncomingPlan {
     /// Filled in by [`Supervisor::prepare_incoming`]: QEMU's credentials
     /// directory when this host has a cluster identity.
     pub tls_dir: Option<std::path::PathBuf>,
+    /// With TLS: the only host whose certificate may connect (QEMU's
+    /// `tls-authz`), when the source said who it is.
+    pub source_tls_name: Option<String>,
+    /// Filled in by [`Supervisor::prepare_incoming`]: the disks this side
+    /// copies (exported over NBD until the guest runs).
+    pub copied_disks: Vec<String>,
 }
 
 /// The id of QEMU's `tls-creds-x509` object for a migration stream.
-const TLS_OBJECT: &str = "tandem-migration-tls";
+pub(super) const TLS_OBJECT: &str = "tandem-migration-tls";
 /// The VM's copy of this host's credentials, in QEMU's layout.
 const TLS_DIR: &str = "migration-tls";
 
@@ -88,6 +100,7 @@ impl Supervisor {
         spec_toml: &str,
         uuid: &str,
         plan: IncomingPlan,
+        disks: &[tandem_api::MigrationDisk],
     ) -> Result<IncomingMigrationReply, SupervisorError> {
         let uuid = Uuid::parse_str(uuid)
             .map_err(|e| SupervisorError::Refused(format!("the VM's uuid `{uuid}`: {e}")))?;
@@ -96,10 +109,38 @@ impl Supervisor {
                 "a migrated VM keeps its identity: the nil uuid is not one".into(),
             ));
         }
-        let info = self.create_with_uuid(spec_toml, uuid).await?;
+        let storage = self.plan_incoming_storage(spec_toml, disks).await?;
+        if !storage.copied.is_empty() && plan.allow_postcopy {
+            return Err(SupervisorError::Refused(format!(
+                "disks {:?} are not on storage this host shares with the source, and their copy must be complete before the guest runs here: postcopy cannot be allowed with copied storage",
+                storage.copied
+            )));
+        }
+        let made = if storage.copied.is_empty() {
+            None
+        } else {
+            let spec = tandem_vmspec::parse_and_validate(&storage.spec_toml, |_| true)
+                .map_err(|e| SupervisorError::Refused(e.to_string()))?;
+            let dir = self.cfg.state_dir.join("vms").join(&spec.name);
+            if let Err(e) = self.make_incoming_copies(&storage).await {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            Some(dir)
+        };
+        let info = match self.create_with_uuid(&storage.spec_toml, uuid).await {
+            Ok(i) => i,
+            Err(e) => {
+                if let Some(dir) = made {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                return Err(e);
+            }
+        };
         let name = info.name.clone();
         let vm = self.get(&name).await?;
         let mut plan = plan;
+        plan.copied_disks = storage.copied.clone();
         let tls = match self.migration_tls(&vm) {
             Ok(t) => t,
             Err(e) => {
@@ -110,13 +151,48 @@ impl Supervisor {
         plan.tls_dir = tls.as_ref().map(|(dir, _)| dir.clone());
         match self.start_mode(&name, None, Some(&plan)).await {
             Ok((_, Some(uri))) => {
-                info!(vm = %name, %uri, tls = tls.is_some(), "waiting for the incoming migration");
+                let copy_storage = if plan.copied_disks.is_empty() {
+                    None
+                } else {
+                    let exported = match vm.live() {
+                        Some(live) => {
+                            let host = plan.listen.rsplit_once(':').map_or("", |(h, _)| h);
+                            self.export_incoming_copies(
+                                &live.qmp,
+                                host,
+                                &plan.copied_disks,
+                                tls.is_some(),
+                                tls.is_some() && plan.source_tls_name.is_some(),
+                            )
+                            .await
+                        }
+                        None => Err("QEMU ended".to_string()),
+                    };
+                    match exported {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            if let Err(d) = self.destroy(&name).await {
+                                warn!(vm = %name, "removing the VM after a failed export: {d}");
+                            }
+                            return Err(SupervisorError::Refused(format!(
+                                "serving the disks' copies: {e}"
+                            )));
+                        }
+                    }
+                };
+                if !plan.copied_disks.is_empty() {
+                    self.incoming_go
+                        .lock()
+                        .insert(name.clone(), Arc::new(tokio::sync::Notify::new()));
+                }
+                info!(vm = %name, %uri, tls = tls.is_some(), copied = ?plan.copied_disks, "waiting for the incoming migration");
                 let sup = self.clone();
                 tokio::spawn(async move { sup.watch_incoming(vm, plan).await });
                 Ok(IncomingMigrationReply {
                     vm: name,
                     uri,
                     tls_hostname: tls.map(|(_, n)| n),
+                    copy_storage,
                 })
             }
             Ok((_, None)) => Err(SupervisorError::Refused(
@@ -148,8 +224,23 @@ impl Supervisor {
             };
             match sample.status {
                 Some(Status::Completed) => {
+                    if !running && !plan.copied_disks.is_empty() {
+                        // The copies are whole only once the source has
+                        // ended its mirrors: it says so (`run_incoming`).
+                        let go = self.incoming_go.lock().get(&vm.name).cloned();
+                        let told = match go {
+                            Some(go) => tokio::time::timeout(GO_WAIT, go.notified()).await.is_ok(),
+                            None => false,
+                        };
+                        self.incoming_go.lock().remove(&vm.name);
+                        if !told {
+                            break format!(
+                                "the source did not confirm the disks' copies within {GO_WAIT:?}"
+                            );
+                        }
+                    }
                     if !running {
-                        if let Err(e) = self.run_incoming(&vm, &live.qmp).await {
+                        if let Err(e) = self.run_incoming(&vm, &live.qmp, &plan).await {
                             break e;
                         }
                     }
@@ -159,7 +250,7 @@ impl Supervisor {
                 Some(Status::Postcopy) if !running => {
                     // The destination runs the guest from now on and pulls
                     // what it lacks (QEMU does not start it itself under -S).
-                    if let Err(e) = self.run_incoming(&vm, &live.qmp).await {
+                    if let Err(e) = self.run_incoming(&vm, &live.qmp, &plan).await {
                         break e;
                     }
                     running = true;
@@ -191,8 +282,21 @@ impl Supervisor {
         }
     }
 
-    async fn run_incoming(&self, vm: &Vm, qmp: &QmpClient) -> Result<(), String> {
+    async fn run_incoming(
+        &self,
+        vm: &Vm,
+        qmp: &QmpClient,
+        plan: &IncomingPlan,
+    ) -> Result<(), String> {
         let _op = vm.ops.lock().await;
+        if !plan.copied_disks.is_empty() {
+            // The copies are complete (the source's writes were in step
+            // when the stream completed); nobody writes them but the guest
+            // from now on.
+            qmp.execute_raw("nbd-server-stop", json!({}), QMP_CALL)
+                .await
+                .map_err(|e| format!("nbd-server-stop: {e}"))?;
+        }
         qmp.execute(qmp::cont {})
             .await
             .map_err(|e| format!("cont: {e}"))?;
@@ -223,13 +327,23 @@ impl Supervisor {
             qmp.execute_raw("object-add", tls_object(dir, "server"), QMP_CALL)
                 .await
                 .map_err(|e| fail("adding the TLS credentials", e))?;
-            qmp.execute_raw(
-                "migrate-set-parameters",
-                json!({ "tls-creds": TLS_OBJECT }),
-                QMP_CALL,
-            )
-            .await
-            .map_err(|e| fail("migrate-set-parameters tls-creds", e))?;
+            let mut params = json!({ "tls-creds": TLS_OBJECT });
+            if let Some(source) = &plan.source_tls_name {
+                tandem_pki::validate_name(source).map_err(|e| {
+                    StartFailure::Incoming(format!("the source's name `{source}`: {e}"))
+                })?;
+                qmp.execute_raw(
+                    "object-add",
+                    super::migrate_storage::authz_object(source),
+                    QMP_CALL,
+                )
+                .await
+                .map_err(|e| fail("adding the source's authorization", e))?;
+                params["tls-authz"] = json!(super::migrate_storage::AUTHZ_OBJECT);
+            }
+            qmp.execute_raw("migrate-set-parameters", params, QMP_CALL)
+                .await
+                .map_err(|e| fail("migrate-set-parameters tls-creds", e))?;
         }
         qmp.execute_raw(
             "migrate-incoming",
@@ -275,6 +389,7 @@ impl Supervisor {
         uri: &str,
         tls_hostname: Option<&str>,
         cfg: LadderConfig,
+        copy_storage: Option<&StorageCopyTarget>,
     ) -> Result<MigrationReport, SupervisorError> {
         cfg.validate()
             .map_err(|e| SupervisorError::Refused(e.to_string()))?;
@@ -298,25 +413,51 @@ impl Supervisor {
             (VmState::Running, Some(live)) => live,
             _ => return Err(vm.bad_state("migrate")),
         };
-        // Only shared storage migrates today, and a disk in tandemd's own
-        // directory for this VM (a restored copy, an overlay over a
-        // taken-over replica) is this host's alone: removing the source
-        // after the migration would delete it under the destination.
+        // A disk in tandemd's own directory for this VM (a copy made by an
+        // earlier migration, a restored copy) or under a taken-over
+        // replica is this host's alone: it must be copied, or removing the
+        // source after the migration would delete it under the
+        // destination.
         let rec = vm.record();
-        if let Some(base) = &rec.base {
-            return Err(SupervisorError::Refused(format!(
-                "`{name}` runs from {} (a taken-over replica) on this host: its disks are not shared storage, and migrating it needs non-shared storage support, which tandem does not have yet",
-                base.dir.display()
-            )));
+        let copied = |d: &str| copy_storage.is_some_and(|c| c.disks.iter().any(|x| x == d));
+        if let Some(c) = copy_storage {
+            if let Some(d) = c
+                .disks
+                .iter()
+                .find(|d| !rec.spec.disks.iter().any(|s| &s.name == *d))
+            {
+                return Err(SupervisorError::Refused(format!(
+                    "the destination offers a copy of disk `{d}`, which `{name}` does not have"
+                )));
+            }
+            if cfg.allow_postcopy && !c.disks.is_empty() {
+                return Err(SupervisorError::Refused(
+                    "postcopy cannot be allowed while disks are copied: a copy must be complete before the guest runs on the destination".into(),
+                ));
+            }
         }
-        if let Some(d) = rec.spec.disks.iter().find(|d| d.path.starts_with(&vm.dir)) {
-            return Err(SupervisorError::Refused(format!(
-                "disk `{}` of `{name}` is {}, inside this host's own directory for the VM: not shared storage, and migrating it needs non-shared storage support, which tandem does not have yet",
-                d.name,
-                d.path.display()
-            )));
+        for d in &rec.spec.disks {
+            if copied(&d.name) {
+                continue;
+            }
+            if let Some(base) = &rec.base {
+                return Err(SupervisorError::Refused(format!(
+                    "`{name}` runs from {} (a taken-over replica) on this host: disk `{}` is this host's alone and must be copied (the destination did not offer a copy)",
+                    base.dir.display(),
+                    d.name
+                )));
+            }
+            if d.path.starts_with(&vm.dir) {
+                return Err(SupervisorError::Refused(format!(
+                    "disk `{}` of `{name}` is {}, inside this host's own directory for the VM: it must be copied (the destination did not offer a copy)",
+                    d.name,
+                    d.path.display()
+                )));
+            }
         }
+        super::migrate_storage::remove_probes(&vm);
         let (caps, mut params) = setup(&cfg);
+        let mut tls_peer = None;
         if let Some((dir, _)) = self.migration_tls(&vm)? {
             let Some(peer) = tls_hostname.filter(|h| !h.is_empty() && h.len() <= 253) else {
                 return Err(SupervisorError::Refused(
@@ -334,6 +475,7 @@ impl Supervisor {
                 .map_err(vm.qmp_err())?;
             params["tls-creds"] = json!(TLS_OBJECT);
             params["tls-hostname"] = json!(peer);
+            tls_peer = Some(peer.to_string());
         } else {
             // A plain stream: clear what an earlier TLS attempt set.
             params["tls-creds"] = json!("");
@@ -347,15 +489,34 @@ impl Supervisor {
             .execute_raw("migrate-set-parameters", params, QMP_CALL)
             .await
             .map_err(vm.qmp_err())?;
-        live.qmp
-            .execute_raw("migrate", json!({ "uri": uri }), QMP_CALL)
-            .await
-            .map_err(vm.qmp_err())?;
-        info!(vm = %name, %uri, "migration started");
+        let mirror = match copy_storage.filter(|c| !c.disks.is_empty()) {
+            Some(target) => Some(
+                StorageMirror::start(
+                    &live.qmp,
+                    target,
+                    tls_peer.as_deref().map(|p| (TLS_OBJECT, p)),
+                )
+                .await
+                .map_err(SupervisorError::Refused)?,
+            ),
+            None => {
+                live.qmp
+                    .execute_raw("migrate", json!({ "uri": uri }), QMP_CALL)
+                    .await
+                    .map_err(vm.qmp_err())?;
+                None
+            }
+        };
+        info!(vm = %name, %uri, copying = mirror.is_some(), "migration started");
         let report = MigrationReport {
             vm: name.to_string(),
             phase: MigrationPhase::Running,
-            rung: "precopy".into(),
+            rung: if mirror.is_some() {
+                "storage"
+            } else {
+                "precopy"
+            }
+            .into(),
             elapsed_ms: 0,
             transferred: 0,
             remaining: 0,
@@ -367,6 +528,8 @@ impl Supervisor {
             cpu_throttle_pct: 0,
             downtime_ms: None,
             message: None,
+            storage_bytes: 0,
+            storage_ms: None,
         };
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report.clone()),
@@ -375,8 +538,10 @@ impl Supervisor {
         });
         self.migrations.lock().insert(name.to_string(), job.clone());
         let sup = self.clone();
+        let uri = uri.to_string();
         tokio::spawn(async move {
-            sup.drive_outgoing(vm, live.qmp, job, cfg).await;
+            sup.drive_outgoing(vm, live.qmp, job, cfg, mirror, uri)
+                .await;
         });
         Ok(report)
     }
@@ -387,17 +552,30 @@ impl Supervisor {
         qmp: QmpClient,
         job: Arc<OutgoingJob>,
         cfg: LadderConfig,
+        mut mirror: Option<StorageMirror>,
+        uri: String,
     ) {
-        let started = Instant::now();
-        let mut ladder = Ladder::new(cfg, 0);
-        let mut abort_reason: Option<String> = None;
-        let mut cancel_sent = false;
+        let t0 = Instant::now();
         let set_final = |phase: MigrationPhase, message: Option<String>| {
             let mut r = job.report.lock();
             r.phase = phase;
             r.message = message;
-            r.elapsed_ms = started.elapsed().as_millis() as u64;
+            r.elapsed_ms = t0.elapsed().as_millis() as u64;
         };
+        if let Some(m) = mirror.take() {
+            match self.copy_storage(&vm, &qmp, &job, m, &uri).await {
+                Ok(m) => mirror = Some(m),
+                Err((phase, message)) => {
+                    set_final(phase, message);
+                    return;
+                }
+            }
+        }
+        let storage_ms = t0.elapsed().as_millis() as u64;
+        let started = Instant::now();
+        let mut ladder = Ladder::new(cfg, 0);
+        let mut abort_reason: Option<String> = None;
+        let mut cancel_sent = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
@@ -414,13 +592,25 @@ impl Supervisor {
             let sample = match query(&qmp, started).await {
                 Ok(s) => s,
                 Err(e) => {
+                    if let Some(m) = mirror.take() {
+                        m.abandon(&qmp).await;
+                    }
                     set_final(MigrationPhase::Failed, Some(e));
                     return;
                 }
             };
+            if let (Some(m), None) = (&mirror, &abort_reason) {
+                if !sample.status.is_some_and(|s| s == Status::Completed) {
+                    if let Err(e) = m.progress(&qmp).await {
+                        warn!(vm = %vm.name, "{e}");
+                        abort_reason = Some(e);
+                        job.cancel.notify_one();
+                    }
+                }
+            }
             {
                 let mut r = job.report.lock();
-                r.elapsed_ms = sample.at_ms;
+                r.elapsed_ms = storage_ms + sample.at_ms;
                 r.transferred = sample.transferred;
                 r.remaining = sample.remaining;
                 r.total = sample.total;
@@ -453,17 +643,32 @@ impl Supervisor {
                     downtime_ms,
                     total_ms,
                 }) => {
+                    if let Some(m) = mirror.take() {
+                        if let Err(e) = m.complete(&qmp).await {
+                            // The destination waits for our word before it
+                            // runs the guest, and does not get it.
+                            self.keep_source_running(&vm, &qmp).await;
+                            set_final(MigrationPhase::Failed, Some(e));
+                            return;
+                        }
+                    }
                     info!(vm = %vm.name, %rung, ?downtime_ms, ?total_ms, "migration completed; the source waits to be confirmed");
                     vm.update_logged(|r| r.state = VmState::Paused);
                     set_final(MigrationPhase::AwaitingConfirm, None);
                     return;
                 }
                 Decision::Finished(Outcome::Failed { reason }) => {
+                    if let Some(m) = mirror.take() {
+                        m.abandon(&qmp).await;
+                    }
                     self.keep_source_running(&vm, &qmp).await;
                     set_final(MigrationPhase::Failed, Some(reason));
                     return;
                 }
                 Decision::Finished(Outcome::Cancelled) => {
+                    if let Some(m) = mirror.take() {
+                        m.abandon(&qmp).await;
+                    }
                     self.keep_source_running(&vm, &qmp).await;
                     match abort_reason.take() {
                         Some(reason) => set_final(MigrationPhase::Aborted, Some(reason)),
@@ -473,6 +678,65 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// The storage phase: the mirrors catch up (progress in the report),
+    /// then the memory stream starts. On failure or cancel the mirrors are
+    /// gone and the error is the job's end.
+    async fn copy_storage(
+        &self,
+        vm: &Vm,
+        qmp: &QmpClient,
+        job: &OutgoingJob,
+        mirror: StorageMirror,
+        uri: &str,
+    ) -> Result<StorageMirror, (MigrationPhase, Option<String>)> {
+        let t0 = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = job.cancel.notified() => {}
+            }
+            if job.cancel_asked.load(std::sync::atomic::Ordering::SeqCst) {
+                mirror.abandon(qmp).await;
+                return Err((MigrationPhase::Cancelled, None));
+            }
+            match mirror.progress(qmp).await {
+                Ok(p) => {
+                    {
+                        let mut r = job.report.lock();
+                        r.elapsed_ms = t0.elapsed().as_millis() as u64;
+                        r.transferred = p.done;
+                        r.total = p.total;
+                        r.remaining = p.total.saturating_sub(p.done);
+                    }
+                    if p.synced {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    mirror.abandon(qmp).await;
+                    return Err((MigrationPhase::Failed, Some(e)));
+                }
+            }
+        }
+        info!(vm = %vm.name, ms = t0.elapsed().as_millis() as u64, "disk copies in step; the memory stream starts");
+        if let Err(e) = qmp
+            .execute_raw("migrate", json!({ "uri": uri }), QMP_CALL)
+            .await
+        {
+            mirror.abandon(qmp).await;
+            return Err((MigrationPhase::Failed, Some(format!("migrate: {e}"))));
+        }
+        let mut r = job.report.lock();
+        r.storage_bytes = r.transferred;
+        r.storage_ms = Some(t0.elapsed().as_millis() as u64);
+        r.rung = "precopy".into();
+        r.transferred = 0;
+        r.remaining = 0;
+        r.total = 0;
+        drop(r);
+        Ok(mirror)
     }
 
     /// After a failed or cancelled precopy QEMU runs the source on; make
@@ -514,6 +778,21 @@ impl Supervisor {
         let out = vm.dir.join(TLS_DIR);
         id.qemu_tls_dir(&out).map_err(refuse)?;
         Ok(Some((out, id.name().to_string())))
+    }
+
+    /// The destination's go for an incoming VM whose disks were copied:
+    /// the source has ended its mirrors, so the copies are whole and the
+    /// guest may run here. Refused for a VM that does not wait for it.
+    pub async fn release_incoming(&self, name: &str) -> Result<(), SupervisorError> {
+        self.get(name).await?;
+        let go = self.incoming_go.lock().get(name).cloned().ok_or_else(|| {
+            SupervisorError::Refused(format!(
+                "`{name}` is not an incoming migration waiting for its disks"
+            ))
+        })?;
+        // A permit is kept if the stream has not completed yet.
+        go.notify_one();
+        Ok(())
     }
 
     /// Where the VM's last outgoing migration is.

@@ -7,6 +7,8 @@
 //! - `guest_port`: the replication engine's handle on a running VM;
 //! - `migrate`: live migration, the destination's incoming QEMU and the
 //!   source's driver of the convergence ladder;
+//! - `migrate_storage`: disks the destination does not share, copied
+//!   over NBD while the VM runs;
 //! - `exit`: why QEMU ended ([`ExitCause`]), decided once per exit;
 //! - `error`: [`SupervisorError`].
 
@@ -15,6 +17,7 @@ mod exit;
 mod guest_port;
 mod lifecycle;
 mod migrate;
+mod migrate_storage;
 mod monitor;
 mod pids;
 mod record;
@@ -114,6 +117,9 @@ pub struct Supervisor {
     instance_tag: String,
     /// Outgoing migrations by VM name, finished ones kept until the next.
     migrations: Mutex<BTreeMap<String, Arc<migrate::OutgoingJob>>>,
+    /// Incoming migrations whose guest waits for the source's word before
+    /// it runs here (copied disks: complete only once the source says so).
+    incoming_go: Mutex<BTreeMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 /// The marker of a VM's QEMU in its command line (and its shim's, which
@@ -169,6 +175,7 @@ impl Supervisor {
             vms: RwLock::new(BTreeMap::new()),
             accel_probe: AsyncMutex::new(None),
             migrations: Mutex::new(BTreeMap::new()),
+            incoming_go: Mutex::new(BTreeMap::new()),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(io_err("reading VM records"))?;
         for entry in entries.flatten() {

@@ -120,7 +120,7 @@ impl Supervisor {
     }
 
     /// `qemu-img` beside the QEMU binary, else the one on `PATH`.
-    fn qemu_img(&self) -> PathBuf {
+    pub(super) fn qemu_img(&self) -> PathBuf {
         self.cfg
             .qemu_binary
             .parent()

@@ -1,0 +1,1 @@
+//! Fan-out deployment planning (in progress).
