@@ -607,3 +607,203 @@ fn a_completed_source_waits_for_its_confirm() {
     assert!(vm_names(&src).is_empty());
     assert!(src.qemu_processes().is_empty());
 }
+
+/// A `tandem migrate` running in the background, its `--json` progress
+/// read as it comes.
+struct Background {
+    child: std::process::Child,
+    events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Background {
+    fn start(src: &Daemon, args: &[&str]) -> Background {
+        let mut child = Command::new(bin("tandem"))
+            .arg("--socket")
+            .arg(&src.socket)
+            .arg("--json")
+            .arg("migrate")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Background { child, events }
+    }
+
+    /// Waits until memory is on its way (some bytes sent).
+    fn wait_sending(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = self
+                .events
+                .recv_timeout(left)
+                .expect("no progress from tandem migrate within 30 s");
+            if e["phase"] == "memory" && e["done"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+        }
+    }
+
+    /// Waits for the command's end (bounded): (success, stderr).
+    fn finish(mut self) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tandem migrate did not end within 90 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        (status.success(), err)
+    }
+}
+
+/// The failures the operator cannot prevent, mid-stream: the migration
+/// link cut, the destination's tandemd killed (and restarted), the
+/// destination's QEMU killed. Each time the guest runs on at the source
+/// and nothing of it is left on the destination.
+///
+/// ```text
+///  A m0 10.22.0.1 ──── m1 10.22.0.2 B   (the migration stream)
+/// ```
+#[test]
+fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
+    let _g = serial_guard();
+    let a = tandem_tests::Netns::new("da");
+    let b = tandem_tests::Netns::new("db");
+    tandem_tests::sh(&format!(
+        "ip link add m0 netns {} type veth peer name m1 netns {}",
+        a.name, b.name
+    ));
+    a.run(&["ip", "addr", "add", "10.22.0.1/24", "dev", "m0"]);
+    a.run(&["ip", "link", "set", "m0", "up"]);
+    b.run(&["ip", "addr", "add", "10.22.0.2/24", "dev", "m1"]);
+    b.run(&["ip", "link", "set", "m1", "up"]);
+    let src = Daemon::start_in_netns(&a.name, &[]);
+    let mut dst = Daemon::start_in_netns(&b.name, &[]);
+    src.create_guest("md", "");
+    src.cli_ok(&["vm", "start", "md"]);
+    src.wait_console("md", READY, BOOT);
+    let dst_socket = dst.socket.to_str().unwrap().to_string();
+    let runs_on = |why: &str| {
+        let info = src.info("md");
+        assert_eq!(info["qmp_status"], "running", "{why}: {info:#}");
+        let t = *ticks(&src.console("md")).last().unwrap_or(&0);
+        src.wait_console(
+            "md",
+            &format!("tandem-guest: tick {}", t + 1),
+            Duration::from_secs(30),
+        );
+    };
+
+    // The link is cut once memory flows: nothing more is sent, and the
+    // ladder aborts after the dead-link bound (3 s), well before its
+    // first stall window (10 s) would climb a rung.
+    let m = Background::start(
+        &src,
+        &[
+            "md",
+            "--to-socket",
+            &dst_socket,
+            "--listen",
+            "10.22.0.2:0",
+            "--bandwidth",
+            "4",
+            "--stall-s",
+            "10",
+            "--link-timeout-s",
+            "3",
+        ],
+    );
+    m.wait_sending();
+    b.run(&["ip", "link", "set", "m1", "down"]);
+    let (ok, err) = m.finish();
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("was aborted") && err.contains("nothing was sent"),
+        "{err}"
+    );
+    b.run(&["ip", "link", "set", "m1", "up"]);
+    runs_on("after a cut link");
+    assert_destination_clean(&dst, "a cut link");
+
+    // The destination's tandemd dies mid-stream (its QEMU carries on) and
+    // comes back: the VM of an incoming migration that never ran there is
+    // removed by the new tandemd, and the source runs on (whether the
+    // stream completed first or not).
+    let m = Background::start(
+        &src,
+        &[
+            "md",
+            "--to-socket",
+            &dst_socket,
+            "--listen",
+            "10.22.0.2:0",
+            "--bandwidth",
+            "16",
+        ],
+    );
+    m.wait_sending();
+    dst.restart(libc::SIGKILL);
+    let (ok, err) = m.finish();
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the VM runs on at the source") || err.contains("the source resumed it"),
+        "{err}"
+    );
+    runs_on("after the destination's tandemd was killed");
+    assert_destination_clean(&dst, "a killed destination tandemd");
+    assert!(
+        dst.log()
+            .contains("an incoming migration the previous tandemd did not finish"),
+        "{}",
+        dst.log()
+    );
+
+    // The destination's QEMU dies mid-stream.
+    let m = Background::start(
+        &src,
+        &[
+            "md",
+            "--to-socket",
+            &dst_socket,
+            "--listen",
+            "10.22.0.2:0",
+            "--bandwidth",
+            "4",
+        ],
+    );
+    m.wait_sending();
+    for pid in dst.qemu_processes() {
+        // SAFETY: kill(2) on a pid of a QEMU this test's daemon started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let (ok, err) = m.finish();
+    assert!(!ok && err.contains("failed"), "{err}");
+    runs_on("after the destination's QEMU was killed");
+    assert_destination_clean(&dst, "a killed destination QEMU");
+}

@@ -666,6 +666,10 @@ pub struct MigrateRequest {
     /// No progress for this long is a stall (default 10 s).
     #[serde(default)]
     pub stall_s: Option<u64>,
+    /// Nothing sent for this long is a dead link: abort at once (default
+    /// three stall windows).
+    #[serde(default)]
+    pub link_timeout_s: Option<u64>,
     /// The destination's answer for storage it does not share
     /// ([`IncomingMigrationReply::copy_storage`]): mirrored first, and the
     /// memory stream starts once every copy has caught up.

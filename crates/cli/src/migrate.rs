@@ -65,6 +65,11 @@ pub struct MigrateArgs {
     /// Seconds without progress that count as a stall (default 10).
     #[arg(long)]
     pub stall_s: Option<u64>,
+    /// Seconds without a byte sent that count as a dead link (cut cable,
+    /// a destination that stopped reading): abort at once (default: three
+    /// stall windows).
+    #[arg(long)]
+    pub link_timeout_s: Option<u64>,
     /// Cancel the VM's running migration; the VM stays on the source.
     #[arg(long)]
     pub cancel: bool,
@@ -168,6 +173,7 @@ pub async fn run(
         allow_postcopy: a.allow_postcopy,
         allow_throttle: Some(!a.no_throttle),
         stall_s: a.stall_s,
+        link_timeout_s: a.link_timeout_s,
         copy_storage: ready.copy_storage.clone(),
     };
     let started: Result<MigrationReport, _> =
@@ -322,13 +328,17 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
     }
 }
 
+/// Whether the destination runs the VM within `bound`. A destination
+/// that answers it does not have the VM (a restarted tandemd removed the
+/// unfinished incoming VM) ends the wait at once; one that does not answer
+/// is waited for (a tandemd restarting), up to the bound.
 async fn wait_running(dst: &Client, name: &str, bound: Duration) -> bool {
     let deadline = Instant::now() + bound;
     while Instant::now() < deadline {
-        if let Ok(v) = dst.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
-            if v.state == VmState::Running {
-                return true;
-            }
+        match dst.get::<VmInfo>(&format!("/v1/vms/{name}")).await {
+            Ok(v) if v.state == VmState::Running => return true,
+            Err(tandem_api::ApiError::Server { status: 404, .. }) => return false,
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -50,6 +50,10 @@ pub struct LadderConfig {
     /// The whole migration may take this long before the ladder jumps to
     /// its last rung (postcopy, or abort).
     pub completion_timeout_ms: Option<u64>,
+    /// Not a byte sent for this long is a dead link (a cut cable, a
+    /// destination that stopped reading): abort at once, whatever rung,
+    /// never postcopy (TCP alone would wait minutes).
+    pub link_silence_ms: u64,
 }
 
 impl Default for LadderConfig {
@@ -65,6 +69,7 @@ impl Default for LadderConfig {
             allow_postcopy: false,
             bandwidth_bps: None,
             completion_timeout_ms: None,
+            link_silence_ms: 30_000,
         }
     }
 }
@@ -77,6 +82,8 @@ pub enum ConfigError {
     BoundBelowStart { start: u64, max: u64 },
     #[error("the downtime bound may be at most 2000000 ms (QEMU's own limit), got {0}")]
     BoundTooLarge(u64),
+    #[error("the dead-link bound must be between 1 s and 1 h (got {0} ms)")]
+    LinkSilence(u64),
     #[error("the stall window must be between 1 s and 10 min (got {0} ms)")]
     StallWindow(u64),
     #[error("the bandwidth must be at least 1 MiB/s (got {0} B/s)")]
@@ -102,6 +109,9 @@ impl LadderConfig {
         }
         if let Some(b) = self.bandwidth_bps.filter(|b| *b < 1 << 20) {
             return Err(ConfigError::Bandwidth(b));
+        }
+        if !(1_000..=3_600_000).contains(&self.link_silence_ms) {
+            return Err(ConfigError::LinkSilence(self.link_silence_ms));
         }
         Ok(())
     }
@@ -232,6 +242,9 @@ pub struct Ladder {
     best_at_ms: u64,
     throttle_windows_used: u32,
     aborting: bool,
+    /// The most bytes seen sent, and when that count last grew.
+    sent: u64,
+    sent_at_ms: u64,
 }
 
 impl Ladder {
@@ -245,6 +258,8 @@ impl Ladder {
             best_at_ms: now_ms,
             throttle_windows_used: 0,
             aborting: false,
+            sent: 0,
+            sent_at_ms: now_ms,
         }
     }
 
@@ -292,12 +307,26 @@ impl Ladder {
             Some(Status::Setup) | Some(Status::None) | None => {
                 // Nothing is sent yet: a slow connect is not a stall.
                 self.best_at_ms = now;
+                self.sent_at_ms = now;
                 return Decision::Continue;
             }
             Some(Status::Active) => {}
         }
         if self.aborting || self.rung == Rung::Postcopy {
             return Decision::Continue;
+        }
+        if s.transferred > self.sent {
+            self.sent = s.transferred;
+            self.sent_at_ms = now;
+        } else if now.saturating_sub(self.sent_at_ms) >= self.cfg.link_silence_ms {
+            self.aborting = true;
+            return Decision::Act(Action::Abort {
+                reason: format!(
+                    "nothing was sent for {} ms (the migration link is down, or the destination stopped reading) with {} MiB remaining",
+                    now.saturating_sub(self.sent_at_ms),
+                    s.remaining >> 20
+                ),
+            });
         }
         let progressed = match self.best_remaining {
             None => true,
@@ -379,10 +408,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A sample of a link that carries data (the count of bytes sent grows
+    /// with time).
     fn active(at_ms: u64, remaining: u64, expected: u64) -> Sample {
         Sample {
             at_ms,
             status: Some(Status::Active),
+            transferred: (at_ms + 1) << 10,
             remaining,
             expected_downtime_ms: Some(expected),
             page_size: 4096,
@@ -534,6 +566,44 @@ mod tests {
                 ("postcopy-ram", false)
             ]
         );
+    }
+
+    #[test]
+    fn a_silent_link_aborts_at_once_even_with_postcopy_allowed() {
+        let cfg = LadderConfig {
+            allow_postcopy: true,
+            link_silence_ms: 5_000,
+            ..LadderConfig::default()
+        };
+        let mut l = Ladder::new(cfg, 0);
+        let sample = |t: u64, sent: u64, remaining: u64| Sample {
+            transferred: sent,
+            ..active(t, remaining, 10)
+        };
+        // Sending steadily, remaining falling: nothing to do.
+        for t in 0..10 {
+            let d = l.observe(&sample(t * 1000, (t + 1) * (8 << 20), (100 - t * 8) << 20));
+            assert_eq!(d, Decision::Continue, "at {t} s");
+        }
+        // The count stops: 4 s is not yet silence, 5 s is.
+        for t in 10..14 {
+            assert_eq!(
+                l.observe(&sample(t * 1000, 80 << 20, 20 << 20)),
+                Decision::Continue
+            );
+        }
+        match l.observe(&sample(14_000, 80 << 20, 20 << 20)) {
+            Decision::Act(Action::Abort { reason }) => {
+                assert!(reason.contains("nothing was sent for 5000 ms"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Aborting: no second action, and never postcopy.
+        assert_eq!(
+            l.observe(&sample(20_000, 80 << 20, 20 << 20)),
+            Decision::Continue
+        );
+        assert_ne!(l.rung(), Rung::Postcopy);
     }
 
     #[test]

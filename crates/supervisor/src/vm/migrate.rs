@@ -139,6 +139,12 @@ impl Supervisor {
         };
         let name = info.name.clone();
         let vm = self.get(&name).await?;
+        // From now on a tandemd that restarts removes this VM unless it
+        // has run here (see `VmRecord::incoming`).
+        if let Err(e) = vm.update(|r| r.incoming = true) {
+            let _ = self.destroy(&name).await;
+            return Err(e);
+        }
         let mut plan = plan;
         plan.copied_disks = storage.copied.clone();
         let tls = match self.migration_tls(&vm) {
@@ -300,8 +306,11 @@ impl Supervisor {
         qmp.execute(qmp::cont {})
             .await
             .map_err(|e| format!("cont: {e}"))?;
-        vm.update(|r| r.state = VmState::Running)
-            .map_err(|e| e.to_string())?;
+        vm.update(|r| {
+            r.state = VmState::Running;
+            r.incoming = false;
+        })
+        .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -879,6 +888,7 @@ impl Supervisor {
 pub fn ladder_config(req: &tandem_api::MigrateRequest) -> LadderConfig {
     let d = LadderConfig::default();
     let downtime_ms = req.downtime_ms.unwrap_or(d.downtime_ms);
+    let stall_ms = req.stall_s.map_or(d.stall_ms, |s| s.saturating_mul(1000));
     LadderConfig {
         downtime_ms,
         max_downtime_ms: req
@@ -887,7 +897,12 @@ pub fn ladder_config(req: &tandem_api::MigrateRequest) -> LadderConfig {
         allow_throttle: req.allow_throttle.unwrap_or(d.allow_throttle),
         allow_postcopy: req.allow_postcopy,
         bandwidth_bps: req.bandwidth_bps,
-        stall_ms: req.stall_s.map_or(d.stall_ms, |s| s.saturating_mul(1000)),
+        stall_ms,
+        // A dead link is told from a slow one by three windows of silence.
+        link_silence_ms: req.link_timeout_s.map_or_else(
+            || stall_ms.saturating_mul(3).clamp(3_000, 3_600_000),
+            |s| s.saturating_mul(1000),
+        ),
         ..d
     }
 }

@@ -178,6 +178,7 @@ impl Supervisor {
             incoming_go: Mutex::new(BTreeMap::new()),
         });
         let entries = std::fs::read_dir(&vms_dir).map_err(io_err("reading VM records"))?;
+        let mut stale_incoming = Vec::new();
         for entry in entries.flatten() {
             let dir = entry.path();
             let rec_path = dir.join(RECORD_FILE);
@@ -213,6 +214,15 @@ impl Supervisor {
             sup.vms.write().await.insert(vm.name.clone(), vm.clone());
             if vm.state().is_active() {
                 sup.reattach(&vm).await;
+            }
+            if vm.record().incoming {
+                stale_incoming.push(vm.name.clone());
+            }
+        }
+        for name in stale_incoming {
+            warn!(vm = %name, "an incoming migration the previous tandemd did not finish: removing its VM (the source runs on)");
+            if let Err(e) = sup.destroy(&name).await {
+                warn!(vm = %name, "removing a stale incoming migration: {e}");
             }
         }
         Ok(sup)
@@ -337,6 +347,7 @@ impl Supervisor {
             exit_cause: None,
             runtime: None,
             base: None,
+            incoming: false,
         };
         self.attach_nics(&rec.spec).map_err(|e| {
             SpecError::Invalid(vec![tandem_vmspec::FieldError {

@@ -57,6 +57,12 @@ pub(super) struct VmRecord {
     /// takeover ran it from, see [`BaseDir`]). Absent for every other VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) base: Option<BaseDir>,
+    /// The VM is an incoming migration's that has not run here yet: a
+    /// tandemd that starts and finds it so removes it (the migration it
+    /// belonged to cannot finish without the tandemd that ended, and the
+    /// source runs on).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) incoming: bool,
 }
 
 /// A directory a VM runs from in place: its RAM file (while the QEMU
@@ -273,6 +279,7 @@ initrd = "/i"
             exit_cause: None,
             runtime: None,
             base: None,
+            incoming: false,
         }
     }
 
