@@ -4,7 +4,8 @@
 # then runs `tandem drill`: first the cluster steps (a tandem-manager in its
 # own namespace, both hosts joined, a distributed switch change committed,
 # and a bad one that the canary host rolls back by itself while the guest
-# serves), then the failover rounds: two hosts and a client in network
+# serves, then the guest migrated to the other host under the client's
+# load with its disk copied), then the failover rounds: two hosts and a client in network
 # namespaces, a protected guest under a durable client workload, host A
 # killed at random (its QEMU, its network, its tandemd — one round each),
 # and the invariants checked. Extra arguments go to `tandem drill` (e.g. --rounds 6 --seed 42),

@@ -22,6 +22,16 @@
 //!    outage ([`checker::check_service`]) and every reply it got is a
 //!    record the guest knows ([`checker::check_vm`]).
 //!
+//! 4. **migrate**: with the client still writing, `tandem migrate drill
+//!    --to host-b --copy-storage` as the operator, by host names (the
+//!    manager says where each host API is): the guest's disk is copied
+//!    over NBD while the client's fsync'd records land on it, then memory,
+//!    over TLS with the hosts' certificates. Checked: the report says
+//!    `done`, host-b runs the guest with the same UUID and its own copy of
+//!    the disk, host-a has no VM left, the guest did not boot again and
+//!    its counter goes on, the client saw no failure or outage and every
+//!    reply it got is a record the guest (now on host-b) knows.
+//!
 //! The guest is not protected here: between joined hosts replication runs
 //! over mutual TLS and the backup admits a primary only on the manager's
 //! VM authority record, which no `tandem` command creates yet. The client
@@ -136,7 +146,7 @@ impl ClusterStep {
     }
 }
 
-const STEPS: [&str; 3] = ["join", "commit", "rollback"];
+const STEPS: [&str; 4] = ["join", "commit", "rollback", "migrate"];
 
 /// Runs the cluster steps in order; a step that fails leaves the rest
 /// not run (each builds on the previous one). An error is a setup failure
@@ -172,7 +182,8 @@ pub fn run(
             let r = match step.step {
                 1 => lab.join(step, &mut say),
                 2 => lab.commit(step),
-                _ => lab.rollback(step, &mut say).map(|w| service = Some(w)),
+                3 => lab.rollback(step, &mut say).map(|w| service = Some(w)),
+                _ => lab.migrate(step, &mut say),
             };
             if let Err(e) = r {
                 step.violations.push(format!("{e:#}"));
@@ -754,6 +765,145 @@ impl<'a> Lab<'a> {
         Ok(w)
     }
 
+    /// Step 4: the guest moves from host-a to host-b under the client's
+    /// load, its disk copied while the client's records land on it.
+    fn migrate(
+        &mut self,
+        step: &mut ClusterStep,
+        say: &mut impl FnMut(&str),
+    ) -> anyhow::Result<()> {
+        let a = self.hosts[0].host()?;
+        let b = self.hosts[1].host()?;
+        let info: tandem_api::VmInfo = block_on(a.api().get("/v1/vms/drill"))
+            .context("the guest on host-a before the migration")?;
+        let console_a: tandem_api::ConsoleChunk =
+            block_on(a.api().get("/v1/vms/drill/console?offset=0"))?;
+        let tick_before = last_tick(&console_a.data).unwrap_or(0);
+        let probe = ProbeClient::start(&self.topo)?;
+        wait_for(
+            "the client's first replies",
+            Duration::from_secs(60),
+            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
+        )
+        .with_context(|| format!("the client: {:?}", probe.shared.samples.lock().last()))?;
+        say("  migrating the guest host-a -> host-b under the client's load (disk copied)");
+        let t0 = Instant::now();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.mgr_ns])
+            .arg(&self.bins.tandem)
+            .args(["--remote", "host-a", "--remote-identity"])
+            .arg(self.operator())
+            .args([
+                "--json",
+                "migrate",
+                "drill",
+                "--to",
+                "host-b",
+                "--copy-storage",
+            ]);
+        let out = run_bounded(cmd, &self.work, Duration::from_secs(240))?;
+        let took = t0.elapsed();
+        step.time("tandem migrate (disk, then memory)", took);
+        // A little of the client on host-b after the move.
+        let settle = Instant::now();
+        wait_for(
+            "the client's replies from host-b",
+            Duration::from_secs(30),
+            || {
+                let n = probe
+                    .shared
+                    .samples
+                    .lock()
+                    .iter()
+                    .filter(|p| p.ok && p.at_ms > (t0 + took - probe.started).as_secs_f64() * 1e3)
+                    .count();
+                (n >= 10).then_some(())
+            },
+        )
+        .ok();
+        let window_end = took + settle.elapsed();
+        let report: Value = out
+            .stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+        step.expect(out.status.success() && report["phase"] == "done", || {
+            format!("tandem migrate: {}", out.text())
+        });
+        step.saw(format!(
+            "migration: {:.1} s, disk {} MiB copied in {} ms, memory {} MiB, downtime {} ms, rung {}",
+            report["elapsed_ms"].as_f64().unwrap_or(0.0) / 1e3,
+            report["storage_bytes"].as_u64().unwrap_or(0) >> 20,
+            report["storage_ms"],
+            report["transferred"].as_u64().unwrap_or(0) >> 20,
+            report["downtime_ms"],
+            report["rung"]
+        ));
+        if let Some(d) = report["downtime_ms"].as_f64() {
+            step.time("QEMU's downtime", Duration::from_secs_f64(d / 1e3));
+        }
+        let moved: Result<tandem_api::VmInfo, _> = block_on(b.api().get("/v1/vms/drill"));
+        match &moved {
+            Ok(m) => {
+                step.expect(m.state == tandem_api::VmState::Running, || {
+                    format!("host-b: the guest is {}", m.state)
+                });
+                step.expect(m.uuid == info.uuid, || {
+                    format!("host-b: uuid {} (host-a had {})", m.uuid, info.uuid)
+                });
+                step.expect(m.spec_toml.contains("/disks/data.qcow2"), || {
+                    format!(
+                        "host-b does not run its own copy of the disk:\n{}",
+                        m.spec_toml
+                    )
+                });
+            }
+            Err(e) => step.violations.push(format!("host-b has no guest: {e}")),
+        }
+        let left: Vec<tandem_api::VmSummary> = block_on(a.api().get("/v1/vms")).unwrap_or_default();
+        step.expect(left.is_empty(), || {
+            format!(
+                "host-a still has VMs: {:?}",
+                left.iter().map(|v| &v.name).collect::<Vec<_>>()
+            )
+        });
+        if moved.is_ok() {
+            let counting = wait_for(
+                "the guest's counter on host-b",
+                Duration::from_secs(30),
+                || {
+                    let c: tandem_api::ConsoleChunk =
+                        block_on(b.api().get("/v1/vms/drill/console?offset=0")).ok()?;
+                    let t = last_tick(&c.data)?;
+                    (t > tick_before + 1 && !c.data.contains("TANDEM-GUEST-READY")).then_some(t)
+                },
+            );
+            match counting {
+                Ok(t) => step.saw(format!(
+                    "guest counter: {tick_before} on host-a, {t} on host-b, no reboot"
+                )),
+                Err(e) => step.violations.push(format!("{e:#}")),
+            }
+        }
+        let (probes, delivered) = probe.stop(t0)?;
+        let w = checker::service_window(&probes, 0.0, window_end.as_secs_f64() * 1e3);
+        step.saw(format!(
+            "client during the migration ({:.1} s): {} replies, {} failed, latency p50 {:.1} ms max {:.1} ms, longest gap {:.0} ms",
+            window_end.as_secs_f64(),
+            w.during_answered,
+            w.during_failed,
+            w.during_p50_ms,
+            w.during_max_ms,
+            w.during_longest_gap_ms,
+        ));
+        step.violations.extend(checker::check_service(&w));
+        let known = verify_records(&self.topo, &delivered)?;
+        step.violations
+            .extend(known.iter().map(|v| format!("client: {v}")));
+        Ok(())
+    }
+
     /// Follows host-a's (and host-b's) transaction on the local sockets
     /// from the bad apply until host-a has ended it.
     fn watch_canary(&self, t0: Instant, before: &str) -> anyhow::Result<Watch> {
@@ -1077,6 +1227,15 @@ impl ProbeClient {
         let delivered = self.shared.delivered.lock().clone();
         Ok((probes, delivered))
     }
+}
+
+/// The guest's last `tandem-guest: tick N` on a console.
+fn last_tick(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tandem-guest: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
 }
 
 /// Every reply the client got names a record the guest knows, with its

@@ -200,7 +200,7 @@ fn print_cluster(c: &ClusterReport) {
     println!(
         "cluster verdict: {}",
         if c.passed {
-            "PASS — joined, committed, and the cut host restored itself and resynced"
+            "PASS — joined, committed, the cut host restored itself and resynced, and the guest migrated under load with its disk"
         } else {
             "FAIL"
         }
