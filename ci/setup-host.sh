@@ -25,7 +25,10 @@ fi
 for p in qemu-system-x86 qemu-utils; do have "$p" || need+=("$p"); done
 bp=("${need[@]}")
 need=()
-for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump nftables iputils-ping; do
+# libclang1-14 and linux-libc-dev: building the switch's userfaultfd
+# support (vhost-user postcopy) generates its bindings from the kernel's
+# header with bindgen, which loads libclang at build time.
+for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump nftables iputils-ping libclang1-14 linux-libc-dev; do
   have "$p" || need+=("$p")
 done
 

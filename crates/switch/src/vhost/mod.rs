@@ -52,6 +52,18 @@
 //! (frames, headers, used-ring entries) is recorded in the log QEMU hands
 //! over with `SET_LOG_BASE`, and QEMU can live-migrate a VM with this NIC.
 //!
+//! # Postcopy
+//!
+//! `PAGEFAULT` is offered, and the `vhost-user-backend` crate's `postcopy`
+//! feature handles `POSTCOPY_ADVISE` (a userfaultfd handed to QEMU),
+//! `POSTCOPY_LISTEN` (the backend's own mapping of guest RAM registered
+//! with it, regions mapped later too) and `POSTCOPY_END`. On the
+//! destination, while the guest already runs there, a worker that touches
+//! a page not yet arrived blocks in the fault until QEMU has fetched the
+//! page from the source and woken it. Without `PAGEFAULT` QEMU refuses
+//! the postcopy capability for any VM with a switch NIC ("vhost-user
+//! backend not capable of postcopy").
+//!
 //! `VHOST_USER_SEND_RARP` cannot be handled: the `vhost` crate (0.18) has
 //! no handler for it and answers it by dropping the whole connection. The
 //! `RARP` protocol feature is therefore *not* offered. Instead
@@ -145,8 +157,9 @@ pub const OFFERED_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
 
 /// vhost-user protocol features the backend offers (the `vhost` crate adds
 /// `REPLY_ACK` itself). `RARP` is deliberately absent: see the module docs.
+/// `PAGEFAULT`: postcopy (see "Postcopy" in the module docs).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::LOG_SHMFD
+    VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::PAGEFAULT
 }
 
 /// Called (in the port's worker thread) each time a guest's rings start on
@@ -206,6 +219,7 @@ mod tests {
         assert_eq!(rx_offloads(no_csum), RxOffloads::default());
         let p = offered_protocol_features();
         assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(p.contains(VhostUserProtocolFeatures::PAGEFAULT));
         assert!(!p.contains(VhostUserProtocolFeatures::RARP));
     }
 }
