@@ -507,6 +507,50 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     drop(plain);
     assert_eq!(src.info("ms")["qmp_status"], "running");
 
+    // Negative control of the authorization: a destination told to admit
+    // only `host-x` refuses host-a's certificate on the stream; the
+    // migration fails, the guest runs on at the source, nothing is left.
+    let info = src.info("ms");
+    let (code, body) = dst.api_post(
+        "/v1/migrations/incoming",
+        &serde_json::json!({
+            "spec_toml": info["spec_toml"],
+            "uuid": info["uuid"],
+            "listen": "10.21.0.2:0",
+            "source_tls_name": "host-x",
+        }),
+    );
+    assert_eq!(code, 201, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (code, body) = src.api_post(
+        "/v1/vms/ms/migrate",
+        &serde_json::json!({ "uri": ready["uri"], "tls_hostname": ready["tls_hostname"] }),
+    );
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (code, body) = src.api_get("/v1/vms/ms/migration");
+        assert_eq!(code, 200, "{body}");
+        let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if r["phase"] != "running" {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused stream never ended: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(report["phase"], "failed", "{report:#}");
+    assert_eq!(src.info("ms")["qmp_status"], "running");
+    // The destination never ran the guest; its QEMU still waits for an
+    // admitted stream, and goes as `tandem migrate` removes it (or after
+    // its accept timeout).
+    assert_ne!(dst.info("ms")["qmp_status"], "running");
+    dst.cli_ok(&["vm", "destroy", "ms"]);
+    assert_destination_clean(&dst, "a source the destination does not admit");
+    assert_eq!(ask(&a).as_deref(), Ok("PONG"), "after the refused stream");
+
     // The two hosts share this machine's files, so only `--copy-storage`
     // makes it copy the disk: over NBD with TLS, the destination admitting
     // only host-a's certificate (on the NBD server and on the stream).

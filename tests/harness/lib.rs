@@ -201,13 +201,21 @@ impl Daemon {
     /// `POST path` with a JSON body on the daemon's socket (for routes the
     /// CLI has no command for: the fault-injection hooks). Status and body.
     pub fn api_post(&self, path: &str, body: &Value) -> (u16, String) {
+        self.api_call("POST", path, &body.to_string())
+    }
+
+    /// `GET path` on the API socket: (status, body).
+    pub fn api_get(&self, path: &str) -> (u16, String) {
+        self.api_call("GET", path, "")
+    }
+
+    fn api_call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         use std::io::Read;
-        let body = body.to_string();
         let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("tandemd socket");
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         write!(
             s,
-            "POST {path} HTTP/1.1\r\nHost: tandemd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: tandemd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .expect("write request");

@@ -282,6 +282,17 @@ impl Supervisor {
             warn!(vm = %vm.name, "postcopy failed: {failure}; the VM stays here, paused");
             return;
         }
+        // Only this migration's VM: once it is gone (removed by the CLI),
+        // a new VM of the same name may already be another migration's.
+        let ours = self
+            .get(&vm.name)
+            .await
+            .is_ok_and(|current| Arc::ptr_eq(&current, &vm));
+        if !ours {
+            info!(vm = %vm.name, "incoming migration ended ({failure}); its VM is already gone");
+            return;
+        }
+        self.incoming_go.lock().remove(&vm.name);
         warn!(vm = %vm.name, "incoming migration ended without the guest: {failure}; removing the VM");
         if let Err(e) = self.destroy(&vm.name).await {
             warn!(vm = %vm.name, "removing the VM: {e}");
@@ -504,6 +515,7 @@ impl Supervisor {
                     &live.qmp,
                     target,
                     tls_peer.as_deref().map(|p| (TLS_OBJECT, p)),
+                    cfg.bandwidth_bps,
                 )
                 .await
                 .map_err(SupervisorError::Refused)?,
@@ -572,7 +584,10 @@ impl Supervisor {
             r.elapsed_ms = t0.elapsed().as_millis() as u64;
         };
         if let Some(m) = mirror.take() {
-            match self.copy_storage(&vm, &qmp, &job, m, &uri).await {
+            match self
+                .copy_storage(&vm, &qmp, &job, m, &uri, cfg.link_silence_ms)
+                .await
+            {
                 Ok(m) => mirror = Some(m),
                 Err((phase, message)) => {
                     set_final(phase, message);
@@ -699,8 +714,12 @@ impl Supervisor {
         job: &OutgoingJob,
         mirror: StorageMirror,
         uri: &str,
+        silence_ms: u64,
     ) -> Result<StorageMirror, (MigrationPhase, Option<String>)> {
         let t0 = Instant::now();
+        // The copy has the memory stream's dead-link bound: an NBD write
+        // into a cut link would otherwise wait for TCP's minutes.
+        let mut moved = (0u64, Instant::now());
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
@@ -721,6 +740,18 @@ impl Supervisor {
                     }
                     if p.synced {
                         break;
+                    }
+                    if p.done > moved.0 || p.done >= p.total {
+                        // (A whole copy waiting to be in step is not silence.)
+                        moved = (p.done, Instant::now());
+                    } else if moved.1.elapsed() >= Duration::from_millis(silence_ms) {
+                        let e = format!(
+                            "the disks' copy moved nothing for {} ms (the link is down, or the destination stopped writing) with {} MiB to go",
+                            moved.1.elapsed().as_millis(),
+                            p.total.saturating_sub(p.done) >> 20
+                        );
+                        mirror.abandon(qmp).await;
+                        return Err((MigrationPhase::Aborted, Some(e)));
                     }
                 }
                 Err(e) => {

@@ -32,6 +32,8 @@ const COPIES_DIR: &str = "disks";
 const SPARE_BYTES: u64 = 64 << 20;
 /// The id of the destination's `authz-list` object admitting the source.
 pub(super) const AUTHZ_OBJECT: &str = "tandem-migration-authz";
+/// How long a probe file lives if no destination reads it.
+const PROBE_LIFETIME: Duration = Duration::from_secs(120);
 /// How long the source waits for its mirrors to end once asked.
 const MIRROR_END: Duration = Duration::from_secs(30);
 
@@ -293,6 +295,7 @@ impl Supervisor {
         } else {
             bare.to_string()
         };
+        info!(%host, port, disks = ?copied, tls, authz, "serving the disks' copies over NBD");
         Ok(StorageCopyTarget {
             nbd: format!("{host}:{port}"),
             disks: copied.to_vec(),
@@ -348,6 +351,7 @@ impl StorageMirror {
         qmp: &QmpClient,
         target: &StorageCopyTarget,
         tls: Option<(&str, &str)>,
+        speed_bps: Option<u64>,
     ) -> Result<StorageMirror, String> {
         let (host, port) = target
             .nbd
@@ -374,7 +378,7 @@ impl StorageMirror {
                     "connecting to the destination's copy of disk `{disk}`: {e}"
                 ));
             }
-            let mirror = json!({
+            let mut mirror = json!({
                 "job-id": node,
                 "device": tandem_vmspec::disk_node_name(disk),
                 "target": node,
@@ -382,6 +386,11 @@ impl StorageMirror {
                 "copy-mode": "write-blocking",
                 "auto-dismiss": true,
             });
+            if let Some(b) = speed_bps {
+                // The operator's --bandwidth bounds the disks' copy too
+                // (the memory stream runs only after it).
+                mirror["speed"] = json!(b);
+            }
             if let Err(e) = qmp.execute_raw("blockdev-mirror", mirror, QMP_CALL).await {
                 let _ = qmp
                     .execute_raw("blockdev-del", json!({ "node-name": node }), QMP_CALL)
@@ -518,10 +527,20 @@ fn write_probe(vm: &str, disk: &Path) -> Option<StorageProbe> {
             f.sync_all()
         });
     match written {
-        Ok(()) => Some(StorageProbe {
-            path: path.display().to_string(),
-            nonce,
-        }),
+        Ok(()) => {
+            // A destination reads (and removes) it within the migration's
+            // first steps; one that never does (it refused) leaves it to
+            // this timer.
+            let stale = path.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(PROBE_LIFETIME).await;
+                let _ = std::fs::remove_file(stale);
+            });
+            Some(StorageProbe {
+                path: path.display().to_string(),
+                nonce,
+            })
+        }
         Err(e) => {
             warn!(path = %path.display(), "cannot write a storage probe ({e}); the disk will be copied");
             None
