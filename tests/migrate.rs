@@ -553,7 +553,8 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
 
     // The two hosts share this machine's files, so only `--copy-storage`
     // makes it copy the disk: over NBD with TLS, the destination admitting
-    // only host-a's certificate (on the NBD server and on the stream).
+    // only host-a's certificate (on the NBD server and on the stream, here
+    // two multifd streams besides the main one).
     let source_disk = src.dir.path().join("ms-data.qcow2");
     let out = src.cli_ok(&[
         "--json",
@@ -564,6 +565,8 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
         "--listen",
         "10.21.0.2:0",
         "--copy-storage",
+        "--multifd",
+        "2",
     ]);
     let lines: Vec<serde_json::Value> = out
         .lines()
@@ -574,6 +577,7 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     // The disk was copied, then memory; progress per phase never goes
     // backwards (a small disk may be copied before the first reading).
     assert!(report["storage_bytes"].as_u64().unwrap() > 0, "{report:#}");
+    assert!(report["multifd_bytes"].as_u64().unwrap() > 0, "{report:#}");
     assert!(report["storage_ms"].as_u64().is_some(), "{report:#}");
     for phase in ["storage", "memory"] {
         let f: Vec<f64> = lines[..lines.len() - 1]

@@ -554,6 +554,10 @@ pub struct IncomingMigrationRequest {
     /// removing the VM (default 60).
     #[serde(default)]
     pub accept_timeout_s: Option<u64>,
+    /// Must match the source's `multifd_channels` (the capability is set
+    /// on both ends before the stream starts).
+    #[serde(default)]
+    pub multifd_channels: Option<u8>,
     /// The VM's disks as the source describes them
     /// (`POST /v1/vms/{name}/migration/disks`). Empty: every disk is on
     /// storage both hosts share at the same path (the destination checks
@@ -670,6 +674,9 @@ pub struct MigrateRequest {
     /// three stall windows).
     #[serde(default)]
     pub link_timeout_s: Option<u64>,
+    /// Parallel streams for memory (QEMU's multifd); not with postcopy.
+    #[serde(default)]
+    pub multifd_channels: Option<u8>,
     /// The destination's answer for storage it does not share
     /// ([`IncomingMigrationReply::copy_storage`]): mirrored first, and the
     /// memory stream starts once every copy has caught up.
@@ -734,6 +741,9 @@ pub struct MigrationReport {
     pub storage_bytes: u64,
     #[serde(default)]
     pub storage_ms: Option<u64>,
+    /// Of `transferred`, the bytes sent over multifd streams.
+    #[serde(default)]
+    pub multifd_bytes: u64,
 }
 
 /// Body of `POST /v1/vms/{name}/migration/confirm`.

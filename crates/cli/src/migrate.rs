@@ -70,6 +70,11 @@ pub struct MigrateArgs {
     /// stall windows).
     #[arg(long)]
     pub link_timeout_s: Option<u64>,
+    /// Send memory over N parallel streams (QEMU's multifd; helps where
+    /// one stream is CPU-bound, e.g. TLS on a fast link). Not with
+    /// --allow-postcopy (QEMU 10 cannot combine them).
+    #[arg(long, value_name = "N")]
+    pub multifd: Option<u8>,
     /// Cancel the VM's running migration; the VM stays on the source.
     #[arg(long)]
     pub cancel: bool,
@@ -149,6 +154,7 @@ pub async fn run(
                 listen,
                 allow_postcopy: a.allow_postcopy,
                 accept_timeout_s: None,
+                multifd_channels: a.multifd,
                 disks: source.disks,
                 source_tls_name: source.tls_name,
             },
@@ -174,6 +180,7 @@ pub async fn run(
         allow_throttle: Some(!a.no_throttle),
         stall_s: a.stall_s,
         link_timeout_s: a.link_timeout_s,
+        multifd_channels: a.multifd,
         copy_storage: ready.copy_storage.clone(),
     };
     let started: Result<MigrationReport, _> =

@@ -50,6 +50,9 @@ pub struct LadderConfig {
     /// The whole migration may take this long before the ladder jumps to
     /// its last rung (postcopy, or abort).
     pub completion_timeout_ms: Option<u64>,
+    /// Parallel TCP streams for memory (QEMU's multifd); `None`: one
+    /// stream. QEMU 10 cannot combine it with postcopy.
+    pub multifd_channels: Option<u8>,
     /// Not a byte sent for this long is a dead link (a cut cable, a
     /// destination that stopped reading): abort at once, whatever rung,
     /// never postcopy (TCP alone would wait minutes).
@@ -70,6 +73,7 @@ impl Default for LadderConfig {
             bandwidth_bps: None,
             completion_timeout_ms: None,
             link_silence_ms: 30_000,
+            multifd_channels: None,
         }
     }
 }
@@ -88,6 +92,10 @@ pub enum ConfigError {
     StallWindow(u64),
     #[error("the bandwidth must be at least 1 MiB/s (got {0} B/s)")]
     Bandwidth(u64),
+    #[error("multifd takes 1 to 64 channels (got {0})")]
+    MultifdChannels(u8),
+    #[error("QEMU cannot combine multifd with postcopy: choose one")]
+    MultifdWithPostcopy,
 }
 
 impl LadderConfig {
@@ -109,6 +117,14 @@ impl LadderConfig {
         }
         if let Some(b) = self.bandwidth_bps.filter(|b| *b < 1 << 20) {
             return Err(ConfigError::Bandwidth(b));
+        }
+        if let Some(n) = self.multifd_channels {
+            if !(1..=64).contains(&n) {
+                return Err(ConfigError::MultifdChannels(n));
+            }
+            if self.allow_postcopy {
+                return Err(ConfigError::MultifdWithPostcopy);
+            }
         }
         if !(1_000..=3_600_000).contains(&self.link_silence_ms) {
             return Err(ConfigError::LinkSilence(self.link_silence_ms));
@@ -218,8 +234,12 @@ pub fn setup(cfg: &LadderConfig) -> (Vec<(&'static str, bool)>, Value) {
         ("x-ignore-shared", false),
         ("auto-converge", cfg.allow_throttle),
         ("postcopy-ram", cfg.allow_postcopy),
+        ("multifd", cfg.multifd_channels.is_some()),
     ];
     let mut params = json!({ "downtime-limit": cfg.downtime_ms });
+    if let Some(n) = cfg.multifd_channels {
+        params["multifd-channels"] = json!(n);
+    }
     if cfg.allow_throttle {
         // On, but capped at 1 % until the throttle rung (see the module doc).
         params["cpu-throttle-initial"] = json!(1);
@@ -563,7 +583,8 @@ mod tests {
                 ("events", true),
                 ("x-ignore-shared", false),
                 ("auto-converge", false),
-                ("postcopy-ram", false)
+                ("postcopy-ram", false),
+                ("multifd", false)
             ]
         );
     }
@@ -619,7 +640,8 @@ mod tests {
                 ("events", true),
                 ("x-ignore-shared", false),
                 ("auto-converge", true),
-                ("postcopy-ram", true)
+                ("postcopy-ram", true),
+                ("multifd", false)
             ]
         );
         assert_eq!(params["max-cpu-throttle"], 1);

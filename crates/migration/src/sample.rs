@@ -65,6 +65,8 @@ pub struct Sample {
     pub status: Option<Status>,
     /// Bytes of RAM sent so far.
     pub transferred: u64,
+    /// Of `transferred`, the bytes sent over multifd streams.
+    pub multifd_bytes: u64,
     /// Bytes of RAM QEMU still has to send (grows again when the guest
     /// re-dirties pages).
     pub remaining: u64,
@@ -127,6 +129,7 @@ impl Sample {
             at_ms,
             status,
             transferred: u64_at(ram, "transferred").unwrap_or(0),
+            multifd_bytes: u64_at(ram, "multifd-bytes").unwrap_or(0),
             remaining: u64_at(ram, "remaining").unwrap_or(0),
             total: u64_at(ram, "total").unwrap_or(0),
             dirty_pages_rate: u64_at(ram, "dirty-pages-rate").unwrap_or(0),

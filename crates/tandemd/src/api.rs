@@ -109,6 +109,7 @@ async fn incoming(
     let plan = tandem_supervisor::IncomingPlan {
         listen: req.listen.clone(),
         allow_postcopy: req.allow_postcopy,
+        multifd_channels: req.multifd_channels,
         accept_timeout: std::time::Duration::from_secs(
             req.accept_timeout_s.unwrap_or(60).clamp(1, 3600),
         ),

@@ -40,6 +40,8 @@ pub struct IncomingPlan {
     /// `HOST:PORT` to listen on (port 0: any free port).
     pub listen: String,
     pub allow_postcopy: bool,
+    /// Parallel streams (QEMU's multifd), as the source migrates.
+    pub multifd_channels: Option<u8>,
     /// How long the source may take to connect.
     pub accept_timeout: Duration,
     /// Filled in by [`Supervisor::prepare_incoming`]: QEMU's credentials
@@ -338,6 +340,9 @@ impl Supervisor {
         if plan.allow_postcopy {
             caps.push(("postcopy-ram", true));
         }
+        if plan.multifd_channels.is_some() {
+            caps.push(("multifd", true));
+        }
         let fail =
             |what: &str, e: tandem_qmp::QmpError| StartFailure::Incoming(format!("{what}: {e}"));
         qmp.execute_raw("migrate-set-capabilities", capabilities(&caps), QMP_CALL)
@@ -348,6 +353,9 @@ impl Supervisor {
                 .await
                 .map_err(|e| fail("adding the TLS credentials", e))?;
             let mut params = json!({ "tls-creds": TLS_OBJECT });
+            if let Some(n) = plan.multifd_channels {
+                params["multifd-channels"] = json!(n);
+            }
             if let Some(source) = &plan.source_tls_name {
                 tandem_pki::validate_name(source).map_err(|e| {
                     StartFailure::Incoming(format!("the source's name `{source}`: {e}"))
@@ -364,6 +372,14 @@ impl Supervisor {
             qmp.execute_raw("migrate-set-parameters", params, QMP_CALL)
                 .await
                 .map_err(|e| fail("migrate-set-parameters tls-creds", e))?;
+        } else if let Some(n) = plan.multifd_channels {
+            qmp.execute_raw(
+                "migrate-set-parameters",
+                json!({ "multifd-channels": n }),
+                QMP_CALL,
+            )
+            .await
+            .map_err(|e| fail("migrate-set-parameters multifd-channels", e))?;
         }
         qmp.execute_raw(
             "migrate-incoming",
@@ -551,6 +567,7 @@ impl Supervisor {
             message: None,
             storage_bytes: 0,
             storage_ms: None,
+            multifd_bytes: 0,
         };
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report.clone()),
@@ -636,6 +653,7 @@ impl Supervisor {
                 let mut r = job.report.lock();
                 r.elapsed_ms = storage_ms + sample.at_ms;
                 r.transferred = sample.transferred;
+                r.multifd_bytes = sample.multifd_bytes;
                 r.remaining = sample.remaining;
                 r.total = sample.total;
                 r.dirty_rate_bps = sample.dirty_rate_bps();
@@ -927,6 +945,7 @@ pub fn ladder_config(req: &tandem_api::MigrateRequest) -> LadderConfig {
             .unwrap_or_else(|| d.max_downtime_ms.max(downtime_ms)),
         allow_throttle: req.allow_throttle.unwrap_or(d.allow_throttle),
         allow_postcopy: req.allow_postcopy,
+        multifd_channels: req.multifd_channels,
         bandwidth_bps: req.bandwidth_bps,
         stall_ms,
         // A dead link is told from a slow one by three windows of silence.
