@@ -850,6 +850,15 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
         "{err}"
     );
     b.run(&["ip", "link", "set", "m1", "up"]);
+    let st = src.cli_json(&["migrate", "md", "--status"]);
+    assert_eq!(st["phase"], "aborted", "{st:#}");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nothing was sent"),
+        "{st:#}"
+    );
     runs_on("after a cut link");
     assert_destination_clean(&dst, "a cut link");
 

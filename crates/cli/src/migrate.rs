@@ -35,7 +35,7 @@ pub struct MigrateArgs {
     /// The destination host of the cluster: NAME (the manager says where
     /// its host API is) or NAME@HOST:PORT; reached over mutual TLS with the
     /// operator identity (`--remote-identity`).
-    #[arg(long, required_unless_present_any = ["cancel", "to_socket"], conflicts_with = "to_socket")]
+    #[arg(long, required_unless_present_any = ["cancel", "status", "to_socket"], conflicts_with = "to_socket")]
     pub to: Option<crate::remote::RemoteArg>,
     /// A destination tandemd's API socket on this machine instead.
     #[arg(long = "to-socket")]
@@ -76,8 +76,12 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "N")]
     pub multifd: Option<u8>,
     /// Cancel the VM's running migration; the VM stays on the source.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "status")]
     pub cancel: bool,
+    /// Show where the VM's latest migration from this host is (phase,
+    /// rung, bytes, downtime, why it failed).
+    #[arg(long)]
+    pub status: bool,
     /// Copy every disk to the destination, even one it could share. By
     /// default a disk is copied only where the destination does not see
     /// the source's probe file beside it (storage not shared).
@@ -91,6 +95,14 @@ pub async fn run(
     json: bool,
     identity_dir: &str,
 ) -> anyhow::Result<()> {
+    if a.status {
+        let r: MigrationReport = src.get(&format!("/v1/vms/{}/migration", a.name)).await?;
+        if json {
+            return print_json(&r);
+        }
+        print_report(&r);
+        return Ok(());
+    }
     if a.cancel {
         let r: MigrationReport = src
             .post(&format!("/v1/vms/{}/migration/cancel", a.name), &())
@@ -332,6 +344,35 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
             reporter.finish();
             return Ok(r);
         }
+    }
+}
+
+fn print_report(r: &MigrationReport) {
+    let phase = serde_json::to_value(r.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    println!("{}: {phase}, rung {}", r.vm, r.rung);
+    println!(
+        "  {:.1} s, memory {} sent, {} remaining, dirty rate {}/s, iteration {}",
+        r.elapsed_ms as f64 / 1000.0,
+        tandem_progress::human_bytes(r.transferred),
+        tandem_progress::human_bytes(r.remaining),
+        tandem_progress::human_bytes(r.dirty_rate_bps),
+        r.iteration
+    );
+    if r.storage_bytes > 0 {
+        println!(
+            "  disks copied: {} in {} ms",
+            tandem_progress::human_bytes(r.storage_bytes),
+            r.storage_ms.unwrap_or(0)
+        );
+    }
+    if let Some(d) = r.downtime_ms {
+        println!("  downtime {d} ms");
+    }
+    if let Some(m) = &r.message {
+        println!("  {}", tandem_progress::sanitize(m));
     }
 }
 
