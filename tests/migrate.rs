@@ -787,7 +787,8 @@ impl Background {
 /// The failures the operator cannot prevent, mid-stream: the migration
 /// link cut, the destination's tandemd killed (and restarted), the
 /// destination's QEMU killed. Each time the guest runs on at the source
-/// and nothing of it is left on the destination.
+/// and nothing of it is left on the destination. Last, the source's
+/// tandemd restarts mid-stream and the migration still completes.
 ///
 /// ```text
 ///  A m0 10.22.0.1 ──── m1 10.22.0.2 B   (the migration stream)
@@ -805,7 +806,7 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     a.run(&["ip", "link", "set", "m0", "up"]);
     b.run(&["ip", "addr", "add", "10.22.0.2/24", "dev", "m1"]);
     b.run(&["ip", "link", "set", "m1", "up"]);
-    let src = Daemon::start_in_netns(&a.name, &[]);
+    let mut src = Daemon::start_in_netns(&a.name, &[]);
     let mut dst = Daemon::start_in_netns(&b.name, &[]);
     src.create_guest("md", "");
     src.cli_ok(&["vm", "start", "md"]);
@@ -917,4 +918,32 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     assert!(!ok && err.contains("failed"), "{err}");
     runs_on("after the destination's QEMU was killed");
     assert_destination_clean(&dst, "a killed destination QEMU");
+
+    // The source's tandemd restarts mid-stream (QEMU carries on): the new
+    // tandemd takes the migration up again, the CLI rides out the short
+    // outage, and the migration ends as if nothing happened.
+    let m = Background::start(
+        &src,
+        &[
+            "md",
+            "--to-socket",
+            &dst_socket,
+            "--listen",
+            "10.22.0.2:0",
+            "--bandwidth",
+            "16",
+        ],
+    );
+    m.wait_sending();
+    src.restart(libc::SIGKILL);
+    let (ok, err) = m.finish();
+    assert!(ok, "{err}\n{}", src.log());
+    assert!(
+        src.log()
+            .contains("took up a migration the previous tandemd did not finish"),
+        "{}",
+        src.log()
+    );
+    assert!(vm_names(&src).is_empty());
+    assert_eq!(dst.info("md")["state"], "running");
 }

@@ -578,7 +578,7 @@ impl Supervisor {
         let sup = self.clone();
         let uri = uri.to_string();
         tokio::spawn(async move {
-            sup.drive_outgoing(vm, live.qmp, job, cfg, mirror, uri)
+            sup.drive_outgoing(vm, live.qmp, job, cfg, mirror, Some(uri))
                 .await;
         });
         Ok(report)
@@ -591,7 +591,7 @@ impl Supervisor {
         job: Arc<OutgoingJob>,
         cfg: LadderConfig,
         mut mirror: Option<StorageMirror>,
-        uri: String,
+        pending_uri: Option<String>,
     ) {
         let t0 = Instant::now();
         let set_final = |phase: MigrationPhase, message: Option<String>| {
@@ -600,15 +600,19 @@ impl Supervisor {
             r.message = message;
             r.elapsed_ms = t0.elapsed().as_millis() as u64;
         };
-        if let Some(m) = mirror.take() {
-            match self
-                .copy_storage(&vm, &qmp, &job, m, &uri, cfg.link_silence_ms)
-                .await
-            {
-                Ok(m) => mirror = Some(m),
-                Err((phase, message)) => {
-                    set_final(phase, message);
-                    return;
+        // The storage phase, then `migrate` (an adopted migration has
+        // passed both: `pending_uri` is None).
+        if let Some(uri) = pending_uri.as_deref() {
+            if let Some(m) = mirror.take() {
+                match self
+                    .copy_storage(&vm, &qmp, &job, m, uri, cfg.link_silence_ms)
+                    .await
+                {
+                    Ok(m) => mirror = Some(m),
+                    Err((phase, message)) => {
+                        set_final(phase, message);
+                        return;
+                    }
                 }
             }
         }
@@ -795,6 +799,100 @@ impl Supervisor {
         r.total = 0;
         drop(r);
         Ok(mirror)
+    }
+
+    /// A tandemd that starts and finds a VM's QEMU migrating out (its
+    /// predecessor ended mid-migration) takes the job up again: a stream
+    /// still running is followed to its end (the ladder's settings were
+    /// lost: it waits its longest window before a rung; a dead link still
+    /// aborts), a completed one waits to be confirmed, and disk copies
+    /// whose memory stream never started are abandoned (the destination's
+    /// address went with the old tandemd). `GET …/migration` and the CLI
+    /// see the job as before.
+    pub(super) async fn adopt_outgoing(self: Arc<Self>, vm: Arc<Vm>) {
+        let Some(live) = vm.live() else {
+            return;
+        };
+        let started = Instant::now();
+        let Ok(sample) = query(&live.qmp, started).await else {
+            return;
+        };
+        let mirror = match StorageMirror::adopt(&live.qmp).await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(vm = %vm.name, "reading block jobs: {e}");
+                None
+            }
+        };
+        let phase = match sample.status {
+            Some(Status::Setup | Status::Active | Status::Postcopy | Status::Cancelling) => {
+                MigrationPhase::Running
+            }
+            Some(Status::Completed) => {
+                // Only a source still waiting for its word: QEMU keeps
+                // saying `completed` after a resumed source runs on.
+                let waiting = super::query_status(&live.qmp)
+                    .await
+                    .is_ok_and(|s| s == "postmigrate");
+                if !waiting {
+                    return;
+                }
+                MigrationPhase::AwaitingConfirm
+            }
+            _ => {
+                if let Some(m) = mirror {
+                    warn!(vm = %vm.name, "a disk copy of a migration the previous tandemd did not finish: abandoned (start the migration again)");
+                    m.abandon(&live.qmp).await;
+                }
+                return;
+            }
+        };
+        let report = MigrationReport {
+            vm: vm.name.clone(),
+            phase,
+            rung: "adopted".into(),
+            elapsed_ms: 0,
+            transferred: sample.transferred,
+            remaining: sample.remaining,
+            total: sample.total,
+            dirty_rate_bps: sample.dirty_rate_bps(),
+            bandwidth_bps: sample.bandwidth_bps(),
+            iteration: sample.iteration,
+            expected_downtime_ms: sample.expected_downtime_ms,
+            cpu_throttle_pct: sample.cpu_throttle_pct,
+            downtime_ms: sample.downtime_ms,
+            message: Some(
+                "taken up again by a restarted tandemd (the ladder's settings were lost)".into(),
+            ),
+            storage_bytes: 0,
+            storage_ms: None,
+            multifd_bytes: sample.multifd_bytes,
+        };
+        let job = Arc::new(OutgoingJob {
+            report: Mutex::new(report),
+            cancel: tokio::sync::Notify::new(),
+            cancel_asked: std::sync::atomic::AtomicBool::new(false),
+        });
+        self.migrations.lock().insert(vm.name.clone(), job.clone());
+        info!(vm = %vm.name, ?phase, "took up a migration the previous tandemd did not finish");
+        if phase == MigrationPhase::AwaitingConfirm {
+            if let Some(m) = mirror {
+                if let Err(e) = m.complete(&live.qmp).await {
+                    warn!(vm = %vm.name, "ending the disk copies: {e}");
+                }
+            }
+            vm.update_logged(|r| r.state = VmState::Paused);
+            return;
+        }
+        let cfg = LadderConfig {
+            // Follow, do not climb: no window short of the longest.
+            stall_ms: 600_000,
+            max_downtime_ms: LadderConfig::default().downtime_ms,
+            allow_throttle: false,
+            ..LadderConfig::default()
+        };
+        self.drive_outgoing(vm, live.qmp.clone(), job, cfg, mirror, None)
+            .await;
     }
 
     /// After a failed or cancelled precopy QEMU runs the source on; make

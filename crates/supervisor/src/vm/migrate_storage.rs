@@ -403,6 +403,26 @@ impl StorageMirror {
         Ok(started)
     }
 
+    /// The mirrors a previous tandemd started on this QEMU (block jobs
+    /// named as [`mirror_node`] names them), if any.
+    pub async fn adopt(qmp: &QmpClient) -> Result<Option<StorageMirror>, String> {
+        let jobs = qmp
+            .execute_raw("query-block-jobs", json!({}), QMP_CALL)
+            .await
+            .map_err(|e| format!("query-block-jobs: {e}"))?;
+        let disks: Vec<String> = jobs
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|j| j.get("device").and_then(Value::as_str))
+                    .filter_map(|d| d.strip_prefix("migrate-"))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((!disks.is_empty()).then_some(StorageMirror { disks }))
+    }
+
     /// Reads the mirrors; an error when one has failed or vanished.
     pub async fn progress(&self, qmp: &QmpClient) -> Result<MirrorProgress, String> {
         let jobs = qmp

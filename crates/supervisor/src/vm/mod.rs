@@ -217,6 +217,8 @@ impl Supervisor {
             }
             if vm.record().incoming {
                 stale_incoming.push(vm.name.clone());
+            } else if vm.live().is_some() {
+                tokio::spawn(sup.clone().adopt_outgoing(vm.clone()));
             }
         }
         for name in stale_incoming {
