@@ -35,6 +35,7 @@ pub mod bench;
 pub mod checker;
 pub mod cluster;
 pub mod colobench;
+pub mod migbench;
 pub mod ppsbench;
 pub mod switchbench;
 pub mod topology;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tandem_lab::{colobench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundReport};
+use tandem_lab::{colobench, migbench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundReport};
 
 use crate::{print_json, tandemd_beside_lab};
 
@@ -69,6 +69,14 @@ pub enum BenchCmd {
     /// between two hosts (frames lost, switch drops, back online). Median
     /// and p99. Needs root.
     Dvs(DvsArgs),
+    /// Live migration, `tandem migrate` against plain QEMU migration with
+    /// libvirt's defaults, on the same guest, side by side in one run, per
+    /// dirtying level: total time, QEMU's downtime, the client-visible gap
+    /// (a PING every 10 ms from a client namespace), bytes sent, the rung
+    /// that finished it, and whether it converged. Median and p99. Two
+    /// hosts in network namespaces per system, the migration link shaped
+    /// with tc. Needs root.
+    Migrate(MigrateArgs),
 }
 
 // The argument groups carry no doc comments: a group's doc would become
@@ -362,6 +370,39 @@ pub struct TlsArgs {
     image_dir: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Guest memory rewritten per second, MiB/s (0: idle): the guest
+    /// service's `DIRTY` over its whole 32 MiB buffer, paced.
+    #[arg(long, value_delimiter = ',', default_value = "0,16,64")]
+    dirty_mib_s: Vec<u64>,
+    /// Migrations per system and dirtying level (the guest moves back and
+    /// forth).
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// The migration link's speed, MiB/s (tc on both systems' link; also
+    /// `tandem migrate --bandwidth`). Default: QEMU's own 128 (≈ 1 GbE).
+    #[arg(long, default_value_t = 128)]
+    bandwidth: u64,
+    /// A plain QEMU migration still running after this many seconds is
+    /// cancelled and counted as not converged (libvirt has no bound).
+    #[arg(long, default_value_t = 30)]
+    bound_s: u64,
+    /// The QEMU of the plain side (tandemd runs its default).
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    #[arg(long, default_value = "/usr/share/qemu/qboot.rom")]
+    qboot_rom: PathBuf,
+    #[arg(
+        long,
+        env = "TANDEM_IMAGE_DIR",
+        default_value = "/var/lib/tandem/images"
+    )]
+    image_dir: PathBuf,
+}
+
 /// Benchmarks drive their own runtimes and processes: no async runtime here.
 pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -377,6 +418,7 @@ pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
         BenchCmd::Cluster(a) => cluster_bench(a, json),
         BenchCmd::Tls(a) => tls_bench(a, json),
         BenchCmd::Dvs(a) => dvs_bench(a, json),
+        BenchCmd::Migrate(a) => migrate_bench(a, json),
     }
 }
 
@@ -1017,5 +1059,111 @@ fn print_failover(a: &FailoverArgs, rows: &[(u32, Vec<RoundReport>)]) {
     println!(
         "reproduce: tandem bench failover --rounds {rounds} --memory-mib {} --epoch-ms {epoch_ms} --seed {seed} --heartbeat-ms {heartbeat_ms} --fence-timeout-ms {fence_timeout_ms} --takeover-timeout-ms {takeover_timeout_ms} --kill {kill}",
         join(&a.memory_mib)
+    );
+}
+
+fn migrate_bench(a: MigrateArgs, json: bool) -> anyhow::Result<()> {
+    let opts = migbench::MigOptions {
+        dirty_mib_s: a.dirty_mib_s.clone(),
+        runs: a.runs,
+        memory_mib: a.memory_mib,
+        bandwidth_mib_s: a.bandwidth,
+        bound_s: a.bound_s,
+        tandem: cluster::beside_lab("tandem")?,
+        tandemd: tandemd_beside_lab()?,
+        qemu: a.qemu.clone(),
+        qboot_rom: a.qboot_rom.clone(),
+        image_dir: a.image_dir.clone(),
+        work_dir: PathBuf::from("/tmp"),
+    };
+    let r = migbench::migrate_vs_plain(&opts, say)?;
+    if json {
+        return print_json(&r);
+    }
+    print_migrate(&a, &r);
+    Ok(())
+}
+
+fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
+    let v = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
+    let pair = |p50: Option<f64>, p99: Option<f64>| format!("{} / {}", v(p50), v(p99));
+    println!(
+        "\nlive migration, tandem migrate vs plain QEMU (libvirt's defaults); {} MiB TCG guest, link {} MiB/s, {} runs per cell",
+        r.memory_mib, r.bandwidth_mib_s, r.runs
+    );
+    println!("QEMU: {}", r.qemu);
+    println!("tandem: {}", r.tandem_settings);
+    println!("plain:  {}", r.plain_settings);
+    println!("load:   {}", r.load);
+    println!(
+        "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} | rungs",
+        "dirty",
+        "system",
+        "conv",
+        "total ms",
+        "downtime ms",
+        "gap ms",
+        "before",
+        "sent MiB",
+        "dirty MiB/s"
+    );
+    println!(
+        "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} |",
+        "MiB/s", "", "", "p50 / p99", "p50 / p99", "p50 / p99", "p50", "p50 / p99", "load / QEMU"
+    );
+    for c in &r.cells {
+        for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
+            let s = &side.stats;
+            let rungs = s
+                .rungs
+                .iter()
+                .map(|(k, n)| format!("{k} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!(
+                "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} | {}",
+                c.dirty_asked_mib_s,
+                name,
+                format!("{}/{}", s.converged, s.runs),
+                pair(s.total_p50_ms, s.total_p99_ms),
+                pair(s.downtime_p50_ms, s.downtime_p99_ms),
+                pair(s.gap_p50_ms, s.gap_p99_ms),
+                v(s.gap_before_p50_ms),
+                pair(s.sent_p50_mib, s.sent_p99_mib),
+                format!(
+                    "{} / {}",
+                    s.dirtied_p50_mib_s
+                        .map_or_else(|| "-".to_string(), |d| format!("{d:.1}")),
+                    s.dirty_seen_p50_mib_s
+                        .map_or_else(|| "-".to_string(), |d| format!("{d:.1}"))
+                ),
+                rungs
+            );
+        }
+    }
+    println!("(converged runs only; p99 is the nearest rank, the maximum of a few runs; gap: longest time between two PING replies across the migration, before: the same under the load just before it; dirty: achieved, p50 over runs: load = the distinct pages the guest rewrote per second by the spacing of the DIRTY requests it answered, QEMU = its highest dirty-pages-rate x page size during the migration (- when it finished before QEMU's first reading, which takes a second); total: tandem the whole `tandem migrate`, plain the destination's start to its cont)");
+    for c in &r.cells {
+        for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
+            for run in &side.runs {
+                if let Some(e) = &run.error {
+                    println!(
+                        "{} MiB/s {name} run {}: error: {e}",
+                        c.dirty_asked_mib_s, run.run
+                    );
+                } else if let Some(n) = &run.note {
+                    println!("{} MiB/s {name} run {}: {n}", c.dirty_asked_mib_s, run.run);
+                } else if !run.served_after {
+                    println!("{} MiB/s {name} run {}: the client was not served within 10 s after the migration", c.dirty_asked_mib_s, run.run);
+                }
+            }
+        }
+    }
+    println!(
+        "reproduce: tandem bench migrate --dirty-mib-s {} --runs {} --memory-mib {} --bandwidth {} --bound-s {}",
+        join(&a.dirty_mib_s),
+        a.runs,
+        a.memory_mib,
+        a.bandwidth,
+        a.bound_s
     );
 }

@@ -1,0 +1,218 @@
+//! The tandem side: the drill's topology and hosts (a tandemd per host,
+//! the guest's NIC on the tandem switch, uplinks to the client's bridge),
+//! the guest migrated by `tandem migrate` over the A–B link.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tandem_api::{MigrationPhase, MigrationReport};
+
+use super::{check_interrupted, guest_spec, shape_link, wait_ready, MigOptions, Moved, System};
+use crate::topology::{Topology, REPL_A, REPL_B, UPLINK_A, UPLINK_B};
+use crate::{block_on, tail, DrillOptions, Host};
+
+/// `tandem migrate` is killed after this long (its ladder ends a
+/// migration that cannot finish well before).
+const CLI_BOUND: Duration = Duration::from_secs(600);
+
+pub(super) struct TandemSite {
+    // Field order is drop order: the daemons (and their QEMUs) go before
+    // the namespaces they live in.
+    a: Host,
+    b: Host,
+    topo: Topology,
+    /// Whether the guest is on host A.
+    at_a: bool,
+    tandem: std::path::PathBuf,
+    bandwidth_mib_s: u64,
+    work: std::path::PathBuf,
+}
+
+impl TandemSite {
+    pub(super) fn start(
+        o: &MigOptions,
+        tag: &str,
+        work: &Path,
+        say: &mut dyn FnMut(&str),
+    ) -> anyhow::Result<TandemSite> {
+        std::fs::create_dir_all(work)?;
+        let topo = Topology::create(tag).context("building tandem's namespaces")?;
+        shape_link(&topo, o.bandwidth_mib_s)?;
+        let opts = DrillOptions {
+            rounds: 1,
+            kill: None,
+            seed: 1,
+            epoch_ms: 50,
+            memory_mib: o.memory_mib,
+            output: "classified".into(),
+            profile: "bulk-tcp".into(),
+            unsafe_no_clamp: false,
+            tandemd: o.tandemd.clone(),
+            image_dir: o.image_dir.clone(),
+            work_dir: work.to_path_buf(),
+            timeouts: Default::default(),
+        };
+        // Each host's RAM directory is /dev/shm/<work's name>-<host>.
+        let b = Host::start("b", &topo.b, UPLINK_B, &opts, work, &[])?;
+        let a = Host::start("a", &topo.a, UPLINK_A, &opts, work, &[])?;
+        let spec = guest_spec(o, "backend = \"switch\"\nport_group = \"vms\"");
+        let api = a.api();
+        let _: tandem_api::VmInfo =
+            block_on(api.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))
+                .context("defining the guest on tandemd A")?;
+        let _: tandem_api::VmInfo =
+            block_on(api.post("/v1/vms/drill/start", &())).context("starting the guest")?;
+        say("  tandem: booting the guest on A");
+        wait_ready(
+            "tandem's guest",
+            Duration::from_secs(180),
+            || {
+                block_on(api.get::<tandem_api::ConsoleChunk>("/v1/vms/drill/console?offset=0"))
+                    .ok()
+                    .map(|c| c.data)
+            },
+            || Ok(()),
+        )
+        .with_context(|| format!("tandemd A's log:\n{}", tail(&a.log, 8)))?;
+        Ok(TandemSite {
+            a,
+            b,
+            topo,
+            at_a: true,
+            tandem: o.tandem.clone(),
+            bandwidth_mib_s: o.bandwidth_mib_s,
+            work: work.to_path_buf(),
+        })
+    }
+}
+
+impl System for TandemSite {
+    fn name(&self) -> &'static str {
+        "tandem"
+    }
+
+    fn client_ns(&self) -> &str {
+        &self.topo.c
+    }
+
+    fn direction(&self) -> &'static str {
+        if self.at_a {
+            "A->B"
+        } else {
+            "B->A"
+        }
+    }
+
+    fn migrate(&mut self, _say: &mut dyn FnMut(&str)) -> anyhow::Result<Moved> {
+        let (src, dst, listen) = if self.at_a {
+            (&self.a, &self.b, REPL_B)
+        } else {
+            (&self.b, &self.a, REPL_A)
+        };
+        let mut cmd = Command::new(&self.tandem);
+        cmd.arg("--socket")
+            .arg(&src.socket)
+            .args(["--json", "migrate", "drill", "--to-socket"])
+            .arg(&dst.socket)
+            .args([
+                "--listen",
+                &format!("{listen}:0"),
+                "--bandwidth",
+                &self.bandwidth_mib_s.to_string(),
+            ]);
+        let t0 = Instant::now();
+        let (ok, stdout, stderr) = run_bounded(cmd, &self.work, CLI_BOUND)?;
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let lines: Vec<Value> = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let report: Option<MigrationReport> = lines
+            .last()
+            .filter(|v| v.get("phase").is_some() && v.get("vm").is_some())
+            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let Some(report) = report else {
+            bail!(
+                "tandem migrate ended ({}) without a report: {}",
+                if ok { "ok" } else { "failed" },
+                stderr.trim()
+            );
+        };
+        // QEMU's dirty-rate readings, as the progress events carry them.
+        let seen = lines
+            .iter()
+            .filter_map(|v| v.get("dirty_rate_bps").and_then(Value::as_u64))
+            .chain(std::iter::once(report.dirty_rate_bps))
+            .max()
+            .filter(|&b| b > 0)
+            .map(|b| b as f64 / (1u64 << 20) as f64);
+        let mut moved = Moved {
+            stream_ms: Some(report.elapsed_ms as f64),
+            downtime_ms: report.downtime_ms.map(|d| d as f64),
+            transferred_bytes: report.transferred,
+            rung: report.rung.clone(),
+            dirty_seen_mib_s: seen,
+            ..Moved::default()
+        };
+        match report.phase {
+            MigrationPhase::Done if ok => {
+                moved.converged = true;
+                moved.total_ms = Some(total_ms);
+                self.at_a = !self.at_a;
+            }
+            MigrationPhase::Aborted | MigrationPhase::Cancelled => {
+                moved.note = Some(format!(
+                    "the ladder gave up after {:.1} s: {}",
+                    report.elapsed_ms as f64 / 1e3,
+                    report.message.as_deref().unwrap_or("no reason given")
+                ));
+                moved.downtime_ms = None;
+            }
+            phase => bail!(
+                "tandem migrate ended {phase:?}: {} {}",
+                report.message.as_deref().unwrap_or(""),
+                stderr.trim()
+            ),
+        }
+        check_interrupted()?;
+        Ok(moved)
+    }
+}
+
+/// Runs a command to completion within `timeout` (killed after), its
+/// output through files in `dir`: (success, stdout, stderr). Its end is
+/// seen within 5 ms.
+fn run_bounded(
+    mut cmd: Command,
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<(bool, String, String)> {
+    let (out, err) = (dir.join("cli.out"), dir.join("cli.err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(&err)?)
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline || check_interrupted().is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+            bail!("{cmd:?}: not done within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_file(&err);
+    Ok((status.success(), stdout, stderr))
+}
