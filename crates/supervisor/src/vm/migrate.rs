@@ -221,8 +221,33 @@ impl Supervisor {
     async fn watch_incoming(self: Arc<Self>, vm: Arc<Vm>, plan: IncomingPlan) {
         let started = Instant::now();
         let mut running = false;
+        // QEMU's MIGRATION events wake the watcher at once: the guest must
+        // not wait up to a poll interval, paused, after its stream
+        // completed (measured: that wait was most of tandem's extra
+        // client-visible gap against plain QEMU). The poll stays as the
+        // fallback.
+        let mut events = vm.live().map(|l| l.qmp.events());
         let failure = loop {
-            tokio::time::sleep(POLL).await;
+            match events.as_mut() {
+                Some(rx) => {
+                    let deadline = tokio::time::sleep(POLL);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            ev = rx.recv() => match ev {
+                                Ok(e) if e.name == "MIGRATION" => break,
+                                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                                Err(_) => {
+                                    events = None;
+                                    break;
+                                }
+                            },
+                        }
+                    }
+                }
+                None => tokio::time::sleep(POLL).await,
+            }
             let Some(live) = vm.live() else {
                 break "QEMU ended".to_string();
             };
