@@ -812,6 +812,20 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     src.cli_ok(&["vm", "start", "md"]);
     src.wait_console("md", READY, BOOT);
     let dst_socket = dst.socket.to_str().unwrap().to_string();
+    // `tandem migrate md` to B over the A–B link at `mib_s` MiB/s.
+    let to_b = |mib_s: &str, extra: &[&str]| {
+        let mut args = vec![
+            "md",
+            "--to-socket",
+            &dst_socket,
+            "--listen",
+            "10.22.0.2:0",
+            "--bandwidth",
+            mib_s,
+        ];
+        args.extend_from_slice(extra);
+        Background::start(&src, &args)
+    };
     let runs_on = |why: &str| {
         let info = src.info("md");
         assert_eq!(info["qmp_status"], "running", "{why}: {info:#}");
@@ -826,22 +840,7 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     // The link is cut once memory flows: nothing more is sent, and the
     // ladder aborts after the dead-link bound (3 s), well before its
     // first stall window (10 s) would climb a rung.
-    let m = Background::start(
-        &src,
-        &[
-            "md",
-            "--to-socket",
-            &dst_socket,
-            "--listen",
-            "10.22.0.2:0",
-            "--bandwidth",
-            "4",
-            "--stall-s",
-            "10",
-            "--link-timeout-s",
-            "3",
-        ],
-    );
+    let m = to_b("4", &["--stall-s", "10", "--link-timeout-s", "3"]);
     m.wait_sending();
     b.run(&["ip", "link", "set", "m1", "down"]);
     let (ok, err) = m.finish();
@@ -867,18 +866,7 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     // comes back: the VM of an incoming migration that never ran there is
     // removed by the new tandemd, and the source runs on (whether the
     // stream completed first or not).
-    let m = Background::start(
-        &src,
-        &[
-            "md",
-            "--to-socket",
-            &dst_socket,
-            "--listen",
-            "10.22.0.2:0",
-            "--bandwidth",
-            "16",
-        ],
-    );
+    let m = to_b("16", &[]);
     m.wait_sending();
     dst.restart(libc::SIGKILL);
     let (ok, err) = m.finish();
@@ -897,18 +885,7 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     );
 
     // The destination's QEMU dies mid-stream.
-    let m = Background::start(
-        &src,
-        &[
-            "md",
-            "--to-socket",
-            &dst_socket,
-            "--listen",
-            "10.22.0.2:0",
-            "--bandwidth",
-            "4",
-        ],
-    );
+    let m = to_b("4", &[]);
     m.wait_sending();
     for pid in dst.qemu_processes() {
         // SAFETY: kill(2) on a pid of a QEMU this test's daemon started.
@@ -922,18 +899,7 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     // The source's tandemd restarts mid-stream (QEMU carries on): the new
     // tandemd takes the migration up again, the CLI rides out the short
     // outage, and the migration ends as if nothing happened.
-    let m = Background::start(
-        &src,
-        &[
-            "md",
-            "--to-socket",
-            &dst_socket,
-            "--listen",
-            "10.22.0.2:0",
-            "--bandwidth",
-            "16",
-        ],
-    );
+    let m = to_b("16", &[]);
     m.wait_sending();
     src.restart(libc::SIGKILL);
     let (ok, err) = m.finish();
