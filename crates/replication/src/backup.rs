@@ -127,6 +127,9 @@ struct Replica {
     conn_id: u64,
     /// The primary instance of the current (or last) connection.
     instance: u64,
+    /// The generation that connection's hello carried: a live primary is
+    /// superseded only by a newer one (a migration's destination).
+    generation: u64,
     active_conn: bool,
     /// An epoch is being applied: the connection is not read meanwhile,
     /// so the primary's silence is not counted (its heartbeats wait in the
@@ -166,6 +169,7 @@ impl Replica {
             armed: false,
             conn_id: 0,
             instance: 0,
+            generation: 0,
             active_conn: false,
             applying: false,
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -406,16 +410,32 @@ impl Backup {
         }
         // Another primary instance for the same VM while the first is
         // connected and alive: one of them is not the VM's primary.
+        // A newer generation is the VM's next primary (a live migration
+        // hands the VM over while its old primary, paused, still
+        // heartbeats): it supersedes the live one, whose connection this
+        // bump makes stale. The watchdog then counts the new primary's
+        // silence, and the replica stays armed on its last commit.
         let live =
             r.active_conn && (r.applying || r.last_heard.elapsed() < self.cfg.takeover_timeout);
-        if live && r.instance != hello.instance && !self.fault_second_primary() {
+        let newer = hello.generation > r.generation;
+        if live && r.instance != hello.instance && !newer && !self.fault_second_primary() {
             return Err(Refusal::SecondPrimary {
                 vm: vm.to_string(),
                 peer: r.status.peer.clone(),
             });
         }
+        if live && r.instance != hello.instance && newer {
+            info!(
+                %vm,
+                old = %r.status.peer,
+                new = %peer,
+                generation = hello.generation,
+                "a primary of a newer generation supersedes the connected one (the VM was handed over)"
+            );
+        }
         r.conn_id += 1;
         r.instance = hello.instance;
+        r.generation = hello.generation;
         r.active_conn = true;
         // A primary that answers is alive: a failed takeover's backoff is
         // over (the next silence is a new failure, taken over at once).

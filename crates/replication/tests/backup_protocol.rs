@@ -654,6 +654,55 @@ async fn without_the_check_a_second_primary_supersedes_the_first() {
     assert_eq!(second_primary(true).await, Ok(1));
 }
 
+/// A live migration hands a protected VM to a new primary of the next
+/// generation while the old one (paused) still heartbeats: the newer
+/// generation supersedes it, continues the replica from its last commit
+/// (digest, no full copy), and the old primary can never come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_generation_supersedes_a_live_primary_and_the_old_one_stays_out() {
+    let r = rig_configured(Arc::new(NeverActivate), |cfg| cfg.auto_failover = false).await;
+    let (mut a, _) = Conn::open(&r.ep).await;
+    a.send(&epoch(1, 0x71)).await;
+    assert_eq!(a.next(FrameKind::Committed).await.unwrap().epoch, 1);
+    let migrated = Primary {
+        instance: 99,
+        generation: PRIMARY.generation + 1,
+        ..PRIMARY
+    };
+    let (mut b, base, digest) = Conn::open_as(&r.ep, &migrated)
+        .await
+        .expect("the next generation is admitted while the old primary is alive");
+    assert_eq!(base, 1, "the replica goes on from the old primary's commit");
+    assert_eq!(
+        digest.len() as u64,
+        RAM / PAGE_SIZE as u64,
+        "a digest to resync by"
+    );
+    b.send(&epoch(2, 0x72)).await;
+    assert_eq!(b.next(FrameKind::Committed).await.unwrap().epoch, 2);
+    assert_eq!(ram_page(&r.root, 7), 0x72);
+    // The old connection is stale: what it still sends is never applied.
+    a.send(&epoch(2, 0x7f)).await;
+    assert!(a.next(FrameKind::Committed).await.is_none());
+    assert_eq!(ram_page(&r.root, 7), 0x72);
+    // Nor may the old primary reconnect, live or not.
+    let again = Primary {
+        instance: 100,
+        ..PRIMARY
+    };
+    let why = Conn::open_as(&r.ep, &again).await.err().expect("refused");
+    assert!(
+        why.contains("another primary") || why.contains("stale"),
+        "{why}"
+    );
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let why = Conn::open_as(&r.ep, &again).await.err().expect("refused");
+    assert!(why.contains("stale"), "{why}");
+    let id = read_identity(&r.root.join("vm1")).unwrap().unwrap();
+    assert_eq!(id.generation, PRIMARY.generation + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_bumps_the_generation_and_the_old_primary_stays_refused() {
     let r = rig_with(Arc::new(NoopActivate)).await;

@@ -156,8 +156,23 @@ impl PrimaryConfig {
 pub struct Primary {
     status: Arc<Mutex<FtStatus>>,
     stop_tx: watch::Sender<bool>,
+    /// Asks the epoch loop to take no checkpoint (a live migration owns
+    /// QEMU's migration machinery meanwhile).
+    hold_tx: watch::Sender<bool>,
+    /// The loop's answer: `Some(epoch)` once it is idle under the hold with
+    /// every epoch it sent committed (`epoch` the last).
+    held: watch::Receiver<Option<u64>>,
     committed: watch::Receiver<u64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Why epochs could not be held.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HoldError {
+    #[error("protection has ended")]
+    Ended,
+    #[error("the backup did not commit the epochs in flight within {0:?} ({1})")]
+    Timeout(Duration, String),
 }
 
 impl Primary {
@@ -172,6 +187,8 @@ impl Primary {
             ..Default::default()
         }));
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (hold_tx, hold_rx) = watch::channel(false);
+        let (held_tx, held) = watch::channel(None);
         let (committed_tx, committed) = watch::channel(0);
         let engine = Engine {
             port,
@@ -179,6 +196,8 @@ impl Primary {
             disks,
             status: status.clone(),
             stop: stop_rx,
+            hold: hold_rx,
+            held_tx,
             committed_tx,
             pauses: PauseStats::new(1024),
             epochs_started: None,
@@ -196,6 +215,8 @@ impl Primary {
         Primary {
             status,
             stop_tx,
+            hold_tx,
+            held,
             committed,
             task,
         }
@@ -212,6 +233,47 @@ impl Primary {
 
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+
+    /// Stops taking checkpoints and waits (up to `bound`) until every
+    /// epoch sent is committed; returns the last one. Heartbeats and the
+    /// fence go on, so the backup stays armed on that epoch, and output
+    /// the guest sends from now on stays held: nothing a client sees can
+    /// be contradicted if the backup has to resume from it. On error the
+    /// hold is lifted again.
+    pub async fn hold_epochs(&self, bound: Duration) -> Result<u64, HoldError> {
+        self.hold_tx.send_replace(true);
+        let mut held = self.held.clone();
+        let waited = tokio::time::timeout(bound, held.wait_for(|h| h.is_some())).await;
+        let outcome = match waited {
+            Ok(Ok(h)) => Ok(h.unwrap_or_default()),
+            Ok(Err(_)) => Err(HoldError::Ended),
+            Err(_) => Err(HoldError::Timeout(bound, self.status().detail)),
+        };
+        if outcome.is_err() {
+            self.hold_tx.send_replace(false);
+        }
+        outcome
+    }
+
+    /// Checkpoints go on (the migration that held them failed or was
+    /// cancelled): the next commit releases the output held meanwhile.
+    pub fn release_epochs(&self) {
+        self.hold_tx.send_replace(false);
+    }
+
+    /// Whether checkpoints are held.
+    pub fn is_holding(&self) -> bool {
+        *self.hold_tx.borrow()
+    }
+
+    /// Ends this protection because the VM now runs on another host, a
+    /// newer generation that has taken the replica over from this one (it
+    /// has committed there). Nothing is said to the backup: a `Bye` would
+    /// disarm the new primary's replica. The guest here is paused and
+    /// about to be removed, so nothing is fenced or resumed either.
+    pub fn handed_over(self) {
+        self.task.abort();
     }
 
     /// Ends the protection as a crash of tandemd would: every task stops
@@ -236,6 +298,8 @@ struct Engine<G: Guest> {
     disks: Vec<Arc<dyn DiskSource>>,
     status: Arc<Mutex<FtStatus>>,
     stop: watch::Receiver<bool>,
+    hold: watch::Receiver<bool>,
+    held_tx: watch::Sender<Option<u64>>,
     committed_tx: watch::Sender<u64>,
     pauses: PauseStats,
     epochs_started: Option<(Instant, u64)>,

@@ -42,6 +42,9 @@ impl<G: Guest> Engine<G> {
         tracker: &mut Box<dyn DirtyTracker>,
         contact: &Arc<Contact>,
     ) -> Ended {
+        // Whatever an earlier session had committed under a hold, this one
+        // has not yet.
+        self.held_tx.send_replace(None);
         let (rd, wr) = split(conn);
         let origin = Instant::now();
         let wr = LinkWriter::spawn(
@@ -240,18 +243,23 @@ impl<G: Guest> Engine<G> {
                     *self.committed_tx.borrow()
                 ));
             }
+            let holding = *self.hold.borrow();
+            self.note_hold(holding, inflight);
             let now = Instant::now();
-            if now < next_epoch || inflight >= self.cfg.max_inflight {
+            if now < next_epoch || inflight >= self.cfg.max_inflight || holding {
                 // Heartbeats go out from the link's writer meanwhile.
                 wr.set_idle(true);
                 let wake = if inflight >= self.cfg.max_inflight {
                     now + Duration::from_millis(2)
+                } else if holding {
+                    now + self.cfg.heartbeat
                 } else {
                     next_epoch.min(now + self.cfg.heartbeat)
                 };
                 let owner_gone = tokio::select! {
                     _ = tokio::time::sleep_until(wake) => false,
                     r = self.stop.changed() => r.is_err(),
+                    r = self.hold.changed() => r.is_err(),
                 };
                 wr.set_idle(false);
                 if owner_gone {
@@ -291,6 +299,26 @@ impl<G: Guest> Engine<G> {
                 }
             }
             epoch += 1;
+        }
+    }
+
+    /// Publishes whether checkpoints are held with nothing in flight (what
+    /// [`super::Primary::hold_epochs`] waits for), and says so in the
+    /// status while they are.
+    fn note_hold(&mut self, holding: bool, inflight: u64) {
+        let committed = *self.committed_tx.borrow();
+        let held = (holding && inflight == 0).then_some(committed);
+        self.held_tx.send_if_modified(|h| {
+            let changed = *h != held;
+            *h = held;
+            changed
+        });
+        if holding {
+            self.set(|s| {
+                s.detail = format!(
+                    "checkpoints held for a live migration after epoch {committed}: output waits for the destination's first commit"
+                )
+            });
         }
     }
 

@@ -997,3 +997,84 @@ async fn without_a_degrade_timeout_a_stuck_backup_holds_output_for_ever() {
     assert!(!told_bye);
     assert!(!calls.contains(&"unprotected"), "{calls:?}");
 }
+
+/// A live migration holds checkpoints (QEMU runs one migration at a
+/// time): the hold is granted only once every epoch sent is committed,
+/// then no checkpoint is taken while heartbeats keep the backup from
+/// suspecting the primary; released, epochs go on from the next number.
+#[tokio::test(start_paused = true)]
+async fn held_epochs_stop_checkpoints_but_not_heartbeats() {
+    let guest = FakeGuest::new();
+    let disk = FakeDisk::new(true);
+    let (primary, mut accepted) = start(&guest, vec![disk]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+
+    let held_at = {
+        let hold = primary.hold_epochs(Duration::from_secs(5));
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                h = &mut hold => break h.expect("the hold is granted"),
+                e = backup.epoch() => {
+                    let (e, _) = e.expect("epochs until the hold");
+                    backup.commit(e).await;
+                }
+            }
+        }
+    };
+    assert_eq!(
+        held_at, backup.last_committed,
+        "held before its epochs committed"
+    );
+    assert!(primary.is_holding());
+    let stops = |g: &FakeGuest| g.events().iter().filter(|e| **e == Event::Stopped).count();
+    let stopped_before = stops(&guest);
+    let end = Instant::now() + FENCE * 10;
+    let mut heartbeats = 0;
+    while let Ok(Some(f)) = tokio::time::timeout_at(end, backup.frames.recv()).await {
+        assert_eq!(
+            f.kind,
+            FrameKind::Heartbeat,
+            "a checkpoint under the hold: {f:?}"
+        );
+        heartbeats += 1;
+    }
+    assert!(heartbeats >= 10, "only {heartbeats} heartbeats while held");
+    assert_eq!(
+        stops(&guest),
+        stopped_before,
+        "the guest was stopped while held"
+    );
+    assert_eq!(guest.fences(), 0, "{:?}", guest.events());
+    assert!(
+        primary.status().detail.contains("held"),
+        "{:?}",
+        primary.status()
+    );
+
+    primary.release_epochs();
+    let (next, _) = backup.epoch().await.expect("epochs go on");
+    assert_eq!(next, held_at + 1);
+    primary.stop().await;
+}
+
+/// A hold that the backup cannot grant (it commits nothing) gives up at
+/// its bound and lifts itself: checkpoints go on.
+#[tokio::test(start_paused = true)]
+async fn a_hold_the_backup_cannot_grant_times_out_and_lifts() {
+    let guest = FakeGuest::new();
+    let disk = FakeDisk::new(true);
+    let (primary, mut accepted) = start(&guest, vec![disk]);
+    let mut backup = Backup::handshake(Backup::accept(&mut accepted).await, 0).await;
+    backup.commit_until_consistent().await;
+    // One epoch in flight that is never committed.
+    let (_uncommitted, _) = backup.epoch().await.expect("an epoch");
+    let e = primary
+        .hold_epochs(Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HoldError::Timeout(..)), "{e}");
+    assert!(!primary.is_holding());
+    primary.stop().await;
+}
