@@ -48,22 +48,33 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CheckpointEr
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sets the migration capabilities and parameters both directions need.
-/// Idempotent; call once per QEMU before the first save or load.
+/// Idempotent; call before the first save or load, and again after a live
+/// migration of the same QEMU (QEMU keeps what it set: TLS credentials a
+/// local socket's stream cannot use, multifd, postcopy).
 pub async fn prepare(qmp: &QmpClient) -> Result<(), CheckpointError> {
     qmp.execute_raw(
         "migrate-set-capabilities",
         json!({"capabilities": [
             {"capability": "x-ignore-shared", "state": true},
             {"capability": "events", "state": true},
+            {"capability": "auto-converge", "state": false},
+            {"capability": "postcopy-ram", "state": false},
+            {"capability": "multifd", "state": false},
         ]}),
         QMP_TIMEOUT,
     )
     .await?;
     // The default bandwidth cap (128 MiB/s on 10.0, 32 MiB/s on 7.2) would
-    // stretch the pause; the stream only goes to a local socket.
+    // stretch the pause; the stream only goes to a local socket, in the
+    // clear (a migrated-in QEMU still has its stream's credentials set).
     qmp.execute_raw(
         "migrate-set-parameters",
-        json!({"max-bandwidth": 1u64 << 40}),
+        json!({
+            "max-bandwidth": 1u64 << 40,
+            "tls-creds": "",
+            "tls-hostname": "",
+            "tls-authz": "",
+        }),
         QMP_TIMEOUT,
     )
     .await?;

@@ -42,6 +42,20 @@ impl Supervisor {
     }
 }
 
+impl GuestPort {
+    /// Sets QEMU's migration settings back to what checkpoints need, after
+    /// a live migration of this QEMU set its own (a failed or cancelled
+    /// one: protection goes on here).
+    pub async fn prepare_checkpoints(&self) -> Result<(), SupervisorError> {
+        checkpoint::prepare(&self.qmp)
+            .await
+            .map_err(|e| SupervisorError::Checkpoint {
+                name: self.vm.name.clone(),
+                message: e.to_string(),
+            })
+    }
+}
+
 /// What the replication engine needs from one running VM: its RAM file, and
 /// short windows in which the guest is stopped.
 #[derive(Clone)]
