@@ -1,6 +1,7 @@
 //! Fault tolerance on managed hosts: `tandem protect` records the VM's
 //! authority with the manager by itself (no operator step), the backup
-//! admits the primary by that record, and after a takeover the record
+//! admits the primary by that record, a live migration hands the record
+//! and the protection to the destination, and after a takeover the record
 //! follows the VM to its new host.
 //!
 //! A real manager and two tandemds in network namespaces on the
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_tests::fabric::{host_switch_doc, wait_for, Fabric, ManagerProc};
+use tandem_tests::fabric::{host_switch_doc, wait_for, Fabric, ManagerProc, HOST_API_PORT};
 use tandem_tests::{serial_guard, tail, Daemon, Netns, READY};
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -50,6 +51,15 @@ impl Host {
         args.extend_from_slice(extra);
         self.daemon.set_args(&args);
         self.daemon.restart(libc::SIGTERM);
+    }
+
+    /// [`Host::restart_with`], serving the host API on its address too
+    /// (the operator's CLI reaches it over mutual TLS).
+    fn restart_serving(&mut self, extra: &[&str]) {
+        let listen = format!("{}:{HOST_API_PORT}", self.ip);
+        let mut args = vec!["--host-api", listen.as_str()];
+        args.extend_from_slice(extra);
+        self.restart_with(&args);
     }
 
     /// The VM's first FT status on this host, if any.
@@ -98,14 +108,17 @@ fn protect_records_the_vm_and_a_takeover_moves_the_record() {
     let manager = ManagerProc::start(&fabric.mgr);
     let mut a = Host::start(&fabric, "ha", "cfa", "10.231.0.21");
     let mut b = Host::start(&fabric, "hb", "cfb", "10.231.0.22");
+    let mut c = Host::start(&fabric, "hc", "cfc", "10.231.0.23");
 
-    phase("join both hosts; B listens for replication on its host port");
+    phase("join the hosts; B listens for replication on its host port");
     let repl = format!("{}:{REPL_PORT}", b.ip);
     manager.join(&a.ns, a.name, &a.daemon.state_dir);
     manager.join(&b.ns, b.name, &b.daemon.state_dir);
-    a.restart_with(&[]);
-    b.restart_with(&["--repl-listen", &repl]);
-    for h in [&a, &b] {
+    manager.join(&c.ns, c.name, &c.daemon.state_dir);
+    a.restart_serving(&[]);
+    b.restart_serving(&["--repl-listen", &repl]);
+    c.restart_serving(&[]);
+    for h in [&a, &b, &c] {
         wait_for(
             &format!("{} online", h.name),
             Duration::from_secs(30),
@@ -145,8 +158,62 @@ fn protect_records_the_vm_and_a_takeover_moves_the_record() {
         tail(&b.daemon.log(), 40)
     );
 
-    phase("kill A's QEMU: B takes over, and the record follows");
-    let pid = a.daemon.info("web")["pid"].as_u64().expect("pid") as i32;
+    phase("migrate it onto its own backup: refused, nothing changes");
+    let refused = manager.remote(a.name, a.ip, &["migrate", "web", "--to", b.name]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("its own backup host"),
+        "{err}"
+    );
+    assert_eq!(record(&manager, &uuid).unwrap()["generation"], generation);
+
+    phase("migrate it A -> C: the record and the protection follow");
+    let out = manager.remote(a.name, a.ip, &["--json", "migrate", "web", "--to", c.name]);
+    assert!(
+        out.status.success(),
+        "{}
+A:
+{}
+C:
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&a.daemon.log(), 30),
+        tail(&c.daemon.log(), 30)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert!(
+        report["first_commit_ms"].as_u64().is_some(),
+        "{report:#}\n{}\nB:\n{}\nC:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&b.daemon.log(), 30),
+        tail(&c.daemon.log(), 30)
+    );
+    let rec = record(&manager, &uuid).expect("the record");
+    assert_eq!(rec["primary"], c.name, "{rec:#}");
+    assert_eq!(rec["backup"], b.name, "{rec:#}");
+    assert_eq!(rec["generation"].as_u64(), Some(generation + 1), "{rec:#}");
+    assert!(
+        a.daemon.qemu_processes().is_empty(),
+        "the source's QEMU is left"
+    );
+    assert_eq!(c.daemon.info("web")["state"], "running");
+    c.wait_ft("web", "protected on C", Duration::from_secs(30), |s| {
+        s["state"] == "protected"
+    });
+    b.wait_ft("web", "standby for C", Duration::from_secs(10), |s| {
+        s["state"] == "standby"
+    });
+    assert!(
+        b.daemon.log().contains("supersedes the connected one"),
+        "B took C's newer generation over A's session:\n{}",
+        tail(&b.daemon.log(), 40)
+    );
+    let generation = generation + 1;
+
+    phase("kill C's QEMU: B takes over, and the record follows");
+    let pid = c.daemon.info("web")["pid"].as_u64().expect("pid") as i32;
     // SAFETY: kill(2) of the QEMU this test's tandemd started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     b.wait_ft("web", "takeover", Duration::from_secs(60), |s| {

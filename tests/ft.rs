@@ -138,15 +138,27 @@ fn boot_and_protect(p: &Pair, vm: &str) -> u64 {
     wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
         s["state"] == "standby"
     });
-    // Live migration of a protected VM would leave its backup able to
-    // take over a VM that runs on elsewhere: refused, with the way out.
+    // Migrating a protected VM onto its own backup host would leave it
+    // with no backup elsewhere: the backup refuses to be its destination,
+    // and the VM runs on, protected, with nothing left on the backup.
     let out =
         p.a.cli(&["migrate", vm, "--to-socket", p.b.socket.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("is protected") && err.contains("unprotect it"),
+        !out.status.success() && err.contains("is the backup of"),
         "{err}"
     );
+    assert_eq!(p.a.info(vm)["state"], "running");
+    wait_ft(
+        &p.a,
+        vm,
+        "protection goes on",
+        Duration::from_secs(10),
+        |s| s["state"] == "protected",
+    );
+    wait_ft(&p.b, vm, "backup standby", Duration::from_secs(10), |s| {
+        s["state"] == "standby"
+    });
     *ticks(&p.a.console(vm)).last().expect("ticks")
 }
 
@@ -1369,4 +1381,161 @@ fn a_standalone_pair_replicates_over_mutual_tls() {
         b.log()
     );
     a.cli_ok(&["unprotect", "tls"]);
+}
+
+/// Issue 18: a protected VM migrates with its protection. Checkpoints are
+/// held while QEMU migrates (output with them), the destination protects
+/// the VM to the same backup one generation up, which supersedes the
+/// source and resyncs by digest, and only after the destination's first
+/// commit does the source let go. A later failover resumes the VM on the
+/// backup from the destination's commits, not the source's.
+#[test]
+fn a_protected_vm_migrates_with_its_protection_and_fails_over_later() {
+    let _g = serial_guard();
+    let p = pair();
+    let c = Daemon::start();
+    let protected_at = boot_and_protect(&p, "ftm");
+
+    // A migration that does not move the VM (cancelled at 1 MiB/s):
+    // checkpoints are held while it runs, and go on after it.
+    let child = std::process::Command::new(tandem_tests::bin("tandem"))
+        .arg("--socket")
+        .arg(&p.a.socket)
+        .args(["migrate", "ftm", "--bandwidth", "1", "--to-socket"])
+        .arg(&c.socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held = wait_ft(
+        &p.a,
+        "ftm",
+        "checkpoints held",
+        Duration::from_secs(30),
+        |s| {
+            s["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("held for a live migration")
+        },
+    );
+    let held_at = held["last_committed"].as_u64().unwrap();
+    // The guest runs on meanwhile (two more ticks), and nothing commits.
+    let tick = *ticks(&p.a.console("ftm")).last().unwrap();
+    p.a.wait_console(
+        "ftm",
+        &format!("tandem-guest: tick {}", tick + 2),
+        Duration::from_secs(30),
+    );
+    let still = ft(&p.a, "ftm");
+    assert_eq!(still["last_committed"].as_u64(), Some(held_at), "{still:#}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !p.a.cli(&["migrate", "ftm", "--cancel"]).status.success() {
+        assert!(Instant::now() < deadline, "never cancellable");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("was cancelled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_ft(
+        &p.a,
+        "ftm",
+        "checkpoints again",
+        Duration::from_secs(30),
+        |s| s["state"] == "protected" && s["last_committed"].as_u64().unwrap_or(0) >= held_at + 5,
+    );
+    assert!(c.qemu_processes().is_empty(), "the destination kept a QEMU");
+    let before = *ticks(&p.a.console("ftm")).last().unwrap();
+
+    let out = p.a.cli_ok(&[
+        "--json",
+        "migrate",
+        "ftm",
+        "--to-socket",
+        c.socket.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_str(out.lines().last().expect("a report")).unwrap();
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert!(report["first_commit_ms"].as_u64().is_some(), "{report:#}");
+    eprintln!("migration report: {report}");
+    // The source's copy and its protection are gone.
+    assert!(p.a.qemu_processes().is_empty());
+    assert!(!p.a.cli(&["vm", "info", "ftm"]).status.success());
+    // The destination runs it, protected to the same backup, a
+    // generation up, and the backup stands by with the destination's
+    // replica.
+    assert_eq!(c.info("ftm")["state"], "running");
+    let st = wait_ft(
+        &c,
+        "ftm",
+        "protection on the destination",
+        Duration::from_secs(30),
+        |s| s["role"] == "primary" && s["state"] == "protected",
+    );
+    assert_eq!(st["peer"].as_str(), Some(p.endpoint.as_str()), "{st:#}");
+    wait_ft(
+        &p.b,
+        "ftm",
+        "backup standby",
+        Duration::from_secs(10),
+        |s| s["state"] == "standby",
+    );
+    let generation = std::fs::read_to_string(c.state_dir.join("ft/ftm/generation"))
+        .expect("the destination records its generation");
+    assert_eq!(generation.trim(), "1", "the source protected under 0");
+    // The guest went on: no reboot, its counter past where the source was.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(t) = ticks(&c.console("ftm")).first() {
+            break *t;
+        }
+        assert!(Instant::now() < deadline, "the migrated guest never ticked");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !c.console("ftm").contains(READY),
+        "the destination rebooted the guest"
+    );
+    assert!(
+        first > before,
+        "resumed at {first}, the source had reached {before}"
+    );
+    c.wait_console(
+        "ftm",
+        &format!("tandem-guest: tick {}", first + 3),
+        Duration::from_secs(30),
+    );
+
+    // A later failover resumes it on the backup from the destination's
+    // commits.
+    let at_kill = *ticks(&c.console("ftm")).last().unwrap();
+    let pid = c.info("ftm")["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) of the QEMU this test's daemon started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_ft(&p.b, "ftm", "takeover", Duration::from_secs(30), |s| {
+        s["state"] == "failed-over"
+    });
+    assert_eq!(p.b.info("ftm")["state"], "running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resumed = loop {
+        if let Some(t) = ticks(&p.b.console("ftm")).first() {
+            break *t;
+        }
+        assert!(Instant::now() < deadline, "the resumed guest never ticked");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !p.b.console("ftm").contains(READY),
+        "the backup rebooted the guest"
+    );
+    assert!(
+        resumed >= first && resumed <= at_kill + 1 && resumed > protected_at,
+        "resumed at {resumed}: the destination ran {first}..{at_kill}"
+    );
+    // The source never came back.
+    assert!(p.a.qemu_processes().is_empty());
 }

@@ -913,3 +913,266 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     assert!(vm_names(&src).is_empty());
     assert_eq!(dst.info("md")["state"], "running");
 }
+
+/// Issue 18: a protected guest on the switch migrates under a client's
+/// load, and every reply any client got survives a later failover. The
+/// source holds its checkpoints and the output with them from the start
+/// of the migration; the destination's switch holds the guest's output
+/// from before it runs there until its own first commit to the same
+/// backup (one generation up); then the source's held replies go out.
+/// Killing the destination's QEMU afterwards resumes the guest on the
+/// backup, which must know every record a client was told was stored.
+#[test]
+fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
+    let _g = serial_guard();
+    let a = tandem_tests::Netns::new("pa");
+    let b = tandem_tests::Netns::new("pb");
+    let c = tandem_tests::Netns::new("pc");
+    let d = tandem_tests::Netns::new("pd");
+    tandem_tests::sh(&format!(
+        "ip link add m0 netns {} type veth peer name m1 netns {}",
+        a.name, b.name
+    ));
+    tandem_tests::sh(&format!(
+        "ip link add up0 netns {} type veth peer name c0 netns {}",
+        b.name, c.name
+    ));
+    a.run(&["ip", "addr", "add", "10.22.0.1/24", "dev", "m0"]);
+    a.run(&["ip", "link", "set", "m0", "up"]);
+    b.run(&["ip", "addr", "add", "10.22.0.2/24", "dev", "m1"]);
+    b.run(&["ip", "link", "set", "m1", "up"]);
+    b.run(&["ip", "link", "set", "up0", "up"]);
+    c.run(&["ip", "addr", "add", "10.20.0.100/24", "dev", "c0"]);
+    c.run(&["ip", "link", "set", "c0", "up"]);
+
+    let certs = tempfile::tempdir().expect("tempdir");
+    let made = Command::new(bin("tandem"))
+        .args([
+            "cluster",
+            "init",
+            "--standalone",
+            "host-a",
+            "host-b",
+            "--state-dir",
+        ])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let id = |h: &str| certs.path().join("hosts").join(h).display().to_string();
+    let src = Daemon::start_in_netns(&a.name, &["--identity-dir", &id("host-a")]);
+    let dst = Daemon::start_in_netns(&b.name, &["--identity-dir", &id("host-b")]);
+    // The backup, a host of its own: replication over a unix socket (this
+    // machine), its switch's host port the only way to the guest there.
+    let repl = tempfile::Builder::new()
+        .prefix("tandem-pm-")
+        .tempdir()
+        .unwrap();
+    let endpoint = format!("unix:{}", repl.path().join("repl.sock").display());
+    let bk = Daemon::start_in_netns(&d.name, &["--repl-listen", &endpoint]);
+    let host_port = |tap: &str| {
+        format!("[[port_group]]\nname = \"v\"\n\n[[host_port]]\nname = \"h\"\ntap = \"{tap}\"\nport_group = \"v\"\n")
+    };
+    let uplink = "[[port_group]]\nname = \"v\"\n\n[[uplink]]\nname = \"up\"\ninterfaces = [\"up0\"]\nport_group = \"v\"\n".to_string();
+    for (daemon, doc) in [
+        (&src, host_port("tdmh0")),
+        (&dst, uplink),
+        (&bk, host_port("tdmh1")),
+    ] {
+        let path = daemon.dir.path().join("switch.toml");
+        std::fs::write(&path, doc).unwrap();
+        daemon.cli_ok(&["switch", "apply", path.to_str().unwrap()]);
+    }
+    for (ns, tap, ip) in [
+        (&a, "tdmh0", "10.20.0.50/24"),
+        (&d, "tdmh1", "10.20.0.60/24"),
+    ] {
+        ns.run(&["ip", "addr", "add", ip, "dev", tap]);
+        ns.run(&["ip", "link", "set", tap, "up"]);
+    }
+
+    let spec = src
+        .guest_spec("ps", "")
+        .replace("tandem.ip=10.99.0.2/24", "tandem.ip=10.20.0.5/24")
+        .replace(
+            "backend = \"user\"",
+            "backend = \"switch\"\nport_group = \"v\"",
+        );
+    let path = src.dir.path().join("ps.toml");
+    std::fs::write(&path, spec).unwrap();
+    src.cli_ok(&["vm", "create", path.to_str().unwrap(), "--start"]);
+    src.wait_console("ps", READY, BOOT);
+    let say = |ns: &tandem_tests::Netns, line: &str| {
+        let line = line.to_string();
+        ns.within(move || {
+            tandem_tests::request("10.20.0.5:7070", &line, Duration::from_secs(5))
+                .map_err(|e| e.to_string())
+        })
+    };
+    // Bounded retries: the first ARP may race the guest's rings, or the
+    // fabric's learning of where the guest now is.
+    let say_until = |ns: &tandem_tests::Netns, line: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match say(ns, line) {
+                Ok(r) => return r,
+                Err(e) => assert!(Instant::now() < deadline, "{line}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(say_until(&a, "PING"), "PONG");
+    src.cli_ok(&["protect", "ps", "--backup", &endpoint, "--epoch-ms", "50"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !src
+        .cli_json(&["ft", "status", "ps"])
+        .as_array()
+        .is_some_and(|v| v.iter().any(|s| s["state"] == "protected"))
+    {
+        assert!(Instant::now() < deadline, "never protected:\n{}", src.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The client writes durable records as fast as it is answered, from
+    // before the migration until it ends (then the guest is no longer
+    // behind A's switch). Every `OK n` it gets is a record the guest
+    // promised to keep.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_client = stop.clone();
+    let client = a.spawn(move || {
+        let mut got = Vec::new();
+        let started = Instant::now();
+        let mut k = 0;
+        while !stop_client.load(std::sync::atomic::Ordering::SeqCst)
+            && started.elapsed() < Duration::from_secs(120)
+            && k < 100_000
+        {
+            k += 1;
+            let text = format!("load-{k}");
+            if let Ok(r) = tandem_tests::request(
+                "10.20.0.5:7070",
+                &format!("PUT {text}"),
+                Duration::from_secs(2),
+            ) {
+                if let Some(n) = r.strip_prefix("OK ").and_then(|n| n.parse::<u64>().ok()) {
+                    got.push((n, text));
+                }
+            }
+        }
+        got
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while src.cli_json(&["ft", "status", "ps"])[0]["output"]["released_frames"]
+        .as_u64()
+        .unwrap_or(0)
+        < 20
+    {
+        assert!(Instant::now() < deadline, "the client is not served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = src.cli_ok(&[
+        "--json",
+        "migrate",
+        "ps",
+        "--to-socket",
+        dst.socket.to_str().unwrap(),
+        "--listen",
+        "10.22.0.2:0",
+    ]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut replies = client.join().expect("client");
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a report")).unwrap();
+    assert_eq!(report["phase"], "done", "{report:#}");
+    assert!(report["first_commit_ms"].as_u64().is_some(), "{report:#}");
+    assert!(
+        replies.len() >= 5,
+        "the client was barely served: {replies:?}"
+    );
+    assert!(vm_names(&src).is_empty());
+    assert!(
+        src.log()
+            .contains("protection handed over to the migration's destination"),
+        "{}",
+        src.log()
+    );
+    // The destination holds the guest's output from the start: its gate
+    // was on the switch ports before the stream completed.
+    let log = dst.log();
+    let gated = log
+        .find("output commit gate installed")
+        .expect("a gate on B");
+    let ran = log
+        .find("incoming migration completed; the guest runs here")
+        .expect("B ran the guest");
+    assert!(gated < ran, "B's gate came after the guest ran:\n{log}");
+
+    // Served from the destination now, protected there.
+    for i in 1..=3 {
+        let r = say_until(&c, &format!("PUT after-{i}"));
+        let n = r
+            .strip_prefix("OK ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("PUT after-{i}: {r}"));
+        replies.push((n, format!("after-{i}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dst
+        .cli_json(&["ft", "status", "ps"])
+        .as_array()
+        .is_some_and(|v| {
+            v.iter()
+                .any(|s| s["role"] == "primary" && s["state"] == "protected")
+        })
+    {
+        assert!(
+            Instant::now() < deadline,
+            "B never protected:\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The destination's QEMU dies: the backup resumes the guest, and the
+    // guest there knows every record any client was told was stored.
+    let pid = dst.info("ps")["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) of the QEMU this test's daemon started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running_on_backup = || {
+        let out = bk.cli(&["--json", "vm", "info", "ps"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["state"] == "running")
+    };
+    while !running_on_backup() {
+        assert!(
+            Instant::now() < deadline,
+            "the backup did not take over:\n{}",
+            bk.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !bk.console("ps").contains(READY),
+        "the backup rebooted the guest"
+    );
+    let last = say_until(&d, "LAST");
+    let last: u64 = last
+        .strip_prefix("LAST ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{last}"));
+    replies.sort();
+    for (n, text) in &replies {
+        assert!(
+            *n <= last,
+            "record {n} ({text}) was acknowledged, the backup has {last}"
+        );
+        assert_eq!(
+            say_until(&d, &format!("GET {n}")),
+            format!("REC {n} {text}"),
+            "an acknowledged record is lost or differs after the failover"
+        );
+    }
+}

@@ -240,6 +240,31 @@ pub struct ProtectRequest {
     /// the request.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_no_clamp: bool,
+    /// The least generation this protection runs under: a migration's
+    /// destination protects under the source's generation + 1, so the
+    /// backup lets it supersede the source and never takes the source
+    /// back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// `GET /v1/vms/{name}/migration/protection` on a migration's source: how
+/// the VM is protected, for its destination to protect it the same way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationProtection {
+    /// The request the protection was started with.
+    pub request: ProtectRequest,
+    /// The generation the source protects under.
+    pub generation: u64,
+    /// The cluster manager's record of the VM is at this generation (the
+    /// VM is recorded there): the migration hands the record over to the
+    /// destination before it protects.
+    #[serde(default)]
+    pub record_generation: Option<u64>,
+    /// The backup host's certificate name (`NAME@…` backups), so the CLI
+    /// can refuse a migration onto the VM's own backup host.
+    #[serde(default)]
+    pub backup_host: Option<String>,
 }
 
 /// The output-commit rule table of a protected VM
@@ -570,6 +595,12 @@ pub struct IncomingMigrationRequest {
     /// certificate may connect to the destination's QEMU.
     #[serde(default)]
     pub source_tls_name: Option<String>,
+    /// The VM is protected on the source, like this: the destination
+    /// gates the VM's switch ports from the start (all output held until
+    /// its own first commit), and refuses if it holds the VM's replica
+    /// itself (it is the VM's backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<ProtectRequest>,
 }
 
 /// One disk of a VM about to migrate, as its source sees it.
@@ -744,6 +775,11 @@ pub struct MigrationReport {
     /// Of `transferred`, the bytes sent over multifd streams.
     #[serde(default)]
     pub multifd_bytes: u64,
+    /// A protected VM: from the end of the stream to the destination's
+    /// first commit to the backup (its output is held until then). Set by
+    /// the CLI that drove the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_commit_ms: Option<u64>,
 }
 
 /// Body of `POST /v1/vms/{name}/migration/confirm`.
@@ -752,4 +788,9 @@ pub struct MigrationConfirm {
     /// true: the destination runs the VM, so the source's copy goes.
     /// false: it does not, so the source resumes.
     pub destination_running: bool,
+    /// A protected VM: the destination's protection has committed its
+    /// first epoch to the backup, so the output the source held since its
+    /// last commit is covered there and goes out. Otherwise it is dropped.
+    #[serde(default)]
+    pub destination_committed: bool,
 }

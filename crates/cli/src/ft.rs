@@ -103,6 +103,7 @@ pub async fn protect(
                 hold_max_bytes: a.hold_max_bytes,
                 tracker: a.tracker,
                 unsafe_no_clamp: false,
+                generation: None,
             },
         )
         .await?;

@@ -17,7 +17,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tandem_api::{
     Client, IncomingMigrationReply, IncomingMigrationRequest, MigrateRequest, MigrationConfirm,
-    MigrationDisksRequest, MigrationPhase, MigrationReport, MigrationSource, VmInfo, VmState,
+    MigrationDisksRequest, MigrationPhase, MigrationProtection, MigrationReport, MigrationSource,
+    VmInfo, VmState,
 };
 use tandem_progress::{Event, Mode, Reporter, Tracker};
 
@@ -135,18 +136,18 @@ pub async fn run(
     if info.state != VmState::Running {
         bail!("`{}` is {}: only a running VM migrates", a.name, info.state);
     }
-    // Checked before the destination is touched (the source checks again
-    // when asked to migrate).
-    if let Ok(ft) = src
-        .get::<Vec<serde_json::Value>>(&format!("/v1/ft/{}", a.name))
+    // A protected VM migrates with its protection: read how, and refuse
+    // what cannot work before the destination is touched.
+    let protection = match src
+        .get::<MigrationProtection>(&format!("/v1/vms/{}/migration/protection", a.name))
         .await
     {
-        if !ft.is_empty() {
-            bail!(
-                "`{}` is protected (fault tolerance): live migration of a protected VM is not supported yet; unprotect it, migrate it, and protect it again from its new host",
-                a.name
-            );
-        }
+        Ok(p) => Some(p),
+        Err(tandem_api::ApiError::Server { status: 404, .. }) => None,
+        Err(e) => return Err(e).context("reading how the VM is protected on the source"),
+    };
+    if let Some(p) = &protection {
+        check_protected_migration(&a, p)?;
     }
     let source: MigrationSource = src
         .post(
@@ -169,10 +170,20 @@ pub async fn run(
                 multifd_channels: a.multifd,
                 disks: source.disks,
                 source_tls_name: source.tls_name,
+                protection: protection.as_ref().map(|p| p.request.clone()),
             },
         )
         .await
         .context("preparing the destination")?;
+    if let (Some(c), Some(_)) = (&ready.copy_storage, &protection) {
+        remove_destination(&dst, &a.name).await;
+        bail!(
+            "`{}` is protected (fault tolerance), and the destination does not share its storage (disk{} {} would be copied): QEMU cannot mirror a disk to the backup and to the destination at once; migrate it between hosts that share its storage, or unprotect it first",
+            a.name,
+            if c.disks.len() == 1 { "" } else { "s" },
+            c.disks.join(", ")
+        );
+    }
     if let Some(c) = &ready.copy_storage {
         if !json {
             eprintln!(
@@ -242,22 +253,58 @@ pub async fn run(
         None => true,
     };
     let running = released && wait_running(&dst, &a.name, Duration::from_secs(30)).await;
-    let confirmed: MigrationReport = src
+    // A protected VM: the destination protects it to the same backup, one
+    // generation up, before the source lets go; the output the source held
+    // goes out once the destination's first commit covers it.
+    let mut committed = false;
+    let mut first_commit_ms = None;
+    let mut protect_failure = None;
+    if let (true, Some(p)) = (running, &protection) {
+        let t = Instant::now();
+        match protect_destination(&dst, &a, p, &info.uuid, identity_dir, json).await {
+            Ok(c) => {
+                committed = c;
+                first_commit_ms = c.then(|| t.elapsed().as_millis() as u64);
+            }
+            Err(e) => protect_failure = Some(e),
+        }
+    }
+    let running = running && protect_failure.is_none();
+    if !running {
+        // Gone before the source resumes: the two never run at once.
+        remove_destination(&dst, &a.name).await;
+    }
+    let mut confirmed: MigrationReport = src
         .post(
             &format!("/v1/vms/{}/migration/confirm", a.name),
             &MigrationConfirm {
                 destination_running: running,
+                destination_committed: committed,
             },
         )
         .await
         .context("confirming the migration on the source")?;
+    if let Some(e) = protect_failure {
+        return Err(e.context(format!(
+            "protecting `{}` on the destination failed; the destination's copy was removed and the source resumed it, still protected",
+            a.name
+        )));
+    }
     if !running {
-        remove_destination(&dst, &a.name).await;
         bail!(
             "the destination did not run `{}` after the stream completed; the source resumed it",
             a.name
         );
     }
+    if protection.is_some() && !committed {
+        eprintln!(
+            "warning: `{}` runs on the destination, but its protection there has not committed to the backup within {} s: its output stays held until it does (tandem ft status {})",
+            a.name,
+            FIRST_COMMIT_BOUND.as_secs(),
+            a.name
+        );
+    }
+    confirmed.first_commit_ms = first_commit_ms;
     if json {
         return print_json(&confirmed);
     }
@@ -271,7 +318,104 @@ pub async fn run(
         report.rung,
         tandem_progress::human_bytes(report.transferred)
     );
+    if let Some(ms) = first_commit_ms {
+        println!("protected on the destination: first commit to the backup {ms} ms after the stream ended");
+    }
     Ok(())
+}
+
+/// Refuses what a protected VM's migration cannot do, before anything is
+/// touched.
+fn check_protected_migration(a: &MigrateArgs, p: &MigrationProtection) -> anyhow::Result<()> {
+    if let (Some(backup), Some(to)) = (&p.backup_host, &a.to) {
+        if *backup == to.name {
+            bail!(
+                "`{}` is protected to {backup}: migrating it onto its own backup host would leave it with no backup on another host; migrate it to a third host (or protect it to another backup first)",
+                a.name
+            );
+        }
+    }
+    if a.copy_storage {
+        bail!(
+            "`{}` is protected (fault tolerance): its disks cannot be copied to the destination (QEMU cannot mirror a disk to the backup and to the destination at once); migrate it between hosts that share its storage, or unprotect it first",
+            a.name
+        );
+    }
+    if p.record_generation.is_some() && a.to.is_none() {
+        bail!(
+            "`{}` is recorded with the cluster manager: migrate it with --to HOST, so that the record can name its new primary",
+            a.name
+        );
+    }
+    Ok(())
+}
+
+/// How long the destination's protection may take to commit its first
+/// epoch (a running copy of the RAM that differs from the replica, then
+/// one checkpoint) before the migration ends without it.
+const FIRST_COMMIT_BOUND: Duration = Duration::from_secs(120);
+
+/// Protects the migrated VM on the destination to the source's backup,
+/// one generation up (a managed VM's record is handed over first, so the
+/// backup admits the destination), and waits for its first commit.
+/// `Ok(false)`: protection runs but has not committed within the bound.
+async fn protect_destination(
+    dst: &Client,
+    a: &MigrateArgs,
+    p: &MigrationProtection,
+    uuid: &str,
+    identity_dir: &str,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let generation = match (p.record_generation, &a.to) {
+        (Some(expected), Some(to)) => {
+            let manager = crate::cluster::ManagerOpts::with_identity(identity_dir).client()?;
+            let req = tandem_manager::api::HandoverRequest {
+                expected_generation: expected,
+                primary: to.name.clone(),
+                backup: p.backup_host.clone(),
+            };
+            let rec: tandem_manager::api::AuthorityRecord = manager
+                .post(&format!("/v1/vms/{uuid}/handover"), &req)
+                .await
+                .context("handing the VM's authority record over to the destination")?;
+            rec.generation
+        }
+        _ => p.generation + 1,
+    };
+    let req = tandem_api::ProtectRequest {
+        generation: Some(generation),
+        ..p.request.clone()
+    };
+    let _: serde_json::Value = dst
+        .post(&format!("/v1/vms/{}/protect", a.name), &req)
+        .await
+        .with_context(|| {
+            format!(
+                "protecting `{}` on the destination (generation {generation}); the manager's record, if any, now names the destination: hand it back with `tandem cluster vm handover` if the VM stays on the source",
+                a.name
+            )
+        })?;
+    if !json {
+        eprintln!(
+            "protecting {} on the destination to {} (generation {generation}); waiting for its first commit",
+            a.name, p.request.backup
+        );
+    }
+    let deadline = Instant::now() + FIRST_COMMIT_BOUND;
+    while Instant::now() < deadline {
+        let st: Result<Vec<tandem_api::FtStatus>, _> = dst.get(&format!("/v1/ft/{}", a.name)).await;
+        if let Ok(st) = st {
+            if st.iter().any(|s| {
+                s.role == Some(tandem_api::FtRole::Primary)
+                    && s.state == tandem_api::FtState::Protected
+            }) {
+                return Ok(true);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
 }
 
 /// Polls the source's report, showing progress, until the migration

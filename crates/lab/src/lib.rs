@@ -544,6 +544,7 @@ fn protect_with_tracker(
             hold_max_bytes: None,
             tracker: tracker.map(str::to_string),
             unsafe_no_clamp: opts.unsafe_no_clamp,
+            generation: None,
         },
     ))?;
     wait_for("protection", Duration::from_secs(120), || {

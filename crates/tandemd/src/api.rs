@@ -27,10 +27,8 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/checkpoint", post(checkpoint))
         .route("/v1/vms/{name}/restore", post(restore))
-        .route("/v1/migrations/incoming", post(incoming))
         .route("/v1/vms/{name}/migration", get(migration))
         .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
-        .route("/v1/vms/{name}/migration/confirm", post(confirm_migration))
         .route("/v1/vms/{name}/migration/disks", post(migration_disks))
         .route("/v1/vms/{name}/migration/run", post(run_incoming))
         .route("/metrics", get(metrics))
@@ -102,27 +100,6 @@ async fn restore(
     Ok(Json(s.restore_from(&name, &dir).await?))
 }
 
-async fn incoming(
-    State(s): State<Sup>,
-    Json(req): Json<tandem_api::IncomingMigrationRequest>,
-) -> Result<(StatusCode, Json<tandem_api::IncomingMigrationReply>), HttpError> {
-    let plan = tandem_supervisor::IncomingPlan {
-        listen: req.listen.clone(),
-        allow_postcopy: req.allow_postcopy,
-        multifd_channels: req.multifd_channels,
-        accept_timeout: std::time::Duration::from_secs(
-            req.accept_timeout_s.unwrap_or(60).clamp(1, 3600),
-        ),
-        tls_dir: None,
-        source_tls_name: req.source_tls_name.clone(),
-        copied_disks: Vec::new(),
-    };
-    let reply = s
-        .prepare_incoming(&req.spec_toml, &req.uuid, plan, &req.disks)
-        .await?;
-    Ok((StatusCode::CREATED, Json(reply)))
-}
-
 /// The source, before the destination prepares: its disks and name.
 async fn migration_disks(
     State(s): State<Sup>,
@@ -150,16 +127,6 @@ async fn cancel_migration(
     Path(name): Path<String>,
 ) -> ApiResult<tandem_api::MigrationReport> {
     Ok(Json(s.cancel_migration(&name).await?))
-}
-
-async fn confirm_migration(
-    State(s): State<Sup>,
-    Path(name): Path<String>,
-    Json(req): Json<tandem_api::MigrationConfirm>,
-) -> ApiResult<tandem_api::MigrationReport> {
-    Ok(Json(
-        s.confirm_migration(&name, req.destination_running).await?,
-    ))
 }
 
 #[derive(Deserialize)]

@@ -51,6 +51,12 @@ struct Protected {
     disks: Vec<Arc<crate::ftdisk::MirroredDisk>>,
     /// Output commit on the VM's switch ports, when it has any here.
     output: Option<Arc<crate::output::VmOutput>>,
+    /// What the protection was asked for, and under which generation: a
+    /// migration's destination protects the VM the same way, one up.
+    request: ProtectRequest,
+    generation: u64,
+    /// The manager's record generation, where a manager records the VM.
+    recorded: Option<u64>,
 }
 
 pub struct Ft {
@@ -58,6 +64,10 @@ pub struct Ft {
     switch: Option<Arc<tandem_switch::host::SwitchHost>>,
     settings: FtSettings,
     primaries: Mutex<BTreeMap<String, Protected>>,
+    /// Gates put on the switch ports of protected VMs migrating in, from
+    /// before their first instruction here until their protection here
+    /// takes them over.
+    incoming: parking_lot::Mutex<BTreeMap<String, Arc<crate::output::VmOutput>>>,
     backup: Arc<Backup>,
     /// VMs this host took over whose authority record still names the old
     /// primary (recording the takeover failed so far): why, by VM.
@@ -482,6 +492,7 @@ impl Ft {
             switch,
             settings,
             primaries: Mutex::new(BTreeMap::new()),
+            incoming: parking_lot::Mutex::new(BTreeMap::new()),
             backup,
             stale_records,
         }))
@@ -626,6 +637,19 @@ impl Ft {
             }
         }
         let port = self.sup.guest_port(vm).await?;
+        let ft_root = self.settings.replica_root.with_file_name("ft");
+        if let Some(g) = req.generation {
+            // A migration's destination: from now on this host protects
+            // the VM at least under the generation it was handed.
+            if g > read_generation(&ft_root, vm) {
+                write_generation(&ft_root, vm, g).map_err(|e| {
+                    HttpError::new(
+                        tandem_api::ErrorKind::Internal,
+                        format!("recording generation {g} for `{vm}`: {e}"),
+                    )
+                })?;
+            }
+        }
         // Before anything starts: a refusal leaves nothing to undo.
         let recorded = self.register_primary(vm, port.uuid(), &req.backup).await?;
         let tracker = match &req.tracker {
@@ -666,8 +690,10 @@ impl Ft {
         let disks = crate::ftdisk::start_with(&port, &work, mirror).await?;
         let mut cfg = PrimaryConfig::over(backup);
         // The backup refuses a hello older than the manager's record.
-        cfg.generation = read_generation(&self.settings.replica_root.with_file_name("ft"), vm)
-            .max(recorded.unwrap_or(0));
+        cfg.generation = read_generation(&ft_root, vm)
+            .max(recorded.unwrap_or(0))
+            .max(req.generation.unwrap_or(0));
+        let generation = cfg.generation;
         cfg.epoch = Duration::from_millis(epoch_ms);
         cfg.heartbeat = self.settings.heartbeat;
         cfg.fence_timeout = self.settings.fence_timeout;
@@ -678,10 +704,20 @@ impl Ft {
             sw.set_vm_write_log(vm, Some(log.clone()));
         }
         cfg.external_log = write_log;
-        let output = self
-            .switch
-            .as_ref()
-            .and_then(|sw| crate::output::VmOutput::install(vm, sw, plan));
+        // A VM that migrated in keeps the gate that has held its output
+        // since it arrived (the guest may have answered clients already).
+        let arrived = self
+            .incoming
+            .lock()
+            .remove(vm)
+            .filter(|o| self.switch.as_ref().is_some_and(|sw| o.is_current(sw)));
+        let output = match arrived {
+            Some(o) => Some(o),
+            None => self
+                .switch
+                .as_ref()
+                .and_then(|sw| crate::output::VmOutput::install(vm, sw, plan)),
+        };
         cfg.observer = output
             .clone()
             .map(|o| o as Arc<dyn tandem_replication::EpochObserver>);
@@ -698,6 +734,9 @@ impl Ft {
                 port,
                 disks,
                 output,
+                request: req,
+                generation,
+                recorded,
             },
         );
         Ok(st)
@@ -757,36 +796,241 @@ pub fn router(ft: Arc<Ft>) -> Router {
         .route("/v1/vms/{name}/unprotect", post(unprotect))
         .route("/v1/vms/{name}/failover", post(failover))
         .route("/v1/vms/{name}/migrate", post(migrate))
+        .route(
+            "/v1/vms/{name}/migration/protection",
+            get(migration_protection),
+        )
+        .route("/v1/vms/{name}/migration/confirm", post(confirm_migration))
+        .route("/v1/migrations/incoming", post(incoming))
         .with_state(ft)
 }
 
-/// Live migration starts here, beside protection, because a protected VM
-/// must not migrate yet: its backup would later take over a replica of a
-/// VM that runs on elsewhere (two running copies). Refused with the way
-/// out until the migration re-pairs the backup.
+/// How long a migration waits for the backup to commit the epochs in
+/// flight before it starts (then none is taken until it ends).
+const MIGRATION_HOLD_BOUND: Duration = Duration::from_secs(20);
+
+/// Live migration starts here, beside protection: a protected VM's
+/// checkpoints are held first (QEMU runs one migration at a time, and its
+/// output then waits for the destination's first commit).
 async fn migrate(
     State(ft): State<Arc<Ft>>,
     Path(name): Path<String>,
     Json(req): Json<tandem_api::MigrateRequest>,
 ) -> Result<Json<tandem_api::MigrationReport>, HttpError> {
-    if ft.status().await.iter().any(|s| s.vm == name) {
-        return Err(tandem_supervisor::SupervisorError::Refused(format!(
-            "`{name}` is protected (fault tolerance): live migration of a protected VM is not supported yet; unprotect it, migrate it, and protect it again from its new host"
+    let cfg = tandem_supervisor::ladder_config(&req);
+    let primaries = ft.primaries.lock().await;
+    let Some(p) = primaries.get(&name).filter(|p| !p.primary.is_finished()) else {
+        drop(primaries);
+        return Ok(Json(
+            ft.sup
+                .migrate_out(
+                    &name,
+                    &req.uri,
+                    req.tls_hostname.as_deref(),
+                    cfg,
+                    req.copy_storage.as_ref(),
+                )
+                .await?,
+        ));
+    };
+    if req.copy_storage.is_some() {
+        return Err(SupervisorError::Refused(format!(
+            "`{name}` is protected (fault tolerance) and its disks would be copied to the destination: QEMU cannot mirror a disk twice at once (to the backup and to the destination); migrate it between hosts that share its storage, or unprotect it first"
         ))
         .into());
     }
-    let cfg = tandem_supervisor::ladder_config(&req);
-    Ok(Json(
-        ft.sup
-            .migrate_out(
-                &name,
-                &req.uri,
-                req.tls_hostname.as_deref(),
-                cfg,
-                req.copy_storage.as_ref(),
-            )
-            .await?,
-    ))
+    // Not under the lock: the backup may take a while to commit what is
+    // in flight, and `ft status` must answer meanwhile.
+    let hold = p.primary.epoch_hold();
+    drop(primaries);
+    let held = hold.hold(MIGRATION_HOLD_BOUND).await.map_err(|e| {
+        SupervisorError::Refused(format!(
+            "`{name}` is protected and its backup must be current before it migrates: {e}"
+        ))
+    })?;
+    info!(vm = %name, epoch = held, "checkpoints held for the migration; output waits for the destination's first commit");
+    let started = ft
+        .sup
+        .migrate_out(&name, &req.uri, req.tls_hostname.as_deref(), cfg, None)
+        .await;
+    match started {
+        Ok(report) => {
+            tokio::spawn(release_when_migration_fails(ft.clone(), name));
+            Ok(Json(report))
+        }
+        Err(e) => {
+            if let Some(p) = ft.primaries.lock().await.get(&name) {
+                resume_checkpoints(&name, p).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// How often a held protection looks at its migration.
+const MIGRATION_WATCH: Duration = Duration::from_millis(100);
+
+/// Checkpoints held for a migration go on if it ends without the
+/// destination taking the VM (cancelled, aborted, failed): the next
+/// commit releases the output held meanwhile. A completed migration is
+/// ended by its confirm instead.
+async fn release_when_migration_fails(ft: Arc<Ft>, vm: String) {
+    loop {
+        tokio::time::sleep(MIGRATION_WATCH).await;
+        let phase = ft.sup.migration(&vm).await.map(|r| r.phase);
+        match phase {
+            Ok(tandem_api::MigrationPhase::Running) => continue,
+            Ok(tandem_api::MigrationPhase::AwaitingConfirm | tandem_api::MigrationPhase::Done) => {
+                return
+            }
+            Ok(phase) => {
+                if let Some(p) = ft.primaries.lock().await.get(&vm) {
+                    resume_checkpoints(&vm, p).await;
+                    info!(%vm, ?phase, "the migration ended here: checkpoints go on");
+                }
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Lets a protection whose migration did not move the VM take checkpoints
+/// again, QEMU's migration settings first set back from the stream's.
+async fn resume_checkpoints(vm: &str, p: &Protected) {
+    if let Err(e) = p.port.prepare_checkpoints().await {
+        // The next checkpoint fails and says why; protection retries.
+        warn!(%vm, "restoring the checkpoint settings after the migration: {e}");
+    }
+    p.primary.release_epochs();
+}
+
+/// `GET /v1/vms/{name}/migration/protection`: how a VM is protected from
+/// this host (404: it is not).
+async fn migration_protection(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+) -> Result<Json<tandem_api::MigrationProtection>, HttpError> {
+    let primaries = ft.primaries.lock().await;
+    let p = primaries
+        .get(&name)
+        .filter(|p| !p.primary.is_finished())
+        .ok_or_else(|| HttpError::not_found(format!("`{name}` is not protected from this host")))?;
+    Ok(Json(tandem_api::MigrationProtection {
+        request: p.request.clone(),
+        generation: p.generation,
+        record_generation: p.recorded,
+        backup_host: p
+            .request
+            .backup
+            .split_once('@')
+            .map(|(host, _)| host.to_string()),
+    }))
+}
+
+/// `POST /v1/migrations/incoming`: the destination prepares. A protected
+/// VM's output is gated from before it runs here, and a host that holds
+/// the VM's replica (its backup) refuses to run it.
+async fn incoming(
+    State(ft): State<Arc<Ft>>,
+    Json(req): Json<tandem_api::IncomingMigrationRequest>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<tandem_api::IncomingMigrationReply>,
+    ),
+    HttpError,
+> {
+    let vm = toml::from_str::<tandem_vmspec::VmSpec>(&req.spec_toml)
+        .map(|s| s.name)
+        .map_err(|e| HttpError::invalid(format!("the VM spec: {e}")))?;
+    if req.protection.is_some() {
+        if let Some(st) = ft
+            .backup
+            .status()
+            .into_iter()
+            .find(|s| s.vm == vm && s.role == Some(tandem_api::FtRole::Backup))
+        {
+            return Err(SupervisorError::Refused(format!(
+                "this host is the backup of `{vm}` (its replica is {}): running the VM here would leave it with no backup on another host; migrate it to a third host",
+                st.state
+            ))
+            .into());
+        }
+    }
+    let plan = tandem_supervisor::IncomingPlan {
+        listen: req.listen.clone(),
+        allow_postcopy: req.allow_postcopy,
+        multifd_channels: req.multifd_channels,
+        accept_timeout: Duration::from_secs(req.accept_timeout_s.unwrap_or(60).clamp(1, 3600)),
+        tls_dir: None,
+        source_tls_name: req.source_tls_name.clone(),
+        copied_disks: Vec::new(),
+    };
+    let gate_plan = match &req.protection {
+        Some(p) => Some(crate::output::OutputPlan::from_request(p).map_err(HttpError::invalid)?),
+        None => None,
+    };
+    let reply = ft
+        .sup
+        .prepare_incoming(&req.spec_toml, &req.uuid, plan, &req.disks)
+        .await?;
+    let old = ft.incoming.lock().remove(&vm);
+    if let Some(o) = old {
+        o.uninstall();
+    }
+    if let (Some(plan), Some(sw)) = (gate_plan, &ft.switch) {
+        // Installed before the stream can complete: whatever the guest
+        // sends here waits for this host's first commit.
+        if let Some(out) = crate::output::VmOutput::install(&vm, sw, plan) {
+            ft.incoming.lock().insert(vm.clone(), out);
+        }
+    }
+    Ok((axum::http::StatusCode::CREATED, Json(reply)))
+}
+
+/// `POST /v1/vms/{name}/migration/confirm`: the source ends a completed
+/// migration. For a protected VM whose destination runs it, this host's
+/// protection ends without a word to the backup (the destination's newer
+/// generation has taken the replica over), and the output it held since
+/// its last commit goes out if the destination has committed (it is
+/// covered there) or is dropped. If the destination does not run it, the
+/// guest resumes here and checkpoints go on.
+async fn confirm_migration(
+    State(ft): State<Arc<Ft>>,
+    Path(name): Path<String>,
+    Json(req): Json<tandem_api::MigrationConfirm>,
+) -> Result<Json<tandem_api::MigrationReport>, HttpError> {
+    if !req.destination_running {
+        let report = ft.sup.confirm_migration(&name, false).await?;
+        if let Some(p) = ft.primaries.lock().await.get(&name) {
+            resume_checkpoints(&name, p).await;
+        }
+        return Ok(Json(report));
+    }
+    // Only a migration waiting for its confirm hands protection over.
+    let phase = ft.sup.migration(&name).await?.phase;
+    if phase == tandem_api::MigrationPhase::AwaitingConfirm {
+        let handed = ft.primaries.lock().await.remove(&name);
+        if let Some(p) = handed {
+            use tandem_replication::EpochObserver as _;
+            p.primary.handed_over();
+            crate::ftdisk::stop(&p.port, &p.disks).await;
+            if let Some(o) = &p.output {
+                if req.destination_committed {
+                    o.ended();
+                } else {
+                    o.abandoned();
+                    o.uninstall();
+                }
+            }
+            if let Some(sw) = &ft.switch {
+                sw.set_vm_write_log(&name, None);
+            }
+            info!(vm = %name, released = req.destination_committed, "protection handed over to the migration's destination");
+        }
+    }
+    Ok(Json(ft.sup.confirm_migration(&name, true).await?))
 }
 
 async fn list(State(ft): State<Arc<Ft>>) -> Json<Vec<FtStatus>> {

@@ -150,6 +150,13 @@ impl VmOutput {
         }
     }
 
+    /// Whether this gate sits on the ports `vm` has on `host` now (a VM
+    /// destroyed and made again has new ports, which this gate never saw).
+    pub fn is_current(&self, host: &tandem_switch::host::SwitchHost) -> bool {
+        let now: Vec<PortId> = host.vm_ports(&self.vm).iter().map(|(id, _)| *id).collect();
+        !now.is_empty() && now == self.ports
+    }
+
     /// Takes the gate off the VM's ports (the VM's output is no longer
     /// under output commit).
     pub fn uninstall(&self) {

@@ -156,14 +156,56 @@ impl PrimaryConfig {
 pub struct Primary {
     status: Arc<Mutex<FtStatus>>,
     stop_tx: watch::Sender<bool>,
+    hold: EpochHold,
+    committed: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Holds and releases a protection's checkpoints (see
+/// [`EpochHold::hold`]); a clone may be used without the [`Primary`].
+#[derive(Clone)]
+pub struct EpochHold {
     /// Asks the epoch loop to take no checkpoint (a live migration owns
     /// QEMU's migration machinery meanwhile).
-    hold_tx: watch::Sender<bool>,
+    hold_tx: Arc<watch::Sender<bool>>,
     /// The loop's answer: `Some(epoch)` once it is idle under the hold with
     /// every epoch it sent committed (`epoch` the last).
     held: watch::Receiver<Option<u64>>,
-    committed: watch::Receiver<u64>,
-    task: tokio::task::JoinHandle<()>,
+    status: Arc<Mutex<FtStatus>>,
+}
+
+impl EpochHold {
+    /// Stops taking checkpoints and waits (up to `bound`) until every
+    /// epoch sent is committed; returns the last one. Heartbeats and the
+    /// fence go on, so the backup stays armed on that epoch, and output
+    /// the guest sends from now on stays held: nothing a client sees can
+    /// be contradicted if the backup has to resume from it. On error the
+    /// hold is lifted again.
+    pub async fn hold(&self, bound: Duration) -> Result<u64, HoldError> {
+        self.hold_tx.send_replace(true);
+        let mut held = self.held.clone();
+        let waited = tokio::time::timeout(bound, held.wait_for(|h| h.is_some())).await;
+        let outcome = match waited {
+            Ok(Ok(h)) => Ok(h.unwrap_or_default()),
+            Ok(Err(_)) => Err(HoldError::Ended),
+            Err(_) => Err(HoldError::Timeout(bound, self.status.lock().detail.clone())),
+        };
+        if outcome.is_err() {
+            self.hold_tx.send_replace(false);
+        }
+        outcome
+    }
+
+    /// Checkpoints go on (the migration that held them failed or was
+    /// cancelled): the next commit releases the output held meanwhile.
+    pub fn release(&self) {
+        self.hold_tx.send_replace(false);
+    }
+
+    /// Whether checkpoints are held.
+    pub fn is_holding(&self) -> bool {
+        *self.hold_tx.borrow()
+    }
 }
 
 /// Why epochs could not be held.
@@ -212,11 +254,15 @@ impl Primary {
             last_failure: None,
         };
         let task = tokio::spawn(engine.run());
+        let hold = EpochHold {
+            hold_tx: Arc::new(hold_tx),
+            held,
+            status: status.clone(),
+        };
         Primary {
             status,
             stop_tx,
-            hold_tx,
-            held,
+            hold,
             committed,
             task,
         }
@@ -235,36 +281,24 @@ impl Primary {
         self.task.is_finished()
     }
 
-    /// Stops taking checkpoints and waits (up to `bound`) until every
-    /// epoch sent is committed; returns the last one. Heartbeats and the
-    /// fence go on, so the backup stays armed on that epoch, and output
-    /// the guest sends from now on stays held: nothing a client sees can
-    /// be contradicted if the backup has to resume from it. On error the
-    /// hold is lifted again.
+    /// See [`EpochHold::hold`].
     pub async fn hold_epochs(&self, bound: Duration) -> Result<u64, HoldError> {
-        self.hold_tx.send_replace(true);
-        let mut held = self.held.clone();
-        let waited = tokio::time::timeout(bound, held.wait_for(|h| h.is_some())).await;
-        let outcome = match waited {
-            Ok(Ok(h)) => Ok(h.unwrap_or_default()),
-            Ok(Err(_)) => Err(HoldError::Ended),
-            Err(_) => Err(HoldError::Timeout(bound, self.status().detail)),
-        };
-        if outcome.is_err() {
-            self.hold_tx.send_replace(false);
-        }
-        outcome
+        self.hold.hold(bound).await
     }
 
-    /// Checkpoints go on (the migration that held them failed or was
-    /// cancelled): the next commit releases the output held meanwhile.
+    /// See [`EpochHold::release`].
     pub fn release_epochs(&self) {
-        self.hold_tx.send_replace(false);
+        self.hold.release();
     }
 
     /// Whether checkpoints are held.
     pub fn is_holding(&self) -> bool {
-        *self.hold_tx.borrow()
+        self.hold.is_holding()
+    }
+
+    /// A handle that holds and releases this protection's checkpoints.
+    pub fn epoch_hold(&self) -> EpochHold {
+        self.hold.clone()
     }
 
     /// Ends this protection because the VM now runs on another host, a

@@ -593,6 +593,7 @@ impl Supervisor {
             storage_bytes: 0,
             storage_ms: None,
             multifd_bytes: 0,
+            first_commit_ms: None,
         };
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report.clone()),
@@ -892,6 +893,7 @@ impl Supervisor {
             storage_bytes: 0,
             storage_ms: None,
             multifd_bytes: sample.multifd_bytes,
+            first_commit_ms: None,
         };
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report),
