@@ -418,6 +418,11 @@ async fn protect_destination(
     Ok(false)
 }
 
+/// How often the source's report is read while the stream runs.
+const FOLLOW_POLL: Duration = Duration::from_millis(25);
+/// How often progress is shown (a terminal line, a JSON event).
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
 /// Polls the source's report, showing progress, until the migration
 /// leaves `running`. Ctrl-C cancels it (the VM stays on the source).
 async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<MigrationReport> {
@@ -429,9 +434,13 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
     let t0 = Instant::now();
     let mut cancelled = false;
     let mut failures = 0;
+    // The end is seen within a poll (the source waits paused until the
+    // CLI confirms: every poll interval is downtime for the client), but
+    // progress is shown at most every PROGRESS_EVERY.
+    let mut shown: Option<Instant> = None;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
             _ = tokio::signal::ctrl_c(), if !cancelled => {
                 cancelled = true;
                 let _: Result<MigrationReport, _> = src
@@ -483,8 +492,12 @@ async fn follow(src: &Client, name: &str, json: bool) -> anyhow::Result<Migratio
                 .extra
                 .insert("expected_downtime_ms".into(), serde_json::json!(d));
         }
-        reporter.emit(&event);
-        if r.phase != MigrationPhase::Running {
+        let done = r.phase != MigrationPhase::Running;
+        if done || shown.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            reporter.emit(&event);
+            shown = Some(Instant::now());
+        }
+        if done {
             reporter.finish();
             return Ok(r);
         }
@@ -532,7 +545,7 @@ async fn wait_running(dst: &Client, name: &str, bound: Duration) -> bool {
             Err(tandem_api::ApiError::Server { status: 404, .. }) => return false,
             _ => {}
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
 }

@@ -78,6 +78,24 @@ fn tls_object(dir: &std::path::Path, endpoint: &str) -> Value {
     })
 }
 
+/// Returns at QEMU's next MIGRATION event; never, once its event stream
+/// is gone (the caller's poll goes on).
+async fn next_migration_event(
+    events: &mut Option<tokio::sync::broadcast::Receiver<tandem_qmp::QmpEvent>>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let Some(rx) = events.as_mut() else {
+            return std::future::pending().await;
+        };
+        match rx.recv().await {
+            Ok(e) if e.name == "MIGRATION" => return,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => *events = None,
+        }
+    }
+}
+
 fn capabilities(caps: &[(&str, bool)]) -> Value {
     json!({ "capabilities": caps.iter().map(|(c, on)| json!({"capability": c, "state": on})).collect::<Vec<_>>() })
 }
@@ -647,10 +665,15 @@ impl Supervisor {
         let mut ladder = Ladder::new(cfg, 0);
         let mut abort_reason: Option<String> = None;
         let mut cancel_sent = false;
+        // QEMU's MIGRATION events wake the driver at once: at completion
+        // the guest is paused here until the CLI sees `awaiting-confirm`,
+        // so every poll interval of delay is downtime for its clients.
+        let mut events = Some(qmp.events());
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = job.cancel.notified() => {}
+                _ = next_migration_event(&mut events) => {}
             }
             let wants_cancel = abort_reason.is_some()
                 || job.cancel_asked.load(std::sync::atomic::Ordering::SeqCst);
