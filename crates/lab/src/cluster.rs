@@ -42,8 +42,8 @@
 //! every exit path; the daemons stop before them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::bounded::{run_bounded, CmdOut};
 use crate::checker::{self, Delivered, Probe};
 use crate::topology::{
     self, Topology, HOST_API_PORT, MANAGER_IP, MANAGER_PORT, MGMT_A, MGMT_B, UPLINK_A, UPLINK_B,
@@ -331,7 +332,7 @@ impl<'a> Lab<'a> {
             .arg("--identity")
             .arg(self.operator())
             .args(["--manager", &Self::addr()]);
-        run_bounded(cmd, &self.work, timeout)
+        run_bounded(cmd, &self.work, timeout, &|| false)
     }
 
     /// `tandem --json ARGS` as the operator, required to succeed.
@@ -384,7 +385,7 @@ impl<'a> Lab<'a> {
         init.args(["cluster", "init", "--name", "drill", "--state-dir"])
             .arg(&state)
             .args(["--listen", &addr, "--advertise", &addr]);
-        let out = run_bounded(init, &self.work, Duration::from_secs(30))?;
+        let out = run_bounded(init, &self.work, Duration::from_secs(30), &|| false)?;
         if !out.status.success() {
             bail!("tandem cluster init: {}", out.text());
         }
@@ -460,7 +461,7 @@ impl<'a> Lab<'a> {
                 .args(["host", "join", &Self::addr(), "--token", &token])
                 .args(["--name", name, "--timeout", "20s", "--state-dir"])
                 .arg(&state);
-            let out = run_bounded(cmd, &self.work, Duration::from_secs(30))?;
+            let out = run_bounded(cmd, &self.work, Duration::from_secs(30), &|| false)?;
             if !out.status.success() {
                 bail!("{name}: tandem host join: {}", out.text());
             }
@@ -473,7 +474,7 @@ impl<'a> Lab<'a> {
                 .args(["--name", name, "--timeout", "20s", "--force"])
                 .arg("--state-dir")
                 .arg(self.work.join(format!("rejoin-{name}")));
-            let reused = run_bounded(again, &self.work, Duration::from_secs(30))?;
+            let reused = run_bounded(again, &self.work, Duration::from_secs(30), &|| false)?;
             step.expect(!reused.status.success(), || {
                 format!("{name}: the join token worked twice")
             });
@@ -735,7 +736,7 @@ impl<'a> Lab<'a> {
             .arg("--remote-identity")
             .arg(self.operator())
             .args(["switch", "txn"]);
-        let reach = run_bounded(remote, &self.work, Duration::from_secs(20))?;
+        let reach = run_bounded(remote, &self.work, Duration::from_secs(20), &|| false)?;
         step.expect(reach.status.success(), || {
             format!(
                 "the manager's namespace cannot reach host-a's API after the rollback: {}",
@@ -801,7 +802,7 @@ impl<'a> Lab<'a> {
                 "host-b",
                 "--copy-storage",
             ]);
-        let out = run_bounded(cmd, &self.work, Duration::from_secs(240))?;
+        let out = run_bounded(cmd, &self.work, Duration::from_secs(240), &|| false)?;
         let took = t0.elapsed();
         step.time("tandem migrate (disk, then memory)", took);
         // A little of the client on host-b after the move.
@@ -1095,58 +1096,6 @@ impl Drop for Manager {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-struct CmdOut {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl CmdOut {
-    fn text(&self) -> String {
-        format!(
-            "{}: {}{}",
-            self.status,
-            self.stdout.trim(),
-            self.stderr.trim()
-        )
-    }
-}
-
-/// Runs `cmd` to completion within `timeout` (killed after), its output
-/// through files in `dir` (a pipe nobody reads could stall it).
-fn run_bounded(mut cmd: Command, dir: &Path, timeout: Duration) -> anyhow::Result<CmdOut> {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    let (out, err) = (dir.join(format!(".out{n}")), dir.join(format!(".err{n}")));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out)?)
-        .stderr(std::fs::File::create(&err)?)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{cmd:?}: not done within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(&err);
-    Ok(CmdOut {
-        status,
-        stdout,
-        stderr,
-    })
 }
 
 #[derive(Default)]

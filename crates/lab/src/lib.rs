@@ -32,6 +32,7 @@
 //! the guest serves.
 
 pub mod bench;
+pub mod bounded;
 pub mod checker;
 pub mod cluster;
 pub mod colobench;

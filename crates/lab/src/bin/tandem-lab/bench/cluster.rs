@@ -244,40 +244,18 @@ pub(super) fn stop_child(c: &mut Child, grace: Duration) {
     let _ = c.wait();
 }
 
-/// Runs a command to completion within `timeout` (killed after), its
-/// stdout and stderr through files in `dir`.
+/// [`tandem_lab::bounded::run_bounded`], stopped by an interrupt, as
+/// (status, stdout, stderr).
 pub(super) fn run_bounded(
-    mut cmd: Command,
+    cmd: Command,
     dir: &Path,
     timeout: Duration,
 ) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    let (out, err) = (dir.join(format!(".out{n}")), dir.join(format!(".err{n}")));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out)?)
-        .stderr(std::fs::File::create(&err)?)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline || INTERRUPTED.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            let _ = child.wait();
-            check_interrupted()?;
-            bail!("{cmd:?}: not done within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let o = std::fs::read_to_string(&out).unwrap_or_default();
-    let e = std::fs::read_to_string(&err).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(&err);
-    Ok((status, o, e))
+    let out =
+        tandem_lab::bounded::run_bounded(cmd, dir, timeout, &|| INTERRUPTED.load(Ordering::SeqCst));
+    check_interrupted()?;
+    let out = out?;
+    Ok((out.status, out.stdout, out.stderr))
 }
 
 fn now_unix() -> f64 {
