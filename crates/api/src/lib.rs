@@ -782,6 +782,33 @@ pub struct MigrationReport {
     pub first_commit_ms: Option<u64>,
 }
 
+impl MigrationReport {
+    /// A migration of `vm` that has just started on `rung`: nothing sent,
+    /// nothing measured yet.
+    pub fn starting(vm: &str, phase: MigrationPhase, rung: &str) -> MigrationReport {
+        MigrationReport {
+            vm: vm.to_string(),
+            phase,
+            rung: rung.to_string(),
+            elapsed_ms: 0,
+            transferred: 0,
+            remaining: 0,
+            total: 0,
+            dirty_rate_bps: 0,
+            bandwidth_bps: 0,
+            iteration: 0,
+            expected_downtime_ms: None,
+            cpu_throttle_pct: 0,
+            downtime_ms: None,
+            message: None,
+            storage_bytes: 0,
+            storage_ms: None,
+            multifd_bytes: 0,
+            first_commit_ms: None,
+        }
+    }
+}
+
 /// Body of `POST /v1/vms/{name}/migration/confirm`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationConfirm {

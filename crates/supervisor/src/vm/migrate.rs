@@ -588,31 +588,15 @@ impl Supervisor {
             }
         };
         info!(vm = %name, %uri, copying = mirror.is_some(), "migration started");
-        let report = MigrationReport {
-            vm: name.to_string(),
-            phase: MigrationPhase::Running,
-            rung: if mirror.is_some() {
+        let report = MigrationReport::starting(
+            name,
+            MigrationPhase::Running,
+            if mirror.is_some() {
                 "storage"
             } else {
                 "precopy"
-            }
-            .into(),
-            elapsed_ms: 0,
-            transferred: 0,
-            remaining: 0,
-            total: 0,
-            dirty_rate_bps: 0,
-            bandwidth_bps: 0,
-            iteration: 0,
-            expected_downtime_ms: None,
-            cpu_throttle_pct: 0,
-            downtime_ms: None,
-            message: None,
-            storage_bytes: 0,
-            storage_ms: None,
-            multifd_bytes: 0,
-            first_commit_ms: None,
-        };
+            },
+        );
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report.clone()),
             cancel: tokio::sync::Notify::new(),
@@ -897,10 +881,6 @@ impl Supervisor {
             }
         };
         let report = MigrationReport {
-            vm: vm.name.clone(),
-            phase,
-            rung: "adopted".into(),
-            elapsed_ms: 0,
             transferred: sample.transferred,
             remaining: sample.remaining,
             total: sample.total,
@@ -913,10 +893,8 @@ impl Supervisor {
             message: Some(
                 "taken up again by a restarted tandemd (the ladder's settings were lost)".into(),
             ),
-            storage_bytes: 0,
-            storage_ms: None,
             multifd_bytes: sample.multifd_bytes,
-            first_commit_ms: None,
+            ..MigrationReport::starting(&vm.name, phase, "adopted")
         };
         let job = Arc::new(OutgoingJob {
             report: Mutex::new(report),
