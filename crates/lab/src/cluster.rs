@@ -745,10 +745,26 @@ impl<'a> Lab<'a> {
         });
 
         // What the client saw.
+        let w = self.judge_client(step, probe, t0, window_end, "the change")?;
+        Ok(w)
+    }
+
+    /// Stops the client and judges what it saw during `what` (from the
+    /// start of the step to `window_end`): no failed request and no
+    /// outage (`checker::check_service`), and every reply a record the
+    /// guest knows (`verify_records`).
+    fn judge_client(
+        &self,
+        step: &mut ClusterStep,
+        probe: ProbeClient,
+        t0: Instant,
+        window_end: Duration,
+        what: &str,
+    ) -> anyhow::Result<checker::ServiceWindow> {
         let (probes, delivered) = probe.stop(t0)?;
         let w = checker::service_window(&probes, 0.0, window_end.as_secs_f64() * 1e3);
         step.saw(format!(
-            "client during the change ({:.1} s): {} replies, {} failed, latency p50 {:.1} ms max {:.1} ms, longest gap {:.0} ms (before: {} replies, p50 {:.1} ms, max {:.1} ms)",
+            "client during {what} ({:.1} s): {} replies, {} failed, latency p50 {:.1} ms max {:.1} ms, longest gap {:.0} ms (before: {} replies, p50 {:.1} ms, max {:.1} ms)",
             window_end.as_secs_f64(),
             w.during_answered,
             w.during_failed,
@@ -887,21 +903,7 @@ impl<'a> Lab<'a> {
                 Err(e) => step.violations.push(format!("{e:#}")),
             }
         }
-        let (probes, delivered) = probe.stop(t0)?;
-        let w = checker::service_window(&probes, 0.0, window_end.as_secs_f64() * 1e3);
-        step.saw(format!(
-            "client during the migration ({:.1} s): {} replies, {} failed, latency p50 {:.1} ms max {:.1} ms, longest gap {:.0} ms",
-            window_end.as_secs_f64(),
-            w.during_answered,
-            w.during_failed,
-            w.during_p50_ms,
-            w.during_max_ms,
-            w.during_longest_gap_ms,
-        ));
-        step.violations.extend(checker::check_service(&w));
-        let known = verify_records(&self.topo, &delivered)?;
-        step.violations
-            .extend(known.iter().map(|v| format!("client: {v}")));
+        self.judge_client(step, probe, t0, window_end, "the migration")?;
         Ok(())
     }
 
