@@ -872,6 +872,21 @@ impl Background {
         }
     }
 
+    /// Waits until the disks' copy is under way (some bytes copied).
+    fn wait_copying(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = self
+                .events
+                .recv_timeout(left)
+                .expect("no progress from tandem migrate within 30 s");
+            if e["phase"] == "storage" && e["done"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+        }
+    }
+
     /// Waits for the command's end (bounded): (success, stderr).
     fn finish(mut self) -> (bool, String) {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -970,6 +985,34 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
     );
     runs_on("after a cut link");
     assert_destination_clean(&dst, "a cut link");
+
+    // The link is cut while the disk is copied (1 MiB/s): the copy's
+    // NBD connection has writes in flight that TCP would retry for many
+    // minutes (and with a write-blocking mirror, so would the guest's
+    // own writes). The source cuts that connection when it gives up, so
+    // the abort is prompt and the guest's disk is its own again.
+    let t = Instant::now();
+    let m = to_b("1", &["--copy-storage", "--link-timeout-s", "3"]);
+    m.wait_copying();
+    b.run(&["ip", "link", "set", "m1", "down"]);
+    let (ok, err) = m.finish();
+    let took = t.elapsed();
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("was aborted") && err.contains("the disks' copy moved nothing"),
+        "{err}"
+    );
+    // Still cut off: QEMU answers its monitor and the guest runs, with no
+    // QMP call left waiting on the dead connection.
+    runs_on("after a link cut during the disks' copy");
+    let log = src.log();
+    assert!(
+        took < Duration::from_secs(12) && !log.contains("QMP timed out"),
+        "the abort of a cut disk copy took {took:?}:\n{err}\n{}",
+        tandem_tests::tail(&log, 20)
+    );
+    b.run(&["ip", "link", "set", "m1", "up"]);
+    assert_destination_clean(&dst, "a link cut during the disks' copy");
 
     // The destination's tandemd dies mid-stream (its QEMU carries on) and
     // comes back: the VM of an incoming migration that never ran there is
