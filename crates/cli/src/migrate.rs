@@ -284,6 +284,21 @@ pub async fn run(
         )
         .await
         .context("confirming the migration on the source")?;
+    if committed {
+        // The source has just sent the output it held, from the guest's
+        // MACs: the network now takes the source's port for them. Have the
+        // destination announce the guest again (measured by the benchmark:
+        // without this a quiet guest stayed unreachable).
+        if let Err(e) = dst
+            .post::<(), ()>(&format!("/v1/vms/{}/announce", a.name), &())
+            .await
+        {
+            eprintln!(
+                "warning: the destination did not announce `{}` again: {e:#}",
+                a.name
+            );
+        }
+    }
     if let Some(e) = protect_failure {
         return Err(e.context(format!(
             "protecting `{}` on the destination failed; the destination's copy was removed and the source resumed it, still protected",

@@ -31,6 +31,7 @@ pub fn router(sup: Sup) -> Router {
         .route("/v1/vms/{name}/migration/cancel", post(cancel_migration))
         .route("/v1/vms/{name}/migration/disks", post(migration_disks))
         .route("/v1/vms/{name}/migration/run", post(run_incoming))
+        .route("/v1/vms/{name}/announce", post(announce))
         .route("/metrics", get(metrics))
         .with_state(sup)
 }
@@ -98,6 +99,12 @@ async fn restore(
 ) -> ApiResult<tandem_api::VmInfo> {
     let dir = s.checkpoint_dir(&req.dir, true)?;
     Ok(Json(s.restore_from(&name, &dir).await?))
+}
+
+/// Has QEMU announce the guest's MACs from this host again.
+async fn announce(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<()> {
+    s.announce(&name).await?;
+    Ok(Json(()))
 }
 
 /// The source, before the destination prepares: its disks and name.

@@ -375,17 +375,23 @@ impl Supervisor {
         if device_state.is_some() {
             // The guest now lives somewhere new: have QEMU announce its MACs
             // (gratuitous ARP/RARP) so switches learn the new port at once.
-            let announce = serde_json::json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
-            if let Err(e) = qmp
-                .execute_raw("announce-self", announce, Duration::from_secs(5))
-                .await
-            {
+            if let Err(e) = announce_self(&qmp).await {
                 warn!(vm = %vm.name, "announce-self failed: {e}");
             }
         }
         vm.update(|r| r.state = VmState::Running)
             .map_err(StartFailure::Persist)?;
         Ok(qmp)
+    }
+
+    /// Has QEMU announce the guest's MACs from here (RARP, five rounds
+    /// over about a second), so the network learns this host's port for
+    /// them again: after a migration, frames the source released late
+    /// (its held output) taught the fabric the source's port.
+    pub async fn announce(&self, name: &str) -> Result<(), SupervisorError> {
+        let vm = self.get(name).await?;
+        let live = vm.live().ok_or_else(|| vm.bad_state("announce"))?;
+        announce_self(&live.qmp).await.map_err(vm.qmp_err())
     }
 
     pub async fn pause(&self, name: &str) -> Result<VmInfo, SupervisorError> {
@@ -648,4 +654,13 @@ fn qemu_identity(vm: &Vm, pid: u32) -> Option<ProcessIdentity> {
         start_ticks: rec.shim_start?,
     };
     ProcessIdentity::child_of(pid, &shim)
+}
+
+/// QEMU's `announce-self`: RARP from every NIC's MAC, first at once, then
+/// backing off from 50 to 550 ms over five rounds.
+async fn announce_self(qmp: &QmpClient) -> Result<(), QmpError> {
+    let announce = serde_json::json!({"initial": 50, "max": 550, "rounds": 5, "step": 100});
+    qmp.execute_raw("announce-self", announce, Duration::from_secs(5))
+        .await
+        .map(|_| ())
 }
