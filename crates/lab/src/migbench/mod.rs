@@ -85,6 +85,10 @@ pub struct MigOptions {
     pub qboot_rom: PathBuf,
     pub image_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// The tandem side's guest is protected (fault tolerance) to a backup
+    /// tandemd for the whole run; its migrations move the protection (the
+    /// CLI does) and report the destination's first commit.
+    pub protected: bool,
 }
 
 /// One migration.
@@ -103,6 +107,11 @@ pub struct RunResult {
     pub stream_ms: Option<f64>,
     /// QEMU's `downtime`.
     pub downtime_ms: Option<f64>,
+    /// A protected VM (tandem, `--protected`): from the end of the stream
+    /// to the destination's first commit to the backup (the report's
+    /// `first_commit_ms`; the guest's output is held until then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_commit_ms: Option<f64>,
     /// The longest time between two client replies across the migration
     /// (from the last reply before it started to the service after it).
     pub gap_ms: f64,
@@ -142,6 +151,11 @@ pub struct Stats {
     pub total_p99_ms: Option<f64>,
     pub downtime_p50_ms: Option<f64>,
     pub downtime_p99_ms: Option<f64>,
+    /// Protected runs only (the runs that report one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_commit_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_commit_p99_ms: Option<f64>,
     pub gap_p50_ms: Option<f64>,
     pub gap_p99_ms: Option<f64>,
     pub gap_before_p50_ms: Option<f64>,
@@ -174,6 +188,8 @@ pub struct MigReport {
     pub bandwidth_mib_s: u64,
     pub bound_s: u64,
     pub runs: u32,
+    /// The tandem side's guest was protected to a backup tandemd.
+    pub protected: bool,
     /// What each side was told, for the record.
     pub tandem_settings: String,
     pub plain_settings: String,
@@ -338,6 +354,7 @@ struct Moved {
     total_ms: Option<f64>,
     stream_ms: Option<f64>,
     downtime_ms: Option<f64>,
+    first_commit_ms: Option<f64>,
     transferred_bytes: u64,
     rung: String,
     dirty_seen_mib_s: Option<f64>,
@@ -392,6 +409,7 @@ fn run_once(
         total_ms: moved.total_ms,
         stream_ms: moved.stream_ms,
         downtime_ms: moved.downtime_ms,
+        first_commit_ms: moved.first_commit_ms,
         gap_ms: gaps.across_ms,
         gap_before_ms: gaps.before_ms,
         served_after: after.is_some(),
@@ -429,6 +447,8 @@ fn stats(runs: &[RunResult]) -> Stats {
         total_p99_ms: pick(&|r| r.total_ms, 99.0),
         downtime_p50_ms: pick(&|r| r.downtime_ms, 50.0),
         downtime_p99_ms: pick(&|r| r.downtime_ms, 99.0),
+        first_commit_p50_ms: pick(&|r| r.first_commit_ms, 50.0),
+        first_commit_p99_ms: pick(&|r| r.first_commit_ms, 99.0),
         gap_p50_ms: pick(&|r| Some(r.gap_ms), 50.0),
         gap_p99_ms: pick(&|r| Some(r.gap_ms), 99.0),
         gap_before_p50_ms: pick(&|r| Some(r.gap_before_ms), 50.0),
@@ -536,9 +556,15 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
         bandwidth_mib_s: o.bandwidth_mib_s,
         bound_s: o.bound_s,
         runs: o.runs,
+        protected: o.protected,
         tandem_settings: format!(
-            "tandem migrate --bandwidth {} (its ladder's defaults: downtime 300 ms raised up to 2000 ms, then throttle; no postcopy), plain TCP (hosts without identities)",
-            o.bandwidth_mib_s
+            "tandem migrate --bandwidth {} (its ladder's defaults: downtime 300 ms raised up to 2000 ms, then throttle; no postcopy), plain TCP (hosts without identities){}",
+            o.bandwidth_mib_s,
+            if o.protected {
+                "; the guest protected to a backup tandemd (epoch 50 ms, output commit classified), the protection moving with it"
+            } else {
+                ""
+            }
         ),
         plain_settings: format!(
             "libvirt's defaults: capability events, max-bandwidth {LIBVIRT_BANDWIDTH_MAX_MIB} MiB/s (no limit), downtime-limit {QEMU_DOWNTIME_LIMIT_MS} ms (QEMU's), no auto-converge, no postcopy; destination -S, cont on MIGRATION completed; cancelled after {} s",
@@ -552,7 +578,11 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
     };
     // Drop order: the plain site, then tandem's (each its processes first,
     // then its namespaces), then the work directory.
-    say("tandem: two tandemds in namespaces, the guest on A's switch");
+    say(if o.protected {
+        "tandem: two tandemds in namespaces, the guest on A's switch, protected to a third (the backup)"
+    } else {
+        "tandem: two tandemds in namespaces, the guest on A's switch"
+    });
     // (tandemd's RAM directories and the plain QEMUs' RAM files are named
     // after these directories: /dev/shm/tmigbench-<tag>…, removed at the end.)
     let t_work = work.join(format!("tmigbench-{tag}t"));
@@ -596,10 +626,13 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
                 };
                 if r.error.is_none() {
                     say(&format!(
-                        "  {name}: {} total {} downtime {} gap {:.0} ms (before {:.0}), {:.0} MiB, rung {}, dirty seen by QEMU {}, by the load {} (longest DIRTY {:.0} ms){}",
+                        "  {name}: {} total {} downtime {}{} gap {:.0} ms (before {:.0}), {:.0} MiB, rung {}, dirty seen by QEMU {}, by the load {} (longest DIRTY {:.0} ms){}",
                         if r.converged { "converged," } else { "did NOT converge," },
                         opt_ms(r.total_ms),
                         opt_ms(r.downtime_ms),
+                        r.first_commit_ms
+                            .map(|f| format!(" first commit {f:.0} ms"))
+                            .unwrap_or_default(),
                         r.gap_ms,
                         r.gap_before_ms,
                         r.transferred_bytes as f64 / (1u64 << 20) as f64,
@@ -671,6 +704,28 @@ mod tests {
     }
 
     #[test]
+    fn first_commit_stats_skip_runs_without_one() {
+        let with = |converged: bool, f: Option<f64>| RunResult {
+            first_commit_ms: f,
+            ..run(converged, 1000.0, 50.0, "precopy")
+        };
+        let runs = [
+            with(true, Some(300.0)),
+            with(true, None),
+            with(true, Some(100.0)),
+            with(false, Some(9_999.0)),
+            with(true, Some(200.0)),
+        ];
+        let s = stats(&runs);
+        assert_eq!(s.converged, 4);
+        assert_eq!(s.first_commit_p50_ms, Some(200.0));
+        assert_eq!(s.first_commit_p99_ms, Some(300.0));
+        // Unprotected: no first commit anywhere, none in the stats.
+        let s = stats(&[run(true, 1.0, 1.0, "precopy")]);
+        assert_eq!((s.first_commit_p50_ms, s.first_commit_p99_ms), (None, None));
+    }
+
+    #[test]
     fn the_guest_spec_differs_only_in_the_nic_backend() {
         let o = MigOptions {
             dirty_mib_s: vec![0],
@@ -684,6 +739,7 @@ mod tests {
             qboot_rom: "/qb".into(),
             image_dir: "/img".into(),
             work_dir: "/tmp".into(),
+            protected: false,
         };
         let a = guest_spec(&o, "backend = \"switch\"\nport_group = \"vms\"");
         let b = guest_spec(&o, "backend = \"tap\"\ntap = \"tq0\"");

@@ -3,7 +3,7 @@
 //! the guest migrated by `tandem migrate` over the A–B link.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -17,10 +17,28 @@ use crate::{block_on, tail, DrillOptions, Host};
 /// `tandem migrate` is killed after this long (its ladder ends a
 /// migration that cannot finish well before).
 const CLI_BOUND: Duration = Duration::from_secs(600);
+/// `--protected`: the guest's first protection (its whole RAM copied to
+/// the backup) must be in place within this long.
+const PROTECT_BOUND: Duration = Duration::from_secs(120);
+
+/// `--protected`: the fencing and takeover timeouts of all three tandemds
+/// (heartbeats at tandemd's default 100 ms). Generous, as in the COLO
+/// bench: on a busy 2-core machine a resync can starve heartbeats past
+/// tandemd's default 1.5 s, and failure detection is not what this bench
+/// measures. They do not change when an epoch commits.
+const PROTECTED_TIMEOUTS: crate::FtTimeouts = crate::FtTimeouts {
+    heartbeat_ms: 100,
+    fence_timeout_ms: 5000,
+    takeover_timeout_ms: 7500,
+};
 
 pub(super) struct TandemSite {
     // Field order is drop order: the daemons (and their QEMUs) go before
     // the namespaces they live in.
+    /// `--protected`: the backup tandemd (in the client's namespace) the
+    /// guest is protected to, wherever it runs. First to go: a backup
+    /// outliving its primary would take the guest over.
+    d: Option<Host>,
     a: Host,
     b: Host,
     topo: Topology,
@@ -55,9 +73,31 @@ impl TandemSite {
             work_dir: work.to_path_buf(),
             timeouts: Default::default(),
         };
+        // Without --protected, tandemd's defaults (no flags at all).
+        let owned = if o.protected {
+            PROTECTED_TIMEOUTS.tandemd_args()
+        } else {
+            Vec::new()
+        };
+        let timeouts: Vec<&str> = owned.iter().map(String::as_str).collect();
+        // The backup: in the client's namespace (no uplink, its switch
+        // only the guest's port group), reached over a Unix socket by
+        // whichever of A and B runs the guest.
+        let repl = format!("unix:{}", work.join("d-repl.sock").display());
+        let d = if o.protected {
+            let mut d_args = timeouts.clone();
+            d_args.extend(["--repl-listen", repl.as_str()]);
+            let doc = "[[port_group]]\nname = \"vms\"\nvlan = 10\n";
+            Some(
+                Host::start_with_switch("d", &topo.c, doc, &opts, work, &d_args)
+                    .context("starting the backup tandemd")?,
+            )
+        } else {
+            None
+        };
         // Each host's RAM directory is /dev/shm/<work's name>-<host>.
-        let b = Host::start("b", &topo.b, UPLINK_B, &opts, work, &[])?;
-        let a = Host::start("a", &topo.a, UPLINK_A, &opts, work, &[])?;
+        let b = Host::start("b", &topo.b, UPLINK_B, &opts, work, &timeouts)?;
+        let a = Host::start("a", &topo.a, UPLINK_A, &opts, work, &timeouts)?;
         let spec = guest_spec(o, "backend = \"switch\"\nport_group = \"vms\"");
         let api = a.api();
         let _: tandem_api::VmInfo =
@@ -77,7 +117,18 @@ impl TandemSite {
             || Ok(()),
         )
         .with_context(|| format!("tandemd A's log:\n{}", tail(&a.log, 8)))?;
+        if let Some(d) = &d {
+            say("  tandem: protecting the guest on A to the backup tandemd");
+            protect(&a, &repl).with_context(|| {
+                format!(
+                    "protecting the guest; tandemd A's log:\n{}\nthe backup's log:\n{}",
+                    tail(&a.log, 8),
+                    tail(&d.log, 8)
+                )
+            })?;
+        }
         Ok(TandemSite {
+            d,
             a,
             b,
             topo,
@@ -86,6 +137,41 @@ impl TandemSite {
             bandwidth_mib_s: o.bandwidth_mib_s,
             work: work.to_path_buf(),
         })
+    }
+}
+
+/// Protects the guest on `a` to the backup at `repl` (epoch 50 ms, output
+/// commit classified, profile `bulk-tcp`) and waits until `a` reports it
+/// protected.
+fn protect(a: &Host, repl: &str) -> anyhow::Result<()> {
+    let _: tandem_api::FtStatus = block_on(a.api().post(
+        "/v1/vms/drill/protect",
+        &tandem_api::ProtectRequest {
+            backup: repl.to_string(),
+            epoch_ms: Some(50),
+            output_mode: Some("classified".into()),
+            profile: Some("bulk-tcp".into()),
+            rules: None,
+            hold_max_frames: None,
+            hold_max_bytes: None,
+            tracker: None,
+            unsafe_no_clamp: false,
+            generation: None,
+        },
+    ))
+    .context("POST /v1/vms/drill/protect")?;
+    let deadline = Instant::now() + PROTECT_BOUND;
+    loop {
+        check_interrupted()?;
+        let last = match crate::ft_primary(a) {
+            Ok(s) if s.state.as_str() == "protected" => return Ok(()),
+            Ok(s) => format!("{} ({})", s.state, s.detail),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!("not protected within {PROTECT_BOUND:?}; last status: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -150,6 +236,7 @@ impl System for TandemSite {
             .filter(|&b| b > 0)
             .map(|b| b as f64 / (1u64 << 20) as f64);
         let mut moved = Moved {
+            first_commit_ms: report.first_commit_ms.map(|m| m as f64),
             stream_ms: Some(report.elapsed_ms as f64),
             downtime_ms: report.downtime_ms.map(|d| d as f64),
             transferred_bytes: report.transferred,
@@ -162,6 +249,13 @@ impl System for TandemSite {
                 moved.converged = true;
                 moved.total_ms = Some(total_ms);
                 self.at_a = !self.at_a;
+                if self.d.is_some() && moved.first_commit_ms.is_none() {
+                    // Moved, but its output is still held (the CLI warned).
+                    moved.note = Some(format!(
+                        "moved, but no first commit to the backup reported: {}",
+                        stderr.trim()
+                    ));
+                }
             }
             MigrationPhase::Aborted | MigrationPhase::Cancelled => {
                 moved.note = Some(format!(
@@ -182,37 +276,15 @@ impl System for TandemSite {
     }
 }
 
-/// Runs a command to completion within `timeout` (killed after), its
-/// output through files in `dir`: (success, stdout, stderr). Its end is
-/// seen within 5 ms.
+/// [`crate::bounded::run_bounded`], stopped by an interrupt: (success,
+/// stdout, stderr).
 fn run_bounded(
-    mut cmd: Command,
+    cmd: Command,
     dir: &Path,
     timeout: Duration,
 ) -> anyhow::Result<(bool, String, String)> {
-    let (out, err) = (dir.join("cli.out"), dir.join("cli.err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out)?)
-        .stderr(std::fs::File::create(&err)?)
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline || check_interrupted().is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
-            check_interrupted()?;
-            bail!("{cmd:?}: not done within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    let _ = std::fs::remove_file(&err);
-    Ok((status.success(), stdout, stderr))
+    let out = crate::bounded::run_bounded(cmd, dir, timeout, &|| check_interrupted().is_err());
+    check_interrupted()?;
+    let out = out?;
+    Ok((out.status.success(), out.stdout, out.stderr))
 }

@@ -401,6 +401,12 @@ pub struct MigrateArgs {
         default_value = "/var/lib/tandem/images"
     )]
     image_dir: PathBuf,
+    /// Protect tandem's guest (fault tolerance, epoch 50 ms, output commit
+    /// classified) to a third tandemd for the whole run: each migration
+    /// moves the protection, and the destination's time to its first
+    /// commit to the backup is reported.
+    #[arg(long)]
+    protected: bool,
 }
 
 /// Benchmarks drive their own runtimes and processes: no async runtime here.
@@ -1075,6 +1081,7 @@ fn migrate_bench(a: MigrateArgs, json: bool) -> anyhow::Result<()> {
         qboot_rom: a.qboot_rom.clone(),
         image_dir: a.image_dir.clone(),
         work_dir: PathBuf::from("/tmp"),
+        protected: a.protected,
     };
     let r = migbench::migrate_vs_plain(&opts, say)?;
     if json {
@@ -1088,28 +1095,49 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
     let v = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
     let pair = |p50: Option<f64>, p99: Option<f64>| format!("{} / {}", v(p50), v(p99));
     println!(
-        "\nlive migration, tandem migrate vs plain QEMU (libvirt's defaults); {} MiB TCG guest, link {} MiB/s, {} runs per cell",
-        r.memory_mib, r.bandwidth_mib_s, r.runs
+        "\nlive migration, tandem migrate{} vs plain QEMU (libvirt's defaults); {} MiB TCG guest, link {} MiB/s, {} runs per cell",
+        if r.protected { " (protected VM)" } else { "" },
+        r.memory_mib,
+        r.bandwidth_mib_s,
+        r.runs
     );
     println!("QEMU: {}", r.qemu);
     println!("tandem: {}", r.tandem_settings);
     println!("plain:  {}", r.plain_settings);
     println!("load:   {}", r.load);
+    // The first-commit column only for a protected run.
+    let commit_col = |s: String| {
+        if r.protected {
+            format!(" {s:>11} |")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} | rungs",
+        "{:>5} {:<6} {:>5} | {:>13} | {:>11} |{} {:>11} {:>6} | {:>11} | {:>13} | rungs",
         "dirty",
         "system",
         "conv",
         "total ms",
         "downtime ms",
+        commit_col("1st commit".into()),
         "gap ms",
         "before",
         "sent MiB",
         "dirty MiB/s"
     );
     println!(
-        "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} |",
-        "MiB/s", "", "", "p50 / p99", "p50 / p99", "p50 / p99", "p50", "p50 / p99", "load / QEMU"
+        "{:>5} {:<6} {:>5} | {:>13} | {:>11} |{} {:>11} {:>6} | {:>11} | {:>13} |",
+        "MiB/s",
+        "",
+        "",
+        "p50 / p99",
+        "p50 / p99",
+        commit_col("p50 / p99".into()),
+        "p50 / p99",
+        "p50",
+        "p50 / p99",
+        "load / QEMU"
     );
     for c in &r.cells {
         for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
@@ -1121,12 +1149,17 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
                 .collect::<Vec<_>>()
                 .join(", ");
             println!(
-                "{:>5} {:<6} {:>5} | {:>13} | {:>11} | {:>11} {:>6} | {:>11} | {:>13} | {}",
+                "{:>5} {:<6} {:>5} | {:>13} | {:>11} |{} {:>11} {:>6} | {:>11} | {:>13} | {}",
                 c.dirty_asked_mib_s,
                 name,
                 format!("{}/{}", s.converged, s.runs),
                 pair(s.total_p50_ms, s.total_p99_ms),
                 pair(s.downtime_p50_ms, s.downtime_p99_ms),
+                commit_col(if name == "tandem" {
+                    pair(s.first_commit_p50_ms, s.first_commit_p99_ms)
+                } else {
+                    "-".into()
+                }),
                 pair(s.gap_p50_ms, s.gap_p99_ms),
                 v(s.gap_before_p50_ms),
                 pair(s.sent_p50_mib, s.sent_p99_mib),
@@ -1142,6 +1175,9 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
         }
     }
     println!("(converged runs only; p99 is the nearest rank, the maximum of a few runs; gap: longest time between two PING replies across the migration, before: the same under the load just before it; dirty: achieved, p50 over runs: load = the distinct pages the guest rewrote per second by the spacing of the DIRTY requests it answered, QEMU = its highest dirty-pages-rate x page size during the migration (- when it finished before QEMU's first reading, which takes a second); total: tandem the whole `tandem migrate`, plain the destination's start to its cont)");
+    if r.protected {
+        println!("(1st commit: tandem's protected guest, from the end of the stream to the destination's first commit to the backup, its output held until then; the report's first_commit_ms)");
+    }
     for c in &r.cells {
         for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
             for run in &side.runs {
@@ -1159,11 +1195,12 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
         }
     }
     println!(
-        "reproduce: tandem bench migrate --dirty-mib-s {} --runs {} --memory-mib {} --bandwidth {} --bound-s {}",
+        "reproduce: tandem bench migrate --dirty-mib-s {} --runs {} --memory-mib {} --bandwidth {} --bound-s {}{}",
         join(&a.dirty_mib_s),
         a.runs,
         a.memory_mib,
         a.bandwidth,
-        a.bound_s
+        a.bound_s,
+        if a.protected { " --protected" } else { "" }
     );
 }
