@@ -32,10 +32,17 @@
 //!    its counter goes on, the client saw no failure or outage and every
 //!    reply it got is a record the guest (now on host-b) knows.
 //!
-//! The guest is not protected here: between joined hosts replication runs
-//! over mutual TLS and the backup admits a primary only on the manager's
-//! VM authority record, which no `tandem` command creates yet. The client
-//! path is the same switch and uplink the rounds use.
+//! 5. **host-killed**: the guest, now on host-b, is protected to host-a
+//!    by the operator (`tandem protect --backup host-a@…`, mutual TLS over
+//!    the hosts' replication link; protecting records the VM with the
+//!    manager by itself), and host-b dies under the client's load: its
+//!    tandemd and the guest's QEMU are killed at once. Checked: host-a
+//!    takes over from its last commit, the guest did not boot again and
+//!    its counter goes on, the manager's record names host-a one
+//!    generation up, the client is served again within 15 s, and every
+//!    reply it got is a record the guest (now on host-a) knows.
+//!
+//! The client path is the same switch and uplink the rounds use.
 //!
 //! Every wait is bounded in time; every `tandem` command runs under a
 //! deadline (killed after). The namespaces are [`Topology`]'s, removed on
@@ -57,8 +64,18 @@ use serde_json::Value;
 use crate::bounded::{run_bounded, CmdOut};
 use crate::checker::{self, Delivered, Probe};
 use crate::topology::{
-    self, Topology, HOST_API_PORT, MANAGER_IP, MANAGER_PORT, MGMT_A, MGMT_B, UPLINK_A, UPLINK_B,
+    self, Topology, HOST_API_PORT, MANAGER_IP, MANAGER_PORT, MGMT_A, MGMT_B, REPL_A, REPL_B,
+    UPLINK_A, UPLINK_B,
 };
+
+/// Where each joined host listens for replication, on its end of the
+/// hosts' replication link.
+const REPL_PORT: u16 = 7400;
+
+/// The longest the client may go unanswered after a host dies: the
+/// backup's takeover timeout, the in-place restore, the fabric learning
+/// the guest's new port, and TCP's retransmission back-off on top.
+const KILLED_HOST_GAP_MS: f64 = 15_000.0;
 use crate::{block_on, boot_guest, exchange, tail, wait_for, DrillOptions, Host};
 
 /// The management VLAN: the uplink trunk's native VLAN.
@@ -147,7 +164,7 @@ impl ClusterStep {
     }
 }
 
-const STEPS: [&str; 4] = ["join", "commit", "rollback", "migrate"];
+const STEPS: [&str; 5] = ["join", "commit", "rollback", "migrate", "host-killed"];
 
 /// Runs the cluster steps in order; a step that fails leaves the rest
 /// not run (each builds on the previous one). An error is a setup failure
@@ -184,7 +201,8 @@ pub fn run(
                 1 => lab.join(step, &mut say),
                 2 => lab.commit(step),
                 3 => lab.rollback(step, &mut say).map(|w| service = Some(w)),
-                _ => lab.migrate(step, &mut say),
+                4 => lab.migrate(step, &mut say),
+                _ => lab.host_killed(step, &mut say),
             };
             if let Err(e) = r {
                 step.violations.push(format!("{e:#}"));
@@ -240,7 +258,9 @@ struct Slot {
     ns: String,
     uplink: &'static str,
     mgmt_ip: &'static str,
-    /// `None` only while tandemd restarts.
+    /// Its end of the hosts' replication link.
+    repl_ip: &'static str,
+    /// `None` only while tandemd restarts (and once step 5 killed it).
     host: Option<Host>,
 }
 
@@ -290,18 +310,19 @@ impl<'a> Lab<'a> {
     ) -> anyhow::Result<Lab<'a>> {
         let mut topo = Topology::create(tag).context("building the namespaces")?;
         let mgr_ns = topo.add_manager().context("the manager's namespace")?;
-        let slot = |short, name, ns: &str, uplink, mgmt_ip| Slot {
+        let slot = |short, name, ns: &str, uplink, mgmt_ip, repl_ip| Slot {
             short,
             name,
             ns: ns.to_string(),
             uplink,
             mgmt_ip,
+            repl_ip,
             host: None,
         };
         Ok(Lab {
             hosts: [
-                slot("a", "host-a", &topo.a, UPLINK_A, MGMT_A),
-                slot("b", "host-b", &topo.b, UPLINK_B, MGMT_B),
+                slot("a", "host-a", &topo.a, UPLINK_A, MGMT_A, REPL_A),
+                slot("b", "host-b", &topo.b, UPLINK_B, MGMT_B, REPL_B),
             ],
             manager: None,
             mgr_ns,
@@ -367,8 +388,18 @@ impl<'a> Lab<'a> {
         let doc = Self::bootstrap_switch(s);
         let listen = format!("0.0.0.0:{HOST_API_PORT}");
         let advertise = format!("{}:{HOST_API_PORT}", s.mgmt_ip);
+        // Replication between joined hosts runs over their own link, by
+        // mutual TLS with their certificates (step 5).
+        let repl = format!("{}:{REPL_PORT}", s.repl_ip);
         let extra: Vec<&str> = if host_api {
-            vec!["--host-api", &listen, "--host-api-advertise", &advertise]
+            vec![
+                "--host-api",
+                &listen,
+                "--host-api-advertise",
+                &advertise,
+                "--repl-listen",
+                &repl,
+            ]
         } else {
             Vec::new()
         };
@@ -909,6 +940,194 @@ impl<'a> Lab<'a> {
 
     /// Follows host-a's (and host-b's) transaction on the local sockets
     /// from the bad apply until host-a has ended it.
+    /// Step 5: the guest, now on host-b, is protected to host-a over the
+    /// hosts' replication link (mutual TLS; protecting records the VM with
+    /// the manager by itself), and host-b dies under the client's load:
+    /// its tandemd and the guest's QEMU are killed at once. host-a takes
+    /// the guest over from its last commit.
+    fn host_killed(
+        &mut self,
+        step: &mut ClusterStep,
+        say: &mut impl FnMut(&str),
+    ) -> anyhow::Result<()> {
+        let b = self.hosts[1].host()?;
+        let info: tandem_api::VmInfo = block_on(b.api().get("/v1/vms/drill"))
+            .context("the guest on host-b before the kill")?;
+        say("  protecting the guest on host-b to host-a (mutual TLS, by certificate name)");
+        let t = Instant::now();
+        let backup = format!("host-a@{REPL_A}:{REPL_PORT}");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.mgr_ns])
+            .arg(&self.bins.tandem)
+            .args(["--remote", "host-b", "--remote-identity"])
+            .arg(self.operator())
+            .args(["protect", "drill", "--backup", &backup, "--epoch-ms", "100"]);
+        let out = run_bounded(cmd, &self.work, Duration::from_secs(60), &|| false)?;
+        if !out.status.success() {
+            bail!("tandem protect drill on host-b: {}", out.text());
+        }
+        let a = self.hosts[0].host()?;
+        let protected = wait_for(
+            "the guest protected on host-b",
+            Duration::from_secs(120),
+            || {
+                let st: Vec<tandem_api::FtStatus> = block_on(b.api().get("/v1/ft/drill")).ok()?;
+                st.into_iter()
+                    .find(|s| s.state == tandem_api::FtState::Protected && s.last_committed >= 3)
+            },
+        );
+        let standby = wait_for("host-a standing by", Duration::from_secs(30), || {
+            let st: Vec<tandem_api::FtStatus> = block_on(a.api().get("/v1/ft/drill")).ok()?;
+            st.into_iter()
+                .find(|s| s.state == tandem_api::FtState::Standby)
+        });
+        let (protected, _) = match (protected, standby) {
+            (Ok(p), Ok(s)) => (p, s),
+            (p, s) => {
+                step.violations.extend(
+                    [p.err(), s.err()]
+                        .into_iter()
+                        .flatten()
+                        .map(|e| format!("{e:#}")),
+                );
+                return Ok(());
+            }
+        };
+        step.time("protect until host-a stands by", t.elapsed());
+        let record = self.op_json(&["cluster", "vms"])?;
+        let rec = record
+            .as_array()
+            .and_then(|v| v.iter().find(|r| r["uuid"] == info.uuid.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null);
+        step.expect(
+            rec["primary"] == "host-b" && rec["backup"] == "host-a",
+            || format!("the manager's record after protect: {rec}"),
+        );
+        let generation = rec["generation"].as_u64().unwrap_or(0);
+
+        let console: tandem_api::ConsoleChunk =
+            block_on(b.api().get("/v1/vms/drill/console?offset=0"))?;
+        let tick_before = last_tick(&console.data).unwrap_or(0);
+        let probe = ProbeClient::start(&self.topo)?;
+        wait_for(
+            "the client's first replies",
+            Duration::from_secs(60),
+            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
+        )?;
+        say("  killing host-b (its tandemd and the guest's QEMU) under the client's load");
+        let t0 = Instant::now();
+        let qemu = info.pid;
+        if let Some(h) = self.hosts[1].host.as_mut() {
+            h.kill();
+        }
+        if let Some(pid) = qemu {
+            let _ = signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        self.hosts[1].host = None;
+        let a = self.hosts[0].host()?;
+        let took_over = wait_for("host-a running the guest", Duration::from_secs(60), || {
+            let st: Vec<tandem_api::FtStatus> = block_on(a.api().get("/v1/ft/drill")).ok()?;
+            st.into_iter()
+                .find(|s| s.state == tandem_api::FtState::FailedOver)
+        });
+        let resumed = took_over.is_ok();
+        match took_over {
+            Ok(st) => step.saw(format!(
+                "host-a took over {:.1} s after the kill, from epoch {} (host-b had committed {} when protected): {}",
+                t0.elapsed().as_secs_f64(),
+                st.failover.as_ref().map_or(0, |f| f.epoch),
+                protected.last_committed,
+                st.failover.as_ref().map_or_else(String::new, |f| f.reason.clone())
+            )),
+            Err(e) => step.violations.push(format!("{e:#}")),
+        }
+        if resumed {
+            let counting = wait_for(
+                "the guest's counter on host-a",
+                Duration::from_secs(30),
+                || {
+                    let c: tandem_api::ConsoleChunk =
+                        block_on(a.api().get("/v1/vms/drill/console?offset=0")).ok()?;
+                    let t = last_tick(&c.data)?;
+                    (t > tick_before && !c.data.contains("TANDEM-GUEST-READY")).then_some(t)
+                },
+            );
+            match counting {
+                Ok(t) => step.saw(format!(
+                    "guest counter: {tick_before} on host-b before the kill, {t} on host-a, no reboot"
+                )),
+                Err(e) => step.violations.push(format!("{e:#}")),
+            }
+            let moved = wait_for(
+                "the manager's record naming host-a",
+                Duration::from_secs(30),
+                || {
+                    let v = self.op_json(&["cluster", "vms"]).ok()?;
+                    v.as_array()?
+                        .iter()
+                        .find(|r| r["uuid"] == info.uuid.as_str() && r["primary"] == "host-a")
+                        .cloned()
+                },
+            );
+            match moved {
+                Ok(r) => step.expect(r["generation"].as_u64() == Some(generation + 1), || {
+                    format!(
+                        "the record after the takeover: {r} (it was at generation {generation})"
+                    )
+                }),
+                Err(e) => step.violations.push(format!("{e:#}")),
+            }
+            // A little of the client on host-a after the takeover.
+            let since = t0.elapsed().as_secs_f64() * 1e3;
+            let _ = wait_for(
+                "the client's replies from host-a",
+                Duration::from_secs(30),
+                || {
+                    let n = probe
+                        .shared
+                        .samples
+                        .lock()
+                        .iter()
+                        .filter(|p| {
+                            p.ok && p.at_ms > (t0 - probe.started).as_secs_f64() * 1e3 + since
+                        })
+                        .count();
+                    (n >= 10).then_some(())
+                },
+            );
+        }
+        // A host dying is an outage until the takeover: requests may fail
+        // meanwhile. What must hold is that every reply the client got is
+        // a record the guest (now on host-a) knows, and that it is served
+        // again.
+        let window_end = t0.elapsed();
+        let (probes, delivered) = probe.stop(t0)?;
+        let w = checker::service_window(&probes, 0.0, window_end.as_secs_f64() * 1e3);
+        step.saw(format!(
+            "client from the kill ({:.1} s): {} replies, {} failed, longest gap {:.0} ms",
+            window_end.as_secs_f64(),
+            w.during_answered,
+            w.during_failed,
+            w.during_longest_gap_ms,
+        ));
+        step.expect(w.during_answered > 0, || {
+            "the guest answered nothing after the kill".to_string()
+        });
+        step.expect(w.during_longest_gap_ms <= KILLED_HOST_GAP_MS, || {
+            format!(
+                "the guest answered nothing for {:.0} ms after host-b died (allowed: {KILLED_HOST_GAP_MS:.0} ms)",
+                w.during_longest_gap_ms
+            )
+        });
+        if resumed {
+            let known = verify_records(&self.topo, &delivered)?;
+            step.violations
+                .extend(known.iter().map(|v| format!("client: {v}")));
+        }
+        Ok(())
+    }
+
     fn watch_canary(&self, t0: Instant, before: &str) -> anyhow::Result<Watch> {
         let mut pending: Option<Duration> = None;
         let mut b_pending_seen = false;
@@ -1226,6 +1445,7 @@ mod tests {
             ns: "x".into(),
             uplink: UPLINK_A,
             mgmt_ip: MGMT_A,
+            repl_ip: REPL_A,
             host: None,
         };
         let part = |vlan| {

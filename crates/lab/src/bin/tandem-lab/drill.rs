@@ -200,7 +200,7 @@ fn print_cluster(c: &ClusterReport) {
     println!(
         "cluster verdict: {}",
         if c.passed {
-            "PASS — joined, committed, the cut host restored itself and resynced, and the guest migrated under load with its disk"
+            "PASS — joined, committed, the cut host restored itself and resynced, the guest migrated under load with its disk, and when its host was killed the other took it over with every reply kept"
         } else {
             "FAIL"
         }
