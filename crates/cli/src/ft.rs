@@ -39,6 +39,12 @@ pub struct ProtectArgs {
     /// soft-dirty or uffd.
     #[arg(long)]
     tracker: Option<String>,
+    /// The least generation to protect under. `tandem migrate` passes the
+    /// source's + 1 itself; by hand only to finish a protected VM's
+    /// migration whose CLI died after the stream (`tandem ft status`
+    /// on the destination says so), with the source's generation + 1.
+    #[arg(long)]
+    generation: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,7 +109,7 @@ pub async fn protect(
                 hold_max_bytes: a.hold_max_bytes,
                 tracker: a.tracker,
                 unsafe_no_clamp: false,
-                generation: None,
+                generation: a.generation,
             },
         )
         .await?;

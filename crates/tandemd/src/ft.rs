@@ -772,6 +772,22 @@ impl Ft {
                 st
             })
             .collect();
+        // A protected VM that migrated in and is not protected here yet:
+        // its output is held by the gate it arrived under.
+        let primaries_now: Vec<String> = out.iter().map(|s| s.vm.clone()).collect();
+        for (vm, gate) in self.incoming.lock().iter() {
+            let current = self.switch.as_ref().is_some_and(|sw| gate.is_current(sw));
+            if current && !primaries_now.contains(vm) {
+                out.push(FtStatus {
+                    vm: vm.clone(),
+                    role: Some(tandem_api::FtRole::Primary),
+                    state: tandem_api::FtState::Connecting,
+                    detail: "migrated in from a protected source: its output is held until it is protected here to the source's backup, one generation up (`tandem migrate` does this; if it died after the stream: tandem protect VM --backup … --generation <the source's + 1>)".into(),
+                    output: Some(gate.counters()),
+                    ..Default::default()
+                });
+            }
+        }
         let stale = self.stale_records.lock().clone();
         out.extend(self.backup.status().into_iter().map(|mut st| {
             if let Some(note) = stale.get(&st.vm) {
