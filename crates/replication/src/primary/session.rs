@@ -314,10 +314,17 @@ impl<G: Guest> Engine<G> {
             changed
         });
         if holding {
+            // "Held" only once nothing is in flight: the epoch named is
+            // then the last the backup will have until the hold ends.
             self.set(|s| {
-                s.detail = format!(
-                    "checkpoints held for a live migration after epoch {committed}: output waits for the destination's first commit"
-                )
+                s.detail = match held {
+                    Some(e) => format!(
+                        "checkpoints held for a live migration after epoch {e}: output waits for the destination's first commit"
+                    ),
+                    None => format!(
+                        "holding checkpoints for a live migration: {inflight} epoch(s) in flight to be committed first"
+                    ),
+                }
             });
         }
     }
