@@ -420,7 +420,7 @@ fn a_guest_dirtying_faster_than_its_link_aborts_cleanly_without_postcopy() {
     assert_eq!(report["phase"], "aborted", "{report:#}");
     // It was the guest's own dirtying that kept it from converging: the
     // ladder's last reading of QEMU's dirty rate, in its message, is well
-    // above an idle guest's (under 0.5 MiB/s here).
+    // above an idle guest's (it reads 0.0 MiB/s in the same test setup).
     let message = report["message"].as_str().unwrap_or_default();
     let dirties: f64 = message
         .split("the guest dirties ")
@@ -428,7 +428,7 @@ fn a_guest_dirtying_faster_than_its_link_aborts_cleanly_without_postcopy() {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no dirty rate in {message}"));
-    assert!(dirties > 2.0, "{message}");
+    assert!(dirties > 1.0, "{message}");
     assert_destination_clean(&g.dst, "an aborted migration");
     assert_eq!(g.src.info("mn")["qmp_status"], "running");
     assert_eq!(ping(&g.a).as_deref(), Ok("PONG"), "after the abort");
