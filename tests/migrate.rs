@@ -489,23 +489,31 @@ fn a_guest_dirtying_faster_than_its_link_finishes_by_postcopy() {
     }
 }
 
-/// A guest on tandem's switch (vhost-user, so QEMU migrates only because
-/// the switch keeps the dirty log of what it writes into guest memory)
-/// migrates between two hosts in namespaces over their own link, and
-/// serves through the destination's switch afterwards; the stream runs
-/// over TLS with the hosts' identities.
+/// Two hosts in namespaces with a standalone pair's identities (QEMU's
+/// stream runs over TLS, each end checked against the pair's CA, the
+/// destination by its name), each with a switch carrying port group `v`:
 ///
 /// ```text
-///  ns A: tandemd A, host port tap (10.20.0.50) ─ guest 10.20.0.5 (before)
+///  ns A: tandemd A, host port tap tdmh0 (10.20.0.50) ─ guest 10.20.0.5 (before)
 ///  ns B: tandemd B, uplink up0 ── c0 10.20.0.100 in ns C   (guest after)
-///  A m0 10.21.0.1 ──── m1 10.21.0.2 B   (the migration stream)
+///  A m0 LINK.1 ──── m1 LINK.2 B   (the migration stream)
 /// ```
-#[test]
-fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
-    let _g = serial_guard();
-    let a = tandem_tests::Netns::new("ma");
-    let b = tandem_tests::Netns::new("mb");
-    let c = tandem_tests::Netns::new("mc");
+struct TlsPair {
+    // Field order is drop order: the daemons before their namespaces.
+    src: Daemon,
+    dst: Daemon,
+    a: tandem_tests::Netns,
+    b: tandem_tests::Netns,
+    c: tandem_tests::Netns,
+    _certs: tempfile::TempDir,
+}
+
+/// [`TlsPair`], namespaces tagged `tag`, the stream's link on `link`
+/// (the first three octets of a /24).
+fn tls_pair(tag: &str, link: &str) -> TlsPair {
+    let a = tandem_tests::Netns::new(&format!("{tag}a"));
+    let b = tandem_tests::Netns::new(&format!("{tag}b"));
+    let c = tandem_tests::Netns::new(&format!("{tag}c"));
     tandem_tests::sh(&format!(
         "ip link add m0 netns {} type veth peer name m1 netns {}",
         a.name, b.name
@@ -514,16 +522,13 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
         "ip link add up0 netns {} type veth peer name c0 netns {}",
         b.name, c.name
     ));
-    a.run(&["ip", "addr", "add", "10.21.0.1/24", "dev", "m0"]);
+    a.run(&["ip", "addr", "add", &format!("{link}.1/24"), "dev", "m0"]);
     a.run(&["ip", "link", "set", "m0", "up"]);
-    b.run(&["ip", "addr", "add", "10.21.0.2/24", "dev", "m1"]);
+    b.run(&["ip", "addr", "add", &format!("{link}.2/24"), "dev", "m1"]);
     b.run(&["ip", "link", "set", "m1", "up"]);
     b.run(&["ip", "link", "set", "up0", "up"]);
     c.run(&["ip", "addr", "add", "10.20.0.100/24", "dev", "c0"]);
     c.run(&["ip", "link", "set", "c0", "up"]);
-
-    // A standalone pair's identities: QEMU's stream runs over TLS, each
-    // end checked against the pair's CA (the destination by its name).
     let certs = tempfile::tempdir().expect("tempdir");
     let made = Command::new(bin("tandem"))
         .args([
@@ -550,6 +555,32 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     }
     a.run(&["ip", "addr", "add", "10.20.0.50/24", "dev", "tdmh0"]);
     a.run(&["ip", "link", "set", "tdmh0", "up"]);
+    TlsPair {
+        src,
+        dst,
+        a,
+        b,
+        c,
+        _certs: certs,
+    }
+}
+
+/// A guest on tandem's switch (vhost-user, so QEMU migrates only because
+/// the switch keeps the dirty log of what it writes into guest memory)
+/// migrates between two hosts in namespaces over their own link, and
+/// serves through the destination's switch afterwards; the stream runs
+/// over TLS with the hosts' identities.
+///
+/// ```text
+///  ns A: tandemd A, host port tap (10.20.0.50) ─ guest 10.20.0.5 (before)
+///  ns B: tandemd B, uplink up0 ── c0 10.20.0.100 in ns C   (guest after)
+///  A m0 10.21.0.1 ──── m1 10.21.0.2 B   (the migration stream)
+/// ```
+#[test]
+fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
+    let _g = serial_guard();
+    let p = tls_pair("m", "10.21.0");
+    let (src, dst, a, b, c) = (&p.src, &p.dst, &p.a, &p.b, &p.c);
 
     let spec = src
         .guest_spec("ms", "")
@@ -568,7 +599,7 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
                 .map_err(|e| e.to_string())
         })
     };
-    assert_eq!(ask(&a).as_deref(), Ok("PONG"), "before the migration");
+    assert_eq!(ask(a).as_deref(), Ok("PONG"), "before the migration");
     // Durable records, on the disk the migration copies.
     let say = |ns: &tandem_tests::Netns, line: &str| {
         let line = line.to_string();
@@ -579,7 +610,7 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     };
     for i in 1..=5 {
         assert_eq!(
-            say(&a, &format!("PUT record-{i}")).as_deref(),
+            say(a, &format!("PUT record-{i}")).as_deref(),
             Ok(format!("OK {i}").as_str())
         );
     }
@@ -657,8 +688,8 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     // its accept timeout).
     assert_ne!(dst.info("ms")["qmp_status"], "running");
     dst.cli_ok(&["vm", "destroy", "ms"]);
-    assert_destination_clean(&dst, "a source the destination does not admit");
-    assert_eq!(ask(&a).as_deref(), Ok("PONG"), "after the refused stream");
+    assert_destination_clean(dst, "a source the destination does not admit");
+    assert_eq!(ask(a).as_deref(), Ok("PONG"), "after the refused stream");
 
     // The two hosts share this machine's files, so only `--copy-storage`
     // makes it copy the disk: over NBD with TLS, the destination admitting
@@ -703,7 +734,7 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
             "{phase} went backwards: {f:?}"
         );
     }
-    assert!(vm_names(&src).is_empty());
+    assert!(vm_names(src).is_empty());
     assert_eq!(dst.info("ms")["state"], "running");
     assert!(
         dst.log().contains("tls=true"),
@@ -735,7 +766,7 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     // race the guest's rings coming up).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match ask(&c) {
+        match ask(c) {
             Ok(r) if r == "PONG" => break,
             other => assert!(
                 Instant::now() < deadline,
@@ -747,14 +778,14 @@ fn a_guest_on_the_switch_migrates_and_serves_from_the_destination() {
     }
     assert!(!dst.console("ms").contains(READY));
     // Every fsync'd record survived, and the copy takes new ones.
-    assert_eq!(say(&c, "LAST").as_deref(), Ok("LAST 5"));
+    assert_eq!(say(c, "LAST").as_deref(), Ok("LAST 5"));
     for i in 1..=5 {
         assert_eq!(
-            say(&c, &format!("GET {i}")).as_deref(),
+            say(c, &format!("GET {i}")).as_deref(),
             Ok(format!("REC {i} record-{i}").as_str())
         );
     }
-    assert_eq!(say(&c, "PUT after").as_deref(), Ok("OK 6"));
+    assert_eq!(say(c, "PUT after").as_deref(), Ok("OK 6"));
 }
 
 /// The API's steps one by one: after QEMU completes, the source waits
@@ -1077,43 +1108,9 @@ fn a_dead_link_or_destination_leaves_the_vm_on_the_source() {
 #[test]
 fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
     let _g = serial_guard();
-    let a = tandem_tests::Netns::new("pa");
-    let b = tandem_tests::Netns::new("pb");
-    let c = tandem_tests::Netns::new("pc");
+    let p = tls_pair("p", "10.22.0");
+    let (src, dst, a, c) = (&p.src, &p.dst, &p.a, &p.c);
     let d = tandem_tests::Netns::new("pd");
-    tandem_tests::sh(&format!(
-        "ip link add m0 netns {} type veth peer name m1 netns {}",
-        a.name, b.name
-    ));
-    tandem_tests::sh(&format!(
-        "ip link add up0 netns {} type veth peer name c0 netns {}",
-        b.name, c.name
-    ));
-    a.run(&["ip", "addr", "add", "10.22.0.1/24", "dev", "m0"]);
-    a.run(&["ip", "link", "set", "m0", "up"]);
-    b.run(&["ip", "addr", "add", "10.22.0.2/24", "dev", "m1"]);
-    b.run(&["ip", "link", "set", "m1", "up"]);
-    b.run(&["ip", "link", "set", "up0", "up"]);
-    c.run(&["ip", "addr", "add", "10.20.0.100/24", "dev", "c0"]);
-    c.run(&["ip", "link", "set", "c0", "up"]);
-
-    let certs = tempfile::tempdir().expect("tempdir");
-    let made = Command::new(bin("tandem"))
-        .args([
-            "cluster",
-            "init",
-            "--standalone",
-            "host-a",
-            "host-b",
-            "--state-dir",
-        ])
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
-    let id = |h: &str| certs.path().join("hosts").join(h).display().to_string();
-    let src = Daemon::start_in_netns(&a.name, &["--identity-dir", &id("host-a")]);
-    let dst = Daemon::start_in_netns(&b.name, &["--identity-dir", &id("host-b")]);
     // The backup, a host of its own: replication over a unix socket (this
     // machine), its switch's host port the only way to the guest there.
     let repl = tempfile::Builder::new()
@@ -1122,26 +1119,12 @@ fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
         .unwrap();
     let endpoint = format!("unix:{}", repl.path().join("repl.sock").display());
     let bk = Daemon::start_in_netns(&d.name, &["--repl-listen", &endpoint]);
-    let host_port = |tap: &str| {
-        format!("[[port_group]]\nname = \"v\"\n\n[[host_port]]\nname = \"h\"\ntap = \"{tap}\"\nport_group = \"v\"\n")
-    };
-    let uplink = "[[port_group]]\nname = \"v\"\n\n[[uplink]]\nname = \"up\"\ninterfaces = [\"up0\"]\nport_group = \"v\"\n".to_string();
-    for (daemon, doc) in [
-        (&src, host_port("tdmh0")),
-        (&dst, uplink),
-        (&bk, host_port("tdmh1")),
-    ] {
-        let path = daemon.dir.path().join("switch.toml");
-        std::fs::write(&path, doc).unwrap();
-        daemon.cli_ok(&["switch", "apply", path.to_str().unwrap()]);
-    }
-    for (ns, tap, ip) in [
-        (&a, "tdmh0", "10.20.0.50/24"),
-        (&d, "tdmh1", "10.20.0.60/24"),
-    ] {
-        ns.run(&["ip", "addr", "add", ip, "dev", tap]);
-        ns.run(&["ip", "link", "set", tap, "up"]);
-    }
+    let doc = "[[port_group]]\nname = \"v\"\n\n[[host_port]]\nname = \"h\"\ntap = \"tdmh1\"\nport_group = \"v\"\n";
+    let path = bk.dir.path().join("switch.toml");
+    std::fs::write(&path, doc).unwrap();
+    bk.cli_ok(&["switch", "apply", path.to_str().unwrap()]);
+    d.run(&["ip", "addr", "add", "10.20.0.60/24", "dev", "tdmh1"]);
+    d.run(&["ip", "link", "set", "tdmh1", "up"]);
 
     let spec = src
         .guest_spec("ps", "")
@@ -1173,7 +1156,7 @@ fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    assert_eq!(say_until(&a, "PING"), "PONG");
+    assert_eq!(say_until(a, "PING"), "PONG");
     src.cli_ok(&["protect", "ps", "--backup", &endpoint, "--epoch-ms", "50"]);
     let deadline = Instant::now() + Duration::from_secs(90);
     while !src
@@ -1242,7 +1225,7 @@ fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
         replies.len() >= 5,
         "the client was barely served: {replies:?}"
     );
-    assert!(vm_names(&src).is_empty());
+    assert!(vm_names(src).is_empty());
     assert!(
         src.log()
             .contains("protection handed over to the migration's destination"),
@@ -1262,7 +1245,7 @@ fn a_protected_guest_migrates_under_load_and_every_reply_survives_a_failover() {
 
     // Served from the destination now, protected there.
     for i in 1..=3 {
-        let r = say_until(&c, &format!("PUT after-{i}"));
+        let r = say_until(c, &format!("PUT after-{i}"));
         let n = r
             .strip_prefix("OK ")
             .and_then(|n| n.parse::<u64>().ok())

@@ -634,13 +634,7 @@ impl<'a> Lab<'a> {
             "guest boot on host-a (port group vms from the distributed switch)",
             t.elapsed(),
         );
-        let probe = ProbeClient::start(&self.topo)?;
-        wait_for(
-            "the client's first replies",
-            Duration::from_secs(60),
-            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
-        )
-        .with_context(|| format!("the client: {:?}", probe.shared.samples.lock().last()))?;
+        let probe = ProbeClient::start_served(&self.topo)?;
         let before = [self.hosts[0].digest()?, self.hosts[1].digest()?];
         let b_last = self.hosts[1].txn()?["last"].clone();
         say(&format!(
@@ -827,13 +821,7 @@ impl<'a> Lab<'a> {
         let console_a: tandem_api::ConsoleChunk =
             block_on(a.api().get("/v1/vms/drill/console?offset=0"))?;
         let tick_before = last_tick(&console_a.data).unwrap_or(0);
-        let probe = ProbeClient::start(&self.topo)?;
-        wait_for(
-            "the client's first replies",
-            Duration::from_secs(60),
-            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
-        )
-        .with_context(|| format!("the client: {:?}", probe.shared.samples.lock().last()))?;
+        let probe = ProbeClient::start_served(&self.topo)?;
         say("  migrating the guest host-a -> host-b under the client's load (disk copied)");
         let t0 = Instant::now();
         let mut cmd = Command::new("ip");
@@ -1009,12 +997,7 @@ impl<'a> Lab<'a> {
         let console: tandem_api::ConsoleChunk =
             block_on(b.api().get("/v1/vms/drill/console?offset=0"))?;
         let tick_before = last_tick(&console.data).unwrap_or(0);
-        let probe = ProbeClient::start(&self.topo)?;
-        wait_for(
-            "the client's first replies",
-            Duration::from_secs(60),
-            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
-        )?;
+        let probe = ProbeClient::start_served(&self.topo)?;
         say("  killing host-b (its tandemd and the guest's QEMU) under the client's load");
         let t0 = Instant::now();
         let qemu = info.pid;
@@ -1336,6 +1319,19 @@ struct ProbeClient {
 }
 
 impl ProbeClient {
+    /// Starts the client and waits (60 s at most) until the guest has
+    /// answered it ten times.
+    fn start_served(topo: &Topology) -> anyhow::Result<ProbeClient> {
+        let probe = ProbeClient::start(topo)?;
+        wait_for(
+            "the client's first replies",
+            Duration::from_secs(60),
+            || (probe.shared.samples.lock().iter().filter(|p| p.ok).count() >= 10).then_some(()),
+        )
+        .with_context(|| format!("the client: {:?}", probe.shared.samples.lock().last()))?;
+        Ok(probe)
+    }
+
     fn start(topo: &Topology) -> anyhow::Result<ProbeClient> {
         let shared = Arc::new(ProbeShared::default());
         let started = Instant::now();
