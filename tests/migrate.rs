@@ -890,21 +890,16 @@ impl Background {
 
     /// Waits until memory is on its way (some bytes sent).
     fn wait_sending(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let e = self
-                .events
-                .recv_timeout(left)
-                .expect("no progress from tandem migrate within 30 s");
-            if e["phase"] == "memory" && e["done"].as_u64().unwrap_or(0) > 0 {
-                return;
-            }
-        }
+        self.wait_moving("memory");
     }
 
     /// Waits until the disks' copy is under way (some bytes copied).
     fn wait_copying(&self) {
+        self.wait_moving("storage");
+    }
+
+    /// Waits for a progress event of `phase` with some bytes done.
+    fn wait_moving(&self, phase: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -912,7 +907,7 @@ impl Background {
                 .events
                 .recv_timeout(left)
                 .expect("no progress from tandem migrate within 30 s");
-            if e["phase"] == "storage" && e["done"].as_u64().unwrap_or(0) > 0 {
+            if e["phase"] == phase && e["done"].as_u64().unwrap_or(0) > 0 {
                 return;
             }
         }

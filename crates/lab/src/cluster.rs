@@ -905,16 +905,7 @@ impl<'a> Lab<'a> {
             )
         });
         if moved.is_ok() {
-            let counting = wait_for(
-                "the guest's counter on host-b",
-                Duration::from_secs(30),
-                || {
-                    let c: tandem_api::ConsoleChunk =
-                        block_on(b.api().get("/v1/vms/drill/console?offset=0")).ok()?;
-                    let t = last_tick(&c.data)?;
-                    (t > tick_before + 1 && !c.data.contains("TANDEM-GUEST-READY")).then_some(t)
-                },
-            );
+            let counting = counting_past(b, "host-b", tick_before + 1);
             match counting {
                 Ok(t) => step.saw(format!(
                     "guest counter: {tick_before} on host-a, {t} on host-b, no reboot"
@@ -1026,16 +1017,7 @@ impl<'a> Lab<'a> {
             Err(e) => step.violations.push(format!("{e:#}")),
         }
         if resumed {
-            let counting = wait_for(
-                "the guest's counter on host-a",
-                Duration::from_secs(30),
-                || {
-                    let c: tandem_api::ConsoleChunk =
-                        block_on(a.api().get("/v1/vms/drill/console?offset=0")).ok()?;
-                    let t = last_tick(&c.data)?;
-                    (t > tick_before && !c.data.contains("TANDEM-GUEST-READY")).then_some(t)
-                },
-            );
+            let counting = counting_past(a, "host-a", tick_before);
             match counting {
                 Ok(t) => step.saw(format!(
                     "guest counter: {tick_before} on host-b before the kill, {t} on host-a, no reboot"
@@ -1402,6 +1384,21 @@ fn last_tick(console: &str) -> Option<u64> {
         .filter_map(|l| l.trim().strip_prefix("tandem-guest: tick "))
         .filter_map(|n| n.trim().parse().ok())
         .next_back()
+}
+
+/// Waits (30 s at most) until the guest on `host` counts past `tick`
+/// without having booted again; its last tick.
+fn counting_past(host: &Host, name: &str, tick: u64) -> anyhow::Result<u64> {
+    wait_for(
+        &format!("the guest's counter on {name}"),
+        Duration::from_secs(30),
+        || {
+            let c: tandem_api::ConsoleChunk =
+                block_on(host.api().get("/v1/vms/drill/console?offset=0")).ok()?;
+            let t = last_tick(&c.data)?;
+            (t > tick && !c.data.contains("TANDEM-GUEST-READY")).then_some(t)
+        },
+    )
 }
 
 /// Every reply the client got names a record the guest knows, with its
