@@ -435,7 +435,24 @@ fn the_cluster_on_a_management_fabric() {
 
     phase("manager restart: forwarding between the hosts never stops, a");
     // ---- manager restart: forwarding between the hosts never stops, and
-    // the hosts come back online.
+    // the hosts come back online. The path is warmed first (neighbour
+    // entries, the restarted switch's learning) so that what the window
+    // below measures is the manager's restart alone.
+    let b_ip = b.ip.to_string();
+    wait_for(
+        "a reply from host b before the manager restarts",
+        Duration::from_secs(20),
+        || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", &a.ns.name, "ping", "-c", "1", "-W", "1", &b_ip,
+                ])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        },
+    );
     let ping = {
         let ns = a.ns.name.clone();
         let target = b.ip.to_string();
