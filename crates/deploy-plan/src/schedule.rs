@@ -571,6 +571,13 @@ impl fmt::Display for Plan {
 #[derive(Clone, Copy)]
 struct Candidate {
     finish: f64,
+    /// Added to `finish` when candidates are compared: a transfer in
+    /// flight looks [`KEEP_IN_FLIGHT`] of its link's time earlier, so that
+    /// another route must beat it by that much before it is cancelled.
+    /// Estimates are only estimates: without it, a route a hair earlier on
+    /// paper throws away the bytes already sent (a real tie, G3's H1→H3 and
+    /// H2→H3, flips with each millisecond of reporting delay).
+    bias: f64,
     start: f64,
     /// Index into the state's transfers when already in flight.
     in_flight: Option<usize>,
@@ -581,8 +588,8 @@ struct Candidate {
 
 impl Candidate {
     fn better_than(&self, o: &Candidate) -> bool {
-        self.finish
-            .total_cmp(&o.finish)
+        (self.finish + self.bias)
+            .total_cmp(&(o.finish + o.bias))
             .then(o.in_flight.is_some().cmp(&self.in_flight.is_some()))
             .then(self.hops.cmp(&o.hops))
             .then(self.from.cmp(&o.from))
@@ -590,6 +597,10 @@ impl Candidate {
             .is_lt()
     }
 }
+
+/// How much earlier (a share of its link's time) another route must
+/// finish before a transfer in flight is cancelled for it.
+pub const KEEP_IN_FLIGHT: f64 = 0.1;
 
 /// The earliest time ≥ `ready` at which a send of length `length` fits
 /// among `busy` sends with at most `slots` at once.
@@ -870,8 +881,10 @@ pub fn plan(
             if let Some(finish) = live_transfers[i] {
                 let (f, to) = (host_ix(&t.from)?, host_ix(&t.to)?);
                 if pending[to] {
+                    let link = matrix.time_at(f, to).unwrap_or(0.0);
                     offer(Candidate {
                         finish,
+                        bias: -KEEP_IN_FLIGHT * link,
                         start: t.started_at,
                         in_flight: Some(i),
                         hops: ready[f].as_ref().map_or(0, |r| r.1) + 1,
@@ -890,6 +903,7 @@ pub fn plan(
                 let start = earliest_start(&intervals, matrix.slots_at(u), at.max(now), time);
                 offer(Candidate {
                     finish: start + time,
+                    bias: 0.0,
                     start,
                     in_flight: None,
                     hops: hops + 1,

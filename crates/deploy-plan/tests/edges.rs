@@ -328,3 +328,76 @@ fn inconsistent_events_are_refused() {
     assert_eq!(d, started);
     assert_ne!(d, before);
 }
+
+/// G3 as it runs for real: S→H1 done early, H1 sends to H2 and H3 at
+/// once, H1→H3 started a moment after H1→H2. On paper H3 is then reached
+/// a hair sooner through H2 (a tie in the seed's numbers), but the bytes
+/// already on their way to H3 are kept; a route that is clearly better
+/// (H1→H3 slowed 5×) still cancels it.
+#[test]
+fn a_transfer_in_flight_is_kept_against_a_tie_and_cancelled_for_a_clear_win() {
+    let mut m = Matrix::new("S", ["H1", "H2", "H3"]).unwrap();
+    for (f, t, time) in [
+        ("S", "H1", 10.0),
+        ("S", "H2", 30.0),
+        ("S", "H3", 45.0),
+        ("H1", "H2", 10.0),
+        ("H1", "H3", 15.0),
+        ("H2", "H1", 10.0),
+        ("H2", "H3", 5.0),
+        ("H3", "H1", 15.0),
+        ("H3", "H2", 5.0),
+    ] {
+        m.set_time(f, t, time).unwrap();
+    }
+    let req = request(
+        ["H1", "H2", "H3"]
+            .iter()
+            .map(|h| Datastore::local(format!("{h}-ds"), *h, 100 * GIB))
+            .collect(),
+        PerHost::Count(1),
+    );
+    let mut d = Deployment::new(m, req, 0.0).unwrap();
+    let start = |d: &mut Deployment, at: f64, from: &str, to: &str| {
+        d.apply(
+            at,
+            &Event::TransferStarted {
+                from: from.into(),
+                to: to.into(),
+                datastore: format!("{to}-ds"),
+            },
+        )
+        .unwrap()
+    };
+    start(&mut d, 0.0, "S", "H1");
+    d.apply(
+        2.26,
+        &Event::TransferCompleted {
+            from: "S".into(),
+            to: "H1".into(),
+            observed: Some(2.26),
+        },
+    )
+    .unwrap();
+    start(&mut d, 2.27, "H1", "H2");
+    let plan = start(&mut d, 2.28, "H1", "H3");
+    let cancels = |p: &tandem_deploy_plan::Plan| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s.action, Action::CancelTransfer { .. }))
+            .count()
+    };
+    assert_eq!(cancels(&plan), 0, "{plan}");
+    // H1→H3 turns out five times slower: through H2 is now far better.
+    let plan = d
+        .apply(
+            3.0,
+            &Event::LinkTime {
+                from: "H1".into(),
+                to: "H3".into(),
+                time: 75.0,
+            },
+        )
+        .unwrap();
+    assert_eq!(cancels(&plan), 1, "{plan}");
+}
