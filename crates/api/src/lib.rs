@@ -6,6 +6,7 @@
 //! an [`ErrorBody`].
 
 mod client;
+pub mod deploy;
 mod error;
 
 pub use client::{ApiError, Client, Connecting, Connector, Stream};

@@ -86,6 +86,18 @@ impl ClusterLink {
         .context("building the host API's TLS")
     }
 
+    /// The image service's TLS: the cluster's hosts (which pull copies),
+    /// its manager and operators, checked against the revocation list.
+    pub fn image_service_server(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        let id = self.identity.borrow().clone();
+        tandem_pki::server_config_for_roles(
+            &id,
+            self.revocations.clone(),
+            &[Role::Host, Role::Manager, Role::Operator],
+        )
+        .context("building the image service's TLS")
+    }
+
     /// TLS for dialling another host of the cluster.
     pub fn client(&self) -> anyhow::Result<Arc<ClientConfig>> {
         let id = self.identity.borrow().clone();
@@ -204,6 +216,8 @@ fn recorded(a: &HostAuthority) -> RecordedPrimaries {
 pub struct HostReporter {
     /// Where the manager reaches this host's API (`--host-api`).
     pub host_api: Option<String>,
+    /// Where other hosts reach its image service (`--image-listen`).
+    pub image_service: Option<String>,
     pub txns: Arc<OnceLock<Arc<SwitchTxns>>>,
     pub state_dir: PathBuf,
     pub image_dir: Option<PathBuf>,
@@ -342,6 +356,8 @@ impl Reporter for HostReporter {
         datastores.dedup_by(|a, b| a.path == b.path);
         Inventory {
             datastores,
+            image_dir: self.image_dir.as_ref().map(|d| d.display().to_string()),
+            image_service: self.image_service.clone(),
             qemu: self.qemu.clone(),
             memory: Self::memory(),
             port_groups: doc

@@ -9,6 +9,7 @@
 mod api;
 mod apisock;
 mod cluster;
+mod deploy;
 mod error;
 mod ft;
 mod ftdisk;
@@ -143,6 +144,17 @@ struct Args {
     /// listens on a wildcard (default: `--host-api` itself).
     #[arg(long, env = "TANDEM_HOST_API_ADVERTISE")]
     host_api_advertise: Option<String>,
+
+    /// Serve the image directory to the cluster's hosts for fan-out
+    /// deployment on this TCP address (mutual TLS with the cluster's
+    /// certificates; needs an identity).
+    #[arg(long, env = "TANDEM_IMAGE_LISTEN")]
+    image_listen: Option<std::net::SocketAddr>,
+
+    /// The address other hosts reach the image service at, when
+    /// `--image-listen` is a wildcard (default: `--image-listen` itself).
+    #[arg(long, env = "TANDEM_IMAGE_ADVERTISE")]
+    image_advertise: Option<String>,
 
     /// Accept replication streams on TCP from peers that present no
     /// certificate: only for a lab, or a link you trust as much as this
@@ -296,9 +308,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .host_api_advertise
         .clone()
         .or_else(|| args.host_api.map(|a| a.to_string()));
+    let image_advertise = args
+        .image_advertise
+        .clone()
+        .or_else(|| args.image_listen.map(|a| a.to_string()));
     let cluster = cluster::start(&identity_dir, args.repl_peers.as_deref(), |txns| {
         cluster::HostReporter {
             host_api: host_api_advertise,
+            image_service: image_advertise,
             txns,
             state_dir: args.state_dir.clone(),
             image_dir: Some(args.image_dir.clone()),
@@ -326,6 +343,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Some((listener, c.clone()))
         }
     };
+    let image_service = match (args.image_listen, &cluster) {
+        (None, _) => None,
+        (Some(addr), None) => bail!(
+            "--image-listen {addr} needs a cluster identity in {} (tandem host join): \
+             the image service admits only the cluster's hosts, manager and operators",
+            identity_dir.display()
+        ),
+        (Some(addr), Some(c)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--image-listen: binding {addr}"))?;
+            info!(%addr, dir = %args.image_dir.display(), "image service: mutual TLS, the cluster's certificates");
+            Some((listener, c.clone()))
+        }
+    };
+    let deploy = deploy::Deploy::new(args.image_dir.clone(), cluster.clone());
     if cluster.is_none() && matches!(listen, Some(tandem_replication::link::Endpoint::Tcp(_))) {
         if !args.repl_unauthenticated {
             bail!(
@@ -362,8 +395,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let app = api::router(Arc::clone(&sup))
         .merge(ft::router(ft))
         .merge(switch::router(switch.clone(), txns.clone()))
-        .merge(switchtxn::router(txns));
+        .merge(switchtxn::router(txns))
+        .merge(deploy::router(deploy));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let image_task = image_service.map(|(listener, c)| {
+        let mut stop = stop_rx.clone();
+        let dir = args.image_dir.clone();
+        tokio::spawn(deploy::serve_images(listener, c, dir, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
     let host_api_task = host_api.map(|(listener, c)| {
         let mut stop = stop_rx.clone();
         tokio::spawn(hostapi::serve(listener, c, app.clone(), async move {
@@ -373,6 +414,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     apisock::serve(sockets, app, shutdown_signal()).await?;
     let _ = stop_tx.send(true);
     if let Some(t) = host_api_task {
+        let _ = t.await;
+    }
+    if let Some(t) = image_task {
         let _ = t.await;
     }
     tokio::task::block_in_place(|| switch.shutdown());
