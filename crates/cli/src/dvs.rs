@@ -47,7 +47,7 @@ pub struct DvsManagerOpts {
 }
 
 impl DvsManagerOpts {
-    fn opts(&self, request_timeout: Duration) -> ManagerOpts {
+    pub(crate) fn opts(&self, request_timeout: Duration) -> ManagerOpts {
         ManagerOpts {
             manager: self.manager.clone(),
             manager_name: self.manager_name.clone(),

@@ -13,6 +13,7 @@
 //! binary links only the API types and the manager's client.
 
 mod cluster;
+mod deploy;
 mod dvs;
 mod external;
 mod ft;
@@ -85,6 +86,10 @@ enum Cmd {
     /// Join tokens for new hosts.
     #[command(subcommand)]
     Token(cluster::TokenCmd),
+    /// Copies of one template onto many hosts, each host with a copy
+    /// becoming a source for the others (through the manager); shows the
+    /// plan first, `--dry-run` only that.
+    Deploy(deploy::DeployArgs),
     /// Benchmarks (timing lives here, not in tests). Runs `tandem-lab
     /// bench`: see `tandem bench --help`.
     #[command(disable_help_flag = true)]
@@ -144,6 +149,7 @@ async fn run(
         Cmd::Cluster(c) => cluster::run_cluster(c, json).await,
         Cmd::Token(c) => cluster::run_token(c, json).await,
         Cmd::Dvs(c) => dvs::run(c, json).await,
+        Cmd::Deploy(a) => deploy::run(a, json).await,
         Cmd::Bench(_) | Cmd::Drill(_) => {
             anyhow::bail!("external commands run outside the async runtime")
         }

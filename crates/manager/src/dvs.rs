@@ -68,7 +68,7 @@ const KNOWN_REVISIONS: usize = 32;
 pub struct DvsState {
     /// TLS to hosts' APIs, from the manager's identity
     /// ([`Manager::set_identity`]).
-    host_tls: RwLock<Option<Arc<ClientConfig>>>,
+    pub(crate) host_tls: RwLock<Option<Arc<ClientConfig>>>,
     /// One rollout at a time.
     rollout: tokio::sync::Mutex<()>,
     /// The revision rolling out now (0: none).

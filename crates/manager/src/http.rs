@@ -206,6 +206,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/cluster/dump", get(dump))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{id}", delete(delete_token))
+        .route("/v1/deployments", get(deployments).post(deploy))
+        .route("/v1/deployments/{id}", get(deployment))
         .route("/v1/hosts", get(hosts))
         .route("/v1/hosts/{name}", get(host).delete(remove_host))
         .route("/v1/vms", get(vms).post(create_vm))
@@ -322,6 +324,30 @@ async fn delete_token(
 ) -> HttpResult<Ack> {
     s.manager.delete_token(&id).await?;
     Ok(Json(Ack {}))
+}
+
+async fn deploy(
+    State(s): State<AppState>,
+    OperatorCaller(c): OperatorCaller,
+    Body(req): Body<crate::deploy::DeployRequest>,
+) -> HttpResult<crate::deploy::DeploymentView> {
+    tracing::info!(by = %c.peer.name, template = %req.template, from = %req.from, dry_run = req.dry_run, "deployment asked");
+    Ok(Json(s.manager.deploy(req).await?))
+}
+
+async fn deployments(
+    State(s): State<AppState>,
+    OperatorCaller(_): OperatorCaller,
+) -> HttpResult<Vec<crate::deploy::DeploymentView>> {
+    Ok(Json(s.manager.deployments()))
+}
+
+async fn deployment(
+    State(s): State<AppState>,
+    OperatorCaller(_): OperatorCaller,
+    Path(id): Path<String>,
+) -> HttpResult<crate::deploy::DeploymentView> {
+    Ok(Json(s.manager.deployment(&id)?))
 }
 
 async fn hosts(

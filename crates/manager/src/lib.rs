@@ -29,6 +29,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod clock;
+pub mod deploy;
 pub mod dvs;
 pub mod http;
 pub mod model;

@@ -142,6 +142,8 @@ pub struct Manager {
     /// The distributed switch's in-memory part: TLS to hosts, the rollout
     /// lock, hosts' switch states (see [`crate::dvs`]).
     pub(crate) dvs: crate::dvs::DvsState,
+    /// Fan-out deployments (see [`crate::deploy`]).
+    pub(crate) deploy: crate::deploy::Deployments,
 }
 
 impl std::fmt::Debug for Manager {
@@ -208,6 +210,7 @@ impl Manager {
             manager_cert_not_after: AtomicU64::new(0),
             crl: Mutex::new(None),
             dvs: crate::dvs::DvsState::default(),
+            deploy: crate::deploy::Deployments::default(),
         }))
     }
 

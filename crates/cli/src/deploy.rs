@@ -1,0 +1,214 @@
+//! `tandem deploy`: many copies of one template across many hosts,
+//! through the manager (see docs/deploy.md).
+//!
+//! Prints the plan (the matrix, the routes and the steps) before anything
+//! moves, then what happens and, every second, each host's copies and
+//! bytes (on stderr, so that `--json` leaves stdout to the final view).
+//! Exit status 0 when every copy is verified on its host.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use tandem_manager::deploy::{DeployRequest, DeployState, DeploymentView, LinkSeconds};
+
+use crate::cluster::ManagerOpts;
+use crate::print_json;
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// The template: a file of the source host's image directory.
+    template: String,
+    /// The host that holds the template.
+    #[arg(long)]
+    from: String,
+    /// The target hosts, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    hosts: Vec<String>,
+    /// Copies on each target host, or `auto` to spread `--count` by free
+    /// room.
+    #[arg(long)]
+    per_host: Option<String>,
+    /// Copies in all (with `--per-host auto`, or alone).
+    #[arg(long)]
+    count: Option<u32>,
+    /// Clones are named PREFIX-NN.EXT (default: the template's stem).
+    #[arg(long)]
+    name_prefix: Option<String>,
+    /// Plan with these link times instead of probing every link: a TOML
+    /// file of `[[link]] from = "a"  to = "b"  seconds = 10.0`.
+    #[arg(long)]
+    links: Option<PathBuf>,
+    /// Bytes each link probe moves.
+    #[arg(long)]
+    probe_bytes: Option<u64>,
+    /// Copies one host sends at once (hosts that share one NIC).
+    #[arg(long)]
+    egress_slots: Option<u32>,
+    /// Show the plan; copy nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Give up waiting after this many seconds (the deployment goes on).
+    #[arg(long, default_value_t = 3600)]
+    wait_s: u64,
+    #[command(flatten)]
+    m: crate::dvs::DvsManagerOpts,
+}
+
+#[derive(Deserialize)]
+struct LinksFile {
+    #[serde(default)]
+    link: Vec<LinkSeconds>,
+}
+
+pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
+    let links = match &a.links {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let f: LinksFile = toml::from_str(&text)
+                .with_context(|| format!("{}: not a links file", p.display()))?;
+            if f.link.is_empty() {
+                bail!("{}: no [[link]] entries", p.display());
+            }
+            Some(f.link)
+        }
+        None => None,
+    };
+    let (per_host, count) = match a.per_host.as_deref() {
+        None => (None, a.count),
+        Some("auto") => {
+            let Some(n) = a.count else {
+                bail!("--per-host auto needs --count N");
+            };
+            (None, Some(n))
+        }
+        Some(k) => (
+            Some(
+                k.parse::<u32>()
+                    .with_context(|| format!("--per-host {k}: a number or `auto`"))?,
+            ),
+            a.count,
+        ),
+    };
+    let req = DeployRequest {
+        template: a.template.clone(),
+        from: a.from.clone(),
+        hosts: a.hosts.clone(),
+        per_host,
+        count,
+        name_prefix: a.name_prefix.clone(),
+        links,
+        probe_bytes: a.probe_bytes,
+        egress_slots: a.egress_slots,
+        dry_run: a.dry_run,
+    };
+    let opts: ManagerOpts = a.m.opts(Duration::from_secs(900));
+    let client = opts.client()?;
+    let first: DeploymentView = client.post("/v1/deployments", &req).await?;
+    if a.dry_run {
+        if json {
+            return print_json(&first);
+        }
+        print_plan(&first);
+        return Ok(());
+    }
+    if json {
+        eprintln!("{}", first.plan_text);
+    } else {
+        print_plan(&first);
+    }
+    let poll = a.m.opts(Duration::from_secs(10)).client()?;
+    let deadline = Instant::now() + Duration::from_secs(a.wait_s);
+    let mut shown = 0usize;
+    let mut last_bars = Instant::now();
+    let view = loop {
+        let v: DeploymentView = poll.get(&format!("/v1/deployments/{}", first.id)).await?;
+        for line in v.log.iter().skip(shown) {
+            eprintln!("{}", tandem_progress::sanitize(line));
+        }
+        shown = v.log.len();
+        if v.state != DeployState::Running {
+            break v;
+        }
+        if last_bars.elapsed() >= Duration::from_secs(1) {
+            last_bars = Instant::now();
+            eprintln!("{}", bars(&v));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "deployment {} still running after {} s; it goes on (the manager's /v1/deployments/{})",
+                v.id,
+                a.wait_s,
+                v.id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if json {
+        print_json(&view)?;
+    } else {
+        eprintln!("{}", bars(&view));
+        for c in &view.copies {
+            println!("{}:{}  ({})", c.host, c.file, c.via);
+        }
+    }
+    match view.state {
+        DeployState::Done => Ok(()),
+        _ => bail!(
+            "deployment {} failed: {}",
+            view.id,
+            view.error.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
+fn print_plan(v: &DeploymentView) {
+    println!(
+        "template {} on {}: {} ({}), sha256 {}",
+        v.template,
+        v.from,
+        tandem_progress::human_bytes(v.image_bytes),
+        v.image_bytes,
+        v.sha256
+    );
+    println!(
+        "links ({}), seconds per image:",
+        if v.links_probed { "probed" } else { "given" }
+    );
+    for l in &v.links {
+        println!("  {:>10} -> {:<10} {:>10.2}", l.from, l.to, l.seconds);
+    }
+    println!("{}", v.plan_text);
+}
+
+/// One line: overall and per host, copies and bytes.
+fn bars(v: &DeploymentView) -> String {
+    let planned: u32 = v.hosts.iter().map(|h| h.copies_planned).sum();
+    let done: u32 = v.hosts.iter().map(|h| h.copies_done).sum();
+    let width = 20usize;
+    let fill = if planned == 0 {
+        0
+    } else {
+        (done as usize * width) / planned as usize
+    };
+    let mut s = format!(
+        "[{}{}] {done}/{planned} copies, {:.0} s",
+        "#".repeat(fill),
+        ".".repeat(width - fill),
+        v.elapsed_s
+    );
+    for h in &v.hosts {
+        let state = if h.failed { " FAILED" } else { "" };
+        s.push_str(&format!(
+            " | {} {}/{} {}{state}",
+            h.host,
+            h.copies_done,
+            h.copies_planned,
+            tandem_progress::human_bytes(h.bytes_received)
+        ));
+    }
+    s
+}
