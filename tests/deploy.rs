@@ -1,0 +1,869 @@
+//! Fan-out deployment on a real cluster: a real `tandem-manager` and four
+//! real tandemds (`s`, `h1`, `h2`, `h3`) in network namespaces on the
+//! management fabric (`harness::fabric`), and, apart from it, a full mesh
+//! of shaped veth links between the four hosts that carries the images.
+//!
+//! ```text
+//!   each host: data address 10.233.0.<n>/32 on lo (s 1, h1 2, h2 3, h3 4)
+//!   each pair: veth to-<peer> ═ to-<host>, 10.232.<pair>.1/30 ═ .2/30,
+//!              /32 routes to the peer's data address over that veth only
+//!   each direction of the seed's matrix G3: tbf, rate ∝ 1 / time
+//! ```
+//!
+//! Each host serves its own image directory (`--image-listen 0.0.0.0:7450
+//! --image-advertise <data address>:7450`), so a network copy from one
+//! host to another crosses exactly the veth between them, and the bytes
+//! each veth sent say which copies the deployment made. One fabric, one
+//! manager and four hosts serve every phase, in order.
+//!
+//! Needs root (namespaces, taps, AF_PACKET, tc).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem_tests::fabric::{host_switch_doc, wait_for, Fabric, ManagerProc, HOST_API_PORT};
+use tandem_tests::{bin, serial_guard, sh, tail, Netns};
+
+/// The image service's port on every host.
+const IMAGE_PORT: u16 = 7450;
+/// The mesh check's own TCP port (not the image service's).
+const CHECK_PORT: u16 = 7460;
+/// The template: this many random bytes.
+const IMAGE_BYTES: u64 = 16 << 20;
+/// The rate of a link whose time is 10; a link of time `t` gets
+/// `10 / t` of it (16 MiB take about 2 s at 64 Mbit/s).
+const RATE_AT_10_KBIT: f64 = 64_000.0;
+/// The seed's matrix G3 (FIG 3A): one entry per directed direct link,
+/// times in seconds here (the seed's are minutes). H2→H1 and H3→H1 are
+/// the values the planner's golden tests assume (the seed gives none).
+/// The links back to `s` are not in it and are left unshaped.
+const G3: [(&str, &str, f64); 9] = [
+    ("s", "h1", 10.0),
+    ("s", "h2", 30.0),
+    ("s", "h3", 45.0),
+    ("h1", "h2", 10.0),
+    ("h1", "h3", 15.0),
+    ("h2", "h1", 10.0),
+    ("h2", "h3", 5.0),
+    ("h3", "h1", 15.0),
+    ("h3", "h2", 5.0),
+];
+/// Bytes a veth may send in a phase that moves no image (IPv6 neighbour
+/// discovery and the like).
+const NOISE_BYTES: u64 = 64 << 10;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A tandemd in a namespace with its own state, socket, RAM and image
+/// directories. (The harness's `Daemon` always passes the shared guest
+/// image directory as `--image-dir`, and tandemd takes the option once;
+/// a deployment needs one image directory per host.)
+struct Tandemd {
+    dir: tempfile::TempDir,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    ram_dir: PathBuf,
+    images: PathBuf,
+    netns: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Tandemd {
+    fn start(netns: &str, args: &[&str]) -> Tandemd {
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-deploy-")
+            .tempdir()
+            .expect("tempdir");
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).expect("image dir");
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut d = Tandemd {
+            state_dir: dir.path().join("state"),
+            socket: dir.path().join("tandemd.sock"),
+            ram_dir: PathBuf::from(format!("/dev/shm/tandem-deploy-{}-{n}", std::process::id())),
+            images,
+            dir,
+            netns: netns.to_string(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tandemd.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tandemd.log"))
+            .expect("daemon log");
+        // `ip netns exec` execs tandemd in place: the child's pid is
+        // tandemd's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin("tandemd"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--ram-dir")
+            .arg(&self.ram_dir)
+            .arg("--image-dir")
+            .arg(&self.images)
+            .args(&self.args)
+            .env("TANDEM_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn tandemd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("tandemd exited at start ({st}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tandemd did not listen within 20 s:\n{}",
+                tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 15 s.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it and starts a new one on the same state with `args`.
+    fn restart(&mut self, args: &[&str]) {
+        self.stop();
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+}
+
+impl Drop for Tandemd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.ram_dir);
+        if std::thread::panicking() {
+            eprintln!(
+                "--- tandemd {} log (tail) ---\n{}",
+                self.netns,
+                tail(&self.log(), 40)
+            );
+        }
+    }
+}
+
+struct Host {
+    name: &'static str,
+    /// Its data address is 10.233.0.<n>.
+    n: u8,
+    mgmt_ip: String,
+    /// Dropped before its namespace.
+    daemon: Tandemd,
+    ns: Netns,
+    doc: PathBuf,
+    _docs: tempfile::TempDir,
+}
+
+impl Host {
+    fn start(fabric: &Fabric, name: &'static str, tag: &str, n: u8) -> Host {
+        let ns = fabric.add_host(tag);
+        let mgmt_ip = format!("10.231.0.{}", 30 + n);
+        let docs = tempfile::tempdir().unwrap();
+        let doc = docs.path().join("switch.toml");
+        std::fs::write(&doc, host_switch_doc(&mgmt_ip, "")).unwrap();
+        let daemon = Tandemd::start(&ns.name, &["--switch-config", doc.to_str().unwrap()]);
+        Host {
+            name,
+            n,
+            mgmt_ip,
+            daemon,
+            ns,
+            doc,
+            _docs: docs,
+        }
+    }
+
+    fn data_ip(&self) -> String {
+        format!("10.233.0.{}", self.n)
+    }
+
+    fn image_service(&self) -> String {
+        format!("{}:{IMAGE_PORT}", self.data_ip())
+    }
+
+    /// Restarts tandemd with the identity the join wrote, the host API and
+    /// the image service on its data address.
+    fn serve(&mut self) {
+        let api = format!("0.0.0.0:{HOST_API_PORT}");
+        let api_adv = format!("{}:{HOST_API_PORT}", self.mgmt_ip);
+        let images = format!("0.0.0.0:{IMAGE_PORT}");
+        let images_adv = self.image_service();
+        let doc = self.doc.to_str().unwrap().to_string();
+        self.daemon.restart(&[
+            "--switch-config",
+            &doc,
+            "--host-api",
+            &api,
+            "--host-api-advertise",
+            &api_adv,
+            "--image-listen",
+            &images,
+            "--image-advertise",
+            &images_adv,
+        ]);
+    }
+
+    /// Bytes sent so far on its veth towards `peer`.
+    fn tx_bytes(&self, peer: &str) -> u64 {
+        let dev = format!("to-{peer}");
+        self.ns
+            .run(&["cat", &format!("/sys/class/net/{dev}/statistics/tx_bytes")])
+            .trim()
+            .parse()
+            .expect("tx_bytes")
+    }
+}
+
+fn host<'a>(hosts: &'a [Host], name: &str) -> &'a Host {
+    hosts.iter().find(|h| h.name == name).expect("a host")
+}
+
+/// The full mesh: a veth pair per pair of hosts with its own /30, each
+/// host's data address on lo, /32 routes to the others' data addresses
+/// over the direct veth, and each direction of G3 shaped by tbf.
+fn build_mesh(hosts: &[Host]) {
+    for h in hosts {
+        h.ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/32", h.data_ip()),
+            "dev",
+            "lo",
+        ]);
+    }
+    let mut pair = 0;
+    for (i, a) in hosts.iter().enumerate() {
+        for b in &hosts[i + 1..] {
+            pair += 1;
+            let (a_dev, b_dev) = (format!("to-{}", b.name), format!("to-{}", a.name));
+            sh(&format!(
+                "ip -n {} link add {a_dev} type veth peer name {b_dev} netns {}",
+                a.ns.name, b.ns.name
+            ));
+            for (h, dev, me, peer, peer_ip) in [(a, &a_dev, 1, b, 2), (b, &b_dev, 2, a, 1)] {
+                h.ns.run(&[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("10.232.{pair}.{me}/30"),
+                    "dev",
+                    dev,
+                ]);
+                h.ns.run(&["ip", "link", "set", dev, "up"]);
+                h.ns.run(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("{}/32", peer.data_ip()),
+                    "via",
+                    &format!("10.232.{pair}.{peer_ip}"),
+                    "dev",
+                    dev,
+                    "src",
+                    &h.data_ip(),
+                ]);
+            }
+        }
+    }
+    for (from, to, time) in G3 {
+        let kbit = (RATE_AT_10_KBIT * 10.0 / time).round() as u64;
+        host(hosts, from).ns.run(&[
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &format!("to-{to}"),
+            "root",
+            "tbf",
+            "rate",
+            &format!("{kbit}kbit"),
+            "burst",
+            "64kb",
+            "latency",
+            "100ms",
+        ]);
+    }
+}
+
+/// Every host reaches every other host's data address, over the veth
+/// between the two.
+fn check_mesh(hosts: &[Host]) {
+    for a in hosts {
+        for b in hosts.iter().filter(|b| b.name != a.name) {
+            let route = a.ns.run(&["ip", "route", "get", &b.data_ip()]);
+            assert!(
+                route.contains(&format!("dev to-{} ", b.name))
+                    && route.contains(&format!("src {} ", a.data_ip())),
+                "{} -> {}: {route}",
+                a.name,
+                b.name
+            );
+            wait_for(
+                &format!("{} pings {}'s data address", a.name, b.name),
+                Duration::from_secs(10),
+                || {
+                    Command::new("ip")
+                        .args(["netns", "exec", &a.ns.name])
+                        .args(["ping", "-c", "1", "-W", "1", &b.data_ip()])
+                        .output()
+                        .expect("ping")
+                        .status
+                        .success()
+                        .then_some(())
+                },
+            );
+        }
+    }
+}
+
+/// Sends `bytes` over TCP from `from`'s namespace to `to`'s data address;
+/// the receiver's seconds from accepting to the end of the stream.
+fn transfer_secs(from: &Host, to: &Host, bytes: usize) -> f64 {
+    let addr: SocketAddr = format!("{}:{CHECK_PORT}", to.data_ip()).parse().unwrap();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let receiver = to.ns.spawn(move || -> Result<(usize, f64), String> {
+        let l = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let _ = bound_tx.send(());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err("no connection within 20 s".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        let t = Instant::now();
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok((n, t.elapsed().as_secs_f64())),
+                Ok(k) => n += k,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    });
+    if bound_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        panic!("mesh check receiver: {:?}", receiver.join());
+    }
+    let sent = from.ns.within(move || -> Result<(), String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&vec![0x5a; bytes])
+            .map_err(|e| format!("write: {e}"))?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())
+    });
+    let got = receiver.join().expect("receiver thread");
+    sent.unwrap_or_else(|e| panic!("{} -> {}: {e}", from.name, to.name));
+    let (n, secs) = got.unwrap_or_else(|e| panic!("{} -> {}: {e}", from.name, to.name));
+    assert_eq!(n, bytes, "{} -> {}", from.name, to.name);
+    secs
+}
+
+/// Bytes sent so far on every directed link of the mesh, by (from, to).
+fn link_bytes(hosts: &[Host]) -> BTreeMap<(String, String), u64> {
+    let mut m = BTreeMap::new();
+    for a in hosts {
+        for b in hosts.iter().filter(|b| b.name != a.name) {
+            m.insert((a.name.to_string(), b.name.to_string()), a.tx_bytes(b.name));
+        }
+    }
+    m
+}
+
+/// Bytes each directed link sent between two readings.
+fn link_delta(
+    before: &BTreeMap<(String, String), u64>,
+    after: &BTreeMap<(String, String), u64>,
+) -> BTreeMap<(String, String), u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before[k]))
+        .collect()
+}
+
+fn delta_of(d: &BTreeMap<(String, String), u64>, from: &str, to: &str) -> u64 {
+    d[&(from.to_string(), to.to_string())]
+}
+
+/// Every file under `dir`, by path relative to it.
+fn files(dir: &Path) -> BTreeSet<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).expect("read image dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Every host's image directory listing, by host name.
+fn all_files(hosts: &[Host]) -> BTreeMap<&'static str, BTreeSet<String>> {
+    hosts
+        .iter()
+        .map(|h| (h.name, files(&h.daemon.images)))
+        .collect()
+}
+
+/// `tmpl-NN.img`: a copy of the template, by its default name.
+fn is_copy(name: &str) -> bool {
+    name.strip_prefix("tmpl-")
+        .and_then(|r| r.strip_suffix(".img"))
+        .is_some_and(|nn| nn.len() == 2 && nn.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn sha256(path: &Path) -> String {
+    let out = sh(&format!("sha256sum '{}'", path.display()));
+    out.split_whitespace().next().expect("digest").to_string()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {}:\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `tandem ARGS` as the operator in the manager's namespace (as
+/// `ManagerProc::tandem`), killed and failed after `timeout`.
+fn tandem(m: &ManagerProc, args: &[&str], timeout: Duration) -> Output {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &m.netns])
+        .arg(bin("tandem"))
+        .args(args)
+        .arg("--identity")
+        .arg(m.operator())
+        .args(["--manager", &m.address])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tandem");
+    let out = drain(child.stdout.take().expect("stdout"));
+    let err = drain(child.stderr.take().expect("stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait tandem") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "tandem {args:?} did not finish within {timeout:?}:\nstdout: {}\nstderr: {}\nmanager log:\n{}",
+                String::from_utf8_lossy(&out.join().unwrap_or_default()),
+                String::from_utf8_lossy(&err.join().unwrap_or_default()),
+                tail(&m.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout"),
+        stderr: err.join().expect("stderr"),
+    }
+}
+
+/// Reads `r` to its end on a thread.
+fn drain<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+/// The `seconds` of link `from → to` in a dry run's `links`.
+fn link_seconds(view: &Value, from: &str, to: &str) -> f64 {
+    view["links"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no links array: {view:#}"))
+        .iter()
+        .find(|l| l["from"] == from && l["to"] == to)
+        .and_then(|l| l["seconds"].as_f64())
+        .unwrap_or_else(|| panic!("no {from} -> {to} in links: {view:#}"))
+}
+
+#[test]
+fn fan_out_deployment_over_a_shaped_mesh() {
+    let _g = serial_guard();
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let fabric = Fabric::new("dp");
+    let manager = ManagerProc::start(&fabric.mgr);
+    let mut hosts = vec![
+        Host::start(&fabric, "s", "dps", 1),
+        Host::start(&fabric, "h1", "dp1", 2),
+        Host::start(&fabric, "h2", "dp2", 3),
+        Host::start(&fabric, "h3", "dp3", 4),
+    ];
+    let image = IMAGE_BYTES as f64;
+
+    phase("the mesh: veths, data addresses, routes, G3 shaping");
+    build_mesh(&hosts);
+    check_mesh(&hosts);
+    // The shaping holds: rates follow G3 (1 / time), which the probing
+    // phase relies on.
+    for (from, to) in [("s", "h1"), ("s", "h3"), ("h2", "h3"), ("h1", "h3")] {
+        let time = G3.iter().find(|l| l.0 == from && l.1 == to).unwrap().2;
+        let bytes = 4 << 20;
+        let secs = transfer_secs(host(&hosts, from), host(&hosts, to), bytes);
+        let kbit = bytes as f64 * 8.0 / 1000.0 / secs;
+        let want = RATE_AT_10_KBIT * 10.0 / time;
+        eprintln!("  {from} -> {to}: {kbit:.0} kbit/s (tbf {want:.0})");
+        assert!(
+            kbit > 0.6 * want && kbit < 1.2 * want,
+            "{from} -> {to}: {kbit:.0} kbit/s, shaped to {want:.0}"
+        );
+    }
+
+    phase("join the hosts; serve the host API and the image service");
+    for h in hosts.iter_mut() {
+        manager.join(&h.ns, h.name, &h.daemon.state_dir);
+        h.serve();
+    }
+    for h in &hosts {
+        let api = format!("{}:{HOST_API_PORT}", h.mgmt_ip);
+        let service = h.image_service();
+        wait_for(
+            &format!("{} online, with its host API and image service", h.name),
+            Duration::from_secs(30),
+            || {
+                let v = manager.json(&["host", "show", h.name]);
+                (v["connection"] == "online"
+                    && v["host_api"] == api.as_str()
+                    && v.to_string().contains(&format!("\"{service}\"")))
+                .then_some(())
+            },
+        );
+        let addr: SocketAddr = service.parse().unwrap();
+        wait_for(
+            &format!("{}'s image service accepts", h.name),
+            Duration::from_secs(10),
+            || {
+                h.ns.within(move || {
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+                })
+                .then_some(())
+            },
+        );
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let links = work.path().join("g3.toml");
+    let mut doc = String::new();
+    for (from, to, seconds) in G3 {
+        doc.push_str(&format!(
+            "[[link]]\nfrom = \"{from}\"\nto = \"{to}\"\nseconds = {seconds:.1}\n\n"
+        ));
+    }
+    std::fs::write(&links, doc).unwrap();
+    let links = links.to_str().unwrap().to_string();
+    let s = host(&hosts, "s");
+    let template = s.daemon.images.join("tmpl.img");
+    {
+        let mut bytes = vec![0u8; IMAGE_BYTES as usize];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .expect("random bytes");
+        std::fs::write(&template, bytes).expect("write the template");
+    }
+    let digest = sha256(&template);
+    let targets = ["h1", "h2", "h3"];
+
+    phase("D-E1: deploy 3 copies per host over G3; copies go s->h1, h1->h2, h1->h3");
+    let before = link_bytes(&hosts);
+    let out = tandem(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "3",
+            "--links",
+            &links,
+        ],
+        Duration::from_secs(60),
+    );
+    let moved = link_delta(&before, &link_bytes(&hosts));
+    assert!(out.status.success(), "deploy: {}", text(&out));
+    let view: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("deploy printed no JSON object ({e}): {}", text(&out)));
+    assert_eq!(view["state"], "done", "{view:#}");
+    let listing = all_files(&hosts);
+    let mut names = BTreeSet::new();
+    for (name, files) in &listing {
+        assert!(
+            !files.iter().any(|f| f.contains(".partial")),
+            "{name}: a partial file is left: {files:?}"
+        );
+    }
+    assert!(
+        listing["s"].contains("tmpl.img") && !listing["s"].iter().any(|f| is_copy(f)),
+        "s is the source, not a target: {:?}",
+        listing["s"]
+    );
+    assert_eq!(sha256(&template), digest, "the template is left as it was");
+    for t in targets {
+        let copies: Vec<&String> = listing[t].iter().filter(|f| is_copy(f)).collect();
+        assert_eq!(copies.len(), 3, "{t}: {:?}", listing[t]);
+        for c in copies {
+            assert_eq!(
+                sha256(&host(&hosts, t).daemon.images.join(c)),
+                digest,
+                "{t}: {c}"
+            );
+            assert!(names.insert(c.clone()), "{c} on two hosts");
+        }
+    }
+    let want: BTreeSet<String> = (1..=9).map(|i| format!("tmpl-{i:02}.img")).collect();
+    assert_eq!(names, want, "numbered from 01 across the deployment");
+    eprintln!("  bytes sent per link: {moved:?}");
+    for (from, to) in [("s", "h1"), ("h1", "h2"), ("h1", "h3")] {
+        let images = delta_of(&moved, from, to) as f64 / image;
+        assert!(
+            (0.95..=1.15).contains(&images),
+            "{from} -> {to} carried {images:.3} images, one expected; all links: {moved:?}"
+        );
+    }
+    for (from, to) in [("s", "h2"), ("s", "h3"), ("h2", "h3"), ("h3", "h2")] {
+        let images = delta_of(&moved, from, to) as f64 / image;
+        assert!(
+            images < 0.05,
+            "{from} -> {to} carried {images:.3} images, none expected; all links: {moved:?}"
+        );
+    }
+
+    phase("--dry-run: the plan, and nothing copied");
+    let files_before = all_files(&hosts);
+    let before = link_bytes(&hosts);
+    let dry = [
+        "deploy",
+        "tmpl.img",
+        "--from",
+        "s",
+        "--hosts",
+        "h1,h2,h3",
+        "--per-host",
+        "3",
+        "--links",
+        &links,
+        "--name-prefix",
+        "plan",
+        "--dry-run",
+    ];
+    let out = tandem(&manager, &dry, Duration::from_secs(30));
+    assert!(out.status.success(), "dry run: {}", text(&out));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("network copy s") && plan.contains("h1"),
+        "the plan: {plan}"
+    );
+    let mut dry_json = vec!["--json"];
+    dry_json.extend_from_slice(&dry);
+    let out = tandem(&manager, &dry_json, Duration::from_secs(30));
+    assert!(out.status.success(), "dry run --json: {}", text(&out));
+    let view: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("dry run printed no JSON object ({e}): {}", text(&out)));
+    assert!(!view["plan"].is_null(), "{view:#}");
+    for (from, to, seconds) in G3 {
+        let got = link_seconds(&view, from, to);
+        assert!(
+            (got - seconds).abs() < 1e-6,
+            "{from} -> {to}: {got}, injected {seconds}"
+        );
+    }
+    let moved = link_delta(&before, &link_bytes(&hosts));
+    assert!(
+        moved.values().all(|b| *b < NOISE_BYTES),
+        "a dry run moved bytes: {moved:?}"
+    );
+    assert_eq!(all_files(&hosts), files_before, "a dry run copied");
+
+    phase("bad input: a missing template, --per-host 0");
+    let out = tandem(
+        &manager,
+        &[
+            "deploy",
+            "nosuch.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "3",
+            "--links",
+            &links,
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nosuch.img"),
+        "a missing template: {}",
+        text(&out)
+    );
+    let out = tandem(
+        &manager,
+        &[
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "0",
+            "--links",
+            &links,
+        ],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !out.status.success()
+            && (err.contains("per-host") || err.contains("per_host") || err.contains("per host")),
+        "--per-host 0: {}",
+        text(&out)
+    );
+    // The clones of D-E1 are there: the same names again are refused
+    // before anything moves, never overwritten.
+    let out = tandem(
+        &manager,
+        &[
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "3",
+            "--links",
+            &links,
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already has"),
+        "clone names in use: {}",
+        text(&out)
+    );
+    assert_eq!(
+        all_files(&hosts),
+        files_before,
+        "a refused deployment copied"
+    );
+
+    phase("measurement: a dry run without --links probes the links");
+    let out = tandem(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "3",
+            "--name-prefix",
+            "probe",
+            "--dry-run",
+        ],
+        Duration::from_secs(90),
+    );
+    assert!(out.status.success(), "probing dry run: {}", text(&out));
+    let view: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("dry run printed no JSON object ({e}): {}", text(&out)));
+    for (from, to, _) in G3 {
+        let secs = link_seconds(&view, from, to);
+        assert!(secs.is_finite() && secs > 0.0, "{from} -> {to}: {secs}");
+    }
+    let (s_h1, s_h3) = (
+        link_seconds(&view, "s", "h1"),
+        link_seconds(&view, "s", "h3"),
+    );
+    let (h2_h3, h1_h3) = (
+        link_seconds(&view, "h2", "h3"),
+        link_seconds(&view, "h1", "h3"),
+    );
+    eprintln!("  measured: s->h1 {s_h1}, s->h3 {s_h3}, h2->h3 {h2_h3}, h1->h3 {h1_h3}");
+    assert!(s_h1 < s_h3, "s->h1 {s_h1} s, s->h3 {s_h3} s: {view:#}");
+    assert!(
+        h2_h3 < h1_h3,
+        "h2->h3 {h2_h3} s, h1->h3 {h1_h3} s: {view:#}"
+    );
+    assert_eq!(all_files(&hosts), files_before, "a probing dry run copied");
+    phase("done");
+}
