@@ -163,6 +163,14 @@ impl Tandemd {
         }
     }
 
+    /// SIGKILL: the host's daemon dies at once, its connections with it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stops it and starts a new one on the same state with `args`.
     fn restart(&mut self, args: &[&str]) {
         self.stop();
@@ -549,6 +557,192 @@ fn link_seconds(view: &Value, from: &str, to: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {from} -> {to} in links: {view:#}"))
 }
 
+/// Reshapes every directed link between the hosts to `times` (the time of
+/// one image, as G3's; a link of time `t` gets `10 / t` of
+/// [`RATE_AT_10_KBIT`]).
+fn reshape(hosts: &[Host], times: &[(&str, &str, f64)]) {
+    for (from, to, time) in times {
+        let kbit = (RATE_AT_10_KBIT * 10.0 / time).round() as u64;
+        host(hosts, from).ns.run(&[
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &format!("to-{to}"),
+            "root",
+            "tbf",
+            "rate",
+            &format!("{kbit}kbit"),
+            "burst",
+            "64kb",
+            "latency",
+            "100ms",
+        ]);
+    }
+}
+
+/// Writes a links file of `times` into `dir` as `name`.
+fn links_file(dir: &Path, name: &str, times: &[(&str, &str, f64)]) -> String {
+    let mut doc = String::new();
+    for (from, to, seconds) in times {
+        doc.push_str(&format!(
+            "[[link]]\nfrom = \"{from}\"\nto = \"{to}\"\nseconds = {seconds:.1}\n\n"
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, doc).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// `tandem ARGS` started as the operator, its stderr lines sent to the
+/// returned channel as they come, so that the test can act on the
+/// deployment's events.
+struct Running {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(m: &ManagerProc, args: &[&str]) -> Running {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &m.netns])
+            .arg(bin("tandem"))
+            .args(args)
+            .arg("--identity")
+            .arg(m.operator())
+            .args(["--manager", &m.address])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tandem");
+        let stdout = drain(child.stdout.take().expect("stdout"));
+        let err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            stdout,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line with every one of `words`.
+    fn wait_line(&mut self, words: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if words.iter().all(|w| l.contains(w)) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {words:?} within {timeout:?}; seen:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the command to end; its status, stdout and the rest of
+    /// stderr.
+    fn finish(mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait tandem") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "tandem did not finish within {timeout:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = String::from_utf8_lossy(&self.stdout.join().unwrap_or_default()).into_owned();
+        // The reader thread ends with the pipe.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(l);
+        }
+        (status, out, self.seen.join("\n"))
+    }
+}
+
+/// The seed's G10 (FIG 10, times assumed by the planner's golden tests):
+/// direct links from S win (15 < 10 + 10), H1 finishes first.
+const G10: [(&str, &str, f64); 9] = [
+    ("s", "h1", 10.0),
+    ("s", "h2", 15.0),
+    ("s", "h3", 15.0),
+    ("h1", "h2", 10.0),
+    ("h1", "h3", 10.0),
+    ("h2", "h1", 10.0),
+    ("h2", "h3", 10.0),
+    ("h3", "h1", 10.0),
+    ("h3", "h2", 10.0),
+];
+
+/// G10 with the links between targets at 40 on paper: S's direct copies
+/// to H2 and H3 are then kept even when their progress shows them slow
+/// (through H1 would take longer still), so they are still needed, and
+/// running, when S dies.
+const G10_SLOW_PEERS: [(&str, &str, f64); 9] = [
+    ("s", "h1", 10.0),
+    ("s", "h2", 15.0),
+    ("s", "h3", 15.0),
+    ("h1", "h2", 40.0),
+    ("h1", "h3", 40.0),
+    ("h2", "h1", 40.0),
+    ("h2", "h3", 40.0),
+    ("h3", "h1", 40.0),
+    ("h3", "h2", 40.0),
+];
+
+/// G10 as shaped: S's links to H2 and H3 throttled to a tenth of the
+/// plan's rate, so that their copies are still running when S dies.
+const G10_SHAPED: [(&str, &str, f64); 9] = [
+    ("s", "h1", 10.0),
+    ("s", "h2", 150.0),
+    ("s", "h3", 150.0),
+    ("h1", "h2", 10.0),
+    ("h1", "h3", 10.0),
+    ("h2", "h1", 10.0),
+    ("h2", "h3", 10.0),
+    ("h3", "h1", 10.0),
+    ("h3", "h2", 10.0),
+];
+
+fn partials(hosts: &[Host]) -> Vec<String> {
+    all_files(hosts)
+        .into_iter()
+        .flat_map(|(h, files)| {
+            files
+                .into_iter()
+                .filter(|f| f.ends_with(".partial"))
+                .map(move |f| format!("{h}:{f}"))
+        })
+        .collect()
+}
+
 #[test]
 fn fan_out_deployment_over_a_shaped_mesh() {
     let _g = serial_guard();
@@ -865,5 +1059,125 @@ fn fan_out_deployment_over_a_shaped_mesh() {
         "h2->h3 {h2_h3} s, h1->h3 {h1_h3} s: {view:#}"
     );
     assert_eq!(all_files(&hosts), files_before, "a probing dry run copied");
+
+    phase("D-E5: the source dies before any copy completes: a clear failure, no partials");
+    reshape(
+        &hosts,
+        &[("s", "h1", 150.0), ("s", "h2", 150.0), ("s", "h3", 150.0)],
+    );
+    let g10 = links_file(work.path(), "g10.toml", &G10);
+    let files_before = all_files(&hosts);
+    let mut run = Running::start(
+        &manager,
+        &[
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "1",
+            "--links",
+            &g10,
+            "--name-prefix",
+            "e5",
+        ],
+    );
+    for to in targets {
+        run.wait_line(&["network copy s -> ", to], Duration::from_secs(30));
+    }
+    // The copies take about 20 s at these rates: none completes first.
+    hosts
+        .iter_mut()
+        .find(|h| h.name == "s")
+        .unwrap()
+        .daemon
+        .kill();
+    let (status, _, err) = run.finish(Duration::from_secs(60));
+    assert!(
+        !status.success() && err.contains("no live host holds a complete copy"),
+        "D-E5 ({status}): {err}"
+    );
+    assert!(
+        partials(&hosts).is_empty(),
+        "partials left: {:?}",
+        partials(&hosts)
+    );
+    let mut now = all_files(&hosts);
+    now.remove("s");
+    let mut was = files_before.clone();
+    was.remove("s");
+    assert_eq!(now, was, "D-E5 left files behind");
+
+    phase("D-E4: the source dies after H1 completes: H1 serves H2 and H3, partials removed");
+    hosts.iter_mut().find(|h| h.name == "s").unwrap().serve();
+    {
+        let s = host(&hosts, "s");
+        let addr: SocketAddr = s.image_service().parse().unwrap();
+        wait_for("s's image service back", Duration::from_secs(20), || {
+            s.ns.within(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok())
+                .then_some(())
+        });
+    }
+    reshape(&hosts, &G10_SHAPED);
+    let g10_slow_peers = links_file(work.path(), "g10-slow-peers.toml", &G10_SLOW_PEERS);
+    let before = link_bytes(&hosts);
+    let mut run = Running::start(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "1",
+            "--links",
+            &g10_slow_peers,
+            "--name-prefix",
+            "e4",
+        ],
+    );
+    run.wait_line(&["h1: e4-", "verified"], Duration::from_secs(60));
+    hosts
+        .iter_mut()
+        .find(|h| h.name == "s")
+        .unwrap()
+        .daemon
+        .kill();
+    let (status, out, err) = run.finish(Duration::from_secs(90));
+    assert!(status.success(), "D-E4 ({status}): {err}");
+    let view: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("D-E4 printed no JSON ({e}): {out}"));
+    assert_eq!(view["state"], "done", "{view:#}");
+    for to in targets {
+        let h = host(&hosts, to);
+        let copies: Vec<String> = files(&h.daemon.images)
+            .into_iter()
+            .filter(|f| f.starts_with("e4-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
+        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
+    }
+    assert!(
+        partials(&hosts).is_empty(),
+        "partials left: {:?}",
+        partials(&hosts)
+    );
+    let moved = link_delta(&before, &link_bytes(&hosts));
+    for to in ["h2", "h3"] {
+        let images = delta_of(&moved, "h1", to) as f64 / image;
+        assert!(
+            (0.95..=1.15).contains(&images),
+            "h1 -> {to} carried {images:.3} images after s died; all links: {moved:?}"
+        );
+    }
+    assert!(
+        err.contains("s does not answer"),
+        "the source's death is reported: {err}"
+    );
     phase("done");
 }

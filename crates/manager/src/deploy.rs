@@ -469,6 +469,7 @@ impl Manager {
             started,
             view: shared,
             silent_since: HashMap::new(),
+            jobs: 0,
         };
         tokio::spawn(exec.run());
         Ok(view)
@@ -581,6 +582,9 @@ struct Executor {
     view: Arc<Mutex<DeploymentView>>,
     /// Hosts that did not answer, since when.
     silent_since: HashMap<String, Instant>,
+    /// Copies asked of hosts so far: each gets its own id, also a retry
+    /// of the same file.
+    jobs: u32,
 }
 
 impl Executor {
@@ -747,7 +751,8 @@ impl Executor {
                 let Some(file) = self.next_name() else {
                     return Err("the plan makes more copies than were placed".into());
                 };
-                let job = format!("{}-{file}", self.id);
+                self.jobs += 1;
+                let job = format!("{}-{}-{file}", self.id, self.jobs);
                 let req = CopyRequest {
                     id: job.clone(),
                     from_host: from.clone(),
@@ -1002,12 +1007,18 @@ impl Executor {
                     self.partials.push((to.clone(), f.file));
                     events.push(Event::TransferFailed {
                         from: from.clone(),
-                        to,
+                        to: to.clone(),
                     });
-                    // A copy breaks off when its sender dies: ask it.
+                    // A copy breaks off when its sender dies: ask it. If
+                    // both ends live, the path between them failed (a
+                    // link, a firewall, a stall): the plan routes around
+                    // it rather than trying the same link again.
                     if !self.source_answers(&from).await {
                         self.say(format!("{from} does not answer: taken as failed"));
                         events.push(Event::HostFailed { host: from });
+                    } else {
+                        self.say(format!("the link {from} -> {to} is taken out of the plan"));
+                        events.push(Event::LinkDown { from, to });
                     }
                 }
             }
