@@ -181,6 +181,28 @@ impl Tandemd {
 
 impl Drop for Tandemd {
     fn drop(&mut self) {
+        // The clones' VMs go with the test: destroyed through this
+        // tandemd while it runs.
+        if self.child.is_some() {
+            if let Ok(out) = Command::new(bin("tandem"))
+                .arg("--socket")
+                .arg(&self.socket)
+                .args(["--json", "vm", "list"])
+                .output()
+            {
+                if let Ok(Value::Array(vms)) = serde_json::from_slice::<Value>(&out.stdout) {
+                    for vm in vms {
+                        if let Some(name) = vm["name"].as_str() {
+                            let _ = Command::new(bin("tandem"))
+                                .arg("--socket")
+                                .arg(&self.socket)
+                                .args(["vm", "destroy", name])
+                                .output();
+                        }
+                    }
+                }
+            }
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.ram_dir);
         if std::thread::panicking() {
@@ -897,6 +919,120 @@ fn fan_out_deployment_over_a_shaped_mesh() {
             "{from} -> {to} carried {images:.3} images, none expected; all links: {moved:?}"
         );
     }
+
+    phase("clones: two VMs from one deployed disk boot on h1's switch and reach each other");
+    std::fs::copy(
+        tandem_tests::image_dir().join("data.qcow2"),
+        s.daemon.images.join("guest.qcow2"),
+    )
+    .expect("the guest's data disk as a template");
+    let spec = work.path().join("clone.toml");
+    let img = tandem_tests::image_dir();
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "{{name}}"
+memory_mib = 128
+accelerator = "tcg"
+shutdown_timeout_s = 10
+
+[boot]
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "console=ttyS0 loglevel=4 tandem.ip={{ip}}"
+
+[[disks]]
+name = "data"
+path = "{{disk}}"
+
+[[nics]]
+name = "eth0"
+mac = "{{mac}}"
+backend = "switch"
+port_group = "mgmt"
+"#,
+            kernel = img.join("vmlinux").display(),
+            initrd = img.join("initrd.img").display(),
+        ),
+    )
+    .unwrap();
+    let out = tandem(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "guest.qcow2",
+            "--from",
+            "s",
+            "--hosts",
+            "h1",
+            "--per-host",
+            "2",
+            "--links",
+            &links,
+            "--vm-spec",
+            spec.to_str().unwrap(),
+            "--addresses",
+            "10.231.0.61/24",
+            "--start",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "clones: {}", text(&out));
+    let view: Value = serde_json::from_slice(&out.stdout).expect("the clones' view");
+    let vms = view["vms"].as_array().expect("vms").clone();
+    assert_eq!(vms.len(), 2, "{view:#}");
+    for field in ["name", "uuid", "mac", "ip", "disk"] {
+        assert_ne!(
+            vms[0][field], vms[1][field],
+            "clones share their {field}: {view:#}"
+        );
+    }
+    assert!(vms
+        .iter()
+        .all(|v| v["host"] == "h1" && v["started"] == true));
+    let h1 = host(&hosts, "h1");
+    let reply = wait_for(
+        "clone 1 reaches clone 2 through h1's switch",
+        Duration::from_secs(120),
+        || {
+            h1.ns
+                .within(|| {
+                    tandem_tests::request(
+                        "10.231.0.61:7070",
+                        "DIAL 10.231.0.62:7070 PING",
+                        Duration::from_secs(3),
+                    )
+                })
+                .ok()
+                .filter(|r| r.starts_with("DIALED"))
+        },
+    );
+    eprintln!("  clone 1 asked clone 2: {reply}");
+    // A second deployment of the same names is refused before it copies.
+    let again = tandem(
+        &manager,
+        &[
+            "deploy",
+            "guest.qcow2",
+            "--from",
+            "s",
+            "--hosts",
+            "h2",
+            "--per-host",
+            "1",
+            "--links",
+            &links,
+            "--vm-spec",
+            spec.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !again.status.success(),
+        "a spec without an address for {{ip}}: {}",
+        text(&again)
+    );
 
     phase("--dry-run: the plan, and nothing copied");
     let files_before = all_files(&hosts);

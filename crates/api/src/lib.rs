@@ -126,6 +126,10 @@ pub struct VmInfo {
 pub struct CreateVmRequest {
     /// The VM spec document (TOML).
     pub spec_toml: String,
+    /// The VM's UUID when the caller allocates it (a deployment's clones,
+    /// unique across the cluster); a new one otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

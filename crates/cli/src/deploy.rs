@@ -47,6 +47,18 @@ pub struct DeployArgs {
     /// Copies one host sends at once (hosts that share one NIC).
     #[arg(long)]
     egress_slots: Option<u32>,
+    /// Define a VM on each clone from this spec (TOML): `{name}`,
+    /// `{uuid}`, `{mac}`, `{disk}`, `{ip}`, `{ip_addr}`, `{index}` are
+    /// filled in per clone.
+    #[arg(long)]
+    vm_spec: Option<PathBuf>,
+    /// The first clone's address, A.B.C.D/LEN (`{ip}`); the next clones
+    /// get the next addresses.
+    #[arg(long)]
+    addresses: Option<String>,
+    /// Start each clone's VM once defined.
+    #[arg(long)]
+    start: bool,
     /// Show the plan; copy nothing.
     #[arg(long)]
     dry_run: bool,
@@ -93,6 +105,12 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
             a.count,
         ),
     };
+    let vm_spec = match &a.vm_spec {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
     let req = DeployRequest {
         template: a.template.clone(),
         from: a.from.clone(),
@@ -104,6 +122,9 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
         probe_bytes: a.probe_bytes,
         egress_slots: a.egress_slots,
         dry_run: a.dry_run,
+        vm_spec,
+        addresses: a.addresses.clone(),
+        start: a.start,
     };
     let opts: ManagerOpts = a.m.opts(Duration::from_secs(900));
     let client = opts.client()?;
@@ -153,6 +174,17 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
         eprintln!("{}", bars(&view));
         for c in &view.copies {
             println!("{}:{}  ({})", c.host, c.file, c.via);
+        }
+        for v in &view.vms {
+            println!(
+                "VM {} on {}: uuid {} mac {}{}{}",
+                v.name,
+                v.host,
+                v.uuid,
+                v.mac,
+                v.ip.as_deref().map(|i| format!(" {i}")).unwrap_or_default(),
+                if v.started { ", started" } else { "" }
+            );
         }
     }
     match view.state {

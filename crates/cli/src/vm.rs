@@ -141,7 +141,13 @@ async fn create(
         std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?
     };
     let mut vm: VmInfo = client
-        .post("/v1/vms", &CreateVmRequest { spec_toml: text })
+        .post(
+            "/v1/vms",
+            &CreateVmRequest {
+                spec_toml: text,
+                uuid: None,
+            },
+        )
         .await?;
     if start {
         vm = client

@@ -481,8 +481,13 @@ port_group = "vms"
         d = disk.display(),
     );
     let api_a = host.api();
-    let _: VmInfo =
-        block_on(api_a.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))?;
+    let _: VmInfo = block_on(api_a.post(
+        "/v1/vms",
+        &tandem_api::CreateVmRequest {
+            spec_toml: spec,
+            uuid: None,
+        },
+    ))?;
     let _: VmInfo = block_on(api_a.post("/v1/vms/drill/start", &()))?;
     wait_for("guest ready on A", Duration::from_secs(120), || {
         let c: tandem_api::ConsoleChunk =

@@ -78,8 +78,13 @@ mac = "{mac}"
 
 fn boot(host: &Host, spec: String, name: &str) -> anyhow::Result<()> {
     let api = host.api();
-    let _: tandem_api::VmInfo =
-        block_on(api.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))?;
+    let _: tandem_api::VmInfo = block_on(api.post(
+        "/v1/vms",
+        &tandem_api::CreateVmRequest {
+            spec_toml: spec,
+            uuid: None,
+        },
+    ))?;
     let _: tandem_api::VmInfo = block_on(api.post(&format!("/v1/vms/{name}/start"), &()))?;
     wait_for("guest ready", Duration::from_secs(120), || {
         let c: tandem_api::ConsoleChunk =

@@ -97,6 +97,74 @@ pub struct DeployRequest {
     /// Plan only.
     #[serde(default)]
     pub dry_run: bool,
+    /// A VM spec (TOML) to define each clone with once its copy is
+    /// verified: `{name}`, `{uuid}`, `{mac}`, `{disk}`, `{ip}`
+    /// (`A.B.C.D/LEN`), `{ip_addr}` and `{index}` are filled in per clone.
+    #[serde(default)]
+    pub vm_spec: Option<String>,
+    /// The first clone's address, `A.B.C.D/LEN`; clone N gets the N-th.
+    #[serde(default)]
+    pub addresses: Option<String>,
+    /// Start each clone once it is defined.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// One clone defined as a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneVm {
+    pub host: String,
+    pub name: String,
+    pub uuid: String,
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    pub disk: String,
+    pub started: bool,
+}
+
+/// What a clone's spec is filled in with.
+#[derive(Debug, Clone)]
+struct CloneIdentity {
+    name: String,
+    uuid: uuid::Uuid,
+    mac: String,
+    ip: Option<(std::net::Ipv4Addr, u8)>,
+    index: u32,
+}
+
+impl CloneIdentity {
+    fn render(&self, template: &str, disk: &str) -> String {
+        let (ip, ip_addr) = match self.ip {
+            Some((a, len)) => (format!("{a}/{len}"), a.to_string()),
+            None => (String::new(), String::new()),
+        };
+        template
+            .replace("{name}", &self.name)
+            .replace("{uuid}", &self.uuid.to_string())
+            .replace("{mac}", &self.mac)
+            .replace("{disk}", disk)
+            .replace("{ip}", &ip)
+            .replace("{ip_addr}", &ip_addr)
+            .replace("{index}", &self.index.to_string())
+    }
+}
+
+/// `A.B.C.D/LEN` and how many addresses follow it in its subnet (the
+/// broadcast address excluded).
+fn parse_addresses(s: &str) -> Result<(std::net::Ipv4Addr, u8, u64)> {
+    let bad =
+        || ManagerError::Invalid(format!("--addresses {s:?}: A.B.C.D/LEN, e.g. 10.0.0.10/24"));
+    let (a, len) = s.split_once('/').ok_or_else(bad)?;
+    let a: std::net::Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    if !(1..=30).contains(&len) {
+        return Err(bad());
+    }
+    let host_bits = 32 - u32::from(len);
+    let mask = u32::MAX << host_bits;
+    let last = (u32::from(a) & mask) | !mask; // broadcast
+    Ok((a, len, u64::from(last - u32::from(a))))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +230,9 @@ pub struct DeploymentView {
     pub hosts: Vec<HostProgress>,
     pub copies: Vec<CloneCopy>,
     pub transfers: Vec<TransferView>,
+    /// The clones defined as VMs (with `vm_spec`).
+    #[serde(default)]
+    pub vms: Vec<CloneVm>,
     /// Unix seconds.
     pub started_at: u64,
     pub elapsed_s: f64,
@@ -336,6 +407,26 @@ impl Manager {
             }
         }
 
+        // The clones' VMs: every clone distinct (name, disk, MAC, UUID,
+        // address), the spec valid, the names free on every target.
+        let identities = match &req.vm_spec {
+            None => {
+                if req.start || req.addresses.is_some() {
+                    return Err(ManagerError::Invalid(
+                        "--start and --addresses need --vm-spec: the clones are files otherwise"
+                            .into(),
+                    ));
+                }
+                Vec::new()
+            }
+            Some(template) => {
+                let ids = self
+                    .clone_identities(&req, template, &names, &ext, &ends, &tls)
+                    .await?;
+                ids
+            }
+        };
+
         // The matrix.
         let mut matrix =
             Matrix::new(req.from.clone(), req.hosts.iter().cloned()).map_err(plan_error)?;
@@ -354,7 +445,9 @@ impl Manager {
                     l.from, l.to, l.seconds
                 )));
             }
-            if l.to == req.from {
+            // Links into the source carry nothing; links of hosts outside
+            // this deployment (a links file for the whole cluster) neither.
+            if l.to == req.from || !all.contains(&l.from) || !all.contains(&l.to) {
                 continue;
             }
             matrix
@@ -418,6 +511,7 @@ impl Manager {
                 .collect(),
             copies: Vec::new(),
             transfers: Vec::new(),
+            vms: Vec::new(),
             started_at: SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -470,9 +564,126 @@ impl Manager {
             view: shared,
             silent_since: HashMap::new(),
             jobs: 0,
+            vm_spec: req.vm_spec.clone().map(|t| (t, identities, req.start)),
         };
         tokio::spawn(exec.run());
         Ok(view)
+    }
+
+    /// Each clone's identity, checked before anything is copied: the
+    /// spec renders and validates for every clone, no two clones share a
+    /// name, disk or MAC, and no target host has a VM of a clone's name.
+    async fn clone_identities(
+        &self,
+        req: &DeployRequest,
+        template: &str,
+        names: &[String],
+        ext: &str,
+        ends: &BTreeMap<String, HostEnds>,
+        tls: &Arc<ClientConfig>,
+    ) -> Result<Vec<CloneIdentity>> {
+        for needed in ["{name}", "{disk}"] {
+            if !template.contains(needed) {
+                return Err(ManagerError::Invalid(format!(
+                    "--vm-spec has no {needed}: every clone needs its own"
+                )));
+            }
+        }
+        let addresses = match &req.addresses {
+            Some(a) => {
+                let (first, len, room) = parse_addresses(a)?;
+                if room < names.len() as u64 {
+                    return Err(ManagerError::Invalid(format!(
+                        "--addresses {a}: {room} addresses left in the subnet for {} clones",
+                        names.len()
+                    )));
+                }
+                Some((first, len))
+            }
+            None if template.contains("{ip}") || template.contains("{ip_addr}") => {
+                return Err(ManagerError::Invalid(
+                    "--vm-spec uses {ip}: give the first clone's address with --addresses".into(),
+                ))
+            }
+            None => None,
+        };
+        // Locally administered, unicast (0x0a…), 24 random bits per
+        // deployment and the clone's index: distinct within it, and
+        // across deployments but by a 1-in-16-million chance.
+        let seed = uuid::Uuid::new_v4();
+        let r = seed.as_bytes();
+        let mut ids = Vec::new();
+        for (i, file) in names.iter().enumerate() {
+            let index = i as u32 + 1;
+            let name = file.strip_suffix(ext).unwrap_or(file).to_string();
+            let ip = addresses
+                .map(|(first, len)| (std::net::Ipv4Addr::from(u32::from(first) + i as u32), len));
+            ids.push(CloneIdentity {
+                name,
+                uuid: uuid::Uuid::new_v4(),
+                mac: format!(
+                    "0a:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    r[0],
+                    r[1],
+                    r[2],
+                    (index >> 8) as u8,
+                    index as u8
+                ),
+                ip,
+                index,
+            });
+        }
+        // Render every clone and check it, before a byte moves.
+        let mut macs = std::collections::BTreeSet::new();
+        let mut disks = std::collections::BTreeSet::new();
+        for (id, file) in ids.iter().zip(names) {
+            let disk = format!("/clone-disks/{file}");
+            // Files are the hosts' to check: the manager's filesystem is
+            // not theirs.
+            let spec = tandem_vmspec::parse_and_validate(&id.render(template, &disk), |_| true)
+                .map_err(|e| ManagerError::Invalid(format!("--vm-spec for {}: {e}", id.name)))?;
+            if spec.name != id.name {
+                return Err(ManagerError::Invalid(format!(
+                    "--vm-spec: name = \"{{name}}\" is what names each clone, not {:?}",
+                    spec.name
+                )));
+            }
+            if !spec.disks.iter().any(|d| d.path.to_string_lossy() == disk) {
+                return Err(ManagerError::Invalid(
+                    "--vm-spec: {disk} must be a disk's whole path".into(),
+                ));
+            }
+            for n in &spec.nics {
+                if !macs.insert(n.mac.0) {
+                    return Err(ManagerError::Invalid(format!(
+                        "--vm-spec: two clones share the MAC of NIC {}; use {{mac}}",
+                        n.name
+                    )));
+                }
+            }
+            for d in &spec.disks {
+                if !d.readonly && !disks.insert(d.path.clone()) {
+                    return Err(ManagerError::Invalid(format!(
+                        "--vm-spec: two clones share the writable disk {}",
+                        d.path.display()
+                    )));
+                }
+            }
+        }
+        for h in &req.hosts {
+            let vms: Vec<tandem_api::VmSummary> = self
+                .host_client(&ends[h], h, tls)
+                .get("/v1/vms")
+                .await
+                .map_err(|e| host_error(h, "listing VMs", e))?;
+            if let Some(v) = vms.iter().find(|v| ids.iter().any(|i| i.name == v.name)) {
+                return Err(ManagerError::Conflict(format!(
+                    "{h} already has a VM {}: choose another --name-prefix",
+                    v.name
+                )));
+            }
+        }
+        Ok(ids)
     }
 
     /// Every deployment this manager ran since it started.
@@ -585,6 +796,9 @@ struct Executor {
     /// Copies asked of hosts so far: each gets its own id, also a retry
     /// of the same file.
     jobs: u32,
+    /// The clones' spec template, their identities (by copy name, in
+    /// order) and whether to start them.
+    vm_spec: Option<(String, Vec<CloneIdentity>, bool)>,
 }
 
 impl Executor {
@@ -617,7 +831,10 @@ impl Executor {
     }
 
     async fn run(mut self) {
-        let outcome = self.drive().await;
+        let mut outcome = self.drive().await;
+        if outcome.is_ok() {
+            outcome = self.define_vms().await;
+        }
         let leftover = self.cleanup().await;
         let mut v = self.view.lock();
         v.elapsed_s = self.started.elapsed().as_secs_f64();
@@ -886,6 +1103,60 @@ impl Executor {
         }
     }
 
+    /// Defines (and starts) a VM on each verified copy.
+    async fn define_vms(&mut self) -> std::result::Result<(), String> {
+        let Some((template, ids, start)) = self.vm_spec.clone() else {
+            return Ok(());
+        };
+        let copies: Vec<CloneCopy> = self.view.lock().copies.clone();
+        for (i, id) in ids.iter().enumerate() {
+            let file = &self.names[i];
+            let Some(copy) = copies.iter().find(|c| c.file == *file && c.done) else {
+                return Err(format!("no verified copy {file} to define {} on", id.name));
+            };
+            let host = copy.host.clone();
+            let disk = format!("{}/{file}", self.ends[&host].image_dir);
+            let spec = id.render(&template, &disk);
+            let req = tandem_api::CreateVmRequest {
+                spec_toml: spec,
+                uuid: Some(id.uuid.to_string()),
+            };
+            let c = self.client(&host);
+            c.post::<_, serde_json::Value>("/v1/vms", &req)
+                .await
+                .map_err(|e| format!("{host}: defining {}: {e}", id.name))?;
+            let mut started = false;
+            if start {
+                c.with_timeout(Duration::from_secs(120))
+                    .post::<_, serde_json::Value>(
+                        &format!("/v1/vms/{}/start", id.name),
+                        &serde_json::json!({}),
+                    )
+                    .await
+                    .map_err(|e| format!("{host}: starting {}: {e}", id.name))?;
+                started = true;
+            }
+            self.say(format!(
+                "{host}: VM {} defined on {file} (uuid {}, mac {}{}){}",
+                id.name,
+                id.uuid,
+                id.mac,
+                id.ip.map(|(a, l)| format!(", {a}/{l}")).unwrap_or_default(),
+                if started { ", started" } else { "" }
+            ));
+            self.view.lock().vms.push(CloneVm {
+                host,
+                name: id.name.clone(),
+                uuid: id.uuid.to_string(),
+                mac: id.mac.clone(),
+                ip: id.ip.map(|(a, l)| format!("{a}/{l}")),
+                disk,
+                started,
+            });
+        }
+        Ok(())
+    }
+
     fn mark_transfer(&self, i: usize, state: &str, bytes: Option<u64>) {
         let mut v = self.view.lock();
         if let Some(t) = v.transfers.get_mut(i) {
@@ -1063,5 +1334,46 @@ impl Executor {
         }
         (!left.is_empty())
             .then(|| format!("not cleaned (hosts did not answer): {}", left.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_count_what_is_left_in_the_subnet() {
+        let (a, len, room) = parse_addresses("10.231.0.61/24").unwrap();
+        assert_eq!((a.to_string(), len, room), ("10.231.0.61".into(), 24, 194));
+        assert_eq!(parse_addresses("10.0.0.1/30").unwrap().2, 2);
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/0",
+            "10.0.0.1/31",
+            "x/24",
+            "10.0.0.1/2x",
+            "",
+        ] {
+            assert!(parse_addresses(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_clone_spec_is_filled_in_everywhere() {
+        let id = CloneIdentity {
+            name: "web-02".into(),
+            uuid: uuid::Uuid::nil(),
+            mac: "0a:01:02:03:00:02".into(),
+            ip: Some(("10.0.0.11".parse().unwrap(), 24)),
+            index: 2,
+        };
+        let out = id.render(
+            "{name} {uuid} {mac} {disk} {ip} {ip_addr} {index} {name}",
+            "/d/web-02.img",
+        );
+        assert_eq!(
+            out,
+            "web-02 00000000-0000-0000-0000-000000000000 0a:01:02:03:00:02 /d/web-02.img 10.0.0.11/24 10.0.0.11 2 web-02"
+        );
     }
 }

@@ -50,7 +50,15 @@ async fn create(
     State(s): State<Sup>,
     Json(req): Json<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<tandem_api::VmInfo>), HttpError> {
-    Ok((StatusCode::CREATED, Json(s.create(&req.spec_toml).await?)))
+    let info = match req.uuid.as_deref() {
+        None => s.create(&req.spec_toml).await?,
+        Some(u) => {
+            let uuid = tandem_supervisor::Uuid::parse_str(u)
+                .map_err(|e| HttpError::invalid(format!("uuid {u:?}: {e}")))?;
+            s.create_with_uuid(&req.spec_toml, uuid).await?
+        }
+    };
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 async fn info(State(s): State<Sup>, Path(name): Path<String>) -> ApiResult<tandem_api::VmInfo> {

@@ -110,9 +110,14 @@ host_forwards = [{{ host_port = {TANDEM_PORT}, guest_port = 7070 }}]
         i = o.image_dir.join("initrd.img").display(),
     );
     let api = a.api();
-    let _: tandem_api::VmInfo =
-        block_on(api.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))
-            .context("defining the guest on tandemd")?;
+    let _: tandem_api::VmInfo = block_on(api.post(
+        "/v1/vms",
+        &tandem_api::CreateVmRequest {
+            spec_toml: spec,
+            uuid: None,
+        },
+    ))
+    .context("defining the guest on tandemd")?;
     let _: tandem_api::VmInfo =
         block_on(api.post("/v1/vms/drill/start", &())).context("starting the guest")?;
     wait_for("guest ready (tandem)", Duration::from_secs(120), || {

@@ -100,9 +100,14 @@ impl TandemSite {
         let a = Host::start("a", &topo.a, UPLINK_A, &opts, work, &timeouts)?;
         let spec = guest_spec(o, "backend = \"switch\"\nport_group = \"vms\"");
         let api = a.api();
-        let _: tandem_api::VmInfo =
-            block_on(api.post("/v1/vms", &tandem_api::CreateVmRequest { spec_toml: spec }))
-                .context("defining the guest on tandemd A")?;
+        let _: tandem_api::VmInfo = block_on(api.post(
+            "/v1/vms",
+            &tandem_api::CreateVmRequest {
+                spec_toml: spec,
+                uuid: None,
+            },
+        ))
+        .context("defining the guest on tandemd A")?;
         let _: tandem_api::VmInfo =
             block_on(api.post("/v1/vms/drill/start", &())).context("starting the guest")?;
         say("  tandem: booting the guest on A");
