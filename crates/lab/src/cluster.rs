@@ -14,7 +14,13 @@
 //!    guest needs and which only the distributed switch brings). Checked:
 //!    exit 0, every host `committed`, nothing pending on either host, and
 //!    the manager's digests are what the hosts run.
-//! 3. **rollback**: with the guest booted on A and a client writing to it,
+//! 3. **fan-out**: `tandem deploy` of an 8 MiB template from host-a to
+//!    two clones on host-b, the link probed (1 MiB): the plan sends one
+//!    image over the hosts' own link (each host serves its datastore on
+//!    its end of it) and copies the second locally. Checked: done, the
+//!    plan says so, the link's counter shows one image (beside the probe),
+//!    not two, both clones have the template's SHA-256, no partial file.
+//! 4. **rollback**: with the guest booted on A and a client writing to it,
 //!    the management port group's VLAN 10 → 20 with `--timeout 5` and A as
 //!    canary. Checked: exit 7, A rolls back by itself to the digest it ran
 //!    before, B never sees a transaction, the manager shows A `resynced`
@@ -22,7 +28,7 @@
 //!    outage ([`checker::check_service`]) and every reply it got is a
 //!    record the guest knows ([`checker::check_vm`]).
 //!
-//! 4. **migrate**: with the client still writing, `tandem migrate drill
+//! 5. **migrate**: with the client still writing, `tandem migrate drill
 //!    --to host-b --copy-storage` as the operator, by host names (the
 //!    manager says where each host API is): the guest's disk is copied
 //!    over NBD while the client's fsync'd records land on it, then memory,
@@ -32,7 +38,7 @@
 //!    its counter goes on, the client saw no failure or outage and every
 //!    reply it got is a record the guest (now on host-b) knows.
 //!
-//! 5. **host-killed**: the guest, now on host-b, is protected to host-a
+//! 6. **host-killed**: the guest, now on host-b, is protected to host-a
 //!    by the operator (`tandem protect --backup host-a@…`, mutual TLS over
 //!    the hosts' replication link; protecting records the VM with the
 //!    manager by itself), and host-b dies under the client's load: its
@@ -124,7 +130,7 @@ pub struct ClusterStep {
 pub struct ClusterReport {
     pub passed: bool,
     pub steps: Vec<ClusterStep>,
-    /// What the client saw of the bad change (step 3), when it ran.
+    /// What the client saw of the bad change (step 4), when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<checker::ServiceWindow>,
     /// Logs and documents kept after a failure.
@@ -164,7 +170,21 @@ impl ClusterStep {
     }
 }
 
-const STEPS: [&str; 5] = ["join", "commit", "rollback", "migrate", "host-killed"];
+const STEPS: [&str; 6] = [
+    "join",
+    "commit",
+    "fan-out",
+    "rollback",
+    "migrate",
+    "host-killed",
+];
+
+/// Where each joined host serves its datastore to the other, on its end of
+/// the hosts' own link (so the fan-out's bytes are that link's counters).
+const IMAGE_PORT: u16 = 7450;
+/// The fan-out step's template.
+const TEMPLATE_BYTES: usize = 8 << 20;
+const PROBE_BYTES: u64 = 1 << 20;
 
 /// Runs the cluster steps in order; a step that fails leaves the rest
 /// not run (each builds on the previous one). An error is a setup failure
@@ -200,8 +220,9 @@ pub fn run(
             let r = match step.step {
                 1 => lab.join(step, &mut say),
                 2 => lab.commit(step),
-                3 => lab.rollback(step, &mut say).map(|w| service = Some(w)),
-                4 => lab.migrate(step, &mut say),
+                3 => lab.fan_out(step, &mut say),
+                4 => lab.rollback(step, &mut say).map(|w| service = Some(w)),
+                5 => lab.migrate(step, &mut say),
                 _ => lab.host_killed(step, &mut say),
             };
             if let Err(e) = r {
@@ -260,7 +281,7 @@ struct Slot {
     mgmt_ip: &'static str,
     /// Its end of the hosts' replication link.
     repl_ip: &'static str,
-    /// `None` only while tandemd restarts (and once step 5 killed it).
+    /// `None` only while tandemd restarts (and once step 6 killed it).
     host: Option<Host>,
 }
 
@@ -389,8 +410,13 @@ impl<'a> Lab<'a> {
         let listen = format!("0.0.0.0:{HOST_API_PORT}");
         let advertise = format!("{}:{HOST_API_PORT}", s.mgmt_ip);
         // Replication between joined hosts runs over their own link, by
-        // mutual TLS with their certificates (step 5).
+        // mutual TLS with their certificates (step 6).
         let repl = format!("{}:{REPL_PORT}", s.repl_ip);
+        // Deployments copy between the hosts over the same link.
+        let images = format!("{}:{IMAGE_PORT}", s.repl_ip);
+        let store = self.datastore(i);
+        std::fs::create_dir_all(&store)?;
+        let store = store.display().to_string();
         let extra: Vec<&str> = if host_api {
             vec![
                 "--host-api",
@@ -399,6 +425,10 @@ impl<'a> Lab<'a> {
                 &advertise,
                 "--repl-listen",
                 &repl,
+                "--image-listen",
+                &images,
+                "--datastore",
+                &store,
             ]
         } else {
             Vec::new()
@@ -571,6 +601,109 @@ impl<'a> Lab<'a> {
         Ok(())
     }
 
+    /// A host's datastore: where deployments copy to and serve from.
+    fn datastore(&self, i: usize) -> PathBuf {
+        self.work.join(format!("{}-datastore", self.hosts[i].short))
+    }
+
+    /// Step 3: a small fan-out, host-a's template to two clones on
+    /// host-b. The plan (link probed) sends one image over the hosts' own
+    /// link and makes the second clone locally; checked: the deployment
+    /// is done, the plan says so, the link carried one image (and the
+    /// probe), not two, and both clones have the template's SHA-256, with
+    /// no partial file left.
+    fn fan_out(
+        &mut self,
+        step: &mut ClusterStep,
+        say: &mut impl FnMut(&str),
+    ) -> anyhow::Result<()> {
+        let (a, b) = (self.hosts[0].name, self.hosts[1].name);
+        let (a_store, b_store) = (self.datastore(0), self.datastore(1));
+        let template = a_store.join("drill-template.img");
+        {
+            // Incompressible: xorshift, seeded by the pid.
+            let mut x = u64::from(std::process::id()) | 1;
+            let mut bytes = vec![0u8; TEMPLATE_BYTES];
+            for chunk in bytes.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            std::fs::write(&template, bytes)?;
+        }
+        let digest = sha256_of(&template)?;
+        let sent_before = tx_bytes(&self.hosts[0].ns, "a-repl")?;
+        let t = Instant::now();
+        let probe = PROBE_BYTES.to_string();
+        let out = self.op(
+            &[
+                "--json",
+                "deploy",
+                "drill-template.img",
+                "--from",
+                a,
+                "--hosts",
+                b,
+                "--per-host",
+                "2",
+                "--probe-bytes",
+                &probe,
+            ],
+            Duration::from_secs(120),
+        )?;
+        step.time("deploy 2 clones", t.elapsed());
+        if !out.status.success() {
+            bail!("tandem deploy: {}", out.text());
+        }
+        let view: Value = serde_json::from_str(&out.stdout)
+            .with_context(|| format!("tandem deploy printed no view: {}", out.stdout))?;
+        step.expect(view["state"] == "done", || format!("deployment: {view}"));
+        let plan = view["plan_text"].as_str().unwrap_or_default();
+        step.expect(
+            plan.contains(&format!("network copy {a}"))
+                && plan.contains(&format!("local copy on {b}")),
+            || {
+                format!(
+                    "the plan is not one network copy and one local copy:
+{plan}"
+                )
+            },
+        );
+        let sent = tx_bytes(&self.hosts[0].ns, "a-repl")? - sent_before;
+        let image = TEMPLATE_BYTES as f64;
+        let images = (sent as f64 - PROBE_BYTES as f64) / image;
+        step.saw(format!(
+            "{a} -> {b} link carried {sent} bytes: {images:.3} images beside the probe"
+        ));
+        step.expect((0.95..=1.15).contains(&images), || {
+            format!("the link carried {images:.3} images; the plan sends one")
+        });
+        let mut clones = Vec::new();
+        for e in std::fs::read_dir(&b_store)? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            step.expect(!name.ends_with(".partial"), || format!("{b}: {name} left"));
+            if name.starts_with("drill-template-") {
+                clones.push(name);
+            }
+        }
+        clones.sort();
+        step.expect(clones.len() == 2, || format!("{b} has clones {clones:?}"));
+        for c in &clones {
+            let d = sha256_of(&b_store.join(c))?;
+            step.expect(d == digest, || {
+                format!("{b}:{c} has sha256 {d}, not {digest}")
+            });
+        }
+        say(&format!(
+            "  {} → {}: 2 clones, {images:.2} images over the link, {:.1} s",
+            a,
+            b,
+            view["elapsed_s"].as_f64().unwrap_or(0.0)
+        ));
+        Ok(())
+    }
+
     /// Step 2: the distributed switch the drill runs, committed on both.
     fn commit(&mut self, step: &mut ClusterStep) -> anyhow::Result<()> {
         let doc = self.dvs_doc(MGMT_VLAN);
@@ -617,7 +750,7 @@ impl<'a> Lab<'a> {
         Ok(())
     }
 
-    /// Step 3: a change that cuts the canary off the manager, while the
+    /// Step 4: a change that cuts the canary off the manager, while the
     /// guest serves a client; the canary must restore itself.
     fn rollback(
         &mut self,
@@ -807,7 +940,7 @@ impl<'a> Lab<'a> {
         Ok(w)
     }
 
-    /// Step 4: the guest moves from host-a to host-b under the client's
+    /// Step 5: the guest moves from host-a to host-b under the client's
     /// load, its disk copied while the client's records land on it.
     fn migrate(
         &mut self,
@@ -919,7 +1052,7 @@ impl<'a> Lab<'a> {
 
     /// Follows host-a's (and host-b's) transaction on the local sockets
     /// from the bad apply until host-a has ended it.
-    /// Step 5: the guest, now on host-b, is protected to host-a over the
+    /// Step 6: the guest, now on host-b, is protected to host-a over the
     /// hosts' replication link (mutual TLS; protecting records the VM with
     /// the manager by itself), and host-b dies under the client's load:
     /// its tandemd and the guest's QEMU are killed at once. host-a takes
@@ -1378,6 +1511,35 @@ impl ProbeClient {
 }
 
 /// The guest's last `tandem-guest: tick N` on a console.
+/// A file's SHA-256 (hex), by `sha256sum`.
+fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    if !out.status.success() {
+        bail!(
+            "sha256sum {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Bytes `dev` in namespace `ns` has sent.
+fn tx_bytes(ns: &str, dev: &str) -> anyhow::Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat"])
+        .arg(format!("/sys/class/net/{dev}/statistics/tx_bytes"))
+        .output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("{dev} in {ns}: no tx_bytes"))
+}
+
 fn last_tick(console: &str) -> Option<u64> {
     console
         .lines()

@@ -355,7 +355,7 @@ impl Manager {
                     "{h} serves no images (tandemd --image-listen): hosts copy from each other"
                 ))
             })?;
-            let image_dir = inv.image_dir.clone().unwrap_or_default();
+            let image_dir = inv.deploy_dir.clone().unwrap_or_default();
             let room = inv
                 .datastores
                 .iter()

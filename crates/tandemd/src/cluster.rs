@@ -221,6 +221,8 @@ pub struct HostReporter {
     pub txns: Arc<OnceLock<Arc<SwitchTxns>>>,
     pub state_dir: PathBuf,
     pub image_dir: Option<PathBuf>,
+    /// Where deployments copy to (`--datastore`).
+    pub datastore: Option<PathBuf>,
     pub qemu: QemuInfo,
     pub switch: Arc<tandem_switch::host::SwitchHost>,
 }
@@ -351,12 +353,14 @@ impl Reporter for HostReporter {
         let doc = self.switch.document();
         let mut datastores: Vec<Datastore> = std::iter::once(self.state_dir.as_path())
             .chain(self.image_dir.as_deref())
+            .chain(self.datastore.as_deref())
             .filter_map(Self::datastore)
             .collect();
-        datastores.dedup_by(|a, b| a.path == b.path);
+        let mut seen = std::collections::BTreeSet::new();
+        datastores.retain(|d| seen.insert(d.path.clone()));
         Inventory {
             datastores,
-            image_dir: self.image_dir.as_ref().map(|d| d.display().to_string()),
+            deploy_dir: self.datastore.as_ref().map(|d| d.display().to_string()),
             image_service: self.image_service.clone(),
             qemu: self.qemu.clone(),
             memory: Self::memory(),

@@ -145,7 +145,12 @@ struct Args {
     #[arg(long, env = "TANDEM_HOST_API_ADVERTISE")]
     host_api_advertise: Option<String>,
 
-    /// Serve the image directory to the cluster's hosts for fan-out
+    /// Where deployments copy images into and serve them from (default:
+    /// `--image-dir`).
+    #[arg(long, env = "TANDEM_DATASTORE")]
+    datastore: Option<PathBuf>,
+
+    /// Serve the datastore to the cluster's hosts for fan-out
     /// deployment on this TCP address (mutual TLS with the cluster's
     /// certificates; needs an identity).
     #[arg(long, env = "TANDEM_IMAGE_LISTEN")]
@@ -308,6 +313,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .host_api_advertise
         .clone()
         .or_else(|| args.host_api.map(|a| a.to_string()));
+    let datastore = args
+        .datastore
+        .clone()
+        .unwrap_or_else(|| args.image_dir.clone());
     let image_advertise = args
         .image_advertise
         .clone()
@@ -319,6 +328,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             txns,
             state_dir: args.state_dir.clone(),
             image_dir: Some(args.image_dir.clone()),
+            datastore: Some(datastore.clone()),
             qemu: cluster::HostReporter::probe_qemu(&qemu_for_inventory),
             switch: switch.clone(),
         }
@@ -354,11 +364,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("--image-listen: binding {addr}"))?;
-            info!(%addr, dir = %args.image_dir.display(), "image service: mutual TLS, the cluster's certificates");
+            info!(%addr, dir = %datastore.display(), "image service: mutual TLS, the cluster's certificates");
             Some((listener, c.clone()))
         }
     };
-    let deploy = deploy::Deploy::new(args.image_dir.clone(), cluster.clone());
+    let deploy = deploy::Deploy::new(datastore.clone(), cluster.clone());
     if cluster.is_none() && matches!(listen, Some(tandem_replication::link::Endpoint::Tcp(_))) {
         if !args.repl_unauthenticated {
             bail!(
@@ -400,7 +410,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let image_task = image_service.map(|(listener, c)| {
         let mut stop = stop_rx.clone();
-        let dir = args.image_dir.clone();
+        let dir = datastore.clone();
         tokio::spawn(deploy::serve_images(listener, c, dir, async move {
             let _ = stop.wait_for(|s| *s).await;
         }))

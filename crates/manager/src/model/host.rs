@@ -175,9 +175,10 @@ fn names(text: &str, name: &str) -> bool {
 pub struct Inventory {
     #[serde(default)]
     pub datastores: Vec<Datastore>,
-    /// The directory deployments copy images into and clone from.
+    /// The datastore deployments copy images into and clone from
+    /// (tandemd `--datastore`, by default its image directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_dir: Option<String>,
+    pub deploy_dir: Option<String>,
     /// Where other hosts pull images from (`--image-listen`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_service: Option<String>,

@@ -200,7 +200,7 @@ fn print_cluster(c: &ClusterReport) {
     println!(
         "cluster verdict: {}",
         if c.passed {
-            "PASS — joined, committed, the cut host restored itself and resynced, the guest migrated under load with its disk, and when its host was killed the other took it over with every reply kept"
+            "PASS — joined, committed, fanned a template out (one image over the link, one clone local), the cut host restored itself and resynced, the guest migrated under load with its disk, and when its host was killed the other took it over with every reply kept"
         } else {
             "FAIL"
         }
