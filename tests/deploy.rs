@@ -771,7 +771,7 @@ fn fan_out_deployment_over_a_shaped_mesh() {
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
     let fabric = Fabric::new("dp");
-    let manager = ManagerProc::start(&fabric.mgr);
+    let mut manager = ManagerProc::start(&fabric.mgr);
     let mut hosts = vec![
         Host::start(&fabric, "s", "dps", 1),
         Host::start(&fabric, "h1", "dp1", 2),
@@ -1195,6 +1195,64 @@ port_group = "mgmt"
         "h2->h3 {h2_h3} s, h1->h3 {h1_h3} s: {view:#}"
     );
     assert_eq!(all_files(&hosts), files_before, "a probing dry run copied");
+
+    phase(
+        "manager restart mid-copy: the new manager resumes the deployment; nothing is sent twice",
+    );
+    // s -> h1 slowed so that the copy runs across the restart.
+    reshape(&hosts, &[("s", "h1", 50.0)]);
+    let before = link_bytes(&hosts);
+    let mut run = Running::start(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "1",
+            "--links",
+            &links,
+            "--name-prefix",
+            "r",
+        ],
+    );
+    run.wait_line(&["network copy s -> h1"], Duration::from_secs(30));
+    manager.restart();
+    let (status, out, err) = run.finish(Duration::from_secs(120));
+    assert!(status.success(), "across the restart ({status}): {err}");
+    let view: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("no JSON view after the restart ({e}): {out}"));
+    assert_eq!(view["state"], "done", "{view:#}");
+    assert!(
+        view["log"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|x| x.as_str().is_some_and(|x| x.contains("resumed")))),
+        "the new manager did not say it resumed: {view:#}"
+    );
+    for to in targets {
+        let h = host(&hosts, to);
+        let copies: Vec<String> = files(&h.daemon.images)
+            .into_iter()
+            .filter(|f| f.starts_with("r-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
+        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
+    }
+    assert!(
+        partials(&hosts).is_empty(),
+        "partials left: {:?}",
+        partials(&hosts)
+    );
+    let moved = link_delta(&before, &link_bytes(&hosts));
+    let s_h1 = delta_of(&moved, "s", "h1") as f64 / image;
+    assert!(
+        (0.95..=1.15).contains(&s_h1),
+        "s -> h1 carried {s_h1:.3} images across the restart (the copy went on, not again): {moved:?}"
+    );
 
     phase("D-E5: the source dies before any copy completes: a clear failure, no partials");
     reshape(

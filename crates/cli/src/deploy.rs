@@ -69,6 +69,9 @@ pub struct DeployArgs {
     m: crate::dvs::DvsManagerOpts,
 }
 
+/// How long the manager may be unreachable while a deployment runs.
+const MANAGER_GONE: Duration = Duration::from_secs(90);
+
 #[derive(Deserialize)]
 struct LinksFile {
     #[serde(default)]
@@ -145,8 +148,32 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.wait_s);
     let mut shown = 0usize;
     let mut last_bars = Instant::now();
+    // The manager may restart meanwhile: it resumes the deployment, and
+    // this goes on asking for it.
+    let mut unreachable_since: Option<Instant> = None;
     let view = loop {
-        let v: DeploymentView = poll.get(&format!("/v1/deployments/{}", first.id)).await?;
+        let v: DeploymentView = match poll.get(&format!("/v1/deployments/{}", first.id)).await {
+            Ok(v) => {
+                unreachable_since = None;
+                v
+            }
+            Err(e) if e.kind_str().is_none() => {
+                let since = *unreachable_since.get_or_insert_with(|| {
+                    eprintln!("the manager does not answer ({e}); asking again");
+                    Instant::now()
+                });
+                if since.elapsed() > MANAGER_GONE {
+                    return Err(e).context(format!(
+                        "the manager has not answered for {} s; deployment {} may go on",
+                        MANAGER_GONE.as_secs(),
+                        first.id
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         for line in v.log.iter().skip(shown) {
             eprintln!("{}", tandem_progress::sanitize(line));
         }

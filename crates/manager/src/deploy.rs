@@ -14,10 +14,12 @@
 //! and re-plans after each report. A copy completes only once the
 //! receiving host verified its SHA-256 and renamed it into place.
 //!
-//! Deployments live in the manager's memory: a manager restart loses the
-//! executor of a deployment in flight (the hosts' copies finish or fail by
-//! themselves, and their partial files are removed); resuming one is not
-//! built yet.
+//! Every deployment is saved in the manager's store (`deployments/<id>`)
+//! whenever something happens to it, and every 2 s while it runs: the
+//! plan's state, the copies asked of hosts (by id) and the executor's own
+//! bookkeeping. A manager that starts resumes each one still running: the
+//! hosts' copies went on meanwhile, and the executor asks after them by
+//! their ids as before.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::client::{ClientError, ClusterClient};
 use crate::service::{Manager, ManagerError};
+use crate::store::typed;
 
 type Result<T, E = ManagerError> = std::result::Result<T, E>;
 
@@ -124,7 +127,7 @@ pub struct CloneVm {
 }
 
 /// What a clone's spec is filled in with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CloneIdentity {
     name: String,
     uuid: uuid::Uuid,
@@ -263,7 +266,7 @@ pub struct Deployments {
 }
 
 /// A host's two addresses.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct HostEnds {
     api: String,
     image: String,
@@ -548,7 +551,7 @@ impl Manager {
             }
             all.push(shared.clone());
         }
-        let exec = Executor {
+        let mut exec = Executor {
             id,
             deployment,
             tls,
@@ -565,7 +568,12 @@ impl Manager {
             silent_since: HashMap::new(),
             jobs: 0,
             vm_spec: req.vm_spec.clone().map(|t| (t, identities, req.start)),
+            local_files: Vec::new(),
+            store: Arc::clone(self.store()),
+            saved_at: Instant::now(),
         };
+        exec.save().await;
+        self.prune_saved().await;
         tokio::spawn(exec.run());
         Ok(view)
     }
@@ -686,6 +694,55 @@ impl Manager {
         Ok(ids)
     }
 
+    /// Loads the saved deployments and resumes those still running
+    /// (at start, once the manager can reach hosts).
+    pub async fn resume_deployments(self: &Arc<Self>) -> Result<usize> {
+        let tls = self.deploy_tls()?;
+        let mut saved = typed::list::<SavedDeployment>(self.store().as_ref(), DEPLOYMENTS_PREFIX)
+            .await?
+            .into_iter()
+            .map(|v| v.value)
+            .collect::<Vec<_>>();
+        saved.sort_by_key(|d| d.view.started_at);
+        let mut resumed = 0;
+        for d in saved {
+            let shared = Arc::new(Mutex::new(d.view.clone()));
+            self.deploy.deployments.lock().push(shared.clone());
+            if d.view.state != DeployState::Running {
+                continue;
+            }
+            let exec = Executor::resume(d, tls.clone(), Arc::clone(self.store()), shared);
+            exec.say("resumed by a new manager: asking the hosts after their copies".into());
+            tokio::spawn(exec.run());
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+
+    /// Keeps the newest [`KEEP_DEPLOYMENTS`] finished deployments in the
+    /// store.
+    async fn prune_saved(&self) {
+        let Ok(all) = self.store().list(DEPLOYMENTS_PREFIX).await else {
+            return;
+        };
+        if all.len() <= KEEP_DEPLOYMENTS {
+            return;
+        }
+        let mut ended: Vec<(u64, String)> = all
+            .iter()
+            .filter_map(|e| {
+                let v: serde_json::Value = serde_json::from_slice(&e.value).ok()?;
+                let view = &v["data"]["view"];
+                (view["state"] != "running")
+                    .then(|| (view["started_at"].as_u64().unwrap_or(0), e.key.clone()))
+            })
+            .collect();
+        ended.sort();
+        for (_, key) in ended.iter().take(all.len() - KEEP_DEPLOYMENTS) {
+            let _ = self.store().delete(key).await;
+        }
+    }
+
     /// Every deployment this manager ran since it started.
     pub fn deployments(&self) -> Vec<DeploymentView> {
         self.deploy
@@ -759,6 +816,48 @@ impl Manager {
     }
 }
 
+/// Where deployments are saved.
+pub const DEPLOYMENTS_PREFIX: &str = "deployments/";
+/// How often a running deployment is saved when nothing else happens.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// A deployment as saved in the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedDeployment {
+    view: DeploymentView,
+    deployment: Deployment,
+    ends: BTreeMap<String, HostEnds>,
+    image: ImageInfo,
+    names: Vec<String>,
+    next_name: usize,
+    base: BTreeMap<String, String>,
+    inflight: Vec<SavedInflight>,
+    partials: Vec<(String, String)>,
+    /// Local copies asked for and not yet seen done: (host, datastore,
+    /// file).
+    locals: Vec<(String, String, String)>,
+    jobs: u32,
+    vm_spec: Option<(String, Vec<CloneIdentity>, bool)>,
+    /// The executor's clock (the plan's time) when saved.
+    elapsed_s: f64,
+}
+
+impl crate::store::typed::Record for SavedDeployment {
+    const KIND: &'static str = "deployment";
+    const SCHEMA: u32 = 1;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedInflight {
+    from: String,
+    to: String,
+    job: String,
+    file: String,
+    elapsed_s: f64,
+    last_fraction: f64,
+    transfer: usize,
+}
+
 struct Inflight {
     job: String,
     file: String,
@@ -799,9 +898,133 @@ struct Executor {
     /// The clones' spec template, their identities (by copy name, in
     /// order) and whether to start them.
     vm_spec: Option<(String, Vec<CloneIdentity>, bool)>,
+    /// Local copies asked for and not yet done (host, datastore, file).
+    local_files: Vec<(String, String, String)>,
+    store: Arc<dyn crate::store::Store>,
+    saved_at: Instant,
 }
 
 impl Executor {
+    fn resume(
+        d: SavedDeployment,
+        tls: Arc<ClientConfig>,
+        store: Arc<dyn crate::store::Store>,
+        view: Arc<Mutex<DeploymentView>>,
+    ) -> Executor {
+        let now = Instant::now();
+        let ago = |s: f64| {
+            now.checked_sub(Duration::from_secs_f64(s.max(0.0)))
+                .unwrap_or(now)
+        };
+        let mut exec = Executor {
+            id: d.view.id.clone(),
+            deployment: d.deployment,
+            tls,
+            ends: d.ends,
+            image: d.image,
+            names: d.names,
+            next_name: d.next_name,
+            base: d.base,
+            inflight: d
+                .inflight
+                .into_iter()
+                .map(|f| {
+                    (
+                        (f.from, f.to),
+                        Inflight {
+                            job: f.job,
+                            file: f.file,
+                            started: ago(f.elapsed_s),
+                            last_fraction: f.last_fraction,
+                            transfer: f.transfer,
+                        },
+                    )
+                })
+                .collect(),
+            partials: d.partials,
+            locals: tokio::task::JoinSet::new(),
+            started: ago(d.elapsed_s),
+            view,
+            silent_since: HashMap::new(),
+            jobs: d.jobs,
+            vm_spec: d.vm_spec,
+            local_files: Vec::new(),
+            store,
+            saved_at: now,
+        };
+        // A local copy asked of a host before the restart goes on there
+        // (the request's end does not stop it): wait for its file.
+        for (host, datastore, file) in d.locals {
+            let c = exec.client(&host).with_timeout(Duration::from_secs(5));
+            exec.local_files
+                .push((host.clone(), datastore.clone(), file.clone()));
+            exec.locals.spawn(async move {
+                let deadline = Instant::now() + LOCAL_COPY_REQUEST;
+                let r = loop {
+                    match c
+                        .get::<ImageInfo>(&format!("/v1/deploy/images/{file}"))
+                        .await
+                    {
+                        Ok(i) => {
+                            break Ok(LocalCopyDone {
+                                dest: i.name,
+                                method: tandem_api::deploy::LocalCopyMethod::Copy,
+                                bytes: i.bytes,
+                                elapsed_ms: 0,
+                            })
+                        }
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(500)).await
+                        }
+                        Err(e) => break Err(format!("not seen after the restart: {e}")),
+                    }
+                };
+                (host, datastore, file, r)
+            });
+        }
+        exec
+    }
+
+    fn snapshot(&self) -> SavedDeployment {
+        SavedDeployment {
+            view: self.view.lock().clone(),
+            deployment: self.deployment.clone(),
+            ends: self.ends.clone(),
+            image: self.image.clone(),
+            names: self.names.clone(),
+            next_name: self.next_name,
+            base: self.base.clone(),
+            inflight: self
+                .inflight
+                .iter()
+                .map(|((from, to), f)| SavedInflight {
+                    from: from.clone(),
+                    to: to.clone(),
+                    job: f.job.clone(),
+                    file: f.file.clone(),
+                    elapsed_s: f.started.elapsed().as_secs_f64(),
+                    last_fraction: f.last_fraction,
+                    transfer: f.transfer,
+                })
+                .collect(),
+            partials: self.partials.clone(),
+            locals: self.local_files.clone(),
+            jobs: self.jobs,
+            vm_spec: self.vm_spec.clone(),
+            elapsed_s: self.now(),
+        }
+    }
+
+    /// Saves the deployment; a store that fails is logged, not fatal (the
+    /// deployment goes on; only a restart would lose it).
+    async fn save(&mut self) {
+        self.saved_at = Instant::now();
+        let key = format!("{DEPLOYMENTS_PREFIX}{}", self.id);
+        if let Err(e) = typed::put(self.store.as_ref(), &key, &self.snapshot()).await {
+            warn!(deployment = %self.id, "saving the deployment: {e}");
+        }
+    }
+
     fn now(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
     }
@@ -836,6 +1059,11 @@ impl Executor {
             outcome = self.define_vms().await;
         }
         let leftover = self.cleanup().await;
+        self.finish(outcome, leftover);
+        self.save().await;
+    }
+
+    fn finish(&self, outcome: std::result::Result<(), String>, leftover: Option<String>) {
         let mut v = self.view.lock();
         v.elapsed_s = self.started.elapsed().as_secs_f64();
         match outcome {
@@ -869,6 +1097,7 @@ impl Executor {
                     break;
                 };
                 plan = self.start(step.action).await?;
+                self.save().await;
                 if let Some(reason) = &plan.abort {
                     return Err(format!("aborted: {reason}"));
                 }
@@ -898,10 +1127,16 @@ impl Executor {
             if events.is_empty() {
                 events.push(Event::Tick);
             }
+            let notable = events
+                .iter()
+                .any(|e| !matches!(e, Event::Tick | Event::TransferProgress { .. }));
             for e in events {
                 plan = self.apply(e)?;
             }
             self.update_view(&plan);
+            if notable || self.saved_at.elapsed() >= SAVE_EVERY {
+                self.save().await;
+            }
         }
     }
 
@@ -931,6 +1166,8 @@ impl Executor {
             std::result::Result<LocalCopyDone, String>,
         ),
     ) -> std::result::Result<Vec<Event>, String> {
+        self.local_files
+            .retain(|(h, _, f)| !(*h == host && *f == file));
         match r {
             Ok(d) => {
                 self.say(format!(
@@ -1053,6 +1290,8 @@ impl Executor {
                     dest: file.clone(),
                 };
                 let (h, d) = (host.clone(), datastore.clone());
+                self.local_files
+                    .push((host.clone(), datastore.clone(), file.clone()));
                 self.locals.spawn(async move {
                     let r = c
                         .post::<_, LocalCopyDone>("/v1/deploy/local-copies", &req)

@@ -111,6 +111,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     manager.set_manager_cert_not_after(identity.not_after());
     // The same certificate dials hosts' APIs (the distributed switch).
     manager.set_identity(&identity)?;
+    // Deployments that were running when the last manager stopped go on.
+    match manager.resume_deployments().await {
+        Ok(0) => {}
+        Ok(n) => info!(n, "resumed running deployments"),
+        Err(e) => tracing::warn!("deployments not resumed: {e}"),
+    }
     let tls = Arc::new(ManagerTls::new(identity, manager.revocation_list())?);
     let listen = args.listen.unwrap_or(config.listen.clone());
     let listener = tokio::net::TcpListener::bind(&listen)
