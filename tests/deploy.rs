@@ -1196,6 +1196,101 @@ port_group = "mgmt"
     );
     assert_eq!(all_files(&hosts), files_before, "a probing dry run copied");
 
+    phase("D-E3: h1 -> h2 cut mid-copy: no partial left, h2's copy arrives through h3");
+    let before = link_bytes(&hosts);
+    let mut run = Running::start(
+        &manager,
+        &[
+            "--json",
+            "deploy",
+            "tmpl.img",
+            "--from",
+            "s",
+            "--hosts",
+            "h1,h2,h3",
+            "--per-host",
+            "1",
+            "--links",
+            &links,
+            "--name-prefix",
+            "e3",
+        ],
+    );
+    let line = run.wait_line(&["network copy h1 -> h2: "], Duration::from_secs(30));
+    let file = line
+        .rsplit(": ")
+        .next()
+        .expect("the copy's file")
+        .trim()
+        .to_string();
+    let partial = host(&hosts, "h2")
+        .daemon
+        .images
+        .join(format!("{file}.partial"));
+    // The cut fires on the copy's own progress: half the image on h2.
+    wait_for("h1 -> h2 half done", Duration::from_secs(30), || {
+        std::fs::metadata(&partial)
+            .ok()
+            .filter(|m| m.len() >= IMAGE_BYTES / 2)
+            .map(|_| ())
+    });
+    // The cut: h2 resets every connection with h1's image service, both
+    // ways (its own socket sees the reset at its next acknowledgement).
+    let h2 = host(&hosts, "h2");
+    h2.ns.run(&["nft", "add", "table", "inet", "dpcut"]);
+    h2.ns.run(&[
+        "nft",
+        "add chain inet dpcut in { type filter hook input priority 0 ; }",
+    ]);
+    h2.ns.run(&[
+        "nft",
+        "add chain inet dpcut out { type filter hook output priority 0 ; }",
+    ]);
+    h2.ns.run(&[
+        "nft",
+        &format!(
+            "add rule inet dpcut out ip daddr {} tcp dport {IMAGE_PORT} reject with tcp reset",
+            host(&hosts, "h1").data_ip()
+        ),
+    ]);
+    h2.ns.run(&[
+        "nft",
+        &format!(
+            "add rule inet dpcut in ip saddr {} tcp sport {IMAGE_PORT} reject with tcp reset",
+            host(&hosts, "h1").data_ip()
+        ),
+    ]);
+    let (status, out, err) = run.finish(Duration::from_secs(90));
+    h2.ns.run(&["nft", "delete", "table", "inet", "dpcut"]);
+    assert!(status.success(), "D-E3 ({status}): {err}");
+    let view: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("D-E3 printed no JSON ({e}): {out}"));
+    assert_eq!(view["state"], "done", "{view:#}");
+    assert!(
+        err.contains("the link h1 -> h2 is taken out of the plan"),
+        "the cut is not reported: {err}"
+    );
+    for to in targets {
+        let h = host(&hosts, to);
+        let copies: Vec<String> = files(&h.daemon.images)
+            .into_iter()
+            .filter(|f| f.starts_with("e3-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
+        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
+    }
+    assert!(
+        partials(&hosts).is_empty(),
+        "partials left: {:?}",
+        partials(&hosts)
+    );
+    let moved = link_delta(&before, &link_bytes(&hosts));
+    let via_h3 = delta_of(&moved, "h3", "h2") as f64 / image;
+    assert!(
+        (0.95..=1.15).contains(&via_h3),
+        "h3 -> h2 carried {via_h3:.3} images; h2's copy should come through h3: {moved:?}"
+    );
+
     phase(
         "manager restart mid-copy: the new manager resumes the deployment; nothing is sent twice",
     );

@@ -16,6 +16,7 @@ use tandem_manager::deploy::{DeployRequest, DeployState, DeploymentView, LinkSec
 
 use crate::cluster::ManagerOpts;
 use crate::print_json;
+use tandem_progress::{Sample, Tracker};
 
 #[derive(Args, Debug)]
 pub struct DeployArgs {
@@ -151,6 +152,7 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
     // The manager may restart meanwhile: it resumes the deployment, and
     // this goes on asking for it.
     let mut unreachable_since: Option<Instant> = None;
+    let mut bars = Bars::new(json);
     let view = loop {
         let v: DeploymentView = match poll.get(&format!("/v1/deployments/{}", first.id)).await {
             Ok(v) => {
@@ -183,7 +185,7 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
         }
         if last_bars.elapsed() >= Duration::from_secs(1) {
             last_bars = Instant::now();
-            eprintln!("{}", bars(&v));
+            bars.show(&v);
         }
         if Instant::now() >= deadline {
             bail!(
@@ -198,7 +200,7 @@ pub async fn run(a: DeployArgs, json: bool) -> anyhow::Result<()> {
     if json {
         print_json(&view)?;
     } else {
-        eprintln!("{}", bars(&view));
+        bars.show(&view);
         for c in &view.copies {
             println!("{}:{}  ({})", c.host, c.file, c.via);
         }
@@ -243,31 +245,81 @@ fn print_plan(v: &DeploymentView) {
     println!("{}", v.plan_text);
 }
 
-/// One line: overall and per host, copies and bytes.
-fn bars(v: &DeploymentView) -> String {
-    let planned: u32 = v.hosts.iter().map(|h| h.copies_planned).sum();
-    let done: u32 = v.hosts.iter().map(|h| h.copies_done).sum();
-    let width = 20usize;
-    let fill = if planned == 0 {
-        0
-    } else {
-        (done as usize * width) / planned as usize
-    };
-    let mut s = format!(
-        "[{}{}] {done}/{planned} copies, {:.0} s",
-        "#".repeat(fill),
-        ".".repeat(width - fill),
-        v.elapsed_s
-    );
-    for h in &v.hosts {
-        let state = if h.failed { " FAILED" } else { "" };
-        s.push_str(&format!(
-            " | {} {}/{} {}{state}",
-            h.host,
-            h.copies_done,
-            h.copies_planned,
-            tandem_progress::human_bytes(h.bytes_received)
-        ));
+/// The overall bar and one per host, from the project's progress module:
+/// bytes of the host's copies (its network copy as it arrives, each local
+/// copy whole once made), with rate and ETA; JSON lines with `--json`.
+struct Bars {
+    hosts: std::collections::BTreeMap<String, Tracker>,
+    overall: Tracker,
+    t0: Instant,
+    json: bool,
+}
+
+impl Bars {
+    fn new(json: bool) -> Bars {
+        Bars {
+            hosts: Default::default(),
+            overall: Tracker::new(),
+            t0: Instant::now(),
+            json,
+        }
     }
-    s
+
+    fn show(&mut self, v: &DeploymentView) {
+        let at_ms = self.t0.elapsed().as_millis() as u64;
+        let image = v.image_bytes;
+        let (mut all_done, mut all_planned) = (0u64, 0u64);
+        let mut lines = Vec::new();
+        let mut copies = (0u32, 0u32);
+        for h in &v.hosts {
+            let planned = u64::from(h.copies_planned).saturating_mul(image);
+            let done = if h.copies_done == 0 {
+                h.bytes_received.min(image)
+            } else {
+                u64::from(h.copies_done).saturating_mul(image)
+            }
+            .min(planned);
+            all_done += done;
+            all_planned += planned;
+            copies.0 += h.copies_done;
+            copies.1 += h.copies_planned;
+            let t = self.hosts.entry(h.host.clone()).or_default();
+            t.observe(Sample {
+                done,
+                remaining: planned - done,
+                at_ms,
+            });
+            if done == planned {
+                t.finish();
+            }
+            let mut e = t.event(&format!("deploy {}", h.host), "copies");
+            e.message = Some(format!("{}/{} copies", h.copies_done, h.copies_planned));
+            if h.failed {
+                e.state = tandem_progress::FAILED.into();
+            }
+            lines.push(e);
+        }
+        self.overall.observe(Sample {
+            done: all_done,
+            remaining: all_planned - all_done,
+            at_ms,
+        });
+        if all_done == all_planned {
+            self.overall.finish();
+        }
+        let mut e = self.overall.event(&format!("deploy {}", v.template), "all");
+        e.message = Some(format!("{}/{} copies", copies.0, copies.1));
+        match v.state {
+            DeployState::Failed => e.state = tandem_progress::FAILED.into(),
+            DeployState::Running | DeployState::Planned | DeployState::Done => {}
+        }
+        lines.insert(0, e);
+        for e in lines {
+            if self.json {
+                eprint!("{}", e.to_json_line());
+            } else {
+                eprintln!("{}", tandem_progress::render_bar(&e, 100));
+            }
+        }
+    }
 }
