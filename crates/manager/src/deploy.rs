@@ -864,7 +864,17 @@ struct Inflight {
     started: Instant,
     last_fraction: f64,
     transfer: usize,
+    /// The start of the current rate window: when, and the fraction done
+    /// then.
+    window: Option<(Instant, f64)>,
 }
+
+/// How long a copy is watched before its rate is compared with its
+/// link's time.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// How far (a share of the link's time) a copy's rate may drift from the
+/// matrix before the link's time is changed and the plan made again.
+const RATE_DRIFT: f64 = 0.25;
 
 struct Executor {
     id: String,
@@ -937,6 +947,7 @@ impl Executor {
                             started: ago(f.elapsed_s),
                             last_fraction: f.last_fraction,
                             transfer: f.transfer,
+                            window: None,
                         },
                     )
                 })
@@ -1256,6 +1267,7 @@ impl Executor {
                         started: Instant::now(),
                         last_fraction: 0.0,
                         transfer,
+                        window: None,
                     },
                 );
                 self.apply(Event::TransferStarted {
@@ -1409,6 +1421,7 @@ impl Executor {
     /// Asks every receiving host how its copy goes.
     async fn poll(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
+        let mut drift = Vec::new();
         let keys: Vec<(String, String)> = self.inflight.keys().cloned().collect();
         for (from, to) in keys {
             let job = self.inflight[&(from.clone(), to.clone())].job.clone();
@@ -1466,10 +1479,38 @@ impl Executor {
                     if fraction - f.last_fraction >= 0.01 {
                         f.last_fraction = fraction;
                         events.push(Event::TransferProgress {
-                            from,
-                            to,
+                            from: from.clone(),
+                            to: to.clone(),
                             done_fraction: fraction,
                         });
+                    }
+                    // The copy's own rate over the last window: when it
+                    // drifts from the link's time (the link slowed, or was
+                    // faster than probed), the link gets the time the copy
+                    // shows and the plan is made again.
+                    let now = Instant::now();
+                    let (w_at, w_fraction) = *f.window.get_or_insert((now, fraction));
+                    let dt = now.duration_since(w_at).as_secs_f64();
+                    if dt >= RATE_WINDOW.as_secs_f64() {
+                        f.window = Some((now, fraction));
+                        let moved = fraction - w_fraction;
+                        if let Ok(Some(planned)) = self.deployment.matrix.time(&from, &to) {
+                            let shown = if moved > 0.0 {
+                                (dt / moved).min(planned * 10.0)
+                            } else {
+                                planned * 10.0
+                            };
+                            if (shown - planned).abs() > RATE_DRIFT * planned {
+                                drift.push(format!(
+                                    "{from} -> {to}: the copy shows {shown:.1} s per image, the plan had {planned:.1} s"
+                                ));
+                                events.push(Event::LinkTime {
+                                    from,
+                                    to,
+                                    time: shown,
+                                });
+                            }
+                        }
                     }
                 }
                 CopyState::Done => {
@@ -1532,6 +1573,9 @@ impl Executor {
                     }
                 }
             }
+        }
+        for d in drift {
+            self.say(d);
         }
         events
     }
