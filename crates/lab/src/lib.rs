@@ -36,6 +36,7 @@ pub mod bounded;
 pub mod checker;
 pub mod cluster;
 pub mod colobench;
+pub mod deploybench;
 pub mod migbench;
 pub mod ppsbench;
 pub mod switchbench;

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tandem_lab::{colobench, migbench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundReport};
+use tandem_lab::{
+    colobench, deploybench, migbench, ppsbench, DrillOptions, FtTimeouts, KillMode, RoundReport,
+};
 
 use crate::{print_json, tandemd_beside_lab};
 
@@ -77,6 +79,14 @@ pub enum BenchCmd {
     /// hosts in network namespaces per system, the migration link shaped
     /// with tc. Needs root.
     Migrate(MigrateArgs),
+    /// Fan-out deployment (`tandem deploy`) on N hosts in network
+    /// namespaces, in two topologies: a mesh of independent tbf-shaped
+    /// links of unequal rates, and a rack (one shaped uplink per host).
+    /// tandem's plan vs all-from-source vs a naive binary tree vs the lower
+    /// bound, each a separate deployment over the same lab: makespan
+    /// (median, p99), predicted vs actual, bytes the source sent, local
+    /// clone time; and a link slowed 5x mid-deployment. Needs root.
+    Deploy(DeployArgs),
 }
 
 // The argument groups carry no doc comments: a group's doc would become
@@ -409,6 +419,31 @@ pub struct MigrateArgs {
     protected: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// Hosts in all: the source and N-1 targets (2..=32).
+    #[arg(long, default_value_t = 8)]
+    hosts: usize,
+    /// The template's size, MiB.
+    #[arg(long, default_value_t = 64)]
+    image_mib: u64,
+    /// Deployments per topology and strategy.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// mesh, rack or both.
+    #[arg(long, default_value = "both")]
+    topology: deploybench::Topologies,
+    /// Draws the mesh's link rates.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// R, Mbit/s: each rack uplink; mesh links are drawn in [R/4, R].
+    #[arg(long, default_value_t = 200.0)]
+    rate_mbit: f64,
+    /// Where the labs' directories (and the hosts' image directories) go.
+    #[arg(long, default_value = "/tmp")]
+    work_dir: PathBuf,
+}
+
 /// Benchmarks drive their own runtimes and processes: no async runtime here.
 pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
@@ -425,7 +460,30 @@ pub fn run(cmd: BenchCmd, json: bool) -> anyhow::Result<()> {
         BenchCmd::Tls(a) => tls_bench(a, json),
         BenchCmd::Dvs(a) => dvs_bench(a, json),
         BenchCmd::Migrate(a) => migrate_bench(a, json),
+        BenchCmd::Deploy(a) => deploy_bench(a, json),
     }
+}
+
+fn deploy_bench(a: DeployArgs, json: bool) -> anyhow::Result<()> {
+    let o = deploybench::Options {
+        hosts: a.hosts,
+        image_mib: a.image_mib,
+        runs: a.runs,
+        topologies: a.topology,
+        seed: a.seed,
+        rate_mbit: a.rate_mbit,
+        per_host: 2,
+        tandem: cluster::beside_lab("tandem")?,
+        tandemd: tandemd_beside_lab()?,
+        manager: cluster::beside_lab("tandem-manager")?,
+        work_dir: a.work_dir,
+    };
+    let r = deploybench::run(&o, say)?;
+    if json {
+        return print_json(&r);
+    }
+    deploybench::print(&r);
+    Ok(())
 }
 
 fn say(m: &str) {
