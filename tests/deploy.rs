@@ -695,6 +695,20 @@ const G10_SHAPED: [(&str, &str, f64); 9] = [
     ("h3", "h2", 10.0),
 ];
 
+/// Each of `targets` holds exactly one copy named `<prefix>-…`, with the
+/// template's SHA-256.
+fn one_verified_copy_each(hosts: &[Host], targets: &[&str], prefix: &str, digest: &str) {
+    for to in targets {
+        let h = host(hosts, to);
+        let copies: Vec<String> = files(&h.daemon.images)
+            .into_iter()
+            .filter(|f| f.starts_with(&format!("{prefix}-")))
+            .collect();
+        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
+        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
+    }
+}
+
 fn partials(hosts: &[Host]) -> Vec<String> {
     all_files(hosts)
         .into_iter()
@@ -1206,15 +1220,7 @@ port_group = "mgmt"
         err.contains("the link h1 -> h2 is taken out of the plan"),
         "the cut is not reported: {err}"
     );
-    for to in targets {
-        let h = host(&hosts, to);
-        let copies: Vec<String> = files(&h.daemon.images)
-            .into_iter()
-            .filter(|f| f.starts_with("e3-"))
-            .collect();
-        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
-        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
-    }
+    one_verified_copy_each(&hosts, &targets, "e3", &digest);
     assert!(
         partials(&hosts).is_empty(),
         "partials left: {:?}",
@@ -1264,15 +1270,7 @@ port_group = "mgmt"
             .any(|x| x.as_str().is_some_and(|x| x.contains("resumed")))),
         "the new manager did not say it resumed: {view:#}"
     );
-    for to in targets {
-        let h = host(&hosts, to);
-        let copies: Vec<String> = files(&h.daemon.images)
-            .into_iter()
-            .filter(|f| f.starts_with("r-"))
-            .collect();
-        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
-        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
-    }
+    one_verified_copy_each(&hosts, &targets, "r", &digest);
     assert!(
         partials(&hosts).is_empty(),
         "partials left: {:?}",
@@ -1378,15 +1376,7 @@ port_group = "mgmt"
     let view: Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("D-E4 printed no JSON ({e}): {out}"));
     assert_eq!(view["state"], "done", "{view:#}");
-    for to in targets {
-        let h = host(&hosts, to);
-        let copies: Vec<String> = files(&h.daemon.images)
-            .into_iter()
-            .filter(|f| f.starts_with("e4-"))
-            .collect();
-        assert_eq!(copies.len(), 1, "{to}: {copies:?}");
-        assert_eq!(sha256(&h.daemon.images.join(&copies[0])), digest, "{to}");
-    }
+    one_verified_copy_each(&hosts, &targets, "e4", &digest);
     assert!(
         partials(&hosts).is_empty(),
         "partials left: {:?}",
