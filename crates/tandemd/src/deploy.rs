@@ -35,7 +35,6 @@ use tandem_api::deploy::{
 use tandem_api::ErrorKind;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::cluster::ClusterLink;
@@ -675,57 +674,23 @@ pub async fn serve_images(
     dir: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_SERVICE_CONNECTIONS));
-    let mut tasks = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = &mut shutdown => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!("image service accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+    let dir = Arc::new(dir);
+    crate::hostapi::accept_tls(
+        "image service",
+        listener,
+        MAX_SERVICE_CONNECTIONS,
+        move || cluster.image_service_server(),
+        move |stream, peer, remote| {
+            let dir = Arc::clone(&dir);
+            async move {
+                if let Err(e) = answer(stream, &dir).await {
+                    debug!(%remote, peer = %peer.name, "image service: {e}");
                 }
-            },
-        };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            warn!(%remote, "image service: too many connections; dropping one");
-            continue;
-        };
-        let config = match cluster.image_service_server() {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("image service TLS: {e:#}");
-                continue;
             }
-        };
-        let dir = dir.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let _ = tcp.set_nodelay(true);
-            let accepted =
-                tokio::time::timeout(CONNECT_TIMEOUT, tandem_pki::accept(config, tcp)).await;
-            let (stream, peer) = match accepted {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!(%remote, "image service: TLS handshake refused: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%remote, "image service: TLS handshake timed out");
-                    return;
-                }
-            };
-            if let Err(e) = answer(stream, &dir).await {
-                debug!(%remote, peer = %peer.name, "image service: {e}");
-            }
-        });
-    }
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
+        },
+        shutdown,
+    )
+    .await;
 }
 
 async fn answer<S>(stream: S, dir: &FsPath) -> std::io::Result<()>

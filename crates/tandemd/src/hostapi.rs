@@ -35,6 +35,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_CONNECTIONS: usize = 256;
 
+/// A connection once its mutual-TLS handshake is done.
+pub type TlsServerStream = tandem_pki::tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -42,7 +45,68 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tls = {
+        let cluster = cluster.clone();
+        move || cluster.host_api_server()
+    };
+    accept_tls(
+        "host API",
+        listener,
+        MAX_CONNECTIONS,
+        tls,
+        move |stream, peer, remote| {
+            let app = app.clone();
+            async move {
+                debug!(%remote, name = %peer.name, role = %peer.role, "host API connection");
+                let caller = RemoteCaller {
+                    name: peer.name,
+                    role: peer.role,
+                };
+                let service = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(caller.clone());
+                        app.clone().oneshot(req)
+                    },
+                );
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                if let Err(e) = served {
+                    debug!(%remote, "host API connection: {e}");
+                }
+            }
+        },
+        shutdown,
+    )
+    .await;
+    info!("host API stopped");
+}
+
+/// The accept loop every mutual-TLS listener of tandemd shares: at most
+/// `max` connections at once (more are dropped), the TLS configuration
+/// built per connection by `tls` (so a renewed identity or a new
+/// revocation takes effect at once), the handshake within
+/// [`HANDSHAKE_TIMEOUT`], then `handle` on its own task. Ends when
+/// `shutdown` completes, aborting the connections in flight.
+pub async fn accept_tls<H, F>(
+    what: &'static str,
+    listener: TcpListener,
+    max: usize,
+    tls: impl Fn() -> anyhow::Result<Arc<tandem_pki::rustls::ServerConfig>>,
+    handle: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(TlsServerStream, tandem_pki::Peer, std::net::SocketAddr) -> F
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(max));
     let mut tasks = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -52,25 +116,27 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!("host API accept: {e}");
+                    warn!("{what} accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            warn!(%remote, "host API: too many connections; dropping one");
+            warn!(%remote, "{what}: too many connections; dropping one");
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let config = match cluster.host_api_server() {
+        let config = match tls() {
             Ok(c) => c,
             Err(e) => {
-                warn!("host API TLS: {e:#}");
+                warn!("{what} TLS: {e:#}");
                 continue;
             }
         };
-        let app = app.clone();
+        // The handshake runs on the connection's task, so a slow client
+        // holds only its own permit.
+        let handle = handle.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let accepted =
@@ -78,37 +144,17 @@ pub async fn serve(
             let (stream, peer) = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    warn!(%remote, "host API: TLS handshake refused: {e}");
+                    warn!(%remote, "{what}: TLS handshake refused: {e}");
                     return;
                 }
                 Err(_) => {
-                    debug!(%remote, "host API: TLS handshake timed out");
+                    debug!(%remote, "{what}: TLS handshake timed out");
                     return;
                 }
             };
-            debug!(%remote, name = %peer.name, role = %peer.role, "host API connection");
-            let caller = RemoteCaller {
-                name: peer.name,
-                role: peer.role,
-            };
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(caller.clone());
-                    app.clone().oneshot(req)
-                },
-            );
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                debug!(%remote, "host API connection: {e}");
-            }
+            handle(stream, peer, remote).await;
         });
     }
-    info!("host API stopped");
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
 }
