@@ -28,7 +28,11 @@ need=()
 # libclang1-14 and linux-libc-dev: building the switch's userfaultfd
 # support (vhost-user postcopy) generates its bindings from the kernel's
 # header with bindgen, which loads libclang at build time.
-for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump nftables iputils-ping libclang1-14 linux-libc-dev; do
+# isc-dhcp-server and dnsmasq-base: real DHCP servers for the switch's
+# DHCP snooping (ISC dhcpd answers RFC 4388 lease queries; dnsmasq does
+# not, so it exercises the assisted renewal); run only inside test
+# namespaces, never as services.
+for p in linux-image-cloud-amd64 busybox-static cpio e2fsprogs iproute2 zstd xz-utils lz4 gzip tcpdump nftables iputils-ping libclang1-14 linux-libc-dev isc-dhcp-server dnsmasq-base; do
   have "$p" || need+=("$p")
 done
 

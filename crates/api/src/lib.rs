@@ -606,6 +606,20 @@ pub struct IncomingMigrationRequest {
     /// itself (it is the VM's backup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<ProtectRequest>,
+    /// The network state of the VM's switch NICs on the source (`GET
+    /// /v1/vms/{name}/network`): the destination's switch installs it
+    /// when the VM first runs there (DHCP bindings, multicast groups), so
+    /// nothing waits for a lease renewal or the next IGMP query.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NicHandover>,
+}
+
+/// One switch NIC's network state, handed from host to host with its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicHandover {
+    pub nic: String,
+    #[serde(flatten)]
+    pub state: tandem_switch_core::switch::NicNetState,
 }
 
 /// One disk of a VM about to migrate, as its source sees it.

@@ -158,6 +158,17 @@ pub async fn run(
         )
         .await
         .with_context(|| format!("reading the disks of `{}` on the source", a.name))?;
+    // The network follows the VM: its DHCP bindings and multicast groups
+    // on the source's switch (none on a host without one, or a tandemd
+    // from before the handover existed).
+    let network = match src
+        .get::<Vec<tandem_api::NicHandover>>(&format!("/v1/vms/{}/network", a.name))
+        .await
+    {
+        Ok(n) => n,
+        Err(tandem_api::ApiError::Server { status: 404, .. }) => Vec::new(),
+        Err(e) => return Err(e).context("reading the VM's network state on the source"),
+    };
     let ready: IncomingMigrationReply = dst
         .post(
             "/v1/migrations/incoming",
@@ -171,6 +182,7 @@ pub async fn run(
                 disks: source.disks,
                 source_tls_name: source.tls_name,
                 protection: protection.as_ref().map(|p| p.request.clone()),
+                network,
             },
         )
         .await

@@ -234,6 +234,54 @@ fn print_switch_stats(st: &SwitchStats) {
             if e.pinned { " (VM)" } else { "" }
         );
     }
+    let sn = &st.snooping;
+    if !sn.bindings.is_empty() {
+        println!("DHCP bindings: {}", sn.bindings.len());
+        for b in &sn.bindings {
+            println!(
+                "  vlan {:<5} {} {:<15} port {:<4} lease {}",
+                b.vlan,
+                b.mac,
+                b.ip,
+                b.port,
+                b.lease_remaining_s
+                    .map_or("infinite".to_string(), |s| format!("{s}s left"))
+            );
+        }
+    }
+    if !sn.groups.is_empty() {
+        println!("IGMP groups: {}", sn.groups.len());
+        for g in &sn.groups {
+            let ports: Vec<String> = g.ports.iter().map(|p| p.to_string()).collect();
+            println!(
+                "  vlan {:<5} {:<15} ports {}",
+                g.vlan,
+                g.group,
+                ports.join(",")
+            );
+        }
+    }
+    for a in &sn.associations {
+        if a.migrated {
+            println!(
+                "port {}: migrated here{}{}",
+                a.port,
+                if a.associated {
+                    ", associated"
+                } else {
+                    ", pre-associated"
+                },
+                if a.guard_open {
+                    ", source guard open until its lease is known"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    for e in sn.log.iter().rev().take(10).rev() {
+        println!("  snoop: {} {}", e.port, e.event);
+    }
 }
 
 #[cfg(test)]

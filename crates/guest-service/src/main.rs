@@ -253,6 +253,12 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
             UPLOAD_BAD.load(Ordering::SeqCst)
         ),
         Request::Media(addr, count, every) => media(addr, count, every),
+        Request::MulticastJoin(group, port) => multicast_join(group, port),
+        Request::MulticastStat => format!(
+            "MSTAT {} {}",
+            MCAST_DATAGRAMS.load(Ordering::SeqCst),
+            MCAST_LAST.load(Ordering::SeqCst)
+        ),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
@@ -379,6 +385,36 @@ fn media(addr: std::net::SocketAddr, count: u32, every: u64) -> String {
         }
     }
     format!("MEDIAED {sent}")
+}
+
+/// Datagrams received on the joined multicast group, and the leading
+/// number of the last one (a sender numbers its stream).
+static MCAST_DATAGRAMS: AtomicU64 = AtomicU64::new(0);
+static MCAST_LAST: AtomicU64 = AtomicU64::new(0);
+
+/// Joins `group` (the kernel then answers IGMP queries for it, which is
+/// what a snooping switch learns the membership from) and counts what
+/// arrives on `port` in a thread of its own. One group at a time is all
+/// the tests need; a second join adds another listener.
+fn multicast_join(group: std::net::Ipv4Addr, port: u16) -> String {
+    let sock = match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(s) => s,
+        Err(e) => return format!("MJOINFAIL {e}"),
+    };
+    if let Err(e) = sock.join_multicast_v4(&group, &std::net::Ipv4Addr::UNSPECIFIED) {
+        return format!("MJOINFAIL {e}");
+    }
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            MCAST_DATAGRAMS.fetch_add(1, Ordering::SeqCst);
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if let Some(seq) = text.split_whitespace().find_map(|w| w.parse::<u64>().ok()) {
+                MCAST_LAST.store(seq, Ordering::SeqCst);
+            }
+        }
+    });
+    format!("MJOINED {group} {port}")
 }
 
 /// Sends zeros to `addr` over TCP for `ms` milliseconds.

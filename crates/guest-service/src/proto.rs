@@ -17,6 +17,8 @@
 //! | `TRACKBENCH <mib> <pages> <epochs>` | `TRACKBENCH ok …` (collect p50/p99 µs, scan and soft-dirty), `… unsupported <why>` or `… fail <why>` |
 //! | `DIAL <ip:port> <line>` | `DIALED <reply>` or `DIALFAIL <why>`: one request to another service (2 s bound) |
 //! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
+//! | `MJOIN <group> <port>` | `MJOINED <group> <port>`: join an IPv4 multicast group and count the UDP datagrams sent to it |
+//! | `MSTAT` | `MSTAT <datagrams> <last>`: datagrams received on the joined group, and the last one's leading number (0 if none) |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
@@ -58,6 +60,10 @@ pub enum Request {
     /// Send this many numbered UDP datagrams, one every so many ms: a
     /// media-like stream that output commit may let through at once.
     Media(std::net::SocketAddr, u32, u64),
+    /// Join this multicast group and count datagrams to it on this port.
+    MulticastJoin(std::net::Ipv4Addr, u16),
+    /// What the joined group delivered so far.
+    MulticastStat,
 }
 
 /// The upload stream's content: byte `i` of a connection is `i mod 251`,
@@ -135,6 +141,25 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
             )),
         "LAST" => Ok(Request::Last),
         "UPSTAT" => Ok(Request::UpStat),
+        "MSTAT" => Ok(Request::MulticastStat),
+        "MJOIN" => {
+            let bad = ParseError::BadArgument("MJOIN needs a multicast group and a UDP port");
+            let mut it = rest.unwrap_or("").split_whitespace();
+            let group = it
+                .next()
+                .and_then(|g| g.parse::<std::net::Ipv4Addr>().ok())
+                .filter(|g| g.is_multicast())
+                .ok_or(bad.clone())?;
+            let port = it
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|&p| p != 0)
+                .ok_or(bad.clone())?;
+            if it.next().is_some() {
+                return Err(bad);
+            }
+            Ok(Request::MulticastJoin(group, port))
+        }
         "MEDIA" => {
             let mut it = rest.unwrap_or("").split_whitespace();
             let bad = ParseError::BadArgument(
@@ -264,6 +289,15 @@ mod tests {
         assert!(parse_request("DIAL 10.1.2.3:7070").is_err());
         assert!(parse_request("BLAST 10.1.2.3:7070 0").is_err());
         assert!(parse_request("BLAST 10.1.2.3:7070 999999").is_err());
+        assert_eq!(
+            parse_request("MJOIN 239.1.2.3 5000"),
+            Ok(Request::MulticastJoin([239, 1, 2, 3].into(), 5000))
+        );
+        assert_eq!(parse_request("MSTAT"), Ok(Request::MulticastStat));
+        assert!(parse_request("MJOIN 10.1.2.3 5000").is_err(), "not a group");
+        assert!(parse_request("MJOIN 239.1.2.3 0").is_err());
+        assert!(parse_request("MJOIN 239.1.2.3").is_err());
+        assert!(parse_request("MJOIN 239.1.2.3 5000 x").is_err());
     }
 
     #[test]

@@ -29,6 +29,6 @@ pub use uuid::Uuid;
 pub use vm::{
     confine_checkpoint_dir, dir_owner, ladder_config, CheckpointDisk, CheckpointManifest,
     CheckpointReport, CheckpointWindow, DeviceStateJob, DirOwner, ExitCause, GuestPort,
-    IncomingPlan, NicPorts, Supervisor, SupervisorConfig, SupervisorError, CHECKPOINT_DEVICE_STATE,
-    CHECKPOINT_MANIFEST, CHECKPOINT_RAM, OWNER_FILE,
+    IncomingPlan, NicPorts, Supervisor, SupervisorConfig, SupervisorError, Switchover,
+    CHECKPOINT_DEVICE_STATE, CHECKPOINT_MANIFEST, CHECKPOINT_RAM, OWNER_FILE,
 };

@@ -129,6 +129,51 @@ pub struct PortGroup {
     /// documents written before the field keep their digest.
     #[serde(default, skip_serializing_if = "is_false")]
     pub blocked: bool,
+    /// DHCP snooping: bindings (MAC, IP, VLAN, port, lease) are learned
+    /// from the server's ACKs, and DHCP server messages from this group's
+    /// VM ports are dropped (counted `dhcp-server`) unless `dhcp_trusted`.
+    /// Uplinks and host ports are always trusted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dhcp_snooping: bool,
+    /// This group's VM ports may answer as DHCP servers.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dhcp_trusted: bool,
+    /// Where a host asks (RFC 4388 lease query, or an assisted renewal)
+    /// for the lease of a VM that arrives without its binding (a failover,
+    /// a migration from a host that had none). Servers recorded in a
+    /// binding are asked first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhcp_servers: Vec<std::net::Ipv4Addr>,
+    /// IP source guard (needs `dhcp_snooping`): a VM port sends IPv4 and
+    /// ARP only from an address it holds a binding for (DHCP to a server
+    /// always passes); others are dropped, counted `source-guard`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ip_source_guard: bool,
+    /// A VM that arrives (migrated, failed over) and whose lease nobody
+    /// can vouch for: `open` lets it send until its next DHCP exchange
+    /// gives it a binding; `block` holds it to DHCP until then.
+    #[serde(default, skip_serializing_if = "UnknownLease::is_open")]
+    pub unknown_lease: UnknownLease,
+    /// IGMP snooping: IPv4 multicast (outside 224.0.0.0/24) reaches this
+    /// group's ports only when they joined the group; router ports
+    /// (uplinks, ports a query came from) get every group.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub igmp_snooping: bool,
+}
+
+/// [`PortGroup::unknown_lease`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownLease {
+    #[default]
+    Open,
+    Block,
+}
+
+impl UnknownLease {
+    fn is_open(&self) -> bool {
+        *self == UnknownLease::Open
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -149,6 +194,12 @@ impl PortGroup {
             allow_promiscuous: false,
             learn_limit: 0,
             blocked: false,
+            dhcp_snooping: false,
+            dhcp_trusted: false,
+            dhcp_servers: vec![],
+            ip_source_guard: false,
+            unknown_lease: UnknownLease::Open,
+            igmp_snooping: false,
         }
     }
 
@@ -460,6 +511,21 @@ impl<'a> Checker<'a> {
         ] {
             if let Some(sp) = sp {
                 self.shaping(&at(f), sp);
+            }
+        }
+        if g.ip_source_guard && !g.dhcp_snooping {
+            self.bad(
+                at("ip_source_guard"),
+                "IP source guard needs dhcp_snooping (its bindings say which addresses a VM holds)"
+                    .into(),
+            );
+        }
+        for (j, a) in g.dhcp_servers.iter().enumerate() {
+            if a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback() {
+                self.bad(
+                    at(&format!("dhcp_servers[{j}]")),
+                    format!("{a} is not a unicast address"),
+                );
             }
         }
     }

@@ -101,10 +101,12 @@ impl Fdb {
                 e.seen = now;
                 return Learned::Refreshed;
             }
-            if e.pinned && now.duration_since(e.seen) < self.aging {
+            if e.pinned {
                 // A pinned address seen elsewhere: only its own port's
-                // announcement (pin) moves it. Refreshing here would let
-                // any spoofer steal a VM's traffic.
+                // announcement (pin) moves it, however long the VM has
+                // been silent (the pin lasts while its port is attached;
+                // `flush_port` ends it). Moving it here would let any
+                // spoofer steal a quiet VM's traffic (audit L7).
                 return Learned::Refreshed;
             }
             let from = e.port;
@@ -281,6 +283,22 @@ mod tests {
             "pinned never ages"
         );
         assert_eq!(f.flush_port(5), 1);
+    }
+
+    /// Audit L7: a VM silent for longer than the aging time keeps its
+    /// address; a spoofer elsewhere learns nothing, and only the VM's own
+    /// announcement from another port moves it.
+    #[test]
+    fn a_silent_pinned_vm_keeps_its_address_past_the_aging_time() {
+        let t0 = Instant::now();
+        let aging = Duration::from_secs(300);
+        let mut f = Fdb::new(10, aging);
+        f.pin(1, mac(9), 5, t0);
+        let later = t0 + aging * 10;
+        assert_eq!(f.learn(1, mac(9), 6, 0, later), Learned::Refreshed);
+        assert_eq!(f.lookup(1, mac(9), later), Some(5));
+        assert_eq!(f.pin(1, mac(9), 7, later), Some(5));
+        assert_eq!(f.lookup(1, mac(9), later), Some(7));
     }
 
     proptest! {

@@ -26,8 +26,10 @@
 //! re-exports these modules under the same paths.
 
 pub mod config;
+pub mod dhcp;
 pub mod fdb;
 pub mod frame;
+pub mod igmp;
 pub mod lldp;
 pub mod offload;
 pub mod port;

@@ -56,6 +56,12 @@ pub enum DropReason {
     Blocked,
     /// Larger than the port's MTU (an uplink's or host port's `mtu`).
     Mtu,
+    /// A DHCP server message (offer, ack, nak, lease-query reply) from a
+    /// port DHCP snooping does not trust: a rogue server in a VM.
+    DhcpServer,
+    /// IP source guard: an IPv4 packet or ARP claim from an address the
+    /// VM holds no DHCP binding for.
+    SourceGuard,
 }
 
 /// Per-port counters. All relaxed atomics: they are statistics, read while
@@ -77,6 +83,8 @@ pub struct PortCounters {
     pub drop_no_buffer: AtomicU64,
     pub drop_blocked: AtomicU64,
     pub drop_mtu: AtomicU64,
+    pub drop_dhcp_server: AtomicU64,
+    pub drop_source_guard: AtomicU64,
 }
 
 /// A point-in-time copy of [`PortCounters`]. `rx` is what the port received
@@ -107,11 +115,15 @@ pub struct DropSnapshot {
     pub blocked: u64,
     #[serde(default)]
     pub mtu: u64,
+    #[serde(default)]
+    pub dhcp_server: u64,
+    #[serde(default)]
+    pub source_guard: u64,
 }
 
 impl DropSnapshot {
     /// Drops for every reason, by the name `switch stats` prints.
-    pub fn by_reason(&self) -> [(&'static str, u64); 11] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 13] {
         [
             ("malformed", self.malformed),
             ("bad-descriptor", self.bad_descriptor),
@@ -124,6 +136,8 @@ impl DropSnapshot {
             ("no-buffer", self.no_buffer),
             ("blocked", self.blocked),
             ("mtu", self.mtu),
+            ("dhcp-server", self.dhcp_server),
+            ("source-guard", self.source_guard),
         ]
     }
 
@@ -147,6 +161,8 @@ impl PortCounters {
             DropReason::NoBuffer => &self.drop_no_buffer,
             DropReason::Blocked => &self.drop_blocked,
             DropReason::Mtu => &self.drop_mtu,
+            DropReason::DhcpServer => &self.drop_dhcp_server,
+            DropReason::SourceGuard => &self.drop_source_guard,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -180,6 +196,8 @@ impl PortCounters {
                 no_buffer: g(&self.drop_no_buffer),
                 blocked: g(&self.drop_blocked),
                 mtu: g(&self.drop_mtu),
+                dhcp_server: g(&self.drop_dhcp_server),
+                source_guard: g(&self.drop_source_guard),
             },
         }
     }

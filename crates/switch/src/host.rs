@@ -525,6 +525,59 @@ impl SwitchHost {
             .unwrap_or_default()
     }
 
+    /// A migration's switchover for `vm`'s ports (see
+    /// `Switch::switchover_hold`): `Some(true)` the VM moved, `Some(false)`
+    /// it stays, `None` the migration starts. Returns the frames that
+    /// arrived meanwhile (forwarded on, or waiting for the VM here).
+    pub fn switchover(&self, vm: &str, outcome: Option<bool>) -> usize {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for p in ports.vms.get(vm).map(Vec::as_slice).unwrap_or_default() {
+            match outcome {
+                None => {
+                    self.sw.switchover_hold(p.id);
+                    p.handle.hold_egress(true);
+                }
+                Some(moved) => {
+                    p.handle.hold_egress(false);
+                    n += if moved {
+                        self.sw.switchover_moved(p.id)
+                    } else {
+                        self.sw.switchover_stay(p.id)
+                    };
+                    // Frames kept for a guest that stays go in as soon as
+                    // its rings run.
+                    p.handle.poke();
+                }
+            }
+        }
+        if outcome.is_some() {
+            info!(vm, frames = n, moved = outcome, "switchover ended");
+        }
+        n
+    }
+
+    /// `vm`'s NICs by name, with their ports.
+    pub fn vm_nics(&self, vm: &str) -> Vec<(String, PortId)> {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports
+            .vms
+            .get(vm)
+            .map(|list| list.iter().map(|p| (p.nic.clone(), p.id)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The VM port whose NIC has `mac`.
+    pub fn vm_port_by_mac(&self, mac: Mac) -> Option<PortId> {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports
+            .vms
+            .values()
+            .flatten()
+            .find(|p| p.mac == mac)
+            .map(|p| p.id)
+    }
+
     pub fn detach_vm(&self, vm: &str) {
         let list = self
             .ports
@@ -534,6 +587,8 @@ impl SwitchHost {
             .remove(vm);
         for p in list.unwrap_or_default() {
             p.handle.shutdown();
+            // VDP de-associate: the VM's bindings and groups leave with it.
+            self.sw.de_associate(p.id);
             self.sw.remove_port(p.id);
             info!(vm, nic = %p.nic, "VM port detached");
         }
@@ -554,6 +609,7 @@ impl SwitchHost {
                 .values()
                 .flat_map(|(_, _, h)| h.neighbours())
                 .collect(),
+            snooping: self.sw.snooping_stats(),
         }
     }
 
@@ -717,7 +773,27 @@ fn housekeeping(sw: Arc<Switch>, ports: Arc<Mutex<Ports>>, stop: Arc<AtomicBool>
             sw.age();
             last_age = Instant::now();
         }
+        crate::association::serve_requests(&sw, |vlan| {
+            host_address_in(&sw, &ports.lock().unwrap_or_else(|p| p.into_inner()), vlan)
+        });
     }
+}
+
+/// This host's own IPv4 address in `vlan`: the first one the document
+/// gives a host port of that VLAN (lease queries go out from it, and
+/// their answers come back to it).
+fn host_address_in(sw: &Switch, ports: &Ports, vlan: u16) -> Option<std::net::Ipv4Addr> {
+    let doc = sw.document();
+    ports.host_ports.values().find_map(|(spec, _, _)| {
+        let g = doc.port_group(&spec.port_group)?;
+        if g.classify(None) != Some(vlan) {
+            return None;
+        }
+        spec.cidrs().into_iter().find_map(|c| match c.addr {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        })
+    })
 }
 
 #[cfg(test)]

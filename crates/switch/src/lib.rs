@@ -14,8 +14,10 @@
 //! here (vhost-user, sockets, taps), so it can be tested without QEMU. Its
 //! modules are re-exported under the same paths.
 
-pub use tandem_switch_core::{config, fdb, frame, lldp, offload, port, shaper, switch};
+pub use tandem_switch_core::{config, dhcp, fdb, frame, igmp, lldp, offload, port, shaper, switch};
 
+pub mod association;
+pub mod dhcp_client;
 #[cfg(any(test, fuzzing, feature = "fault-injection"))]
 pub mod fuzzing;
 pub mod host;

@@ -72,6 +72,9 @@ pub struct Ft {
     /// VMs this host took over whose authority record still names the old
     /// primary (recording the takeover failed so far): why, by VM.
     stale_records: StaleRecords,
+    /// A VM taken over here arrives from another host: its switch ports
+    /// are pre-associated as migrated, so the switch rebuilds its state.
+    switch: Option<Arc<tandem_switch::host::SwitchHost>>,
 }
 
 type StaleRecords = Arc<parking_lot::Mutex<BTreeMap<String, String>>>;
@@ -123,8 +126,9 @@ impl Activate for SupervisorActivate {
         let ft_root = self.ft_root.clone();
         let cluster = self.cluster.clone();
         let stale = self.stale_records.clone();
+        let switch = self.switch.clone();
         Box::pin(async move {
-            let done = activate(&sup, &vm, &dir, &ft_root).await?;
+            let done = activate(&sup, &vm, &dir, &ft_root, switch.as_deref()).await?;
             let agent = cluster
                 .as_ref()
                 .and_then(|c| Some((c.name(), c.agent()?.clone())));
@@ -341,6 +345,7 @@ async fn activate(
     vm: &str,
     dir: &std::path::Path,
     ft_root: &std::path::Path,
+    switch: Option<&tandem_switch::host::SwitchHost>,
 ) -> Result<Activated, ActivateError> {
     let hello = read_hello(dir).map_err(ActivateError::Hello)?;
     let identity = read_identity(dir).map_err(ActivateError::Hello)?;
@@ -392,6 +397,12 @@ async fn activate(
             None => sup.create(&toml).await?,
         };
     }
+    if let Some(sw) = switch {
+        // The VM arrives from its failed primary: nothing is handed over,
+        // so the switch asks DHCP for its lease and queries its groups.
+        let uuid = replica_uuid.map(|u| u.to_string()).unwrap_or_default();
+        crate::switch::pre_associate(sw, vm, &uuid, true, &[]);
+    }
     sup.restore_in_place(vm, dir).await?;
     Ok(Activated {
         uuid: replica_uuid,
@@ -421,6 +432,7 @@ impl Ft {
                 ft_root: settings.replica_root.with_file_name("ft"),
                 cluster: settings.cluster.clone(),
                 stale_records: stale_records.clone(),
+                switch: switch.clone(),
             }),
         );
         // Before the listener: a replica is known (and a manual failover
@@ -991,6 +1003,11 @@ async fn incoming(
         .sup
         .prepare_incoming(&req.spec_toml, &req.uuid, plan, &req.disks)
         .await?;
+    if let Some(sw) = &ft.switch {
+        // Before any RAM moves: the ports' policy is in place, and what
+        // the source knew of the VM's network waits for it to run here.
+        crate::switch::pre_associate(sw, &vm, &req.uuid, true, &req.network);
+    }
     let old = ft.incoming.lock().remove(&vm);
     if let Some(o) = old {
         o.uninstall();

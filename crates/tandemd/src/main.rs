@@ -11,6 +11,7 @@ mod apisock;
 mod cluster;
 mod deploy;
 mod error;
+mod faults;
 mod ft;
 mod ftdisk;
 mod hostapi;
@@ -187,6 +188,13 @@ struct Args {
     /// whole disk is sent again, instead of memory growing without bound.
     #[arg(long, env = "TANDEM_FT_DISK_LOG_CAP_MIB", default_value_t = tandem_nbd::DEFAULT_LOG_CAP >> 20)]
     ft_disk_log_cap_mib: u64,
+
+    /// Test only (fault-injection builds): `new` pre-associates every VM
+    /// as a new one, never as migrated (the negative control of the
+    /// network following a migrated VM); `no-handover` drops what the
+    /// source handed over, so the switch must ask DHCP.
+    #[arg(long, hide = true)]
+    fault_association: Option<faults::AssociationFault>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,6 +239,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    if let Some(f) = args.fault_association {
+        faults::set_association(f)?;
+    }
     let qemu = resolve_binary(&args.qemu);
     let switch_dir = args
         .switch_dir

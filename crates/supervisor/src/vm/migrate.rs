@@ -588,6 +588,7 @@ impl Supervisor {
             }
         };
         info!(vm = %name, %uri, copying = mirror.is_some(), "migration started");
+        self.switchover(name, super::Switchover::Hold);
         let report = MigrationReport::starting(
             name,
             MigrationPhase::Running,
@@ -925,7 +926,14 @@ impl Supervisor {
 
     /// After a failed or cancelled precopy QEMU runs the source on; make
     /// sure, since the guest must never stay stopped by a migration.
+    fn switchover(&self, vm: &str, step: super::Switchover) {
+        if let Some(p) = &self.cfg.nic_ports {
+            p.switchover(vm, step);
+        }
+    }
+
     async fn keep_source_running(&self, vm: &Vm, qmp: &QmpClient) {
+        self.switchover(&vm.name, super::Switchover::Stay);
         let running = qmp
             .execute(qmp::query_status {})
             .await
@@ -1041,6 +1049,7 @@ impl Supervisor {
             "not waiting to be confirmed",
         )?;
         if destination_running {
+            self.switchover(name, super::Switchover::Moved);
             self.destroy(name).await?;
             job.report.lock().phase = MigrationPhase::Done;
             info!(vm = %name, "migrated away; the source's copy is gone");
@@ -1048,6 +1057,7 @@ impl Supervisor {
             let vm = self.get(name).await?;
             let _op = vm.ops.lock().await;
             let live = vm.live().ok_or_else(|| vm.bad_state("resume"))?;
+            self.switchover(name, super::Switchover::Stay);
             live.qmp.execute(qmp::cont {}).await.map_err(vm.qmp_err())?;
             vm.update(|r| r.state = VmState::Running)?;
             job.report.lock().phase = MigrationPhase::Resumed;

@@ -105,6 +105,23 @@ pub trait NicPorts: Send + Sync + std::fmt::Debug {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Removes all of the VM's ports.
     fn detach(&self, vm: &str);
+    /// The VM's switchover in a live migration: frames for it that
+    /// arrive while it moves are kept, and go where it ends up.
+    fn switchover(&self, _vm: &str, _step: Switchover) {}
+}
+
+/// [`NicPorts::switchover`]'s steps on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switchover {
+    /// The migration started: frames for the VM are queued (bounded, in
+    /// order) from the moment its rings stop, instead of being dropped.
+    Hold,
+    /// The destination runs the VM: the queued frames are forwarded
+    /// again, to where the VM now is.
+    Moved,
+    /// The VM stays here (the migration failed or was cancelled): the
+    /// queued frames are delivered to it as its rings run again.
+    Stay,
 }
 
 pub struct Supervisor {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tandem_outcommit::GateDecision;
 
-use super::{untagged, FrameGate, Port, PortKind, Switch};
+use super::{snoop, untagged, FrameGate, Port, PortKind, Switch};
 use crate::fdb::Learned;
 use crate::frame;
 use crate::offload::{self, Offload};
@@ -36,6 +36,14 @@ impl Switch {
         if known == Some(from) {
             return; // no hairpin: the destination is behind the sender's port
         }
+        // IGMP snooping: multicast to a group reaches the ports of
+        // snooping groups only where they joined it (routers get all).
+        let members = if info.dst.is_group() && self.any_igmp.load(Ordering::Acquire) {
+            snoop::confinable_group(&inner.frame)
+                .and_then(|group| self.snoop.lock().multicast_targets(vlan, group, now))
+        } else {
+            None
+        };
         let ports = self.ports.read();
         let mut targets: Vec<(&Port, bool)> = Vec::new();
         for (&id, p) in ports.iter() {
@@ -59,7 +67,12 @@ impl Switch {
                         || p.mac == Some(info.dst)
                 }
             };
-            if wanted && p.up.load(Ordering::Relaxed) {
+            if let Some(m) = &members {
+                if g.igmp_snooping && !m.contains(&id) {
+                    continue;
+                }
+            }
+            if wanted && (p.up.load(Ordering::Relaxed) || p.departing.load(Ordering::Relaxed)) {
                 if g.blocked {
                     p.counters.dropped(DropReason::Blocked);
                     continue;
@@ -117,7 +130,7 @@ impl Switch {
 }
 
 impl Port {
-    fn is_vm(&self) -> bool {
+    pub(super) fn is_vm(&self) -> bool {
         matches!(self.kind, PortKind::Vm { .. })
     }
 
@@ -141,7 +154,7 @@ impl Port {
     }
 
     /// Shapes and queues one packet leaving this port.
-    fn send(&self, packet: Packet, now: Instant) {
+    pub(super) fn send(&self, packet: Packet, now: Instant) {
         if !self.fits_mtu(&packet.frame, &packet.offload) {
             self.counters.dropped(DropReason::Mtu);
             return;
@@ -264,12 +277,23 @@ impl Ingress for Switch {
             }
             _ => {}
         }
+        let mut inner = None;
+        if self.any_dhcp.load(Ordering::Acquire)
+            || self.any_igmp.load(Ordering::Acquire)
+            || g.ip_source_guard
+        {
+            let plain = untagged(frame, info.vid);
+            if !self.snoop_ingress(id, &p, &g, vlan, &plain, now) {
+                return;
+            }
+            inner = Some(plain);
+        }
         if let Some(gate) = self.gate(id) {
             self.gated(id, &p, vlan, gate.as_ref(), frame, now);
             return;
         }
         let inner = Packet {
-            frame: untagged(frame, info.vid),
+            frame: inner.unwrap_or_else(|| untagged(frame, info.vid)),
             offload: off,
         };
         self.forward(id, &p, vlan, inner, now);

@@ -22,8 +22,14 @@ use crate::port::{CounterSnapshot, DropReason, EgressQueue, Packet, PortCounters
 use crate::shaper::TokenBucket;
 
 mod forward;
+mod snoop;
 #[cfg(test)]
 mod tests;
+
+pub use snoop::{
+    Association, AssociationView, NicNetState, SnoopCounters, SnoopLogEntry, SnoopRequest,
+    SnoopingStats, QUERIER_MAC,
+};
 
 /// Bytes a port's egress queue may hold (frames are bounded by the
 /// document's `port_queue_frames`).
@@ -92,6 +98,10 @@ struct Port {
     has_shaper_in: AtomicBool,
     has_shaper_out: AtomicBool,
     up: AtomicBool,
+    /// The VM is migrating away: from the moment its rings stop, frames
+    /// for it are queued (bounded, in order) instead of dropped, until the
+    /// switchover ends (see `Switch::switchover_moved`).
+    departing: AtomicBool,
     /// The largest L3 payload the port carries either way (the document's
     /// `mtu` of an uplink or host port); 0 for no limit of its own.
     mtu: AtomicU32,
@@ -166,6 +176,10 @@ pub struct SwitchStats {
     /// neighbours were heard.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uplink_neighbours: Vec<crate::lldp::UplinkNeighbour>,
+    /// DHCP bindings, IGMP memberships, VM port associations and their
+    /// log. Absent in stats from before snooping.
+    #[serde(default)]
+    pub snooping: SnoopingStats,
 }
 
 /// What an apply changed.
@@ -189,10 +203,23 @@ pub struct Switch {
     /// Some port group has `shaping_in`: without one, a guest's transmit
     /// needs no per-frame port lookup.
     any_shaper_in: AtomicBool,
+    /// Some port group snoops DHCP / IGMP: without one, no frame is
+    /// looked at for them.
+    any_dhcp: AtomicBool,
+    any_igmp: AtomicBool,
+    snoop: Mutex<snoop::Snooping>,
 }
 
 fn has_shaping_in(doc: &SwitchDocument) -> bool {
     doc.port_groups.iter().any(|g| g.shaping_in.is_some())
+}
+
+fn has_dhcp_snooping(doc: &SwitchDocument) -> bool {
+    doc.port_groups.iter().any(|g| g.dhcp_snooping)
+}
+
+fn has_igmp_snooping(doc: &SwitchDocument) -> bool {
+    doc.port_groups.iter().any(|g| g.igmp_snooping)
 }
 
 impl Switch {
@@ -205,6 +232,9 @@ impl Switch {
         Ok(Arc::new(Self {
             ports: RwLock::new(BTreeMap::new()),
             any_shaper_in: AtomicBool::new(has_shaping_in(&doc)),
+            any_dhcp: AtomicBool::new(has_dhcp_snooping(&doc)),
+            any_igmp: AtomicBool::new(has_igmp_snooping(&doc)),
+            snoop: Mutex::new(snoop::Snooping::new()),
             doc: RwLock::new(Arc::new(doc)),
             fdb: Mutex::new(fdb),
             gates: RwLock::new(HashMap::new()),
@@ -249,6 +279,10 @@ impl Switch {
         }
         self.any_shaper_in
             .store(has_shaping_in(&doc), Ordering::Release);
+        self.any_dhcp
+            .store(has_dhcp_snooping(&doc), Ordering::Release);
+        self.any_igmp
+            .store(has_igmp_snooping(&doc), Ordering::Release);
         self.fdb.lock().set_limits(
             doc.switch.mac_table_limit,
             Duration::from_secs(doc.switch.mac_aging_s),
@@ -290,10 +324,15 @@ impl Switch {
             has_shaper_in: AtomicBool::new(false),
             has_shaper_out: AtomicBool::new(false),
             up: AtomicBool::new(false),
+            departing: AtomicBool::new(false),
             mtu: AtomicU32::new(0),
         });
         port.resolve(&doc, Instant::now());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if matches!(port.kind, PortKind::Uplink) {
+            // Uplinks lead to the multicast routers of the network beyond.
+            self.snoop.lock().set_static_router(id);
+        }
         ports.insert(id, port);
         Ok((id, egress, counters))
     }
@@ -302,6 +341,7 @@ impl Switch {
         self.ports.write().remove(&id);
         self.gates.write().remove(&id);
         self.fdb.lock().flush_port(id);
+        self.snoop.lock().forget_port(id);
     }
 
     pub fn port_id(&self, name: &str) -> Option<PortId> {
@@ -310,6 +350,11 @@ impl Switch {
             .iter()
             .find(|(_, p)| p.name == name)
             .map(|(id, _)| *id)
+    }
+
+    /// The name of the port group `id` belongs to.
+    pub fn port_group_of(&self, id: PortId) -> Option<String> {
+        self.port(id).map(|p| p.group_name.clone())
     }
 
     fn port(&self, id: PortId) -> Option<Arc<Port>> {
@@ -344,6 +389,7 @@ impl Switch {
             Packet::plain(frame::rarp_announce(mac)),
             Instant::now(),
         );
+        self.associate(id, &p, Instant::now());
     }
 
     /// The peer went away: queued frames are dropped and what was learned
@@ -351,6 +397,13 @@ impl Switch {
     pub fn port_down(&self, id: PortId) {
         let Some(p) = self.port(id) else { return };
         p.up.store(false, Ordering::Relaxed);
+        if p.departing.load(Ordering::Acquire) {
+            // A migrating VM's rings stopped: what arrives for it now is
+            // kept for wherever it ends up, and its address stays here
+            // until then.
+            tracing::info!(port = %p.name, "VM stopped for its switchover; frames for it are queued");
+            return;
+        }
         let n = p.egress.clear();
         for _ in 0..n {
             p.counters.dropped(DropReason::NoBuffer);
@@ -392,7 +445,9 @@ impl Switch {
 
     /// Forgets addresses not seen for the aging time.
     pub fn age(&self) -> usize {
-        self.fdb.lock().age(Instant::now())
+        let now = Instant::now();
+        self.snoop_age(now);
+        self.fdb.lock().age(now)
     }
 
     pub fn fdb_entries(&self) -> Vec<FdbEntry> {

@@ -66,6 +66,10 @@ pub(super) struct PortIo {
     pub(super) tx_more: EventFd,
     /// Set while replication needs this port's writes into guest RAM.
     pub(super) write_log: Mutex<Option<Arc<PageLog>>>,
+    /// Set while the VM migrates away: frames queued for it are kept when
+    /// its rings stop (the switch forwards them to its new host, or they
+    /// are delivered here if it stays), not dropped as stale.
+    pub(super) hold_egress: std::sync::atomic::AtomicBool,
 }
 
 impl PortIo {
@@ -94,6 +98,7 @@ impl PortIo {
             throttle: Mutex::new(throttle),
             tx_more: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             write_log: Mutex::new(None),
+            hold_egress: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -114,6 +119,9 @@ impl PortIo {
 
     /// Drops everything queued for the guest (the port is down).
     pub(super) fn drop_egress(&self) -> usize {
+        if self.hold_egress.load(Ordering::Acquire) {
+            return 0;
+        }
         let n = self.egress.clear();
         for _ in 0..n {
             self.counters.dropped(DropReason::NoBuffer);

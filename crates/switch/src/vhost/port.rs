@@ -162,6 +162,14 @@ impl VmPortHandle {
         *lock(&self.io.write_log) = log;
     }
 
+    /// Keeps (or stops keeping) what is queued for the guest while its
+    /// rings are stopped: a migrating VM's switchover.
+    pub fn hold_egress(&self, on: bool) {
+        self.io
+            .hold_egress
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
     /// How many frontends have attached so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Acquire)
