@@ -15,8 +15,9 @@ fi
 # The switch parses what guests and the wire send it (ingress, vhost_tx,
 # offload, and lldp: what an uplink's neighbour says) and clamps
 # acknowledgements (outcommit); replication parses what the replication
-# link delivers (replication_stream).
-for t in ingress vhost_tx offload lldp outcommit replication_stream; do
+# link delivers (replication_stream); snooping parses DHCP and IGMP from
+# guests and servers (dhcp, igmp); association parses VDP (vdp).
+for t in ingress vhost_tx offload lldp outcommit replication_stream dhcp igmp vdp; do
   echo "[fuzz] $t for ${secs}s" >&2
   mkdir -p "corpus/$t"
   log=$(mktemp)

@@ -72,9 +72,6 @@ pub struct Ft {
     /// VMs this host took over whose authority record still names the old
     /// primary (recording the takeover failed so far): why, by VM.
     stale_records: StaleRecords,
-    /// A VM taken over here arrives from another host: its switch ports
-    /// are pre-associated as migrated, so the switch rebuilds its state.
-    switch: Option<Arc<tandem_switch::host::SwitchHost>>,
 }
 
 type StaleRecords = Arc<parking_lot::Mutex<BTreeMap<String, String>>>;
@@ -89,6 +86,9 @@ struct SupervisorActivate {
     /// A managed host records each takeover with the manager.
     cluster: Option<Arc<crate::cluster::ClusterLink>>,
     stale_records: StaleRecords,
+    /// A VM taken over here arrives from another host: its switch ports
+    /// are pre-associated as migrated, so the switch rebuilds its state.
+    switch: Option<Arc<tandem_switch::host::SwitchHost>>,
 }
 
 /// This host's generation for `vm`: written when it takes the VM over (one
