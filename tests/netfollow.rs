@@ -10,8 +10,12 @@
 //!                 m0 10.41.0.N ── br1
 //!   port group v: dhcp_snooping, ip_source_guard, igmp_snooping
 //!
-//!   A ──(handover)──▶ B ──(no handover: lease query)──▶ C ──(flag forced to 0)──▶ D
+//!   A ──(aborted)──▶ E;  A ──(handover)──▶ B ──(no handover: lease query)──▶ C ──(flag forced to 0)──▶ D
 //! ```
+//!
+//! A → E fails after A stopped the guest (E's QEMU cannot load the NIC's
+//! device state): the frames that arrived meanwhile reach the guest on A,
+//! none lost and in order, and E keeps no association.
 //!
 //! A → B: the binding and the group come with the VM; B's switch queries
 //! the VM's port once; A forgets both. B → C: C drops the handover (fault
@@ -274,6 +278,63 @@ fn mstat(fabric: &Netns, guest: &str) -> Option<u64> {
     r.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// `MSTAT`'s four numbers: datagrams, highest number, numbers skipped,
+/// datagrams out of order.
+fn mstat_full(fabric: &Netns, guest: &str) -> Option<(u64, u64, u64, u64)> {
+    let r = ask(fabric, guest, "MSTAT").ok()?;
+    let n: Vec<u64> = r
+        .split_whitespace()
+        .skip(1)
+        .map(|w| w.parse().ok())
+        .collect::<Option<_>>()?;
+    match n[..] {
+        [a, b, c, d] => Some((a, b, c, d)),
+        _ => None,
+    }
+}
+
+/// A QEMU whose virtio-net offers no checksum offload: the device state
+/// of a guest that negotiated it does not load there ("Features …
+/// unsupported"), which fails a migration after the source stopped.
+struct NarrowQemu(tempfile::TempDir);
+
+impl NarrowQemu {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qemu-narrow");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nexec qemu-system-x86_64 \"$@\" -global virtio-net-pci.csum=off\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        NarrowQemu(dir)
+    }
+    fn path(&self) -> String {
+        self.0.path().join("qemu-narrow").display().to_string()
+    }
+}
+
+/// A migration that must fail once the stream completed: the source
+/// resumes the guest.
+fn migrate_aborts(from: &Host, to: &Host) {
+    let out = from.d.cli(&[
+        "migrate",
+        "nf",
+        "--to-socket",
+        to.d.socket.to_str().unwrap(),
+        "--listen",
+        &format!("{}:0", to.link),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the source resumed it"),
+        "{err}"
+    );
+    assert_eq!(from.d.info("nf")["qmp_status"], "running");
+}
+
 fn migrate(from: &Host, to: &Host) {
     let out = from.d.cli_ok(&[
         "--json",
@@ -318,6 +379,8 @@ fn dhcp_bindings_and_multicast_groups_follow_a_migrating_guest() {
     let b = host(&fabric, "nfb", 2, &[]);
     let c = host(&fabric, "nfc", 3, &["--fault-association", "no-handover"]);
     let d = host(&fabric, "nfd", 4, &["--fault-association", "new"]);
+    let narrow = NarrowQemu::new();
+    let e = host(&fabric, "nfe", 5, &["--qemu", &narrow.path()]);
 
     // The guest takes its address from dhcpd; A's switch snoops the ACK.
     let spec =
@@ -357,12 +420,54 @@ fn dhcp_bindings_and_multicast_groups_follow_a_migrating_guest() {
         Duration::from_secs(15),
         || vm_port_in_group(&a).then_some(()),
     );
-    let got = wait_for(
+    wait_for(
         "the stream reaches the guest on A",
         Duration::from_secs(15),
         || mstat(&fabric, &guest).filter(|&n| n >= 5),
     );
-    let _ = got;
+
+    // A → E aborts after A stopped the guest: E's QEMU cannot load the
+    // NIC's device state (it offers fewer virtio-net features than the
+    // guest negotiated). The frames that arrived meanwhile wait on A and
+    // reach the guest in order once it runs again; E keeps nothing.
+    let (_, _, missing0, disordered0) = mstat_full(&fabric, &guest).expect("MSTAT");
+    let delivered0 = counter(&a, "switchover_delivered");
+    migrate_aborts(&a, &e);
+    let before = mstat(&fabric, &guest).unwrap_or(0);
+    wait_for(
+        "the stream reaches the guest on A again",
+        Duration::from_secs(15),
+        || mstat(&fabric, &guest).filter(|&n| n >= before + 10),
+    );
+    let (_, _, missing1, disordered1) = mstat_full(&fabric, &guest).expect("MSTAT");
+    let sa = snooping(&a);
+    assert!(
+        counter(&a, "switchover_delivered") > delivered0,
+        "no frame was held for the guest while it was stopped: {sa}"
+    );
+    assert_eq!(
+        (missing1 - missing0, disordered1 - disordered0),
+        (0, 0),
+        "frames lost or reordered across the aborted switchover: {sa}"
+    );
+    eprintln!(
+        "aborted switchover: {} frames held and delivered on A, missing {missing1}, disordered {disordered1}",
+        counter(&a, "switchover_delivered") - delivered0
+    );
+    let se = snooping(&e);
+    assert!(
+        se["associations"].as_array().is_some_and(|a| a.is_empty()),
+        "the aborted destination kept an association: {se}"
+    );
+    assert!(
+        se["bindings"].as_array().is_some_and(|b| b.is_empty()),
+        "{se}"
+    );
+    assert!(
+        !e.d.cli(&["vm", "info", "nf"]).status.success(),
+        "the aborted destination kept the VM"
+    );
+    assert_eq!(ask(&fabric, &guest, "PING").as_deref(), Ok("PONG"));
 
     // A → B: the binding and the group come with the VM.
     let lease_a = binding(&a).unwrap()["lease_remaining_s"].as_u64().unwrap();

@@ -255,9 +255,11 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         Request::Media(addr, count, every) => media(addr, count, every),
         Request::MulticastJoin(group, port) => multicast_join(group, port),
         Request::MulticastStat => format!(
-            "MSTAT {} {}",
+            "MSTAT {} {} {} {}",
             MCAST_DATAGRAMS.load(Ordering::SeqCst),
-            MCAST_LAST.load(Ordering::SeqCst)
+            MCAST_LAST.load(Ordering::SeqCst),
+            MCAST_MISSING.load(Ordering::SeqCst),
+            MCAST_DISORDERED.load(Ordering::SeqCst)
         ),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
@@ -391,6 +393,11 @@ fn media(addr: std::net::SocketAddr, count: u32, every: u64) -> String {
 /// number of the last one (a sender numbers its stream).
 static MCAST_DATAGRAMS: AtomicU64 = AtomicU64::new(0);
 static MCAST_LAST: AtomicU64 = AtomicU64::new(0);
+/// Numbers skipped between consecutive datagrams (lost on the way), and
+/// datagrams that came at or below the last number seen (reordered or
+/// repeated): what a switchover must keep at zero.
+static MCAST_MISSING: AtomicU64 = AtomicU64::new(0);
+static MCAST_DISORDERED: AtomicU64 = AtomicU64::new(0);
 
 /// Joins `group` (the kernel then answers IGMP queries for it, which is
 /// what a snooping switch learns the membership from) and counts what
@@ -410,6 +417,15 @@ fn multicast_join(group: std::net::Ipv4Addr, port: u16) -> String {
             MCAST_DATAGRAMS.fetch_add(1, Ordering::SeqCst);
             let text = String::from_utf8_lossy(&buf[..n]);
             if let Some(seq) = text.split_whitespace().find_map(|w| w.parse::<u64>().ok()) {
+                // Only this thread writes LAST: load-then-store is exact.
+                let last = MCAST_LAST.load(Ordering::SeqCst);
+                if last != 0 && seq <= last {
+                    MCAST_DISORDERED.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
+                if last != 0 {
+                    MCAST_MISSING.fetch_add(seq - last - 1, Ordering::SeqCst);
+                }
                 MCAST_LAST.store(seq, Ordering::SeqCst);
             }
         }

@@ -18,7 +18,7 @@
 //! | `DIAL <ip:port> <line>` | `DIALED <reply>` or `DIALFAIL <why>`: one request to another service (2 s bound) |
 //! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
 //! | `MJOIN <group> <port>` | `MJOINED <group> <port>`: join an IPv4 multicast group and count the UDP datagrams sent to it |
-//! | `MSTAT` | `MSTAT <datagrams> <last>`: datagrams received on the joined group, and the last one's leading number (0 if none) |
+//! | `MSTAT` | `MSTAT <datagrams> <last> <missing> <disordered>`: datagrams received on the joined group, the highest leading number (0 if none), numbers skipped between datagrams, and datagrams that came at or below the highest number seen |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
