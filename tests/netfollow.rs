@@ -38,6 +38,9 @@ const BOOT: Duration = Duration::from_secs(120);
 const GUEST_MAC: &str = "52:54:00:99:00:02";
 const GROUP: &str = "239.1.2.3";
 const GROUP_PORT: u16 = 5000;
+/// The second guest's static address and MAC (it never asks DHCP).
+const STATIC_IP: &str = "10.40.0.200";
+const STATIC_MAC: &str = "52:54:00:99:00:03";
 
 /// ISC dhcpd in the fabric's namespace, killed on drop.
 struct Dhcpd {
@@ -185,6 +188,11 @@ name = "v"
 dhcp_snooping = true
 ip_source_guard = true
 igmp_snooping = true
+dhcp_servers = ["10.40.0.1"]
+
+[[port_group]]
+name = "s"
+dhcp_snooping = true
 dhcp_servers = ["10.40.0.1"]
 
 [[uplink]]
@@ -336,10 +344,14 @@ fn migrate_aborts(from: &Host, to: &Host) {
 }
 
 fn migrate(from: &Host, to: &Host) {
+    migrate_vm(from, to, "nf")
+}
+
+fn migrate_vm(from: &Host, to: &Host, vm: &str) {
     let out = from.d.cli_ok(&[
         "--json",
         "migrate",
-        "nf",
+        vm,
         "--to-socket",
         to.d.socket.to_str().unwrap(),
         "--listen",
@@ -391,6 +403,22 @@ fn dhcp_bindings_and_multicast_groups_follow_a_migrating_guest() {
                 "backend = \"switch\"\nport_group = \"v\"",
             );
     let path = a.d.dir.path().join("nf.toml");
+    std::fs::write(&path, spec).unwrap();
+    a.d.cli_ok(&["vm", "create", path.to_str().unwrap(), "--start"]);
+    // A second guest with a static address and no lease anywhere (M-6),
+    // in a port group that snoops DHCP without a source guard.
+    let spec =
+        a.d.guest_spec("st", "")
+            .replace(
+                "tandem.ip=10.99.0.2/24",
+                &format!("tandem.ip={STATIC_IP}/24"),
+            )
+            .replace(GUEST_MAC, STATIC_MAC)
+            .replace(
+                "backend = \"user\"",
+                "backend = \"switch\"\nport_group = \"s\"",
+            );
+    let path = a.d.dir.path().join("st.toml");
     std::fs::write(&path, spec).unwrap();
     a.d.cli_ok(&["vm", "create", path.to_str().unwrap(), "--start"]);
     a.d.wait_console("nf", READY, BOOT);
@@ -559,4 +587,50 @@ fn dhcp_bindings_and_multicast_groups_follow_a_migrating_guest() {
         sd["counters"]["source_guard_dropped"].as_u64() > Some(0),
         "the guest's replies were not what the guard stopped: {sd}"
     );
+
+    // M-6: the static-address guest migrates A → C without a handover.
+    // dhcpd knows no lease for it (DHCPLEASEUNKNOWN); C installs no
+    // binding, says why, and the port group's policy (no guard) leaves the
+    // guest reachable.
+    a.d.wait_console("st", READY, BOOT);
+    assert_eq!(ask(&fabric, STATIC_IP, "PING").as_deref(), Ok("PONG"));
+    migrate_vm(&a, &c, "st");
+    let unknown = wait_for(
+        "C reports the static guest's lease unknown",
+        Duration::from_secs(15),
+        || {
+            let sc = snooping(&c);
+            sc["log"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["port"] == "st.eth0"
+                        && e["event"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("lease unknown"))
+                })
+                .cloned()
+        },
+    );
+    eprintln!("static guest on C: {unknown}");
+    let sc = snooping(&c);
+    assert_eq!(counter(&c, "leases_unknown"), 1, "{sc}");
+    assert!(
+        !sc["bindings"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["mac"] == STATIC_MAC)),
+        "{sc}"
+    );
+    assert_eq!(dhcpd.lease_queries_from(&c.ip), 2, "{}", dhcpd.log());
+    assert_eq!(
+        dhcpd
+            .log()
+            .lines()
+            .filter(|l| l.contains("DHCPLEASEUNKNOWN"))
+            .count(),
+        1,
+        "{}",
+        dhcpd.log()
+    );
+    assert_eq!(ask(&fabric, STATIC_IP, "PING").as_deref(), Ok("PONG"));
 }
