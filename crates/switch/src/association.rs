@@ -179,8 +179,9 @@ fn refresh(
         }
     }
     // No lease query answered for it: renew on the VM's behalf where its
-    // address is known; the switch snoops the server's ACK.
-    if let Some(ip) = ip_hint {
+    // address is known (from the handover, else from what the VM sent
+    // here meanwhile); the switch snoops the server's ACK.
+    if let Some(ip) = ip_hint.or_else(|| sw.seen_ip(port)) {
         for &server in servers {
             match dhcp_client::assisted_renew(from, server, mac, ip, client_id.as_deref()) {
                 Ok(_) => {

@@ -138,7 +138,14 @@ pub fn ipv4_claim(frame: &[u8]) -> Option<Ipv4Claim> {
         }
         ETHERTYPE_ARP => {
             let arp = frame.get(ETH_HDR..ETH_HDR + ARP_IPV4_OVER_ETHERNET_LEN)?;
-            if be16(arp, 0)? != 1 || be16(arp, 2)? != ETHERTYPE_IPV4 || arp[4] != 6 || arp[5] != 4 {
+            // Hardware type 1 (Ethernet) or 6 (IEEE 802): Linux accepts
+            // both on an Ethernet link, so both are claims.
+            let htype = be16(arp, 0)?;
+            if !(htype == 1 || htype == 6)
+                || be16(arp, 2)? != ETHERTYPE_IPV4
+                || arp[4] != 6
+                || arp[5] != 4
+            {
                 return None;
             }
             Some(Ipv4Claim {

@@ -322,6 +322,14 @@ impl MembershipTable {
         self.static_routers.iter().copied().chain(dynamic)
     }
 
+    /// The router ports of `vlan`, sorted: where hosts' reports and leaves
+    /// go (RFC 4541 2.1.1), not to the other hosts, whose v1/v2 report
+    /// suppression would otherwise hide them from the switch.
+    pub fn routers(&self, vlan: u16, now: Instant) -> Vec<PortId> {
+        let out: BTreeSet<PortId> = self.router_ports(vlan, now).collect();
+        out.into_iter().collect()
+    }
+
     /// Where a frame for `group` in `vlan` goes: the live members and the
     /// router ports of `vlan` (static ones count in every VLAN, dynamic
     /// ones only where their query was heard), sorted; just the router

@@ -38,9 +38,17 @@ impl Switch {
         }
         // IGMP snooping: multicast to a group reaches the ports of
         // snooping groups only where they joined it (routers get all).
+        // A host's report or leave from a snooping port goes to the
+        // router ports only (RFC 4541 2.1.1).
         let members = if info.dst.is_group() && self.any_igmp.load(Ordering::Acquire) {
-            snoop::confinable_group(&inner.frame)
-                .and_then(|group| self.snoop.lock().multicast_targets(vlan, group, now))
+            if src_port.group().is_some_and(|g| g.igmp_snooping)
+                && snoop::is_igmp_membership(&inner.frame)
+            {
+                Some(self.snoop.lock().router_ports(vlan, now))
+            } else {
+                snoop::confinable_group(&inner.frame)
+                    .and_then(|group| self.snoop.lock().multicast_targets(vlan, group, now))
+            }
         } else {
             None
         };

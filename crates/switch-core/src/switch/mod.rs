@@ -24,6 +24,8 @@ use crate::shaper::TokenBucket;
 mod forward;
 mod snoop;
 #[cfg(test)]
+mod snoop_tests;
+#[cfg(test)]
 mod tests;
 
 pub use snoop::{

@@ -207,6 +207,18 @@ impl Snooping {
     ) -> Option<Vec<PortId>> {
         self.groups.targets(vlan, group, now)
     }
+
+    pub(super) fn router_ports(&self, vlan: u16, now: Instant) -> Vec<PortId> {
+        self.groups.routers(vlan, now)
+    }
+}
+
+/// Whether a frame is an IGMP report or leave (not a query): what RFC
+/// 4541 2.1.1 sends to router ports only.
+pub(super) fn is_igmp_membership(frame: &[u8]) -> bool {
+    igmp::is_igmp(frame)
+        && igmp::parse_frame(frame)
+            .is_some_and(|f| !matches!(f.msg, igmp::IgmpMessage::Query { .. }))
 }
 
 /// The group a frame is IPv4 multicast to, if IGMP snooping may confine
@@ -216,6 +228,17 @@ pub(super) fn confinable_group(frame: &[u8]) -> Option<Ipv4Addr> {
         return None;
     }
     igmp::ipv4_multicast_destination(frame).filter(|g| !igmp::is_link_local_group(*g))
+}
+
+/// What DHCP snooping decided about a frame that parsed as DHCP.
+enum DhcpVerdict {
+    /// A server message from a port not trusted to send one.
+    Drop,
+    /// A server message from a trusted port (an uplink or a trusted
+    /// group): it goes on without the source guard.
+    TrustedServer,
+    /// Anything else: it goes on to the source guard.
+    Client,
 }
 
 impl Switch {
@@ -233,7 +256,24 @@ impl Switch {
     ) -> bool {
         let dhcp_on = self.any_dhcp.load(Ordering::Acquire);
         if dhcp_on && dhcp::is_dhcp(inner) {
-            return self.snoop_dhcp(id, p, g, vlan, inner, now);
+            // Only a frame that parses as DHCP is DHCP's business; other
+            // UDP on ports 67/68 meets the source guard like any packet.
+            // A well-formed request from the client port to the server
+            // port passes the guard, as on hardware switches: only a DHCP
+            // server receives it, and it is how a guest with no binding
+            // here (restarted, or migrated under `block`) gets one back.
+            if let Some(df) = dhcp::parse_frame(inner) {
+                match self.snoop_dhcp(id, p, g, vlan, &df, now) {
+                    DhcpVerdict::Drop => return false,
+                    DhcpVerdict::TrustedServer => return true,
+                    DhcpVerdict::Client
+                        if df.src_port == dhcp::CLIENT_PORT && df.dst_port == dhcp::SERVER_PORT =>
+                    {
+                        return true
+                    }
+                    DhcpVerdict::Client => {}
+                }
+            }
         }
         if g.ip_source_guard && p.is_vm() {
             if let Some(claim) = dhcp::ipv4_claim(inner) {
@@ -287,36 +327,45 @@ impl Switch {
         p: &Port,
         g: &PortGroup,
         vlan: u16,
-        inner: &[u8],
+        df: &dhcp::DhcpFrame,
         now: Instant,
-    ) -> bool {
-        let Some(df) = dhcp::parse_frame(inner) else {
-            return true;
-        };
+    ) -> DhcpVerdict {
         let trusted = !p.is_vm() || g.dhcp_trusted;
         if df.msg.is_server_message() {
-            if !trusted && g.dhcp_snooping {
-                self.snoop.lock().counters.dhcp_server_dropped += 1;
-                p.counters.dropped(DropReason::DhcpServer);
-                return false;
+            if !trusted {
+                if g.dhcp_snooping {
+                    self.snoop.lock().counters.dhcp_server_dropped += 1;
+                    p.counters.dropped(DropReason::DhcpServer);
+                    return DhcpVerdict::Drop;
+                }
+                // An untrusted VM's server message where nothing snoops
+                // is still just a packet from that VM.
+                return DhcpVerdict::Client;
             }
             // Bound to the client's port: learned only where that port's
             // group snoops.
             let to = self.fdb.lock().lookup(vlan, df.msg.chaddr, now);
-            let Some(to) = to else { return true };
-            let Some(tp) = self.port(to) else { return true };
+            let Some(to) = to else {
+                return DhcpVerdict::TrustedServer;
+            };
+            let Some(tp) = self.port(to) else {
+                return DhcpVerdict::TrustedServer;
+            };
             if !tp.group().is_some_and(|tg| tg.dhcp_snooping) {
-                return true;
+                return DhcpVerdict::TrustedServer;
             }
             let mut s = self.snoop.lock();
             let r = s.bindings.observe_server(vlan, to, &df.msg, now);
             self.after_snooped(&mut s, to, &tp.name, r, "learned");
-        } else if p.is_vm() && g.dhcp_snooping {
-            let mut s = self.snoop.lock();
-            let r = s.bindings.observe_client(vlan, id, &df.msg, now);
-            self.after_snooped(&mut s, id, &p.name, r, "client");
+            DhcpVerdict::TrustedServer
+        } else {
+            if p.is_vm() && g.dhcp_snooping {
+                let mut s = self.snoop.lock();
+                let r = s.bindings.observe_client(vlan, id, &df.msg, now);
+                self.after_snooped(&mut s, id, &p.name, r, "client");
+            }
+            DhcpVerdict::Client
         }
-        true
     }
 
     fn after_snooped(&self, s: &mut Snooping, port: PortId, name: &str, r: Snooped, how: &str) {
@@ -573,6 +622,13 @@ impl Switch {
         s.note(&p.name, format!("lease unknown ({why}): {what}"));
     }
 
+    /// The last IPv4 address the VM on `id` was seen to send from (where
+    /// its group's source guard looks): an assisted renewal's hint when
+    /// no handover named it.
+    pub fn seen_ip(&self, id: PortId) -> Option<Ipv4Addr> {
+        self.snoop.lock().assoc.get(&id).and_then(|a| a.seen_ip)
+    }
+
     /// What the host's I/O side should do now (lease queries).
     pub fn take_snoop_requests(&self) -> Vec<SnoopRequest> {
         self.snoop.lock().requests.drain(..).collect()
@@ -681,6 +737,13 @@ impl Switch {
             let Some(info) = frame::parse(&packet.frame) else {
                 continue;
             };
+            // Only what was sent to the VM itself follows it: broadcast
+            // and multicast were flooded to everyone else when they came,
+            // and a second copy would reach them twice and go back out
+            // of the uplink they came in by.
+            if info.dst.is_group() {
+                continue;
+            }
             let Some(vlan) = g.classify(info.vid) else {
                 continue;
             };
