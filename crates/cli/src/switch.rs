@@ -314,7 +314,9 @@ mod tests {
           "gate": 1,
           "no_buffer": 0,
           "blocked": 0,
-          "mtu": 0
+          "mtu": 0,
+          "dhcp_server": 0,
+          "source_guard": 0
         }
       }
     }
@@ -331,13 +333,51 @@ mod tests {
       "age_s": 3,
       "pinned": true
     }
-  ]
+  ],
+  "snooping": {
+    "bindings": [],
+    "groups": [],
+    "associations": [],
+    "counters": {
+      "bindings_learned": 0,
+      "bindings_handed_over": 0,
+      "bindings_from_lease_query": 0,
+      "bindings_removed": 0,
+      "binding_table_full": 0,
+      "dhcp_server_dropped": 0,
+      "source_guard_dropped": 0,
+      "igmp_reports": 0,
+      "igmp_queries_heard": 0,
+      "igmp_queries_sent": 0,
+      "triggered_queries": 0,
+      "lease_refreshes_asked": 0,
+      "leases_unknown": 0,
+      "switchover_forwarded": 0,
+      "switchover_delivered": 0,
+      "associations": 0,
+      "migrated_associations": 0,
+      "de_associations": 0
+    },
+    "log": []
+  }
 }"#;
 
     #[test]
     fn stats_json_is_printed_as_tandemd_sent_it() {
         let st: SwitchStats = serde_json::from_str(STATS).unwrap();
         assert_eq!(serde_json::to_string_pretty(&st).unwrap(), STATS);
+        assert_eq!(st.ports[0].counters.drops.total(), 3);
+    }
+
+    #[test]
+    fn stats_from_a_tandemd_before_snooping_still_parse() {
+        let mut old: serde_json::Value = serde_json::from_str(STATS).unwrap();
+        old.as_object_mut().unwrap().remove("snooping");
+        let drops = &mut old["ports"][0]["counters"]["drops"];
+        drops.as_object_mut().unwrap().remove("dhcp_server");
+        drops.as_object_mut().unwrap().remove("source_guard");
+        let st: SwitchStats = serde_json::from_value(old).unwrap();
+        assert!(st.snooping.bindings.is_empty());
         assert_eq!(st.ports[0].counters.drops.total(), 3);
     }
 }

@@ -24,6 +24,11 @@ pub enum Learned {
     TableFull,
     /// Not learned: the port reached its learning limit.
     PortLimit,
+    /// Not moved: the address is pinned to `pinned_to` (a VM's port),
+    /// and was seen on another port.
+    PinnedElsewhere {
+        pinned_to: PortId,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +112,7 @@ impl Fdb {
                 // been silent (the pin lasts while its port is attached;
                 // `flush_port` ends it). Moving it here would let any
                 // spoofer steal a quiet VM's traffic (audit L7).
-                return Learned::Refreshed;
+                return Learned::PinnedElsewhere { pinned_to: e.port };
             }
             let from = e.port;
             if port_limit > 0 && self.per_port.get(&port).copied().unwrap_or(0) >= port_limit {
@@ -295,7 +300,10 @@ mod tests {
         let mut f = Fdb::new(10, aging);
         f.pin(1, mac(9), 5, t0);
         let later = t0 + aging * 10;
-        assert_eq!(f.learn(1, mac(9), 6, 0, later), Learned::Refreshed);
+        assert_eq!(
+            f.learn(1, mac(9), 6, 0, later),
+            Learned::PinnedElsewhere { pinned_to: 5 }
+        );
         assert_eq!(f.lookup(1, mac(9), later), Some(5));
         assert_eq!(f.pin(1, mac(9), 7, later), Some(5));
         assert_eq!(f.lookup(1, mac(9), later), Some(7));

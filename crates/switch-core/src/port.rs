@@ -356,6 +356,11 @@ impl EgressQueue {
         self.frames.lock().q.len()
     }
 
+    /// The most frames it holds.
+    pub fn capacity(&self) -> usize {
+        self.max_frames
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

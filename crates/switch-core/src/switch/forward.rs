@@ -28,6 +28,14 @@ impl Switch {
         let Some(info) = frame::parse(&inner.frame) else {
             return;
         };
+        let inner = if !info.dst.is_group() && self.pending_moves.load(Ordering::Acquire) > 0 {
+            match self.hold_for_move(info.dst, vlan, inner) {
+                Some(inner) => inner,
+                None => return,
+            }
+        } else {
+            inner
+        };
         let known = if info.dst.is_group() {
             None
         } else {
@@ -283,7 +291,15 @@ impl Ingress for Switch {
             Learned::Moved { from } => {
                 tracing::debug!(port = %p.name, mac = %info.src, from, "address moved");
             }
+            Learned::PinnedElsewhere { pinned_to } if !p.is_vm() => {
+                self.announced_away(pinned_to, info.src);
+            }
             _ => {}
+        }
+        if !p.is_vm() && self.pending_moves.load(Ordering::Acquire) > 0 {
+            // The moved VM's own frame from beyond the uplink: the network
+            // now knows where it is; what was held for it can follow.
+            self.finish_move(info.src, "announced from its new host", now);
         }
         let mut inner = None;
         if self.any_dhcp.load(Ordering::Acquire)

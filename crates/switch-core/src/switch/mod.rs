@@ -104,6 +104,9 @@ struct Port {
     /// for it are queued (bounded, in order) instead of dropped, until the
     /// switchover ends (see `Switch::switchover_moved`).
     departing: AtomicBool,
+    /// While departing: the VM's own address arrived through an uplink,
+    /// so the network beyond already sends its traffic to the new host.
+    announced_away: AtomicBool,
     /// The largest L3 payload the port carries either way (the document's
     /// `mtu` of an uplink or host port); 0 for no limit of its own.
     mtu: AtomicU32,
@@ -210,6 +213,10 @@ pub struct Switch {
     any_dhcp: AtomicBool,
     any_igmp: AtomicBool,
     snoop: Mutex<snoop::Snooping>,
+    /// Moved VMs whose held frames wait for the VM's announcement from its
+    /// new host (see `Switch::switchover_moved`): without one, no unicast
+    /// frame is looked at for them.
+    pending_moves: std::sync::atomic::AtomicUsize,
 }
 
 fn has_shaping_in(doc: &SwitchDocument) -> bool {
@@ -237,6 +244,7 @@ impl Switch {
             any_dhcp: AtomicBool::new(has_dhcp_snooping(&doc)),
             any_igmp: AtomicBool::new(has_igmp_snooping(&doc)),
             snoop: Mutex::new(snoop::Snooping::new()),
+            pending_moves: std::sync::atomic::AtomicUsize::new(0),
             doc: RwLock::new(Arc::new(doc)),
             fdb: Mutex::new(fdb),
             gates: RwLock::new(HashMap::new()),
@@ -327,6 +335,7 @@ impl Switch {
             has_shaper_out: AtomicBool::new(false),
             up: AtomicBool::new(false),
             departing: AtomicBool::new(false),
+            announced_away: AtomicBool::new(false),
             mtu: AtomicU32::new(0),
         });
         port.resolve(&doc, Instant::now());

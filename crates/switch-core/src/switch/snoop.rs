@@ -156,6 +156,23 @@ pub(super) struct Snooping {
     counters: SnoopCounters,
     log: VecDeque<SnoopLogEntry>,
     last_query: HashMap<u16, Instant>,
+    /// Moved VMs' held frames, by the VM's MAC, until it is announced
+    /// from its new host or [`MOVE_ANNOUNCE_BOUND`] passes.
+    pending_moves: HashMap<Mac, PendingMove>,
+}
+
+/// How long a moved VM's held frames wait for its announcement from the
+/// new host before they are forwarded anyway (the destination switch
+/// announces it as its rings first run, normally within tens of ms).
+pub(super) const MOVE_ANNOUNCE_BOUND: Duration = Duration::from_secs(1);
+
+pub(super) struct PendingMove {
+    port: std::sync::Arc<Port>,
+    id: PortId,
+    since: Instant,
+    /// In arrival order, at most the port's queue bound.
+    frames: VecDeque<(u16, Packet)>,
+    limit: usize,
 }
 
 impl Snooping {
@@ -168,6 +185,7 @@ impl Snooping {
             counters: SnoopCounters::default(),
             log: VecDeque::new(),
             last_query: HashMap::new(),
+            pending_moves: HashMap::new(),
         }
     }
 
@@ -666,6 +684,7 @@ impl Switch {
     /// Ages bindings and memberships, and queries VM ports that snoop
     /// IGMP in VLANs where no router does (a querier where none exists).
     pub(super) fn snoop_age(&self, now: Instant) {
+        self.expire_moves(now);
         let mut s = self.snoop.lock();
         s.bindings.age(now);
         s.groups.age(now);
@@ -715,14 +734,88 @@ impl Switch {
     /// A VM port's migration started: see [`Port::departing`].
     pub fn switchover_hold(&self, id: PortId) {
         if let Some(p) = self.port(id) {
+            p.announced_away.store(false, Ordering::Release);
             p.departing.store(true, Ordering::Release);
         }
     }
 
+    /// The pinned `mac` of the VM on `id` arrived through an uplink: if
+    /// that VM is departing, the network beyond now sends its traffic to
+    /// its new host.
+    pub(super) fn announced_away(&self, id: PortId, mac: Mac) {
+        if let Some(p) = self.port(id) {
+            if p.departing.load(Ordering::Acquire) && p.mac == Some(mac) {
+                p.announced_away.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// A unicast frame for a moved VM whose new host has not announced it
+    /// yet: kept with the frames held for it (`None`), or handed back.
+    pub(super) fn hold_for_move(&self, dst: Mac, vlan: u16, packet: Packet) -> Option<Packet> {
+        let mut s = self.snoop.lock();
+        let Some(m) = s.pending_moves.get_mut(&dst) else {
+            return Some(packet);
+        };
+        if m.frames.len() >= m.limit {
+            m.port.counters.dropped(DropReason::QueueFull);
+        } else {
+            m.frames.push_back((vlan, packet));
+        }
+        None
+    }
+
+    /// Forwards what was held for the moved VM with `mac`, if any, in
+    /// order: out of the uplinks, where the network now finds the VM.
+    pub(super) fn finish_move(&self, mac: Mac, why: &str, now: Instant) {
+        let m = {
+            let mut s = self.snoop.lock();
+            let Some(m) = s.pending_moves.remove(&mac) else {
+                return;
+            };
+            self.pending_moves.fetch_sub(1, Ordering::AcqRel);
+            m
+        };
+        let n = m.frames.len();
+        for (vlan, packet) in m.frames {
+            self.forward(m.id, &m.port, vlan, packet, now);
+        }
+        let waited = now.saturating_duration_since(m.since).as_millis();
+        let mut s = self.snoop.lock();
+        s.counters.switchover_forwarded += n as u64;
+        s.note(
+            &m.port.name,
+            format!("switchover done: {n} frames that arrived meanwhile forwarded to the VM's new host ({why}, after {waited} ms)"),
+        );
+    }
+
+    /// Moves whose VM was not announced within the bound: their frames go
+    /// now (flooded out of the uplinks, as for any unknown address).
+    pub(super) fn expire_moves(&self, now: Instant) {
+        if self.pending_moves.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let late: Vec<Mac> = self
+            .snoop
+            .lock()
+            .pending_moves
+            .iter()
+            .filter(|(_, m)| now.saturating_duration_since(m.since) >= MOVE_ANNOUNCE_BOUND)
+            .map(|(mac, _)| *mac)
+            .collect();
+        for mac in late {
+            self.finish_move(mac, "not announced within the bound", now);
+        }
+    }
+
     /// The VM runs on its new host: its address is no longer here, and the
-    /// frames queued for it during the switchover are forwarded again
-    /// (out of the uplinks, where its new host announced it), in order.
-    /// Returns how many.
+    /// frames queued for it during the switchover are forwarded again, in
+    /// order, out of the uplinks to where it now is. If the network beyond
+    /// has not heard from the VM's new host yet (its announcement has not
+    /// come back through an uplink), it would send them straight back
+    /// here, so they wait, with any that still arrive for the VM, until
+    /// the announcement arrives or [`MOVE_ANNOUNCE_BOUND`] passes.
+    /// Returns how many were held.
     pub fn switchover_moved(&self, id: PortId) -> usize {
         let Some(p) = self.port(id) else { return 0 };
         p.departing.store(false, Ordering::Release);
@@ -730,7 +823,7 @@ impl Switch {
         self.fdb.lock().flush_port(id);
         let Some(g) = p.group() else { return 0 };
         let now = Instant::now();
-        let mut n = 0;
+        let mut held = VecDeque::new();
         // Bounded by the queue's own bound: nothing refills it, the port
         // is down and no longer departing.
         while let Some(packet) = p.egress.pop() {
@@ -752,26 +845,57 @@ impl Switch {
             } else {
                 packet.frame
             };
-            self.forward(
-                id,
-                &p,
+            held.push_back((
                 vlan,
                 Packet {
                     frame,
                     offload: packet.offload,
                 },
-                now,
-            );
-            n += 1;
+            ));
         }
-        let mut s = self.snoop.lock();
-        s.counters.switchover_forwarded += n as u64;
-        s.note(
-            &p.name,
-            format!(
-                "switchover done: {n} frames that arrived meanwhile forwarded to the VM's new host"
-            ),
-        );
+        let n = held.len();
+        let announced = p.announced_away.swap(false, Ordering::AcqRel);
+        match p.mac {
+            Some(mac) => {
+                let limit = p.egress.capacity().max(n);
+                let mut s = self.snoop.lock();
+                if s.pending_moves
+                    .insert(
+                        mac,
+                        PendingMove {
+                            port: p.clone(),
+                            id,
+                            since: now,
+                            frames: held,
+                            limit,
+                        },
+                    )
+                    .is_none()
+                {
+                    self.pending_moves.fetch_add(1, Ordering::AcqRel);
+                }
+                drop(s);
+                if announced {
+                    self.finish_move(
+                        mac,
+                        "announced from its new host before the switchover ended",
+                        now,
+                    );
+                }
+            }
+            None => {
+                // No fixed address to recognise an announcement by.
+                for (vlan, packet) in held {
+                    self.forward(id, &p, vlan, packet, now);
+                }
+                let mut s = self.snoop.lock();
+                s.counters.switchover_forwarded += n as u64;
+                s.note(
+                    &p.name,
+                    format!("switchover done: {n} frames that arrived meanwhile forwarded to the VM's new host"),
+                );
+            }
+        }
         n
     }
 

@@ -1030,7 +1030,7 @@ fn a_departing_vm_keeps_its_frames_bounded_and_in_order_when_it_stays() {
 }
 
 #[test]
-fn a_moved_vm_s_frames_leave_through_the_uplink_in_order() {
+fn a_moved_vm_s_frames_leave_through_the_uplink_in_order_once_it_is_announced_there() {
     let r = departing_vm1();
     let mut sent = Vec::new();
     for n in 0..3 {
@@ -1046,20 +1046,71 @@ fn a_moved_vm_s_frames_leave_through_the_uplink_in_order() {
         "queued, not forwarded, before it moved"
     );
 
+    // The destination has not announced the VM yet: the network beyond
+    // would send the frames straight back, so they wait, and so do the
+    // ones that still arrive for the VM.
     assert_eq!(r.sw.switchover_moved(r.id("vm1")), 4);
-    assert_eq!(r.take_up(), sent, "to the VM's new host, in order");
+    let straggler = numbered(mac(1), REMOTE_MAC, 4);
+    r.send_up(&straggler);
+    sent.push(straggler);
+    let local_late = numbered(mac(1), mac(2), 5);
+    r.send("vm2", &local_late);
+    sent.push(local_late);
+    assert!(r.take_up().is_empty(), "sent before the VM was announced");
     assert!(r.take("vm1").is_empty() && r.take("vm2").is_empty());
+
+    // Its announcement from the new host comes in through the uplink.
+    r.send_up(&arp_from(mac(1), LEASED, 1));
+    r.take("vm2");
+    assert_eq!(r.take_up(), sent, "to the VM's new host, in order");
+    assert!(r.take("vm1").is_empty());
     assert!(
         r.sw.fdb_entries().iter().all(|e| e.port != r.id("vm1")),
         "its address is no longer here"
     );
-    assert_eq!(r.stats().counters.switchover_forwarded, 4);
+    assert_eq!(r.stats().counters.switchover_forwarded, 6);
 
     // From now on frames for it go out of the uplink directly.
     let later = numbered(mac(1), mac(2), 9);
     r.send("vm2", &later);
     assert_eq!(r.take_up(), vec![later]);
     assert!(r.take("vm1").is_empty());
+}
+
+#[test]
+fn a_vm_announced_from_its_new_host_before_the_switchover_ends_gets_its_frames_at_once() {
+    let r = departing_vm1();
+    let held = numbered(mac(1), REMOTE_MAC, 0);
+    r.send_up(&held);
+    // The announcement does not move the pinned address (a spoofer's
+    // would not either), but it is remembered.
+    r.send_up(&arp_from(mac(1), LEASED, 1));
+    r.take("vm2");
+    assert!(r.take_up().is_empty());
+    assert!(r
+        .sw
+        .fdb_entries()
+        .iter()
+        .any(|e| e.mac == mac(1).to_string() && e.port == r.id("vm1")));
+
+    assert_eq!(r.sw.switchover_moved(r.id("vm1")), 1);
+    assert_eq!(r.take_up(), vec![held]);
+    assert_eq!(r.stats().counters.switchover_forwarded, 1);
+}
+
+#[test]
+fn a_moved_vm_never_announced_gets_its_frames_after_the_bound() {
+    let r = departing_vm1();
+    let held = numbered(mac(1), REMOTE_MAC, 0);
+    r.send_up(&held);
+    let t0 = Instant::now();
+    assert_eq!(r.sw.switchover_moved(r.id("vm1")), 1);
+    r.sw.snoop_age(t0);
+    assert!(r.take_up().is_empty(), "forwarded before the bound");
+    r.sw.snoop_age(t0 + snoop::MOVE_ANNOUNCE_BOUND + Duration::from_millis(1));
+    assert_eq!(r.take_up(), vec![held], "flooded out of the uplink");
+    assert!(r.take("vm2").is_empty(), "vm2 cannot own the address");
+    assert_eq!(r.stats().counters.switchover_forwarded, 1);
 }
 
 #[test]
