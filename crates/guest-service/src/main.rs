@@ -254,13 +254,9 @@ fn handle(line: &str, store: &Mutex<Store>) -> String {
         ),
         Request::Media(addr, count, every) => media(addr, count, every),
         Request::MulticastJoin(group, port) => multicast_join(group, port),
-        Request::MulticastStat => format!(
-            "MSTAT {} {} {} {}",
-            MCAST_DATAGRAMS.load(Ordering::SeqCst),
-            MCAST_LAST.load(Ordering::SeqCst),
-            MCAST_MISSING.load(Ordering::SeqCst),
-            MCAST_DISORDERED.load(Ordering::SeqCst)
-        ),
+        Request::MulticastStat => MULTICAST.report("MSTAT"),
+        Request::UnicastCount(port) => unicast_count(port),
+        Request::UnicastStat => UNICAST.report("USTAT"),
         Request::Last => format!("LAST {}", store().records.len()),
         Request::Get(seq) => match seq
             .checked_sub(1)
@@ -389,20 +385,69 @@ fn media(addr: std::net::SocketAddr, count: u32, every: u64) -> String {
     format!("MEDIAED {sent}")
 }
 
-/// Datagrams received on the joined multicast group, and the leading
-/// number of the last one (a sender numbers its stream).
-static MCAST_DATAGRAMS: AtomicU64 = AtomicU64::new(0);
-static MCAST_LAST: AtomicU64 = AtomicU64::new(0);
-/// Numbers skipped between consecutive datagrams (lost on the way), and
-/// datagrams that came at or below the last number seen (reordered or
-/// repeated): what a switchover must keep at zero.
-static MCAST_MISSING: AtomicU64 = AtomicU64::new(0);
-static MCAST_DISORDERED: AtomicU64 = AtomicU64::new(0);
+/// A numbered datagram stream's account: datagrams received, the highest
+/// leading number (a sender numbers its stream), numbers skipped between
+/// datagrams (lost on the way), and datagrams that came at or below the
+/// highest number seen (reordered or repeated): what a switchover must
+/// keep at zero.
+struct SeqCounter {
+    datagrams: AtomicU64,
+    last: AtomicU64,
+    missing: AtomicU64,
+    disordered: AtomicU64,
+}
+
+impl SeqCounter {
+    const fn new() -> Self {
+        Self {
+            datagrams: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+            missing: AtomicU64::new(0),
+            disordered: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts what arrives on `sock`, in a thread of its own (the only
+    /// writer of `last`, so load-then-store is exact).
+    fn count(&'static self, sock: std::net::UdpSocket) {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, _)) = sock.recv_from(&mut buf) {
+                self.datagrams.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if let Some(seq) = text.split_whitespace().find_map(|w| w.parse::<u64>().ok()) {
+                    let last = self.last.load(Ordering::SeqCst);
+                    if last != 0 && seq <= last {
+                        self.disordered.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    if last != 0 {
+                        self.missing.fetch_add(seq - last - 1, Ordering::SeqCst);
+                    }
+                    self.last.store(seq, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+
+    fn report(&self, word: &str) -> String {
+        format!(
+            "{word} {} {} {} {}",
+            self.datagrams.load(Ordering::SeqCst),
+            self.last.load(Ordering::SeqCst),
+            self.missing.load(Ordering::SeqCst),
+            self.disordered.load(Ordering::SeqCst)
+        )
+    }
+}
+
+static MULTICAST: SeqCounter = SeqCounter::new();
+static UNICAST: SeqCounter = SeqCounter::new();
 
 /// Joins `group` (the kernel then answers IGMP queries for it, which is
 /// what a snooping switch learns the membership from) and counts what
-/// arrives on `port` in a thread of its own. One group at a time is all
-/// the tests need; a second join adds another listener.
+/// arrives on `port`. One group at a time is all the tests need; a second
+/// join adds another listener.
 fn multicast_join(group: std::net::Ipv4Addr, port: u16) -> String {
     let sock = match std::net::UdpSocket::bind(("0.0.0.0", port)) {
         Ok(s) => s,
@@ -411,26 +456,19 @@ fn multicast_join(group: std::net::Ipv4Addr, port: u16) -> String {
     if let Err(e) = sock.join_multicast_v4(&group, &std::net::Ipv4Addr::UNSPECIFIED) {
         return format!("MJOINFAIL {e}");
     }
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, _)) = sock.recv_from(&mut buf) {
-            MCAST_DATAGRAMS.fetch_add(1, Ordering::SeqCst);
-            let text = String::from_utf8_lossy(&buf[..n]);
-            if let Some(seq) = text.split_whitespace().find_map(|w| w.parse::<u64>().ok()) {
-                // Only this thread writes LAST: load-then-store is exact.
-                let last = MCAST_LAST.load(Ordering::SeqCst);
-                if last != 0 && seq <= last {
-                    MCAST_DISORDERED.fetch_add(1, Ordering::SeqCst);
-                    continue;
-                }
-                if last != 0 {
-                    MCAST_MISSING.fetch_add(seq - last - 1, Ordering::SeqCst);
-                }
-                MCAST_LAST.store(seq, Ordering::SeqCst);
-            }
-        }
-    });
+    MULTICAST.count(sock);
     format!("MJOINED {group} {port}")
+}
+
+/// Counts numbered unicast datagrams to `port`.
+fn unicast_count(port: u16) -> String {
+    match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(sock) => {
+            UNICAST.count(sock);
+            format!("UCOUNTING {port}")
+        }
+        Err(e) => format!("UCOUNTFAIL {e}"),
+    }
 }
 
 /// Sends zeros to `addr` over TCP for `ms` milliseconds.

@@ -19,6 +19,8 @@
 //! | `BLAST <ip:port> <ms>`  | `BLASTED <bytes> <ms>`: bulk TCP send for that long |
 //! | `MJOIN <group> <port>` | `MJOINED <group> <port>`: join an IPv4 multicast group and count the UDP datagrams sent to it |
 //! | `MSTAT` | `MSTAT <datagrams> <last> <missing> <disordered>`: datagrams received on the joined group, the highest leading number (0 if none), numbers skipped between datagrams, and datagrams that came at or below the highest number seen |
+//! | `UCOUNT <port>` | `UCOUNTING <port>`: count the numbered UDP datagrams sent to this port (unicast) |
+//! | `USTAT` | `USTAT <datagrams> <last> <missing> <disordered>`: as `MSTAT`, for the `UCOUNT` port |
 //! | anything else  | `ERR <reason>`                          |
 //!
 //! The record log is `<seq> <text>\n` per record. A crash can leave a torn
@@ -64,6 +66,10 @@ pub enum Request {
     MulticastJoin(std::net::Ipv4Addr, u16),
     /// What the joined group delivered so far.
     MulticastStat,
+    /// Count numbered unicast datagrams to this UDP port.
+    UnicastCount(u16),
+    /// What the unicast counter received so far.
+    UnicastStat,
 }
 
 /// The upload stream's content: byte `i` of a connection is `i mod 251`,
@@ -142,6 +148,14 @@ pub fn parse_request(line: &str) -> Result<Request, ParseError> {
         "LAST" => Ok(Request::Last),
         "UPSTAT" => Ok(Request::UpStat),
         "MSTAT" => Ok(Request::MulticastStat),
+        "USTAT" => Ok(Request::UnicastStat),
+        "UCOUNT" => {
+            let bad = ParseError::BadArgument("UCOUNT needs a UDP port");
+            match rest.map(str::trim).and_then(|p| p.parse::<u16>().ok()) {
+                Some(port) if port != 0 => Ok(Request::UnicastCount(port)),
+                _ => Err(bad),
+            }
+        }
         "MJOIN" => {
             let bad = ParseError::BadArgument("MJOIN needs a multicast group and a UDP port");
             let mut it = rest.unwrap_or("").split_whitespace();
@@ -294,6 +308,14 @@ mod tests {
             Ok(Request::MulticastJoin([239, 1, 2, 3].into(), 5000))
         );
         assert_eq!(parse_request("MSTAT"), Ok(Request::MulticastStat));
+        assert_eq!(
+            parse_request("UCOUNT 5001"),
+            Ok(Request::UnicastCount(5001))
+        );
+        assert_eq!(parse_request("USTAT"), Ok(Request::UnicastStat));
+        assert!(parse_request("UCOUNT 0").is_err());
+        assert!(parse_request("UCOUNT").is_err());
+        assert!(parse_request("UCOUNT x").is_err());
         assert!(parse_request("MJOIN 10.1.2.3 5000").is_err(), "not a group");
         assert!(parse_request("MJOIN 239.1.2.3 0").is_err());
         assert!(parse_request("MJOIN 239.1.2.3").is_err());

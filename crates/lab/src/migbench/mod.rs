@@ -38,9 +38,15 @@
 //! included): the daemons and QEMUs, then the namespaces, then the work
 //! directory and the RAM files in /dev/shm.
 
+mod netfollow;
 mod plain;
 mod probe;
 mod tandem;
+
+pub use netfollow::NetRun;
+/// `--netfollow`'s window after a migration and its binding bound, s.
+pub const NETFOLLOW_SETTLE_S: u64 = netfollow::SETTLE.as_secs();
+pub const NETFOLLOW_BINDING_BOUND_S: u64 = netfollow::BINDING_BOUND.as_secs();
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,6 +95,12 @@ pub struct MigOptions {
     /// tandemd for the whole run; its migrations move the protection (the
     /// CLI does) and report the destination's first commit.
     pub protected: bool,
+    /// The network following the guest (issue 19): the guest takes its
+    /// address by DHCP and joins a multicast group; numbered unicast and
+    /// multicast streams to it are counted; tandem's switches snoop DHCP
+    /// (with IP source guard) and IGMP, and a third system, tandem without
+    /// the migrated flag, runs beside the other two.
+    pub netfollow: bool,
 }
 
 /// One migration.
@@ -136,6 +148,9 @@ pub struct RunResult {
     /// Why it did not converge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// `--netfollow`: what the network did to the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetRun>,
     /// The run could not be measured (the numbers above are then empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -166,6 +181,31 @@ pub struct Stats {
     pub dirtied_p50_mib_s: Option<f64>,
     /// Which rung finished the converged runs, and how often.
     pub rungs: BTreeMap<String, usize>,
+    /// `--netfollow` runs only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetStats>,
+}
+
+/// A cell's `--netfollow` numbers over its converged runs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetStats {
+    pub unicast_lost_p50: Option<f64>,
+    pub unicast_lost_p99: Option<f64>,
+    pub unicast_late_p50: Option<f64>,
+    pub unicast_late_p99: Option<f64>,
+    /// Over the runs whose multicast was flowing before and after.
+    pub multicast_gap_p50_ms: Option<f64>,
+    pub multicast_gap_p99_ms: Option<f64>,
+    /// Runs whose multicast was not flowing again at the end of the window.
+    pub multicast_not_back: usize,
+    /// Runs whose multicast was not flowing when the migration began (a
+    /// previous run's loss not yet repaired).
+    pub multicast_not_flowing_before: usize,
+    pub binding_p50_ms: Option<f64>,
+    pub binding_p99_ms: Option<f64>,
+    /// Runs whose destination had no binding within the bound.
+    pub binding_missing: usize,
+    pub binding_kept: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -179,6 +219,9 @@ pub struct Cell {
     pub dirty_asked_mib_s: u64,
     pub tandem: Side,
     pub plain: Side,
+    /// `--netfollow`: tandem without the migrated flag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noflag: Option<Side>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +233,7 @@ pub struct MigReport {
     pub runs: u32,
     /// The tandem side's guest was protected to a backup tandemd.
     pub protected: bool,
+    pub netfollow: bool,
     /// What each side was told, for the record.
     pub tandem_settings: String,
     pub plain_settings: String,
@@ -276,7 +320,7 @@ shutdown_timeout_s = 5
 [boot]
 kernel = "{k}"
 initrd = "{i}"
-cmdline = "console=ttyS0 loglevel=4 tandem.ip={ip}/24"
+cmdline = "console=ttyS0 loglevel=4 tandem.ip={ip}"
 [[nics]]
 name = "eth0"
 mac = "52:54:00:77:00:10"
@@ -285,7 +329,11 @@ mac = "52:54:00:77:00:10"
         mem = o.memory_mib,
         k = o.image_dir.join("vmlinux").display(),
         i = o.image_dir.join("initrd.img").display(),
-        ip = topology::GUEST_IP,
+        ip = if o.netfollow {
+            "dhcp".to_string()
+        } else {
+            format!("{}/24", topology::GUEST_IP)
+        },
     )
 }
 
@@ -369,6 +417,13 @@ trait System {
     /// `A->B` or `B->A`, for the migration [`System::migrate`] runs next.
     fn direction(&self) -> &'static str;
     fn migrate(&mut self, say: &mut dyn FnMut(&str)) -> anyhow::Result<Moved>;
+    /// `--netfollow`: the site's streams to the guest.
+    fn streams(&self) -> Option<&netfollow::Streams>;
+    /// `--netfollow`, a snooping switch: whether the host running the
+    /// guest holds its DHCP binding. `None`: this system keeps none.
+    fn binding_present(&self) -> Option<anyhow::Result<bool>> {
+        None
+    }
 }
 
 /// One migration of `sys` under `dirty` MiB/s, with the client watching.
@@ -393,14 +448,41 @@ fn run_once(
         None
     };
     let warm = pause(WARM);
+    let net_before = match sys.streams() {
+        Some(s) if warm.is_ok() => Some(s.snapshot()),
+        _ => None,
+    };
     let t_start = ms(base.elapsed());
     let moved = warm.and_then(|_| sys.migrate(say));
     let t_end = ms(base.elapsed());
+    let ended = Instant::now();
+    let binding = if moved.as_ref().is_ok_and(|m| m.converged) {
+        binding_back(sys, ended)
+    } else {
+        Ok(None)
+    };
     // The service after: 20 replies (200 ms of it), within 10 s.
     let after = probe.wait_replies_after(t_end, 20, Duration::from_secs(10));
+    // Checked after the client's threads have stopped.
+    let net = (|| -> anyhow::Result<Option<NetRun>> {
+        match (net_before, sys.streams()) {
+            (Some(before), Some(streams)) if moved.as_ref().is_ok_and(|m| m.converged) => {
+                let until = ended + netfollow::SETTLE;
+                pause(until.saturating_duration_since(Instant::now()))?;
+                let before = before?;
+                let after = streams.snapshot()?;
+                let mut n = netfollow::account(&before, &after);
+                n.binding_kept = sys.binding_present().is_some();
+                n.binding_ms = binding?;
+                Ok(Some(n))
+            }
+            _ => Ok(None),
+        }
+    })();
     let dirtied = load.map(probe::Load::finish).unwrap_or_default();
     let replies = probe.stop();
     let moved = moved?;
+    let net = net.context("the network's account")?;
     let gaps = probe::gaps(&replies, t_start, t_end, after, WARM);
     Ok(RunResult {
         run,
@@ -420,8 +502,32 @@ fn run_once(
         dirtied_mib_s: dirtied.achieved_mib_s,
         dirty_request_max_ms: dirtied.request_max_ms,
         note: moved.note,
+        net,
         error: None,
     })
+}
+
+/// `--netfollow`: ms after `ended` until the destination holds the
+/// guest's binding (0: already), `None` when it does not within the bound
+/// or the system keeps none.
+fn binding_back(sys: &dyn System, ended: Instant) -> anyhow::Result<Option<f64>> {
+    let deadline = ended + netfollow::BINDING_BOUND;
+    loop {
+        check_interrupted()?;
+        let probed = Instant::now();
+        match sys.binding_present() {
+            None => return Ok(None),
+            Some(Ok(true)) => {
+                return Ok(Some(ms(probed.saturating_duration_since(ended))));
+            }
+            Some(Ok(false)) => {}
+            Some(Err(e)) => return Err(e.context("reading the destination's binding")),
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -460,7 +566,43 @@ fn stats(runs: &[RunResult]) -> Stats {
             (!v.is_empty()).then(|| crate::stats_ms(&mut v, 50.0))
         },
         rungs,
+        net: net_stats(&ok),
     }
+}
+
+fn net_stats(ok: &[&RunResult]) -> Option<NetStats> {
+    let nets: Vec<&NetRun> = ok.iter().filter_map(|r| r.net.as_ref()).collect();
+    if nets.is_empty() {
+        return None;
+    }
+    let pick = |mut v: Vec<f64>, p: f64| (!v.is_empty()).then(|| crate::stats_ms(&mut v, p));
+    let lost: Vec<f64> = nets.iter().map(|n| n.unicast_lost as f64).collect();
+    let late: Vec<f64> = nets.iter().map(|n| n.unicast_late as f64).collect();
+    let gaps: Vec<f64> = nets
+        .iter()
+        .filter(|n| n.multicast_before)
+        .filter_map(|n| n.multicast_gap_ms)
+        .collect();
+    let bindings: Vec<f64> = nets.iter().filter_map(|n| n.binding_ms).collect();
+    let kept = nets.iter().any(|n| n.binding_kept);
+    Some(NetStats {
+        unicast_lost_p50: pick(lost.clone(), 50.0),
+        unicast_lost_p99: pick(lost, 99.0),
+        unicast_late_p50: pick(late.clone(), 50.0),
+        unicast_late_p99: pick(late, 99.0),
+        multicast_gap_p50_ms: pick(gaps.clone(), 50.0),
+        multicast_gap_p99_ms: pick(gaps, 99.0),
+        multicast_not_back: nets.iter().filter(|n| n.multicast_gap_ms.is_none()).count(),
+        multicast_not_flowing_before: nets.iter().filter(|n| !n.multicast_before).count(),
+        binding_p50_ms: pick(bindings.clone(), 50.0),
+        binding_p99_ms: pick(bindings, 99.0),
+        binding_missing: if kept {
+            nets.iter().filter(|n| n.binding_ms.is_none()).count()
+        } else {
+            0
+        },
+        binding_kept: kept,
+    })
 }
 
 /// Refuses a run that cannot work, before anything is started.
@@ -501,6 +643,14 @@ fn check_prerequisites(o: &MigOptions) -> anyhow::Result<()> {
     if !(128..=4096).contains(&o.memory_mib) {
         bail!("--memory-mib {} is outside 128..=4096", o.memory_mib);
     }
+    if o.netfollow && o.protected {
+        bail!("--netfollow and --protected together are not measured yet: run them separately");
+    }
+    if o.netfollow && !Path::new("/usr/sbin/dhcpd").is_file() {
+        bail!(
+            "--netfollow needs ISC dhcpd: apt-get install isc-dhcp-server (ci/setup-host.sh does)"
+        );
+    }
     Ok(())
 }
 
@@ -516,7 +666,12 @@ impl Drop for WorkGuard {
         // Anything still running on the run's files.
         crate::kill_processes_mentioning(&self.work.to_string_lossy());
         crate::kill_processes_mentioning(&self.shm_prefix);
-        let _ = std::fs::remove_dir_all(&self.work);
+        // TANDEM_BENCH_KEEP=1 keeps the logs (tandemd's, QEMU's) to read.
+        if std::env::var_os("TANDEM_BENCH_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("bench: kept {}", self.work.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
         remove_shm(&self.shm_prefix);
     }
 }
@@ -557,6 +712,7 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
         bound_s: o.bound_s,
         runs: o.runs,
         protected: o.protected,
+        netfollow: o.netfollow,
         tandem_settings: format!(
             "tandem migrate --bandwidth {} (its ladder's defaults: downtime 300 ms raised up to 2000 ms, then throttle; no postcopy), plain TCP (hosts without identities){}",
             o.bandwidth_mib_s,
@@ -586,7 +742,22 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
     // (tandemd's RAM directories and the plain QEMUs' RAM files are named
     // after these directories: /dev/shm/tmigbench-<tag>…, removed at the end.)
     let t_work = work.join(format!("tmigbench-{tag}t"));
-    let mut t = tandem::TandemSite::start(o, &format!("{tag}t"), &t_work, say)?;
+    let mut t =
+        tandem::TandemSite::start(o, tandem::Flavour::Tandem, &format!("{tag}t"), &t_work, say)?;
+    // The no-flag control first to go, then plain, then tandem.
+    let mut n = if o.netfollow {
+        say("tandem without the migrated flag: two more tandemds (--fault-association new), no source guard");
+        let n_work = work.join(format!("tmigbench-{tag}n"));
+        Some(tandem::TandemSite::start(
+            o,
+            tandem::Flavour::NoFlag,
+            &format!("{tag}n"),
+            &n_work,
+            say,
+        )?)
+    } else {
+        None
+    };
     say("plain QEMU: two hosts in namespaces, the guest on a tap in A's bridge");
     let p_work = work.join(format!("tmigbench-{tag}q"));
     let mut p = plain::PlainSite::start(o, &format!("{tag}q"), &p_work, say)?;
@@ -595,16 +766,18 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
             dirty_asked_mib_s: dirty,
             tandem: Side::default(),
             plain: Side::default(),
+            noflag: n.as_ref().map(|_| Side::default()),
         };
         for run in 1..=o.runs {
             check_interrupted()?;
-            let plain_first = run % 2 == 0;
-            for turn in 0..2 {
-                let sys: &mut dyn System = if (turn == 0) == plain_first {
-                    &mut p
-                } else {
-                    &mut t
-                };
+            // The systems take turns, their order rotated every run.
+            let mut systems: Vec<&mut dyn System> = vec![&mut t, &mut p];
+            if let Some(n) = n.as_mut() {
+                systems.push(n);
+            }
+            let k = systems.len();
+            systems.rotate_left((run as usize) % k);
+            for sys in systems {
                 let name = sys.name();
                 let direction = sys.direction();
                 say(&format!(
@@ -645,17 +818,43 @@ pub fn migrate_vs_plain(o: &MigOptions, mut say: impl FnMut(&str)) -> anyhow::Re
                         r.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
                     ));
                 }
-                if name == "tandem" {
-                    cell.tandem.runs.push(r);
-                } else {
-                    cell.plain.runs.push(r);
+                if let Some(n) = &r.net {
+                    say(&format!(
+                        "  {name}: unicast lost {} (late {}), multicast gap {}{}, binding {}",
+                        n.unicast_lost,
+                        n.unicast_late,
+                        n.multicast_gap_ms.map_or_else(
+                            || format!("not back ({} lost)", n.multicast_lost),
+                            |g| format!("{g:.0} ms")
+                        ),
+                        if n.multicast_before {
+                            ""
+                        } else {
+                            " (not flowing before)"
+                        },
+                        match (n.binding_kept, n.binding_ms) {
+                            (false, _) => "- (none kept)".to_string(),
+                            (true, Some(b)) => format!("back after {b:.0} ms"),
+                            (true, None) =>
+                                format!("not back within {} s", netfollow::BINDING_BOUND.as_secs()),
+                        }
+                    ));
+                }
+                match name {
+                    "tandem" => cell.tandem.runs.push(r),
+                    "plain" => cell.plain.runs.push(r),
+                    _ => cell.noflag.get_or_insert_with(Side::default).runs.push(r),
                 }
             }
         }
         cell.tandem.stats = stats(&cell.tandem.runs);
         cell.plain.stats = stats(&cell.plain.runs);
+        if let Some(side) = cell.noflag.as_mut() {
+            side.stats = stats(&side.runs);
+        }
         report.cells.push(cell);
     }
+    drop(n);
     drop(p);
     drop(t);
     Ok(report)
@@ -740,6 +939,7 @@ mod tests {
             image_dir: "/img".into(),
             work_dir: "/tmp".into(),
             protected: false,
+            netfollow: false,
         };
         let a = guest_spec(&o, "backend = \"switch\"\nport_group = \"vms\"");
         let b = guest_spec(&o, "backend = \"tap\"\ntap = \"tq0\"");
@@ -755,6 +955,15 @@ mod tests {
         };
         assert_eq!(strip(&a), strip(&b));
         assert!(a.contains("memory_mib = 256") && a.contains("tandem.ip=10.77.0.10/24"));
+        // --netfollow: the guest asks DHCP for the same address.
+        let dhcp = guest_spec(
+            &MigOptions {
+                netfollow: true,
+                ..o
+            },
+            "backend = \"tap\"\ntap = \"tq0\"",
+        );
+        assert!(dhcp.contains("tandem.ip=dhcp\""), "{dhcp}");
     }
 
     #[test]

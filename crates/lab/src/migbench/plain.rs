@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tandem_qmp::QmpClient;
 use tandem_vmspec::{build_argv, parse_and_validate, Accel, RuntimePaths, VmSpec};
 
+use super::netfollow::{self, Dhcpd, Streams};
 use super::{
     check_interrupted, guest_spec, shape_link, wait_ready, MigOptions, Moved, System,
     LIBVIRT_BANDWIDTH_MAX_MIB,
@@ -46,6 +47,9 @@ impl Drop for Qemu {
 pub(super) struct PlainSite {
     // Field order is drop order: the QEMUs, their monitors' runtime, then
     // the namespaces.
+    /// `--netfollow`: the sender, then dhcpd.
+    streams: Option<Streams>,
+    _dhcpd: Option<Dhcpd>,
     qemus: [Option<Qemu>; 2],
     rt: tokio::runtime::Runtime,
     topo: Topology,
@@ -75,7 +79,14 @@ impl PlainSite {
             .build()
             .context("a runtime for QMP")?;
         let topo = Topology::create(tag).context("building the plain QEMU's namespaces")?;
+        let dhcpd = if o.netfollow {
+            Some(netfollow::prepare_fabric(&topo.c, &work.join("dhcpd"))?)
+        } else {
+            None
+        };
         let mut site = PlainSite {
+            streams: None,
+            _dhcpd: dhcpd,
             qemus: [None, None],
             rt,
             topo,
@@ -129,6 +140,9 @@ impl PlainSite {
                 _ => Ok(()),
             },
         )?;
+        if o.netfollow {
+            site.streams = Some(Streams::start(&site.topo.c).context("the guest's streams")?);
+        }
         Ok(site)
     }
 
@@ -204,6 +218,10 @@ impl PlainSite {
 impl System for PlainSite {
     fn name(&self) -> &'static str {
         "plain"
+    }
+
+    fn streams(&self) -> Option<&Streams> {
+        self.streams.as_ref()
     }
 
     fn client_ns(&self) -> &str {

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 use tandem_api::{MigrationPhase, MigrationReport};
 
+use super::netfollow::{self, Dhcpd, Streams};
 use super::{check_interrupted, guest_spec, shape_link, wait_ready, MigOptions, Moved, System};
 use crate::topology::{Topology, REPL_A, REPL_B, UPLINK_A, UPLINK_B};
 use crate::{block_on, tail, DrillOptions, Host};
@@ -32,9 +33,25 @@ const PROTECTED_TIMEOUTS: crate::FtTimeouts = crate::FtTimeouts {
     takeover_timeout_ms: 7500,
 };
 
+/// Which tandem a site runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flavour {
+    /// tandem as it ships.
+    Tandem,
+    /// `--netfollow`'s control: both tandemds associate every arriving VM
+    /// as a new one (`--fault-association new`, a fault-injection build),
+    /// what a switch without the migrated flag does. Its group has no IP
+    /// source guard: with one the guest is cut off until its lease's T1
+    /// (tests/netfollow.rs shows that), and nothing else could be measured.
+    NoFlag,
+}
+
 pub(super) struct TandemSite {
     // Field order is drop order: the daemons (and their QEMUs) go before
     // the namespaces they live in.
+    /// `--netfollow`: the sender, then dhcpd.
+    streams: Option<Streams>,
+    _dhcpd: Option<Dhcpd>,
     /// `--protected`: the backup tandemd (in the client's namespace) the
     /// guest is protected to, wherever it runs. First to go: a backup
     /// outliving its primary would take the guest over.
@@ -47,11 +64,13 @@ pub(super) struct TandemSite {
     tandem: std::path::PathBuf,
     bandwidth_mib_s: u64,
     work: std::path::PathBuf,
+    flavour: Flavour,
 }
 
 impl TandemSite {
     pub(super) fn start(
         o: &MigOptions,
+        flavour: Flavour,
         tag: &str,
         work: &Path,
         say: &mut dyn FnMut(&str),
@@ -59,6 +78,11 @@ impl TandemSite {
         std::fs::create_dir_all(work)?;
         let topo = Topology::create(tag).context("building tandem's namespaces")?;
         shape_link(&topo, o.bandwidth_mib_s)?;
+        let dhcpd = if o.netfollow {
+            Some(netfollow::prepare_fabric(&topo.c, &work.join("dhcpd"))?)
+        } else {
+            None
+        };
         let opts = DrillOptions {
             rounds: 1,
             kill: None,
@@ -74,11 +98,14 @@ impl TandemSite {
             timeouts: Default::default(),
         };
         // Without --protected, tandemd's defaults (no flags at all).
-        let owned = if o.protected {
+        let mut owned = if o.protected {
             PROTECTED_TIMEOUTS.tandemd_args()
         } else {
             Vec::new()
         };
+        if flavour == Flavour::NoFlag {
+            owned.extend(["--fault-association".to_string(), "new".to_string()]);
+        }
         let timeouts: Vec<&str> = owned.iter().map(String::as_str).collect();
         // The backup: in the client's namespace (no uplink, its switch
         // only the guest's port group), reached over a Unix socket by
@@ -96,8 +123,28 @@ impl TandemSite {
             None
         };
         // Each host's RAM directory is /dev/shm/<work's name>-<host>.
-        let b = Host::start("b", &topo.b, UPLINK_B, &opts, work, &timeouts)?;
-        let a = Host::start("a", &topo.a, UPLINK_A, &opts, work, &timeouts)?;
+        let (b, a) = if o.netfollow {
+            let guard = flavour == Flavour::Tandem;
+            let start = |name, ns: &str, uplink| {
+                let doc = netfollow::switch_doc(uplink, guard);
+                Host::start_with_switch(name, ns, &doc, &opts, work, &timeouts).map_err(|e| {
+                    if flavour == Flavour::NoFlag {
+                        e.context("the no-flag control needs tandemd built with the fault-injection feature: cargo build --release -p tandemd --features fault-injection")
+                    } else {
+                        e
+                    }
+                })
+            };
+            (
+                start("b", &topo.b, UPLINK_B)?,
+                start("a", &topo.a, UPLINK_A)?,
+            )
+        } else {
+            (
+                Host::start("b", &topo.b, UPLINK_B, &opts, work, &timeouts)?,
+                Host::start("a", &topo.a, UPLINK_A, &opts, work, &timeouts)?,
+            )
+        };
         let spec = guest_spec(o, "backend = \"switch\"\nport_group = \"vms\"");
         let api = a.api();
         let _: tandem_api::VmInfo = block_on(api.post(
@@ -132,7 +179,15 @@ impl TandemSite {
                 )
             })?;
         }
+        let streams = if o.netfollow {
+            Some(Streams::start(&topo.c).context("the guest's streams")?)
+        } else {
+            None
+        };
         Ok(TandemSite {
+            streams,
+            _dhcpd: dhcpd,
+            flavour,
             d,
             a,
             b,
@@ -182,7 +237,27 @@ fn protect(a: &Host, repl: &str) -> anyhow::Result<()> {
 
 impl System for TandemSite {
     fn name(&self) -> &'static str {
-        "tandem"
+        match self.flavour {
+            Flavour::Tandem => "tandem",
+            Flavour::NoFlag => "noflag",
+        }
+    }
+
+    fn streams(&self) -> Option<&Streams> {
+        self.streams.as_ref()
+    }
+
+    fn binding_present(&self) -> Option<anyhow::Result<bool>> {
+        self.streams.as_ref()?;
+        let here = if self.at_a { &self.a } else { &self.b };
+        Some(
+            block_on(
+                here.api()
+                    .get::<Vec<tandem_api::NicHandover>>("/v1/vms/drill/network"),
+            )
+            .map(|nics| nics.iter().any(|n| !n.state.bindings.is_empty()))
+            .context("GET /v1/vms/drill/network"),
+        )
     }
 
     fn client_ns(&self) -> &str {

@@ -417,6 +417,14 @@ pub struct MigrateArgs {
     /// commit to the backup is reported.
     #[arg(long)]
     protected: bool,
+    /// The network following the guest: DHCP and IGMP snooping with IP
+    /// source guard on tandem's switches, numbered unicast and multicast
+    /// streams to the guest counted, the time until the destination holds
+    /// the guest's DHCP binding; a third system, tandem without the
+    /// migrated flag (needs tandemd built with `--features
+    /// fault-injection`), beside plain QEMU + Linux bridge.
+    #[arg(long)]
+    netfollow: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1140,6 +1148,7 @@ fn migrate_bench(a: MigrateArgs, json: bool) -> anyhow::Result<()> {
         image_dir: a.image_dir.clone(),
         work_dir: PathBuf::from("/tmp"),
         protected: a.protected,
+        netfollow: a.netfollow,
     };
     let r = migbench::migrate_vs_plain(&opts, say)?;
     if json {
@@ -1198,7 +1207,7 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
         "load / QEMU"
     );
     for c in &r.cells {
-        for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
+        for (name, side) in sides(c) {
             let s = &side.stats;
             let rungs = s
                 .rungs
@@ -1236,8 +1245,11 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
     if r.protected {
         println!("(1st commit: tandem's protected guest, from the end of the stream to the destination's first commit to the backup, its output held until then; the report's first_commit_ms)");
     }
+    if r.netfollow {
+        print_netfollow(r);
+    }
     for c in &r.cells {
-        for (name, side) in [("tandem", &c.tandem), ("plain", &c.plain)] {
+        for (name, side) in sides(c) {
             for run in &side.runs {
                 if let Some(e) = &run.error {
                     println!(
@@ -1253,12 +1265,68 @@ fn print_migrate(a: &MigrateArgs, r: &migbench::MigReport) {
         }
     }
     println!(
-        "reproduce: tandem bench migrate --dirty-mib-s {} --runs {} --memory-mib {} --bandwidth {} --bound-s {}{}",
+        "reproduce: tandem bench migrate --dirty-mib-s {} --runs {} --memory-mib {} --bandwidth {} --bound-s {}{}{}",
         join(&a.dirty_mib_s),
         a.runs,
         a.memory_mib,
         a.bandwidth,
         a.bound_s,
-        if a.protected { " --protected" } else { "" }
+        if a.protected { " --protected" } else { "" },
+        if a.netfollow { " --netfollow" } else { "" }
     );
+}
+
+/// A cell's systems in print order.
+fn sides(c: &migbench::Cell) -> Vec<(&'static str, &migbench::Side)> {
+    let mut v = vec![("tandem", &c.tandem)];
+    if let Some(n) = &c.noflag {
+        v.push(("noflag", n));
+    }
+    v.push(("plain", &c.plain));
+    v
+}
+
+fn print_netfollow(r: &migbench::MigReport) {
+    let v = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
+    let pair = |p50: Option<f64>, p99: Option<f64>| format!("{} / {}", v(p50), v(p99));
+    println!("\nthe network following the guest (--netfollow): streams every 10 ms from the client's namespace");
+    println!(
+        "{:>5} {:<6} | {:>13} | {:>13} | {:>18} | {:>8} | {:>18} |",
+        "dirty",
+        "system",
+        "unicast lost",
+        "unicast late",
+        "multicast gap ms",
+        "mc not",
+        "binding back ms"
+    );
+    println!(
+        "{:>5} {:<6} | {:>13} | {:>13} | {:>18} | {:>8} | {:>18} |",
+        "MiB/s", "", "p50 / p99", "p50 / p99", "p50 / p99", "back", "p50 / p99 (none)"
+    );
+    for c in &r.cells {
+        for (name, side) in sides(c) {
+            let Some(n) = &side.stats.net else { continue };
+            println!(
+                "{:>5} {:<6} | {:>13} | {:>13} | {:>18} | {:>8} | {:>18} |",
+                c.dirty_asked_mib_s,
+                name,
+                pair(n.unicast_lost_p50, n.unicast_lost_p99),
+                pair(n.unicast_late_p50, n.unicast_late_p99),
+                pair(n.multicast_gap_p50_ms, n.multicast_gap_p99_ms),
+                format!("{}/{}", n.multicast_not_back, side.stats.converged),
+                if n.binding_kept {
+                    format!(
+                        "{} ({})",
+                        pair(n.binding_p50_ms, n.binding_p99_ms),
+                        n.binding_missing
+                    )
+                } else {
+                    "- (keeps none)".to_string()
+                }
+            );
+        }
+    }
+    println!("(unicast lost: numbered datagrams to the guest that never arrived (skipped and not delivered later, or not delivered by the end of a {} s window after the migration); late: arrived after newer ones (held during the switchover); multicast gap: the group's datagrams lost x 10 ms, over runs where it flowed before and again after; mc not back: runs where it did not flow again within the window; binding back: after the migrate command returned, until the destination's switch held the guest's DHCP binding, bounded at {} s, (n) runs without one. noflag: tandem with every arriving VM associated as new (--fault-association new), no source guard)",
+        migbench::NETFOLLOW_SETTLE_S, migbench::NETFOLLOW_BINDING_BOUND_S);
 }
