@@ -335,6 +335,32 @@ impl EgressQueue {
         true
     }
 
+    /// Queues a packet, making room by dropping the oldest when full:
+    /// for a port whose consumer has not started yet, where the newest
+    /// frames matter most. Returns how many were dropped.
+    pub fn push_packet_evicting(&self, packet: Packet) -> usize {
+        let len = packet.frame.len();
+        if len > self.max_bytes || self.max_frames == 0 {
+            return 1;
+        }
+        let (was_empty, evicted) = {
+            let mut g = self.frames.lock();
+            let mut evicted = 0;
+            while g.q.len() >= self.max_frames || g.bytes + len > self.max_bytes {
+                let Some(old) = g.q.pop_front() else { break };
+                g.bytes -= old.frame.len();
+                evicted += 1;
+            }
+            g.bytes += len;
+            g.q.push_back(packet);
+            (g.q.len() == 1, evicted)
+        };
+        if was_empty {
+            let _ = self.notify.write(1);
+        }
+        evicted
+    }
+
     /// Takes the oldest packet.
     pub fn pop(&self) -> Option<Packet> {
         let mut g = self.frames.lock();

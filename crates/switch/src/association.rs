@@ -65,6 +65,12 @@ impl SwitchHost {
                         handover,
                     },
                 )?;
+                if sw.is_arriving(port) {
+                    // What arrives for the VM before its rings run waits
+                    // for them (the port's own I/O would drop it as
+                    // stale); released when they run.
+                    self.hold_port_egress(port, true);
+                }
             }
             Mode::DeAssociate => {
                 sw.de_associate(port);

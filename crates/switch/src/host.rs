@@ -568,6 +568,15 @@ impl SwitchHost {
     }
 
     /// The VM port whose NIC has `mac`.
+    /// Keeps (or stops keeping) what is queued for the VM port `id`
+    /// while its rings are not running.
+    pub(crate) fn hold_port_egress(&self, id: PortId, on: bool) {
+        let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = ports.vms.values().flatten().find(|p| p.id == id) {
+            p.handle.hold_egress(on);
+        }
+    }
+
     pub fn vm_port_by_mac(&self, mac: Mac) -> Option<PortId> {
         let ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         ports
@@ -761,7 +770,13 @@ fn housekeeping(sw: Arc<Switch>, ports: Arc<Mutex<Ports>>, stop: Arc<AtomicBool>
                         continue;
                     }
                     if now.0 {
+                        let arrived = sw.is_arriving(p.id);
                         sw.port_up(p.id);
+                        if arrived && !sw.is_departing(p.id) {
+                            // An arriving VM's rings run: its queue is
+                            // served now, and dropped as usual later.
+                            p.handle.hold_egress(false);
+                        }
                     } else {
                         sw.port_down(p.id);
                     }

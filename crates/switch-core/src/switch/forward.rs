@@ -88,7 +88,11 @@ impl Switch {
                     continue;
                 }
             }
-            if wanted && (p.up.load(Ordering::Relaxed) || p.departing.load(Ordering::Relaxed)) {
+            if wanted
+                && (p.up.load(Ordering::Relaxed)
+                    || p.departing.load(Ordering::Relaxed)
+                    || p.arriving.load(Ordering::Relaxed))
+            {
                 if g.blocked {
                     p.counters.dropped(DropReason::Blocked);
                     continue;
@@ -183,7 +187,11 @@ impl Port {
                 }
             }
         }
-        if !self.egress.push_packet(packet) {
+        if self.arriving.load(Ordering::Relaxed) && !self.up.load(Ordering::Relaxed) {
+            for _ in 0..self.egress.push_packet_evicting(packet) {
+                self.counters.dropped(DropReason::QueueFull);
+            }
+        } else if !self.egress.push_packet(packet) {
             self.counters.dropped(DropReason::QueueFull);
         }
     }

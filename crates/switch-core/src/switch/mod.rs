@@ -107,6 +107,11 @@ struct Port {
     /// While departing: the VM's own address arrived through an uplink,
     /// so the network beyond already sends its traffic to the new host.
     announced_away: AtomicBool,
+    /// A migrating VM pre-associated here whose rings have not run yet:
+    /// frames for it (its handed-over groups, broadcasts) are queued,
+    /// newest kept, so the downtime does not cost it what arrived here
+    /// meanwhile (a tap in a Linux bridge buffers the same way).
+    arriving: AtomicBool,
     /// The largest L3 payload the port carries either way (the document's
     /// `mtu` of an uplink or host port); 0 for no limit of its own.
     mtu: AtomicU32,
@@ -336,6 +341,7 @@ impl Switch {
             up: AtomicBool::new(false),
             departing: AtomicBool::new(false),
             announced_away: AtomicBool::new(false),
+            arriving: AtomicBool::new(false),
             mtu: AtomicU32::new(0),
         });
         port.resolve(&doc, Instant::now());
@@ -380,6 +386,7 @@ impl Switch {
     pub fn port_up(&self, id: PortId) {
         let Some(p) = self.port(id) else { return };
         p.up.store(true, Ordering::Relaxed);
+        p.arriving.store(false, Ordering::Release);
         let (Some(mac), Some(g)) = (p.mac, p.group()) else {
             return;
         };
@@ -414,6 +421,9 @@ impl Switch {
             // until then.
             tracing::info!(port = %p.name, "VM stopped for its switchover; frames for it are queued");
             return;
+        }
+        if p.arriving.load(Ordering::Acquire) {
+            return; // not yet up: what waits for the arriving VM stays
         }
         let n = p.egress.clear();
         for _ in 0..n {

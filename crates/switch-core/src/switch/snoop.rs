@@ -429,6 +429,22 @@ impl Switch {
             } else {
                 "pre-associated (new VM)".to_string()
             };
+            // A live migration's destination (a handover came): its
+            // groups reach the port from now on, and what arrives for it
+            // before its rings run waits in its queue.
+            if let (Some(h), Some(vlan), false) = (
+                &assoc.handover,
+                p.group().and_then(|g| g.classify(None)),
+                p.up.load(Ordering::Relaxed),
+            ) {
+                if assoc.migrated {
+                    let now = Instant::now();
+                    for &group in &h.groups {
+                        s.groups.join(vlan, group, id, now);
+                    }
+                    p.arriving.store(true, Ordering::Release);
+                }
+            }
             s.assoc.insert(
                 id,
                 PortAssoc {
@@ -573,6 +589,9 @@ impl Switch {
     /// VDP de-associate: the VM left this host (or is gone). Its port's
     /// bindings and memberships are removed and returned.
     pub fn de_associate(&self, id: PortId) -> NicNetState {
+        if let Some(p) = self.port(id) {
+            p.arriving.store(false, Ordering::Release);
+        }
         let state = self.net_state(id);
         let name = self.port(id).map(|p| p.name.clone()).unwrap_or_default();
         let mut s = self.snoop.lock();
@@ -737,6 +756,20 @@ impl Switch {
             p.announced_away.store(false, Ordering::Release);
             p.departing.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether the VM on `id` is migrating here and its rings have not
+    /// run yet: what arrives for it is kept (the host's I/O side must
+    /// keep its queue too).
+    pub fn is_arriving(&self, id: PortId) -> bool {
+        self.port(id)
+            .is_some_and(|p| p.arriving.load(Ordering::Acquire))
+    }
+
+    /// Whether the VM on `id` is migrating away (its frames are held).
+    pub fn is_departing(&self, id: PortId) -> bool {
+        self.port(id)
+            .is_some_and(|p| p.departing.load(Ordering::Acquire))
     }
 
     /// The pinned `mac` of the VM on `id` arrived through an uplink: if

@@ -1131,3 +1131,59 @@ fn a_moved_vm_s_queued_broadcasts_are_not_flooded_again() {
         "the broadcast went back where it came from"
     );
 }
+
+#[test]
+fn an_arriving_vm_gets_what_came_for_it_before_its_rings_ran_newest_kept() {
+    let mut r = Rig::new(vec![all_snooping("snoop")], &[("vm1", 1, "snoop")]);
+    let id = r.add_vm("vm5", 5, "snoop");
+    let handover = NicNetState {
+        mac: mac(5),
+        bindings: vec![handed_over_binding()],
+        groups: vec![GROUP],
+    };
+    r.sw.pre_associate(id, migrated(Some(handover))).unwrap();
+    // The downtime: its group's datagrams and a broadcast arrive before
+    // its rings run; one more than the queue holds.
+    let mut sent: Vec<Vec<u8>> = (0..QUEUE as u8)
+        .map(|n| multicast(REMOTE_MAC, GROUP, n))
+        .collect();
+    sent.push(arp_from(REMOTE_MAC, REMOTE_IP, 1));
+    for f in &sent {
+        r.send_up(f);
+    }
+    assert!(
+        r.take("vm1").iter().all(|f| f == &sent[QUEUE]),
+        "vm1 did not join"
+    );
+    assert_eq!(r.drops("vm5").queue_full, 1, "the oldest made room");
+    // A port_down before it was ever up keeps them.
+    r.sw.port_down(id);
+
+    r.sw.port_up(id);
+    let got = r.take("vm5");
+    let delivered: Vec<&Vec<u8>> = got.iter().filter(|f| sent.contains(f)).collect();
+    assert_eq!(
+        delivered,
+        sent[1..].iter().collect::<Vec<_>>(),
+        "newest, in order"
+    );
+
+    // Up now: an ordinary port again.
+    r.sw.port_down(id);
+    r.send_up(&multicast(REMOTE_MAC, GROUP, 99));
+    assert!(r.take("vm5").is_empty());
+}
+
+#[test]
+fn a_new_vm_s_port_queues_nothing_before_it_runs() {
+    let mut r = Rig::new(vec![all_snooping("snoop")], &[("vm1", 1, "snoop")]);
+    let id = r.add_vm("vm5", 5, "snoop");
+    r.sw.pre_associate(id, Association::default()).unwrap();
+    r.send_up(&arp_from(REMOTE_MAC, REMOTE_IP, 1));
+    r.sw.port_up(id);
+    let got = r.take("vm5");
+    assert!(
+        !got.contains(&arp_from(REMOTE_MAC, REMOTE_IP, 1)),
+        "a frame from before it ran"
+    );
+}
