@@ -295,6 +295,15 @@ fn lease_of(rec: &BindingRecord) -> u64 {
     rec.lease_remaining_s.expect("a finite lease")
 }
 
+/// What vm5's source hands over: its binding and its group.
+fn vm5_handover() -> NicNetState {
+    NicNetState {
+        mac: mac(5),
+        bindings: vec![handed_over_binding()],
+        groups: vec![GROUP],
+    }
+}
+
 fn handed_over_binding() -> BindingRecord {
     BindingRecord {
         mac: mac(5),
@@ -803,12 +812,8 @@ fn a_migrated_vm_without_handover_gets_one_query_and_a_lease_refresh() {
 fn a_migrated_vm_with_a_handover_gets_its_binding_and_groups_back() {
     let mut r = Rig::new(vec![all_snooping("snoop")], &[("vm1", 1, "snoop")]);
     let id = r.add_vm("vm5", 5, "snoop");
-    let handover = NicNetState {
-        mac: mac(5),
-        bindings: vec![handed_over_binding()],
-        groups: vec![GROUP],
-    };
-    r.sw.pre_associate(id, migrated(Some(handover))).unwrap();
+    r.sw.pre_associate(id, migrated(Some(vm5_handover())))
+        .unwrap();
     r.sw.port_up(id);
 
     let s = r.stats();
@@ -855,12 +860,8 @@ fn a_migrated_vm_with_a_handover_gets_its_binding_and_groups_back() {
 fn de_associate_returns_the_ports_state_and_removes_it() {
     let mut r = Rig::new(vec![all_snooping("snoop")], &[("vm1", 1, "snoop")]);
     let id = r.add_vm("vm5", 5, "snoop");
-    let handover = NicNetState {
-        mac: mac(5),
-        bindings: vec![handed_over_binding()],
-        groups: vec![GROUP],
-    };
-    r.sw.pre_associate(id, migrated(Some(handover))).unwrap();
+    r.sw.pre_associate(id, migrated(Some(vm5_handover())))
+        .unwrap();
     r.sw.port_up(id);
     // vm1's own state must survive vm5's departure.
     r.send(
@@ -1136,12 +1137,8 @@ fn a_moved_vm_s_queued_broadcasts_are_not_flooded_again() {
 fn an_arriving_vm_gets_what_came_for_it_before_its_rings_ran_newest_kept() {
     let mut r = Rig::new(vec![all_snooping("snoop")], &[("vm1", 1, "snoop")]);
     let id = r.add_vm("vm5", 5, "snoop");
-    let handover = NicNetState {
-        mac: mac(5),
-        bindings: vec![handed_over_binding()],
-        groups: vec![GROUP],
-    };
-    r.sw.pre_associate(id, migrated(Some(handover))).unwrap();
+    r.sw.pre_associate(id, migrated(Some(vm5_handover())))
+        .unwrap();
     // The downtime: its group's datagrams and a broadcast arrive before
     // its rings run; one more than the queue holds.
     let mut sent: Vec<Vec<u8>> = (0..QUEUE as u8)
